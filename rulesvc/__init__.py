@@ -1,0 +1,3 @@
+"""rulesvc: events in, JSON rulesets decide, channel plugins deliver."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from rulesvc.cli import main
+
+sys.exit(main())

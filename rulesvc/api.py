@@ -1,0 +1,335 @@
+"""The HTTP API: the app factory, its middlewares and handlers."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+import structlog
+from aiohttp import web
+from pymongo import AsyncMongoClient
+from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
+
+from rulesvc import openapi
+from rulesvc.config import Settings
+from rulesvc.contacts import ContactRejected, decode_contact
+from rulesvc.events import (
+    EventsAccepted,
+    EventsRejected,
+    MalformedBody,
+    TooManyEvents,
+    decode_json_body,
+    decode_ndjson_body,
+)
+from rulesvc.messages import MessageList
+from rulesvc.metrics import CONTENT_TYPE_LATEST, Metrics
+from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store import Store, contact_from_doc, message_from_doc
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+MONGO_URI = web.AppKey("mongo_uri", str)
+STORE = web.AppKey("store", Store)
+EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_encoder = msgspec.json.Encoder()
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class EventRecord(msgspec.Struct, omit_defaults=True):
+    id: str
+    type: str
+    time: datetime
+    contact_id: str | None = None
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+    state: str | None = None
+
+
+class EventList(msgspec.Struct):
+    events: list[EventRecord]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(ErrorBody(message), status, headers)
+
+
+# --- middlewares -------------------------------------------------------------------------------------
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id on every log line and response, metrics per route, and JSON for every error."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        response = await _answer(request, handler)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    elapsed = time.perf_counter() - started
+    response.headers["X-Request-ID"] = request_id
+    metrics.requests.labels(request.method, route, str(response.status)).inc()
+    metrics.latency.labels(request.method, route).observe(elapsed)
+    if response.status >= 500:
+        log.warning(
+            "http.response", method=request.method, route=route, status=response.status, request_id=request_id
+        )
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return error_response(exc.status, reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
+    except (ConnectionFailure, WriteConcernError) as exc:
+        log.error("mongodb.unavailable", error=type(exc).__name__)
+        return error_response(503, "storage unavailable, retry later", {"Retry-After": "1"})
+    except PyMongoError:
+        log.exception("mongodb.error")
+        return error_response(500, "internal error")
+    except Exception:
+        log.exception("http.unhandled")
+        return error_response(500, "internal error")
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.app[SETTINGS].max_body_bytes,
+            actual_size=request.content_length or 0,
+            text=f"request body over the limit of {request.app[SETTINGS].max_body_bytes} bytes",
+        ) from exc
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` must be an integer") from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` must be between {low} and {high}")
+    return value
+
+
+def query_time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = msgspec.convert(raw, datetime)
+    except msgspec.ValidationError:
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` must be an RFC 3339 time") from None
+    if value.tzinfo is None:
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` needs a time zone offset")
+    return value
+
+
+def contact_id_of(request: web.Request) -> str:
+    contact_id = request.match_info["contact_id"]
+    if len(contact_id) > 128:
+        raise web.HTTPBadRequest(text="contact_id longer than 128 characters")
+    return contact_id
+
+
+# --- handlers ----------------------------------------------------------------------------------------
+
+
+async def post_events(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    if request.content_type in JSON_TYPES:
+        decode = decode_json_body
+    elif request.content_type in NDJSON_TYPES:
+        decode = decode_ndjson_body
+    else:
+        return error_response(
+            415,
+            f"unsupported content type `{request.content_type}`; "
+            "use application/json or application/x-ndjson",
+        )
+    body = await read_body(request)
+    try:
+        events, errors = decode(body, settings.max_batch_events)
+    except MalformedBody as exc:
+        return error_response(400, f"malformed JSON: {exc}")
+    except TooManyEvents as exc:
+        return error_response(413, str(exc))
+    if not events and not errors:
+        return error_response(422, "no events in the request body")
+    if errors:
+        metrics.events.labels("rejected").inc(len({e.index for e in errors}))
+        return json_response(
+            EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors), 422
+        )
+    result = await request.app[STORE].insert_events(events)
+    metrics.events.labels("accepted").inc(result.accepted)
+    metrics.events.labels("duplicate").inc(result.duplicates)
+    return json_response(EventsAccepted(result.accepted, result.duplicates), 202)
+
+
+async def put_contact(request: web.Request) -> web.Response:
+    if request.content_type not in JSON_TYPES:
+        return error_response(415, f"unsupported content type `{request.content_type}`; use application/json")
+    contact_id = contact_id_of(request)
+    body = await read_body(request)
+    try:
+        contact, errors = decode_contact(body)
+    except msgspec.DecodeError as exc:
+        return error_response(400, f"malformed JSON: {exc}")
+    if errors or contact is None:
+        return json_response(ContactRejected("invalid contact; nothing changed", errors), 422)
+    store = request.app[STORE]
+    doc = await store.put_contact(contact_id, contact)
+    created = doc["created_at"] == doc["updated_at"]
+    return json_response(contact_from_doc(doc), 201 if created else 200)
+
+
+async def get_contact(request: web.Request) -> web.Response:
+    doc = await request.app[STORE].get_contact(contact_id_of(request))
+    if doc is None:
+        return error_response(404, "no such contact")
+    return json_response(contact_from_doc(doc))
+
+
+async def get_contact_messages(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = query_time(request, "before")
+    status = request.query.get("status")
+    docs = await request.app[STORE].contact_messages(contact_id_of(request), limit + 1, before, status)
+    messages = [message_from_doc(d) for d in docs[:limit]]
+    next_before = messages[-1].created_at if len(docs) > limit else None
+    return json_response(MessageList(messages, next_before))
+
+
+async def get_contact_events(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = query_time(request, "before")
+    docs = await request.app[STORE].contact_events(contact_id_of(request), limit, before)
+    records = [msgspec.convert({"id": d.pop("_id"), **d}, EventRecord) for d in docs]
+    return json_response(EventList(records))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(Health("ok"))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await request.app[STORE].ping()
+        checks["mongodb"] = "ok"
+    except PyMongoError as exc:
+        checks["mongodb"] = f"unreachable: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return json_response(Health("ok" if ok else "unavailable", checks), 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    try:
+        metrics.inbox_pending.set(await request.app[STORE].pending_count())
+    except PyMongoError:
+        pass
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=openapi.document(), content_type="application/json")
+
+
+# --- resources ---------------------------------------------------------------------------------------
+
+
+async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Starts the embedded mongod when no MONGODB_URI is given; stopped last, after everything else."""
+    settings = app[SETTINGS]
+    if settings.mongodb_uri:
+        app[MONGO_URI] = settings.mongodb_uri
+        yield
+        return
+    # Blocking on purpose: it runs once at start-up in the main thread, which mongod's parent-death
+    # signal is tied to.
+    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+    mongod.start()
+    app[EMBEDDED_MONGOD] = mongod
+    app[MONGO_URI] = mongod.uri
+    try:
+        yield
+    finally:
+        mongod.stop()
+
+
+async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        app[MONGO_URI], tz_aware=True, serverSelectionTimeoutMS=3000, appname="rulesvc"
+    )
+    store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+    await store.ensure_schema()
+    app[STORE] = store
+    log.info("store.ready", database=settings.database)
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(embedded_mongod_ctx)
+    app.cleanup_ctx.append(mongo_ctx)
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_put("/v1/contacts/{contact_id}", put_contact)
+    app.router.add_get("/v1/contacts/{contact_id}", get_contact)
+    app.router.add_get("/v1/contacts/{contact_id}/messages", get_contact_messages)
+    app.router.add_get("/v1/contacts/{contact_id}/events", get_contact_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
+    return app

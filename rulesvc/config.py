@@ -1,0 +1,122 @@
+"""Settings: defaults, then an optional TOML file, then environment variables, then CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+class ConfigError(Exception):
+    """A setting has a value the service cannot use."""
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    mongodb_uri: str | None = None
+    embedded_mongod: bool = True
+    database: str = "rulesvc"
+    data_dir: str = ".rulesvc"
+    mongod_bin: str | None = None
+    rulesets_dir: str = "rulesets"
+    event_retention_days: float = 90.0
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_batch_events: int = 10_000
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingDoc:
+    field: str
+    env: str
+    help: str
+
+
+# One row per setting: the variable that sets it and what it means. `rulesvc serve --help` prints these.
+SETTINGS_DOC: tuple[SettingDoc, ...] = (
+    SettingDoc("host", "RULESVC_HOST", "address to listen on"),
+    SettingDoc("port", "RULESVC_PORT", "TCP port to listen on"),
+    SettingDoc(
+        "mongodb_uri",
+        "MONGODB_URI",
+        "MongoDB to use (replica set or sharded cluster); unset = start an embedded mongod",
+    ),
+    SettingDoc(
+        "embedded_mongod",
+        "RULESVC_EMBEDDED_MONGOD",
+        "start a mongod when MONGODB_URI is unset; false makes MONGODB_URI required (containers)",
+    ),
+    SettingDoc("database", "RULESVC_DATABASE", "MongoDB database name"),
+    SettingDoc("data_dir", "RULESVC_DATA_DIR", "where the embedded mongod keeps its data"),
+    SettingDoc(
+        "mongod_bin", "MONGOD_BIN", "mongod binary for the embedded mode; unset = the [embedded] extra's"
+    ),
+    SettingDoc("rulesets_dir", "RULESVC_RULESETS_DIR", "folder of JSON rulesets"),
+    SettingDoc("event_retention_days", "RULESVC_EVENT_RETENTION_DAYS", "days raw events are kept (TTL)"),
+    SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
+    SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
+    SettingDoc(
+        "log_format", "RULESVC_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
+    ),
+    SettingDoc("log_level", "RULESVC_LOG_LEVEL", "debug, info, warning or error"),
+)
+
+CONFIG_FILE_ENV = "RULESVC_CONFIG"
+
+
+def _validation_error(source: str, exc: msgspec.ValidationError) -> ConfigError:
+    return ConfigError(f"{source}: {exc}")
+
+
+def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Merge the sources; every value is validated so a typo fails at start-up, not at the first request."""
+    env = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    path = config_file or env.get(CONFIG_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                raw.update(tomllib.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        try:
+            msgspec.convert(raw, Settings)
+        except msgspec.ValidationError as exc:
+            raise _validation_error(str(path), exc) from exc
+    for doc in SETTINGS_DOC:
+        if doc.env in env and env[doc.env] != "":
+            raw[doc.field] = env[doc.env]
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _validation_error("environment", exc) from exc
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    if not 0 < settings.port < 65536:
+        raise ConfigError(f"port must be 1-65535, got {settings.port}")
+    if settings.event_retention_days <= 0:
+        raise ConfigError("event_retention_days must be positive")
+    if settings.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes must be at least 1024")
+    if settings.max_batch_events < 1:
+        raise ConfigError("max_batch_events must be at least 1")
+    if not settings.mongodb_uri and not settings.embedded_mongod:
+        raise ConfigError("MONGODB_URI is required when RULESVC_EMBEDDED_MONGOD is false")
+    if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")

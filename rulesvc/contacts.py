@@ -1,0 +1,109 @@
+"""The contact profile: who a person is and how (and whether) they may be reached."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from rulesvc.events import split_validation_error
+
+Email = Annotated[
+    str,
+    msgspec.Meta(max_length=254, pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$", description="an email address"),
+]
+E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +4915112345678")]
+ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+PushToken = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Base64Url = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+=*$")]
+
+
+class WebPushKeys(msgspec.Struct, forbid_unknown_fields=True):
+    p256dh: Base64Url
+    auth: Base64Url
+
+
+class WebPushSubscription(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """As the browser's PushSubscription.toJSON() gives it."""
+
+    endpoint: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2048)]
+    keys: WebPushKeys
+    expirationTime: int | None = None
+
+
+class ContactIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What `PUT /v1/contacts/{contact_id}` takes: the whole profile, replacing the previous one."""
+
+    email: Email | None = None
+    phone: E164 | None = None
+    push_tokens: list[PushToken] = msgspec.field(default_factory=list)
+    webpush_subscriptions: list[WebPushSubscription] = msgspec.field(default_factory=list)
+    consent: dict[ChannelName, bool] = msgspec.field(default_factory=dict)
+    timezone: Annotated[str, msgspec.Meta(description="IANA name, e.g. Europe/Berlin")] | None = None
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Contact(ContactIn, kw_only=True, omit_defaults=False):
+    """A stored contact, as `GET /v1/contacts/{contact_id}` returns it."""
+
+    contact_id: str
+    email_invalid: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class FieldError(msgspec.Struct):
+    path: str
+    message: str
+
+
+class ContactRejected(msgspec.Struct):
+    error: str
+    errors: list[FieldError]
+
+
+_CONTACT_DECODER = msgspec.json.Decoder(ContactIn)
+_VALID_ZONES = frozenset(zoneinfo.available_timezones())
+_ZONE_NAME = re.compile(r"^[A-Za-z0-9_+\-/]+$")
+
+
+def _timezone_ok(name: str) -> bool:
+    if name in _VALID_ZONES:
+        return True
+    if not _ZONE_NAME.match(name):
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _consent_path(body: bytes) -> str:
+    """msgspec names a bad dict value `[...]`; a user needs the channel it belongs to."""
+    consent = msgspec.json.decode(body).get("consent", {})
+    bad = next((k for k, v in consent.items() if not isinstance(v, bool)), None)
+    return "$.consent" if bad is None else f"$.consent.{bad}"
+
+
+def decode_contact(body: bytes) -> tuple[ContactIn | None, list[FieldError]]:
+    """Raises msgspec.DecodeError for malformed JSON; returns field errors for invalid values."""
+    try:
+        contact = _CONTACT_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        if path.startswith("$.consent[...]"):
+            path = _consent_path(body)
+        return None, [FieldError(path, message)]
+    errors: list[FieldError] = []
+    if contact.timezone is not None and not _timezone_ok(contact.timezone):
+        errors.append(FieldError("$.timezone", f"unknown IANA time zone `{contact.timezone}`"))
+    if len(set(contact.push_tokens)) != len(contact.push_tokens):
+        errors.append(FieldError("$.push_tokens", "duplicate push token"))
+    endpoints = [s.endpoint for s in contact.webpush_subscriptions]
+    if len(set(endpoints)) != len(endpoints):
+        errors.append(FieldError("$.webpush_subscriptions", "duplicate subscription endpoint"))
+    return (None if errors else contact), errors

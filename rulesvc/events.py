@@ -1,0 +1,234 @@
+"""The event contract: decoding and validating what shops post, with an error path for every problem."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+
+# Events without a contact: they describe the catalog and fan out to interested contacts.
+CATALOG_EVENT_TYPES = frozenset({"price_changed", "stock_changed"})
+
+# The outcome events that the channels feed back; rules branch on them.
+MESSAGE_EVENT_TYPES = frozenset(
+    {
+        "message_delivered",
+        "message_opened",
+        "message_clicked",
+        "message_bounced",
+        "message_blocked",
+        "message_replied",
+    }
+)
+
+# The types the shipped rulesets use; any other matching the pattern is accepted as a custom event.
+KNOWN_EVENT_TYPES = frozenset(
+    {
+        "product_viewed",
+        "category_viewed",
+        "page_viewed",
+        "cart_updated",
+        "checkout_started",
+        "purchased",
+        "session_ended",
+        "wishlist_added",
+        "delivery_status_changed",
+        "social_shared",
+        "address_changed",
+        "subscribed",
+    }
+    | CATALOG_EVENT_TYPES
+    | MESSAGE_EVENT_TYPES
+)
+
+EventId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, description="unique per event; a re-post is a duplicate")
+]
+EventType = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$",
+        description="e.g. cart_updated; unknown types are accepted as custom events",
+    ),
+]
+ContactId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\s/]+$")]
+EventTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset; default: now")]
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One customer or catalog event as posted to `POST /v1/events`."""
+
+    id: EventId
+    type: EventType
+    contact_id: ContactId | None = None
+    time: EventTime | None = None
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class EventError(msgspec.Struct):
+    index: int
+    path: str
+    message: str
+
+
+class EventsAccepted(msgspec.Struct):
+    accepted: int
+    duplicates: int
+
+
+class EventsRejected(msgspec.Struct):
+    error: str
+    errors: list[EventError]
+
+
+class MalformedBody(Exception):
+    """The body is not JSON (or one NDJSON line is not); the message says where it broke."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class TooManyEvents(Exception):
+    pass
+
+
+_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`(?P<path>[^`]*)`)?$", re.S)
+
+
+def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec says 'Expected `int`, got `str` - at `$.a`'; the API reports path and message apart."""
+    match = _AT_PATH.match(str(exc))
+    assert match is not None
+    message = match.group("msg")
+    if match.group("key"):
+        message = f"invalid key: {message}"
+    return match.group("path") or "$", message
+
+
+MAX_ATTRIBUTE_DEPTH = 8
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:
+    """What MongoDB would refuse (or a rule could not use) in free-form attributes, as field errors."""
+    if isinstance(value, dict):
+        if depth >= MAX_ATTRIBUTE_DEPTH:
+            return [(path, f"nested deeper than {MAX_ATTRIBUTE_DEPTH} levels")]
+        errors: list[tuple[str, str]] = []
+        for key, item in value.items():
+            if not key or key.startswith("$") or "\x00" in key or "." in key:
+                errors.append((path, f"invalid key {key!r}: keys must be non-empty, without `.`, `$` or NUL"))
+            else:
+                errors.extend(document_errors(item, f"{path}.{key}", depth + 1))
+        return errors
+    if isinstance(value, list):
+        if depth >= MAX_ATTRIBUTE_DEPTH:
+            return [(path, f"nested deeper than {MAX_ATTRIBUTE_DEPTH} levels")]
+        return [e for i, item in enumerate(value) for e in document_errors(item, f"{path}[{i}]", depth + 1)]
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return [(path, "integer out of the 64-bit range")]
+    return []
+
+
+def _semantic_errors(event: Event) -> list[tuple[str, str]]:
+    if event.attributes:
+        errors = document_errors(event.attributes, "$.attributes")
+        if errors:
+            return errors
+    if event.type in CATALOG_EVENT_TYPES:
+        if event.contact_id is not None:
+            return [("$.contact_id", f"must be absent for the catalog event type `{event.type}`")]
+        if not isinstance(event.attributes.get("product_id"), str | int):
+            return [("$.attributes.product_id", f"required for the catalog event type `{event.type}`")]
+        return []
+    if event.contact_id is None:
+        return [("$.contact_id", f"required for event type `{event.type}`")]
+    return []
+
+
+def _malformed(
+    exc: msgspec.DecodeError, body: bytes | msgspec.Raw, index: int | None = None
+) -> MalformedBody:
+    message = str(exc)
+    if "truncated" in message:
+        message += f" (at byte {len(body)}, the end of the input)"
+    return MalformedBody(message, index)
+
+
+def _decode_items(items: list[bytes | msgspec.Raw]) -> tuple[list[Event], list[EventError]]:
+    events: list[Event] = []
+    errors: list[EventError] = []
+    for index, raw in enumerate(items):
+        try:
+            event = _EVENT_DECODER.decode(raw)
+        except msgspec.ValidationError as exc:
+            path, message = split_validation_error(exc)
+            errors.append(EventError(index, path, message))
+            continue
+        except msgspec.DecodeError as exc:
+            raise _malformed(exc, raw, index) from exc
+        problems = _semantic_errors(event)
+        errors.extend(EventError(index, path, message) for path, message in problems)
+        events.append(event)
+    return events, errors
+
+
+_EVENT_DECODER = msgspec.json.Decoder(Event)
+_BATCH_DECODER = msgspec.json.Decoder(Event | list[Event])
+_RAW_BATCH_DECODER = msgspec.json.Decoder(msgspec.Raw | list[msgspec.Raw])
+
+
+def decode_json_body(body: bytes, max_events: int) -> tuple[list[Event], list[EventError]]:
+    """One event or an array. Fast path decodes all at once; on failure every item is checked alone."""
+    try:
+        decoded = _BATCH_DECODER.decode(body)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc, body) from exc
+    else:
+        events = decoded if isinstance(decoded, list) else [decoded]
+        if len(events) > max_events:
+            raise TooManyEvents(f"{len(events)} events in one request; the limit is {max_events}")
+        errors = [EventError(i, p, m) for i, ev in enumerate(events) for p, m in _semantic_errors(ev)]
+        return events, errors
+    try:
+        raw = _RAW_BATCH_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        return [], [EventError(0, path, f"{message}; expected an event object or an array of events")]
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc, body) from exc
+    if isinstance(raw, list):
+        if len(raw) > max_events:
+            raise TooManyEvents(f"{len(raw)} events in one request; the limit is {max_events}")
+        return _decode_items(list(raw))
+    return _decode_items([raw])
+
+
+def decode_ndjson_body(body: bytes, max_events: int) -> tuple[list[Event], list[EventError]]:
+    """One event per line; blank lines are skipped, and an index counts events, not lines."""
+    lines: list[bytes] = []
+    line_numbers: list[int] = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if line.strip():
+            lines.append(line)
+            line_numbers.append(number)
+    if len(lines) > max_events:
+        raise TooManyEvents(f"{len(lines)} events in one request; the limit is {max_events}")
+    try:
+        return _decode_items(list(lines))
+    except MalformedBody as exc:
+        assert exc.index is not None
+        raise MalformedBody(f"line {line_numbers[exc.index]}: {exc}") from exc
+
+
+def event_time(event: Event, now: datetime | None = None) -> datetime:
+    if event.time is None:
+        return now or datetime.now(UTC)
+    return event.time.astimezone(UTC)

@@ -1,0 +1,176 @@
+"""The OpenAPI 3.1 document, with schemas generated from the same msgspec types that validate requests."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from rulesvc.contacts import Contact, ContactIn, ContactRejected
+from rulesvc.events import Event, EventsAccepted, EventsRejected
+from rulesvc.messages import MessageList
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json(_ref("ErrorBody"), description)
+
+
+def _contact_id() -> Schema:
+    return {
+        "name": "contact_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "maxLength": 128},
+    }
+
+
+def _query(name: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_PAGING = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "most items to return"),
+    _query("before", {"type": "string", "format": "date-time"}, "only items older than this (paging)"),
+]
+
+
+def _paths() -> Schema:
+    event_batch = {"oneOf": [_ref("Event"), {"type": "array", "items": _ref("Event")}]}
+    bad_request = _error("malformed JSON (with the byte position) or a bad query parameter")
+    return {
+        "/v1/events": {
+            "post": {
+                "summary": "Post one event, an array of events, or NDJSON (one event per line)",
+                "operationId": "postEvents",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": event_batch},
+                        "application/x-ndjson": {"schema": _ref("Event")},
+                    },
+                },
+                "responses": {
+                    "202": _json(
+                        _ref("EventsAccepted"), "stored durably; duplicates (same id) changed nothing"
+                    ),
+                    "400": bad_request,
+                    "413": _error("body or batch over the limit"),
+                    "415": _error("content type is not JSON or NDJSON"),
+                    "422": _json(
+                        _ref("EventsRejected"), "at least one invalid event; nothing of the batch stored"
+                    ),
+                    "503": _error("storage unavailable; retry after Retry-After seconds"),
+                },
+            }
+        },
+        "/v1/contacts/{contact_id}": {
+            "parameters": [_contact_id()],
+            "put": {
+                "summary": "Create or replace a contact's profile",
+                "operationId": "putContact",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ContactIn")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Contact"), "replaced"),
+                    "201": _json(_ref("Contact"), "created"),
+                    "400": bad_request,
+                    "413": _error("body over the limit"),
+                    "415": _error("content type is not JSON"),
+                    "422": _json(_ref("ContactRejected"), "invalid field values; nothing changed"),
+                },
+            },
+            "get": {
+                "summary": "Read a contact",
+                "operationId": "getContact",
+                "responses": {"200": _json(_ref("Contact"), "the contact"), "404": _error("no such contact")},
+            },
+        },
+        "/v1/contacts/{contact_id}/messages": {
+            "parameters": [_contact_id()],
+            "get": {
+                "summary": "The contact's message history, newest first",
+                "operationId": "getContactMessages",
+                "parameters": [
+                    *_PAGING,
+                    _query("status", {"type": "string"}, "only messages in this status"),
+                ],
+                "responses": {"200": _json(_ref("MessageList"), "messages"), "400": bad_request},
+            },
+        },
+        "/v1/contacts/{contact_id}/events": {
+            "parameters": [_contact_id()],
+            "get": {
+                "summary": "The contact's recent events, newest first",
+                "operationId": "getContactEvents",
+                "parameters": _PAGING,
+                "responses": {"200": _json(_ref("EventList"), "events"), "400": bad_request},
+            },
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process is up",
+                "operationId": "healthz",
+                "responses": {"200": _json(_ref("Health"), "up")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Ready to serve: MongoDB reachable and rulesets loaded",
+                "operationId": "readyz",
+                "responses": {
+                    "200": _json(_ref("Health"), "ready"),
+                    "503": _json(_ref("Health"), "not ready; `checks` says why"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {"description": "Prometheus text format", "content": {"text/plain": {}}}
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+            }
+        },
+    }
+
+
+@functools.cache
+def document() -> bytes:
+    from rulesvc.api import ErrorBody, EventList, Health
+
+    types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
+    types += [EventList, Health, ErrorBody]
+    _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    doc = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rulesvc",
+            "version": "0.1.0",
+            "description": "Real-time trigger marketing: post events, manage contacts, read what was sent.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": _paths(),
+        "components": {"schemas": components},
+    }
+    return msgspec.json.encode(doc)

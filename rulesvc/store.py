@@ -1,0 +1,204 @@
+"""MongoDB: the collections, their indexes, and every query the service makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import structlog
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.write_concern import WriteConcern
+
+from rulesvc.contacts import Contact, ContactIn
+from rulesvc.events import Event, event_time
+from rulesvc.messages import Message
+
+log = structlog.get_logger(__name__)
+
+Doc = dict[str, Any]
+
+# Acknowledged means on disk on a majority: a 202 is never given for an event that could be lost.
+DURABLE = WriteConcern(w="majority", j=True)
+DUPLICATE_KEY = 11000
+
+PENDING = "pending"
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    accepted: int
+    duplicates: int
+
+
+class Store:
+    def __init__(self, client: AsyncMongoClient[Doc], database: str, event_retention: timedelta) -> None:
+        self.client = client
+        self.db: AsyncDatabase[Doc] = client.get_database(database, write_concern=DURABLE)
+        self.event_retention = event_retention
+        self.events: AsyncCollection[Doc] = self.db["events"]
+        self.contacts: AsyncCollection[Doc] = self.db["contacts"]
+        self.messages: AsyncCollection[Doc] = self.db["messages"]
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def ensure_schema(self) -> None:
+        """Idempotent: safe on every start, and on every process of a multi-process deployment."""
+        ttl = int(self.event_retention.total_seconds())
+        await self._ensure_ttl(self.events, "received_at", ttl, "events_ttl")
+        await self.events.create_indexes(
+            [
+                IndexModel([("contact_id", ASCENDING), ("time", DESCENDING)], name="events_by_contact"),
+                # The inbox: only unprocessed events are in this index, so it stays small.
+                IndexModel(
+                    [("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+                    name="inbox_pending",
+                    partialFilterExpression={"state": PENDING},
+                ),
+            ]
+        )
+        await self.messages.create_indexes(
+            [
+                IndexModel(
+                    [("contact_id", ASCENDING), ("created_at", DESCENDING)], name="messages_by_contact"
+                ),
+                IndexModel([("status", ASCENDING), ("created_at", DESCENDING)], name="messages_by_status"),
+            ]
+        )
+
+    async def _ensure_ttl(self, coll: AsyncCollection[Doc], field: str, seconds: int, name: str) -> None:
+        try:
+            await coll.create_index([(field, ASCENDING)], name=name, expireAfterSeconds=seconds)
+        except OperationFailure as exc:
+            if exc.code not in (85, 86):  # IndexOptionsConflict / IndexKeySpecsConflict
+                raise
+            # The retention setting changed: update the TTL in place instead of rebuilding the index.
+            await self.db.command("collMod", coll.name, index={"name": name, "expireAfterSeconds": seconds})
+            log.info("store.ttl_changed", collection=coll.name, seconds=seconds)
+
+    # --- events -------------------------------------------------------------------------------------
+
+    async def insert_events(self, events: list[Event], now: datetime | None = None) -> InsertResult:
+        """Store new events as pending in the inbox; an `id` seen before is a duplicate, changing nothing."""
+        if not events:
+            return InsertResult(0, 0)
+        now = now or datetime.now(UTC)
+        docs = [
+            {
+                "_id": ev.id,
+                "type": ev.type,
+                "contact_id": ev.contact_id,
+                "time": event_time(ev, now),
+                "attributes": ev.attributes,
+                "received_at": now,
+                "state": PENDING,
+            }
+            for ev in events
+        ]
+        try:
+            await self.events.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            write_errors = exc.details.get("writeErrors", [])
+            others = [e for e in write_errors if e.get("code") != DUPLICATE_KEY]
+            if others or exc.details.get("writeConcernErrors"):
+                raise
+            duplicates = len(write_errors)
+            return InsertResult(len(docs) - duplicates, duplicates)
+        return InsertResult(len(docs), 0)
+
+    async def contact_events(self, contact_id: str, limit: int, before: datetime | None = None) -> list[Doc]:
+        query: Doc = {"contact_id": contact_id}
+        if before is not None:
+            query["time"] = {"$lt": before}
+        cursor = self.events.find(query, {"received_at": 0}).sort([("time", DESCENDING)]).limit(limit)
+        return await cursor.to_list()
+
+    async def pending_count(self) -> int:
+        return await self.events.count_documents({"state": PENDING})
+
+    # --- contacts -----------------------------------------------------------------------------------
+
+    async def put_contact(self, contact_id: str, contact: ContactIn, now: datetime | None = None) -> Doc:
+        """Replace the profile; keep what the service itself knows (state, created_at, invalid email)."""
+        now = now or datetime.now(UTC)
+        profile = {
+            "email": contact.email,
+            "phone": contact.phone,
+            "push_tokens": contact.push_tokens,
+            "webpush_subscriptions": [
+                {"endpoint": s.endpoint, "keys": {"p256dh": s.keys.p256dh, "auth": s.keys.auth}}
+                | ({"expirationTime": s.expirationTime} if s.expirationTime is not None else {})
+                for s in contact.webpush_subscriptions
+            ],
+            "consent": contact.consent,
+            "timezone": contact.timezone,
+            "attributes": contact.attributes,
+        }
+        doc = await self.contacts.find_one_and_update(
+            {"_id": contact_id},
+            [
+                # A new address is not known to bounce: the invalid mark stays only on the same email.
+                {
+                    "$set": {
+                        "email_invalid": {
+                            "$and": [
+                                {"$eq": [{"$ifNull": ["$email", None]}, contact.email]},
+                                {"$ifNull": ["$email_invalid", False]},
+                            ]
+                        },
+                        "created_at": {"$ifNull": ["$created_at", now]},
+                    }
+                },
+                {"$set": {**{k: {"$literal": v} for k, v in profile.items()}, "updated_at": now}},
+            ],
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert doc is not None
+        return doc
+
+    async def get_contact(self, contact_id: str) -> Doc | None:
+        return await self.contacts.find_one({"_id": contact_id})
+
+    # --- messages -----------------------------------------------------------------------------------
+
+    async def contact_messages(
+        self, contact_id: str, limit: int, before: datetime | None = None, status: str | None = None
+    ) -> list[Doc]:
+        query: Doc = {"contact_id": contact_id}
+        if before is not None:
+            query["created_at"] = {"$lt": before}
+        if status is not None:
+            query["status"] = status
+        cursor = (
+            self.messages.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        )
+        return await cursor.to_list()
+
+    async def insert_message(self, message: Message) -> None:
+        doc = {"_id": message.message_id, **_message_fields(message)}
+        await self.messages.insert_one(doc)
+
+
+def _message_fields(message: Message) -> Doc:
+    fields = msgspec.to_builtins(message, builtin_types=(datetime,))
+    fields.pop("message_id")
+    assert isinstance(fields, dict)
+    return fields
+
+
+def contact_from_doc(doc: Doc) -> Contact:
+    fields = {k: v for k, v in doc.items() if k not in ("_id", "state", "version")}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return msgspec.convert({"contact_id": doc["_id"], **fields}, Contact, from_attributes=False)
+
+
+def message_from_doc(doc: Doc) -> Message:
+    return msgspec.convert(
+        {"message_id": doc["_id"], **{k: v for k, v in doc.items() if k != "_id"}}, Message
+    )

@@ -1,0 +1,51 @@
+"""Test fixtures: one throw-away real mongod (replica set) per test session, a fresh database per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from pymongo import AsyncMongoClient
+
+from rulesvc.api import create_app
+from rulesvc.config import Settings
+from rulesvc.mongod import EmbeddedMongod
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def mongod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMongod]:
+    server = EmbeddedMongod(tmp_path_factory.mktemp("mongod"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(mongod: EmbeddedMongod, tmp_path: Path) -> Settings:
+    return Settings(
+        mongodb_uri=mongod.uri,
+        database=f"test_{uuid.uuid4().hex[:12]}",
+        data_dir=str(tmp_path / "data"),
+        rulesets_dir=str(tmp_path / "rulesets"),
+        log_format="console",
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient[Any, Any]:
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def db(mongod: EmbeddedMongod, settings: Settings) -> AsyncIterator[Any]:
+    """Direct access to the test's database, to check what the service stored."""
+    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(mongod.uri, tz_aware=True)
+    yield mongo[settings.database]
+    await mongo.drop_database(settings.database)
+    await mongo.close()

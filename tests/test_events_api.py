@@ -1,0 +1,171 @@
+"""POST /v1/events: every status of the contract, and what ends up stored."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from rulesvc.api import create_app
+from rulesvc.config import Settings
+
+
+def cart(event_id: str, contact: str = "c1", **attributes: Any) -> dict[str, Any]:
+    return {"id": event_id, "type": "cart_updated", "contact_id": contact, "attributes": attributes}
+
+
+async def stored_ids(db: Any) -> set[str]:
+    return {d["_id"] async for d in db.events.find({}, {"_id": 1})}
+
+
+async def test_single_event_accepted_and_stored_pending(client: Any, db: Any) -> None:
+    before = datetime.now(UTC)
+    resp = await client.post("/v1/events", json=cart("e1", value=59.9, items=[{"sku": "A", "qty": 2}]))
+    assert resp.status == 202
+    assert await resp.json() == {"accepted": 1, "duplicates": 0}
+    doc = await db.events.find_one({"_id": "e1"})
+    assert doc["type"] == "cart_updated"
+    assert doc["contact_id"] == "c1"
+    assert doc["attributes"] == {"value": 59.9, "items": [{"sku": "A", "qty": 2}]}
+    assert doc["state"] == "pending"  # in the inbox, waiting to be evaluated
+    assert before - timedelta(seconds=1) <= doc["time"] <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+async def test_array_and_given_time_with_offset(client: Any, db: Any) -> None:
+    events = [
+        {**cart("a1"), "time": "2026-11-20T10:00:00+01:00"},
+        {"id": "a2", "type": "product_viewed", "contact_id": "c2", "attributes": {"product_id": "p1"}},
+        {"id": "p-1", "type": "price_changed", "attributes": {"product_id": "p1", "price": 9.5}},
+        {"id": "x-1", "type": "loyalty_tier_reached", "contact_id": "c1"},  # a custom event type
+    ]
+    resp = await client.post("/v1/events", json=events)
+    assert resp.status == 202
+    assert await resp.json() == {"accepted": 4, "duplicates": 0}
+    doc = await db.events.find_one({"_id": "a1"})
+    assert doc["time"] == datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    assert (await db.events.find_one({"_id": "p-1"}))["contact_id"] is None
+
+
+async def test_ndjson(client: Any, db: Any) -> None:
+    body = "\n".join(json.dumps(cart(f"n{i}", contact=f"c{i % 3}")) for i in range(50)) + "\n\n"
+    resp = await client.post("/v1/events", data=body, headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status == 202
+    assert await resp.json() == {"accepted": 50, "duplicates": 0}
+    assert len(await stored_ids(db)) == 50
+
+
+async def test_duplicates_counted_and_change_nothing(client: Any, db: Any) -> None:
+    assert (await client.post("/v1/events", json=cart("d1", value=10))).status == 202
+    resp = await client.post("/v1/events", json=[cart("d1", value=999), cart("d2"), cart("d2")])
+    assert resp.status == 202
+    assert await resp.json() == {"accepted": 1, "duplicates": 2}
+    assert (await db.events.find_one({"_id": "d1"}))["attributes"] == {"value": 10}
+    assert await stored_ids(db) == {"d1", "d2"}
+
+
+async def test_invalid_batch_rejected_whole_with_every_error(client: Any, db: Any) -> None:
+    events = [
+        cart("ok-1"),
+        {"id": "bad-1", "type": "cart_updated"},  # no contact
+        {"id": 7, "type": "cart_updated", "contact_id": "c1"},
+        {"id": "bad-3", "type": "purchased", "contact_id": "c1", "time": "yesterday"},
+        {"id": "bad-4", "type": "price_changed", "contact_id": "c1", "attributes": {"product_id": "p"}},
+        {"id": "bad-5", "type": "cart_updated", "contact_id": "c1", "colour": "red"},
+        {"id": "bad-6", "type": "cart_updated", "contact_id": "c1", "attributes": {"n": 2**70}},
+        {"id": "bad-7", "type": "cart_updated", "contact_id": "c1", "attributes": {"a": {"$gt": 1}}},
+        {"id": "bad-8", "type": "has space", "contact_id": "c1"},
+        {"id": "bad-9", "type": "cart_updated", "contact_id": "c1", "time": "2026-11-20T10:00:00"},
+        cart("ok-2"),
+    ]
+    resp = await client.post("/v1/events", json=events)
+    assert resp.status == 422
+    body = await resp.json()
+    errors = {(e["index"], e["path"]) for e in body["errors"]}
+    assert errors == {
+        (1, "$.contact_id"),
+        (2, "$.id"),
+        (3, "$.time"),
+        (4, "$.contact_id"),
+        (5, "$"),
+        (6, "$.attributes.n"),
+        (7, "$.attributes.a"),
+        (8, "$.type"),
+        (9, "$.time"),
+    }
+    assert all(e["message"] for e in body["errors"])
+    assert "colour" in next(e["message"] for e in body["errors"] if e["index"] == 5)
+    assert await stored_ids(db) == set()  # nothing of the batch, not even the valid ones
+
+
+async def test_invalid_ndjson_line_reports_its_index(client: Any, db: Any) -> None:
+    body = "\n".join([json.dumps(cart("l1")), json.dumps({"id": "l2", "type": "cart_updated"})])
+    resp = await client.post("/v1/events", data=body, headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status == 422
+    assert (await resp.json())["errors"] == [
+        {"index": 1, "path": "$.contact_id", "message": "required for event type `cart_updated`"}
+    ]
+    assert await stored_ids(db) == set()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "where"),
+    [
+        (b'{"id": "x", "type": }', "application/json", "byte 20"),
+        (b'[{"id": "x",', "application/json", "byte 12"),
+        (b'{"id":"a","type":"t","contact_id":"c"}\n{"id": oops}\n', "application/x-ndjson", "line 2"),
+        (b"", "application/json", "byte 0"),
+    ],
+)
+async def test_malformed_json_400_with_position(
+    client: Any, db: Any, body: bytes, content_type: str, where: str
+) -> None:
+    resp = await client.post("/v1/events", data=body, headers={"Content-Type": content_type})
+    assert resp.status == 400
+    message = (await resp.json())["error"]
+    assert message.startswith("malformed JSON")
+    assert where in message
+    assert await stored_ids(db) == set()
+
+
+async def test_wrong_content_type_415(client: Any) -> None:
+    resp = await client.post(
+        "/v1/events", data=json.dumps(cart("t1")), headers={"Content-Type": "text/plain"}
+    )
+    assert resp.status == 415
+    assert "application/json" in (await resp.json())["error"]
+    resp = await client.post("/v1/events", data=json.dumps(cart("t1")).encode())  # octet-stream
+    assert resp.status == 415
+
+
+async def test_empty_array_422(client: Any) -> None:
+    resp = await client.post("/v1/events", json=[])
+    assert resp.status == 422
+
+
+async def test_body_over_limit_413(aiohttp_client: Any, settings: Settings, db: Any) -> None:
+    small = msgspec.structs.replace(settings, max_body_bytes=4096, max_batch_events=5)
+    client = await aiohttp_client(create_app(small))
+    resp = await client.post("/v1/events", json=cart("big", blob="x" * 5000))
+    assert resp.status == 413
+    assert "4096" in (await resp.json())["error"]
+    resp = await client.post("/v1/events", json=[cart(f"m{i}") for i in range(6)])
+    assert resp.status == 413
+    assert "limit is 5" in (await resp.json())["error"]
+    assert await stored_ids(db) == set()
+    assert (await client.post("/v1/events", json=[cart(f"m{i}") for i in range(5)])).status == 202
+
+
+async def test_contact_events_newest_first(client: Any) -> None:
+    events = [{**cart(f"h{i}"), "time": f"2026-11-2{i}T12:00:00Z"} for i in range(4)]
+    events.append({**cart("other", contact="c9")})
+    assert (await client.post("/v1/events", json=events)).status == 202
+    resp = await client.get("/v1/contacts/c1/events", params={"limit": "3"})
+    assert resp.status == 200
+    assert [e["id"] for e in (await resp.json())["events"]] == ["h3", "h2", "h1"]
+    resp = await client.get("/v1/contacts/c1/events", params={"before": "2026-11-21T12:00:00Z"})
+    assert [e["id"] for e in (await resp.json())["events"]] == ["h0"]
+    assert (await client.get("/v1/contacts/c1/events", params={"limit": "0"})).status == 400
+    assert (await client.get("/v1/contacts/c1/events", params={"before": "soon"})).status == 400

@@ -1,0 +1,67 @@
+"""GET /v1/contacts/{id}/messages over records as the engine and channels write them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rulesvc.messages import Message
+from rulesvc.store import Store
+
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+
+
+def message(n: int, contact: str = "c1", status: str = "sent") -> Message:
+    return Message(
+        message_id=f"m{n}",
+        contact_id=contact,
+        ruleset="cart_abandon",
+        rule="remind_push",
+        channel="push",
+        template="cart_push",
+        status=status,  # type: ignore[arg-type]
+        reason="no consent" if status == "suppressed" else None,
+        created_at=T0 + timedelta(minutes=n),
+        due_at=T0 + timedelta(minutes=n + 20),
+        sent_at=T0 + timedelta(minutes=n + 20) if status == "sent" else None,
+    )
+
+
+async def fill(db: Any, settings: Any, messages: list[Message]) -> None:
+    store = Store(db.client, settings.database, timedelta(days=1))
+    for m in messages:
+        await store.insert_message(m)
+
+
+async def test_empty_history(client: Any) -> None:
+    resp = await client.get("/v1/contacts/c1/messages")
+    assert resp.status == 200
+    assert await resp.json() == {"messages": [], "next_before": None}
+
+
+async def test_newest_first_paged_and_filtered(client: Any, db: Any, settings: Any) -> None:
+    await fill(db, settings, [message(n, status="suppressed" if n == 3 else "sent") for n in range(6)])
+    await fill(db, settings, [message(100, contact="c2")])
+    page = await (await client.get("/v1/contacts/c1/messages", params={"limit": "4"})).json()
+    assert [m["message_id"] for m in page["messages"]] == ["m5", "m4", "m3", "m2"]
+    first = page["messages"][0]
+    assert first["ruleset"] == "cart_abandon" and first["channel"] == "push" and first["status"] == "sent"
+    assert first["sent_at"] == "2026-11-20T08:25:00Z"
+    assert page["messages"][2]["reason"] == "no consent"
+    rest = await (
+        await client.get("/v1/contacts/c1/messages", params={"limit": "4", "before": page["next_before"]})
+    ).json()
+    assert [m["message_id"] for m in rest["messages"]] == ["m1", "m0"]
+    assert rest["next_before"] is None
+    suppressed = await (await client.get("/v1/contacts/c1/messages", params={"status": "suppressed"})).json()
+    assert [m["message_id"] for m in suppressed["messages"]] == ["m3"]
+
+
+async def test_history_query_uses_its_index(db: Any, settings: Any, client: Any) -> None:
+    await fill(db, settings, [message(n) for n in range(3)])
+    plan = await db.command(
+        "explain",
+        {"find": "messages", "filter": {"contact_id": "c1"}, "sort": {"created_at": -1, "_id": -1}},
+        verbosity="queryPlanner",
+    )
+    assert "messages_by_contact" in str(plan["queryPlanner"]["winningPlan"])

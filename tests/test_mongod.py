@@ -1,0 +1,125 @@
+"""The embedded mongod: start, data kept across restarts, recovery after crashes, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from rulesvc.mongod import EmbeddedMongod, MongodError, find_mongod, free_port
+
+
+def count(uri: str) -> int:
+    with MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+        return client.t.items.count_documents({})
+
+
+def insert(uri: str, n: int) -> None:
+    with MongoClient(uri, serverSelectionTimeoutMS=5000, w="majority", journal=True) as client:
+        client.t.items.insert_many([{"n": i} for i in range(n)])
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_start_is_a_writable_replica_set_and_stop_is_clean(tmp_path: Path) -> None:
+    server = EmbeddedMongod(tmp_path)
+    server.start()
+    assert server.started_in < 10
+    pid = server.process.pid if server.process else 0
+    with MongoClient(server.uri) as client:
+        hello = client.admin.command("hello")
+        assert hello["setName"] == "rs0" and hello["isWritablePrimary"]
+    server.stop()
+    assert gone(pid)
+    assert (tmp_path / "db" / "mongod.lock").read_text() == ""  # clean shutdown empties the lock
+
+
+def test_data_survives_restart_even_on_another_port(tmp_path: Path) -> None:
+    with EmbeddedMongod(tmp_path) as server:
+        insert(server.uri, 5)
+        first_port = server.port
+    with EmbeddedMongod(tmp_path) as server:
+        assert server.port == first_port  # the last port is reused when free
+        assert count(server.uri) == 5
+    other = free_port()
+    with EmbeddedMongod(tmp_path, port=other) as server:  # the one-node set follows the new port
+        assert server.port == other
+        assert count(server.uri) == 5
+        insert(server.uri, 1)
+        assert count(server.uri) == 6
+
+
+def test_restart_after_kill_9_of_mongod(tmp_path: Path) -> None:
+    server = EmbeddedMongod(tmp_path)
+    server.start()
+    insert(server.uri, 3)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    assert (tmp_path / "db" / "mongod.lock").read_text().strip()  # the stale lock of an unclean stop
+    with EmbeddedMongod(tmp_path) as again:
+        assert count(again.uri) == 3  # journaled writes recovered
+
+
+def test_orphan_mongod_from_a_crashed_service_is_stopped(tmp_path: Path) -> None:
+    server = EmbeddedMongod(tmp_path)
+    server.start()
+    insert(server.uri, 2)
+    orphan = server.process
+    assert orphan is not None
+    server.process = None  # this handle "crashed": the mongod runs on without an owner
+    with EmbeddedMongod(tmp_path) as again:
+        assert orphan.wait(timeout=30) == 0  # asked to shut down cleanly, not killed
+        assert count(again.uri) == 2
+
+
+def test_mongod_dies_with_its_parent(tmp_path: Path) -> None:
+    """If rulesvc itself gets SIGKILL, its mongod must not live on holding the data dir."""
+    script = (
+        "import sys, time\n"
+        "from rulesvc.mongod import EmbeddedMongod\n"
+        f"m = EmbeddedMongod({str(tmp_path)!r})\n"
+        "m.start()\n"
+        "print('PID', m.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    mongod_pid = int(next(line for line in parent.stdout if line.startswith("PID")).split()[1])
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while not gone(mongod_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(mongod_pid)
+    with EmbeddedMongod(tmp_path) as again:
+        assert count(again.uri) == 0
+
+
+def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MongodError, match="not an executable"):
+        find_mongod(str(tmp_path / "nope"))
+
+
+def test_failed_start_reports_mongod_output(tmp_path: Path) -> None:
+    broken = tmp_path / "mongod"
+    broken.write_text("#!/bin/sh\necho 'cannot open the data files' >&2\nexit 100\n")
+    broken.chmod(0o755)
+    server = EmbeddedMongod(tmp_path / "data", binary=str(broken))
+    with pytest.raises(
+        MongodError, match=r"exited with code 100 during start-up: cannot open the data files"
+    ):
+        server.start(timeout=30)
+    assert server.process is None

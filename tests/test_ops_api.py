@@ -1,0 +1,91 @@
+"""Health, readiness, metrics, the OpenAPI document, request ids and JSON errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from openapi_spec_validator import validate
+
+from rulesvc.api import create_app
+from rulesvc.config import Settings
+from rulesvc.mongod import EmbeddedMongod, free_port
+
+
+async def test_healthz_and_readyz(client: Any) -> None:
+    assert (await client.get("/healthz")).status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["checks"]["mongodb"] == "ok"
+
+
+async def test_metrics_count_events_and_requests(client: Any) -> None:
+    await client.post("/v1/events", json=[{"id": "a", "type": "t", "contact_id": "c"}] * 2)
+    await client.post("/v1/events", json=[{"id": "b", "type": "t"}])
+    text = await (await client.get("/metrics")).text()
+    assert 'rulesvc_events_total{outcome="accepted"} 1.0' in text
+    assert 'rulesvc_events_total{outcome="duplicate"} 1.0' in text
+    assert 'rulesvc_events_total{outcome="rejected"} 1.0' in text
+    assert 'rulesvc_http_requests_total{method="POST",route="/v1/events",status="202"} 1.0' in text
+    assert 'rulesvc_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/v1/events"}' in text
+    assert "rulesvc_inbox_pending 1.0" in text
+
+
+async def test_request_id_echoed_or_generated(client: Any) -> None:
+    resp = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert resp.headers["X-Request-ID"] == "abc-123"
+    resp = await client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert len(resp.headers["X-Request-ID"]) == 32
+
+
+async def test_unknown_route_and_method_are_json(client: Any) -> None:
+    resp = await client.get("/v1/nothing")
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "Not Found"
+    resp = await client.delete("/v1/events")
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "POST"
+
+
+async def test_openapi_document_is_valid_and_complete(client: Any) -> None:
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
+    doc = await resp.json()
+    validate(doc)  # OpenAPI 3.1 schema check
+    assert doc["openapi"] == "3.1.0"
+    app: web.Application = client.server.app
+    routes = {
+        (r.method.lower(), r.resource.canonical)
+        for r in app.router.routes()
+        if r.resource is not None and r.method != "HEAD"
+    }
+    documented = {(m, p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
+    assert routes == documented
+    event = doc["components"]["schemas"]["Event"]
+    assert set(event["required"]) == {"id", "type"}
+
+
+async def test_mongodb_down_gives_503_not_500(aiohttp_client: Any, settings: Settings, tmp_path: Any) -> None:
+    own = EmbeddedMongod(tmp_path / "own", port=free_port())
+    own.start()
+    try:
+        client = await aiohttp_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
+        event = {"id": "o1", "type": "cart_updated", "contact_id": "c1"}
+        assert (await client.post("/v1/events", json=event)).status == 202
+        own.stop()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["mongodb"].startswith("unreachable")
+        resp = await client.post("/v1/events", json={**event, "id": "o2"})
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await client.get("/healthz")).status == 200
+        own.start()
+        resp = await client.post("/v1/events", json={**event, "id": "o2"})
+        assert resp.status == 202  # recovered without a restart
+        assert (await client.get("/readyz")).status == 200
+        events = await (await client.get("/v1/contacts/c1/events")).json()
+        assert {e["id"] for e in events["events"]} == {"o1", "o2"}
+    finally:
+        own.stop()

@@ -1,0 +1,87 @@
+"""`rulesvc serve` as a real process on the embedded mongod: the README's run command."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+def process_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_serve_accepts_and_keeps_data_across_restarts(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path)
+    ready_in = service.start()
+    assert ready_in < 30
+    try:
+        event = {"id": "e1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 20}}
+        assert service.request("POST", "/v1/events", event) == (202, {"accepted": 1, "duplicates": 0})
+        status, _ = service.request("PUT", "/v1/contacts/c1", {"email": "ann@example.com"})
+        assert status == 201
+        mongod_pid = service.mongod_pid()
+        assert service.signal(signal.SIGTERM) == 0
+        assert process_gone(mongod_pid)  # mongod stopped with the service
+
+        service.start()
+        status, body = service.request("GET", "/v1/contacts/c1/events")
+        assert status == 200 and [e["id"] for e in body["events"]] == ["e1"]
+        assert service.request("GET", "/v1/contacts/c1")[1]["email"] == "ann@example.com"
+        assert service.request("POST", "/v1/events", event)[1] == {"accepted": 0, "duplicates": 1}
+        assert service.signal(signal.SIGINT) == 0
+    finally:
+        service.stop()
+    logs = service.log()
+    assert "ann@example.com" not in logs  # no personal data in the logs
+    assert "mongod.stopped" in logs
+
+
+def test_serve_recovers_after_kill_9(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path)
+    service.start()
+    try:
+        event = {"id": "k1", "type": "purchased", "contact_id": "c7"}
+        assert service.request("POST", "/v1/events", event)[0] == 202
+        mongod_pid = service.mongod_pid()
+        service.signal(signal.SIGKILL)
+        assert process_gone(mongod_pid)  # the kernel told mongod its parent died
+        service.start()  # and the stale lock does not prevent the next start
+        _, body = service.request("GET", "/v1/contacts/c7/events")
+        assert [e["id"] for e in body["events"]] == ["k1"]
+    finally:
+        service.stop()
+
+
+def test_serve_with_mongodb_uri_uses_that_server(tmp_path: Path, mongod: object) -> None:
+    from rulesvc.mongod import EmbeddedMongod
+
+    assert isinstance(mongod, EmbeddedMongod)
+    service = ServiceProcess(tmp_path, env={"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "serve_uri"})
+    service.start()
+    try:
+        assert service.request("POST", "/v1/events", {"id": "u1", "type": "x", "contact_id": "c"})[0] == 202
+    finally:
+        service.stop()
+    assert not (tmp_path / ".rulesvc").exists()  # no embedded mongod was started
+
+
+def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path, env={"RULESVC_PORT": "not-a-port"})
+    with pytest.raises(RuntimeError, match="configuration error"):
+        service.start()
