@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -16,6 +18,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
+from rulesvc.channels import ChannelRegistry, builtin_channels
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
 from rulesvc.events import (
@@ -25,10 +28,16 @@ from rulesvc.events import (
     TooManyEvents,
     decode_json_body,
     decode_ndjson_body,
+    split_validation_error,
 )
+from rulesvc.inbox import Inbox
 from rulesvc.messages import MessageList
 from rulesvc.metrics import CONTENT_TYPE_LATEST, Metrics
 from rulesvc.mongod import EmbeddedMongod
+from rulesvc.ruleformat import RulesetError
+from rulesvc.rulesets import Rulesets
+from rulesvc.scheduler import Scheduler
+from rulesvc.simulate import SimulateRequest, simulate
 from rulesvc.store import Store, contact_from_doc, message_from_doc
 
 log = structlog.get_logger(__name__)
@@ -38,6 +47,10 @@ METRICS = web.AppKey("metrics", Metrics)
 MONGO_URI = web.AppKey("mongo_uri", str)
 STORE = web.AppKey("store", Store)
 EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
+CHANNELS = web.AppKey("channels", ChannelRegistry)
+RULESETS = web.AppKey("rulesets", Rulesets)
+INBOX = web.AppKey("inbox", Inbox)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -65,6 +78,31 @@ class EventRecord(msgspec.Struct, omit_defaults=True):
 
 class EventList(msgspec.Struct):
     events: list[EventRecord]
+
+
+class RulesetErrorBody(msgspec.Struct):
+    file: str
+    path: str
+    message: str
+
+
+class RulesetInfo(msgspec.Struct):
+    name: str
+    file: str
+    status: Literal["loaded", "error"]
+    version: str | None
+    loaded_at: datetime | None
+    events: list[str]
+    errors: list[RulesetErrorBody]
+
+
+class RulesetList(msgspec.Struct):
+    rulesets: list[RulesetInfo]
+
+
+class SimulateRejected(msgspec.Struct):
+    error: str
+    path: str
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -205,6 +243,8 @@ async def post_events(request: web.Request) -> web.Response:
             EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors), 422
         )
     result = await request.app[STORE].insert_events(events)
+    if INBOX in request.app and result.accepted:
+        request.app[INBOX].wake.set()
     metrics.events.labels("accepted").inc(result.accepted)
     metrics.events.labels("duplicate").inc(result.duplicates)
     return json_response(EventsAccepted(result.accepted, result.duplicates), 202)
@@ -252,6 +292,47 @@ async def get_contact_events(request: web.Request) -> web.Response:
     return json_response(EventList(records))
 
 
+def _error_body(e: RulesetError) -> RulesetErrorBody:
+    return RulesetErrorBody(e.file, e.path, e.message)
+
+
+def ruleset_list(rulesets: Rulesets) -> RulesetList:
+    return RulesetList(
+        [
+            RulesetInfo(
+                s.name, s.file, s.status, s.version, s.loaded_at, s.events, [_error_body(e) for e in s.errors]
+            )
+            for s in sorted(rulesets.status.values(), key=lambda s: s.name)
+        ]
+    )
+
+
+async def get_rulesets(request: web.Request) -> web.Response:
+    return json_response(ruleset_list(request.app[RULESETS]))
+
+
+async def reload_rulesets(request: web.Request) -> web.Response:
+    request.app[RULESETS].reload()
+    return json_response(ruleset_list(request.app[RULESETS]))
+
+
+_SIMULATE_DECODER = msgspec.json.Decoder(SimulateRequest)
+
+
+async def post_simulate(request: web.Request) -> web.Response:
+    if request.content_type not in JSON_TYPES:
+        return error_response(415, f"unsupported content type `{request.content_type}`; use application/json")
+    body = await read_body(request)
+    try:
+        sim = _SIMULATE_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        return json_response(SimulateRejected(message, path), 422)
+    except msgspec.DecodeError as exc:
+        return error_response(400, f"malformed JSON: {exc}")
+    return json_response(simulate(request.app[RULESETS].engine(), sim))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response(Health("ok"))
 
@@ -263,7 +344,18 @@ async def readyz(request: web.Request) -> web.Response:
         checks["mongodb"] = "ok"
     except PyMongoError as exc:
         checks["mongodb"] = f"unreachable: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
+    rulesets = request.app.get(RULESETS)
+    if rulesets is None or not rulesets.loaded_once:
+        checks["rulesets"] = "not loaded yet"
+        ok = False
+    else:
+        ok = checks["mongodb"] == "ok"
+        errors = rulesets.errors()
+        checks["rulesets"] = f"{len(rulesets.live)} loaded" + (
+            f"; {len(errors)} error(s), previous versions kept: " + "; ".join(map(str, errors))
+            if errors
+            else ""
+        )
     return json_response(Health("ok" if ok else "unavailable", checks), 200 if ok else 503)
 
 
@@ -317,17 +409,54 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
-def create_app(settings: Settings) -> web.Application:
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Rulesets (hot-reloaded), the inbox and the scheduler run for as long as the app serves."""
+    settings = app[SETTINGS]
+    channels = app[CHANNELS]
+    rulesets = Rulesets(Path(settings.rulesets_dir), channels.names())
+    rulesets.reload()
+    scheduler = Scheduler(app[STORE], channels, lambda: set(rulesets.live))
+    inbox = Inbox(
+        app[STORE], rulesets, lease=timedelta(seconds=settings.lease_seconds), on_scheduled=scheduler.due_soon
+    )
+    scheduler.on_timer_event = inbox.wake.set
+    app[RULESETS], app[INBOX], app[SCHEDULER] = rulesets, inbox, scheduler
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(rulesets.watch(stop), name="rulesets-watch"),
+        asyncio.create_task(inbox.run(stop), name="inbox"),
+        asyncio.create_task(scheduler.run(stop), name="scheduler"),
+    ]
+    try:
+        yield
+    finally:
+        stop.set()  # loops finish the batch in hand, then return
+        done, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("engine.task_failed", task=task.get_name(), error=repr(task.exception()))
+        for compiled in rulesets.live.values():
+            compiled.free()
+
+
+def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[CHANNELS] = channels or builtin_channels()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(embedded_mongod_ctx)
     app.cleanup_ctx.append(mongo_ctx)
+    app.cleanup_ctx.append(engine_ctx)
     app.router.add_post("/v1/events", post_events)
     app.router.add_put("/v1/contacts/{contact_id}", put_contact)
     app.router.add_get("/v1/contacts/{contact_id}", get_contact)
     app.router.add_get("/v1/contacts/{contact_id}/messages", get_contact_messages)
     app.router.add_get("/v1/contacts/{contact_id}/events", get_contact_events)
+    app.router.add_get("/v1/rulesets", get_rulesets)
+    app.router.add_post("/v1/rulesets/reload", reload_rulesets)
+    app.router.add_post("/v1/simulate", post_simulate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

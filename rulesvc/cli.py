@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
 from rulesvc import __version__
 from rulesvc.config import CONFIG_FILE_ENV, SETTINGS_DOC, ConfigError, Settings, load_settings
@@ -33,7 +34,131 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (RULESVC_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (RULESVC_PORT)")
     serve.add_argument("--config", metavar="FILE", help=f"TOML settings file ({CONFIG_FILE_ENV})")
+
+    check = commands.add_parser(
+        "check",
+        help="validate rulesets",
+        description="Validate and compile every ruleset in DIR, as the service would load them. "
+        "Prints each error as file:json-path: message; exits 1 if there is any.",
+    )
+    check.add_argument("dir", nargs="?", default=None, help="rulesets folder (default: RULESVC_RULESETS_DIR)")
+
+    sim = commands.add_parser(
+        "simulate",
+        help="replay events against rulesets on a virtual clock",
+        description="Run the rulesets over EVENTS (NDJSON, one event per line, each with a time) on a "
+        "virtual clock and print every message that would go out, and when. Sends and stores nothing.",
+    )
+    sim.add_argument("events", help="NDJSON file of events ('-' for standard input)")
+    sim.add_argument("--contacts", metavar="FILE", help="NDJSON file of contacts (contact_id plus profile)")
+    sim.add_argument(
+        "--until", metavar="TIME", help="RFC 3339 end of the virtual clock (default: 90 days on)"
+    )
+    sim.add_argument("--rulesets", metavar="DIR", help="rulesets folder (default: RULESVC_RULESETS_DIR)")
+    sim.add_argument("--json", action="store_true", help="print the actions as JSON instead of a table")
+
+    commands.add_parser(
+        "schema",
+        help="print the ruleset JSON Schema",
+        description="Print the JSON Schema of ruleset files (rulesets/schema.json is this output).",
+    )
     return parser
+
+
+def schema() -> int:
+    import json
+
+    from rulesvc.ruleformat import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rulesvc.channels import builtin_channels
+    from rulesvc.rulesets import check_file, ruleset_files
+
+    directory = Path(args.dir or load_settings().rulesets_dir)
+    if not directory.is_dir():
+        print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
+        return 1
+    channels = builtin_channels().names()
+    files = ruleset_files(directory)
+    failed = 0
+    for path in files.values():
+        errors = check_file(path, channels)
+        failed += bool(errors)
+        for error in errors:
+            print(error)
+    print(f"{len(files) - failed} of {len(files)} rulesets valid", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _read_ndjson(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import msgspec
+
+    from rulesvc.channels import builtin_channels
+    from rulesvc.events import MalformedBody, decode_ndjson_body, split_validation_error
+    from rulesvc.rulesets import Rulesets
+    from rulesvc.simulate import SimContact, SimulateRequest, simulate
+
+    rulesets = Rulesets(Path(args.rulesets or load_settings().rulesets_dir), builtin_channels().names())
+    rulesets.reload()
+    for error in rulesets.errors():
+        print(f"rulesvc: {error}", file=sys.stderr)
+    if rulesets.errors():
+        return 1
+    try:
+        events, errors = decode_ndjson_body(_read_ndjson(args.events), max_events=10_000_000)
+    except (OSError, MalformedBody) as exc:
+        print(f"rulesvc: {args.events}: {exc}", file=sys.stderr)
+        return 1
+    for e in errors:
+        print(f"rulesvc: {args.events}: event {e.index}: {e.path}: {e.message}", file=sys.stderr)
+    if errors:
+        return 1
+    contacts: list[SimContact] = []
+    if args.contacts:
+        decoder = msgspec.json.Decoder(SimContact)
+        for number, line in enumerate(_read_ndjson(args.contacts).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                contacts.append(decoder.decode(line))
+            except msgspec.ValidationError as exc:
+                path, message = split_validation_error(exc)
+                print(f"rulesvc: {args.contacts}:{number}: {path}: {message}", file=sys.stderr)
+                return 1
+            except msgspec.DecodeError as exc:
+                print(f"rulesvc: {args.contacts}:{number}: {exc}", file=sys.stderr)
+                return 1
+    try:
+        until = msgspec.convert(args.until, datetime | None)
+    except msgspec.ValidationError:
+        print(f"rulesvc: --until {args.until!r} is not an RFC 3339 time", file=sys.stderr)
+        return 1
+    result = simulate(rulesets.engine(), SimulateRequest(events, contacts, until))
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(result) + b"\n")
+        return 0
+    for a in result.actions:
+        when = a.at.isoformat().replace("+00:00", "Z")
+        what = f"{a.channel}:{a.template}" if a.channel else "-"
+        reason = f"  ({a.reason})" if a.reason else ""
+        print(f"{when}  {a.contact_id:<16} {a.ruleset}/{a.rule:<24} {what:<36} {a.status}{reason}")
+    print(f"{sum(a.status == 'sent' for a in result.actions)} message(s) would be sent", file=sys.stderr)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -62,9 +187,19 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        from rulesvc import logs
+
+        logs.configure("console", "warning")  # a command's output is its result, not the load log
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "check":
+            return check(args)
+        if args.command == "simulate":
+            return simulate_command(args)
+        if args.command == "schema":
+            return schema()
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_retention_days: float = 90.0
     max_body_bytes: int = 5 * 1024 * 1024
     max_batch_events: int = 10_000
+    lease_seconds: float = 15.0
     log_format: LogFormat = "auto"
     log_level: str = "info"
 
@@ -66,6 +67,11 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc("event_retention_days", "RULESVC_EVENT_RETENTION_DAYS", "days raw events are kept (TTL)"),
     SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
     SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
+    SettingDoc(
+        "lease_seconds",
+        "RULESVC_LEASE_SECONDS",
+        "how long a process may hold a contact's events before another may take them over",
+    ),
     SettingDoc(
         "log_format", "RULESVC_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
     ),

@@ -10,6 +10,7 @@ import msgspec
 from rulesvc.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.events import Event, EventsAccepted, EventsRejected
 from rulesvc.messages import MessageList
+from rulesvc.simulate import SimulateRequest, SimulateResult
 
 Schema = dict[str, Any]
 
@@ -119,6 +120,37 @@ def _paths() -> Schema:
                 "responses": {"200": _json(_ref("EventList"), "events"), "400": bad_request},
             },
         },
+        "/v1/rulesets": {
+            "get": {
+                "summary": "The rulesets: live version, events they listen to, and errors of refused edits",
+                "operationId": "getRulesets",
+                "responses": {"200": _json(_ref("RulesetList"), "rulesets")},
+            }
+        },
+        "/v1/rulesets/reload": {
+            "post": {
+                "summary": "Reload the rulesets folder now (it is also watched)",
+                "operationId": "reloadRulesets",
+                "responses": {"200": _json(_ref("RulesetList"), "rulesets after the reload")},
+            }
+        },
+        "/v1/simulate": {
+            "post": {
+                "summary": "Run the live rulesets over events on a virtual clock; sends and stores nothing",
+                "operationId": "simulate",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SimulateRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("SimulateResult"), "every action in time order"),
+                    "400": bad_request,
+                    "413": _error("body over the limit"),
+                    "415": _error("content type is not JSON"),
+                    "422": _json(_ref("SimulateRejected"), "invalid request, with the field path"),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "The process is up",
@@ -157,10 +189,10 @@ def _paths() -> Schema:
 
 @functools.cache
 def document() -> bytes:
-    from rulesvc.api import ErrorBody, EventList, Health
+    from rulesvc.api import ErrorBody, EventList, Health, RulesetList, SimulateRejected
 
     types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
-    types += [EventList, Health, ErrorBody]
+    types += [EventList, Health, ErrorBody, RulesetList, SimulateRequest, SimulateResult, SimulateRejected]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc = {
         "openapi": "3.1.0",

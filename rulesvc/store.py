@@ -43,6 +43,8 @@ class Store:
         self.events: AsyncCollection[Doc] = self.db["events"]
         self.contacts: AsyncCollection[Doc] = self.db["contacts"]
         self.messages: AsyncCollection[Doc] = self.db["messages"]
+        self.schedule: AsyncCollection[Doc] = self.db["schedule"]
+        self.leases: AsyncCollection[Doc] = self.db["leases"]
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")
@@ -62,6 +64,14 @@ class Store:
                 ),
             ]
         )
+        await self.schedule.create_indexes(
+            [
+                IndexModel([("status", ASCENDING), ("due_at", ASCENDING)], name="schedule_due"),
+                IndexModel([("contact_id", ASCENDING), ("status", ASCENDING)], name="schedule_by_contact"),
+                IndexModel([("owner", ASCENDING)], name="schedule_owner", sparse=True),
+            ]
+        )
+        await self.leases.create_indexes([IndexModel([("until", ASCENDING)], name="leases_until")])
         await self.messages.create_indexes(
             [
                 IndexModel(

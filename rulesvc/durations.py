@@ -1,0 +1,16 @@
+"""Durations as rulesets write them: `30s`, `20m`, `12h`, `2d`, `1w`, or combined like `1h30m`."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+DURATION_PATTERN = r"^([0-9]+[smhdw])+$"
+_PART = re.compile(r"([0-9]+)([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    if not re.match(DURATION_PATTERN, text):
+        raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 20m, 12h, 2d, 1w or 1h30m")
+    return timedelta(seconds=sum(int(n) * _SECONDS[unit] for n, unit in _PART.findall(text)))

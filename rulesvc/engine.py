@@ -1,0 +1,731 @@
+"""The rules engine: durable-rules as a pure matcher, and the decisions a matched rule makes.
+
+Everything here is synchronous and storage-free: given a contact's state, its pending sends and one
+event, it returns what changes. The live inbox and the simulator both drive it, so a simulation shows
+exactly what the service would do.
+
+durable-rules is used only to match: each rule becomes its own engine ruleset (an event is consumed by
+the first rule that fires, and we want every rule to see every event), with one engine session that
+holds nothing between events, no engine timers and no background threads. Time, state and schedules
+live in MongoDB.
+
+Why one long-lived session instead of a session per event: in 2.0.28 a new session's action context is
+left uninitialised, and deleting a session that never ran an action frees garbage (a crash that depends
+on heap layout). So each compiled rule is primed once with an internal rule that runs an action on the
+session, which leaves the context clean; after that the session can be kept, and deleted safely when
+the rule is freed. Nothing accumulates in it: a matched event is consumed, an unmatched one not stored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import durable_rules_engine  # type: ignore[import-not-found]
+import msgspec
+import structlog
+
+from rulesvc.durations import parse_duration
+from rulesvc.ruleformat import (
+    UNSET,
+    Action,
+    Conditions,
+    Ops,
+    Rule,
+    RulesetFile,
+    Send,
+)
+
+log = structlog.get_logger(__name__)
+
+TIMER_EVENT = "$timer"  # internal: a `wait` ran out; never accepted from outside
+_PRIME = "$prime"  # internal: the event that primes a compiled rule's engine session
+SESSION_IDLE = timedelta(minutes=30)
+MAX_COUNTER_TIMES = 1000
+
+# --- the matcher ---------------------------------------------------------------------------------------
+
+
+class CompileError(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _json_number(value: int | float) -> str:
+    """durable-rules' parser rejects exponents (1e-05, 1e+18): write every number as plain digits."""
+    text = repr(value)
+    if "e" in text or "E" in text:
+        text = format(Decimal(text), "f")
+    return text
+
+
+def _json_value(value: Any) -> str | None:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        return _json_number(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        items = [v for v in map(_json_value, value) if v is not None]
+        return "[" + ",".join(items) + "]"
+    return None  # objects and null cannot be compared: treated as absent
+
+
+class CompiledRule:
+    """One rule of one ruleset version, compiled to its own durable-rules ruleset."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ruleset: str, version: str, index: int, rule: Rule) -> None:
+        self.ruleset = ruleset
+        self.version = version
+        self.index = index
+        self.rule = rule
+        self.events = frozenset([rule.when.event] if isinstance(rule.when.event, str) else rule.when.event)
+        self.keys: dict[str, str] = {}  # path -> message key
+        self.substring_checks: dict[str, tuple[str, str]] = {}  # key -> (path, needle)
+        definition = {"r": {"all": [{"m": self._expression()}]}, "p": {"all": [{"m": {"t": _PRIME}}]}}
+        self.engine_name = f"{ruleset}@{version}#{index}:{next(self._ids)}"
+        try:
+            self.handle = durable_rules_engine.create_ruleset(self.engine_name, json.dumps(definition))
+        except Exception as exc:  # the C core reports any problem as a bare error
+            raise CompileError(
+                f"$.rules[{index}].when", f"durable-rules rejected the conditions: {exc}"
+            ) from exc
+        self._sequence = itertools.count()
+        self._prime()
+
+    def _prime(self) -> None:
+        result = durable_rules_engine.assert_event(self.handle, f'{{"sid":"m","id":"prime","t":"{_PRIME}"}}')
+        action = durable_rules_engine.start_action_for_state(self.handle, result[1])
+        assert action is not None and '"p"' in action[1], "the priming rule did not fire"
+        durable_rules_engine.complete_and_start_action(self.handle, result[1])
+
+    def _key(self, path: str) -> str:
+        if path not in self.keys:
+            self.keys[path] = f"f{len(self.keys)}"
+        return self.keys[path]
+
+    def _expression(self) -> dict[str, Any]:
+        when = self.rule.when
+        types = sorted(self.events)
+        parts: list[dict[str, Any]] = [
+            {"t": types[0]} if len(types) == 1 else {"$or": [{"t": t} for t in types]}
+        ]
+        parts.extend(self._group(when.conditions, "$.when.conditions"))
+        if when.any:
+            groups = [{"$and": self._group(g, f"$.when.any[{i}]")} for i, g in enumerate(when.any)]
+            parts.append({"$or": groups})
+        return {"$and": parts}
+
+    def _group(self, conditions: Conditions, where: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for path, cond in conditions.items():
+            key = self._key(path)
+            if not isinstance(cond, Ops):
+                out.append({key: cond})
+                continue
+            if cond.eq is not UNSET:
+                out.append({key: cond.eq})
+            if cond.ne is not UNSET:
+                out.append({"$or": [{"$neq": {key: cond.ne}}, {"$nex": {key: 1}}]})
+            for op in ("lt", "lte", "gt", "gte"):
+                value = getattr(cond, op)
+                if value is not UNSET:
+                    out.append({f"${op}": {key: value}})
+            if cond.in_ is not UNSET:
+                if not cond.in_:
+                    raise CompileError(f"{where}.{path}.in", "`in` needs at least one value")
+                out.append({"$or": [{key: v} for v in cond.in_]})
+            if cond.contains is not UNSET:
+                # Lists are matched by the engine; durable-rules has no substring test, so for strings
+                # the containment is computed when the message is built and matched as a flag.
+                flag = f"s{len(self.substring_checks)}"
+                self.substring_checks[flag] = (path, str(cond.contains))
+                out.append({"$or": [{"$iany": {key: {"$i": cond.contains}}}, {flag: True}]})
+            if cond.exists is not UNSET:
+                out.append({"$ex" if cond.exists else "$nex": {key: 1}})
+        return out
+
+    def matches(self, event_type: str, context: Context) -> bool:
+        parts = ['"sid":"m"', f'"id":"{next(self._sequence)}"', f'"t":{json.dumps(event_type)}']
+        for path, key in self.keys.items():
+            encoded = _json_value(context.resolve(path))
+            if encoded is not None:
+                parts.append(f'"{key}":{encoded}')
+        for flag, (path, needle) in self.substring_checks.items():
+            value = context.resolve(path)
+            if isinstance(value, str) and needle in value:
+                parts.append(f'"{flag}":true')
+        message = "{" + ",".join(parts) + "}"
+        try:
+            result = durable_rules_engine.assert_event(self.handle, message)
+            if result[0] != 0:
+                return False
+            action = durable_rules_engine.start_action_for_state(self.handle, result[1])
+            if action is None:
+                return False
+            durable_rules_engine.complete_and_start_action(self.handle, result[1])
+            return True
+        except Exception:
+            log.exception("engine.match_failed", ruleset=self.ruleset, rule=self.rule.name)
+            return False
+
+    def free(self) -> None:
+        durable_rules_engine.delete_state(self.handle, "m")
+        durable_rules_engine.delete_ruleset(self.handle)
+
+
+@dataclass
+class CompiledRuleset:
+    name: str
+    version: str
+    source: RulesetFile
+    rules: list[CompiledRule]
+    timeout: timedelta | None
+
+    @classmethod
+    def compile(cls, name: str, version: str, source: RulesetFile) -> CompiledRuleset:
+        compiled: list[CompiledRule] = []
+        try:
+            for i, rule in enumerate(source.rules):
+                try:
+                    compiled.append(CompiledRule(name, version, i, rule))
+                except CompileError as exc:
+                    exc.path = exc.path.replace("$.when", f"$.rules[{i}].when", 1)
+                    raise
+        except BaseException:
+            for c in compiled:
+                c.free()
+            raise
+        timeout = parse_duration(source.timeout) if source.timeout else None
+        return cls(name, version, source, compiled, timeout)
+
+    def free(self) -> None:
+        for rule in self.rules:
+            rule.free()
+
+
+class RuleIndex:
+    """Which rules listen to which event type: only those run for an event."""
+
+    def __init__(self, rulesets: list[CompiledRuleset]) -> None:
+        self.rulesets = {r.name: r for r in rulesets}
+        self.by_event: dict[str, list[CompiledRule]] = {}
+        for rs in sorted(rulesets, key=lambda r: r.name):
+            for rule in rs.rules:
+                for event in rule.events:
+                    self.by_event.setdefault(event, []).append(rule)
+
+
+# --- contact state and context -------------------------------------------------------------------------
+
+
+def ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def from_ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+@dataclass
+class PendingEntry:
+    entry_id: str
+    key: str
+    ruleset: str
+    rule: str
+    cancel_on: list[dict[str, Any]]
+
+
+@dataclass
+class ContactView:
+    """A contact as the engine sees it: profile read-only, state mutable, pending sends."""
+
+    contact_id: str
+    profile: dict[str, Any]
+    state: dict[str, Any]
+    pending: list[PendingEntry] = field(default_factory=list)
+
+
+class Context:
+    """Resolves rule paths against one event and one contact at one moment."""
+
+    def __init__(self, event: EngineEvent, contact: ContactView) -> None:
+        self.event = event
+        self.contact = contact
+
+    def resolve(self, path: str) -> Any:
+        root, _, rest = path.partition(".")
+        if root == "attributes":
+            return _walk(self.event.attributes, rest)
+        if root == "event":
+            return {"id": self.event.id, "type": self.event.type, "time": ts(self.event.time)}.get(rest)
+        if root == "contact":
+            return _walk(self.contact.profile, rest)
+        state = self.contact.state
+        name, _, sub = rest.partition(".")
+        if root == "flags":
+            return True if flag_active(state, name, self.event.time) else None
+        if root == "counters":
+            return counter_value(state, name, self.event.time)
+        if root == "values":
+            value = remembered(state, name, self.event.time)
+            return _walk(value, sub) if sub else value
+        return None
+
+    def render(self, value: Any) -> Any:
+        """Params: a string starting with `$` is a path (`$attributes.items`); `$$` escapes a literal `$`."""
+        if isinstance(value, str) and value.startswith("$"):
+            return value[1:] if value.startswith("$$") else self.resolve(value[1:])
+        if isinstance(value, dict):
+            return {k: self.render(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.render(v) for v in value]
+        return value
+
+
+def _walk(value: Any, path: str) -> Any:
+    if not path:
+        return value
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def flag_active(state: dict[str, Any], name: str, at: datetime) -> bool:
+    flag = state.get("flags", {}).get(name)
+    return flag is not None and (flag.get("until") is None or flag["until"] > ts(at))
+
+
+def remembered(state: dict[str, Any], name: str, at: datetime) -> Any:
+    value = state.get("values", {}).get(name)
+    if value is None or (value.get("until") is not None and value["until"] <= ts(at)):
+        return None
+    return value.get("v")
+
+
+def _window_start(state: dict[str, Any], counter: dict[str, Any], at: datetime) -> float | None:
+    window = counter.get("window")
+    if window is None:
+        return None
+    if window == "session":
+        return float(state.get("session", {}).get("started", 0.0))
+    return ts(at) - parse_duration(window).total_seconds()
+
+
+def counter_value(state: dict[str, Any], name: str, at: datetime) -> int:
+    counter = state.get("counters", {}).get(name)
+    if counter is None:
+        return 0
+    start = _window_start(state, counter, at)
+    if "keys" in counter:
+        return sum(1 for t in counter["keys"].values() if start is None or t >= start)
+    if "times" in counter:
+        return sum(1 for t in counter["times"] if start is None or t >= start)
+    return int(counter.get("n", 0))
+
+
+# --- events and decisions -----------------------------------------------------------------------------
+
+
+@dataclass
+class EngineEvent:
+    id: str
+    type: str
+    contact_id: str | None
+    time: datetime
+    attributes: dict[str, Any]
+
+
+@dataclass
+class ScheduleEntry:
+    """A decision to act later: a send, or the `else` of a wait. Cancelled by the events it names."""
+
+    entry_id: str
+    contact_id: str
+    ruleset: str
+    rule: str
+    key: str
+    due_at: datetime
+    created_at: datetime
+    cancel_on: list[dict[str, Any]]
+    message: dict[str, Any] | None = None  # a send: channel, template, params, transactional, fallback
+    actions: list[dict[str, Any]] | None = None  # a wait's else actions
+    trigger: dict[str, Any] | None = None  # the event that armed it, for the else actions' params
+
+
+@dataclass
+class Cancellation:
+    entry_id: str
+    reason: str
+
+
+@dataclass
+class Fired:
+    ruleset: str
+    rule: str
+    event_id: str
+
+
+@dataclass
+class Decisions:
+    schedule: list[ScheduleEntry] = field(default_factory=list)
+    cancel: list[Cancellation] = field(default_factory=list)
+    fired: list[Fired] = field(default_factory=list)
+
+
+def _actions_to_builtins(actions: list[Action]) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(a) for a in actions]
+
+
+class Engine:
+    """Evaluates events for one contact at a time; pure apart from the matcher's C state."""
+
+    def __init__(self, index: RuleIndex, session_idle: timedelta = SESSION_IDLE) -> None:
+        self.index = index
+        self.session_idle = session_idle
+
+    def evaluate(self, event: EngineEvent, contact: ContactView, now: datetime) -> Decisions:
+        decisions = Decisions()
+        self._cancel_by_event(event, contact, decisions)
+        if event.type == TIMER_EVENT:
+            self._run_timer(event, contact, now, decisions)
+            return decisions
+        self._track_session(event, contact.state)
+        ctx = Context(event, contact)
+        for compiled in self.index.by_event.get(event.type, ()):
+            ruleset = self.index.rulesets[compiled.ruleset]
+            if ruleset.timeout is not None and now - event.time > ruleset.timeout:
+                continue  # stale: an event older than the ruleset's timeout starts nothing
+            if not compiled.matches(event.type, ctx):
+                continue
+            rule = compiled.rule
+            once_key = self._once_key(compiled, ctx)
+            if once_key is not None and not self._once_allows(rule, once_key, contact.state, event.time):
+                continue
+            if once_key is not None:
+                session = contact.state.get("session", {}).get("n", 0)
+                contact.state.setdefault("once", {})[once_key] = {"at": ts(event.time), "session": session}
+            decisions.fired.append(Fired(compiled.ruleset, rule.name, event.id))
+            self._run_actions(rule.then, compiled.ruleset, rule.name, f"{event.id}", ctx, now, decisions)
+        return decisions
+
+    # entry rules
+
+    @staticmethod
+    def _once_key(compiled: CompiledRule, ctx: Context) -> str | None:
+        once = compiled.rule.once
+        if once is None:
+            return None
+        key = f"{compiled.ruleset}/{compiled.rule.name}"
+        if once.key:
+            key += f"/{ctx.resolve(once.key)}"
+        return key
+
+    @staticmethod
+    def _once_allows(rule: Rule, key: str, state: dict[str, Any], at: datetime) -> bool:
+        assert rule.once is not None
+        last = state.get("once", {}).get(key)
+        if last is None:
+            return True
+        if rule.once.per == "ever":
+            return False
+        if rule.once.per == "session":
+            return bool(last.get("session") != state.get("session", {}).get("n", 0))
+        elapsed: float = ts(at) - last["at"]
+        return elapsed >= parse_duration(rule.once.per).total_seconds()
+
+    def _track_session(self, event: EngineEvent, state: dict[str, Any]) -> None:
+        if event.type.startswith("message_") or event.contact_id is None:
+            return  # outcomes of our own messages are not the contact being active
+        session = state.setdefault("session", {"n": 0, "started": 0.0, "last": 0.0})
+        at = ts(event.time)
+        if (
+            session["n"] == 0
+            or session.get("ended")
+            or at - session["last"] > self.session_idle.total_seconds()
+        ):
+            session.update(n=session["n"] + 1, started=at, ended=False)
+        session["last"] = max(session["last"], at)
+        if event.type == "session_ended":
+            session["ended"] = True
+
+    # cancellation
+
+    @staticmethod
+    def _cancel_by_event(event: EngineEvent, contact: ContactView, decisions: Decisions) -> None:
+        if event.type == TIMER_EVENT:
+            return
+        ctx_values = Context(event, contact)
+        still: list[PendingEntry] = []
+        for entry in contact.pending:
+            hit = any(
+                spec["event"] == event.type
+                and all(ctx_values.resolve(path) == value for path, value in spec.get("same", {}).items())
+                for spec in entry.cancel_on
+            )
+            if hit:
+                decisions.cancel.append(Cancellation(entry.entry_id, f"cancelled by {event.type}"))
+            else:
+                still.append(entry)
+        contact.pending = still
+
+    # actions
+
+    def _run_timer(
+        self, event: EngineEvent, contact: ContactView, now: datetime, decisions: Decisions
+    ) -> None:
+        attrs = event.attributes
+        trigger = attrs.get("trigger") or {}
+        origin = EngineEvent(
+            id=str(trigger.get("id", event.id)),
+            type=str(trigger.get("type", event.type)),
+            contact_id=event.contact_id,
+            time=event.time,  # relative times in the else actions count from when the wait ran out
+            attributes=dict(trigger.get("attributes") or {}),
+        )
+        actions = msgspec.convert(attrs["actions"], list[Action])
+        ctx = Context(origin, contact)
+        decisions.fired.append(Fired(attrs["ruleset"], attrs["rule"], event.id))
+        self._run_actions(actions, attrs["ruleset"], attrs["rule"], attrs["entry_id"], ctx, now, decisions)
+
+    def _run_actions(
+        self,
+        actions: list[Action],
+        ruleset: str,
+        rule: str,
+        origin: str,
+        ctx: Context,
+        now: datetime,
+        decisions: Decisions,
+    ) -> None:
+        state = ctx.contact.state
+        at = ctx.event.time
+        for i, action in enumerate(actions):
+            entry_id = f"{origin}/{ruleset}/{rule}/{i}"
+            if action.send is not None:
+                self._send(action.send, entry_id, ruleset, rule, i, ctx, now, decisions)
+            elif action.wait is not None:
+                wait = action.wait
+                key = f"{ruleset}/{rule}/{i}/wait"
+                self._replace_pending(ctx.contact, key, decisions)
+                spec = {"event": wait.event, "same": {p: ctx.resolve(p) for p in wait.same}}
+                entry = ScheduleEntry(
+                    entry_id=entry_id,
+                    contact_id=ctx.contact.contact_id,
+                    ruleset=ruleset,
+                    rule=rule,
+                    key=key,
+                    due_at=at + parse_duration(wait.within),
+                    created_at=now,
+                    cancel_on=[spec],
+                    actions=_actions_to_builtins(wait.else_),
+                    trigger=_trigger(ctx.event),
+                )
+                self._add(ctx.contact, entry, decisions)
+            elif action.set_flag is not None:
+                name, period = (
+                    (action.set_flag, None) if isinstance(action.set_flag, str) else
+                    (action.set_flag.name, action.set_flag.for_)
+                )  # fmt: skip
+                until = ts(at + parse_duration(period)) if period else None
+                state.setdefault("flags", {})[name] = {"until": until}
+            elif action.clear_flag is not None:
+                state.get("flags", {}).pop(action.clear_flag, None)
+            elif action.count is not None:
+                self._count(action, ctx)
+            elif action.reset is not None:
+                state.get("counters", {}).pop(action.reset, None)
+            elif action.remember is not None:
+                self._remember(action, ctx)
+            elif action.forget is not None:
+                state.get("values", {}).pop(action.forget, None)
+            elif action.suppress is not None:
+                channel, period = (
+                    (action.suppress, None) if isinstance(action.suppress, str) else
+                    (action.suppress.channel, action.suppress.for_)
+                )  # fmt: skip
+                until = ts(at + parse_duration(period)) if period else None
+                state.setdefault("suppressed", {})[channel] = {"since": ts(at), "until": until}
+            elif action.unsuppress is not None:
+                state.get("suppressed", {}).pop(action.unsuppress, None)
+            elif action.audience is not None:
+                audiences = state.setdefault("audiences", {})
+                if action.audience.add:
+                    audiences[action.audience.add] = {"since": ts(at)}
+                elif action.audience.remove:
+                    audiences.pop(action.audience.remove, None)
+            elif action.cancel is not None:
+                names = set(action.cancel)
+                for pending in list(ctx.contact.pending):
+                    if pending.ruleset == ruleset and ("*" in names or pending.rule in names):
+                        decisions.cancel.append(Cancellation(pending.entry_id, f"cancelled by rule {rule}"))
+                        ctx.contact.pending.remove(pending)
+
+    def _send(
+        self,
+        send: Send,
+        entry_id: str,
+        ruleset: str,
+        rule: str,
+        index: int,
+        ctx: Context,
+        now: datetime,
+        decisions: Decisions,
+    ) -> None:
+        key = f"{ruleset}/{rule}/{index}/{send.channel}/{send.template}"
+        if send.per:
+            key += f"/{ctx.resolve(send.per)}"
+        if send.after:  # a repeat trigger re-arms or keeps a waiting send; an immediate one always goes
+            if send.on_repeat == "keep" and any(e.key == key for e in ctx.contact.pending):
+                return
+            self._replace_pending(ctx.contact, key, decisions)
+        due = ctx.event.time + parse_duration(send.after) if send.after else now
+        cancel_on = [
+            {"event": c, "same": {}}
+            if isinstance(c, str)
+            else {"event": c.event, "same": {p: ctx.resolve(p) for p in c.same}}
+            for c in send.cancel_on
+        ]
+        entry = ScheduleEntry(
+            entry_id=entry_id,
+            contact_id=ctx.contact.contact_id,
+            ruleset=ruleset,
+            rule=rule,
+            key=key,
+            due_at=due,
+            created_at=now,
+            cancel_on=cancel_on,
+            message={
+                "channel": send.channel,
+                "template": send.template,
+                "params": ctx.render(send.params),
+                "transactional": send.transactional,
+                "fallback": list(send.fallback),
+            },
+            trigger=_trigger(ctx.event),
+        )
+        self._add(ctx.contact, entry, decisions)
+
+    @staticmethod
+    def _replace_pending(contact: ContactView, key: str, decisions: Decisions) -> None:
+        for entry in [e for e in contact.pending if e.key == key]:
+            decisions.cancel.append(Cancellation(entry.entry_id, "re-armed by a repeat trigger"))
+            contact.pending.remove(entry)
+
+    @staticmethod
+    def _add(contact: ContactView, entry: ScheduleEntry, decisions: Decisions) -> None:
+        decisions.schedule.append(entry)
+        contact.pending.append(
+            PendingEntry(entry.entry_id, entry.key, entry.ruleset, entry.rule, entry.cancel_on)
+        )
+
+    @staticmethod
+    def _count(action: Action, ctx: Context) -> None:
+        spec = action.count
+        assert spec is not None
+        name, window, per = (
+            (spec, None, None) if isinstance(spec, str) else (spec.name, spec.window, spec.per)
+        )
+        state = ctx.contact.state
+        at = ts(ctx.event.time)
+        counter = state.setdefault("counters", {}).get(name)
+        if counter is None or counter.get("window") != window or ("keys" in counter) != (per is not None):
+            counter = {"window": window}
+            counter["keys" if per else ("times" if window else "n")] = {} if per else ([] if window else 0)
+            state["counters"][name] = counter
+        start = _window_start(state, counter, ctx.event.time)
+        if per is not None:
+            keys = counter["keys"]
+            keys[str(ctx.resolve(per))] = at
+            if start is not None:
+                counter["keys"] = {k: t for k, t in keys.items() if t >= start}
+            if len(counter["keys"]) > MAX_COUNTER_TIMES:
+                newest = sorted(counter["keys"].items(), key=lambda kv: kv[1])[-MAX_COUNTER_TIMES:]
+                counter["keys"] = dict(newest)
+        elif window is not None:
+            times = [t for t in counter["times"] if start is None or t >= start]
+            times.append(at)
+            counter["times"] = times[-MAX_COUNTER_TIMES:]
+        else:
+            counter["n"] = int(counter.get("n", 0)) + 1
+
+    @staticmethod
+    def _remember(action: Action, ctx: Context) -> None:
+        spec = action.remember
+        assert spec is not None
+        value = ctx.resolve(spec.from_)
+        if value is None:
+            return
+        at = ctx.event.time
+        until = ts(at + parse_duration(spec.for_)) if spec.for_ else None
+        values = ctx.contact.state.setdefault("values", {})
+        if spec.append:
+            current = remembered(ctx.contact.state, spec.name, at)
+            items = [v for v in (current if isinstance(current, list) else []) if v != value]
+            items.append(value)
+            value = items[-spec.max :]
+        values[spec.name] = {"v": value, "until": until}
+
+
+def _trigger(event: EngineEvent) -> dict[str, Any]:
+    return {"id": event.id, "type": event.type, "time": ts(event.time), "attributes": event.attributes}
+
+
+def timer_event(entry: ScheduleEntry | dict[str, Any]) -> EngineEvent:
+    """The internal event that runs a wait's `else` actions, as the inbox will process it."""
+    doc = entry if isinstance(entry, dict) else entry_doc(entry)
+    return EngineEvent(
+        id=f"timer:{doc['_id']}",
+        type=TIMER_EVENT,
+        contact_id=doc["contact_id"],
+        time=doc["due_at"],
+        attributes={
+            "entry_id": doc["_id"],
+            "ruleset": doc["ruleset"],
+            "rule": doc["rule"],
+            "actions": doc["actions"],
+            "trigger": doc.get("trigger"),
+        },
+    )
+
+
+def entry_doc(entry: ScheduleEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "_id": entry.entry_id,
+        "contact_id": entry.contact_id,
+        "ruleset": entry.ruleset,
+        "rule": entry.rule,
+        "key": entry.key,
+        "due_at": entry.due_at,
+        "created_at": entry.created_at,
+        "cancel_on": entry.cancel_on,
+        "status": "pending",
+    }
+    if entry.message is not None:
+        doc["message"] = entry.message
+    if entry.actions is not None:
+        doc["actions"] = entry.actions
+    if entry.trigger is not None:
+        doc["trigger"] = entry.trigger
+    return doc
+
+
+def pending_from_doc(doc: dict[str, Any]) -> PendingEntry:
+    return PendingEntry(doc["_id"], doc["key"], doc["ruleset"], doc["rule"], doc.get("cancel_on", []))

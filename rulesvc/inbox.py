@@ -1,0 +1,273 @@
+"""The inbox feeds accepted events to the engine: each exactly once, in per-contact time order.
+
+Several processes may run this loop against one database. A process leases the contacts it works on
+(a document per contact in `leases`, so only one holder at a time), reads all of their pending events,
+evaluates them in time order, and commits contact state, new schedule entries, cancellations and the
+events' `done` mark in one transaction. A crash before the commit leaves the events pending; the lease
+runs out and another pass takes them. Contact state also carries a version, checked on write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from pymongo import ASCENDING, InsertOne, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from rulesvc.engine import (
+    Cancellation,
+    ContactView,
+    Decisions,
+    EngineEvent,
+    ScheduleEntry,
+    entry_doc,
+    pending_from_doc,
+)
+from rulesvc.rulesets import Rulesets
+from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.waiting import wait_any
+
+log = structlog.get_logger(__name__)
+
+PROFILE_FIELDS = (
+    "email",
+    "phone",
+    "push_tokens",
+    "webpush_subscriptions",
+    "consent",
+    "timezone",
+    "attributes",
+)
+
+
+class VersionConflict(Exception):
+    """Another process changed a contact in between: the batch is retried."""
+
+
+def engine_event(doc: Doc) -> EngineEvent:
+    return EngineEvent(
+        doc["_id"], doc["type"], doc.get("contact_id"), doc["time"], doc.get("attributes") or {}
+    )
+
+
+def contact_view(contact_id: str, doc: Doc | None, pending: list[Doc]) -> ContactView:
+    doc = doc or {}
+    profile = {k: doc[k] for k in PROFILE_FIELDS if doc.get(k) is not None}
+    profile["email_invalid"] = bool(doc.get("email_invalid"))
+    return ContactView(
+        contact_id, profile, dict(doc.get("state") or {}), [pending_from_doc(p) for p in pending]
+    )
+
+
+def message_doc(entry: ScheduleEntry) -> Doc:
+    assert entry.message is not None
+    return {
+        "_id": entry.entry_id,
+        "contact_id": entry.contact_id,
+        "ruleset": entry.ruleset,
+        "rule": entry.rule,
+        "channel": entry.message["channel"],
+        "template": entry.message["template"],
+        "params": entry.message["params"],
+        "transactional": entry.message["transactional"],
+        "status": "scheduled",
+        "created_at": entry.created_at,
+        "due_at": entry.due_at,
+    }
+
+
+class Inbox:
+    def __init__(
+        self,
+        store: Store,
+        rulesets: Rulesets,
+        *,
+        batch_size: int = 500,
+        lease: timedelta = timedelta(seconds=15),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_scheduled: Callable[[datetime], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.rulesets = rulesets
+        self.batch_size = batch_size
+        self.lease = lease
+        self.clock = clock
+        self.on_scheduled = on_scheduled
+        self.owner = uuid.uuid4().hex
+        self.wake = asyncio.Event()
+        self.processed = 0
+
+    async def run(self, stop: asyncio.Event, idle_poll: float = 0.2) -> None:
+        """Until `stop`: work while there is work, else wait for a wake-up or the next poll."""
+        while not stop.is_set():
+            try:
+                done = await self.process_once()
+            except VersionConflict:
+                continue
+            except PyMongoError as exc:
+                log.warning("inbox.storage_error", error=type(exc).__name__)
+                await wait_any(stop, seconds=1.0)
+                continue
+            if done == 0:
+                self.wake.clear()
+                await wait_any(stop, self.wake, seconds=idle_poll)
+
+    async def _leasable_keys(self, now: datetime) -> list[str]:
+        await self.store.leases.delete_many({"until": {"$lt": now}})
+        held = [d["_id"] async for d in self.store.leases.find({}, {"_id": 1})]
+        # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
+        query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *held]}}
+        cursor = self.store.events.find(query, {"contact_id": 1}).hint("inbox_pending").limit(self.batch_size)
+        keys: dict[str, None] = {}
+        async for doc in cursor:
+            keys[doc["contact_id"]] = None
+        return list(keys)
+
+    async def _acquire(self, keys: list[str], now: datetime) -> list[str]:
+        until = now + self.lease
+        docs = [{"_id": k, "owner": self.owner, "until": until} for k in keys]
+        try:
+            await self.store.leases.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            taken = {keys[e["index"]] for e in errors}
+            return [k for k in keys if k not in taken]
+        return keys
+
+    async def _release(self, keys: list[str]) -> None:
+        await self.store.leases.delete_many({"_id": {"$in": keys}, "owner": self.owner})
+
+    async def process_once(self) -> int:
+        now = self.clock()
+        keys = await self._leasable_keys(now)
+        if not keys:
+            return 0
+        acquired = await self._acquire(keys, now)
+        if not acquired:
+            return 0
+        try:
+            return await self._process(acquired)
+        finally:
+            await self._release(acquired)
+
+    async def _process(self, contact_ids: list[str]) -> int:
+        events = await self.store.events.find(
+            {"state": PENDING, "contact_id": {"$in": contact_ids}},
+            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+        ).to_list()
+        if not events:
+            return 0
+        contacts = {d["_id"]: d async for d in self.store.contacts.find({"_id": {"$in": contact_ids}})}
+        pending: dict[str, list[Doc]] = {}
+        async for entry in self.store.schedule.find(
+            {"contact_id": {"$in": contact_ids}, "status": "pending"},
+            {"key": 1, "ruleset": 1, "rule": 1, "cancel_on": 1, "contact_id": 1},
+        ):
+            pending.setdefault(entry["contact_id"], []).append(entry)
+
+        now = self.clock()
+        engine = self.rulesets.engine()
+        views: dict[str, ContactView] = {}
+        decisions = Decisions()
+        for doc in events:
+            cid = doc["contact_id"]
+            view = views.get(cid)
+            if view is None:
+                view = views[cid] = contact_view(cid, contacts.get(cid), pending.get(cid, []))
+            found = engine.evaluate(engine_event(doc), view, now)
+            decisions.schedule.extend(found.schedule)
+            decisions.cancel.extend(found.cancel)
+            decisions.fired.extend(found.fired)
+
+        await self._commit(events, views, contacts, decisions, now)
+        self.processed += len(events)
+        if decisions.schedule and self.on_scheduled is not None:
+            self.on_scheduled(min(e.due_at for e in decisions.schedule))
+        return len(events)
+
+    async def _commit(
+        self,
+        events: list[Doc],
+        views: dict[str, ContactView],
+        contacts: dict[str, Doc],
+        decisions: Decisions,
+        now: datetime,
+    ) -> None:
+        contact_ops: list[Any] = []
+        for cid, view in views.items():
+            version = (contacts.get(cid) or {}).get("version")
+            query: Doc = {"_id": cid, "version": version if version is not None else {"$exists": False}}
+            contact_ops.append(
+                UpdateOne(
+                    query,
+                    {
+                        "$set": {"state": view.state, "version": (version or 0) + 1},
+                        "$setOnInsert": {"created_at": now},
+                    },
+                    upsert=True,
+                )
+            )
+        # Inserted before cancellations apply, so an entry armed and re-armed in one batch shows in the
+        # history as cancelled, exactly as in a simulation.
+        entries = decisions.schedule
+        cancels = decisions.cancel
+
+        async def write(session: AsyncClientSession) -> None:
+            if contact_ops:
+                try:
+                    result = await self.store.contacts.bulk_write(contact_ops, ordered=False, session=session)
+                except BulkWriteError as exc:
+                    raise VersionConflict() from exc
+                if result.matched_count + result.upserted_count != len(contact_ops):
+                    raise VersionConflict()
+            if entries:
+                await self.store.schedule.insert_many([entry_doc(e) for e in entries], session=session)
+                messages = [InsertOne(message_doc(e)) for e in entries if e.message is not None]
+                if messages:
+                    await self.store.messages.bulk_write(messages, session=session)
+            if cancels:
+                await self._cancel(cancels, now, session)
+            await self.store.events.update_many(
+                {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
+                {"$set": {"state": "done", "processed_at": now}},
+                session=session,
+            )
+
+        try:
+            async with self.store.client.start_session() as session:
+                await session.with_transaction(write)
+        except (VersionConflict, DuplicateKeyError) as exc:
+            log.info("inbox.version_conflict", contacts=len(views))
+            raise VersionConflict() from exc
+
+    async def _cancel(self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession) -> None:
+        await self.store.schedule.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": c.entry_id, "status": "pending"},
+                    {"$set": {"status": "cancelled", "reason": c.reason, "done_at": now}},
+                )
+                for c in cancels
+            ],
+            ordered=False,
+            session=session,
+        )
+        await self.store.messages.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": c.entry_id, "status": "scheduled"},
+                    {"$set": {"status": "cancelled", "reason": c.reason, "cancelled_at": now}},
+                )
+                for c in cancels
+            ],
+            ordered=False,
+            session=session,
+        )

@@ -1,0 +1,283 @@
+"""The ruleset file format and its validation, every error with a JSON path.
+
+The format is defined once, by the msgspec types below: they validate files and generate
+`rulesets/schema.json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from rulesvc.durations import DURATION_PATTERN, parse_duration
+from rulesvc.events import split_validation_error
+
+Duration = Annotated[
+    str, msgspec.Meta(pattern=DURATION_PATTERN, description="e.g. 30s, 20m, 12h, 2d, 1w, 1h30m")
+]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Window = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^(session|([0-9]+[smhdw])+)$", description="`session`, or a duration like 14d"),
+]
+OncePer = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(session|ever|([0-9]+[smhdw])+)$", description="`session`, `ever`, or a duration"
+    ),
+]
+RuleOrAll = Annotated[str, msgspec.Meta(pattern=r"^(\*|[a-z][a-z0-9_]{0,63})$", description="a rule, or *")]
+EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")]
+ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+TemplateName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_][a-z0-9_./-]{0,127}$")]
+Path_ = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(attributes|contact|flags|counters|values|event)(\.[A-Za-z0-9_-]+)+$",
+        description="attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*,"
+        " event.*",
+    ),
+]
+Scalar = str | int | float | bool
+UNSET: Any = msgspec.UNSET
+
+
+class Ops(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Comparisons on one value; all given must hold."""
+
+    eq: Scalar | msgspec.UnsetType = UNSET
+    ne: Scalar | msgspec.UnsetType = UNSET
+    lt: int | float | str | msgspec.UnsetType = UNSET
+    lte: int | float | str | msgspec.UnsetType = UNSET
+    gt: int | float | str | msgspec.UnsetType = UNSET
+    gte: int | float | str | msgspec.UnsetType = UNSET
+    in_: list[Scalar] | msgspec.UnsetType = msgspec.field(default=UNSET, name="in")
+    contains: Scalar | msgspec.UnsetType = UNSET
+    exists: bool | msgspec.UnsetType = UNSET
+
+
+Conditions = dict[Path_, Scalar | Ops]
+
+
+class When(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    event: EventType | list[EventType]
+    conditions: Conditions = msgspec.field(default_factory=dict)
+    any: list[Conditions] = msgspec.field(default_factory=list)  # at least one group holds, too
+
+
+class CancelOn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    event: EventType
+    same: list[Path_] = msgspec.field(default_factory=list)  # values equal in trigger and cancelling event
+
+
+class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    channel: ChannelName
+    template: TemplateName
+    after: Duration | None = None
+    cancel_on: list[EventType | CancelOn] = msgspec.field(default_factory=list)
+    on_repeat: Literal["rearm", "keep"] = "rearm"
+    per: Path_ | None = None  # one pending send per value of this path (e.g. per product)
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    transactional: bool = False
+    fallback: list[ChannelName] = msgspec.field(default_factory=list)
+
+
+class SetFlag(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Name
+    for_: Duration | None = msgspec.field(default=None, name="for")
+
+
+class Count(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Name
+    window: Window | None = None
+    per: Path_ | None = None  # count distinct values of this path instead of occurrences
+
+
+class Remember(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Name
+    from_: Path_ = msgspec.field(name="from")
+    append: bool = False
+    max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+    for_: Duration | None = msgspec.field(default=None, name="for")
+
+
+class Suppress(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    channel: ChannelName
+    for_: Duration | None = msgspec.field(default=None, name="for")
+
+
+class Audience(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    add: Name | None = None
+    remove: Name | None = None
+
+
+class Wait(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Wait up to `within` for `event`; if it does not come, run `else`."""
+
+    event: EventType
+    within: Duration
+    else_: list[Action] = msgspec.field(name="else")
+    same: list[Path_] = msgspec.field(default_factory=list)
+
+
+class Action(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Exactly one of the keys."""
+
+    send: Send | None = None
+    set_flag: Name | SetFlag | None = None
+    clear_flag: Name | None = None
+    count: Name | Count | None = None
+    reset: Name | None = None
+    remember: Remember | None = None
+    forget: Name | None = None
+    suppress: ChannelName | Suppress | None = None
+    unsuppress: ChannelName | None = None
+    audience: Audience | None = None
+    wait: Wait | None = None
+    cancel: list[RuleOrAll] | None = None
+
+    def kind(self) -> str:
+        return next(f for f in self.__struct_fields__ if getattr(self, f) is not None)
+
+
+class Once(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Entry rule: fire at most once per session, or per period, per contact (and per key)."""
+
+    per: OncePer
+    key: Path_ | None = None
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Name
+    when: When
+    then: list[Action]
+    once: Once | None = None
+    description: str = ""
+
+
+class RulesetFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    rules: Annotated[list[Rule], msgspec.Meta(min_length=1)]
+    description: str = ""
+    timeout: Duration | None = None  # stale-event guard: older events start nothing in this ruleset
+    schema: str | None = msgspec.field(default=None, name="$schema")
+
+
+@dataclass(frozen=True)
+class RulesetError:
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.path}: {self.message}"
+
+
+class InvalidRuleset(Exception):
+    def __init__(self, errors: list[RulesetError]) -> None:
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
+
+
+def json_schema() -> dict[str, Any]:
+    schema = msgspec.json.schema(RulesetFile)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rulesvc ruleset"
+    return schema
+
+
+_DECODER = msgspec.json.Decoder(RulesetFile)
+
+
+def _semantic_errors(rs: RulesetFile, channels: frozenset[str]) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, rule in enumerate(rs.rules):
+        where = f"$.rules[{i}]"
+        if rule.name in seen:
+            errors.append((f"{where}.name", f"duplicate rule name `{rule.name}`"))
+        seen.add(rule.name)
+        if isinstance(rule.when.event, list) and not rule.when.event:
+            errors.append((f"{where}.when.event", "needs at least one event type"))
+        for g, group in enumerate([rule.when.conditions, *rule.when.any]):
+            gpath = f"{where}.when.conditions" if g == 0 else f"{where}.when.any[{g - 1}]"
+            for path, cond in group.items():
+                if isinstance(cond, Ops) and not any(
+                    getattr(cond, f) is not UNSET for f in cond.__struct_fields__
+                ):
+                    errors.append((f"{gpath}.{path}", "no comparison given"))
+        if rule.once and rule.once.per not in ("session", "ever"):
+            _check_duration(rule.once.per, f"{where}.once.per", errors)
+        errors.extend(_action_errors(rule.then, f"{where}.then", channels))
+    return errors
+
+
+def _check_duration(text: str, path: str, errors: list[tuple[str, str]]) -> None:
+    if parse_duration(text) <= timedelta(0):
+        errors.append((path, "duration must be more than zero"))
+
+
+def _action_errors(actions: list[Action], where: str, channels: frozenset[str]) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    if not actions:
+        errors.append((where, "needs at least one action"))
+    for j, action in enumerate(actions):
+        apath = f"{where}[{j}]"
+        given = [f for f in action.__struct_fields__ if getattr(action, f) is not None]
+        if len(given) != 1:
+            errors.append((apath, f"an action has exactly one key, got {given or 'none'}"))
+            continue
+        if action.send is not None:
+            for k, channel in enumerate([action.send.channel, *action.send.fallback]):
+                if channel not in channels:
+                    cpath = f"{apath}.send.channel" if k == 0 else f"{apath}.send.fallback[{k - 1}]"
+                    errors.append(
+                        (cpath, f"unknown channel `{channel}` (known: {', '.join(sorted(channels))})")
+                    )
+        if action.audience is not None and (action.audience.add is None) == (action.audience.remove is None):
+            errors.append((f"{apath}.audience", "give exactly one of `add` or `remove`"))
+        if action.wait is not None:
+            errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels))
+    return errors
+
+
+def parse_ruleset(file: str, data: bytes, channels: frozenset[str]) -> RulesetFile:
+    """Every problem as file + JSON path + message; raises InvalidRuleset."""
+    try:
+        parsed = _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        raise InvalidRuleset([RulesetError(file, path, message)]) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRuleset([RulesetError(file, "$", f"invalid JSON: {exc}")]) from exc
+    problems = _semantic_errors(parsed, channels)
+    if problems:
+        raise InvalidRuleset([RulesetError(file, p, m) for p, m in problems])
+    return parsed
+
+
+def listened_events(rs: RulesetFile) -> list[str]:
+    events: set[str] = set()
+    for rule in rs.rules:
+        events.update([rule.when.event] if isinstance(rule.when.event, str) else rule.when.event)
+    return sorted(events)
+
+
+def cancel_event_types(rs: RulesetFile) -> set[str]:
+    """Event types that can cancel this ruleset's pending sends (they must reach the engine too)."""
+    types: set[str] = set()
+
+    def visit(actions: Iterable[Action]) -> None:
+        for a in actions:
+            if a.send is not None:
+                types.update(c if isinstance(c, str) else c.event for c in a.send.cancel_on)
+            if a.wait is not None:
+                types.add(a.wait.event)
+                visit(a.wait.else_)
+
+    for rule in rs.rules:
+        visit(rule.then)
+    return types

@@ -1,0 +1,179 @@
+"""The loaded rulesets: read from the rulesets folder, compiled, swapped in atomically, hot-reloaded.
+
+A ruleset's name is its file name without `.json`. A valid change goes live as one swap; an invalid one
+leaves the previous version running and its errors listed. State lives in MongoDB, so a reload loses no
+contact state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import watchfiles
+
+from rulesvc.engine import CompiledRuleset, CompileError, Engine, RuleIndex
+from rulesvc.ruleformat import InvalidRuleset, RulesetError, listened_events, parse_ruleset
+from rulesvc.waiting import wait_any
+
+log = structlog.get_logger(__name__)
+
+RULESET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NOT_RULESETS = frozenset({"schema.json"})
+
+
+def version_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+@dataclass
+class RulesetStatus:
+    """What `GET /v1/rulesets` shows: the live version and, if the last edit was refused, why."""
+
+    name: str
+    file: str
+    status: Literal["loaded", "error"]
+    version: str | None = None
+    loaded_at: datetime | None = None
+    events: list[str] = field(default_factory=list)
+    errors: list[RulesetError] = field(default_factory=list)
+
+
+def ruleset_files(directory: Path) -> dict[str, Path]:
+    if not directory.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(directory.glob("*.json")) if p.name not in NOT_RULESETS}
+
+
+def read_source(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidRuleset([RulesetError(path.name, "$", f"cannot read: {exc.strerror}")]) from exc
+
+
+def compile_source(path: Path, data: bytes, channels: frozenset[str]) -> CompiledRuleset:
+    """Parse, validate and compile one file; every problem comes out as InvalidRuleset."""
+    if not RULESET_NAME.match(path.stem):
+        raise InvalidRuleset(
+            [RulesetError(path.name, "$", "file name must be lower case letters, digits and _")]
+        )
+    try:
+        return CompiledRuleset.compile(
+            path.stem, version_hash(data), parse_ruleset(path.name, data, channels)
+        )
+    except CompileError as exc:
+        raise InvalidRuleset([RulesetError(path.name, exc.path, str(exc))]) from exc
+
+
+def check_file(path: Path, channels: frozenset[str]) -> list[RulesetError]:
+    """What `rulesvc check` runs: exactly what loading would, without keeping anything."""
+    try:
+        compile_source(path, read_source(path), channels).free()
+    except InvalidRuleset as exc:
+        return exc.errors
+    return []
+
+
+class Rulesets:
+    def __init__(self, directory: Path, channels: frozenset[str]) -> None:
+        self.directory = directory
+        self.channels = channels
+        self.live: dict[str, CompiledRuleset] = {}
+        self.status: dict[str, RulesetStatus] = {}
+        self.index = RuleIndex([])
+        self._engine = Engine(self.index)
+        self.loaded_once = False
+
+    def reload(self) -> bool:
+        """Synchronous on purpose: the swap happens between two events, never during one."""
+        files = ruleset_files(self.directory)
+        changed = False
+        for name in list(self.live):
+            if name not in files:
+                self.live.pop(name).free()
+                self.status.pop(name, None)
+                log.info("ruleset.unloaded", ruleset=name)
+                changed = True
+        for name in list(self.status):
+            if name not in files:
+                self.status.pop(name)
+        retired: list[CompiledRuleset] = []
+        for name, path in files.items():
+            result = self._load(name, path)
+            if result is not None:
+                old = self.live.get(name)
+                self.live[name] = result
+                if old is not None:
+                    retired.append(old)
+                changed = True
+        if changed:
+            self.index = RuleIndex(list(self.live.values()))
+            self._engine = Engine(self.index)
+        for old in retired:  # freed only after the new index replaced every reference to it
+            old.free()
+        self.loaded_once = True
+        return changed
+
+    def _load(self, name: str, path: Path) -> CompiledRuleset | None:
+        try:
+            data = read_source(path)
+            current = self.live.get(name)
+            if current is not None and current.version == version_hash(data):
+                status = self.status[name]
+                status.status, status.errors = "loaded", []  # an error was fixed by undoing the edit
+                return None
+            compiled = compile_source(path, data, self.channels)
+        except InvalidRuleset as exc:
+            self._refuse(name, path, exc.errors)
+            return None
+        version = compiled.version
+        events = listened_events(compiled.source)
+        self.status[name] = RulesetStatus(name, path.name, "loaded", version, datetime.now(UTC), events)
+        log.info("ruleset.loaded", ruleset=name, version=version, events=events)
+        return compiled
+
+    def _refuse(self, name: str, path: Path, errors: list[RulesetError]) -> None:
+        previous = self.status.get(name)
+        self.status[name] = RulesetStatus(
+            name,
+            path.name,
+            "error",
+            previous.version if previous and name in self.live else None,
+            previous.loaded_at if previous and name in self.live else None,
+            previous.events if previous and name in self.live else [],
+            errors,
+        )
+        for error in errors:
+            log.error(
+                "ruleset.invalid", ruleset=name, error=str(error), kept_version=self.status[name].version
+            )
+
+    def engine(self) -> Engine:
+        """The engine over the rulesets live now; take one per batch so a reload never splits a batch."""
+        return self._engine
+
+    def errors(self) -> list[RulesetError]:
+        return [e for s in self.status.values() for e in s.errors]
+
+    async def watch(self, stop: asyncio.Event, debounce_ms: int = 100) -> None:
+        """Reload on every change in the folder; a missing folder is waited for, not an error."""
+        while not stop.is_set():
+            if not self.directory.is_dir():
+                await wait_any(stop, seconds=1.0)
+                continue
+            try:
+                async for _ in watchfiles.awatch(
+                    self.directory, stop_event=stop, debounce=debounce_ms, step=50, recursive=False
+                ):
+                    self.reload()
+            except FileNotFoundError:
+                await wait_any(stop, seconds=1.0)
+            # awatch returns when the folder itself goes away: reload to unload its rulesets
+            self.reload()

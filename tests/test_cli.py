@@ -1,0 +1,102 @@
+"""`rulesvc check`, `rulesvc simulate` and `rulesvc schema` from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.rulesets_helpers import at, event
+
+ROOT = Path(__file__).parent.parent
+
+
+def rulesvc(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rulesvc", *args], capture_output=True, text=True, input=stdin, timeout=60
+    )
+
+
+def test_check_shipped_rulesets_pass() -> None:
+    result = rulesvc("check", str(ROOT / "rulesets"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+
+
+def test_check_prints_every_error_with_file_and_json_path(tmp_path: Path) -> None:
+    (tmp_path / "good.json").write_text((ROOT / "rulesets" / "cart_abandon.json").read_text())
+    (tmp_path / "broken.json").write_text('{"rules": [{"name": "r", "when": {"event": "x"}, "then": [')
+    (tmp_path / "typo.json").write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {
+                        "name": "a",
+                        "when": {"event": "x"},
+                        "then": [{"send": {"channel": "pigeon", "template": "t"}}],
+                    },
+                    {"name": "a", "when": {"event": "x"}, "then": [{"set_flag": "f", "clear_flag": "g"}]},
+                ]
+            }
+        )
+    )
+    (tmp_path / "Bad-Name.json").write_text("{}")
+    result = rulesvc("check", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "Bad-Name.json:$: file name must be lower case letters, digits and _" in lines
+    assert any(line.startswith("broken.json:$: invalid JSON") for line in lines)
+    assert "typo.json:$.rules[0].then[0].send.channel: unknown channel `pigeon`" in result.stdout
+    assert "typo.json:$.rules[1].name: duplicate rule name `a`" in lines
+    assert "typo.json:$.rules[1].then[0]: an action has exactly one key" in result.stdout
+    assert "1 of 4 rulesets valid" in result.stderr
+
+
+def test_simulate_prints_the_timeline(tmp_path: Path) -> None:
+    events = tmp_path / "events.ndjson"
+    events.write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [
+                event("c", "cart_updated", value=20),
+                event("d", "cart_updated", contact="c2", value=30),
+                event("p", "purchased", contact="c2", minutes=19),
+            ]
+        )
+    )
+    result = rulesvc("simulate", str(events), "--rulesets", str(ROOT / "rulesets"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert (
+        lines[0].startswith(at(minutes=19))
+        and "c2" in lines[0]
+        and lines[0].endswith("(cancelled by purchased)")
+    )
+    assert lines[2].startswith(at(minutes=20)) and "push:cart_abandon/push" in lines[2] and "sent" in lines[2]
+    assert lines[3].startswith(at(hours=12)) and "email:cart_abandon/email" in lines[3]
+    assert "2 message(s) would be sent" in result.stderr
+
+    as_json = rulesvc("simulate", "-", "--rulesets", str(ROOT / "rulesets"), "--json", "--until", at(hours=1),
+                      stdin=events.read_text())  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    actions = json.loads(as_json.stdout)["actions"]
+    assert [(a["contact_id"], a["channel"], a["status"]) for a in actions] == [
+        ("c2", "push", "cancelled"),
+        ("c2", "email", "cancelled"),
+        ("c1", "push", "sent"),
+    ]
+
+
+def test_simulate_reports_bad_input(tmp_path: Path) -> None:
+    events = tmp_path / "events.ndjson"
+    events.write_text('{"id": "a", "type": "cart_updated"}\n')
+    result = rulesvc("simulate", str(events), "--rulesets", str(ROOT / "rulesets"))
+    assert result.returncode == 1
+    assert "event 0: $.contact_id: required" in result.stderr
+
+
+def test_schema_file_is_current() -> None:
+    result = rulesvc("schema")
+    assert json.loads(result.stdout) == json.loads((ROOT / "rulesets" / "schema.json").read_text())

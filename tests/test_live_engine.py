@@ -1,0 +1,216 @@
+"""The engine live on a real mongod: inbox to decisions, the durable schedule, restarts, two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rulesvc.api import INBOX, SCHEDULER, create_app
+from rulesvc.channels import ChannelRegistry, Delivery, builtin_channels
+from rulesvc.config import Settings
+from tests.rulesets_helpers import write_ruleset
+
+
+class RecordingChannel:
+    """Stands in for a provider: remembers every message it was asked to deliver."""
+
+    configured = True
+
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        self.name = name
+        self.log = log
+
+    async def send(self, message: dict[str, Any], contact: dict[str, Any]) -> Delivery:
+        self.log.append((self.name, contact["contact_id"]))
+        return Delivery("sent")
+
+
+def recording(log: list[tuple[str, str]]) -> ChannelRegistry:
+    registry = builtin_channels()
+    for name in ("push", "email"):
+        registry.register(RecordingChannel(name, log))
+    return registry
+
+
+def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "3s") -> None:
+    def reminder(channel: str, after: str) -> dict[str, Any]:
+        return {"send": {"channel": channel, "template": f"cart_{channel}", "after": after,
+                         "cancel_on": ["purchased"], "params": {"value": "$attributes.value"}}}  # fmt: skip
+
+    write_ruleset(
+        directory,
+        "cart",
+        {
+            "rules": [
+                {
+                    "name": "remind",
+                    "when": {"event": "cart_updated"},
+                    "then": [
+                        {"count": "carts"},
+                        reminder("push", push_after),
+                        reminder("email", email_after),
+                    ],
+                }
+            ]
+        },
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def statuses(client: Any, contact: str) -> dict[str, str]:
+    body = await (await client.get(f"/v1/contacts/{contact}/messages")).json()
+    return {m["channel"]: m["status"] for m in body["messages"]}
+
+
+async def test_cart_event_to_sent_push_and_purchase_cancels_email(
+    aiohttp_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    fast_cart(Path(settings.rulesets_dir))
+    log: list[tuple[str, str]] = []
+    client = await aiohttp_client(create_app(settings, recording(log)))
+    posted = time.monotonic()
+    assert (await client.post("/v1/events", json={"id": "e1", "type": "cart_updated", "contact_id": "c1",
+                                                    "attributes": {"value": 42}})).status == 202  # fmt: skip
+
+    async def scheduled() -> bool:
+        return await statuses(client, "c1") == {"push": "scheduled", "email": "scheduled"}
+
+    await eventually(scheduled, 2)
+
+    async def push_sent() -> bool:
+        return (await statuses(client, "c1")).get("push") == "sent"
+
+    await eventually(push_sent, 5)
+    assert time.monotonic() - posted < 1 + 1.5  # due at +1 s, fired within a second of it
+    assert (
+        await client.post("/v1/events", json={"id": "p1", "type": "purchased", "contact_id": "c1"})
+    ).status == 202
+
+    async def email_cancelled() -> bool:
+        return (await statuses(client, "c1")).get("email") == "cancelled"
+
+    await eventually(email_cancelled, 5)
+    await asyncio.sleep(3)  # past the email's due time: it must stay cancelled
+    assert await statuses(client, "c1") == {"push": "sent", "email": "cancelled"}
+    assert log == [("push", "c1")]
+    messages = (await (await client.get("/v1/contacts/c1/messages")).json())["messages"]
+    push = next(m for m in messages if m["channel"] == "push")
+    assert push["params"] == {"value": 42} and push["ruleset"] == "cart" and push["rule"] == "remind"
+    email = next(m for m in messages if m["channel"] == "email")
+    assert email["reason"] == "cancelled by purchased"
+
+
+async def test_restart_between_decision_and_due_time_sends_once(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
+    log: list[tuple[str, str]] = []
+    first = await aiohttp_client(create_app(settings, recording(log)))
+    event = {"id": "r1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 5}}
+    assert (await first.post("/v1/events", json=event)).status == 202
+
+    async def decided() -> bool:
+        return await db.schedule.count_documents({"status": "pending"}) == 2
+
+    await eventually(decided, 3)
+    await first.close()  # the service stops before anything is due
+    assert log == []
+
+    second = await aiohttp_client(create_app(settings, recording(log)))
+
+    async def both_sent() -> bool:
+        return await statuses(second, "c1") == {"push": "sent", "email": "sent"}
+
+    await eventually(both_sent, 10)
+    await asyncio.sleep(1.5)
+    assert sorted(log) == [("email", "c1"), ("push", "c1")]
+    assert await db.schedule.count_documents({"status": "done"}) == 2
+    assert await db.events.count_documents({"state": "pending"}) == 0
+
+
+async def test_two_processes_share_the_work_and_never_send_twice(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    fast_cart(Path(settings.rulesets_dir), push_after="1s", email_after="2s")
+    log: list[tuple[str, str]] = []
+    apps = [await aiohttp_client(create_app(settings, recording(log))) for _ in range(2)]
+    contacts = [f"c{i}" for i in range(60)]
+    posts = []
+    for n in range(5):  # five cart updates per contact, alternating between the two services
+        batch = [{"id": f"e{n}-{c}", "type": "cart_updated", "contact_id": c, "attributes": {"value": n}}
+                 for c in contacts]  # fmt: skip
+        posts.append(apps[n % 2].post("/v1/events", json=batch))
+    assert [r.status for r in await asyncio.gather(*posts)] == [202] * 5
+
+    async def all_done() -> bool:
+        return len(log) >= 2 * len(contacts) and await db.schedule.count_documents({"status": "pending"}) == 0
+
+    await eventually(all_done, 30)
+    await asyncio.sleep(1)
+    assert Counter(log) == Counter({(ch, c): 1 for c in contacts for ch in ("push", "email")})
+    # Every event evaluated exactly once: the counter each cart update bumps equals the updates posted.
+    async for contact in db.contacts.find({}):
+        assert contact["state"]["counters"]["carts"]["n"] == 5, contact["_id"]
+    assert await db.events.count_documents({"state": "pending"}) == 0
+    # Re-armed four times, sent once: the history shows the four cancelled ones.
+    assert await db.messages.count_documents({"status": "cancelled"}) == 4 * 2 * len(contacts)
+    workers = [app.server.app for app in apps]
+    assert sum(w[INBOX].processed for w in workers) == 5 * len(contacts)
+    assert sum(w[SCHEDULER].fired for w in workers) == 2 * len(contacts)
+
+
+async def test_events_of_one_contact_are_evaluated_in_time_order(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    write_ruleset(
+        Path(settings.rulesets_dir),
+        "order",
+        {"rules": [{"name": "last", "when": {"event": "step"},
+                    "then": [{"remember": {"name": "steps", "from": "attributes.n", "append": True}}]}]},
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(settings))
+    # Posted newest first: the inbox still evaluates them by event time.
+    events = [{"id": f"s{n}", "type": "step", "contact_id": "c1", "time": f"2026-11-22T10:00:0{n}Z",
+               "attributes": {"n": n}} for n in reversed(range(6))]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def processed() -> bool:
+        return await db.events.count_documents({"state": "pending"}) == 0
+
+    await eventually(processed)
+    contact = await db.contacts.find_one({"_id": "c1"})
+    assert contact["state"]["values"]["steps"]["v"] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_schedule_survives_and_ruleset_removed_cancels(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
+    client = await aiohttp_client(create_app(settings))
+    event = {"id": "x1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 1}}
+    await client.post("/v1/events", json=event)
+
+    async def decided() -> bool:
+        return await db.schedule.count_documents({"status": "pending"}) == 2
+
+    await eventually(decided, 3)
+    (Path(settings.rulesets_dir) / "cart.json").unlink()
+    resp = await client.post("/v1/rulesets/reload")
+    assert (await resp.json())["rulesets"] == []
+
+    async def cancelled() -> bool:
+        return await statuses(client, "c1") == {"push": "cancelled", "email": "cancelled"}
+
+    await eventually(cancelled, 6)
+    assert {m["reason"] async for m in db.messages.find({})} == {"ruleset removed"}

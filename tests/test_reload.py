@@ -1,0 +1,141 @@
+"""Hot reload: edits go live within two seconds, broken edits keep the old version, deletes unload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rulesvc.api import create_app
+from rulesvc.config import Settings
+from tests.test_live_engine import eventually
+
+
+def ruleset(template: str, event: str = "t") -> dict[str, Any]:
+    return {
+        "rules": [
+            {
+                "name": "say",
+                "when": {"event": event},
+                "then": [{"send": {"channel": "log", "template": template}}],
+            }
+        ]
+    }
+
+
+def write(path: Path, body: dict[str, Any] | str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(body if isinstance(body, str) else json.dumps(body))
+    tmp.replace(path)  # as editors save: the watcher sees one complete file
+
+
+async def listing(client: Any) -> dict[str, Any]:
+    return {r["name"]: r for r in (await (await client.get("/v1/rulesets")).json())["rulesets"]}
+
+
+async def templates_sent(db: Any) -> list[str]:
+    return [m["template"] async for m in db.messages.find({"status": "sent"}).sort("created_at", 1)]
+
+
+async def test_edit_broken_edit_and_delete(aiohttp_client: Any, settings: Settings, db: Any) -> None:
+    folder = Path(settings.rulesets_dir)
+    folder.mkdir(parents=True)
+    path = folder / "greet.json"
+    write(path, ruleset("v1"))
+    client = await aiohttp_client(create_app(settings))
+    first = (await listing(client))["greet"]
+    assert first["status"] == "loaded" and first["events"] == ["t"] and first["errors"] == []
+    assert (await client.get("/readyz")).status == 200
+
+    write(path, ruleset("v2"))
+    started = time.monotonic()
+
+    async def new_version() -> bool:
+        return (await listing(client))["greet"]["version"] != first["version"]
+
+    await eventually(new_version, 2)
+    assert time.monotonic() - started < 2
+    await client.post("/v1/events", json={"id": "a", "type": "t", "contact_id": "c1"})
+
+    async def one_sent() -> bool:
+        return await templates_sent(db) == ["v2"]
+
+    await eventually(one_sent, 3)
+
+    write(path, '{"rules": [{"name": "say", "when": {"event": "t"}, "then": [{"send": {"channel": "fax"')
+    await eventually(lambda: _status_is(client, "error"), 2)
+    broken = (await listing(client))["greet"]
+    assert broken["version"] == (await listing(client))["greet"]["version"] != first["version"]
+    assert broken["errors"][0]["file"] == "greet.json" and broken["errors"][0]["path"] == "$"
+    assert "invalid JSON" in broken["errors"][0]["message"]
+    ready = await (await client.get("/readyz")).json()
+    assert "greet.json:$: invalid JSON" in ready["checks"]["rulesets"]
+
+    unknown_channel = ruleset("v3")
+    unknown_channel["rules"][0]["then"][0]["send"]["channel"] = "fax"
+    write(path, unknown_channel)
+    await eventually(lambda: _error_path_is(client, "$.rules[0].then[0].send.channel"), 2)
+    await client.post("/v1/events", json={"id": "b", "type": "t", "contact_id": "c1"})
+
+    async def old_version_still_runs() -> bool:
+        return await templates_sent(db) == ["v2", "v2"]
+
+    await eventually(old_version_still_runs, 3)
+
+    path.unlink()
+    await eventually(lambda: _gone(client), 2)
+    await client.post("/v1/events", json={"id": "c", "type": "t", "contact_id": "c1"})
+    await eventually(lambda: _no_pending(db), 3)
+    assert await templates_sent(db) == ["v2", "v2"]  # nothing listens any more
+
+
+async def _status_is(client: Any, status: str) -> bool:
+    return bool((await listing(client))["greet"]["status"] == status)
+
+
+async def _error_path_is(client: Any, path: str) -> bool:
+    errors = (await listing(client))["greet"]["errors"]
+    return bool(errors) and errors[0]["path"] == path
+
+
+async def _gone(client: Any) -> bool:
+    return "greet" not in await listing(client)
+
+
+async def _no_pending(db: Any) -> bool:
+    return await db.events.count_documents({"state": "pending"}) == 0
+
+
+async def test_events_posted_during_reloads_are_all_processed(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    folder = Path(settings.rulesets_dir)
+    folder.mkdir(parents=True)
+    path = folder / "greet.json"
+    write(path, ruleset("v0"))
+    client = await aiohttp_client(create_app(settings))
+
+    async def flip() -> None:
+        for n in range(1, 11):
+            write(path, ruleset(f"v{n}"))
+            await asyncio.sleep(0.15)
+
+    async def post() -> None:
+        for batch in range(20):
+            events = [{"id": f"e{batch}-{i}", "type": "t", "contact_id": f"c{i % 7}"} for i in range(25)]
+            assert (await client.post("/v1/events", json=events)).status == 202
+            await asyncio.sleep(0.07)
+
+    await asyncio.gather(flip(), post())
+
+    async def all_sent() -> bool:
+        return await db.messages.count_documents({"status": "sent"}) == 500
+
+    await eventually(all_sent, 15)
+    assert await db.events.count_documents({"state": "done"}) == 500
+    used = {t for t in await templates_sent(db)}
+    assert len(used) > 1  # the reloads happened while events flowed
+    assert (await client.post("/v1/rulesets/reload")).status == 200
+    assert (await listing(client))["greet"]["status"] == "loaded"
