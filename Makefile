@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean bench
 
 $(STAMP): pyproject.toml requirements/embedded.txt
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -32,3 +32,6 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_bench.py

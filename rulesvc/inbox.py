@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from pymongo import ASCENDING, InsertOne, UpdateOne
+from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
@@ -215,10 +216,23 @@ class Inbox:
                     upsert=True,
                 )
             )
-        # Inserted before cancellations apply, so an entry armed and re-armed in one batch shows in the
-        # history as cancelled, exactly as in a simulation.
-        entries = decisions.schedule
-        cancels = decisions.cancel
+        # An entry armed and cancelled within this batch is written once, already cancelled: the history
+        # shows it as a simulation does, without a second write.
+        cancelled_now = {c.entry_id: c.reason for c in decisions.cancel}
+        entries: list[Doc] = []
+        messages: list[Doc] = []
+        for decided in decisions.schedule:
+            entry = entry_doc(decided)
+            message = message_doc(decided) if decided.message is not None else None
+            reason = cancelled_now.pop(decided.entry_id, None)
+            if reason is not None:
+                entry.update(status="cancelled", reason=reason, done_at=now)
+                if message is not None:
+                    message.update(status="cancelled", reason=reason, cancelled_at=now)
+            entries.append(entry)
+            if message is not None:
+                messages.append(message)
+        cancels = [Cancellation(entry_id, reason) for entry_id, reason in cancelled_now.items()]
 
         async def write(session: AsyncClientSession) -> None:
             if contact_ops:
@@ -229,10 +243,9 @@ class Inbox:
                 if result.matched_count + result.upserted_count != len(contact_ops):
                     raise VersionConflict()
             if entries:
-                await self.store.schedule.insert_many([entry_doc(e) for e in entries], session=session)
-                messages = [InsertOne(message_doc(e)) for e in entries if e.message is not None]
-                if messages:
-                    await self.store.messages.bulk_write(messages, session=session)
+                await self.store.schedule.insert_many(entries, session=session)
+            if messages:
+                await self.store.messages.insert_many(messages, session=session)
             if cancels:
                 await self._cancel(cancels, now, session)
             await self.store.events.update_many(
@@ -249,25 +262,17 @@ class Inbox:
             raise VersionConflict() from exc
 
     async def _cancel(self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession) -> None:
-        await self.store.schedule.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": c.entry_id, "status": "pending"},
-                    {"$set": {"status": "cancelled", "reason": c.reason, "done_at": now}},
-                )
-                for c in cancels
-            ],
-            ordered=False,
-            session=session,
-        )
-        await self.store.messages.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": c.entry_id, "status": "scheduled"},
-                    {"$set": {"status": "cancelled", "reason": c.reason, "cancelled_at": now}},
-                )
-                for c in cancels
-            ],
-            ordered=False,
-            session=session,
-        )
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for c in cancels:
+            by_reason[c.reason].append(c.entry_id)
+        for reason, ids in by_reason.items():
+            await self.store.schedule.update_many(
+                {"_id": {"$in": ids}, "status": "pending"},
+                {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
+                session=session,
+            )
+            await self.store.messages.update_many(
+                {"_id": {"$in": ids}, "status": "scheduled"},
+                {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
+                session=session,
+            )

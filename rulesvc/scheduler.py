@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
-from pymongo import ASCENDING, UpdateOne
+from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from rulesvc.channels import ChannelRegistry, Delivery
@@ -139,60 +139,50 @@ class Scheduler:
         finished: list[tuple[Doc, str, str | None]],
         now: datetime,
     ) -> None:
-        if sent:
-            await self.store.messages.bulk_write(
-                [
-                    UpdateOne(
-                        {"_id": entry["_id"], "status": "scheduled"},
-                        {
-                            "$set": {"status": d.status, "sent_at": now}
-                            | ({"reason": d.reason} if d.reason else {})
-                        },
-                    )
-                    for entry, d in sent
-                ],
-                ordered=False,
+        # Outcomes are grouped so that a batch costs a handful of commands, not one per entry.
+        outcomes: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+        for entry, delivery in sent:
+            outcomes[(delivery.status, delivery.reason)].append(entry["_id"])
+        for (status, reason), ids in outcomes.items():
+            await self.store.messages.update_many(
+                {"_id": {"$in": ids}, "status": "scheduled"},
+                {"$set": {"status": status, "sent_at": now} | ({"reason": reason} if reason else {})},
             )
         if timers:
-            docs = []
-            for entry in timers:
-                event = timer_event(entry)
-                docs.append(
-                    {
-                        "_id": event.id,
-                        "type": event.type,
-                        "contact_id": event.contact_id,
-                        "time": event.time,
-                        "attributes": event.attributes,
-                        "received_at": now,
-                        "state": PENDING,
-                    }
+            await self._insert_timer_events(timers, now)
+        ends: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+        for entry, status, reason in finished:
+            ends[(status, reason)].append(entry["_id"])
+        for (status, reason), ids in ends.items():
+            if status == "cancelled":
+                await self.store.messages.update_many(
+                    {"_id": {"$in": ids}, "status": "scheduled"},
+                    {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
                 )
-            try:
-                await self.store.events.insert_many(docs, ordered=False)
-            except BulkWriteError as exc:  # already inserted by a run that died before marking done
-                if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                    raise
-        cancelled = [(e, reason) for e, status, reason in finished if status == "cancelled"]
-        if cancelled:
-            await self.store.messages.bulk_write(
-                [
-                    UpdateOne(
-                        {"_id": e["_id"], "status": "scheduled"},
-                        {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
-                    )
-                    for e, reason in cancelled
-                ],
-                ordered=False,
-            )
-        ops: list[Any] = [
-            UpdateOne(
-                {"_id": e["_id"], "owner": e["owner"]},
+            await self.store.schedule.update_many(
+                {"_id": {"$in": ids}, "owner": finished[0][0]["owner"]},
+                {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
+                 "$unset": {"lease_until": ""}},
+            )  # fmt: skip
+
+    async def _insert_timer_events(self, timers: list[Doc], now: datetime) -> None:
+        """A wait's `else` becomes one inbox event under a fixed id: re-running the entry cannot double it."""
+        docs = []
+        for entry in timers:
+            event = timer_event(entry)
+            docs.append(
                 {
-                    "$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
-                    "$unset": {"lease_until": ""},
-                },
+                    "_id": event.id,
+                    "type": event.type,
+                    "contact_id": event.contact_id,
+                    "time": event.time,
+                    "attributes": event.attributes,
+                    "received_at": now,
+                    "state": PENDING,
+                }
             )
-            for e, status, reason in finished
-        ]
-        await self.store.schedule.bulk_write(ops, ordered=False)
+        try:
+            await self.store.events.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:  # already inserted by a run that died before marking done
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                raise
