@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from rulesvc import logs  # noqa: E402
 from rulesvc.channels import builtin_channels  # noqa: E402
+from rulesvc.delivery import Dispatcher, SendPolicy  # noqa: E402
 from rulesvc.engine import ContactView, EngineEvent  # noqa: E402
 from rulesvc.events import Event  # noqa: E402
 from rulesvc.inbox import Inbox  # noqa: E402
@@ -36,6 +37,7 @@ from rulesvc.mongod import EmbeddedMongod  # noqa: E402
 from rulesvc.rulesets import Rulesets  # noqa: E402
 from rulesvc.scheduler import Scheduler  # noqa: E402
 from rulesvc.store import Store  # noqa: E402
+from rulesvc.templates import Templates  # noqa: E402
 
 
 def rate(n: int, seconds: float) -> float:
@@ -47,7 +49,8 @@ def bench_matcher(n: int) -> float:
     handle = durable_rules_engine.create_ruleset("bench_matcher", json.dumps(definition))
     t0 = time.perf_counter()
     for i in range(n):
-        result = durable_rules_engine.assert_event(handle, '{"sid":"m","id":"%d","t":"x","f0":%d}' % (i, i % 2))
+        message = f'{{"sid":"m","id":"{i}","t":"x","f0":{i % 2}}}'
+        result = durable_rules_engine.assert_event(handle, message)
         if result[0] == 0 and durable_rules_engine.start_action_for_state(handle, result[1]) is not None:
             durable_rules_engine.complete_and_start_action(handle, result[1])
     return rate(n, time.perf_counter() - t0)
@@ -65,7 +68,8 @@ def bench_engine(rulesets: Rulesets, n: int) -> float:
     for i, event in enumerate(events):
         contact = contacts[i % 1000]
         decisions = engine.evaluate(event, contact, now)
-        contact.pending = [p for p in contact.pending if p.entry_id not in {c.entry_id for c in decisions.cancel}]
+        cancelled = {c.entry_id for c in decisions.cancel}
+        contact.pending = [p for p in contact.pending if p.entry_id not in cancelled]
     return rate(n, time.perf_counter() - t0)
 
 
@@ -119,7 +123,11 @@ async def bench_schedule(store: Store, rulesets: Rulesets, n: int) -> tuple[floa
     for i in range(0, n, 1000):
         await store.schedule.insert_many(entries[i : i + 1000])
         await store.messages.insert_many(messages[i : i + 1000])
-    scheduler = Scheduler(store, builtin_channels(), lambda: set(rulesets.live), batch_size=1000)
+    channels = builtin_channels()
+    templates = Path(tempfile.mkdtemp())
+    (templates / "t.body").write_text("Hello {{ contact.id }}")
+    dispatcher = Dispatcher(store, channels, Templates(templates), SendPolicy())
+    scheduler = Scheduler(store, dispatcher, lambda: set(rulesets.live), batch_size=1000)
     t0 = time.perf_counter()
     while await scheduler.fire_due():
         pass
@@ -129,7 +137,9 @@ async def bench_schedule(store: Store, rulesets: Rulesets, n: int) -> tuple[floa
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--entries", type=int, default=20_000)
     args = parser.parse_args()

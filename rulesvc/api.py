@@ -18,9 +18,11 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
-from rulesvc.channels import ChannelRegistry, builtin_channels
+from rulesvc.builtin import BUILTIN_PLUGINS
+from rulesvc.channels import CallbackChannel, ChannelRegistry, ManagedChannel
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
+from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours
 from rulesvc.events import (
     EventsAccepted,
     EventsRejected,
@@ -34,11 +36,13 @@ from rulesvc.inbox import Inbox
 from rulesvc.messages import MessageList
 from rulesvc.metrics import CONTENT_TYPE_LATEST, Metrics
 from rulesvc.mongod import EmbeddedMongod
+from rulesvc.plugins import PluginReport, load_plugins
 from rulesvc.ruleformat import RulesetError
 from rulesvc.rulesets import Rulesets
 from rulesvc.scheduler import Scheduler
 from rulesvc.simulate import SimulateRequest, simulate
 from rulesvc.store import Store, contact_from_doc, message_from_doc
+from rulesvc.templates import Templates
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +52,7 @@ MONGO_URI = web.AppKey("mongo_uri", str)
 STORE = web.AppKey("store", Store)
 EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
 CHANNELS = web.AppKey("channels", ChannelRegistry)
+PLUGINS = web.AppKey("plugins", list[PluginReport])
 RULESETS = web.AppKey("rulesets", Rulesets)
 INBOX = web.AppKey("inbox", Inbox)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -98,6 +103,47 @@ class RulesetInfo(msgspec.Struct):
 
 class RulesetList(msgspec.Struct):
     rulesets: list[RulesetInfo]
+
+
+class ChannelInfo(msgspec.Struct):
+    name: str
+    configured: bool
+    detail: str
+    idempotent: bool
+    callbacks: bool
+
+
+class PluginInfo(msgspec.Struct):
+    name: str
+    source: str
+    channels: list[str]
+    error: str | None
+
+
+class ChannelList(msgspec.Struct):
+    channels: list[ChannelInfo]
+    plugins: list[PluginInfo]
+
+
+class CallbacksAccepted(msgspec.Struct):
+    accepted: int
+
+
+class InboxItem(msgspec.Struct, omit_defaults=True):
+    message_id: str
+    template: str
+    content: dict[str, str]
+    sent_at: datetime | None = None
+    shown_at: datetime | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class InboxList(msgspec.Struct):
+    messages: list[InboxItem]
+
+
+class InboxAction(msgspec.Struct, forbid_unknown_fields=True):
+    action: Literal["shown", "clicked", "dismissed"]
 
 
 class SimulateRejected(msgspec.Struct):
@@ -333,6 +379,89 @@ async def post_simulate(request: web.Request) -> web.Response:
     return json_response(simulate(request.app[RULESETS].engine(), sim))
 
 
+def channel_list(app: web.Application) -> ChannelList:
+    infos = []
+    for channel in app[CHANNELS].all():
+        try:
+            configured, detail = channel.status()
+        except Exception as exc:
+            configured, detail = False, f"status check failed: {type(exc).__name__}: {exc}"
+        infos.append(
+            ChannelInfo(
+                channel.name, configured, detail, channel.idempotent, isinstance(channel, CallbackChannel)
+            )
+        )
+    plugins = [PluginInfo(p.name, p.source, p.channels, p.error) for p in app[PLUGINS]]
+    return ChannelList(infos, plugins)
+
+
+async def get_channels(request: web.Request) -> web.Response:
+    return json_response(channel_list(request.app))
+
+
+async def channel_callback(request: web.Request) -> web.Response:
+    """A provider reports outcomes; each becomes a message_* event, so rules can branch on it."""
+    name = request.match_info["name"]
+    channel = request.app[CHANNELS].get(name)
+    if channel is None or not isinstance(channel, CallbackChannel):
+        return error_response(404, f"channel `{name}` takes no callbacks")
+    outcomes = await channel.callback(request)
+    store = request.app[STORE]
+    accepted = await store.record_outcomes(name, outcomes)
+    if accepted:
+        request.app[INBOX].wake.set()
+    return json_response(CallbacksAccepted(accepted))
+
+
+async def get_inbox(request: web.Request) -> web.Response:
+    contact_id = contact_id_of(request)
+    limit = query_int(request, "limit", 20, 1, 100)
+    docs = await request.app[STORE].inapp_messages(contact_id, limit)
+    items = [
+        InboxItem(
+            d["_id"],
+            d["template"],
+            d.get("content", {}),
+            d.get("sent_at"),
+            d.get("shown_at"),
+            d.get("params", {}),
+        )
+        for d in docs
+    ]
+    return json_response(InboxList(items))
+
+
+_INBOX_ACTION = msgspec.json.Decoder(InboxAction)
+
+
+async def post_inbox_action(request: web.Request) -> web.Response:
+    contact_id = contact_id_of(request)
+    try:
+        action = _INBOX_ACTION.decode(await read_body(request))
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        return json_response(SimulateRejected(message, path), 422)
+    except msgspec.DecodeError as exc:
+        return error_response(400, f"malformed JSON: {exc}")
+    found = await request.app[STORE].inapp_action(contact_id, request.match_info["message_id"], action.action)
+    if not found:
+        return error_response(404, "no such in-app message for this contact")
+    request.app[INBOX].wake.set()
+    return web.Response(status=204)
+
+
+async def get_messages(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is None:
+        raise web.HTTPBadRequest(text="query parameter `status` is required, e.g. status=dead")
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = query_time(request, "before")
+    docs = await request.app[STORE].messages_by_status(status, limit + 1, before)
+    messages = [message_from_doc(d) for d in docs[:limit]]
+    next_before = messages[-1].created_at if len(docs) > limit else None
+    return json_response(MessageList(messages, next_before))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response(Health("ok"))
 
@@ -415,7 +544,13 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     channels = app[CHANNELS]
     rulesets = Rulesets(Path(settings.rulesets_dir), channels.names())
     rulesets.reload()
-    scheduler = Scheduler(app[STORE], channels, lambda: set(rulesets.live))
+    templates = Templates(Path(settings.templates_dir or Path(settings.rulesets_dir) / "templates"))
+    dispatcher = Dispatcher(app[STORE], channels, templates, send_policy(settings))
+    for channel in channels.all():
+        if isinstance(channel, ManagedChannel):
+            await channel.start()
+    lease = timedelta(seconds=settings.lease_seconds)
+    scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease)
     inbox = Inbox(
         app[STORE], rulesets, lease=timedelta(seconds=settings.lease_seconds), on_scheduled=scheduler.due_soon
     )
@@ -431,7 +566,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()  # loops finish the batch in hand, then return
-        done, pending = await asyncio.wait(tasks, timeout=30)
+        done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds)
         for task in pending:
             task.cancel()
         for task in done:
@@ -439,12 +574,37 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.error("engine.task_failed", task=task.get_name(), error=repr(task.exception()))
         for compiled in rulesets.live.values():
             compiled.free()
+        for channel in channels.all():
+            if isinstance(channel, ManagedChannel):
+                await channel.close()
+
+
+def send_policy(settings: Settings) -> SendPolicy:
+    quiet_start, quiet_end = parse_quiet_hours(settings.quiet_hours)
+    return SendPolicy(
+        frequency_caps=dict(settings.frequency_caps),
+        quiet_start=quiet_start,
+        quiet_end=quiet_end,
+        default_timezone=settings.default_timezone,
+        max_attempts=settings.max_attempts,
+        retry_base=timedelta(seconds=settings.retry_base_seconds),
+        retry_max=timedelta(seconds=settings.retry_max_seconds),
+    )
+
+
+def load_channels(settings: Settings) -> tuple[ChannelRegistry, list[PluginReport]]:
+    return load_plugins(BUILTIN_PLUGINS, settings.channels, settings.plugins)
 
 
 def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[CHANNELS] = channels or builtin_channels()
+    if channels is None:
+        channels, reports = load_channels(settings)
+    else:
+        reports = [PluginReport("test", "given", sorted(channels.names()))]
+    app[CHANNELS] = channels
+    app[PLUGINS] = reports
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(embedded_mongod_ctx)
     app.cleanup_ctx.append(mongo_ctx)
@@ -457,6 +617,11 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_get("/v1/rulesets", get_rulesets)
     app.router.add_post("/v1/rulesets/reload", reload_rulesets)
     app.router.add_post("/v1/simulate", post_simulate)
+    app.router.add_get("/v1/contacts/{contact_id}/inbox", get_inbox)
+    app.router.add_post("/v1/contacts/{contact_id}/inbox/{message_id:.+}", post_inbox_action)
+    app.router.add_get("/v1/messages", get_messages)
+    app.router.add_get("/v1/channels", get_channels)
+    app.router.add_post("/v1/channels/{name}/callbacks", channel_callback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

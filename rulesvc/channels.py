@@ -1,43 +1,124 @@
-"""Channels deliver what rules decide. Until a channel's plugin is installed, its sends are recorded only.
+"""What a channel is: the interface plugins implement, and the registry of the channels loaded.
 
-The built-in `log` channel records a message in the contact's history as `sent` and delivers nothing;
-it stands in for every standard channel that no plugin provides yet, so rulesets can be written,
-simulated and tested before the providers are set up.
+A channel receives a message that already passed consent, reachability, suppression, caps and quiet
+hours, rendered from its template, and says what became of it. Channel objects have `async` methods;
+pluggy only registers them (its hooks are synchronous).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from aiohttp import web
 
 STANDARD_CHANNELS = ("email", "sms", "push", "webpush", "inapp", "ads", "webhook")
 
 
-@dataclass(frozen=True)
+@dataclass
+class OutboundMessage:
+    message_id: str  # stable across retries: the idempotency key for providers that honour one
+    contact_id: str
+    channel: str
+    template: str
+    content: dict[str, str]  # rendered template blocks: subject, text, html, title, body, ...
+    params: dict[str, Any]
+    transactional: bool
+    contact: dict[str, Any]  # the profile: email, phone, push_tokens, webpush_subscriptions, timezone, ...
+    attempt: int = 1
+
+
+@dataclass
 class Delivery:
-    status: Literal["sent", "failed"]
+    """`retry` is for timeouts, 5xx and 429; `failed` is permanent (the provider said no)."""
+
+    status: Literal["sent", "failed", "retry"]
     reason: str | None = None
+    retry_after: float | None = None  # seconds, from the provider's Retry-After
+    provider_id: str | None = None
+    # Addresses the provider called dead: removed from the contact (e.g. ("push_tokens", token)).
+    unreachable: list[tuple[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] = field(
+        default_factory=dict
+    )  # kept on the message (e.g. in-app content, segments)
+
+
+@dataclass
+class Outcome:
+    """What a provider reported later about a message (callbacks)."""
+
+    status: Literal["delivered", "opened", "clicked", "bounced", "blocked", "replied", "failed"]
+    message_id: str | None = None
+    provider_id: str | None = None
+    reason: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 class Channel(Protocol):
     name: str
-    configured: bool
+    idempotent: (
+        bool  # the provider de-duplicates by our key, so a send interrupted by a crash may be repeated
+    )
 
-    async def send(self, message: dict[str, Any], contact: dict[str, Any]) -> Delivery: ...
+    def status(self) -> tuple[bool, str]:
+        """(configured, detail): a misconfigured channel is reported and skipped, never fatal."""
+        ...
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        """None if the contact can be reached on this channel, else why not."""
+        ...
+
+    async def send(self, message: OutboundMessage) -> Delivery: ...
+
+
+@runtime_checkable
+class CallbackChannel(Protocol):
+    async def callback(self, request: web.Request) -> list[Outcome]:
+        """Authenticate the provider's request as the provider signs it; raise HTTPUnauthorized if not."""
+        ...
+
+
+@runtime_checkable
+class ManagedChannel(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class LogChannel:
-    """Records only: the message history is the whole delivery."""
+    """Delivers nothing: the message history is the whole delivery. For trying rules out."""
 
-    configured = True
+    idempotent = True
 
     def __init__(self, name: str = "log") -> None:
         self.name = name
 
-    async def send(self, message: dict[str, Any], contact: dict[str, Any]) -> Delivery:
-        return Delivery(
-            "sent", None if self.name == "log" else "recorded only: no plugin for this channel yet"
-        )
+    def status(self) -> tuple[bool, str]:
+        return True, "records messages in the history only"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        return None
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        return Delivery("sent")
+
+
+class Unconfigured:
+    """A standard channel no installed plugin provides: rulesets may use it; its sends are suppressed."""
+
+    idempotent = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def status(self) -> tuple[bool, str]:
+        return False, f"no plugin provides `{self.name}`: pip install the rulesvc-{self.name} plugin"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        return None
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        return Delivery("failed", self.status()[1])
 
 
 class ChannelRegistry:
@@ -53,10 +134,14 @@ class ChannelRegistry:
     def names(self) -> frozenset[str]:
         return frozenset(self._channels)
 
+    def all(self) -> list[Channel]:
+        return [self._channels[n] for n in sorted(self._channels)]
+
 
 def builtin_channels() -> ChannelRegistry:
-    registry = ChannelRegistry()
-    registry.register(LogChannel())
-    for name in STANDARD_CHANNELS:
-        registry.register(LogChannel(name))
+    """Only the built-ins, without entry points: what `check` and the tests use."""
+    from rulesvc.builtin import BUILTIN_PLUGINS
+    from rulesvc.plugins import load_plugins
+
+    registry, _ = load_plugins(BUILTIN_PLUGINS, only=[])
     return registry

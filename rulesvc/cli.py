@@ -58,11 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print the actions as JSON instead of a table")
 
     commands.add_parser(
+        "plugins",
+        help="list plugins and their channels",
+        description="List the plugins that load (built-in first, then installed entry points of group "
+        "`rulesvc`), their channels, and whether each channel is configured.",
+    )
+
+    commands.add_parser(
         "schema",
         help="print the ruleset JSON Schema",
         description="Print the JSON Schema of ruleset files (rulesets/schema.json is this output).",
     )
     return parser
+
+
+def plugins() -> int:
+    from rulesvc.api import load_channels
+
+    registry, reports = load_channels(load_settings())
+    for report in reports:
+        status = f"error: {report.error}" if report.error else ", ".join(report.channels) or "-"
+        print(f"{report.name:<24} {report.source:<32} {status}")
+    print()
+    for channel in registry.all():
+        configured, detail = channel.status()
+        print(f"{channel.name:<12} {'configured' if configured else 'NOT CONFIGURED':<15} {detail}")
+    return 1 if any(r.error for r in reports) else 0
 
 
 def schema() -> int:
@@ -77,18 +98,22 @@ def schema() -> int:
 def check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rulesvc.channels import builtin_channels
+    from rulesvc.api import load_channels
     from rulesvc.rulesets import check_file, ruleset_files
+    from rulesvc.templates import Templates
 
-    directory = Path(args.dir or load_settings().rulesets_dir)
+    settings = load_settings()
+    directory = Path(args.dir or settings.rulesets_dir)
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
         return 1
-    channels = builtin_channels().names()
+    channels = load_channels(settings)[0].names()
+    templates = Templates(Path(settings.templates_dir) if settings.templates_dir and not args.dir
+                          else directory / "templates")  # fmt: skip
     files = ruleset_files(directory)
     failed = 0
     for path in files.values():
-        errors = check_file(path, channels)
+        errors = check_file(path, channels, templates)
         failed += bool(errors)
         for error in errors:
             print(error)
@@ -200,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return simulate_command(args)
         if args.command == "schema":
             return schema()
+        if args.command == "plugins":
+            return plugins()
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 5 * 1024 * 1024
     max_batch_events: int = 10_000
     lease_seconds: float = 15.0
+    shutdown_grace_seconds: float = 30.0
+    templates_dir: str | None = None  # default: <rulesets_dir>/templates
+    plugins: list[str] | None = None
+    channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    frequency_caps: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"email": 3, "sms": 2, "push": 4, "webpush": 4}
+    )
+    quiet_hours: str = "21:00-08:00"
+    default_timezone: str = "UTC"
+    max_attempts: int = 6
+    retry_base_seconds: float = 30.0
+    retry_max_seconds: float = 3600.0
     log_format: LogFormat = "auto"
     log_level: str = "info"
 
@@ -73,6 +85,34 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "how long a process may hold a contact's events before another may take them over",
     ),
     SettingDoc(
+        "templates_dir", "RULESVC_TEMPLATES_DIR", "message templates; unset = <rulesets_dir>/templates"
+    ),
+    SettingDoc(
+        "plugins",
+        "RULESVC_PLUGINS",
+        "comma-separated plugin names allowed to load from entry points; unset = all installed",
+    ),
+    SettingDoc("channels", "RULESVC_CHANNEL_<NAME>_<KEY>", "a channel's settings ([channels.NAME] in TOML)"),
+    SettingDoc(
+        "frequency_caps",
+        "RULESVC_FREQUENCY_CAPS",
+        "marketing messages per channel per day in the contact's time zone, e.g. email=3,sms=2",
+    ),
+    SettingDoc(
+        "quiet_hours",
+        "RULESVC_QUIET_HOURS",
+        "HH:MM-HH:MM in the contact's time zone when marketing sends wait; empty = none",
+    ),
+    SettingDoc("default_timezone", "RULESVC_DEFAULT_TIMEZONE", "time zone for contacts without one"),
+    SettingDoc("max_attempts", "RULESVC_MAX_ATTEMPTS", "delivery attempts before a message is dead-lettered"),
+    SettingDoc("retry_base_seconds", "RULESVC_RETRY_BASE_SECONDS", "first retry delay; doubles per attempt"),
+    SettingDoc("retry_max_seconds", "RULESVC_RETRY_MAX_SECONDS", "longest retry delay"),
+    SettingDoc(
+        "shutdown_grace_seconds",
+        "RULESVC_SHUTDOWN_GRACE_SECONDS",
+        "on SIGTERM, how long in-flight batches and sends may take before they are cut off",
+    ),
+    SettingDoc(
         "log_format", "RULESVC_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
     ),
     SettingDoc("log_level", "RULESVC_LOG_LEVEL", "debug, info, warning or error"),
@@ -103,14 +143,26 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
         except msgspec.ValidationError as exc:
             raise _validation_error(str(path), exc) from exc
     for doc in SETTINGS_DOC:
-        if doc.env in env and env[doc.env] != "":
-            raw[doc.field] = env[doc.env]
+        if doc.env in env and (env[doc.env] != "" or doc.field == "quiet_hours"):
+            raw[doc.field] = _parse_env(doc.field, env[doc.env])
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise _validation_error("environment", exc) from exc
     check(settings)
     return settings
+
+
+def _parse_env(name: str, value: str) -> Any:
+    """Lists and maps come as `a,b` and `k=v,k=v` in the environment."""
+    if name == "plugins":
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if name == "frequency_caps":
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ConfigError(f"frequency_caps: expected channel=number pairs, got {value!r}")
+        return {k.strip(): v.strip() for k, v in pairs}
+    return value
 
 
 def check(settings: Settings) -> None:
@@ -124,5 +176,13 @@ def check(settings: Settings) -> None:
         raise ConfigError("max_batch_events must be at least 1")
     if not settings.mongodb_uri and not settings.embedded_mongod:
         raise ConfigError("MONGODB_URI is required when RULESVC_EMBEDDED_MONGOD is false")
+    try:
+        from rulesvc.delivery import parse_quiet_hours
+
+        parse_quiet_hours(settings.quiet_hours)
+    except ValueError as exc:
+        raise ConfigError(f"quiet_hours must look like 21:00-08:00, got {settings.quiet_hours!r}") from exc
+    if settings.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")

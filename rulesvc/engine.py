@@ -256,6 +256,7 @@ class ContactView:
     profile: dict[str, Any]
     state: dict[str, Any]
     pending: list[PendingEntry] = field(default_factory=list)
+    profile_set: dict[str, Any] = field(default_factory=dict)  # profile fields the service itself changed
 
 
 class Context:

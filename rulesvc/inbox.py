@@ -30,6 +30,7 @@ from rulesvc.engine import (
     entry_doc,
     pending_from_doc,
 )
+from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
 from rulesvc.waiting import wait_any
@@ -45,6 +46,39 @@ PROFILE_FIELDS = (
     "timezone",
     "attributes",
 )
+
+
+# How far a message has come; an outcome moves it forward only (a late `delivered` after `opened`
+# is recorded but does not move the status back).
+OUTCOME_RANK = {"scheduled": 0, "sending": 0, "sent": 1, "delivered": 2, "opened": 3, "clicked": 4,
+                "replied": 4, "bounced": 5, "blocked": 5}  # fmt: skip
+
+
+def apply_outcome(doc: Doc, messages: dict[str, Doc], view: ContactView) -> list[Any]:
+    """A message_* event: record it on the message, give rules its channel/template, act on bad news."""
+    attributes = doc.setdefault("attributes", {})
+    outcome = doc["type"].removeprefix("message_")
+    message = messages.get(attributes.get("message_id", ""))
+    if message is not None and message["contact_id"] != view.contact_id:
+        message = None  # an outcome names a message of another contact: ignore the link, keep the event
+    channel = attributes.get("channel")
+    ops: list[Any] = []
+    if message is not None:
+        channel = channel or message.get("sent_channel") or message["channel"]
+        for key in ("channel", "template", "ruleset", "rule"):
+            attributes.setdefault(key, channel if key == "channel" else message.get(key))
+        update: Doc = {"$set": {f"outcomes.{outcome}": doc["time"]}}
+        if OUTCOME_RANK.get(outcome, 0) > OUTCOME_RANK.get(message["status"], 0):
+            update["$set"]["status"] = outcome
+            message["status"] = outcome
+        ops.append(UpdateOne({"_id": message["_id"]}, update))
+    at = doc["time"].timestamp()
+    if outcome == "bounced" and channel == "email":
+        view.profile["email_invalid"] = True
+        view.profile_set["email_invalid"] = True
+    elif outcome == "blocked" and isinstance(channel, str):
+        view.state.setdefault("suppressed", {})[channel] = {"since": at, "until": None, "reason": "blocked"}
+    return ops
 
 
 class VersionConflict(Exception):
@@ -77,6 +111,7 @@ def message_doc(entry: ScheduleEntry) -> Doc:
         "template": entry.message["template"],
         "params": entry.message["params"],
         "transactional": entry.message["transactional"],
+        "fallback": entry.message["fallback"],
         "status": "scheduled",
         "created_at": entry.created_at,
         "due_at": entry.due_at,
@@ -113,6 +148,10 @@ class Inbox:
                 continue
             except PyMongoError as exc:
                 log.warning("inbox.storage_error", error=type(exc).__name__)
+                await wait_any(stop, seconds=1.0)
+                continue
+            except Exception:  # a bug must not stop the inbox: log it, the events stay pending
+                log.exception("inbox.error")
                 await wait_any(stop, seconds=1.0)
                 continue
             if done == 0:
@@ -178,17 +217,27 @@ class Inbox:
         engine = self.rulesets.engine()
         views: dict[str, ContactView] = {}
         decisions = Decisions()
+        outcome_ids = [
+            d["attributes"]["message_id"]
+            for d in events
+            if d["type"] in MESSAGE_EVENT_TYPES
+            and isinstance((d.get("attributes") or {}).get("message_id"), str)
+        ]
+        messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": outcome_ids}})}
+        message_ops: list[Any] = []
         for doc in events:
             cid = doc["contact_id"]
             view = views.get(cid)
             if view is None:
                 view = views[cid] = contact_view(cid, contacts.get(cid), pending.get(cid, []))
+            if doc["type"] in MESSAGE_EVENT_TYPES:
+                message_ops.extend(apply_outcome(doc, messages, view))
             found = engine.evaluate(engine_event(doc), view, now)
             decisions.schedule.extend(found.schedule)
             decisions.cancel.extend(found.cancel)
             decisions.fired.extend(found.fired)
 
-        await self._commit(events, views, contacts, decisions, now)
+        await self._commit(events, views, contacts, decisions, now, message_ops)
         self.processed += len(events)
         if decisions.schedule and self.on_scheduled is not None:
             self.on_scheduled(min(e.due_at for e in decisions.schedule))
@@ -201,6 +250,7 @@ class Inbox:
         contacts: dict[str, Doc],
         decisions: Decisions,
         now: datetime,
+        message_ops: list[Any],
     ) -> None:
         contact_ops: list[Any] = []
         for cid, view in views.items():
@@ -210,7 +260,7 @@ class Inbox:
                 UpdateOne(
                     query,
                     {
-                        "$set": {"state": view.state, "version": (version or 0) + 1},
+                        "$set": {"state": view.state, "version": (version or 0) + 1, **view.profile_set},
                         "$setOnInsert": {"created_at": now},
                     },
                     upsert=True,
@@ -248,6 +298,8 @@ class Inbox:
                 await self.store.messages.insert_many(messages, session=session)
             if cancels:
                 await self._cancel(cancels, now, session)
+            if message_ops:
+                await self.store.messages.bulk_write(message_ops, ordered=False, session=session)
             await self.store.events.update_many(
                 {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
                 {"$set": {"state": "done", "processed_at": now}},

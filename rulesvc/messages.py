@@ -9,6 +9,7 @@ import msgspec
 
 MessageStatus = Literal[
     "scheduled",
+    "sending",
     "sent",
     "failed",
     "suppressed",
@@ -36,7 +37,11 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     created_at: datetime
     due_at: datetime | None = None
     sent_at: datetime | None = None
+    sent_channel: str | None = None  # the channel used: `channel`, or a fallback
+    attempt: int = 0
+    provider_id: str | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    outcomes: dict[str, datetime] = msgspec.field(default_factory=dict)
 
 
 class MessageList(msgspec.Struct):

@@ -120,6 +120,67 @@ def _paths() -> Schema:
                 "responses": {"200": _json(_ref("EventList"), "events"), "400": bad_request},
             },
         },
+        "/v1/contacts/{contact_id}/inbox": {
+            "parameters": [_contact_id()],
+            "get": {
+                "summary": "In-app messages to show now (delivered, not dismissed), newest first",
+                "operationId": "getInbox",
+                "parameters": [
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items")
+                ],
+                "responses": {"200": _json(_ref("InboxList"), "messages"), "400": bad_request},
+            },
+        },
+        "/v1/contacts/{contact_id}/inbox/{message_id}": {
+            "parameters": [
+                _contact_id(),
+                {"name": "message_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+            "post": {
+                "summary": "Mark an in-app message shown, clicked or dismissed (rules see shown, clicked)",
+                "operationId": "markInboxMessage",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InboxAction")}},
+                },
+                "responses": {
+                    "204": {"description": "recorded"},
+                    "400": bad_request,
+                    "404": _error("no such in-app message for this contact"),
+                    "422": _json(_ref("SimulateRejected"), "invalid action"),
+                },
+            },
+        },
+        "/v1/messages": {
+            "get": {
+                "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
+                "operationId": "getMessages",
+                "parameters": [
+                    {"name": "status", "in": "query", "required": True, "schema": {"type": "string"}},
+                    *_PAGING,
+                ],
+                "responses": {"200": _json(_ref("MessageList"), "messages"), "400": bad_request},
+            }
+        },
+        "/v1/channels": {
+            "get": {
+                "summary": "Loaded plugins and their channels, and whether each channel is configured",
+                "operationId": "getChannels",
+                "responses": {"200": _json(_ref("ChannelList"), "channels and plugins")},
+            }
+        },
+        "/v1/channels/{name}/callbacks": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {
+                "summary": "A provider's delivery reports, authenticated as that provider signs them",
+                "operationId": "channelCallback",
+                "responses": {
+                    "200": _json(_ref("CallbacksAccepted"), "outcomes queued as message_* events"),
+                    "401": _error("the provider's signature did not verify"),
+                    "404": _error("no such channel, or it takes no callbacks"),
+                },
+            },
+        },
         "/v1/rulesets": {
             "get": {
                 "summary": "The rulesets: live version, events they listen to, and errors of refused edits",
@@ -189,10 +250,21 @@ def _paths() -> Schema:
 
 @functools.cache
 def document() -> bytes:
-    from rulesvc.api import ErrorBody, EventList, Health, RulesetList, SimulateRejected
+    from rulesvc.api import (
+        CallbacksAccepted,
+        ChannelList,
+        ErrorBody,
+        EventList,
+        Health,
+        InboxAction,
+        InboxList,
+        RulesetList,
+        SimulateRejected,
+    )
 
     types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
     types += [EventList, Health, ErrorBody, RulesetList, SimulateRequest, SimulateResult, SimulateRejected]
+    types += [ChannelList, CallbacksAccepted, InboxList, InboxAction]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc = {
         "openapi": "3.1.0",

@@ -19,7 +19,8 @@ import structlog
 import watchfiles
 
 from rulesvc.engine import CompiledRuleset, CompileError, Engine, RuleIndex
-from rulesvc.ruleformat import InvalidRuleset, RulesetError, listened_events, parse_ruleset
+from rulesvc.ruleformat import InvalidRuleset, RulesetError, listened_events, parse_ruleset, sends
+from rulesvc.templates import Templates
 from rulesvc.waiting import wait_any
 
 log = structlog.get_logger(__name__)
@@ -72,13 +73,24 @@ def compile_source(path: Path, data: bytes, channels: frozenset[str]) -> Compile
         raise InvalidRuleset([RulesetError(path.name, exc.path, str(exc))]) from exc
 
 
-def check_file(path: Path, channels: frozenset[str]) -> list[RulesetError]:
-    """What `rulesvc check` runs: exactly what loading would, without keeping anything."""
+def check_file(
+    path: Path, channels: frozenset[str], templates: Templates | None = None
+) -> list[RulesetError]:
+    """What loading would find, plus templates that do not exist (the loader allows those: a template
+    may be added after its ruleset, but `rulesvc check` is the moment to catch the typo)."""
     try:
-        compile_source(path, read_source(path), channels).free()
+        compiled = compile_source(path, read_source(path), channels)
     except InvalidRuleset as exc:
         return exc.errors
-    return []
+    errors: list[RulesetError] = []
+    if templates is not None:
+        for where, name in sends(compiled.source):
+            if not templates.parts(name):
+                errors.append(
+                    RulesetError(path.name, where, f"template `{name}` not found in {templates.directory}")
+                )
+    compiled.free()
+    return errors
 
 
 class Rulesets:

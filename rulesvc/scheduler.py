@@ -2,24 +2,24 @@
 
 Entries are claimed in batches with a lease (`status: running`, an owner token and `lease_until`), so two
 processes never run the same entry; a process that dies mid-batch loses its lease and the entries go
-back to `pending`. Each entry's effect is written idempotently before the entry is marked done:
-a send's message goes from `scheduled` to `sent` only once, and a wait's `else` becomes one internal
-event in the inbox under a fixed id.
+back to `pending`. Each entry's effect is written idempotently before the entry is marked done: a send
+goes through the delivery pipeline and outbox (rulesvc.delivery), and a wait's `else` becomes one
+internal event in the inbox under a fixed id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from rulesvc.channels import ChannelRegistry, Delivery
+from rulesvc.delivery import Dispatcher, Result
 from rulesvc.engine import timer_event
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
 from rulesvc.waiting import wait_any
@@ -31,16 +31,18 @@ class Scheduler:
     def __init__(
         self,
         store: Store,
-        channels: ChannelRegistry,
+        dispatcher: Dispatcher,
         live_rulesets: Callable[[], set[str]],
         *,
         batch_size: int = 1000,
+        concurrency: int = 64,
         lease: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_timer_event: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.channels = channels
+        self.dispatcher = dispatcher
+        self.concurrency = concurrency
         self.live_rulesets = live_rulesets
         self.batch_size = batch_size
         self.lease = lease
@@ -62,6 +64,9 @@ class Scheduler:
                 sleep = await self._until_next_due(max_sleep)
             except PyMongoError as exc:
                 log.warning("scheduler.storage_error", error=type(exc).__name__)
+                sleep = 1.0
+            except Exception:  # a bug must not stop every future send: log it and try again
+                log.exception("scheduler.error")
                 sleep = 1.0
             self.wake.clear()
             if sleep > 0:
@@ -102,68 +107,115 @@ class Scheduler:
         if not entries:
             return 0
         live = self.live_rulesets()
-        sent: list[tuple[Doc, Delivery]] = []
-        timers: list[Doc] = []
-        finished: list[tuple[Doc, str, str | None]] = []
-        for entry in entries:
-            if entry["ruleset"] not in live:
-                finished.append((entry, "cancelled", "ruleset removed"))
-            elif "message" in entry:
-                delivery = await self._deliver(entry)
-                sent.append((entry, delivery))
-                finished.append((entry, "done", None))
-            else:
-                timers.append(entry)
-                finished.append((entry, "done", None))
-        await self._record(sent, timers, finished, now)
+        removed = [e for e in entries if e["ruleset"] not in live]
+        sends = [e for e in entries if e["ruleset"] in live and "message" in e]
+        timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
+        results = await self._dispatch(sends, now) if sends else []
+        if timers:
+            await self._insert_timer_events(timers, now)
+        await self._record(entries[0]["owner"], results, timers, removed, now)
         self.fired += len(entries)
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
         return len(entries)
 
-    async def _deliver(self, entry: Doc) -> Delivery:
-        message = entry["message"]
-        channel = self.channels.get(message["channel"])
-        if channel is None:
-            return Delivery("failed", f"channel `{message['channel']}` is not available")
-        try:
-            return await channel.send(message, {"contact_id": entry["contact_id"]})
-        except Exception as exc:  # a channel's bug fails its message, not the scheduler
-            log.exception("scheduler.channel_error", channel=message["channel"])
-            return Delivery("failed", f"channel error: {type(exc).__name__}")
+    async def _dispatch(self, entries: list[Doc], now: datetime) -> list[tuple[Doc, Result]]:
+        ids = [e["_id"] for e in entries]
+        messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
+        contact_ids = list({e["contact_id"] for e in entries})
+        contacts = {c["_id"]: c async for c in self.store.contacts.find({"_id": {"$in": contact_ids}})}
+        limit = asyncio.Semaphore(self.concurrency)
+        by_contact: dict[str, list[Doc]] = {}
+        for entry in entries:
+            by_contact.setdefault(entry["contact_id"], []).append(entry)
+
+        async def contact_in_order(mine: list[Doc]) -> list[tuple[Doc, Result]]:
+            """One contact's messages one after another, so a cap counts the one just sent."""
+            done: list[tuple[Doc, Result]] = []
+            for entry in mine:
+                message = messages.get(entry["_id"])
+                if message is None:
+                    done.append((entry, Result("skip", reason="message record missing")))
+                    continue
+                async with limit:
+                    result = await self.dispatcher.dispatch(message, contacts.get(entry["contact_id"]), now)
+                if result.kind == "sent":  # visible to the next cap check before the batch is recorded
+                    await self.store.messages.update_one(
+                        {"_id": entry["_id"]}, {"$set": {"sent_at": now, "sent_channel": result.channel}}
+                    )
+                done.append((entry, result))
+            return done
+
+        per_contact = await asyncio.gather(*(contact_in_order(m) for m in by_contact.values()))
+        return [pair for pairs in per_contact for pair in pairs]
 
     async def _record(
         self,
-        sent: list[tuple[Doc, Delivery]],
+        owner: str,
+        results: list[tuple[Doc, Result]],
         timers: list[Doc],
-        finished: list[tuple[Doc, str, str | None]],
+        removed: list[Doc],
         now: datetime,
     ) -> None:
-        # Outcomes are grouped so that a batch costs a handful of commands, not one per entry.
-        outcomes: dict[tuple[str, str | None], list[str]] = defaultdict(list)
-        for entry, delivery in sent:
-            outcomes[(delivery.status, delivery.reason)].append(entry["_id"])
-        for (status, reason), ids in outcomes.items():
-            await self.store.messages.update_many(
-                {"_id": {"$in": ids}, "status": "scheduled"},
-                {"$set": {"status": status, "sent_at": now} | ({"reason": reason} if reason else {})},
+        """Message first, entry last: a crash in between re-runs the entry, which finds the message done."""
+        message_ops: dict[str, tuple[list[str], Doc]] = {}  # identical updates are sent as one update_many
+        entry_done: list[str] = [e["_id"] for e in timers]
+        entry_again: list[tuple[str, datetime]] = []
+        contact_ops: list[Any] = []
+
+        def update(message_id: str, guard: list[str], fields: Doc) -> None:
+            key = repr((guard, sorted(fields.items())))
+            message_ops.setdefault(key, ([], {"guard": guard, "set": fields}))[0].append(message_id)
+
+        for entry, r in results:
+            mid = entry["_id"]
+            if r.kind in ("postponed", "retry"):
+                fields: Doc = {"status": "scheduled", "due_at": r.at, "reason": r.reason}
+                if r.kind == "retry":
+                    fields |= {"attempt": r.attempt}
+                update(mid, ["scheduled", "sending"], fields)
+                assert r.at is not None
+                entry_again.append((mid, r.at))
+                continue
+            entry_done.append(mid)
+            if r.kind == "skip":
+                continue
+            fields = {"status": r.kind, "reason": r.reason}
+            if r.kind == "sent":
+                fields |= {"sent_at": now, "sent_channel": r.channel, "attempt": r.attempt}
+                if r.provider_id:
+                    fields["provider_id"] = r.provider_id
+                fields |= {k: v for k, v in r.record.items() if k not in fields}
+            elif r.channel:
+                fields["sent_channel"] = r.channel
+            update(mid, ["scheduled", "sending"], fields)
+            for path, value in r.unreachable:
+                contact_ops.append(UpdateOne({"_id": entry["contact_id"]}, {"$pull": {path: value}}))
+        for e in removed:
+            update(
+                e["_id"],
+                ["scheduled"],
+                {"status": "cancelled", "reason": "ruleset removed", "cancelled_at": now},
             )
-        if timers:
-            await self._insert_timer_events(timers, now)
-        ends: dict[tuple[str, str | None], list[str]] = defaultdict(list)
-        for entry, status, reason in finished:
-            ends[(status, reason)].append(entry["_id"])
-        for (status, reason), ids in ends.items():
-            if status == "cancelled":
-                await self.store.messages.update_many(
-                    {"_id": {"$in": ids}, "status": "scheduled"},
-                    {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
-                )
-            await self.store.schedule.update_many(
-                {"_id": {"$in": ids}, "owner": finished[0][0]["owner"]},
-                {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
-                 "$unset": {"lease_until": ""}},
-            )  # fmt: skip
+        for ids, op in message_ops.values():
+            await self.store.messages.update_many(
+                {"_id": {"$in": ids}, "status": {"$in": op["guard"]}}, {"$set": op["set"]}
+            )
+        if contact_ops:
+            await self.store.contacts.bulk_write(contact_ops, ordered=False)
+        for mid, at in entry_again:
+            await self.store.schedule.update_one(
+                {"_id": mid, "owner": owner},
+                {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+            )
+        finished = [(entry_done, "done", None), ([e["_id"] for e in removed], "cancelled", "ruleset removed")]
+        for ids, status, reason in finished:
+            if ids:
+                await self.store.schedule.update_many(
+                    {"_id": {"$in": ids}, "owner": owner},
+                    {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
+                     "$unset": {"lease_until": ""}},
+                )  # fmt: skip
 
     async def _insert_timer_events(self, timers: list[Doc], now: datetime) -> None:
         """A wait's `else` becomes one inbox event under a fixed id: re-running the entry cannot double it."""

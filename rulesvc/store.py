@@ -190,6 +190,86 @@ class Store:
         )
         return await cursor.to_list()
 
+    async def messages_by_status(self, status: str, limit: int, before: datetime | None = None) -> list[Doc]:
+        query: Doc = {"status": status}
+        if before is not None:
+            query["created_at"] = {"$lt": before}
+        return await self.messages.find(query).sort([("created_at", DESCENDING)]).limit(limit).to_list()
+
+    async def inapp_messages(self, contact_id: str, limit: int) -> list[Doc]:
+        """What the shop's page shows now: delivered in-app messages not dismissed, newest first."""
+        query = {
+            "contact_id": contact_id,
+            "sent_channel": "inapp",
+            "status": {"$in": ["sent", "delivered", "opened", "clicked"]},
+            "dismissed_at": {"$exists": False},
+        }
+        return await self.messages.find(query).sort([("created_at", DESCENDING)]).limit(limit).to_list()
+
+    async def inapp_action(
+        self, contact_id: str, message_id: str, action: str, now: datetime | None = None
+    ) -> bool:
+        """Shown and clicked become message_opened / message_clicked events for the rules."""
+        now = now or datetime.now(UTC)
+        field = {"shown": "shown_at", "clicked": "clicked_at", "dismissed": "dismissed_at"}[action]
+        result = await self.messages.update_one(
+            {"_id": message_id, "contact_id": contact_id, "sent_channel": "inapp"}, {"$set": {field: now}}
+        )
+        if result.matched_count == 0:
+            return False
+        if action != "dismissed":
+            kind = "opened" if action == "shown" else "clicked"
+            attributes = {"message_id": message_id, "channel": "inapp"}
+            event = (f"inapp:{message_id}:{kind}", f"message_{kind}", contact_id, attributes)
+            await self._insert_outcome_events([event], now)
+        return True
+
+    async def record_outcomes(self, channel: str, outcomes: list[Any], now: datetime | None = None) -> int:
+        """Provider callbacks: find each message (by our id or the provider's) and queue its outcome event."""
+        now = now or datetime.now(UTC)
+        events = []
+        for outcome in outcomes:
+            query: Doc = (
+                {"_id": outcome.message_id} if outcome.message_id else {"provider_id": outcome.provider_id}
+            )
+            message = await self.messages.find_one(query, {"contact_id": 1})
+            if message is None:
+                continue
+            if outcome.status == "failed":
+                await self.messages.update_one(
+                    {"_id": message["_id"], "status": {"$in": ["sent", "delivered"]}},
+                    {"$set": {"status": "failed", "reason": outcome.reason}},
+                )
+                continue
+            attributes = {"message_id": message["_id"], "channel": channel, **outcome.attributes}
+            if outcome.reason:
+                attributes["reason"] = outcome.reason
+            event_id = f"{channel}:{message['_id']}:{outcome.status}"
+            events.append((event_id, f"message_{outcome.status}", message["contact_id"], attributes))
+        await self._insert_outcome_events(events, now)
+        return len(events)
+
+    async def _insert_outcome_events(self, events: list[tuple[str, str, str, Doc]], now: datetime) -> None:
+        if not events:
+            return
+        docs = [
+            {
+                "_id": i,
+                "type": t,
+                "contact_id": c,
+                "time": now,
+                "attributes": a,
+                "received_at": now,
+                "state": PENDING,
+            }
+            for i, t, c, a in events
+        ]
+        try:
+            await self.events.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:  # a provider repeating a callback: the first one counts
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                raise
+
     async def insert_message(self, message: Message) -> None:
         doc = {"_id": message.message_id, **_message_fields(message)}
         await self.messages.insert_one(doc)

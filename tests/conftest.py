@@ -34,6 +34,7 @@ def settings(mongod: EmbeddedMongod, tmp_path: Path) -> Settings:
         data_dir=str(tmp_path / "data"),
         rulesets_dir=str(tmp_path / "rulesets"),
         log_format="console",
+        quiet_hours="",  # tests run at any hour; quiet hours have tests of their own
     )
 
 

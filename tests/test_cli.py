@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ def test_check_shipped_rulesets_pass() -> None:
 
 def test_check_prints_every_error_with_file_and_json_path(tmp_path: Path) -> None:
     (tmp_path / "good.json").write_text((ROOT / "rulesets" / "cart_abandon.json").read_text())
+    shutil.copytree(ROOT / "rulesets" / "templates", tmp_path / "templates")
+    (tmp_path / "typo_template.json").write_text(
+        json.dumps({"rules": [{"name": "a", "when": {"event": "x"},
+                               "then": [{"send": {"channel": "log", "template": "cart_abandon/emial"}}]}]})
+    )  # fmt: skip
     (tmp_path / "broken.json").write_text('{"rules": [{"name": "r", "when": {"event": "x"}, "then": [')
     (tmp_path / "typo.json").write_text(
         json.dumps(
@@ -50,7 +56,9 @@ def test_check_prints_every_error_with_file_and_json_path(tmp_path: Path) -> Non
     assert "typo.json:$.rules[0].then[0].send.channel: unknown channel `pigeon`" in result.stdout
     assert "typo.json:$.rules[1].name: duplicate rule name `a`" in lines
     assert "typo.json:$.rules[1].then[0]: an action has exactly one key" in result.stdout
-    assert "1 of 4 rulesets valid" in result.stderr
+    missing = "typo_template.json:$.rules[0].then[0].send.template: template `cart_abandon/emial` not found"
+    assert f"{missing} in {tmp_path}/templates" in lines
+    assert "1 of 5 rulesets valid" in result.stderr
 
 
 def test_simulate_prints_the_timeline(tmp_path: Path) -> None:

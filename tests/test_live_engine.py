@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rulesvc.api import INBOX, SCHEDULER, create_app
-from rulesvc.channels import ChannelRegistry, Delivery, builtin_channels
+from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, builtin_channels
 from rulesvc.config import Settings
 from tests.rulesets_helpers import write_ruleset
 
@@ -18,14 +18,20 @@ from tests.rulesets_helpers import write_ruleset
 class RecordingChannel:
     """Stands in for a provider: remembers every message it was asked to deliver."""
 
-    configured = True
+    idempotent = False
 
     def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
         self.name = name
         self.log = log
 
-    async def send(self, message: dict[str, Any], contact: dict[str, Any]) -> Delivery:
-        self.log.append((self.name, contact["contact_id"]))
+    def status(self) -> tuple[bool, str]:
+        return True, "records"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        return None
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        self.log.append((self.name, message.contact_id))
         return Delivery("sent")
 
 
@@ -37,8 +43,13 @@ def recording(log: list[tuple[str, str]]) -> ChannelRegistry:
 
 
 def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "3s") -> None:
+    (directory / "templates").mkdir(parents=True, exist_ok=True)
+    (directory / "templates" / "cart.title").write_text("Your cart")
+    (directory / "templates" / "cart.body").write_text("Still thinking about it? {{ params.value }}")
+
     def reminder(channel: str, after: str) -> dict[str, Any]:
-        return {"send": {"channel": channel, "template": f"cart_{channel}", "after": after,
+        # Transactional, so that these engine tests need no consent; the pipeline has tests of its own.
+        return {"send": {"channel": channel, "template": "cart", "after": after, "transactional": True,
                          "cancel_on": ["purchased"], "params": {"value": "$attributes.value"}}}  # fmt: skip
 
     write_ruleset(

@@ -31,6 +31,12 @@ def write(path: Path, body: dict[str, Any] | str) -> None:
     tmp.replace(path)  # as editors save: the watcher sees one complete file
 
 
+def write_templates(folder: Path) -> None:
+    (folder / "templates").mkdir()
+    for n in range(11):
+        (folder / "templates" / f"v{n}.body").write_text(f"version {n}")
+
+
 async def listing(client: Any) -> dict[str, Any]:
     return {r["name"]: r for r in (await (await client.get("/v1/rulesets")).json())["rulesets"]}
 
@@ -42,6 +48,7 @@ async def templates_sent(db: Any) -> list[str]:
 async def test_edit_broken_edit_and_delete(aiohttp_client: Any, settings: Settings, db: Any) -> None:
     folder = Path(settings.rulesets_dir)
     folder.mkdir(parents=True)
+    write_templates(folder)
     path = folder / "greet.json"
     write(path, ruleset("v1"))
     client = await aiohttp_client(create_app(settings))
@@ -113,6 +120,7 @@ async def test_events_posted_during_reloads_are_all_processed(
 ) -> None:
     folder = Path(settings.rulesets_dir)
     folder.mkdir(parents=True)
+    write_templates(folder)
     path = folder / "greet.json"
     write(path, ruleset("v0"))
     client = await aiohttp_client(create_app(settings))

@@ -1,0 +1,48 @@
+"""The built-in plugin: the `log` and in-app channels, and placeholders for standard channels.
+
+Placeholders let rulesets name a standard channel before its plugin is installed; an installed plugin's
+channel of the same name replaces the placeholder (entry points load after the built-ins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rulesvc.channels import STANDARD_CHANNELS, Channel, Delivery, LogChannel, OutboundMessage, Unconfigured
+from rulesvc.hookspecs import hookimpl
+
+
+class InAppChannel:
+    """The shop's own pages show these: `GET /v1/contacts/{id}/inbox` lists what to show now."""
+
+    name = "inapp"
+    idempotent = True
+
+    def status(self) -> tuple[bool, str]:
+        return True, "stored for the contact's inbox"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        return None
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        if not (message.content.get("title") or message.content.get("body")):
+            return Delivery("failed", "template has neither a title nor a body")
+        content = {k: message.content[k] for k in ("title", "body", "url") if k in message.content}
+        return Delivery("sent", record={"content": content})
+
+
+class BuiltinChannels:
+    @hookimpl
+    def register_channels(
+        self, register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]
+    ) -> None:
+        """The channels that need no provider, then a placeholder for every other standard channel."""
+        register(LogChannel())
+        register(InAppChannel())
+        for name in STANDARD_CHANNELS:
+            if name != "inapp":
+                register(Unconfigured(name))
+
+
+BUILTIN_PLUGINS: list[tuple[str, object]] = [("builtin", BuiltinChannels())]

@@ -1,0 +1,19 @@
+"""The hooks a rulesvc plugin can implement. Built-in plugins register first, then entry points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from rulesvc.channels import Channel
+
+hookspec = pluggy.HookspecMarker("rulesvc")
+hookimpl = pluggy.HookimplMarker("rulesvc")
+
+
+@hookspec
+def register_channels(register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]) -> None:
+    """Register channels; `config(name)` is a channel's settings: [channels.NAME], RULESVC_CHANNEL_NAME_*."""

@@ -1,0 +1,59 @@
+"""Message templates: Jinja2 in its sandbox, one file per part, reloaded when a file changes.
+
+`templates/cart_abandon/email.subject`, `.text` and `.html` are the parts of template
+`cart_abandon/email`; push and in-app messages use `.title` and `.body`. Only `.html` is autoescaped.
+A template can read its params, the contact and the message, and nothing of Python's internals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+PARTS = ("subject", "text", "html", "title", "body", "url")
+
+
+class TemplateError(Exception):
+    pass
+
+
+class Missing(jinja2.ChainableUndefined):
+    """A missing value may be tested, chained into and defaulted (`contact.attributes.x | default('')`),
+    but printing it is an error: a message with a hole in it is worse than no message."""
+
+    def __str__(self) -> str:
+        self._fail_with_undefined_error()
+        return ""  # not reached
+
+
+class Templates:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.env = ImmutableSandboxedEnvironment(
+            loader=jinja2.FileSystemLoader(str(directory)),
+            autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=False),
+            undefined=Missing,
+            auto_reload=True,  # an edited file is picked up at the next render
+            keep_trailing_newline=False,
+        )
+
+    def parts(self, name: str) -> list[str]:
+        base = self.directory / name
+        return [p for p in PARTS if base.with_name(f"{base.name}.{p}").is_file()]
+
+    def render(self, name: str, context: dict[str, Any]) -> dict[str, str]:
+        found = self.parts(name)
+        if not found:
+            raise TemplateError(f"template `{name}` not found in {self.directory}")
+        rendered: dict[str, str] = {}
+        for part in found:
+            try:
+                rendered[part] = self.env.get_template(f"{name}.{part}").render(context).strip()
+            except jinja2.TemplateError as exc:
+                raise TemplateError(f"template `{name}.{part}`: {exc}") from exc
+            except Exception as exc:  # e.g. a division by zero in the template itself
+                raise TemplateError(f"template `{name}.{part}`: {type(exc).__name__}: {exc}") from exc
+        return rendered

@@ -1,0 +1,395 @@
+"""The send pipeline and the outbox, live: consent, reachability, fallback, caps, quiet hours, retries,
+dead letters, crash recovery, outcomes feeding back, the in-app inbox, and sandboxed templates."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from rulesvc.api import create_app
+from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome, builtin_channels
+from rulesvc.config import Settings
+from tests.rulesets_helpers import write_ruleset
+from tests.test_live_engine import eventually
+
+TEMPLATES = {
+    "hello.subject": "Hello {{ contact.attributes.first_name | default('there') }}",
+    "hello.text": "Your code is {{ params.code }}.",
+    "hello.title": "Hello",
+    "hello.body": "Code {{ params.code }}",
+    "evil.body": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "broken.body": "{{ params.missing.deeper }}",
+}
+
+
+class Provider:
+    """A channel plugin as a test installs it: reachability like the real ones, scripted answers."""
+
+    def __init__(self, name: str, needs: str | None = None, idempotent: bool = False) -> None:
+        self.name = name
+        self.needs = needs
+        self.idempotent = idempotent
+        self.delivered: list[OutboundMessage] = []
+        self.keys_seen: list[str] = []
+        self.script: list[Delivery] = []  # answers to give, in order; then "sent"
+        self.hang = asyncio.Event()
+        self.hanging = False
+
+    def status(self) -> tuple[bool, str]:
+        return True, "test provider"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        if self.needs == "email" and (not contact.get("email") or contact.get("email_invalid")):
+            return "no valid email address"
+        if self.needs and self.needs != "email" and not contact.get(self.needs):
+            return f"no {self.needs}"
+        return None
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        self.keys_seen.append(message.message_id)
+        if self.hanging:
+            self.delivered.append(message)  # the provider got it ...
+            await self.hang.wait()  # ... and the process dies before it hears back
+        if self.idempotent and message.message_id in {m.message_id for m in self.delivered}:
+            return Delivery("sent", provider_id=f"p-{message.message_id}")  # de-duplicated by the key
+        answer = (
+            self.script.pop(0) if self.script else Delivery("sent", provider_id=f"p-{message.message_id}")
+        )
+        if answer.status == "sent":
+            self.delivered.append(message)
+        return answer
+
+    async def callback(self, request: web.Request) -> list[Outcome]:
+        if request.headers.get("X-Provider-Token") != "s3cret":
+            raise web.HTTPUnauthorized(text="bad provider signature")
+        body = await request.json()
+        return [Outcome(status=body["status"], provider_id=body["id"])]
+
+
+def registry(*providers: Provider) -> ChannelRegistry:
+    channels = builtin_channels()
+    for p in providers:
+        channels.register(p)
+    return channels
+
+
+def setup(settings: Settings, sends: list[dict[str, Any]], **changes: Any) -> Settings:
+    folder = Path(settings.rulesets_dir)
+    (folder / "templates").mkdir(parents=True, exist_ok=True)
+    for name, text in TEMPLATES.items():
+        (folder / "templates" / name).write_text(text)
+    write_ruleset(folder, "flow", {"rules": [{"name": "go", "when": {"event": "go"}, "then": sends}]})
+    return msgspec.structs.replace(settings, **changes)
+
+
+def send(channel: str, template: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {
+        "send": {"channel": channel, "template": template, "params": {"code": "$attributes.code"}, **extra}
+    }
+
+
+async def go(client: Any, contact: str = "c1", n: int = 1, **attributes: Any) -> None:
+    events = [{"id": f"go-{contact}-{i}-{datetime.now().timestamp()}", "type": "go", "contact_id": contact,
+               "attributes": {"code": "X1", **attributes}} for i in range(n)]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+
+async def history(client: Any, contact: str = "c1") -> list[dict[str, Any]]:
+    return list(reversed((await (await client.get(f"/v1/contacts/{contact}/messages")).json())["messages"]))
+
+
+async def settled(client: Any, contact: str = "c1", count: int = 1) -> list[dict[str, Any]]:
+    async def done() -> bool:
+        msgs = await history(client, contact)
+        return len(msgs) >= count and all(m["status"] not in ("scheduled", "sending") for m in msgs)
+
+    await eventually(done, 10)
+    return await history(client, contact)
+
+
+PROFILE = {"email": "ann@example.com", "push_tokens": ["tok-1"], "attributes": {"first_name": "Ann"}}
+
+
+async def test_consent_is_needed_for_marketing_not_for_transactional(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    push = Provider("push", needs="push_tokens")
+    client = await aiohttp_client(
+        create_app(setup(settings, [send("push"), send("push", transactional=True)]), registry(push))
+    )
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client)
+    msgs = await settled(client, count=2)
+    assert [(m["status"], m.get("reason")) for m in msgs] == [
+        ("suppressed", "push: no marketing consent"),
+        ("sent", None),
+    ]
+    assert len(push.delivered) == 1
+    assert push.delivered[0].content["title"] == "Hello" and push.delivered[0].content["body"] == "Code X1"
+
+    await client.put("/v1/contacts/c1", json={**PROFILE, "consent": {"push": True}})
+    await go(client)
+    msgs = await settled(client, count=4)
+    assert [m["status"] for m in msgs[2:]] == ["sent", "sent"]
+
+
+async def test_unreachable_falls_back_then_suppresses(aiohttp_client: Any, settings: Settings) -> None:
+    push, email = Provider("push", needs="push_tokens"), Provider("email", needs="email")
+    client = await aiohttp_client(
+        create_app(setup(settings, [send("push", fallback=["email"])]), registry(push, email))
+    )
+    await client.put(
+        "/v1/contacts/c1", json={"email": "ann@example.com", "consent": {"push": True, "email": True}}
+    )
+    await go(client)
+    [msg] = await settled(client)
+    assert msg["status"] == "sent" and msg["channel"] == "push"
+    assert [m.channel for m in email.delivered] == ["email"] and push.delivered == []
+    assert email.delivered[0].content["subject"] == "Hello there"
+
+    await client.put("/v1/contacts/c2", json={"consent": {"push": True, "email": True}})
+    await go(client, contact="c2")
+    [msg] = await settled(client, contact="c2")
+    assert msg["status"] == "suppressed"
+    assert msg["reason"] == "push: no push_tokens; email: no valid email address"
+
+
+async def test_frequency_cap_per_channel_per_local_day(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    app = create_app(setup(settings, [send("push")], frequency_caps={"push": 2}), registry(push))
+    client = await aiohttp_client(app)
+    await client.put(
+        "/v1/contacts/c1", json={**PROFILE, "consent": {"push": True}, "timezone": "Pacific/Auckland"}
+    )
+    for _ in range(3):
+        await go(client)
+        await settled(client, count=len(await history(client)))
+    msgs = await settled(client, count=3)
+    assert [m["status"] for m in msgs] == ["sent", "sent", "suppressed"]
+    assert msgs[2]["reason"] == "frequency cap: 2 push message(s) a day reached"
+    assert len(push.delivered) == 2
+
+
+async def test_quiet_hours_postpone_to_the_end_of_the_window(aiohttp_client: Any, settings: Settings) -> None:
+    now = datetime.now(UTC)
+    zone = "Asia/Kolkata"  # +05:30, so the window is not UTC's
+    local = now.astimezone(__import__("zoneinfo").ZoneInfo(zone))
+    start, end = (
+        (local - timedelta(hours=1)).strftime("%H:%M"),
+        (local + timedelta(hours=2)).strftime("%H:%M"),
+    )
+    push = Provider("push", needs="push_tokens")
+    quiet = setup(settings, [send("push"), send("push", transactional=True)], quiet_hours=f"{start}-{end}")
+    app = create_app(quiet, registry(push))
+    client = await aiohttp_client(app)
+    await client.put("/v1/contacts/c1", json={**PROFILE, "consent": {"push": True}, "timezone": zone})
+    await go(client)
+
+    async def postponed() -> bool:
+        msgs = await history(client)
+        return len(msgs) == 2 and msgs[0].get("reason") == "quiet hours in the contact's time zone"
+
+    await eventually(postponed, 10)
+    marketing, transactional = await history(client)
+    assert marketing["status"] == "scheduled"  # postponed, never dropped
+    due = datetime.fromisoformat(marketing["due_at"])
+    expected = (local + timedelta(hours=2)).replace(second=0, microsecond=0)
+    assert abs((due - expected).total_seconds()) < 61
+    assert transactional["status"] == "sent"  # transactional messages are not held back
+    assert len(push.delivered) == 1
+
+
+async def test_retries_then_success_honours_retry_after(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    push.script = [Delivery("retry", "HTTP 503"), Delivery("retry", "HTTP 429", retry_after=1.0)]
+    app = create_app(
+        setup(settings, [send("push", transactional=True)], retry_base_seconds=0.2), registry(push)
+    )
+    client = await aiohttp_client(app)
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    started = asyncio.get_running_loop().time()
+    await go(client)
+    [msg] = await settled(client)
+    assert msg["status"] == "sent"
+    assert push.keys_seen == [msg["message_id"]] * 3  # the same key on every attempt
+    assert asyncio.get_running_loop().time() - started >= 1.0  # waited at least the Retry-After
+    assert len(push.delivered) == 1
+
+
+async def test_dead_letter_after_max_attempts(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    push.script = [Delivery("retry", "HTTP 500")] * 10
+    app = create_app(
+        setup(settings, [send("push", transactional=True)], retry_base_seconds=0.05, max_attempts=3),
+        registry(push),
+    )
+    client = await aiohttp_client(app)
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client)
+    [msg] = await settled(client)
+    assert msg["status"] == "dead" and msg["reason"] == "gave up after 3 attempts: HTTP 500"
+    dead = await (await client.get("/v1/messages", params={"status": "dead"})).json()
+    assert [m["message_id"] for m in dead["messages"]] == [msg["message_id"]]
+    assert len(push.keys_seen) == 3
+
+
+async def test_permanent_failure_keeps_the_providers_reason(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    push.script = [
+        Delivery("failed", "HTTP 400: invalid registration", unreachable=[("push_tokens", "tok-1")])
+    ]
+    client = await aiohttp_client(
+        create_app(setup(settings, [send("push", transactional=True)]), registry(push))
+    )
+    await client.put("/v1/contacts/c1", json={**PROFILE, "push_tokens": ["tok-1", "tok-2"]})
+    await go(client)
+    [msg] = await settled(client)
+    assert (msg["status"], msg["reason"]) == ("failed", "HTTP 400: invalid registration")
+    contact = await (await client.get("/v1/contacts/c1")).json()
+    assert contact["push_tokens"] == ["tok-2"]  # the dead token was removed
+
+
+async def test_crash_between_provider_call_and_status_write(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    """Each channel kind delivers at most once: idempotent providers get the same key again and
+    de-duplicate; others are not called again and the message says why."""
+    for idempotent in (True, False):
+        push = Provider("push", needs="push_tokens", idempotent=idempotent)
+        push.hanging = True
+        quick = msgspec.structs.replace(
+            settings,
+            database=f"{settings.database}_{idempotent}",
+            lease_seconds=1,
+            shutdown_grace_seconds=0.5,
+        )
+        first = await aiohttp_client(
+            create_app(setup(quick, [send("push", transactional=True)]), registry(push))
+        )
+        await first.put("/v1/contacts/c1", json=PROFILE)
+        await go(first)
+        await eventually(lambda client=first: _sending(client), 10)
+        await first.close()  # the process goes away mid-call; the provider already has the message
+        push.hanging = False
+        second = await aiohttp_client(
+            create_app(setup(quick, [send("push", transactional=True)]), registry(push))
+        )
+        [msg] = await settled(second)
+        assert len(push.delivered) == 1, idempotent
+        if idempotent:
+            assert msg["status"] == "sent" and len(push.keys_seen) == 2  # asked again, with the same key
+            assert push.keys_seen[0] == push.keys_seen[1] == msg["message_id"]
+        else:
+            assert msg["status"] == "failed" and len(push.keys_seen) == 1
+            assert (
+                msg["reason"]
+                == "interrupted during the provider call; not repeated so it cannot arrive twice"
+            )
+        await second.close()
+        push.hang.set()
+
+
+async def _sending(client: Any) -> bool:
+    msgs = await history(client)
+    return bool(msgs) and msgs[0]["status"] == "sending"
+
+
+async def test_bounce_marks_email_invalid_and_block_suppresses(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    email = Provider("email", needs="email")
+    sms = Provider("sms", needs="phone")
+    app = create_app(setup(settings, [send("email", transactional=True), send("sms", transactional=True)]),
+                     registry(email, sms))  # fmt: skip
+    client = await aiohttp_client(app)
+    await client.put("/v1/contacts/c1", json={**PROFILE, "phone": "+4915112345678"})
+    await go(client)
+    first_email, first_sms = await settled(client, count=2)
+    outcomes = [
+        {"id": "b1", "type": "message_bounced", "contact_id": "c1",
+         "attributes": {"message_id": first_email["message_id"]}},
+        {"id": "b2", "type": "message_blocked", "contact_id": "c1",
+         "attributes": {"message_id": first_sms["message_id"]}},
+    ]  # fmt: skip
+    assert (await client.post("/v1/events", json=outcomes)).status == 202
+
+    async def invalid() -> bool:
+        return bool((await (await client.get("/v1/contacts/c1")).json())["email_invalid"])
+
+    await eventually(invalid, 10)
+    statuses = {m["message_id"]: m["status"] for m in await history(client)}
+    assert statuses[first_email["message_id"]] == "bounced"
+    assert statuses[first_sms["message_id"]] == "blocked"
+    await go(client)
+    msgs = await settled(client, count=4)
+    assert [(m["status"], m["reason"]) for m in msgs[2:]] == [
+        ("suppressed", "email: no valid email address"),
+        ("suppressed", "sms: contact is on the suppression list"),
+    ]
+    assert len(email.delivered) == 1 and len(sms.delivered) == 1
+
+
+async def test_provider_callbacks_are_authenticated(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    client = await aiohttp_client(
+        create_app(setup(settings, [send("push", transactional=True)]), registry(push))
+    )
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client)
+    [msg] = await settled(client)
+    report = {"id": f"p-{msg['message_id']}", "status": "delivered"}
+    assert (await client.post("/v1/channels/push/callbacks", json=report)).status == 401
+    resp = await client.post(
+        "/v1/channels/push/callbacks", json=report, headers={"X-Provider-Token": "s3cret"}
+    )
+    assert resp.status == 200 and await resp.json() == {"accepted": 1}
+
+    async def delivered() -> bool:
+        return (await history(client))[0]["status"] == "delivered"
+
+    await eventually(delivered, 10)
+    assert (await client.post("/v1/channels/log/callbacks", json=report)).status == 404
+    channels = await (await client.get("/v1/channels")).json()
+    by_name = {c["name"]: c for c in channels["channels"]}
+    assert by_name["push"]["callbacks"] is True and by_name["log"]["callbacks"] is False
+    assert by_name["sms"]["configured"] is False
+
+
+async def test_inapp_inbox(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(setup(settings, [send("inapp")])))
+    await go(client)
+    await settled(client)
+    inbox = (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"]
+    assert [m["content"] for m in inbox] == [{"title": "Hello", "body": "Code X1"}]  # what a page shows
+    mid = inbox[0]["message_id"]
+    assert (await client.post(f"/v1/contacts/c1/inbox/{mid}", json={"action": "shown"})).status == 204
+
+    async def opened() -> bool:
+        return (await history(client))[0]["status"] == "opened"
+
+    await eventually(opened, 10)
+    assert (await client.post(f"/v1/contacts/c1/inbox/{mid}", json={"action": "dismissed"})).status == 204
+    assert (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"] == []
+    assert (await client.post(f"/v1/contacts/c2/inbox/{mid}", json={"action": "shown"})).status == 404
+    assert (await client.post(f"/v1/contacts/c1/inbox/{mid}", json={"action": "eaten"})).status == 422
+
+
+async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    client = await aiohttp_client(
+        create_app(
+            setup(settings, [send("log", "evil"), send("log", "broken"), send("log", "missing"), send("log")])
+        )
+    )
+    await go(client)
+    evil, broken, missing, fine = await settled(client, count=4)
+    assert evil["status"] == "failed" and "unsafe" in evil["reason"]
+    assert broken["status"] == "failed" and "template `broken.body`" in broken["reason"]
+    assert missing["status"] == "failed" and "template `missing` not found" in missing["reason"]
+    assert fine["status"] == "sent"
