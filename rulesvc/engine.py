@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import durable_rules_engine  # type: ignore[import-not-found]
+import durable_rules_engine
 import msgspec
 import structlog
 

@@ -1,0 +1,127 @@
+"""The `email` channel: SMTP with aiosmtplib, multipart text + HTML.
+
+Settings ([channels.email] or RULESVC_CHANNEL_EMAIL_*): `host`, `from` (required); `port` (587),
+`security` (`starttls`, `tls` for implicit TLS on 465, or `none` for a local relay), `username`,
+`password`, `reply_to`, `timeout` (seconds, 30), `unsubscribe_url` (with `{contact_id}` and
+`{message_id}`, for the one-click List-Unsubscribe header of marketing mail), `unsubscribe_mailto`,
+`ca_file` (to trust a private CA).
+
+SMTP has no idempotency key, so a send interrupted by a crash is not repeated (see rulesvc.delivery).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import quote
+
+import aiosmtplib
+
+from rulesvc.channels import Channel, Delivery, OutboundMessage
+from rulesvc.hookspecs import hookimpl
+
+
+class EmailChannel:
+    name = "email"
+    idempotent = False
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.host = str(config.get("host", ""))
+        self.port = int(config.get("port", 587))
+        self.security = str(config.get("security", "starttls")).lower()
+        self.username = config.get("username")
+        self.password = config.get("password")
+        self.sender = str(config.get("from", ""))
+        self.reply_to = config.get("reply_to")
+        self.timeout = float(config.get("timeout", 30))
+        self.unsubscribe_url = config.get("unsubscribe_url")
+        self.unsubscribe_mailto = config.get("unsubscribe_mailto")
+        self.tls_context = ssl.create_default_context(cafile=config.get("ca_file"))
+        self.domain = self.sender.rpartition("@")[2] or "rulesvc.local"
+
+    def status(self) -> tuple[bool, str]:
+        missing = [k for k, v in (("host", self.host), ("from", self.sender)) if not v]
+        if missing:
+            return False, f"missing setting(s): {', '.join(missing)}"
+        if self.security not in ("starttls", "tls", "none"):
+            return False, f"security must be starttls, tls or none, not {self.security!r}"
+        return True, f"SMTP {self.host}:{self.port} ({self.security})"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        if not contact.get("email"):
+            return "no email address"
+        if contact.get("email_invalid"):
+            return "email address marked invalid (bounced)"
+        return None
+
+    def build(self, message: OutboundMessage) -> EmailMessage:
+        content = message.content
+        if "subject" not in content or not ("text" in content or "html" in content):
+            raise ValueError("an email template needs a .subject and a .text or .html part")
+        mail = EmailMessage()
+        mail["From"] = self.sender
+        mail["To"] = message.contact["email"]
+        mail["Subject"] = content["subject"]
+        mail["Date"] = formatdate(localtime=False)
+        # Stable per message: a receiving system sees a repeat as the same message.
+        mail["Message-ID"] = f"<{hashlib.sha256(message.message_id.encode()).hexdigest()[:32]}@{self.domain}>"
+        if self.reply_to:
+            mail["Reply-To"] = self.reply_to
+        if not message.transactional:
+            targets = []
+            if self.unsubscribe_url:
+                url = self.unsubscribe_url.format(
+                    contact_id=quote(message.contact_id, safe=""),
+                    message_id=quote(message.message_id, safe=""),
+                )
+                targets.append(f"<{url}>")
+                mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+            if self.unsubscribe_mailto:
+                targets.append(f"<mailto:{self.unsubscribe_mailto}?subject=unsubscribe>")
+            if targets:
+                mail["List-Unsubscribe"] = ", ".join(targets)
+        mail.set_content(content.get("text") or "This message is best viewed as HTML.")
+        if "html" in content:
+            mail.add_alternative(content["html"], subtype="html")
+        return mail
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        try:
+            mail = self.build(message)
+        except ValueError as exc:
+            return Delivery("failed", str(exc))
+        try:
+            await aiosmtplib.send(
+                mail,
+                hostname=self.host,
+                port=self.port,
+                username=self.username,
+                password=self.password,
+                use_tls=self.security == "tls",
+                start_tls=True if self.security == "starttls" else False,
+                tls_context=self.tls_context,
+                timeout=self.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            reason = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+            if all(500 <= c < 600 for c in codes):
+                return Delivery("failed", f"recipient refused: {reason}")
+            return Delivery("retry", f"recipient deferred: {reason}")
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:
+                return Delivery("failed", f"SMTP {exc.code}: {exc.message}")
+            return Delivery("retry", f"SMTP {exc.code}: {exc.message}")
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return Delivery("retry", f"{type(exc).__name__}: {exc}")
+        return Delivery("sent", provider_id=mail["Message-ID"])
+
+
+@hookimpl
+def register_channels(register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]) -> None:
+    """The email channel, configured from [channels.email]."""
+    register(EmailChannel(config("email")))
