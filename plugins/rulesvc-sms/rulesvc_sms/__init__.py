@@ -1,0 +1,146 @@
+"""The `sms` channel: a Twilio-compatible Messages API, and its signed delivery-status callbacks.
+
+Settings ([channels.sms] or RULESVC_CHANNEL_SMS_*): `account_sid`, `auth_token`, and `from` (a number) or
+`messaging_service_sid` (required); `base_url` (default https://api.twilio.com), `status_callback_url`
+(this service's public `/v1/channels/sms/callbacks` URL, signed by the provider), `max_segments` (10).
+
+Messages are `POST {base_url}/2010-04-01/Accounts/{sid}/Messages.json`, form-encoded, with HTTP Basic auth.
+Callbacks are checked as Twilio signs them: base64 HMAC-SHA1 of the URL followed by the sorted form
+parameters, keyed with the auth token, in `X-Twilio-Signature`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from rulesvc.channels import Channel, Delivery, OutboundMessage, Outcome
+from rulesvc.hookspecs import hookimpl
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+GSM7_BASIC = set(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
+    "¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM7_EXTENDED = set("^{}\\[~]|€\f")
+# Provider error codes that mean the recipient or their carrier refuses our messages.
+BLOCKING_ERRORS = {"21610", "30004", "30007"}
+
+
+def segments(text: str) -> tuple[str, int]:
+    """(encoding, parts) as carriers count them: GSM-7 fits 160 (153 per part of a longer message),
+    with extension characters counting twice; anything else is UCS-2: 70, or 67 per part, where a
+    character outside the Basic Multilingual Plane takes two units."""
+    if all(c in GSM7_BASIC or c in GSM7_EXTENDED for c in text):
+        units = sum(2 if c in GSM7_EXTENDED else 1 for c in text)
+        return "GSM-7", 1 if units <= 160 else -(-units // 153)
+    units = sum(2 if ord(c) > 0xFFFF else 1 for c in text)
+    return "UCS-2", 1 if units <= 70 else -(-units // 67)
+
+
+def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
+    data = url + "".join(k + params[k] for k in sorted(params))
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+class SmsChannel:
+    name = "sms"
+    idempotent = False  # the Messages API takes no idempotency key
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.account_sid = str(config.get("account_sid", ""))
+        self.auth_token = str(config.get("auth_token", ""))
+        self.sender = str(config.get("from", ""))
+        self.service_sid = str(config.get("messaging_service_sid", ""))
+        self.base_url = str(config.get("base_url", "https://api.twilio.com")).rstrip("/")
+        self.callback_url = config.get("status_callback_url")
+        self.max_segments = int(config.get("max_segments", 10))
+        self.timeout = float(config.get("timeout", 15))
+        self.session: aiohttp.ClientSession | None = None
+
+    def status(self) -> tuple[bool, str]:
+        missing = [k for k in ("account_sid", "auth_token") if not getattr(self, k)]
+        if not (self.sender or self.service_sid):
+            missing.append("from or messaging_service_sid")
+        if missing:
+            return False, f"missing setting(s): {', '.join(missing)}"
+        return True, f"Messages API at {self.base_url}"
+
+    def reachable(self, contact: dict[str, Any]) -> str | None:
+        phone = contact.get("phone")
+        if not phone:
+            return "no phone number"
+        if not E164.match(str(phone)):
+            return "phone number is not E.164"
+        return None
+
+    async def start(self) -> None:
+        basic = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Basic {basic}"}, timeout=aiohttp.ClientTimeout(total=self.timeout)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        text = message.content.get("text") or message.content.get("body")
+        if not text:
+            return Delivery("failed", "an SMS template needs a .text or .body part")
+        encoding, parts = segments(text)
+        if parts > self.max_segments:
+            return Delivery(
+                "failed", f"{parts} segments ({encoding}) exceed max_segments={self.max_segments}"
+            )
+        form = {"To": message.contact["phone"], "Body": text}
+        form |= {"MessagingServiceSid": self.service_sid} if self.service_sid else {"From": self.sender}
+        if self.callback_url:
+            form["StatusCallback"] = str(self.callback_url)
+        if self.session is None:
+            await self.start()
+        assert self.session is not None
+        url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        async with self.session.post(url, data=form) as resp:
+            body = await resp.json(content_type=None) if resp.content_length != 0 else {}
+            record = {"segments": parts, "encoding": encoding}
+            if resp.status in (200, 201):
+                return Delivery("sent", provider_id=body.get("sid"), record=record)
+            detail = f"HTTP {resp.status}: {body.get('code', '')} {body.get('message', '')}".strip()
+            if resp.status == 429 or resp.status >= 500:
+                after = resp.headers.get("Retry-After")
+                return Delivery(
+                    "retry", detail, retry_after=float(after) if after and after.isdigit() else None
+                )
+            return Delivery("failed", detail)
+
+    async def callback(self, request: web.Request) -> list[Outcome]:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        url = str(self.callback_url or request.url)
+        expected = twilio_signature(self.auth_token, url, form)
+        if not hmac.compare_digest(expected, request.headers.get("X-Twilio-Signature", "")):
+            raise web.HTTPUnauthorized(text="X-Twilio-Signature does not match")
+        sid, status, code = form.get("MessageSid"), form.get("MessageStatus"), form.get("ErrorCode", "")
+        if not sid or not status:
+            raise web.HTTPBadRequest(text="MessageSid and MessageStatus are required")
+        if status == "delivered":
+            return [Outcome("delivered", provider_id=sid)]
+        if status in ("undelivered", "failed"):
+            reason = f"{status} (error {code or 'unknown'})"
+            if code in BLOCKING_ERRORS:
+                return [Outcome("blocked", provider_id=sid, reason=reason)]
+            return [Outcome("failed", provider_id=sid, reason=reason)]
+        return []  # queued, sending, sent: nothing new for the rules
+
+
+@hookimpl
+def register_channels(register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]) -> None:
+    """The SMS channel, configured from [channels.sms]."""
+    register(SmsChannel(config("sms")))
