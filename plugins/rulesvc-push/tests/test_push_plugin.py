@@ -85,8 +85,14 @@ async def google(aiohttp_server: Any) -> tuple[FakeGoogle, dict[str, Any], str]:
     peer.token_uri = f"{base}/token"
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption()).decode()  # fmt: skip
-    account = {"type": "service_account", "project_id": "shop-app", "private_key_id": "k1", "private_key": pem,
-               "client_email": "rulesvc@shop-app.iam.gserviceaccount.com", "token_uri": peer.token_uri}  # fmt: skip
+    account = {
+        "type": "service_account",
+        "project_id": "shop-app",
+        "private_key_id": "k1",
+        "private_key": pem,
+        "client_email": "rulesvc@shop-app.iam.gserviceaccount.com",
+        "token_uri": peer.token_uri,
+    }
     return peer, account, base
 
 
