@@ -7,12 +7,29 @@ pluggy only registers them (its hooks are synchronous).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from aiohttp import web
 
 STANDARD_CHANNELS = ("email", "sms", "push", "webpush", "inapp", "ads", "webhook")
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a provider's Retry-After header, given as seconds or as an HTTP date."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 @dataclass

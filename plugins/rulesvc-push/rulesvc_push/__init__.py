@@ -18,7 +18,7 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage
+from rulesvc.channels import Channel, Delivery, OutboundMessage, retry_after
 from rulesvc.hookspecs import hookimpl
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -148,10 +148,7 @@ class PushChannel:
                 return "unregistered"
             detail = f"HTTP {resp.status}: {error.get('status', '')} {error.get('message', '')}".strip()
             if resp.status == 429 or resp.status >= 500:
-                after = resp.headers.get("Retry-After")
-                return Delivery(
-                    "retry", detail, retry_after=float(after) if after and after.isdigit() else None
-                )
+                return Delivery("retry", detail, retry_after=retry_after(resp.headers))
             return Delivery("failed", detail)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage, Outcome
+from rulesvc.channels import Channel, Delivery, OutboundMessage, Outcome, retry_after
 from rulesvc.hookspecs import hookimpl
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -115,10 +115,7 @@ class SmsChannel:
                 return Delivery("sent", provider_id=body.get("sid"), record=record)
             detail = f"HTTP {resp.status}: {body.get('code', '')} {body.get('message', '')}".strip()
             if resp.status == 429 or resp.status >= 500:
-                after = resp.headers.get("Retry-After")
-                return Delivery(
-                    "retry", detail, retry_after=float(after) if after and after.isdigit() else None
-                )
+                return Delivery("retry", detail, retry_after=retry_after(resp.headers))
             return Delivery("failed", detail)
 
     async def callback(self, request: web.Request) -> list[Outcome]:

@@ -14,32 +14,17 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage
+from rulesvc.channels import Channel, Delivery, OutboundMessage, retry_after
 from rulesvc.hookspecs import hookimpl
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return f"v1={digest}"
-
-
-def retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            moment = datetime.strptime(value, "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=UTC)
-        except ValueError:
-            return None
-        return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 class WebhookChannel:
