@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +15,11 @@ import msgspec
 import structlog
 from aiohttp import web
 from pymongo import AsyncMongoClient
-from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
 from rulesvc.builtin import BUILTIN_PLUGINS
-from rulesvc.channels import CallbackChannel, ChannelRegistry, ManagedChannel
+from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
 from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours
@@ -43,6 +43,7 @@ from rulesvc.scheduler import Scheduler
 from rulesvc.simulate import SimulateRequest, simulate
 from rulesvc.store import Store, contact_from_doc, message_from_doc
 from rulesvc.templates import Templates
+from rulesvc.waiting import wait_any
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +118,7 @@ class PluginInfo(msgspec.Struct):
     name: str
     source: str
     channels: list[str]
+    jobs: list[str]
     error: str | None
 
 
@@ -391,7 +393,7 @@ def channel_list(app: web.Application) -> ChannelList:
                 channel.name, configured, detail, channel.idempotent, isinstance(channel, CallbackChannel)
             )
         )
-    plugins = [PluginInfo(p.name, p.source, p.channels, p.error) for p in app[PLUGINS]]
+    plugins = [PluginInfo(p.name, p.source, p.channels, p.jobs, p.error) for p in app[PLUGINS]]
     return ChannelList(infos, plugins)
 
 
@@ -538,6 +540,29 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
+    """Every `interval`, in one process at a time: the lease lasts the interval, so others skip it."""
+    key = f"job:{job.name}"
+    owner = uuid.uuid4().hex
+    while not stop.is_set():
+        now = datetime.now(UTC)
+        try:
+            await store.leases.delete_many({"_id": key, "until": {"$lt": now}})
+            await store.leases.insert_one(
+                {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
+            )
+        except DuplicateKeyError:
+            pass  # another process has this period
+        except PyMongoError as exc:
+            log.warning("job.storage_error", job=job.name, error=type(exc).__name__)
+        else:
+            try:
+                await job.run(store)
+            except Exception:
+                log.exception("job.failed", job=job.name)
+        await wait_any(stop, seconds=job.interval)
+
+
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rulesets (hot-reloaded), the inbox and the scheduler run for as long as the app serves."""
     settings = app[SETTINGS]
@@ -561,6 +586,10 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(rulesets.watch(stop), name="rulesets-watch"),
         asyncio.create_task(inbox.run(stop), name="inbox"),
         asyncio.create_task(scheduler.run(stop), name="scheduler"),
+        *(
+            asyncio.create_task(run_job(job, app[STORE], stop), name=f"job-{job.name}")
+            for job in channels.jobs
+        ),
     ]
     try:
         yield

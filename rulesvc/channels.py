@@ -15,7 +15,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from aiohttp import web
 
-STANDARD_CHANNELS = ("email", "sms", "push", "webpush", "inapp", "ads", "webhook")
+# Ads audiences are not a channel: the `audience` action queues changes, and a plugin job syncs them.
+STANDARD_CHANNELS = ("email", "sms", "push", "webpush", "inapp", "webhook")
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -138,9 +139,20 @@ class Unconfigured:
         return Delivery("failed", self.status()[1])
 
 
+@runtime_checkable
+class Job(Protocol):
+    """Runs every `interval` seconds with the service's storage; a lease keeps it to one process."""
+
+    name: str
+    interval: float
+
+    async def run(self, store: Any) -> None: ...
+
+
 class ChannelRegistry:
     def __init__(self) -> None:
         self._channels: dict[str, Channel] = {}
+        self.jobs: list[Job] = []
 
     def register(self, channel: Channel) -> None:
         self._channels[channel.name] = channel

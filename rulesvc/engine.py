@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import durable_rules_engine
 import msgspec
@@ -389,6 +389,17 @@ class Decisions:
     schedule: list[ScheduleEntry] = field(default_factory=list)
     cancel: list[Cancellation] = field(default_factory=list)
     fired: list[Fired] = field(default_factory=list)
+    audience: list[AudienceChange] = field(default_factory=list)
+
+
+@dataclass
+class AudienceChange:
+    """Queued for the ads plugin's batched sync; the contact's state already says who is in."""
+
+    contact_id: str
+    audience: str
+    op: Literal["add", "remove"]
+    at: datetime
 
 
 def _actions_to_builtins(actions: list[Action]) -> list[dict[str, Any]]:
@@ -570,8 +581,14 @@ class Engine:
                 audiences = state.setdefault("audiences", {})
                 if action.audience.add:
                     audiences[action.audience.add] = {"since": ts(at)}
+                    decisions.audience.append(
+                        AudienceChange(ctx.contact.contact_id, action.audience.add, "add", at)
+                    )
                 elif action.audience.remove:
                     audiences.pop(action.audience.remove, None)
+                    decisions.audience.append(
+                        AudienceChange(ctx.contact.contact_id, action.audience.remove, "remove", at)
+                    )
             elif action.cancel is not None:
                 names = set(action.cancel)
                 for pending in list(ctx.contact.pending):

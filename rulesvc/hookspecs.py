@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from rulesvc.channels import Channel
+    from rulesvc.channels import Channel, Job
 
 hookspec = pluggy.HookspecMarker("rulesvc")
 hookimpl = pluggy.HookimplMarker("rulesvc")
@@ -17,3 +17,8 @@ hookimpl = pluggy.HookimplMarker("rulesvc")
 @hookspec
 def register_channels(register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]) -> None:
     """Register channels; `config(name)` is a channel's settings: [channels.NAME], RULESVC_CHANNEL_NAME_*."""
+
+
+@hookspec
+def register_jobs(register: Callable[[Job], None], config: Callable[[str], dict[str, Any]]) -> None:
+    """Register background jobs (e.g. an ads audience sync); one process at a time runs each."""

@@ -236,6 +236,7 @@ class Inbox:
             decisions.schedule.extend(found.schedule)
             decisions.cancel.extend(found.cancel)
             decisions.fired.extend(found.fired)
+            decisions.audience.extend(found.audience)
 
         await self._commit(events, views, contacts, decisions, now, message_ops)
         self.processed += len(events)
@@ -300,6 +301,10 @@ class Inbox:
                 await self._cancel(cancels, now, session)
             if message_ops:
                 await self.store.messages.bulk_write(message_ops, ordered=False, session=session)
+            if decisions.audience:
+                changes = [{"contact_id": c.contact_id, "audience": c.audience, "op": c.op, "at": c.at,
+                            "synced": False} for c in decisions.audience]  # fmt: skip
+                await self.store.audience_changes.insert_many(changes, session=session)
             await self.store.events.update_many(
                 {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
                 {"$set": {"state": "done", "processed_at": now}},

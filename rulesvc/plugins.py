@@ -13,7 +13,7 @@ import pluggy
 import structlog
 
 from rulesvc import hookspecs
-from rulesvc.channels import Channel, ChannelRegistry
+from rulesvc.channels import Channel, ChannelRegistry, Job
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +25,7 @@ class PluginReport:
     name: str
     source: str  # "built-in" or the distribution that provides it
     channels: list[str] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -66,16 +67,16 @@ def load_plugins(
             continue
         reports.append(PluginReport(name, f"{dist.project_name} {dist.version}"))
 
+    def config(name: str) -> dict[str, Any]:
+        return channel_config(name, channel_settings or {}, env)
+
     registry = ChannelRegistry()
     by_name = {r.name: r for r in reports}
     for impl in pm.hook.register_channels.get_hookimpls():
         report = by_name.get(impl.plugin_name)
         registered: list[Channel] = []
         try:
-            impl.function(
-                register=registered.append,
-                config=lambda n: channel_config(n, channel_settings or {}, env),
-            )
+            impl.function(register=registered.append, config=config)
         except Exception as exc:
             log.error("plugins.register_failed", plugin=impl.plugin_name, error=repr(exc))
             if report is not None:
@@ -85,4 +86,17 @@ def load_plugins(
             registry.register(channel)  # later plugins override earlier ones of the same name
             if report is not None:
                 report.channels.append(channel.name)
+    for impl in pm.hook.register_jobs.get_hookimpls():
+        report = by_name.get(impl.plugin_name)
+        jobs: list[Job] = []
+        try:
+            impl.function(register=jobs.append, config=config)
+        except Exception as exc:
+            log.error("plugins.register_jobs_failed", plugin=impl.plugin_name, error=repr(exc))
+            if report is not None:
+                report.error = f"{type(exc).__name__}: {exc}"
+            continue
+        registry.jobs.extend(jobs)
+        if report is not None:
+            report.jobs.extend(j.name for j in jobs)
     return registry, reports

@@ -45,6 +45,7 @@ class Store:
         self.messages: AsyncCollection[Doc] = self.db["messages"]
         self.schedule: AsyncCollection[Doc] = self.db["schedule"]
         self.leases: AsyncCollection[Doc] = self.db["leases"]
+        self.audience_changes: AsyncCollection[Doc] = self.db["audience_changes"]
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")
@@ -72,6 +73,9 @@ class Store:
             ]
         )
         await self.leases.create_indexes([IndexModel([("until", ASCENDING)], name="leases_until")])
+        await self.audience_changes.create_indexes(
+            [IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced")]
+        )
         await self.messages.create_indexes(
             [
                 IndexModel(

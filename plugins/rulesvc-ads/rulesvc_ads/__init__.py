@@ -1,0 +1,119 @@
+"""Ads audiences: the `audience` action queues changes; this job sends them in batches, hourly.
+
+Settings ([channels.ads] or RULESVC_CHANNEL_ADS_*): `base_url` and `token` (required); `interval`
+(seconds between syncs, 3600), `batch_size` (members per request, 10000).
+
+Each run collapses the queued changes (the last change of a contact in an audience wins), and sends
+`POST {base_url}/audiences/{audience}/members` with `{"add": [...], "remove": [...]}`, each member as
+SHA-256 hex digests of identifiers normalised the way the big ad platforms match them: email trimmed and
+lower-cased; phone as E.164 (`+` and digits). No plain identifier leaves the service. Changes stay queued
+when the provider fails and go with the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from rulesvc.channels import Job
+from rulesvc.hookspecs import hookimpl
+
+log = structlog.get_logger(__name__)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def normalise_phone(phone: str) -> str | None:
+    digits = re.sub(r"[^\d+]", "", phone.strip())
+    if digits.startswith("00"):
+        digits = "+" + digits[2:]
+    return digits if re.fullmatch(r"\+[1-9]\d{6,14}", digits) else None
+
+
+def member(contact: dict[str, Any]) -> dict[str, str] | None:
+    out: dict[str, str] = {}
+    if contact.get("email") and not contact.get("email_invalid"):
+        out["email_sha256"] = sha256(normalise_email(contact["email"]))
+    if contact.get("phone") and (phone := normalise_phone(contact["phone"])):
+        out["phone_sha256"] = sha256(phone)
+    return out or None
+
+
+class AudienceSync:
+    name = "ads-audience-sync"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.base_url = str(config.get("base_url", "")).rstrip("/")
+        self.token = str(config.get("token", ""))
+        self.interval = float(config.get("interval", 3600))
+        self.batch_size = int(config.get("batch_size", 10_000))
+        self.timeout = float(config.get("timeout", 60))
+        self.synced_members = 0
+
+    def configured(self) -> bool:
+        return bool(self.base_url and self.token)
+
+    async def run(self, store: Any) -> None:
+        if not self.configured():
+            return
+        changes = await store.audience_changes.find({"synced": False}).sort("at", 1).limit(100_000).to_list()
+        if not changes:
+            return
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for change in changes:  # in time order: the last change per audience and contact wins
+            latest[(change["audience"], change["contact_id"])] = change
+        ids = list({c["contact_id"] for c in changes})
+        contacts = {c["_id"]: c async for c in store.contacts.find({"_id": {"$in": ids}})}
+        plan: dict[str, dict[str, list[dict[str, str]]]] = {}
+        for (audience, contact_id), change in latest.items():
+            entry = member(contacts.get(contact_id, {}))
+            if entry is not None:
+                plan.setdefault(audience, {"add": [], "remove": []})[change["op"]].append(entry)
+        done: list[Any] = [c["_id"] for c in changes if c["audience"] not in plan]
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout), headers=headers
+        ) as http:
+            for audience, members in plan.items():
+                if await self._push(http, audience, members):
+                    done.extend(c["_id"] for c in changes if c["audience"] == audience)
+        if done:
+            now = datetime.now(UTC)
+            await store.audience_changes.update_many(
+                {"_id": {"$in": done}}, {"$set": {"synced": True, "synced_at": now}}
+            )
+
+    async def _push(self, http: aiohttp.ClientSession, audience: str, members: dict[str, list[Any]]) -> bool:
+        url = f"{self.base_url}/audiences/{audience}/members"
+        for op in ("add", "remove"):
+            items = members[op]
+            for start in range(0, len(items), self.batch_size):
+                body = {"add": [], "remove": []} | {op: items[start : start + self.batch_size]}
+                try:
+                    async with http.post(url, json=body) as resp:
+                        if resp.status >= 300:
+                            log.warning("ads.sync_failed", audience=audience, status=resp.status)
+                            return False
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("ads.sync_failed", audience=audience, error=type(exc).__name__)
+                    return False
+                self.synced_members += len(body[op])
+        return True
+
+
+@hookimpl
+def register_jobs(register: Callable[[Job], None], config: Callable[[str], dict[str, Any]]) -> None:
+    """The hourly audience sync, configured from [channels.ads]."""
+    register(AudienceSync(config("ads")))

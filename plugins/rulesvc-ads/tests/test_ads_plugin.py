@@ -1,0 +1,100 @@
+"""The ads audience sync against a local provider peer that checks auth and hashed identifiers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from rulesvc_ads import AudienceSync, normalise_phone
+
+from rulesvc.api import create_app
+from rulesvc.channels import builtin_channels
+from rulesvc.config import Settings
+from tests.rulesets_helpers import write_ruleset
+from tests.test_live_engine import eventually
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AdsPeer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.fail_next = 0
+
+    async def members(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer ads-token":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        raw = await request.text()
+        if "@" in raw or "+49" in raw:
+            return web.json_response({"error": "plain identifiers are not accepted"}, status=400)
+        body = json.loads(raw)
+        for member in body["add"] + body["remove"]:
+            keys_ok = all(k in ("email_sha256", "phone_sha256") and HEX64.match(v) for k, v in member.items())
+            if not member or not keys_ok:
+                return web.json_response({"error": "bad member"}, status=400)
+        if self.fail_next:
+            self.fail_next -= 1
+            return web.json_response({"error": "internal"}, status=500)
+        self.calls.append((request.match_info["audience"], body))
+        return web.json_response({"received": len(body["add"]) + len(body["remove"])})
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_audience_changes_are_batched_hashed_and_retried(
+    aiohttp_client: Any, aiohttp_server: Any, settings: Settings, db: Any
+) -> None:
+    peer = AdsPeer()
+    peer.fail_next = 1
+    app = web.Application()
+    app.router.add_post("/audiences/{audience}/members", peer.members)
+    server = await aiohttp_server(app)
+    join = {
+        "name": "join",
+        "when": {"event": "cart_updated"},
+        "then": [{"audience": {"add": "cart_abandoners"}}],
+    }
+    leave = {
+        "name": "leave",
+        "when": {"event": "purchased"},
+        "then": [{"audience": {"remove": "cart_abandoners"}}],
+    }
+    write_ruleset(Path(settings.rulesets_dir), "ads", {"rules": [join, leave]})
+    channels = builtin_channels()
+    job = AudienceSync({"base_url": str(server.make_url("")), "token": "ads-token", "interval": 0.3})
+    channels.jobs.append(job)
+    client = await aiohttp_client(create_app(settings, channels))
+    assert (
+        await client.put("/v1/contacts/c1", json={"email": "Ann@Example.COM", "phone": "+4915112345678"})
+    ).status == 201
+    assert (await client.put("/v1/contacts/c2", json={"email": "bob@example.com"})).status == 201
+    events = [
+        {"id": "a", "type": "cart_updated", "contact_id": "c1"},
+        {"id": "b", "type": "cart_updated", "contact_id": "c2"},
+        {"id": "c", "type": "purchased", "contact_id": "c2", "time": "2099-01-01T00:00:00Z"},
+        {"id": "d", "type": "cart_updated", "contact_id": "c3"},  # no email or phone: nothing to match on
+    ]
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def synced() -> bool:
+        return bool(peer.calls) and await db.audience_changes.count_documents({"synced": False}) == 0
+
+    await eventually(synced, 10)
+    adds = [m for audience, body in peer.calls for m in body["add"] if audience == "cart_abandoners"]
+    removes = [m for audience, body in peer.calls for m in body["remove"] if audience == "cart_abandoners"]
+    assert adds == [{"email_sha256": h("ann@example.com"), "phone_sha256": h("+4915112345678")}]
+    assert removes == [{"email_sha256": h("bob@example.com")}]  # its last change was a removal
+    contact = await db.contacts.find_one({"_id": "c1"})
+    assert "cart_abandoners" in contact["state"]["audiences"]
+
+
+def test_phone_normalisation() -> None:
+    assert normalise_phone("+49 151 1234-5678") == "+4915112345678"
+    assert normalise_phone("0049 151 12345678") == "+4915112345678"
+    assert normalise_phone("0151 12345678") is None  # no country code: cannot be matched reliably
