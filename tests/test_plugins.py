@@ -1,0 +1,87 @@
+"""Plugins: built-ins first, then entry points; RULESVC_PLUGINS; failures isolated; pip install is enough."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rulesvc.api import create_app
+from rulesvc.builtin import BUILTIN_PLUGINS
+from rulesvc.config import Settings
+from rulesvc.hookspecs import hookimpl
+from rulesvc.plugins import load_plugins
+from tests.test_delivery import go, send, settled, setup
+
+PACKAGE = Path(__file__).parent / "plugin_package"
+
+
+class Broken:
+    @hookimpl
+    def register_channels(self, register: Any, config: Any) -> None:
+        """Fails, as a plugin with a bug would."""
+        raise RuntimeError("boom")
+
+
+def test_a_failing_plugin_is_reported_and_the_others_load() -> None:
+    registry, reports = load_plugins([*BUILTIN_PLUGINS, ("broken", Broken())], only=[])
+    by_name = {r.name: r for r in reports}
+    assert by_name["broken"].error == "RuntimeError: boom"
+    assert {"log", "inapp", "email"} <= registry.names()
+
+
+def test_rulesvc_plugins_restricts_entry_points() -> None:
+    everything, reports = load_plugins(BUILTIN_PLUGINS)
+    assert everything.get("email").status()[1].startswith("missing setting")  # the installed plugin
+    assert any(r.source.startswith("rulesvc-email") for r in reports)
+    only_sms, reports = load_plugins(BUILTIN_PLUGINS, only=["sms"])
+    assert only_sms.get("email").status()[1].startswith("no plugin provides `email`")
+    assert not only_sms.get("sms").status()[1].startswith("no plugin provides")
+    assert [r.name for r in reports] == ["builtin", "sms"]
+
+
+def test_channel_settings_from_toml_and_environment() -> None:
+    registry, _ = load_plugins(
+        BUILTIN_PLUGINS,
+        channel_settings={"webhook": {"url": "https://hooks.example/x"}},
+        environ={"RULESVC_CHANNEL_WEBHOOK_SECRET": "s"},
+    )
+    assert registry.get("webhook").status() == (True, "POST https://hooks.example/x")
+
+
+@pytest.fixture
+def echo_installed() -> Iterator[None]:
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "install", "--no-deps", str(PACKAGE)], check=True, timeout=300)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        subprocess.run([*pip, "uninstall", "--yes", "rulesvc-echo-test-plugin"], check=True, timeout=120)
+        importlib.invalidate_caches()
+
+
+@pytest.mark.usefixtures("echo_installed")
+async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
+    aiohttp_client: Any, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listing = subprocess.run([sys.executable, "-m", "rulesvc", "plugins"], capture_output=True, text=True)
+    assert "rulesvc-echo-test-plugin 0.0.1" in listing.stdout and "echo" in listing.stdout
+
+    outbox = tmp_path / "outbox.ndjson"
+    monkeypatch.setenv("RULESVC_CHANNEL_ECHO_OUTBOX", str(outbox))
+    client = await aiohttp_client(create_app(setup(settings, [send("echo", transactional=True)])))
+    await go(client, code="E-42")
+    [msg] = await settled(client)
+    assert msg["status"] == "sent"
+    [line] = outbox.read_text().splitlines()
+    assert json.loads(line)["body"] == "Code E-42"
+    channels = await (await client.get("/v1/channels")).json()
+    assert {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "idempotent": True,
+            "callbacks": False} in channels["channels"]  # fmt: skip
