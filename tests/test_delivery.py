@@ -393,3 +393,17 @@ async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
     assert broken["status"] == "failed" and "template `broken.body`" in broken["reason"]
     assert missing["status"] == "failed" and "template `missing` not found" in missing["reason"]
     assert fine["status"] == "sent"
+
+
+async def test_edited_template_is_used_for_the_next_message(aiohttp_client: Any, settings: Settings) -> None:
+    push = Provider("push", needs="push_tokens")
+    configured = setup(settings, [send("push", transactional=True)])
+    client = await aiohttp_client(create_app(configured, registry(push)))
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client, code="A")
+    await settled(client)
+    template = Path(configured.rulesets_dir) / "templates" / "hello.body"
+    template.write_text("New wording, code {{ params.code }}")
+    await go(client, code="B")
+    await settled(client, count=2)
+    assert [m.content["body"] for m in push.delivered] == ["Code A", "New wording, code B"]
