@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pymongo import AsyncMongoClient
 
-from rulesvc.api import create_app
+from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
 from rulesvc.mongod import EmbeddedMongod
 
@@ -39,8 +40,21 @@ def settings(mongod: EmbeddedMongod, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(settings))
+def make_client(aiohttp_client: Any) -> Any:
+    """A test client that presents an API key of the given scope, created in the app's own database."""
+
+    async def make(app: web.Application, scope: str = "admin") -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(app)
+        key, _ = await app[KEYS].create(scope, "tests")  # type: ignore[arg-type]
+        client.session.headers["Authorization"] = f"Bearer {key}"
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: Any, settings: Settings) -> TestClient[Any, Any]:
+    return await make_client(create_app(settings))  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
+from rulesvc.auth import Keys
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
 from rulesvc.config import Settings
@@ -54,6 +55,18 @@ STORE = web.AppKey("store", Store)
 EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
 CHANNELS = web.AppKey("channels", ChannelRegistry)
 PLUGINS = web.AppKey("plugins", list[PluginReport])
+KEYS = web.AppKey("keys", Keys)
+
+OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# What a shop's pages and backend need; everything else is admin.
+INGEST_ROUTES = frozenset(
+    {
+        ("POST", "/v1/events"),
+        ("GET", "/v1/contacts/{contact_id}/inbox"),
+        ("POST", "/v1/contacts/{contact_id}/inbox/{message_id}"),
+    }
+)
+SIGNED_BY_PROVIDER = frozenset({"/v1/channels/{name}/callbacks"})
 RULESETS = web.AppKey("rulesets", Rulesets)
 INBOX = web.AppKey("inbox", Inbox)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -182,7 +195,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await _answer(request, handler)
     finally:
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "api_key")
     elapsed = time.perf_counter() - started
     response.headers["X-Request-ID"] = request_id
     metrics.requests.labels(request.method, route, str(response.status)).inc()
@@ -192,6 +205,31 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             "http.response", method=request.method, route=route, status=response.status, request_id=request_id
         )
     return response
+
+
+def _loopback(request: web.Request) -> bool:
+    return (request.remote or "") == "::1" or (request.remote or "").startswith("127.")
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer API keys with scopes; 401 without a valid key, 403 for the wrong scope."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    if route is None or route == "/openapi.json" or route in SIGNED_BY_PROVIDER:
+        return await handler(request)
+    if route in OPS_ROUTES and (request.app[SETTINGS].open_ops or _loopback(request)):
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    key = await request.app[KEYS].verify(presented.strip()) if scheme.lower() == "bearer" else None
+    if key is None:
+        return error_response(
+            401, "missing or invalid API key", {"WWW-Authenticate": 'Bearer realm="rulesvc"'}
+        )
+    if key.scope != "admin" and (request.method, route) not in INGEST_ROUTES:
+        return error_response(403, f"an `{key.scope}` key may not {request.method} {route}; use an admin key")
+    structlog.contextvars.bind_contextvars(api_key=key.key_id)
+    return await handler(request)
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -533,7 +571,12 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
     await store.ensure_schema()
     app[STORE] = store
+    app[KEYS] = Keys(store.api_keys)
     log.info("store.ready", database=settings.database)
+    if not settings.mongodb_uri and not await app[KEYS].any_active():
+        # The embedded default is for trying rulesvc out: hand the user a key instead of locking them out.
+        key, _ = await app[KEYS].create("admin", "created at first start")
+        print(f"rulesvc: first start, created an admin API key; it is shown only now:\n{key}", flush=True)
     try:
         yield
     finally:
@@ -626,7 +669,7 @@ def load_channels(settings: Settings) -> tuple[ChannelRegistry, list[PluginRepor
 
 
 def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
-    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     if channels is None:
         channels, reports = load_channels(settings)

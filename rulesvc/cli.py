@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from rulesvc import __version__
 from rulesvc.config import CONFIG_FILE_ENV, SETTINGS_DOC, ConfigError, Settings, load_settings
@@ -57,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rulesets", metavar="DIR", help="rulesets folder (default: RULESVC_RULESETS_DIR)")
     sim.add_argument("--json", action="store_true", help="print the actions as JSON instead of a table")
 
+    keys = commands.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="API keys for the HTTP API. Uses MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser(
+        "create", help="create a key; it is printed once, alone on the last line"
+    )
+    create.add_argument("--scope", choices=["ingest", "admin"], required=True,
+                        help="ingest: post events and use the in-app inbox; admin: everything")  # fmt: skip
+    create.add_argument("--name", default="", help="what the key is for")
+    key_commands.add_parser("list", help="list keys (never their secrets)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+
     commands.add_parser(
         "plugins",
         help="list plugins and their channels",
@@ -70,6 +87,54 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the JSON Schema of ruleset files (rulesets/schema.json is this output).",
     )
     return parser
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from rulesvc.auth import Keys
+    from rulesvc.mongod import EmbeddedMongod
+
+    settings = load_settings()
+    mongod: EmbeddedMongod | None = None
+    uri = settings.mongodb_uri
+    if not uri:
+        embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+        uri = embedded.running_uri()
+        if uri is None:  # no service running on this data dir: start its mongod just for this
+            embedded.start()
+            mongod, uri = embedded, embedded.uri
+
+    async def act() -> int:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+        try:
+            keys = Keys(client[settings.database]["api_keys"])
+            if args.keys_command == "create":
+                key, record = await keys.create(args.scope, args.name)
+                print(f"created {record.scope} key {record.key_id}; it is shown only now:")
+                print(key)
+                return 0
+            if args.keys_command == "list":
+                for doc in await keys.list():
+                    state = f"revoked {doc['revoked_at']:%Y-%m-%d}" if doc.get("revoked_at") else "active"
+                    created = f"{doc['created_at']:%Y-%m-%d}"
+                    print(f"{doc['_id']}  {doc['scope']:<7} {state:<18} {created}  {doc.get('name', '')}")
+                return 0
+            if await keys.revoke(args.key_id):
+                print(f"revoked {args.key_id}")
+                return 0
+            print(f"rulesvc: no active key {args.key_id}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(act())
+    finally:
+        if mongod is not None:
+            mongod.stop()
 
 
 def plugins() -> int:
@@ -227,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return schema()
         if args.command == "plugins":
             return plugins()
+        if args.command == "keys":
+            return keys_command(args)
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch_events: int = 10_000
     lease_seconds: float = 15.0
     shutdown_grace_seconds: float = 30.0
+    open_ops: bool = False
     templates_dir: str | None = None  # default: <rulesets_dir>/templates
     plugins: list[str] | None = None
     channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -83,6 +84,11 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "lease_seconds",
         "RULESVC_LEASE_SECONDS",
         "how long a process may hold a contact's events before another may take them over",
+    ),
+    SettingDoc(
+        "open_ops",
+        "RULESVC_OPEN_OPS",
+        "serve /healthz, /readyz and /metrics without a key to any address (default: loopback only)",
     ),
     SettingDoc(
         "templates_dir", "RULESVC_TEMPLATES_DIR", "message templates; unset = <rulesets_dir>/templates"

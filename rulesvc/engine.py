@@ -50,6 +50,10 @@ MAX_COUNTER_TIMES = 1000
 # --- the matcher ---------------------------------------------------------------------------------------
 
 
+class MatchError(Exception):
+    """The matcher itself failed (not: the event did not match)."""
+
+
 class CompileError(Exception):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(message)
@@ -177,9 +181,9 @@ class CompiledRule:
                 return False
             durable_rules_engine.complete_and_start_action(self.handle, result[1])
             return True
-        except Exception:
-            log.exception("engine.match_failed", ruleset=self.ruleset, rule=self.rule.name)
-            return False
+        except durable_rules_engine.error as exc:
+            # Not a "no": the batch fails and its events stay in the inbox, rather than lose a decision.
+            raise MatchError(f"{self.ruleset}/{self.rule.name}: durable-rules failed: {exc}") from exc
 
     def free(self) -> None:
         durable_rules_engine.delete_state(self.handle, "m")

@@ -214,7 +214,6 @@ class Inbox:
             pending.setdefault(entry["contact_id"], []).append(entry)
 
         now = self.clock()
-        engine = self.rulesets.engine()
         views: dict[str, ContactView] = {}
         decisions = Decisions()
         outcome_ids = [
@@ -225,6 +224,9 @@ class Inbox:
         ]
         messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": outcome_ids}})}
         message_ops: list[Any] = []
+        # Taken after the last await and used without another: a reload (which frees the previous
+        # version's engine rulesets) can only happen between batches, never inside one.
+        engine = self.rulesets.engine()
         for doc in events:
             cid = doc["contact_id"]
             view = views.get(cid)

@@ -13,12 +13,14 @@ import structlog
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 _PHONE = re.compile(r"\+\d[\d \-()]{6,}(\d{2})")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_API_KEY = re.compile(r"rsk_[0-9a-f]{12}_[A-Za-z0-9_-]+")
 _SECRET_KEYS = frozenset({"authorization", "api_key", "password", "secret", "token", "private_key"})
 
 
 def mask(text: str) -> str:
     """j***@example.com, ***45, Bearer ***: enough to debug, not enough to identify or reuse."""
     text = _BEARER.sub(r"\1***", text)
+    text = _API_KEY.sub("rsk_***", text)
     text = _EMAIL.sub(r"\1***@\2", text)
     return _PHONE.sub(r"***\1", text)
 

@@ -252,6 +252,18 @@ class EmbeddedMongod:
             proc.stderr.close()
         log.info("mongod.stopped", returncode=proc.returncode)
 
+    def running_uri(self) -> str | None:
+        """The URI of a mongod already serving this data dir (a running `rulesvc serve`), if any."""
+        try:
+            pid = int(self._pidfile.read_text().strip())
+            port = int(self._portfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not (_pid_alive(pid) and _pid_is_mongod_on(pid, self.dbpath)):
+            return None
+        self.port = port
+        return self.uri
+
     def __enter__(self) -> EmbeddedMongod:
         self.start()
         return self

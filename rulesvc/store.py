@@ -46,6 +46,7 @@ class Store:
         self.schedule: AsyncCollection[Doc] = self.db["schedule"]
         self.leases: AsyncCollection[Doc] = self.db["leases"]
         self.audience_changes: AsyncCollection[Doc] = self.db["audience_changes"]
+        self.api_keys: AsyncCollection[Doc] = self.db["api_keys"]
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

@@ -29,6 +29,7 @@ class ServiceProcess:
         if "MONGODB_URI" not in (env or {}):
             self.env.pop("MONGODB_URI", None)  # the embedded mongod, as on a fresh machine
         self.proc: subprocess.Popen[bytes] | None = None
+        self.key: str | None = None
         self.log_path = workdir / f"service-{self.port}.log"
 
     @property
@@ -51,6 +52,9 @@ class ServiceProcess:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if self.request("GET", "/readyz")[0] == 200:
+                    self.key = self.key or next(
+                        (line for line in self.log().splitlines() if line.startswith("rsk_")), None
+                    )
                     return time.monotonic() - t0
             except OSError:
                 pass
@@ -68,11 +72,20 @@ class ServiceProcess:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        if self.key:
+            req.add_header("Authorization", f"Bearer {self.key}")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `rulesvc ARGS` with this service's settings, as an operator would on its machine."""
+        return subprocess.run(
+            [sys.executable, "-m", "rulesvc", *args], cwd=self.workdir, env=self.env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
 
     def signal(self, sig: signal.Signals, timeout: float = 60) -> int:
         assert self.proc is not None

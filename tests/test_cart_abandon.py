@@ -77,9 +77,9 @@ def test_until_bounds_the_virtual_clock() -> None:
 
 
 async def test_simulate_endpoint_sends_and_stores_nothing(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
-    client = await aiohttp_client(create_app(msgspec.structs.replace(settings, rulesets_dir=str(SHIPPED))))
+    client = await make_client(create_app(msgspec.structs.replace(settings, rulesets_dir=str(SHIPPED))))
     body = {
         "events": [event("c", "cart_updated", **CART), event("p", "purchased", contact="c2", minutes=1)],
         "contacts": [{"contact_id": "c1", "email": "ann@example.com", "consent": {"email": True}}],

@@ -84,3 +84,10 @@ def test_logs_mask_personal_data_and_keys(json_logs: io.StringIO) -> None:
     assert line["email"] == "j***@example.com"
     assert line["detail"]["id"] == "evt-20261122-000123"  # ids are not phone numbers
     assert "***78" in line["note"]
+
+
+def test_logs_never_show_api_keys(json_logs: io.StringIO) -> None:
+    key = "rsk_0123456789ab_" + "x" * 43
+    structlog.get_logger("t").warning("auth.failed", header=f"Bearer {key}", note=f"tried {key}")
+    text = json_logs.getvalue()
+    assert key not in text and "x" * 20 not in text

@@ -116,10 +116,10 @@ PROFILE = {"email": "ann@example.com", "push_tokens": ["tok-1"], "attributes": {
 
 
 async def test_consent_is_needed_for_marketing_not_for_transactional(
-    aiohttp_client: Any, settings: Settings
+    make_client: Any, settings: Settings
 ) -> None:
     push = Provider("push", needs="push_tokens")
-    client = await aiohttp_client(
+    client = await make_client(
         create_app(setup(settings, [send("push"), send("push", transactional=True)]), registry(push))
     )
     await client.put("/v1/contacts/c1", json=PROFILE)
@@ -138,9 +138,9 @@ async def test_consent_is_needed_for_marketing_not_for_transactional(
     assert [m["status"] for m in msgs[2:]] == ["sent", "sent"]
 
 
-async def test_unreachable_falls_back_then_suppresses(aiohttp_client: Any, settings: Settings) -> None:
+async def test_unreachable_falls_back_then_suppresses(make_client: Any, settings: Settings) -> None:
     push, email = Provider("push", needs="push_tokens"), Provider("email", needs="email")
-    client = await aiohttp_client(
+    client = await make_client(
         create_app(setup(settings, [send("push", fallback=["email"])]), registry(push, email))
     )
     await client.put(
@@ -159,10 +159,10 @@ async def test_unreachable_falls_back_then_suppresses(aiohttp_client: Any, setti
     assert msg["reason"] == "push: no push_tokens; email: no valid email address"
 
 
-async def test_frequency_cap_per_channel_per_local_day(aiohttp_client: Any, settings: Settings) -> None:
+async def test_frequency_cap_per_channel_per_local_day(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
     app = create_app(setup(settings, [send("push")], frequency_caps={"push": 2}), registry(push))
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await client.put(
         "/v1/contacts/c1", json={**PROFILE, "consent": {"push": True}, "timezone": "Pacific/Auckland"}
     )
@@ -175,7 +175,7 @@ async def test_frequency_cap_per_channel_per_local_day(aiohttp_client: Any, sett
     assert len(push.delivered) == 2
 
 
-async def test_quiet_hours_postpone_to_the_end_of_the_window(aiohttp_client: Any, settings: Settings) -> None:
+async def test_quiet_hours_postpone_to_the_end_of_the_window(make_client: Any, settings: Settings) -> None:
     now = datetime.now(UTC)
     zone = "Asia/Kolkata"  # +05:30, so the window is not UTC's
     local = now.astimezone(__import__("zoneinfo").ZoneInfo(zone))
@@ -186,7 +186,7 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window(aiohttp_client: Any
     push = Provider("push", needs="push_tokens")
     quiet = setup(settings, [send("push"), send("push", transactional=True)], quiet_hours=f"{start}-{end}")
     app = create_app(quiet, registry(push))
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await client.put("/v1/contacts/c1", json={**PROFILE, "consent": {"push": True}, "timezone": zone})
     await go(client)
 
@@ -204,13 +204,13 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window(aiohttp_client: Any
     assert len(push.delivered) == 1
 
 
-async def test_retries_then_success_honours_retry_after(aiohttp_client: Any, settings: Settings) -> None:
+async def test_retries_then_success_honours_retry_after(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
     push.script = [Delivery("retry", "HTTP 503"), Delivery("retry", "HTTP 429", retry_after=1.0)]
     app = create_app(
         setup(settings, [send("push", transactional=True)], retry_base_seconds=0.2), registry(push)
     )
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await client.put("/v1/contacts/c1", json=PROFILE)
     started = asyncio.get_running_loop().time()
     await go(client)
@@ -221,14 +221,14 @@ async def test_retries_then_success_honours_retry_after(aiohttp_client: Any, set
     assert len(push.delivered) == 1
 
 
-async def test_dead_letter_after_max_attempts(aiohttp_client: Any, settings: Settings) -> None:
+async def test_dead_letter_after_max_attempts(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
     push.script = [Delivery("retry", "HTTP 500")] * 10
     app = create_app(
         setup(settings, [send("push", transactional=True)], retry_base_seconds=0.05, max_attempts=3),
         registry(push),
     )
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client)
     [msg] = await settled(client)
@@ -238,12 +238,12 @@ async def test_dead_letter_after_max_attempts(aiohttp_client: Any, settings: Set
     assert len(push.keys_seen) == 3
 
 
-async def test_permanent_failure_keeps_the_providers_reason(aiohttp_client: Any, settings: Settings) -> None:
+async def test_permanent_failure_keeps_the_providers_reason(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
     push.script = [
         Delivery("failed", "HTTP 400: invalid registration", unreachable=[("push_tokens", "tok-1")])
     ]
-    client = await aiohttp_client(
+    client = await make_client(
         create_app(setup(settings, [send("push", transactional=True)]), registry(push))
     )
     await client.put("/v1/contacts/c1", json={**PROFILE, "push_tokens": ["tok-1", "tok-2"]})
@@ -255,7 +255,7 @@ async def test_permanent_failure_keeps_the_providers_reason(aiohttp_client: Any,
 
 
 async def test_crash_between_provider_call_and_status_write(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     """Each channel kind delivers at most once: idempotent providers get the same key again and
     de-duplicate; others are not called again and the message says why."""
@@ -268,7 +268,7 @@ async def test_crash_between_provider_call_and_status_write(
             lease_seconds=1,
             shutdown_grace_seconds=0.5,
         )
-        first = await aiohttp_client(
+        first = await make_client(
             create_app(setup(quick, [send("push", transactional=True)]), registry(push))
         )
         await first.put("/v1/contacts/c1", json=PROFILE)
@@ -276,7 +276,7 @@ async def test_crash_between_provider_call_and_status_write(
         await eventually(lambda client=first: _sending(client), 10)
         await first.close()  # the process goes away mid-call; the provider already has the message
         push.hanging = False
-        second = await aiohttp_client(
+        second = await make_client(
             create_app(setup(quick, [send("push", transactional=True)]), registry(push))
         )
         [msg] = await settled(second)
@@ -299,14 +299,12 @@ async def _sending(client: Any) -> bool:
     return bool(msgs) and msgs[0]["status"] == "sending"
 
 
-async def test_bounce_marks_email_invalid_and_block_suppresses(
-    aiohttp_client: Any, settings: Settings
-) -> None:
+async def test_bounce_marks_email_invalid_and_block_suppresses(make_client: Any, settings: Settings) -> None:
     email = Provider("email", needs="email")
     sms = Provider("sms", needs="phone")
     app = create_app(setup(settings, [send("email", transactional=True), send("sms", transactional=True)]),
                      registry(email, sms))  # fmt: skip
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await client.put("/v1/contacts/c1", json={**PROFILE, "phone": "+4915112345678"})
     await go(client)
     first_email, first_sms = await settled(client, count=2)
@@ -334,9 +332,9 @@ async def test_bounce_marks_email_invalid_and_block_suppresses(
     assert len(email.delivered) == 1 and len(sms.delivered) == 1
 
 
-async def test_provider_callbacks_are_authenticated(aiohttp_client: Any, settings: Settings) -> None:
+async def test_provider_callbacks_are_authenticated(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
-    client = await aiohttp_client(
+    client = await make_client(
         create_app(setup(settings, [send("push", transactional=True)]), registry(push))
     )
     await client.put("/v1/contacts/c1", json=PROFILE)
@@ -360,8 +358,8 @@ async def test_provider_callbacks_are_authenticated(aiohttp_client: Any, setting
     assert by_name["sms"]["configured"] is False
 
 
-async def test_inapp_inbox(aiohttp_client: Any, settings: Settings) -> None:
-    client = await aiohttp_client(create_app(setup(settings, [send("inapp")])))
+async def test_inapp_inbox(make_client: Any, settings: Settings) -> None:
+    client = await make_client(create_app(setup(settings, [send("inapp")])))
     await go(client)
     await settled(client)
     inbox = (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"]
@@ -380,9 +378,9 @@ async def test_inapp_inbox(aiohttp_client: Any, settings: Settings) -> None:
 
 
 async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
-    aiohttp_client: Any, settings: Settings
+    make_client: Any, settings: Settings
 ) -> None:
-    client = await aiohttp_client(
+    client = await make_client(
         create_app(
             setup(settings, [send("log", "evil"), send("log", "broken"), send("log", "missing"), send("log")])
         )
@@ -395,10 +393,10 @@ async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
     assert fine["status"] == "sent"
 
 
-async def test_edited_template_is_used_for_the_next_message(aiohttp_client: Any, settings: Settings) -> None:
+async def test_edited_template_is_used_for_the_next_message(make_client: Any, settings: Settings) -> None:
     push = Provider("push", needs="push_tokens")
     configured = setup(settings, [send("push", transactional=True)])
-    client = await aiohttp_client(create_app(configured, registry(push)))
+    client = await make_client(create_app(configured, registry(push)))
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client, code="A")
     await settled(client)

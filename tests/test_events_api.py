@@ -145,9 +145,9 @@ async def test_empty_array_422(client: Any) -> None:
     assert resp.status == 422
 
 
-async def test_body_over_limit_413(aiohttp_client: Any, settings: Settings, db: Any) -> None:
+async def test_body_over_limit_413(make_client: Any, settings: Settings, db: Any) -> None:
     small = msgspec.structs.replace(settings, max_body_bytes=4096, max_batch_events=5)
-    client = await aiohttp_client(create_app(small))
+    client = await make_client(create_app(small))
     resp = await client.post("/v1/events", json=cart("big", blob="x" * 5000))
     assert resp.status == 413
     assert "4096" in (await resp.json())["error"]

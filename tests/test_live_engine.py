@@ -85,11 +85,11 @@ async def statuses(client: Any, contact: str) -> dict[str, str]:
 
 
 async def test_cart_event_to_sent_push_and_purchase_cancels_email(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path
+    make_client: Any, settings: Settings, tmp_path: Path
 ) -> None:
     fast_cart(Path(settings.rulesets_dir))
     log: list[tuple[str, str]] = []
-    client = await aiohttp_client(create_app(settings, recording(log)))
+    client = await make_client(create_app(settings, recording(log)))
     posted = time.monotonic()
     assert (await client.post("/v1/events", json={"id": "e1", "type": "cart_updated", "contact_id": "c1",
                                                     "attributes": {"value": 42}})).status == 202  # fmt: skip
@@ -123,11 +123,11 @@ async def test_cart_event_to_sent_push_and_purchase_cancels_email(
 
 
 async def test_restart_between_decision_and_due_time_sends_once(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
     log: list[tuple[str, str]] = []
-    first = await aiohttp_client(create_app(settings, recording(log)))
+    first = await make_client(create_app(settings, recording(log)))
     event = {"id": "r1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 5}}
     assert (await first.post("/v1/events", json=event)).status == 202
 
@@ -138,7 +138,7 @@ async def test_restart_between_decision_and_due_time_sends_once(
     await first.close()  # the service stops before anything is due
     assert log == []
 
-    second = await aiohttp_client(create_app(settings, recording(log)))
+    second = await make_client(create_app(settings, recording(log)))
 
     async def both_sent() -> bool:
         return await statuses(second, "c1") == {"push": "sent", "email": "sent"}
@@ -151,11 +151,11 @@ async def test_restart_between_decision_and_due_time_sends_once(
 
 
 async def test_two_processes_share_the_work_and_never_send_twice(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     fast_cart(Path(settings.rulesets_dir), push_after="1s", email_after="2s")
     log: list[tuple[str, str]] = []
-    apps = [await aiohttp_client(create_app(settings, recording(log))) for _ in range(2)]
+    apps = [await make_client(create_app(settings, recording(log))) for _ in range(2)]
     contacts = [f"c{i}" for i in range(60)]
     posts = []
     for n in range(5):  # five cart updates per contact, alternating between the two services
@@ -182,7 +182,7 @@ async def test_two_processes_share_the_work_and_never_send_twice(
 
 
 async def test_events_of_one_contact_are_evaluated_in_time_order(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     write_ruleset(
         Path(settings.rulesets_dir),
@@ -190,7 +190,7 @@ async def test_events_of_one_contact_are_evaluated_in_time_order(
         {"rules": [{"name": "last", "when": {"event": "step"},
                     "then": [{"remember": {"name": "steps", "from": "attributes.n", "append": True}}]}]},
     )  # fmt: skip
-    client = await aiohttp_client(create_app(settings))
+    client = await make_client(create_app(settings))
     # Posted newest first: the inbox still evaluates them by event time.
     events = [{"id": f"s{n}", "type": "step", "contact_id": "c1", "time": f"2026-11-22T10:00:0{n}Z",
                "attributes": {"n": n}} for n in reversed(range(6))]  # fmt: skip
@@ -205,10 +205,10 @@ async def test_events_of_one_contact_are_evaluated_in_time_order(
 
 
 async def test_schedule_survives_and_ruleset_removed_cancels(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
-    client = await aiohttp_client(create_app(settings))
+    client = await make_client(create_app(settings))
     event = {"id": "x1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 1}}
     await client.post("/v1/events", json=event)
 

@@ -66,11 +66,11 @@ async def test_openapi_document_is_valid_and_complete(client: Any) -> None:
     assert set(event["required"]) == {"id", "type"}
 
 
-async def test_mongodb_down_gives_503_not_500(aiohttp_client: Any, settings: Settings, tmp_path: Any) -> None:
+async def test_mongodb_down_gives_503_not_500(make_client: Any, settings: Settings, tmp_path: Any) -> None:
     own = EmbeddedMongod(tmp_path / "own", port=free_port())
     own.start()
     try:
-        client = await aiohttp_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
+        client = await make_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
         event = {"id": "o1", "type": "cart_updated", "contact_id": "c1"}
         assert (await client.post("/v1/events", json=event)).status == 202
         own.stop()

@@ -69,14 +69,14 @@ def echo_installed() -> Iterator[None]:
 
 @pytest.mark.usefixtures("echo_installed")
 async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     listing = subprocess.run([sys.executable, "-m", "rulesvc", "plugins"], capture_output=True, text=True)
     assert "rulesvc-echo-test-plugin 0.0.1" in listing.stdout and "echo" in listing.stdout
 
     outbox = tmp_path / "outbox.ndjson"
     monkeypatch.setenv("RULESVC_CHANNEL_ECHO_OUTBOX", str(outbox))
-    client = await aiohttp_client(create_app(setup(settings, [send("echo", transactional=True)])))
+    client = await make_client(create_app(setup(settings, [send("echo", transactional=True)])))
     await go(client, code="E-42")
     [msg] = await settled(client)
     assert msg["status"] == "sent"

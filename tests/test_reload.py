@@ -45,13 +45,13 @@ async def templates_sent(db: Any) -> list[str]:
     return [m["template"] async for m in db.messages.find({"status": "sent"}).sort("created_at", 1)]
 
 
-async def test_edit_broken_edit_and_delete(aiohttp_client: Any, settings: Settings, db: Any) -> None:
+async def test_edit_broken_edit_and_delete(make_client: Any, settings: Settings, db: Any) -> None:
     folder = Path(settings.rulesets_dir)
     folder.mkdir(parents=True)
     write_templates(folder)
     path = folder / "greet.json"
     write(path, ruleset("v1"))
-    client = await aiohttp_client(create_app(settings))
+    client = await make_client(create_app(settings))
     first = (await listing(client))["greet"]
     assert first["status"] == "loaded" and first["events"] == ["t"] and first["errors"] == []
     assert (await client.get("/readyz")).status == 200
@@ -116,14 +116,14 @@ async def _no_pending(db: Any) -> bool:
 
 
 async def test_events_posted_during_reloads_are_all_processed(
-    aiohttp_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
     folder = Path(settings.rulesets_dir)
     folder.mkdir(parents=True)
     write_templates(folder)
     path = folder / "greet.json"
     write(path, ruleset("v0"))
-    client = await aiohttp_client(create_app(settings))
+    client = await make_client(create_app(settings))
 
     async def flip() -> None:
         for n in range(1, 11):

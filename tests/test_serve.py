@@ -30,6 +30,7 @@ def test_serve_accepts_and_keeps_data_across_restarts(tmp_path: Path) -> None:
     service = ServiceProcess(tmp_path)
     ready_in = service.start()
     assert ready_in < 30
+    assert service.key is not None  # the embedded default hands out an admin key at first start
     try:
         event = {"id": "e1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 20}}
         assert service.request("POST", "/v1/events", event) == (202, {"accepted": 1, "duplicates": 0})
@@ -74,8 +75,19 @@ def test_serve_with_mongodb_uri_uses_that_server(tmp_path: Path, mongod: object)
     assert isinstance(mongod, EmbeddedMongod)
     service = ServiceProcess(tmp_path, env={"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "serve_uri"})
     service.start()
+    assert service.key is None  # with a real server, keys are created on purpose
+    created = service.cli("keys", "create", "--scope", "ingest", "--name", "shop backend")
+    assert created.returncode == 0, created.stderr
+    service.key = created.stdout.splitlines()[-1]  # the key, alone on the last line
     try:
         assert service.request("POST", "/v1/events", {"id": "u1", "type": "x", "contact_id": "c"})[0] == 202
+        assert service.request("GET", "/v1/rulesets")[0] == 403  # ingest keys do not administer
+        key_id = service.key.split("_")[1]
+        listed = service.cli("keys", "list").stdout
+        assert key_id in listed and "shop backend" in listed and service.key not in listed
+        assert service.cli("keys", "revoke", key_id).returncode == 0
+        time.sleep(5.5)  # keys are cached for up to five seconds in each process
+        assert service.request("POST", "/v1/events", {"id": "u2", "type": "x", "contact_id": "c"})[0] == 401
     finally:
         service.stop()
     assert not (tmp_path / ".rulesvc").exists()  # no embedded mongod was started

@@ -48,7 +48,7 @@ def h(text: str) -> str:
 
 
 async def test_audience_changes_are_batched_hashed_and_retried(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings, db: Any
+    make_client: Any, aiohttp_server: Any, settings: Settings, db: Any
 ) -> None:
     peer = AdsPeer()
     peer.fail_next = 1
@@ -69,7 +69,7 @@ async def test_audience_changes_are_batched_hashed_and_retried(
     channels = builtin_channels()
     job = AudienceSync({"base_url": str(server.make_url("")), "token": "ads-token", "interval": 0.3})
     channels.jobs.append(job)
-    client = await aiohttp_client(create_app(settings, channels))
+    client = await make_client(create_app(settings, channels))
     assert (
         await client.put("/v1/contacts/c1", json={"email": "Ann@Example.COM", "phone": "+4915112345678"})
     ).status == 201

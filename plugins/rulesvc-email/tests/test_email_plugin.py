@@ -86,12 +86,12 @@ def channel_app(settings: Settings, config: dict[str, Any], sends: list[dict[str
 
 
 async def test_marketing_and_transactional_mail(
-    aiohttp_client: Any, settings: Settings, smtp: tuple[Mailbox, int]
+    make_client: Any, settings: Settings, smtp: tuple[Mailbox, int]
 ) -> None:
     box, port = smtp
     config = {"host": "127.0.0.1", "port": port, "security": "none", "from": "Shop <news@shop.example>",
               "unsubscribe_url": "https://shop.example/u?c={contact_id}&m={message_id}"}  # fmt: skip
-    client = await aiohttp_client(
+    client = await make_client(
         channel_app(settings, config, [send("email"), send("email", transactional=True)])
     )
     await client.put("/v1/contacts/c1", json=PROFILE)
@@ -111,7 +111,7 @@ async def test_marketing_and_transactional_mail(
     assert by_list_header[False][2]["Subject"] == "Hello Ann"  # transactional: no unsubscribe header
 
 
-async def test_starttls_and_auth(aiohttp_client: Any, settings: Settings, tmp_path: Path) -> None:
+async def test_starttls_and_auth(make_client: Any, settings: Settings, tmp_path: Path) -> None:
     import ssl
 
     cert, key = self_signed(tmp_path)
@@ -132,7 +132,7 @@ async def test_starttls_and_auth(aiohttp_client: Any, settings: Settings, tmp_pa
     try:
         config = {"host": "127.0.0.1", "port": port, "security": "starttls", "from": "news@shop.example",
                   "username": "shop", "password": "pw-123", "ca_file": str(cert)}  # fmt: skip
-        client = await aiohttp_client(channel_app(settings, config, [send("email", transactional=True)]))
+        client = await make_client(channel_app(settings, config, [send("email", transactional=True)]))
         await client.put("/v1/contacts/c1", json=PROFILE)
         await go(client)
         [msg] = await settled(client)
@@ -144,11 +144,11 @@ async def test_starttls_and_auth(aiohttp_client: Any, settings: Settings, tmp_pa
 
 
 async def test_refused_recipient_fails_permanently(
-    aiohttp_client: Any, settings: Settings, smtp: tuple[Mailbox, int]
+    make_client: Any, settings: Settings, smtp: tuple[Mailbox, int]
 ) -> None:
     box, port = smtp
     config = {"host": "127.0.0.1", "port": port, "security": "none", "from": "news@shop.example"}
-    client = await aiohttp_client(channel_app(settings, config, [send("email", transactional=True)]))
+    client = await make_client(channel_app(settings, config, [send("email", transactional=True)]))
     await client.put("/v1/contacts/c1", json={**PROFILE, "email": "nobody@example.com"})
     await go(client)
     [msg] = await settled(client)

@@ -97,7 +97,7 @@ async def google(aiohttp_server: Any) -> tuple[FakeGoogle, dict[str, Any], str]:
 
 
 async def test_push_end_to_end_removes_dead_tokens(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings, tmp_path: Any
+    make_client: Any, aiohttp_server: Any, settings: Settings, tmp_path: Any
 ) -> None:
     peer, account, base = await google(aiohttp_server)
     key_file = tmp_path / "sa.json"
@@ -106,7 +106,7 @@ async def test_push_end_to_end_removes_dead_tokens(
     assert channel.status() == (True, "FCM v1, project shop-app")
     channels = builtin_channels()
     channels.register(channel)
-    client = await aiohttp_client(create_app(setup(settings, [send("push")]), channels))
+    client = await make_client(create_app(setup(settings, [send("push")]), channels))
     profile = {"push_tokens": ["dead-token", "live-token"], "consent": {"push": True}}
     await client.put("/v1/contacts/c1", json=profile)
     await go(client, code="P-3")

@@ -57,7 +57,7 @@ PROFILE = {"phone": "+4915112345678", "consent": {"sms": True}}
 
 
 async def test_sms_end_to_end_with_retry_and_status_callback(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings
+    make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
     peer, base = await fake(aiohttp_server)
     peer.script = [(429, {"code": 20429, "message": "Too Many Requests"})]
@@ -66,9 +66,7 @@ async def test_sms_end_to_end_with_retry_and_status_callback(
                           "status_callback_url": callback_url})  # fmt: skip
     channels = builtin_channels()
     channels.register(channel)
-    client = await aiohttp_client(
-        create_app(setup(settings, [send("sms")], retry_base_seconds=0.05), channels)
-    )
+    client = await make_client(create_app(setup(settings, [send("sms")], retry_base_seconds=0.05), channels))
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client, code="S-9")
     [msg] = await settled(client)
@@ -91,13 +89,13 @@ async def test_sms_end_to_end_with_retry_and_status_callback(
 
 
 async def test_carrier_block_suppresses_the_number(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings
+    make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
     peer, base = await fake(aiohttp_server)
     channel = SmsChannel({"account_sid": SID, "auth_token": TOKEN, "from": "+15005550006", "base_url": base})
     channels = builtin_channels()
     channels.register(channel)
-    client = await aiohttp_client(create_app(setup(settings, [send("sms")]), channels))
+    client = await make_client(create_app(setup(settings, [send("sms")]), channels))
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client)
     await settled(client)
@@ -118,14 +116,14 @@ async def test_carrier_block_suppresses_the_number(
 
 
 async def test_invalid_number_is_a_permanent_failure(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings
+    make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
     peer, base = await fake(aiohttp_server)
     peer.script = [(400, {"code": 21211, "message": "Invalid 'To' Phone Number"})]
     channel = SmsChannel({"account_sid": SID, "auth_token": TOKEN, "from": "+15005550006", "base_url": base})
     channels = builtin_channels()
     channels.register(channel)
-    client = await aiohttp_client(create_app(setup(settings, [send("sms")]), channels))
+    client = await make_client(create_app(setup(settings, [send("sms")]), channels))
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client)
     [msg] = await settled(client)

@@ -58,9 +58,7 @@ async def receiver_url(aiohttp_server: Any, receiver: Receiver) -> str:
     return str(server.make_url("/hooks"))
 
 
-async def test_signed_delivery_end_to_end(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings
-) -> None:
+async def test_signed_delivery_end_to_end(make_client: Any, aiohttp_server: Any, settings: Settings) -> None:
     receiver = Receiver()
     receiver.script = [503, 429]  # retried, then accepted
     channels = builtin_channels()
@@ -68,7 +66,7 @@ async def test_signed_delivery_end_to_end(
     app = create_app(
         setup(settings, [send("webhook", transactional=True)], retry_base_seconds=0.05), channels
     )
-    client = await aiohttp_client(app)
+    client = await make_client(app)
     await go(client, code="W-7")
     [msg] = await settled(client)
     assert msg["status"] == "sent" and msg["attempt"] == 3
@@ -79,16 +77,14 @@ async def test_signed_delivery_end_to_end(
 
 
 async def test_wrong_secret_is_a_permanent_failure(
-    aiohttp_client: Any, aiohttp_server: Any, settings: Settings
+    make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
     receiver = Receiver()
     channels = builtin_channels()
     channels.register(
         WebhookChannel({"url": await receiver_url(aiohttp_server, receiver), "secret": "wrong"})
     )
-    client = await aiohttp_client(
-        create_app(setup(settings, [send("webhook", transactional=True)]), channels)
-    )
+    client = await make_client(create_app(setup(settings, [send("webhook", transactional=True)]), channels))
     await go(client)
     [msg] = await settled(client)
     assert msg["status"] == "failed" and msg["reason"] == "HTTP 401: bad signature"

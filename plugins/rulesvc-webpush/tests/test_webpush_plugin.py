@@ -85,7 +85,7 @@ class PushService:
         return web.Response(status=201, headers={"Location": f"/messages/{len(self.received)}"})
 
 
-async def test_webpush_end_to_end(aiohttp_client: Any, aiohttp_server: Any, settings: Settings) -> None:
+async def test_webpush_end_to_end(make_client: Any, aiohttp_server: Any, settings: Settings) -> None:
     service = PushService()
     app = web.Application()
     app.router.add_post("/push/{id}", service.push)
@@ -99,7 +99,7 @@ async def test_webpush_end_to_end(aiohttp_client: Any, aiohttp_server: Any, sett
     assert channel.status() == (True, "Web Push with VAPID")
     channels = builtin_channels()
     channels.register(channel)
-    client = await aiohttp_client(create_app(setup(settings, [send("webpush")]), channels))
+    client = await make_client(create_app(setup(settings, [send("webpush")]), channels))
     keys = {"p256dh": b64(browser.public), "auth": b64(browser.auth)}
     other = Browser()
     other_keys = {"p256dh": b64(other.public), "auth": b64(other.auth)}
