@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import durable_rules_engine
 import msgspec
@@ -38,6 +39,7 @@ from rulesvc.ruleformat import (
     Rule,
     RulesetFile,
     Send,
+    event_list,
 )
 
 log = structlog.get_logger(__name__)
@@ -97,7 +99,8 @@ class CompiledRule:
         self.rule = rule
         self.events = frozenset([rule.when.event] if isinstance(rule.when.event, str) else rule.when.event)
         self.keys: dict[str, str] = {}  # path -> message key
-        self.substring_checks: dict[str, tuple[str, str]] = {}  # key -> (path, needle)
+        # Tests durable-rules cannot do (substring, two paths equal): done here, matched as a flag.
+        self.flag_checks: dict[str, tuple[Literal["contains", "same_as"], str, str]] = {}
         definition = {"r": {"all": [{"m": self._expression()}]}, "p": {"all": [{"m": {"t": _PRIME}}]}}
         self.engine_name = f"{ruleset}@{version}#{index}:{next(self._ids)}"
         try:
@@ -114,6 +117,11 @@ class CompiledRule:
         action = durable_rules_engine.start_action_for_state(self.handle, result[1])
         assert action is not None and '"p"' in action[1], "the priming rule did not fire"
         durable_rules_engine.complete_and_start_action(self.handle, result[1])
+
+    def _flag(self, kind: Literal["contains", "same_as"], path: str, argument: str) -> str:
+        flag = f"s{len(self.flag_checks)}"
+        self.flag_checks[flag] = (kind, path, argument)
+        return flag
 
     def _key(self, path: str) -> str:
         if path not in self.keys:
@@ -151,14 +159,13 @@ class CompiledRule:
                 if not cond.in_:
                     raise CompileError(f"{where}.{path}.in", "`in` needs at least one value")
                 out.append({"$or": [{key: v} for v in cond.in_]})
-            if cond.contains is not UNSET:
-                # Lists are matched by the engine; durable-rules has no substring test, so for strings
-                # the containment is computed when the message is built and matched as a flag.
-                flag = f"s{len(self.substring_checks)}"
-                self.substring_checks[flag] = (path, str(cond.contains))
+            if cond.contains is not UNSET:  # lists are matched by the engine, texts by a flag
+                flag = self._flag("contains", path, str(cond.contains))
                 out.append({"$or": [{"$iany": {key: {"$i": cond.contains}}}, {flag: True}]})
             if cond.exists is not UNSET:
                 out.append({"$ex" if cond.exists else "$nex": {key: 1}})
+            if isinstance(cond.same_as, str):
+                out.append({self._flag("same_as", path, cond.same_as): True})
         return out
 
     def matches(self, event_type: str, context: Context) -> bool:
@@ -167,9 +174,13 @@ class CompiledRule:
             encoded = _json_value(context.resolve(path))
             if encoded is not None:
                 parts.append(f'"{key}":{encoded}')
-        for flag, (path, needle) in self.substring_checks.items():
+        for flag, (kind, path, argument) in self.flag_checks.items():
             value = context.resolve(path)
-            if isinstance(value, str) and needle in value:
+            if kind == "contains":
+                holds = isinstance(value, str) and argument in value
+            else:
+                holds = value is not None and value == context.resolve(argument)
+            if holds:
                 parts.append(f'"{flag}":true')
         message = "{" + ",".join(parts) + "}"
         try:
@@ -261,6 +272,7 @@ class ContactView:
     state: dict[str, Any]
     pending: list[PendingEntry] = field(default_factory=list)
     profile_set: dict[str, Any] = field(default_factory=dict)  # profile fields the service itself changed
+    session_new: bool = False  # the event being evaluated started a new session
 
 
 class Context:
@@ -275,7 +287,14 @@ class Context:
         if root == "attributes":
             return _walk(self.event.attributes, rest)
         if root == "event":
+            if rest in ("local_date", "local_hour", "local_weekday"):
+                local = self.event.time.astimezone(_zone(self.contact.profile.get("timezone")))
+                return {"local_date": local.date().isoformat(), "local_hour": local.hour,
+                        "local_weekday": local.isoweekday()}[rest]  # fmt: skip
             return {"id": self.event.id, "type": self.event.type, "time": ts(self.event.time)}.get(rest)
+        if root == "session":
+            session = self.contact.state.get("session", {})
+            return {"new": self.contact.session_new, "number": session.get("n", 0)}.get(rest)
         if root == "contact":
             return _walk(self.contact.profile, rest)
         state = self.contact.state
@@ -298,6 +317,13 @@ class Context:
         if isinstance(value, list):
             return [self.render(v) for v in value]
         return value
+
+
+def _zone(name: Any) -> ZoneInfo:
+    try:
+        return ZoneInfo(str(name)) if name else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
 
 
 def _walk(value: Any, path: str) -> Any:
@@ -423,7 +449,7 @@ class Engine:
         if event.type == TIMER_EVENT:
             self._run_timer(event, contact, now, decisions)
             return decisions
-        self._track_session(event, contact.state)
+        self._track_session(event, contact)
         ctx = Context(event, contact)
         for compiled in self.index.by_event.get(event.type, ()):
             ruleset = self.index.rulesets[compiled.ruleset]
@@ -467,10 +493,11 @@ class Engine:
         elapsed: float = ts(at) - last["at"]
         return elapsed >= parse_duration(rule.once.per).total_seconds()
 
-    def _track_session(self, event: EngineEvent, state: dict[str, Any]) -> None:
+    def _track_session(self, event: EngineEvent, contact: ContactView) -> None:
+        contact.session_new = False
         if event.type.startswith("message_") or event.contact_id is None:
             return  # outcomes of our own messages are not the contact being active
-        session = state.setdefault("session", {"n": 0, "started": 0.0, "last": 0.0})
+        session = contact.state.setdefault("session", {"n": 0, "started": 0.0, "last": 0.0})
         at = ts(event.time)
         if (
             session["n"] == 0
@@ -478,6 +505,7 @@ class Engine:
             or at - session["last"] > self.session_idle.total_seconds()
         ):
             session.update(n=session["n"] + 1, started=at, ended=False)
+            contact.session_new = True
         session["last"] = max(session["last"], at)
         if event.type == "session_ended":
             session["ended"] = True
@@ -492,7 +520,7 @@ class Engine:
         still: list[PendingEntry] = []
         for entry in contact.pending:
             hit = any(
-                spec["event"] == event.type
+                event.type in spec["event"]
                 and all(ctx_values.resolve(path) == value for path, value in spec.get("same", {}).items())
                 for spec in entry.cancel_on
             )
@@ -541,7 +569,7 @@ class Engine:
                 wait = action.wait
                 key = f"{ruleset}/{rule}/{i}/wait"
                 self._replace_pending(ctx.contact, key, decisions)
-                spec = {"event": wait.event, "same": {p: ctx.resolve(p) for p in wait.same}}
+                spec = {"event": event_list(wait.event), "same": {p: ctx.resolve(p) for p in wait.same}}
                 entry = ScheduleEntry(
                     entry_id=entry_id,
                     contact_id=ctx.contact.contact_id,
@@ -620,9 +648,9 @@ class Engine:
             self._replace_pending(ctx.contact, key, decisions)
         due = ctx.event.time + parse_duration(send.after) if send.after else now
         cancel_on = [
-            {"event": c, "same": {}}
+            {"event": [c], "same": {}}
             if isinstance(c, str)
-            else {"event": c.event, "same": {p: ctx.resolve(p) for p in c.same}}
+            else {"event": event_list(c.event), "same": {p: ctx.resolve(p) for p in c.same}}
             for c in send.cancel_on
         ]
         entry = ScheduleEntry(

@@ -37,7 +37,7 @@ TemplateName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_][a-z0-9_./-]{0,12
 Path_ = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^(attributes|contact|flags|counters|values|event)(\.[A-Za-z0-9_-]+)+$",
+        pattern=r"^(attributes|contact|flags|counters|values|event|session)(\.[A-Za-z0-9_-]+)+$",
         description="attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*,"
         " event.*",
     ),
@@ -58,6 +58,7 @@ class Ops(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     in_: list[Scalar] | msgspec.UnsetType = msgspec.field(default=UNSET, name="in")
     contains: Scalar | msgspec.UnsetType = UNSET
     exists: bool | msgspec.UnsetType = UNSET
+    same_as: Path_ | msgspec.UnsetType = UNSET  # equal to the value at another path
 
 
 Conditions = dict[Path_, Scalar | Ops]
@@ -70,7 +71,7 @@ class When(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class CancelOn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    event: EventType
+    event: EventType | list[EventType]
     same: list[Path_] = msgspec.field(default_factory=list)  # values equal in trigger and cancelling event
 
 
@@ -116,9 +117,9 @@ class Audience(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Wait(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Wait up to `within` for `event`; if it does not come, run `else`."""
+    """Wait up to `within` for `event` (or any of a list); if none comes, run `else`."""
 
-    event: EventType
+    event: EventType | list[EventType]
     within: Duration
     else_: list[Action] = msgspec.field(name="else")
     same: list[Path_] = msgspec.field(default_factory=list)
@@ -259,6 +260,10 @@ def parse_ruleset(file: str, data: bytes, channels: frozenset[str]) -> RulesetFi
     return parsed
 
 
+def event_list(event: str | list[str]) -> list[str]:
+    return [event] if isinstance(event, str) else list(event)
+
+
 def listened_events(rs: RulesetFile) -> list[str]:
     events: set[str] = set()
     for rule in rs.rules:
@@ -273,9 +278,10 @@ def cancel_event_types(rs: RulesetFile) -> set[str]:
     def visit(actions: Iterable[Action]) -> None:
         for a in actions:
             if a.send is not None:
-                types.update(c if isinstance(c, str) else c.event for c in a.send.cancel_on)
+                for c in a.send.cancel_on:
+                    types.update(event_list(c if isinstance(c, str) else c.event))
             if a.wait is not None:
-                types.add(a.wait.event)
+                types.update(event_list(a.wait.event))
                 visit(a.wait.else_)
 
     for rule in rs.rules:
