@@ -6,6 +6,7 @@ The format is defined once, by the msgspec types below: they validate files and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,8 +31,12 @@ OncePer = Annotated[
         pattern=r"^(session|ever|([0-9]+[smhdw])+)$", description="`session`, `ever`, or a duration"
     ),
 ]
+# One event type or a list. Plain `str | list[str]` on purpose: with msgspec 0.21-0.22 a union of a
+# constrained (Annotated) str and a list makes the interpreter crash at exit, so the names are checked
+# in _semantic_errors instead.
+EventTypes = str | list[str]
+EVENT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
 RuleOrAll = Annotated[str, msgspec.Meta(pattern=r"^(\*|[a-z][a-z0-9_]{0,63})$", description="a rule, or *")]
-EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")]
 ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 TemplateName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_][a-z0-9_./-]{0,127}$")]
 Path_ = Annotated[
@@ -65,13 +70,13 @@ Conditions = dict[Path_, Scalar | Ops]
 
 
 class When(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    event: EventType | list[EventType]
+    event: EventTypes
     conditions: Conditions = msgspec.field(default_factory=dict)
     any: list[Conditions] = msgspec.field(default_factory=list)  # at least one group holds, too
 
 
 class CancelOn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    event: EventType | list[EventType]
+    event: EventTypes
     same: list[Path_] = msgspec.field(default_factory=list)  # values equal in trigger and cancelling event
 
 
@@ -79,7 +84,7 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     channel: ChannelName
     template: TemplateName
     after: Duration | None = None
-    cancel_on: list[EventType | CancelOn] = msgspec.field(default_factory=list)
+    cancel_on: list[str | CancelOn] = msgspec.field(default_factory=list)
     on_repeat: Literal["rearm", "keep"] = "rearm"
     per: Path_ | None = None  # one pending send per value of this path (e.g. per product)
     params: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -119,7 +124,7 @@ class Audience(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 class Wait(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Wait up to `within` for `event` (or any of a list); if none comes, run `else`."""
 
-    event: EventType | list[EventType]
+    event: EventTypes
     within: Duration
     else_: list[Action] = msgspec.field(name="else")
     same: list[Path_] = msgspec.field(default_factory=list)
@@ -193,6 +198,17 @@ def json_schema() -> dict[str, Any]:
 _DECODER = msgspec.json.Decoder(RulesetFile)
 
 
+def _event_errors(value: EventTypes, path: str) -> list[tuple[str, str]]:
+    names = event_list(value)
+    if not names:
+        return [(path, "needs at least one event type")]
+    return [
+        (path if isinstance(value, str) else f"{path}[{i}]", f"invalid event type {name!r}")
+        for i, name in enumerate(names)
+        if not EVENT_TYPE.match(name)
+    ]
+
+
 def _semantic_errors(rs: RulesetFile, channels: frozenset[str]) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -201,8 +217,7 @@ def _semantic_errors(rs: RulesetFile, channels: frozenset[str]) -> list[tuple[st
         if rule.name in seen:
             errors.append((f"{where}.name", f"duplicate rule name `{rule.name}`"))
         seen.add(rule.name)
-        if isinstance(rule.when.event, list) and not rule.when.event:
-            errors.append((f"{where}.when.event", "needs at least one event type"))
+        errors.extend(_event_errors(rule.when.event, f"{where}.when.event"))
         for g, group in enumerate([rule.when.conditions, *rule.when.any]):
             gpath = f"{where}.when.conditions" if g == 0 else f"{where}.when.any[{g - 1}]"
             for path, cond in group.items():
@@ -240,7 +255,16 @@ def _action_errors(actions: list[Action], where: str, channels: frozenset[str]) 
                     )
         if action.audience is not None and (action.audience.add is None) == (action.audience.remove is None):
             errors.append((f"{apath}.audience", "give exactly one of `add` or `remove`"))
+        if action.send is not None:
+            for k, c in enumerate(action.send.cancel_on):
+                cpath = f"{apath}.send.cancel_on[{k}]"
+                errors.extend(
+                    _event_errors(c, cpath)
+                    if isinstance(c, str)
+                    else _event_errors(c.event, f"{cpath}.event")
+                )
         if action.wait is not None:
+            errors.extend(_event_errors(action.wait.event, f"{apath}.wait.event"))
             errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels))
     return errors
 

@@ -108,3 +108,22 @@ def test_simulate_reports_bad_input(tmp_path: Path) -> None:
 def test_schema_file_is_current() -> None:
     result = rulesvc("schema")
     assert json.loads(result.stdout) == json.loads((ROOT / "rulesets" / "schema.json").read_text())
+
+
+def test_commands_exit_cleanly_every_time() -> None:
+    """Regression: a msgspec type (constrained str in a union with a list) crashed the interpreter at
+    exit about one run in four; a command must not fail after doing its work."""
+    codes = [rulesvc("schema").returncode for _ in range(12)]
+    assert codes == [0] * 12
+
+
+def test_invalid_event_types_are_reported_with_paths(tmp_path: Path) -> None:
+    send = {"channel": "log", "template": "t", "cancel_on": ["9x", {"event": []}]}
+    rule = {"name": "a", "when": {"event": ["ok", "bad type"]}, "then": [{"send": send}]}
+    (tmp_path / "names.json").write_text(json.dumps({"rules": [rule]}))
+    lines = rulesvc("check", str(tmp_path)).stdout.splitlines()
+    assert lines[:3] == [
+        "names.json:$.rules[0].when.event[1]: invalid event type 'bad type'",
+        "names.json:$.rules[0].then[0].send.cancel_on[0]: invalid event type '9x'",
+        "names.json:$.rules[0].then[0].send.cancel_on[1].event: needs at least one event type",
+    ]
