@@ -319,6 +319,19 @@ class Context:
         return value
 
 
+def _moment(value: Any) -> datetime | None:
+    """An RFC 3339 string or Unix seconds from an event, as an aware datetime; None if neither."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return None
+
+
 def _zone(name: Any) -> ZoneInfo:
     try:
         return ZoneInfo(str(name)) if name else ZoneInfo("UTC")
@@ -642,11 +655,16 @@ class Engine:
         key = f"{ruleset}/{rule}/{index}/{send.channel}/{send.template}"
         if send.per:
             key += f"/{ctx.resolve(send.per)}"
-        if send.after:  # a repeat trigger re-arms or keeps a waiting send; an immediate one always goes
+        due = ctx.event.time + parse_duration(send.after) if send.after else now
+        if send.at:
+            moment = _moment(ctx.resolve(send.at))
+            if moment is None:
+                return  # no such time in this event: nothing to remind of
+            due = max(moment - (parse_duration(send.before) if send.before else timedelta(0)), now)
+        if send.after or send.at:  # a repeat trigger re-arms or keeps a waiting send; an immediate one goes
             if send.on_repeat == "keep" and any(e.key == key for e in ctx.contact.pending):
                 return
             self._replace_pending(ctx.contact, key, decisions)
-        due = ctx.event.time + parse_duration(send.after) if send.after else now
         cancel_on = [
             {"event": [c], "same": {}}
             if isinstance(c, str)

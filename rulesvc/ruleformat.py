@@ -84,6 +84,8 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     channel: ChannelName
     template: TemplateName
     after: Duration | None = None
+    at: Path_ | None = None  # a time in the event (RFC 3339 or Unix seconds) to send at ...
+    before: Duration | None = None  # ... less this (e.g. 3d before a voucher expires)
     cancel_on: list[str | CancelOn] = msgspec.field(default_factory=list)
     on_repeat: Literal["rearm", "keep"] = "rearm"
     per: Path_ | None = None  # one pending send per value of this path (e.g. per product)
