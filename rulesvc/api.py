@@ -20,6 +20,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, W
 from rulesvc import openapi
 from rulesvc.auth import Keys
 from rulesvc.builtin import BUILTIN_PLUGINS
+from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
@@ -56,6 +57,7 @@ EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
 CHANNELS = web.AppKey("channels", ChannelRegistry)
 PLUGINS = web.AppKey("plugins", list[PluginReport])
 KEYS = web.AppKey("keys", Keys)
+FANOUT = web.AppKey("fanout", CatalogFanout)
 
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a shop's pages and backend need; everything else is admin.
@@ -331,6 +333,8 @@ async def post_events(request: web.Request) -> web.Response:
     result = await request.app[STORE].insert_events(events)
     if INBOX in request.app and result.accepted:
         request.app[INBOX].wake.set()
+        if any(e.contact_id is None for e in events):
+            request.app[FANOUT].wake.set()
     metrics.events.labels("accepted").inc(result.accepted)
     metrics.events.labels("duplicate").inc(result.duplicates)
     return json_response(EventsAccepted(result.accepted, result.duplicates), 202)
@@ -623,12 +627,14 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE], rulesets, lease=timedelta(seconds=settings.lease_seconds), on_scheduled=scheduler.due_soon
     )
     scheduler.on_timer_event = inbox.wake.set
-    app[RULESETS], app[INBOX], app[SCHEDULER] = rulesets, inbox, scheduler
+    fanout = CatalogFanout(app[STORE], lease=lease, on_copies=inbox.wake.set)
+    app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(rulesets.watch(stop), name="rulesets-watch"),
         asyncio.create_task(inbox.run(stop), name="inbox"),
         asyncio.create_task(scheduler.run(stop), name="scheduler"),
+        asyncio.create_task(fanout.run(stop), name="catalog-fanout"),
         *(
             asyncio.create_task(run_job(job, app[STORE], stop), name=f"job-{job.name}")
             for job in channels.jobs

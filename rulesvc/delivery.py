@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import structlog
 
+from rulesvc.catalog import guard_fails
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage
 from rulesvc.store import Doc, Store
 from rulesvc.templates import TemplateError, Templates
@@ -148,6 +149,13 @@ class Dispatcher:
                 return channel, None
         return None, "; ".join(reasons)
 
+    async def _guard_fails(self, message: Doc) -> str | None:
+        if not message.get("guard"):
+            return None
+        params = message.get("params") or {}
+        product = await self.store.products.find_one({"_id": str(params.get("product_id"))}) or {}
+        return guard_fails(message["guard"], params, product)
+
     async def _over_cap(self, message: Doc, channel: str, contact: Doc, now: datetime) -> str | None:
         cap = self.policy.frequency_caps.get(channel)
         if cap is None or message.get("transactional"):
@@ -177,6 +185,9 @@ class Dispatcher:
                 "interrupted during the provider call; not repeated so it cannot arrive twice",
                 attempt=attempt - 1,
             )
+        stale = await self._guard_fails(message)
+        if stale:
+            return Result("suppressed", channel.name, stale)
         transactional = bool(message.get("transactional"))
         if not transactional and not interrupted:
             zone = contact_zone(contact, self.policy)

@@ -686,6 +686,7 @@ class Engine:
                 "params": ctx.render(send.params),
                 "transactional": send.transactional,
                 "fallback": list(send.fallback),
+                "guard": send.guard,
             },
             trigger=_trigger(ctx.event),
         )

@@ -21,6 +21,7 @@ from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
+from rulesvc.catalog import interest_updates
 from rulesvc.engine import (
     Cancellation,
     ContactView,
@@ -112,6 +113,7 @@ def message_doc(entry: ScheduleEntry) -> Doc:
         "params": entry.message["params"],
         "transactional": entry.message["transactional"],
         "fallback": entry.message["fallback"],
+        "guard": entry.message.get("guard"),
         "status": "scheduled",
         "created_at": entry.created_at,
         "due_at": entry.due_at,
@@ -303,6 +305,9 @@ class Inbox:
                 await self._cancel(cancels, now, session)
             if message_ops:
                 await self.store.messages.bulk_write(message_ops, ordered=False, session=session)
+            interest_ops = interest_updates(events)
+            if interest_ops:
+                await self.store.interests.bulk_write(interest_ops, ordered=False, session=session)
             if decisions.audience:
                 changes = [{"contact_id": c.contact_id, "audience": c.audience, "op": c.op, "at": c.at,
                             "synced": False} for c in decisions.audience]  # fmt: skip

@@ -91,6 +91,8 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     per: Path_ | None = None  # one pending send per value of this path (e.g. per product)
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     transactional: bool = False
+    # Re-checked against the catalog when the send comes due (params must carry product_id, and price):
+    guard: Literal["price_still_lower", "still_in_stock"] | None = None
     fallback: list[ChannelName] = msgspec.field(default_factory=list)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from rulesvc.catalog import catalog_change, guard_fails, interest_fields, interested
 from rulesvc.contacts import ContactIn
 from rulesvc.engine import ContactView, Engine, EngineEvent, ScheduleEntry, timer_event
 from rulesvc.events import Event, event_time
@@ -70,6 +71,8 @@ class Simulation:
         self.entries: dict[str, ScheduleEntry] = {}
         self.actions: list[SimAction] = []
         self._seq = itertools.count()
+        self.interests: dict[tuple[str, str], dict[str, Any]] = {}  # as the live interest index
+        self.products: dict[str, dict[str, Any]] = {}  # as the live catalog
 
     def _contact(self, contact_id: str) -> ContactView:
         if contact_id not in self.contacts:
@@ -79,17 +82,36 @@ class Simulation:
     def run(self, events: list[Event], until: datetime | None) -> list[SimAction]:
         start = datetime.now(UTC)
         timed = sorted(
-            ((event_time(e, start), i, e) for i, e in enumerate(events) if e.contact_id is not None),
-            key=lambda t: (t[0], t[1]),
+            ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
         )
         for at, _, event in timed:
             self._fire_until(at, inclusive=False)
-            assert event.contact_id is not None
+            if event.contact_id is None:
+                self._fan_out(event, at)
+                continue
             engine_event = EngineEvent(event.id, event.type, event.contact_id, at, event.attributes)
+            fields = interest_fields({"type": event.type, "time": at, "attributes": event.attributes})
+            if fields:
+                key = (event.contact_id, str(event.attributes["product_id"]))
+                self.interests.setdefault(key, {}).update(fields)
             self._evaluate(engine_event, at)
         end = until or ((timed[-1][0] if timed else start) + DEFAULT_HORIZON)
         self._fire_until(end, inclusive=True)
         return self.actions
+
+    def _fan_out(self, event: Event, at: datetime) -> None:
+        """A catalog event becomes each interested contact's own event, as the live fan-out does."""
+        if event.attributes.get("product_id") is None:
+            return
+        product = str(event.attributes["product_id"])
+        fields, change = catalog_change(event.type, event.attributes, self.products.get(product, {}))
+        self.products.setdefault(product, {}).update(fields)
+        for (contact_id, interest_product), interest in sorted(self.interests.items()):
+            if interest_product == product and interested(event.type, interest, at):
+                attributes = {**event.attributes, **change}
+                attributes["interest"] = {k.removesuffix("_at"): v.isoformat() for k, v in interest.items()}
+                copy = EngineEvent(f"{event.id}>{contact_id}", event.type, contact_id, at, attributes)
+                self._evaluate(copy, at)
 
     def _evaluate(self, event: EngineEvent, now: datetime) -> None:
         assert event.contact_id is not None
@@ -113,7 +135,10 @@ class Simulation:
             contact = self._contact(entry.contact_id)
             contact.pending = [p for p in contact.pending if p.entry_id != entry.entry_id]
             if entry.message is not None:
-                self._record(entry, due.due_at, "sent", None)
+                params = entry.message.get("params") or {}
+                product = self.products.get(str(params.get("product_id")), {})
+                stale = guard_fails(entry.message.get("guard"), params, product)
+                self._record(entry, due.due_at, "suppressed" if stale else "sent", stale)
             else:
                 self._record(entry, due.due_at, "fired", "waited in vain: running `else`")
                 self._evaluate(timer_event(entry), due.due_at)

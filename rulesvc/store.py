@@ -47,6 +47,8 @@ class Store:
         self.leases: AsyncCollection[Doc] = self.db["leases"]
         self.audience_changes: AsyncCollection[Doc] = self.db["audience_changes"]
         self.api_keys: AsyncCollection[Doc] = self.db["api_keys"]
+        self.interests: AsyncCollection[Doc] = self.db["interests"]
+        self.products: AsyncCollection[Doc] = self.db["products"]
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")
@@ -74,6 +76,21 @@ class Store:
             ]
         )
         await self.leases.create_indexes([IndexModel([("until", ASCENDING)], name="leases_until")])
+        await self.interests.create_indexes(
+            [
+                IndexModel([("product_id", ASCENDING), ("_id", ASCENDING)], name="interests_by_product"),
+                IndexModel([("contact_id", ASCENDING)], name="interests_by_contact"),
+            ]
+        )
+        await self.events.create_indexes(
+            [
+                IndexModel(
+                    [("time", ASCENDING), ("_id", ASCENDING)],
+                    name="catalog_pending",
+                    partialFilterExpression={"state": PENDING, "contact_id": None},
+                )
+            ]
+        )
         await self.audience_changes.create_indexes(
             [IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced")]
         )

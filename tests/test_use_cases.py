@@ -239,3 +239,98 @@ def test_uc19_third_share_earns_free_shipping_and_uc20_new_address(shipped: Rule
         ),  # the second move: within 30 days
         (at(hours=2), "lifecycle/free_shipping", "email", "lifecycle/free_shipping"),
     ]
+
+
+def catalog(event_id: str, type_: str, minutes: float = 0, **attributes: Any) -> dict[str, Any]:
+    return {"id": event_id, "type": type_, "time": at(minutes=minutes), "attributes": attributes}
+
+
+def test_uc11_price_drop_reaches_viewers_and_wishlisters_only(shipped: Rulesets) -> None:
+    events = [
+        catalog("p0", "price_changed", price=100.0, product_id="lamp"),  # the catalog learns the price
+        event("v", "product_viewed", contact="viewer", minutes=10, product_id="lamp"),
+        event("w", "wishlist_added", contact="wisher", minutes=10, product_id="lamp"),
+        event("old", "product_viewed", contact="long_ago", minutes=-60 * 24 * 40, product_id="lamp"),
+        event("o", "product_viewed", contact="other", minutes=10, product_id="sofa"),
+        catalog("p1", "price_changed", minutes=60, price=85.0, product_id="lamp", name="Lamp"),
+        catalog("p2", "price_changed", minutes=120, price=80.0, product_id="lamp"),  # again: 7-day limit
+        catalog("p3", "price_changed", minutes=180, price=120.0, product_id="lamp"),  # an increase
+    ]
+    actions = run(shipped, events)
+    sent = [(a.contact_id, a.at) for a in actions if a.status == "sent" and a.ruleset == "price_drop"]
+    assert sorted(sent) == [("viewer", at_dt(minutes=90)), ("wisher", at_dt(minutes=90))]
+    first = next(a for a in actions if a.ruleset == "price_drop")
+    assert first.params and first.params["drop_percent"] == 15.0 and first.params["previous_price"] == 100.0
+
+
+def at_dt(**delta: float) -> Any:
+    from tests.rulesets_helpers import T0
+
+    return T0 + __import__("datetime").timedelta(**delta)
+
+
+def test_uc11_the_discount_must_still_be_real_when_sent(shipped: Rulesets) -> None:
+    events = [
+        catalog("p0", "price_changed", price=100.0, product_id="lamp"),
+        event("v", "product_viewed", contact="viewer", minutes=1, product_id="lamp"),
+        catalog("p1", "price_changed", minutes=10, price=80.0, product_id="lamp"),
+        catalog("p2", "price_changed", minutes=20, price=100.0, product_id="lamp"),  # back up before the send
+    ]
+    [action] = [a for a in run(shipped, events) if a.ruleset == "price_drop"]
+    assert action.status == "suppressed" and action.reason == "the price is no longer 80.0 (now 100.0)"
+
+
+def test_uc12_back_in_stock_and_low_stock_notify_the_right_contacts(shipped: Rulesets) -> None:
+    events = [
+        catalog("s0", "stock_changed", in_stock=False, product_id="boots"),
+        event("oos", "product_viewed", contact="wanted", minutes=5, product_id="boots", in_stock=False),
+        event("sub", "subscribed", contact="subscriber", minutes=5, product_id="boots"),
+        event("w", "wishlist_added", contact="wisher", minutes=5, product_id="boots"),
+        event("v", "product_viewed", contact="browser", minutes=5, product_id="boots", in_stock=True),
+        event("x", "wishlist_added", contact="elsewhere", minutes=5, product_id="hat"),
+        catalog(
+            "s1", "stock_changed", minutes=60, in_stock=True, quantity=40, product_id="boots", name="Boots"
+        ),
+        catalog(
+            "s2", "stock_changed", minutes=120, in_stock=True, quantity=3, product_id="boots", name="Boots"
+        ),
+    ]
+    actions = [a for a in run(shipped, events) if a.ruleset == "back_in_stock" and a.status == "sent"]
+    back = sorted(a.contact_id for a in actions if a.rule == "back_in_stock")
+    assert back == ["subscriber", "wanted", "wisher"]
+    assert all(
+        a.at == at_dt(minutes=60) and a.template == "back_in_stock/email"
+        for a in actions
+        if a.rule == "back_in_stock"
+    )
+    assert [(a.contact_id, a.template) for a in actions if a.rule == "low_stock"] == [
+        ("wisher", "back_in_stock/low_stock")
+    ]
+
+
+def test_uc2_quiet_for_30_minutes_ends_the_session_too(shipped: Rulesets) -> None:
+    views = [event(f"v{i}", "product_viewed", minutes=i, product_id=f"p{i}") for i in range(10)]
+    actions = run(shipped, views)
+    sent = [
+        (a.rule, a.channel, a.at) for a in actions if a.status == "sent" and a.ruleset == "browse_abandon"
+    ]
+    assert sent[-2:] == [
+        ("idle_after_browsing", "push", at_dt(minutes=9 + 30 + 20)),
+        ("idle_after_browsing", "email", at_dt(minutes=9 + 30, hours=12)),
+    ]
+    ended = run(shipped, [*views, event("end", "session_ended", minutes=12)])
+    rules = {a.rule for a in ended if a.status == "sent" and a.ruleset == "browse_abandon"}
+    assert "idle_after_browsing" not in rules and "after_session" in rules  # one reminder pair, not two
+
+
+def test_uc21_inactive_for_90_days_with_a_wishlist(shipped: Rulesets) -> None:
+    events = [
+        event("w", "wishlist_added", product_id="lamp"),
+        event("v", "product_viewed", minutes=60 * 24 * 30, product_id="sofa"),  # activity re-arms the wait
+        event("n", "product_viewed", contact="no_wishlist", product_id="sofa"),
+    ]
+    actions = [a for a in run(shipped, events) if a.ruleset == "lifecycle" and a.status == "sent"]
+    assert [(a.contact_id, a.at, a.template) for a in actions] == [
+        ("c1", at_dt(days=120), "lifecycle/wishlist_reminder")
+    ]
+    assert actions[0].params == {"wishlist": ["lamp"]}

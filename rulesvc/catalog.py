@@ -1,0 +1,233 @@
+"""Catalog events fan out to the contacts interested in the product.
+
+The interest index (`interests`, one document per contact and product) is kept up to date from the
+contacts' own events: a product view (and a view while out of stock), a wishlist entry, a back-in-stock
+subscription (`subscribed` with a `product_id`). The catalog (`products`) remembers each product's last
+price and stock, so a `price_changed` knows the price it replaces.
+
+A `price_changed` or `stock_changed` is then copied, once per interested contact, into the inbox as that
+contact's own event (same type, with `previous_price`, `drop_percent`, `back_in_stock` and the contact's
+`interest`), where the rulesets decide as for any other event. The copies are written in batches, the
+position is saved after each, and each copy has a fixed id: a crash resumes the fan-out without a
+duplicate, and ingestion goes on meanwhile because the inbox processes the copies like other events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from pymongo import ASCENDING, UpdateOne
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.waiting import wait_any
+
+log = structlog.get_logger(__name__)
+
+VIEW_WINDOW = timedelta(days=30)  # who viewed a product this recently counts as interested in its price
+
+
+def catalog_change(event_type: str, attributes: Doc, before: Doc) -> tuple[Doc, Doc]:
+    """(the product's new fields, what the copies learn) for one catalog event. Pure: the live fan-out
+    and the simulator share it."""
+    change: Doc = {"product_id": str(attributes["product_id"])}
+    fields: Doc = {}
+    if event_type == "price_changed" and isinstance(attributes.get("price"), int | float):
+        price = float(attributes["price"])
+        previous = attributes.get("previous_price", before.get("price"))
+        fields["price"] = price
+        if isinstance(previous, int | float) and previous > 0:
+            change["previous_price"] = float(previous)
+            change["drop_percent"] = round((float(previous) - price) / float(previous) * 100, 2)
+    if event_type == "stock_changed":
+        in_stock = attributes.get("in_stock")
+        if isinstance(in_stock, bool):
+            fields["in_stock"] = in_stock
+            change["back_in_stock"] = in_stock and before.get("in_stock") is not True
+        if isinstance(attributes.get("quantity"), int):
+            fields["quantity"] = attributes["quantity"]
+    return fields, change
+
+
+def interested(event_type: str, interest: Doc, at: datetime) -> bool:
+    """Price: viewed in the last 30 days, or wishlisted. Stock: wanted while out of stock, or wishlisted."""
+    if interest.get("wishlisted_at") is not None:
+        return True
+    if event_type == "price_changed":
+        return interest.get("viewed_at") is not None and interest["viewed_at"] >= at - VIEW_WINDOW
+    return interest.get("wanted_oos_at") is not None
+
+
+def guard_fails(guard: str | None, params: Doc, product: Doc) -> str | None:
+    """What a message promised must still hold: a price drop still a drop, a product still in stock."""
+    if guard == "price_still_lower":
+        price, promised = product.get("price"), params.get("price")
+        if not isinstance(price, int | float) or not isinstance(promised, int | float) or price > promised:
+            return f"the price is no longer {promised} (now {price})"
+    if guard == "still_in_stock" and product.get("in_stock") is not True:
+        return "the product is out of stock again"
+    return None
+
+
+def interest_fields(doc: Doc) -> Doc:
+    """What one contact event says about interest in its product (empty if nothing)."""
+    attributes = doc.get("attributes") or {}
+    if attributes.get("product_id") is None:
+        return {}
+    if doc["type"] == "product_viewed":
+        fields = {"viewed_at": doc["time"]}
+        if attributes.get("in_stock") is False:
+            fields["wanted_oos_at"] = doc["time"]
+        return fields
+    if doc["type"] == "wishlist_added":
+        return {"wishlisted_at": doc["time"]}
+    if doc["type"] == "subscribed":
+        return {"wanted_oos_at": doc["time"]}  # a back-in-stock subscription
+    return {}
+
+
+def interest_updates(events: list[Doc]) -> list[Any]:
+    """Index writes for a batch of contact events (run in the inbox's transaction)."""
+    ops: list[Any] = []
+    for doc in events:
+        fields = interest_fields(doc)
+        if not fields:
+            continue
+        product = doc["attributes"]["product_id"]
+        key = f"{doc['contact_id']}|{product}"
+        ops.append(
+            UpdateOne(
+                {"_id": key},
+                {
+                    "$max": fields,
+                    "$setOnInsert": {"contact_id": doc["contact_id"], "product_id": str(product)},
+                },
+                upsert=True,
+            )
+        )
+    return ops
+
+
+class CatalogFanout:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = 1000,
+        lease: timedelta = timedelta(seconds=60),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_copies: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.lease = lease
+        self.clock = clock
+        self.on_copies = on_copies
+        self.owner = uuid.uuid4().hex
+        self.wake = asyncio.Event()
+        self.copies = 0
+
+    async def run(self, stop: asyncio.Event, idle_poll: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                worked = await self.process_once()
+            except PyMongoError as exc:
+                log.warning("catalog.storage_error", error=type(exc).__name__)
+                worked = False
+            except Exception:
+                log.exception("catalog.error")
+                worked = False
+            if not worked:
+                self.wake.clear()
+                await wait_any(stop, self.wake, seconds=idle_poll)
+
+    async def process_once(self) -> bool:
+        """Takes the oldest catalog event nobody holds and fans out one batch of it."""
+        now = self.clock()
+        event = await self.store.events.find_one_and_update(
+            {"state": PENDING, "contact_id": None,
+             "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
+                     {"fanout.owner": self.owner}]},
+            {"$set": {"fanout.owner": self.owner, "fanout.until": now + self.lease}},
+            sort=[("time", ASCENDING), ("_id", ASCENDING)],
+        )  # fmt: skip
+        if event is None:
+            return False
+        fanout = event.get("fanout") or {}
+        if "product" not in fanout:
+            fanout["product"] = await self._update_catalog(event)
+            await self.store.events.update_one(
+                {"_id": event["_id"]}, {"$set": {"fanout.product": fanout["product"]}}
+            )
+        done = await self._batch(event, fanout)
+        if done:
+            await self.store.events.update_one(
+                {"_id": event["_id"]},
+                {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
+            )
+        return True
+
+    async def _update_catalog(self, event: Doc) -> Doc:
+        """Record the new price or stock and return what the copies need to know about the change."""
+        attributes = event.get("attributes") or {}
+        product_id = str(attributes["product_id"])
+        before = await self.store.products.find_one({"_id": product_id}) or {}
+        fields, change = catalog_change(event["type"], attributes, before)
+        fields["updated_at"] = event["time"]
+        await self.store.products.update_one({"_id": product_id}, {"$set": fields}, upsert=True)
+        return change
+
+    def _interested(self, event: Doc) -> Doc:
+        """The query form of `interested`."""
+        product = str((event.get("attributes") or {})["product_id"])
+        if event["type"] == "price_changed":
+            since = event["time"] - VIEW_WINDOW
+            return {
+                "product_id": product,
+                "$or": [{"viewed_at": {"$gte": since}}, {"wishlisted_at": {"$exists": True}}],
+            }
+        return {
+            "product_id": product,
+            "$or": [{"wanted_oos_at": {"$exists": True}}, {"wishlisted_at": {"$exists": True}}],
+        }
+
+    async def _batch(self, event: Doc, fanout: Doc) -> bool:
+        query = self._interested(event)
+        if "after" in fanout:
+            query["_id"] = {"$gt": fanout["after"]}
+        interests = (
+            await self.store.interests.find(query).sort("_id", ASCENDING).limit(self.batch_size).to_list()
+        )
+        if not interests:
+            return True
+        now = self.clock()
+        copies = []
+        for interest in interests:
+            attributes = {**(event.get("attributes") or {}), **fanout["product"]}
+            attributes["interest"] = {
+                k: interest[f"{k}_at"].isoformat()
+                for k in ("viewed", "wishlisted", "wanted_oos")
+                if f"{k}_at" in interest
+            }
+            copies.append(
+                {"_id": f"{event['_id']}>{interest['contact_id']}", "type": event["type"],
+                 "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
+                 "received_at": now, "state": PENDING, "fanout_of": event["_id"]}
+            )  # fmt: skip
+        try:
+            await self.store.events.insert_many(copies, ordered=False)
+        except BulkWriteError as exc:  # copies of a run that died before saving its position
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                raise
+        self.copies += len(copies)
+        await self.store.events.update_one(
+            {"_id": event["_id"]}, {"$set": {"fanout.after": interests[-1]["_id"]}}
+        )
+        if self.on_copies is not None:
+            self.on_copies()
+        return len(interests) < self.batch_size

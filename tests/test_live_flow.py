@@ -1,0 +1,84 @@
+"""One shipped flow end to end: the service as a real process, the shipped checkout ruleset with its
+delays shortened in the file, a real SMTP server receiving the email, and a purchase cancelling for
+another contact."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from rulesvc.mongod import free_port
+from tests.service import ServiceProcess
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.mail: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.mail.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+
+def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None:
+    rulesets = tmp_path / "rulesets"
+    shutil.copytree(ROOT / "rulesets", rulesets)  # every shipped ruleset, as a user installs them
+    flow = json.loads((rulesets / "checkout_abandon.json").read_text())
+    sends = flow["rules"][0]["then"]
+    sends[0]["send"]["after"], sends[1]["send"]["after"] = "1s", "2s"  # every number is a setting
+    (rulesets / "checkout_abandon.json").write_text(json.dumps(flow))
+
+    box = Inbox()
+    smtp_port = free_port()
+    smtp = Controller(box, hostname="127.0.0.1", port=smtp_port)
+    smtp.start()
+    service = ServiceProcess(tmp_path, env={
+        "RULESVC_RULESETS_DIR": str(rulesets), "RULESVC_QUIET_HOURS": "",
+        "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1", "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
+        "RULESVC_CHANNEL_EMAIL_SECURITY": "none", "RULESVC_CHANNEL_EMAIL_FROM": "Shop <shop@example.com>",
+    })  # fmt: skip
+    try:
+        service.start()
+        for contact in ("ann", "bob"):
+            profile = {"email": f"{contact}@example.com", "consent": {"email": True, "push": True}}
+            assert service.request("PUT", f"/v1/contacts/{contact}", profile)[0] == 201
+        checkout = {"type": "checkout_started", "attributes": {"value": 42.5, "currency": "EUR"}}
+        assert service.request("POST", "/v1/events", [
+            {"id": "k-ann", "contact_id": "ann", **checkout},
+            {"id": "k-bob", "contact_id": "bob", **checkout},
+        ])[0] == 202  # fmt: skip
+        assert service.request("POST", "/v1/events", {"id": "buy", "type": "purchased", "contact_id": "bob",
+                                                      "attributes": {"order_id": "o-1"}})[0] == 202  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(box.mail) < 2:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        by_recipient = {str(m["To"]): m for m in box.mail}
+        assert set(by_recipient) == {"ann@example.com", "bob@example.com"}
+        assert by_recipient["ann@example.com"]["Subject"] == "Your order is not finished yet"
+        assert "42.50 EUR" in by_recipient["ann@example.com"].get_body(("plain",)).get_content()
+        assert by_recipient["bob@example.com"]["Subject"] == "Thank you for your order o-1"  # not a reminder
+        _, history = service.request("GET", "/v1/contacts/ann/messages")
+        statuses = {(m["channel"], m["status"]) for m in history["messages"]}
+        # push has no provider set up here: recorded as suppressed, with the reason
+        assert statuses == {("email", "sent"), ("push", "suppressed")}
+        _, bob = service.request("GET", "/v1/contacts/bob/messages")
+        assert {(m["template"], m["status"]) for m in bob["messages"]} == {
+            ("checkout_abandon/push", "cancelled"),
+            ("checkout_abandon/email", "cancelled"),
+            ("confirmations/order", "sent"),
+        }
+    finally:
+        service.stop()
+        smtp.stop()
