@@ -58,8 +58,8 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
             {"id": "k-ann", "contact_id": "ann", **checkout},
             {"id": "k-bob", "contact_id": "bob", **checkout},
         ])[0] == 202  # fmt: skip
-        assert service.request("POST", "/v1/events", {"id": "buy", "type": "purchased", "contact_id": "bob",
-                                                      "attributes": {"order_id": "o-1"}})[0] == 202  # fmt: skip
+        purchase = {"id": "buy", "type": "purchased", "contact_id": "bob", "attributes": {"order_id": "o-1"}}
+        assert service.request("POST", "/v1/events", purchase)[0] == 202
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(box.mail) < 2:
             time.sleep(0.1)
