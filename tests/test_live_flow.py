@@ -53,10 +53,12 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
         for contact in ("ann", "bob"):
             profile = {"email": f"{contact}@example.com", "consent": {"email": True, "push": True}}
             assert service.request("PUT", f"/v1/contacts/{contact}", profile)[0] == 201
+        assert service.request("PUT", "/v1/contacts/cy", {"email": "cy@example.com"})[0] == 201  # no consent
         checkout = {"type": "checkout_started", "attributes": {"value": 42.5, "currency": "EUR"}}
         assert service.request("POST", "/v1/events", [
             {"id": "k-ann", "contact_id": "ann", **checkout},
             {"id": "k-bob", "contact_id": "bob", **checkout},
+            {"id": "k-cy", "contact_id": "cy", **checkout},
         ])[0] == 202  # fmt: skip
         purchase = {"id": "buy", "type": "purchased", "contact_id": "bob", "attributes": {"order_id": "o-1"}}
         assert service.request("POST", "/v1/events", purchase)[0] == 202
@@ -73,6 +75,16 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
         statuses = {(m["channel"], m["status"]) for m in history["messages"]}
         # push has no provider set up here: recorded as suppressed, with the reason
         assert statuses == {("email", "sent"), ("push", "suppressed")}
+        _, cy = service.request("GET", "/v1/contacts/cy/messages")
+        assert {(m["template"], m["status"], m["reason"]) for m in cy["messages"]} == {
+            (
+                "checkout_abandon/push",
+                "suppressed",
+                "push: missing setting: service_account_file or service_account_json",
+            ),
+            ("checkout_abandon/email", "suppressed", "email: no marketing consent"),
+        }
+        assert "cy@example.com" not in {str(m["To"]) for m in box.mail}
         _, bob = service.request("GET", "/v1/contacts/bob/messages")
         assert {(m["template"], m["status"]) for m in bob["messages"]} == {
             ("checkout_abandon/push", "cancelled"),

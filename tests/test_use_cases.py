@@ -334,3 +334,17 @@ def test_uc21_inactive_for_90_days_with_a_wishlist(shipped: Rulesets) -> None:
         ("c1", at_dt(days=120), "lifecycle/wishlist_reminder")
     ]
     assert actions[0].params == {"wishlist": ["lamp"]}
+
+
+def test_stale_events_start_nothing_in_the_shipped_flows(shipped: Rulesets) -> None:
+    from datetime import timedelta
+
+    from rulesvc.engine import ContactView, EngineEvent
+    from tests.rulesets_helpers import T0
+
+    engine = shipped.engine()
+    for event_type in ("cart_updated", "checkout_started"):
+        late = EngineEvent("late", event_type, "c1", T0, {"value": 50})
+        fresh = engine.evaluate(late, ContactView("c1", {}, {}), now=T0 + timedelta(hours=11))
+        stale = engine.evaluate(late, ContactView("c1", {}, {}), now=T0 + timedelta(hours=13))
+        assert fresh.schedule and not stale.schedule, event_type
