@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import aiohttp
 from aiohttp import web
 
 # Ads audiences are not a channel: the `audience` action queues changes, and a plugin job syncs them.
@@ -147,6 +148,34 @@ class Job(Protocol):
     interval: float
 
     async def run(self, store: Any) -> None: ...
+
+
+class HttpChannel:
+    """For channels that call an HTTP API: one client session, opened and closed with the service.
+
+    Set `timeout` (seconds); override `session_headers` for headers every request carries."""
+
+    timeout: float = 15.0
+    session: aiohttp.ClientSession | None = None
+
+    def session_headers(self) -> dict[str, str]:
+        return {}
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            headers=self.session_headers(), timeout=aiohttp.ClientTimeout(total=self.timeout)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def http(self) -> aiohttp.ClientSession:
+        """The session, started on first use if the service did not start it (e.g. in a script)."""
+        if self.session is None:
+            await self.start()
+        assert self.session is not None
+        return self.session
 
 
 class ChannelRegistry:

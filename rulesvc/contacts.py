@@ -34,6 +34,18 @@ class WebPushSubscription(msgspec.Struct, forbid_unknown_fields=True, omit_defau
     expirationTime: int | None = None
 
 
+# The profile as a channel and a template see it (the service's own fields, like state, excluded).
+PROFILE_FIELDS = (
+    "email",
+    "phone",
+    "push_tokens",
+    "webpush_subscriptions",
+    "consent",
+    "timezone",
+    "attributes",
+)
+
+
 class ContactIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What `PUT /v1/contacts/{contact_id}` takes: the whole profile, replacing the previous one."""
 

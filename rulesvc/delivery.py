@@ -21,20 +21,11 @@ import structlog
 
 from rulesvc.catalog import guard_fails
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage
+from rulesvc.contacts import PROFILE_FIELDS
 from rulesvc.store import Doc, Store
 from rulesvc.templates import TemplateError, Templates
 
 log = structlog.get_logger(__name__)
-
-PROFILE_FIELDS = (
-    "email",
-    "phone",
-    "push_tokens",
-    "webpush_subscriptions",
-    "consent",
-    "timezone",
-    "attributes",
-)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from rulesvc.catalog import interest_updates
+from rulesvc.contacts import PROFILE_FIELDS
 from rulesvc.engine import (
     Cancellation,
     ContactView,
@@ -37,16 +38,6 @@ from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
 from rulesvc.waiting import wait_any
 
 log = structlog.get_logger(__name__)
-
-PROFILE_FIELDS = (
-    "email",
-    "phone",
-    "push_tokens",
-    "webpush_subscriptions",
-    "consent",
-    "timezone",
-    "attributes",
-)
 
 
 # How far a message has come; an outcome moves it forward only (a late `delivered` after `opened`

@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage, retry_after
+from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
 from rulesvc.hookspecs import hookimpl
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -39,7 +38,7 @@ def signed_jwt(account: dict[str, Any], now: float) -> str:
     return f"{signing_input.decode()}.{b64url(signature)}"
 
 
-class PushChannel:
+class PushChannel(HttpChannel):
     name = "push"
     idempotent = False  # FCM v1 has no idempotency key
 
@@ -63,7 +62,6 @@ class PushChannel:
             self.problem = f"service account key lacks: {', '.join(missing)}"
         self.base_url = str(config.get("base_url", "https://fcm.googleapis.com")).rstrip("/")
         self.timeout = float(config.get("timeout", 15))
-        self.session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_expires = 0.0
 
@@ -75,20 +73,13 @@ class PushChannel:
     def reachable(self, contact: dict[str, Any]) -> str | None:
         return None if contact.get("push_tokens") else "no push token"
 
-    async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
     async def access_token(self, renew: bool = False) -> str:
         if self._token and not renew and time.time() < self._token_expires - 60:
             return self._token
-        assert self.session is not None
+        http = await self.http()
         form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
                 "assertion": signed_jwt(self.account, time.time())}  # fmt: skip
-        async with self.session.post(self.account["token_uri"], data=form) as resp:
+        async with http.post(self.account["token_uri"], data=form) as resp:
             body = await resp.json(content_type=None)
             if resp.status != 200:
                 raise PermissionError(f"token endpoint said HTTP {resp.status}: {body}")
@@ -100,8 +91,6 @@ class PushChannel:
         title, body = message.content.get("title"), message.content.get("body")
         if not (title or body):
             return Delivery("failed", "a push template needs a .title or .body part")
-        if self.session is None:
-            await self.start()
         try:
             token = await self.access_token()
         except PermissionError as exc:
@@ -129,14 +118,14 @@ class PushChannel:
     async def _send_one(
         self, device: str, message: OutboundMessage, title: str | None, body: str | None, token: str
     ) -> str | Delivery:
-        assert self.session is not None
+        http = await self.http()
         notification = {k: v for k, v in (("title", title), ("body", body)) if v}
         data = {"message_id": message.message_id} | {
             k: v if isinstance(v, str) else json.dumps(v) for k, v in message.params.items() if v is not None
         }
         payload = {"message": {"token": device, "notification": notification, "data": data}}
         url = f"{self.base_url}/v1/projects/{self.account['project_id']}/messages:send"
-        async with self.session.post(url, json=payload, headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with http.post(url, json=payload, headers={"Authorization": f"Bearer {token}"}) as resp:
             answer = await resp.json(content_type=None) if resp.content_length != 0 else {}
             if resp.status == 200:
                 return str(answer.get("name", ""))

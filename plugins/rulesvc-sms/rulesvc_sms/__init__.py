@@ -18,10 +18,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage, Outcome, retry_after
+from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, Outcome, retry_after
 from rulesvc.hookspecs import hookimpl
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -50,7 +49,7 @@ def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
 
 
-class SmsChannel:
+class SmsChannel(HttpChannel):
     name = "sms"
     idempotent = False  # the Messages API takes no idempotency key
 
@@ -63,7 +62,6 @@ class SmsChannel:
         self.callback_url = config.get("status_callback_url")
         self.max_segments = int(config.get("max_segments", 10))
         self.timeout = float(config.get("timeout", 15))
-        self.session: aiohttp.ClientSession | None = None
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("account_sid", "auth_token") if not getattr(self, k)]
@@ -81,15 +79,9 @@ class SmsChannel:
             return "phone number is not E.164"
         return None
 
-    async def start(self) -> None:
+    def session_headers(self) -> dict[str, str]:
         basic = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
-        self.session = aiohttp.ClientSession(
-            headers={"Authorization": f"Basic {basic}"}, timeout=aiohttp.ClientTimeout(total=self.timeout)
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        return {"Authorization": f"Basic {basic}"}
 
     async def send(self, message: OutboundMessage) -> Delivery:
         text = message.content.get("text") or message.content.get("body")
@@ -104,11 +96,8 @@ class SmsChannel:
         form |= {"MessagingServiceSid": self.service_sid} if self.service_sid else {"From": self.sender}
         if self.callback_url:
             form["StatusCallback"] = str(self.callback_url)
-        if self.session is None:
-            await self.start()
-        assert self.session is not None
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
-        async with self.session.post(url, data=form) as resp:
+        async with (await self.http()).post(url, data=form) as resp:
             body = await resp.json(content_type=None) if resp.content_length != 0 else {}
             record = {"segments": parts, "encoding": encoding}
             if resp.status in (200, 201):

@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
-from rulesvc.channels import Channel, Delivery, OutboundMessage, retry_after
+from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
 from rulesvc.hookspecs import hookimpl
 
 
@@ -27,7 +25,7 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"v1={digest}"
 
 
-class WebhookChannel:
+class WebhookChannel(HttpChannel):
     name = "webhook"
     idempotent = True  # the receiver de-duplicates by Idempotency-Key
 
@@ -35,7 +33,6 @@ class WebhookChannel:
         self.url = str(config.get("url", ""))
         self.secret = str(config.get("secret", ""))
         self.timeout = float(config.get("timeout", 10))
-        self.session: aiohttp.ClientSession | None = None
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("url", "secret") if not getattr(self, k)]
@@ -45,13 +42,6 @@ class WebhookChannel:
 
     def reachable(self, contact: dict[str, Any]) -> str | None:
         return None
-
-    async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
 
     async def send(self, message: OutboundMessage) -> Delivery:
         body = json.dumps(
@@ -74,10 +64,8 @@ class WebhookChannel:
             "X-Rulesvc-Signature": sign(self.secret, timestamp, body),
             "Idempotency-Key": message.message_id,
         }
-        if self.session is None:
-            await self.start()
-        assert self.session is not None
-        async with self.session.post(self.url, data=body, headers=headers) as resp:
+        http = await self.http()
+        async with http.post(self.url, data=body, headers=headers) as resp:
             text = (await resp.text())[:200]
             if 200 <= resp.status < 300:
                 return Delivery("sent")

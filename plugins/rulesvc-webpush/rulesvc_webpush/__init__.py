@@ -19,13 +19,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rulesvc.channels import Channel, Delivery, OutboundMessage, retry_after
+from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
 from rulesvc.hookspecs import hookimpl
 
 RECORD_SIZE = 4096
@@ -95,7 +94,7 @@ def vapid_header(key: ec.EllipticCurvePrivateKey, endpoint: str, subject: str, n
     return f"vapid t={token}, k={b64url(_point(key.public_key()))}"
 
 
-class WebPushChannel:
+class WebPushChannel(HttpChannel):
     name = "webpush"
     idempotent = False  # a push service has no idempotency key
 
@@ -112,7 +111,6 @@ class WebPushChannel:
             )
         except (ValueError, TypeError) as exc:
             self.problem = f"cannot load vapid_private_key: {exc}"
-        self.session: aiohttp.ClientSession | None = None
 
     def status(self) -> tuple[bool, str]:
         if self.problem:
@@ -127,13 +125,6 @@ class WebPushChannel:
     def reachable(self, contact: dict[str, Any]) -> str | None:
         return None if contact.get("webpush_subscriptions") else "no web push subscription"
 
-    async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
     async def send(self, message: OutboundMessage) -> Delivery:
         content = message.content
         if not (content.get("title") or content.get("body")):
@@ -142,9 +133,8 @@ class WebPushChannel:
             {"title": content.get("title", ""), "body": content.get("body", ""), "url": content.get("url"),
              "message_id": message.message_id}, separators=(",", ":")
         ).encode()  # fmt: skip
-        if self.session is None:
-            await self.start()
-        assert self.session is not None and self.key is not None
+        http = await self.http()
+        assert self.key is not None
         accepted: list[str] = []
         gone: list[tuple[str, Any]] = []
         problems: list[str] = []
@@ -162,7 +152,7 @@ class WebPushChannel:
                 "Content-Type": "application/octet-stream",
                 "Authorization": vapid_header(self.key, endpoint, self.subject, time.time()),
             }
-            async with self.session.post(endpoint, data=body, headers=headers) as resp:
+            async with http.post(endpoint, data=body, headers=headers) as resp:
                 if resp.status in (200, 201, 202):
                     accepted.append(resp.headers.get("Location", endpoint))
                 elif resp.status in (404, 410):
