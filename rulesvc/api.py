@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -18,7 +19,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
-from rulesvc.auth import Keys
+from rulesvc.auth import Keys, RateLimiter
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
@@ -58,6 +59,7 @@ CHANNELS = web.AppKey("channels", ChannelRegistry)
 PLUGINS = web.AppKey("plugins", list[PluginReport])
 KEYS = web.AppKey("keys", Keys)
 FANOUT = web.AppKey("fanout", CatalogFanout)
+LIMITER = web.AppKey("limiter", RateLimiter)
 
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a shop's pages and backend need; everything else is admin.
@@ -230,6 +232,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         )
     if key.scope != "admin" and (request.method, route) not in INGEST_ROUTES:
         return error_response(403, f"an `{key.scope}` key may not {request.method} {route}; use an admin key")
+    wait = request.app[LIMITER].check(key.key_id)
+    if wait is not None:
+        seconds = str(max(1, math.ceil(wait)))
+        return error_response(429, "rate limit for this API key exceeded", {"Retry-After": seconds})
     structlog.contextvars.bind_contextvars(api_key=key.key_id)
     return await handler(request)
 
@@ -677,6 +683,7 @@ def load_channels(settings: Settings) -> tuple[ChannelRegistry, list[PluginRepor
 def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
     app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[LIMITER] = RateLimiter(settings.rate_limit)
     if channels is None:
         channels, reports = load_channels(settings)
     else:

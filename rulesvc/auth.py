@@ -85,3 +85,25 @@ class Keys:
         if not hmac.compare_digest(doc["hash"], _digest(secret)):
             return None
         return ApiKey(key_id, doc["scope"], doc.get("name", ""))
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests a second, bursts of twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, 2 * rate)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, key_id: str) -> float | None:
+        """None if the request may go on, else the seconds to wait (for Retry-After)."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[key_id] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self._buckets[key_id] = (tokens - 1, now)
+        return None

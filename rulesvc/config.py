@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lease_seconds: float = 15.0
     shutdown_grace_seconds: float = 30.0
     open_ops: bool = False
+    rate_limit: float = 500.0  # requests per second per API key and process; bursts of twice that
     templates_dir: str | None = None  # default: <rulesets_dir>/templates
     plugins: list[str] | None = None
     channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -84,6 +85,11 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "lease_seconds",
         "RULESVC_LEASE_SECONDS",
         "how long a process may hold a contact's events before another may take them over",
+    ),
+    SettingDoc(
+        "rate_limit",
+        "RULESVC_RATE_LIMIT",
+        "requests per second per API key (per process), bursts up to twice that; 0 = no limit",
     ),
     SettingDoc(
         "open_ops",

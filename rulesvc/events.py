@@ -111,6 +111,9 @@ def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
 
 
 MAX_ATTRIBUTE_DEPTH = 8
+MAX_KEYS = 256  # per object, at any depth
+MAX_ITEMS = 1000  # per list
+MAX_STRING = 16_384  # characters in one string value
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -119,6 +122,8 @@ def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, st
     if isinstance(value, dict):
         if depth >= MAX_ATTRIBUTE_DEPTH:
             return [(path, f"nested deeper than {MAX_ATTRIBUTE_DEPTH} levels")]
+        if len(value) > MAX_KEYS:
+            return [(path, f"more than {MAX_KEYS} keys")]
         errors: list[tuple[str, str]] = []
         for key, item in value.items():
             if not key or key.startswith("$") or "\x00" in key or "." in key:
@@ -129,7 +134,11 @@ def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, st
     if isinstance(value, list):
         if depth >= MAX_ATTRIBUTE_DEPTH:
             return [(path, f"nested deeper than {MAX_ATTRIBUTE_DEPTH} levels")]
+        if len(value) > MAX_ITEMS:
+            return [(path, f"more than {MAX_ITEMS} items")]
         return [e for i, item in enumerate(value) for e in document_errors(item, f"{path}[{i}]", depth + 1)]
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        return [(path, f"string longer than {MAX_STRING} characters")]
     if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
         return [(path, "integer out of the 64-bit range")]
     return []

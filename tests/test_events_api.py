@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from rulesvc.api import create_app
+from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
 
 
@@ -169,3 +169,33 @@ async def test_contact_events_newest_first(client: Any) -> None:
     assert [e["id"] for e in (await resp.json())["events"]] == ["h0"]
     assert (await client.get("/v1/contacts/c1/events", params={"limit": "0"})).status == 400
     assert (await client.get("/v1/contacts/c1/events", params={"before": "soon"})).status == 400
+
+
+async def test_size_limits_inside_events(client: Any, db: Any) -> None:
+    events = [
+        cart("k1", **{f"a{i}": i for i in range(257)}),
+        cart("k2", note="x" * 16_385),
+        cart("k3", items=list(range(1001))),
+        cart("k4", deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}),
+    ]
+    resp = await client.post("/v1/events", json=events)
+    assert resp.status == 422
+    errors = {(e["index"], e["path"]): e["message"] for e in (await resp.json())["errors"]}
+    assert errors == {
+        (0, "$.attributes"): "more than 256 keys",
+        (1, "$.attributes.note"): "string longer than 16384 characters",
+        (2, "$.attributes.items"): "more than 1000 items",
+        (3, "$.attributes.deep.a.b.c.d.e.f.g"): "nested deeper than 8 levels",
+    }
+    assert await stored_ids(db) == set()
+
+
+async def test_rate_limit_per_key(make_client: Any, settings: Settings) -> None:
+    client = await make_client(create_app(msgspec.structs.replace(settings, rate_limit=2)))
+    statuses = [(await client.get("/v1/contacts/c1/events")).status for _ in range(6)]
+    assert statuses[:4] == [200] * 4 and statuses[4:] == [429, 429]  # a burst of twice the rate, then no
+    resp = await client.get("/v1/contacts/c1/events")
+    assert resp.headers["Retry-After"] == "1"
+    other, _ = await client.server.app[KEYS].create("admin")  # another key has its own budget
+    headers = {"Authorization": f"Bearer {other}"}
+    assert (await client.get("/v1/contacts/c1/events", headers=headers)).status == 200
