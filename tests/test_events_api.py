@@ -199,3 +199,11 @@ async def test_rate_limit_per_key(make_client: Any, settings: Settings) -> None:
     other, _ = await client.server.app[KEYS].create("admin")  # another key has its own budget
     headers = {"Authorization": f"Bearer {other}"}
     assert (await client.get("/v1/contacts/c1/events", headers=headers)).status == 200
+
+
+async def test_unstorable_keys_in_a_contact_are_422_not_500(client: Any) -> None:
+    """Found by the schemathesis run: a NUL in an attribute key reached MongoDB and came back as a 500."""
+    resp = await client.put("/v1/contacts/c1", json={"attributes": {"ok": {"bad\u0000key": 1}, "$where": 2}})
+    assert resp.status == 422
+    assert {e["path"] for e in (await resp.json())["errors"]} == {"$.attributes.ok", "$.attributes"}
+    assert (await client.get("/v1/contacts/c1")).status == 404  # nothing stored
