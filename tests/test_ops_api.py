@@ -89,3 +89,43 @@ async def test_mongodb_down_gives_503_not_500(make_client: Any, settings: Settin
         assert {e["id"] for e in events["events"]} == {"o1", "o2"}
     finally:
         own.stop()
+
+
+async def test_mongodb_stopped_mid_load_acknowledges_nothing_falsely(
+    make_client: Any, settings: Settings, tmp_path: Any
+) -> None:
+    import asyncio
+
+    own = EmbeddedMongod(tmp_path / "load", port=free_port())
+    own.start()
+    try:
+        client = await make_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
+        outcomes: dict[str, int] = {}
+        retry_after: set[str] = set()
+
+        async def load(worker: int) -> None:
+            for n in range(60):
+                event = {"id": f"w{worker}-{n}", "type": "cart_updated", "contact_id": f"c{worker}"}
+                resp = await client.post("/v1/events", json=event)
+                outcomes[event["id"]] = resp.status
+                if resp.status == 503:
+                    retry_after.add(resp.headers["Retry-After"])
+                await asyncio.sleep(0.05)
+
+        async def outage() -> None:
+            await asyncio.sleep(0.6)
+            own.stop()
+            await asyncio.sleep(2.5)
+            own.start()  # in this thread: mongod's parent-death signal is tied to the starting thread
+
+        await asyncio.gather(outage(), *(load(w) for w in range(3)))
+        assert set(outcomes.values()) <= {202, 503}  # never a 500
+        assert 503 in outcomes.values() and 202 in outcomes.values() and retry_after == {"1"}
+        acknowledged = {i for i, status in outcomes.items() if status == 202}
+        stored = set()
+        for worker in range(3):
+            body = await (await client.get(f"/v1/contacts/c{worker}/events", params={"limit": "500"})).json()
+            stored |= {e["id"] for e in body["events"]}
+        assert acknowledged <= stored  # nothing acknowledged was lost
+    finally:
+        own.stop()
