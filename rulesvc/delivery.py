@@ -3,10 +3,11 @@
 When a send comes due: suppression, consent (marketing only), reachability, channel fallback, frequency
 cap and quiet hours are checked at that moment, in the contact's time zone; the template is rendered;
 then the message goes `scheduled -> sending -> sent | failed | dead` (or back to `scheduled` for a retry
-or a postponement). The `sending` mark is written before the provider is called: if the process dies
-during the call, the next attempt knows. A channel whose provider de-duplicates by our key (message id)
-is simply called again; any other is not, and the message is marked `failed` with that reason, because
-a second delivery is worse than an explained missing one.
+or a postponement). For a channel whose provider does not de-duplicate by our key (message id), the
+`sending` mark is written before the provider is called: if the process dies during the call, the next
+attempt knows, does not call again, and marks the message `failed` with that reason, because a second
+delivery is worse than an explained missing one. A de-duplicating channel needs no mark: it is simply
+called again.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class Dispatcher:
                 return channel, None
         return None, "; ".join(reasons)
 
+    def capped(self, channel: str | None) -> bool:
+        return channel is not None and channel in self.policy.frequency_caps
+
     async def _guard_fails(self, message: Doc) -> str | None:
         if not message.get("guard"):
             return None
@@ -206,19 +210,22 @@ class Dispatcher:
             return Result("failed", channel.name, str(exc), attempt=attempt)
         except Exception as exc:  # a template can fail in many ways; the service must not
             return Result("failed", channel.name, f"template `{message['template']}`: {exc}", attempt=attempt)
-        claimed = await self.store.messages.update_one(
-            {"_id": message["_id"], "status": message["status"]},
-            {
-                "$set": {
-                    "status": "sending",
-                    "attempt": attempt,
-                    "sending_at": now,
-                    "sent_channel": channel.name,
-                }
-            },
-        )
-        if claimed.modified_count != 1:
-            return Result("skip", reason="taken by another process")
+        if not channel.idempotent:
+            # Marked before the call, so an interruption is known afterwards. A channel whose provider
+            # de-duplicates by our key needs no mark (and saves a round trip): repeating it is safe.
+            claimed = await self.store.messages.update_one(
+                {"_id": message["_id"], "status": message["status"]},
+                {
+                    "$set": {
+                        "status": "sending",
+                        "attempt": attempt,
+                        "sending_at": now,
+                        "sent_channel": channel.name,
+                    }
+                },
+            )
+            if claimed.modified_count != 1:
+                return Result("skip", reason="taken by another process")
         outbound = OutboundMessage(
             message_id=message["_id"],
             contact_id=contact["_id"],

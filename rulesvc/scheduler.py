@@ -139,7 +139,8 @@ class Scheduler:
                     continue
                 async with limit:
                     result = await self.dispatcher.dispatch(message, contacts.get(entry["contact_id"]), now)
-                if result.kind == "sent":  # visible to the next cap check before the batch is recorded
+                if result.kind == "sent" and entry is not mine[-1] and self.dispatcher.capped(result.channel):
+                    # The contact has more messages in this batch: the next cap check must see this one.
                     await self.store.messages.update_one(
                         {"_id": entry["_id"]}, {"$set": {"sent_at": now, "sent_channel": result.channel}}
                     )
