@@ -135,9 +135,8 @@ def test_kill_9_again_and_again_loses_nothing_and_sends_nothing_twice(
         # is made again with the same Idempotency-Key, which the receiver de-duplicates. So the effect is
         # exactly once (one key per message, every message present), while the wire may carry repeats;
         # channels without such a key are never repeated (tests/test_delivery.py).
-        print(
-            f"kills={kills} events={len(acked)} keys_repeated={len(repeats)} extra_posts={sum(repeats.values()) - len(repeats)}"
-        )
+        extra = sum(repeats.values()) - len(repeats)
+        print(f"kills={kills} events={len(acked)} keys_repeated={len(repeats)} extra_posts={extra}")
     finally:
         service.stop()
 
