@@ -29,9 +29,11 @@ SECRET = "reliability-secret"
 class Receiver:
     """A shop's webhook endpoint: checks the signature and counts every delivery it is handed."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.raw: Counter[str] = Counter()  # deliveries per Idempotency-Key, repeats included
         self.lock = threading.Lock()
+        self.delay = delay
+        self.started = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +45,8 @@ class Receiver:
                     self.send_response(401)
                     self.end_headers()
                     return
+                receiver.started.set()
+                time.sleep(receiver.delay)  # a slow provider
                 with receiver.lock:
                     receiver.raw[self.headers["Idempotency-Key"]] += 1
                 self.send_response(204)
@@ -173,3 +177,23 @@ def test_three_processes_on_one_database(mongod: EmbeddedMongod, tmp_path: Path,
     finally:
         for s in services:
             s.stop()
+
+
+def test_sigterm_lets_the_send_in_flight_finish(tmp_path: Path) -> None:
+    slow = Receiver(delay=2.0)
+    try:
+        service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), slow))
+        service.start()
+        event = {"id": "g1", "type": "order", "contact_id": "c1", "attributes": {"n": 1}}
+        assert service.request("POST", "/v1/events", event)[0] == 202
+        assert slow.started.wait(15)  # the provider has the request and is slow to answer
+        assert service.signal(signal.SIGTERM) == 0  # waits for the send, then exits cleanly
+        assert sum(slow.raw.values()) == 1
+        service.start()  # nothing is repeated after a clean stop
+        _, history = service.request("GET", "/v1/contacts/c1/messages")
+        assert [m["status"] for m in history["messages"]] == ["sent"]
+        time.sleep(2.5)
+        assert sum(slow.raw.values()) == 1
+        service.stop()
+    finally:
+        slow.server.shutdown()
