@@ -56,6 +56,17 @@ async def fake(aiohttp_server: Any) -> tuple[FakeTwilio, str]:
 PROFILE = {"phone": "+4915112345678", "consent": {"sms": True}}
 
 
+async def sms_client(make_client: Any, settings: Settings, base: str) -> Any:
+    """The service with the SMS channel pointed at the peer, and one consenting contact."""
+    channels = builtin_channels()
+    channels.register(
+        SmsChannel({"account_sid": SID, "auth_token": TOKEN, "from": "+15005550006", "base_url": base})
+    )
+    client = await make_client(create_app(setup(settings, [send("sms")]), channels))
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    return client
+
+
 async def test_sms_end_to_end_with_retry_and_status_callback(
     make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
@@ -92,11 +103,7 @@ async def test_carrier_block_suppresses_the_number(
     make_client: Any, aiohttp_server: Any, settings: Settings
 ) -> None:
     peer, base = await fake(aiohttp_server)
-    channel = SmsChannel({"account_sid": SID, "auth_token": TOKEN, "from": "+15005550006", "base_url": base})
-    channels = builtin_channels()
-    channels.register(channel)
-    client = await make_client(create_app(setup(settings, [send("sms")]), channels))
-    await client.put("/v1/contacts/c1", json=PROFILE)
+    client = await sms_client(make_client, settings, base)
     await go(client)
     await settled(client)
     report = {"MessageSid": "SM" + "0" * 31 + "1", "MessageStatus": "undelivered", "ErrorCode": "30007"}
@@ -120,11 +127,7 @@ async def test_invalid_number_is_a_permanent_failure(
 ) -> None:
     peer, base = await fake(aiohttp_server)
     peer.script = [(400, {"code": 21211, "message": "Invalid 'To' Phone Number"})]
-    channel = SmsChannel({"account_sid": SID, "auth_token": TOKEN, "from": "+15005550006", "base_url": base})
-    channels = builtin_channels()
-    channels.register(channel)
-    client = await make_client(create_app(setup(settings, [send("sms")]), channels))
-    await client.put("/v1/contacts/c1", json=PROFILE)
+    client = await sms_client(make_client, settings, base)
     await go(client)
     [msg] = await settled(client)
     assert (msg["status"], msg["reason"]) == ("failed", "HTTP 400: 21211 Invalid 'To' Phone Number")
