@@ -605,7 +605,7 @@ async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
                 {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
             )
         except DuplicateKeyError:
-            pass  # another process has this period
+            log.debug("job.skipped", job=job.name, reason="another process has this period")
         except PyMongoError as exc:
             log.warning("job.storage_error", job=job.name, error=type(exc).__name__)
         else:

@@ -582,19 +582,10 @@ class Engine:
                 wait = action.wait
                 key = f"{ruleset}/{rule}/{i}/wait"
                 self._replace_pending(ctx.contact, key, decisions)
-                spec = {"event": event_list(wait.event), "same": {p: ctx.resolve(p) for p in wait.same}}
-                entry = ScheduleEntry(
-                    entry_id=entry_id,
-                    contact_id=ctx.contact.contact_id,
-                    ruleset=ruleset,
-                    rule=rule,
-                    key=key,
-                    due_at=at + parse_duration(wait.within),
-                    created_at=now,
-                    cancel_on=[spec],
-                    actions=_actions_to_builtins(wait.else_),
-                    trigger=_trigger(ctx.event),
-                )
+                due = at + parse_duration(wait.within)
+                cancel_on = [_cancel_spec(ctx, wait.event, wait.same)]
+                entry = _entry(ctx, entry_id, ruleset, rule, key, due, now, cancel_on)
+                entry.actions = _actions_to_builtins(wait.else_)
                 self._add(ctx.contact, entry, decisions)
             elif action.set_flag is not None:
                 name, period = (
@@ -666,30 +657,18 @@ class Engine:
                 return
             self._replace_pending(ctx.contact, key, decisions)
         cancel_on = [
-            {"event": [c], "same": {}}
-            if isinstance(c, str)
-            else {"event": event_list(c.event), "same": {p: ctx.resolve(p) for p in c.same}}
+            _cancel_spec(ctx, c, []) if isinstance(c, str) else _cancel_spec(ctx, c.event, c.same)
             for c in send.cancel_on
         ]
-        entry = ScheduleEntry(
-            entry_id=entry_id,
-            contact_id=ctx.contact.contact_id,
-            ruleset=ruleset,
-            rule=rule,
-            key=key,
-            due_at=due,
-            created_at=now,
-            cancel_on=cancel_on,
-            message={
-                "channel": send.channel,
-                "template": send.template,
-                "params": ctx.render(send.params),
-                "transactional": send.transactional,
-                "fallback": list(send.fallback),
-                "guard": send.guard,
-            },
-            trigger=_trigger(ctx.event),
-        )
+        entry = _entry(ctx, entry_id, ruleset, rule, key, due, now, cancel_on)
+        entry.message = {
+            "channel": send.channel,
+            "template": send.template,
+            "params": ctx.render(send.params),
+            "transactional": send.transactional,
+            "fallback": list(send.fallback),
+            "guard": send.guard,
+        }
         self._add(ctx.contact, entry, decisions)
 
     @staticmethod
@@ -751,6 +730,34 @@ class Engine:
             items.append(value)
             value = items[-spec.max :]
         values[spec.name] = {"v": value, "until": until}
+
+
+def _cancel_spec(ctx: Context, events: str | list[str], same: list[str]) -> dict[str, Any]:
+    """Which later events cancel an entry: their types, and values they must share with this event."""
+    return {"event": event_list(events), "same": {p: ctx.resolve(p) for p in same}}
+
+
+def _entry(
+    ctx: Context,
+    entry_id: str,
+    ruleset: str,
+    rule: str,
+    key: str,
+    due_at: datetime,
+    now: datetime,
+    cancel_on: list[dict[str, Any]],
+) -> ScheduleEntry:
+    return ScheduleEntry(
+        entry_id=entry_id,
+        contact_id=ctx.contact.contact_id,
+        ruleset=ruleset,
+        rule=rule,
+        key=key,
+        due_at=due_at,
+        created_at=now,
+        cancel_on=cancel_on,
+        trigger=_trigger(ctx.event),
+    )
 
 
 def _trigger(event: EngineEvent) -> dict[str, Any]:
