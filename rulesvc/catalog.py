@@ -22,10 +22,10 @@ from typing import Any
 
 import structlog
 from pymongo import ASCENDING, UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError
 
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import wait_any
+from rulesvc.waiting import work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -133,18 +133,10 @@ class CatalogFanout:
         self.copies = 0
 
     async def run(self, stop: asyncio.Event, idle_poll: float = 0.5) -> None:
-        while not stop.is_set():
-            try:
-                worked = await self.process_once()
-            except PyMongoError as exc:
-                log.warning("catalog.storage_error", error=type(exc).__name__)
-                worked = False
-            except Exception:
-                log.exception("catalog.error")
-                worked = False
-            if not worked:
-                self.wake.clear()
-                await wait_any(stop, self.wake, seconds=idle_poll)
+        async def step() -> float:
+            return 0.0 if await self.process_once() else idle_poll
+
+        await work_loop("catalog", step, stop, self.wake)
 
     async def process_once(self) -> bool:
         """Takes the oldest catalog event nobody holds and fans out one batch of it."""

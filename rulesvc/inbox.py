@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from rulesvc.catalog import interest_updates
 from rulesvc.contacts import PROFILE_FIELDS
@@ -35,7 +35,7 @@ from rulesvc.engine import (
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import wait_any
+from rulesvc.waiting import work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -133,23 +133,14 @@ class Inbox:
         self.processed = 0
 
     async def run(self, stop: asyncio.Event, idle_poll: float = 0.2) -> None:
-        """Until `stop`: work while there is work, else wait for a wake-up or the next poll."""
-        while not stop.is_set():
+        async def step() -> float:
             try:
                 done = await self.process_once()
             except VersionConflict:
-                continue
-            except PyMongoError as exc:
-                log.warning("inbox.storage_error", error=type(exc).__name__)
-                await wait_any(stop, seconds=1.0)
-                continue
-            except Exception:  # a bug must not stop the inbox: log it, the events stay pending
-                log.exception("inbox.error")
-                await wait_any(stop, seconds=1.0)
-                continue
-            if done == 0:
-                self.wake.clear()
-                await wait_any(stop, self.wake, seconds=idle_poll)
+                return 0.0  # another process changed a contact: take the batch again now
+            return 0.0 if done else idle_poll
+
+        await work_loop("inbox", step, stop, self.wake)
 
     async def _leasable_keys(self, now: datetime) -> list[str]:
         await self.store.leases.delete_many({"until": {"$lt": now}})

@@ -13,7 +13,7 @@ import pluggy
 import structlog
 
 from rulesvc import hookspecs
-from rulesvc.channels import Channel, ChannelRegistry, Job
+from rulesvc.channels import ChannelRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -72,30 +72,29 @@ def load_plugins(
 
     registry = ChannelRegistry()
     by_name = {r.name: r for r in reports}
-    for impl in pm.hook.register_channels.get_hookimpls():
-        report = by_name.get(impl.plugin_name)
-        registered: list[Channel] = []
-        try:
-            impl.function(register=registered.append, config=config)
-        except Exception as exc:
-            log.error("plugins.register_failed", plugin=impl.plugin_name, error=repr(exc))
-            if report is not None:
-                report.error = f"{type(exc).__name__}: {exc}"
-            continue
-        for channel in registered:
+
+    def collect(hook: Any, kind: str) -> list[tuple[PluginReport | None, list[Any]]]:
+        """Each plugin's registrations for one hook; a plugin that fails is reported, not loaded."""
+        found = []
+        for impl in hook.get_hookimpls():
+            report = by_name.get(impl.plugin_name)
+            registered: list[Any] = []
+            try:
+                impl.function(register=registered.append, config=config)
+            except Exception as exc:
+                log.error(f"plugins.register_{kind}_failed", plugin=impl.plugin_name, error=repr(exc))
+                if report is not None:
+                    report.error = f"{type(exc).__name__}: {exc}"
+                continue
+            found.append((report, registered))
+        return found
+
+    for report, channels in collect(pm.hook.register_channels, "channels"):
+        for channel in channels:
             registry.register(channel)  # later plugins override earlier ones of the same name
             if report is not None:
                 report.channels.append(channel.name)
-    for impl in pm.hook.register_jobs.get_hookimpls():
-        report = by_name.get(impl.plugin_name)
-        jobs: list[Job] = []
-        try:
-            impl.function(register=jobs.append, config=config)
-        except Exception as exc:
-            log.error("plugins.register_jobs_failed", plugin=impl.plugin_name, error=repr(exc))
-            if report is not None:
-                report.error = f"{type(exc).__name__}: {exc}"
-            continue
+    for report, jobs in collect(pm.hook.register_jobs, "jobs"):
         registry.jobs.extend(jobs)
         if report is not None:
             report.jobs.extend(j.name for j in jobs)

@@ -17,12 +17,12 @@ from typing import Any
 
 import structlog
 from pymongo import ASCENDING, UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError
 
 from rulesvc.delivery import Dispatcher, Result
 from rulesvc.engine import timer_event
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import wait_any
+from rulesvc.waiting import work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -56,21 +56,12 @@ class Scheduler:
         self.wake.set()
 
     async def run(self, stop: asyncio.Event, max_sleep: float = 0.25) -> None:
-        while not stop.is_set():
-            try:
-                fired = await self.fire_due()
-                if fired:
-                    continue
-                sleep = await self._until_next_due(max_sleep)
-            except PyMongoError as exc:
-                log.warning("scheduler.storage_error", error=type(exc).__name__)
-                sleep = 1.0
-            except Exception:  # a bug must not stop every future send: log it and try again
-                log.exception("scheduler.error")
-                sleep = 1.0
-            self.wake.clear()
-            if sleep > 0:
-                await wait_any(stop, self.wake, seconds=sleep)
+        async def step() -> float:
+            if await self.fire_due():
+                return 0.0
+            return await self._until_next_due(max_sleep)
+
+        await work_loop("scheduler", step, stop, self.wake)
 
     async def _until_next_due(self, max_sleep: float) -> float:
         nxt = await self.store.schedule.find_one(

@@ -1,8 +1,14 @@
-"""Waiting in background loops: until work arrives, the service stops, or a timeout passes."""
+"""Background loops: work while there is work, else wait for a wake-up, the next poll, or the stop."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from pymongo.errors import PyMongoError
+
+log = structlog.get_logger(__name__)
 
 
 async def wait_any(*events: asyncio.Event, seconds: float) -> None:
@@ -12,3 +18,26 @@ async def wait_any(*events: asyncio.Event, seconds: float) -> None:
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def work_loop(
+    name: str,
+    step: Callable[[], Awaitable[float]],
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    error_pause: float = 1.0,
+) -> None:
+    """Runs `step` until `stop`; `step` returns how long to wait before the next one (0: at once).
+    A storage error or a bug pauses the loop; nothing ends it but `stop`, so no work is abandoned."""
+    while not stop.is_set():
+        try:
+            pause = await step()
+        except PyMongoError as exc:
+            log.warning(f"{name}.storage_error", error=type(exc).__name__)
+            pause = error_pause
+        except Exception:
+            log.exception(f"{name}.error")
+            pause = error_pause
+        if pause > 0:
+            wake.clear()
+            await wait_any(stop, wake, seconds=pause)
