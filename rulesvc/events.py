@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -169,7 +170,7 @@ def _malformed(
     return MalformedBody(message, index)
 
 
-def _decode_items(items: list[bytes | msgspec.Raw]) -> tuple[list[Event], list[EventError]]:
+def _decode_items(items: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event], list[EventError]]:
     events: list[Event] = []
     errors: list[EventError] = []
     for index, raw in enumerate(items):
@@ -189,7 +190,7 @@ def _decode_items(items: list[bytes | msgspec.Raw]) -> tuple[list[Event], list[E
 
 _EVENT_DECODER = msgspec.json.Decoder(Event)
 _BATCH_DECODER = msgspec.json.Decoder(Event | list[Event])
-_RAW_BATCH_DECODER = msgspec.json.Decoder(msgspec.Raw | list[msgspec.Raw])
+_RAW_LIST_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def decode_json_body(body: bytes, max_events: int) -> tuple[list[Event], list[EventError]]:
@@ -206,18 +207,18 @@ def decode_json_body(body: bytes, max_events: int) -> tuple[list[Event], list[Ev
             raise TooManyEvents(f"{len(events)} events in one request; the limit is {max_events}")
         errors = [EventError(i, p, m) for i, ev in enumerate(events) for p, m in _semantic_errors(ev)]
         return events, errors
+    if body.lstrip()[:1] != b"[":
+        return _decode_items([msgspec.Raw(body)])
     try:
-        raw = _RAW_BATCH_DECODER.decode(body)
+        raw = _RAW_LIST_DECODER.decode(body)
     except msgspec.ValidationError as exc:
         path, message = split_validation_error(exc)
         return [], [EventError(0, path, f"{message}; expected an event object or an array of events")]
     except msgspec.DecodeError as exc:
         raise _malformed(exc, body) from exc
-    if isinstance(raw, list):
-        if len(raw) > max_events:
-            raise TooManyEvents(f"{len(raw)} events in one request; the limit is {max_events}")
-        return _decode_items(list(raw))
-    return _decode_items([raw])
+    if len(raw) > max_events:
+        raise TooManyEvents(f"{len(raw)} events in one request; the limit is {max_events}")
+    return _decode_items(raw)
 
 
 def decode_ndjson_body(body: bytes, max_events: int) -> tuple[list[Event], list[EventError]]:

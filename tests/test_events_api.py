@@ -100,6 +100,19 @@ async def test_invalid_batch_rejected_whole_with_every_error(client: Any, db: An
     assert await stored_ids(db) == set()  # nothing of the batch, not even the valid ones
 
 
+async def test_a_single_invalid_event_is_reported_as_an_event(client: Any, db: Any) -> None:
+    resp = await client.post("/v1/events", json={"type": "cart_updated", "contact_id": "c1"})
+    assert resp.status == 422
+    [error] = (await resp.json())["errors"]
+    assert (error["index"], error["path"]) == (0, "$")
+    assert "`id`" in error["message"] and "array" not in error["message"]
+    resp = await client.post("/v1/events", json={"id": "s1", "type": "cart_updated", "contact_id": 5})
+    assert [(e["path"], "str" in e["message"]) for e in (await resp.json())["errors"]] == [
+        ("$.contact_id", True)
+    ]
+    assert await stored_ids(db) == set()
+
+
 async def test_invalid_ndjson_line_reports_its_index(client: Any, db: Any) -> None:
     body = "\n".join([json.dumps(cart("l1")), json.dumps({"id": "l2", "type": "cart_updated"})])
     resp = await client.post("/v1/events", data=body, headers={"Content-Type": "application/x-ndjson"})
