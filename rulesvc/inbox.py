@@ -35,7 +35,7 @@ from rulesvc.engine import (
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import work_loop
+from rulesvc.waiting import renewing, work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -177,8 +177,16 @@ class Inbox:
         acquired = await self._acquire(keys, now)
         if not acquired:
             return 0
+
+        async def renew() -> None:
+            await self.store.leases.update_many(
+                {"_id": {"$in": acquired}, "owner": self.owner},
+                {"$set": {"until": self.clock() + self.lease}},
+            )
+
         try:
-            return await self._process(acquired)
+            async with renewing("inbox", renew, self.lease.total_seconds() / 3):
+                return await self._process(acquired)
         finally:
             await self._release(acquired)
 
@@ -226,6 +234,7 @@ class Inbox:
 
         await self._commit(events, views, contacts, decisions, now, message_ops)
         self.processed += len(events)
+        log.debug("inbox.batch", events=len(events), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
             self.on_scheduled(min(e.due_at for e in decisions.schedule))
         return len(events)

@@ -22,7 +22,7 @@ from pymongo.errors import BulkWriteError
 from rulesvc.delivery import Dispatcher, Result
 from rulesvc.engine import timer_event
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import work_loop
+from rulesvc.waiting import renewing, work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -101,10 +101,18 @@ class Scheduler:
         removed = [e for e in entries if e["ruleset"] not in live]
         sends = [e for e in entries if e["ruleset"] in live and "message" in e]
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
-        results = await self._dispatch(sends, now) if sends else []
-        if timers:
-            await self._insert_timer_events(timers, now)
-        await self._record(entries[0]["owner"], results, timers, removed, now)
+        owner = entries[0]["owner"]
+
+        async def renew() -> None:
+            await self.store.schedule.update_many(
+                {"owner": owner, "status": "running"}, {"$set": {"lease_until": self.clock() + self.lease}}
+            )
+
+        async with renewing("scheduler", renew, self.lease.total_seconds() / 3):
+            results = await self._dispatch(sends, now) if sends else []
+            if timers:
+                await self._insert_timer_events(timers, now)
+            await self._record(owner, results, timers, removed, now)
         self.fired += len(entries)
         if timers and self.on_timer_event is not None:
             self.on_timer_event()

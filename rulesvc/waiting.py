@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from pymongo.errors import PyMongoError
@@ -41,3 +42,25 @@ async def work_loop(
         if pause > 0:
             wake.clear()
             await wait_any(stop, wake, seconds=pause)
+
+
+@contextlib.asynccontextmanager
+async def renewing(name: str, renew: Callable[[], Awaitable[object]], every: float) -> AsyncIterator[None]:
+    """Renews a lease while its work runs: slow work must not let another process take it over, while
+    a process that dies stops renewing, so its lease runs out and the work is taken over."""
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await renew()
+            except PyMongoError as exc:
+                log.warning(f"{name}.renew_failed", error=type(exc).__name__)
+
+    task = asyncio.create_task(keep(), name=f"{name}-renew")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
