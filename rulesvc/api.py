@@ -19,7 +19,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
-from rulesvc.auth import Keys, RateLimiter
+from rulesvc.auth import Keys, RateLimiter, hand_out_first_key
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
@@ -583,10 +583,8 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[KEYS] = Keys(store.api_keys)
     log.info("store.ready", database=settings.database)
-    if not settings.mongodb_uri and not await app[KEYS].any_active():
-        # The embedded default is for trying rulesvc out: hand the user a key instead of locking them out.
-        key, _ = await app[KEYS].create("admin", "created at first start")
-        print(f"rulesvc: first start, created an admin API key; it is shown only now:\n{key}", flush=True)
+    if not settings.mongodb_uri:
+        await hand_out_first_key(app[KEYS])
     try:
         yield
     finally:

@@ -87,6 +87,13 @@ class Keys:
         return ApiKey(key_id, doc["scope"], doc.get("name", ""))
 
 
+async def hand_out_first_key(keys: Keys) -> None:
+    """The embedded default is for trying rulesvc out: hand the user a key instead of locking them out."""
+    if not await keys.any_active():
+        key, _ = await keys.create("admin", "created at first start")
+        print(f"rulesvc: first start, created an admin API key; it is shown only now:\n{key}", flush=True)
+
+
 class RateLimiter:
     """A token bucket per key: `rate` requests a second, bursts of twice that."""
 

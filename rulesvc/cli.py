@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (RULESVC_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (RULESVC_PORT)")
     serve.add_argument("--config", metavar="FILE", help=f"TOML settings file ({CONFIG_FILE_ENV})")
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes sharing the port (RULESVC_WORKERS)"
+    )
+    # A worker of `--workers N`: binds with SO_REUSEPORT beside its siblings.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check",
@@ -252,19 +257,31 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import os
+
     from aiohttp import web
 
     from rulesvc import logs
     from rulesvc.api import create_app
     from rulesvc.mongod import MongodError
 
-    settings = load_settings(args.config).with_overrides(host=args.host, port=args.port)
+    settings = load_settings(args.config).with_overrides(host=args.host, port=args.port, workers=args.workers)
     logs.configure(settings.log_format, settings.log_level)
+    workers = settings.workers or os.cpu_count() or 1
     try:
+        if workers > 1:
+            from rulesvc.workers import Supervisor
+
+            return Supervisor(settings, workers, args.config).run()
+        if args.reuse_port:
+            import structlog
+
+            structlog.contextvars.bind_contextvars(worker=int(os.environ.get("RULESVC_WORKER_INDEX", "0")))
         web.run_app(
             create_app(settings),
             host=settings.host,
             port=settings.port,
+            reuse_port=args.reuse_port or None,
             print=None,
             access_log=None,
             shutdown_timeout=30,

@@ -20,6 +20,7 @@ class ConfigError(Exception):
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 0  # 0 = one per CPU core
     mongodb_uri: str | None = None
     embedded_mongod: bool = True
     database: str = "rulesvc"
@@ -62,6 +63,7 @@ class SettingDoc:
 SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc("host", "RULESVC_HOST", "address to listen on"),
     SettingDoc("port", "RULESVC_PORT", "TCP port to listen on"),
+    SettingDoc("workers", "RULESVC_WORKERS", "worker processes sharing the port; 0 = one per CPU core"),
     SettingDoc(
         "mongodb_uri",
         "MONGODB_URI",
@@ -180,6 +182,8 @@ def _parse_env(name: str, value: str) -> Any:
 def check(settings: Settings) -> None:
     if not 0 < settings.port < 65536:
         raise ConfigError(f"port must be 1-65535, got {settings.port}")
+    if settings.workers < 0:
+        raise ConfigError(f"workers must be 0 (one per core) or more, got {settings.workers}")
     if settings.event_retention_days <= 0:
         raise ConfigError("event_retention_days must be positive")
     if settings.max_body_bytes < 1024:

@@ -70,12 +70,12 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _die_with_parent() -> None:
-    """Runs in the child: if rulesvc is killed with SIGKILL, the kernel stops mongod cleanly too."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Runs in a child (mongod, a worker): if rulesvc is killed with SIGKILL, the kernel stops it too."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setpgrp()  # a Ctrl-C in the terminal reaches rulesvc, which then stops mongod in order
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    os.setpgrp()  # a Ctrl-C in the terminal reaches rulesvc alone, which then stops its children in order
 
 
 def _pid_alive(pid: int) -> bool:
@@ -168,7 +168,7 @@ class EmbeddedMongod:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._portfile.write_text(str(self.port))
         try:

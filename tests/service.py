@@ -17,8 +17,9 @@ from rulesvc.mongod import free_port
 
 
 class ServiceProcess:
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.workdir = workdir
+        self.workers = workers
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -41,7 +42,16 @@ class ServiceProcess:
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rulesvc", "serve", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "rulesvc",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                ],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=log,

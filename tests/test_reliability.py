@@ -3,16 +3,11 @@ every acknowledged event is evaluated exactly once and every message is delivere
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import random
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +16,9 @@ from pymongo import MongoClient
 
 from rulesvc.mongod import EmbeddedMongod
 from tests.service import ServiceProcess
+from tests.webhook_flow import Receiver, env_for, flow, post_orders, settle
 
 pytestmark = pytest.mark.slow
-SECRET = "reliability-secret"
-
-
-class Receiver:
-    """A shop's webhook endpoint: checks the signature and counts every delivery it is handed."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.raw: Counter[str] = Counter()  # deliveries per Idempotency-Key, repeats included
-        self.lock = threading.Lock()
-        self.delay = delay
-        self.started = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                stamp = self.headers["X-Rulesvc-Timestamp"]
-                mac = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(f"v1={mac}", self.headers["X-Rulesvc-Signature"]):
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                receiver.started.set()
-                time.sleep(receiver.delay)  # a slow provider
-                with receiver.lock:
-                    receiver.raw[self.headers["Idempotency-Key"]] += 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture
@@ -65,47 +26,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.server.shutdown()
-
-
-def flow(folder: Path) -> Path:
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.body").write_text("order {{ params.n }}")
-    send = {"channel": "webhook", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"count": "orders"}, {"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
-
-
-def env_for(rulesets: Path, receiver: Receiver, **extra: str) -> dict[str, str]:
-    return {"RULESVC_RULESETS_DIR": str(rulesets), "RULESVC_CHANNEL_WEBHOOK_URL": receiver.url,
-            "RULESVC_CHANNEL_WEBHOOK_SECRET": SECRET, "RULESVC_LEASE_SECONDS": "1",
-            "RULESVC_RETRY_BASE_SECONDS": "0.2", "RULESVC_RATE_LIMIT": "0", "RULESVC_QUIET_HOURS": "",
-            **extra}  # fmt: skip
-
-
-def post_orders(service: ServiceProcess, start: int, count: int) -> list[dict[str, Any]]:
-    """Posts one at a time; returns the events the service acknowledged (202)."""
-    acked = []
-    for n in range(start, start + count):
-        event = {"id": f"o{n}", "type": "order", "contact_id": f"c{n % 7}", "attributes": {"n": n}}
-        try:
-            if service.request("POST", "/v1/events", event)[0] == 202:
-                acked.append(event)
-        except OSError:
-            break  # the process is being killed
-    return acked
-
-
-def settle(db: Any, expected: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = db.messages.count_documents({"status": {"$in": ["sent", "failed", "dead"]}})
-        if done >= expected and db.events.count_documents({"state": "pending"}) == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{done} of {expected} messages settled")
 
 
 def test_kill_9_again_and_again_loses_nothing_and_sends_nothing_twice(

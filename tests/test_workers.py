@@ -1,0 +1,127 @@
+"""`rulesvc serve --workers N`: real worker processes sharing one port, a real mongod, a real receiver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from rulesvc.mongod import EmbeddedMongod
+from tests.service import ServiceProcess
+from tests.webhook_flow import Receiver, env_for, flow, settle
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, parent = stat.rsplit(")", 1)[1].split()[:2]
+            if int(parent) == pid and state != "Z":
+                found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def gone_within(pids: set[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def post_concurrently(service: ServiceProcess, ids: range) -> int:
+    """A connection per request from 16 threads, so the kernel spreads them over the workers."""
+
+    def post(n: int) -> bool:
+        event = {"id": f"w{n}", "type": "order", "contact_id": f"c{n % 7}", "attributes": {"n": n}}
+        return service.request("POST", "/v1/events", event)[0] == 202
+
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(post, ids))
+
+
+def test_workers_share_the_port_and_decide_and_send_each_event_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    env = env_for(flow(tmp_path), receiver, RULESVC_LOG_LEVEL="debug")
+    service = ServiceProcess(tmp_path, env=env, workers=3)
+    service.start()
+    try:
+        assert service.log().count("rsk_") == 1  # one first-start key, from the supervisor
+        assert service.proc is not None
+        workers = children(service.proc.pid) - {service.mongod_pid()}
+        assert len(workers) == 3
+        assert post_concurrently(service, range(420)) == 420
+        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
+            db = client["rulesvc"]
+            settle(db, 420)
+            assert {c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})} == {60}
+            assert Counter(m["status"] for m in db.messages.find({})) == Counter({"sent": 420})
+        assert len(receiver.raw) == 420 and set(receiver.raw.values()) == {1}  # none twice
+        served_by = {line.get("worker") for line in service.log_lines() if line.get("event") == "inbox.batch"}
+        assert len(served_by) > 1, "the inbox's work was not shared by the workers"
+
+        os.kill(min(workers), signal.SIGKILL)  # a worker crashes: it is replaced, the service goes on
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(children(service.proc.pid) - {service.mongod_pid()}) < 3:
+            time.sleep(0.1)
+        replaced = children(service.proc.pid) - {service.mongod_pid()}
+        assert len(replaced) == 3 and min(workers) not in replaced
+        assert post_concurrently(service, range(420, 490)) == 70
+
+        mongod = service.mongod_pid()
+        assert service.signal(signal.SIGTERM) == 0
+        assert gone_within(replaced | {mongod}, 5)
+    finally:
+        service.stop()
+
+
+def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), receiver), workers=2)
+    service.start()
+    assert service.proc is not None
+    family = children(service.proc.pid)
+    assert len(family) == 3  # two workers and mongod
+    assert post_concurrently(service, range(50)) == 50
+    service.signal(signal.SIGKILL)
+    assert gone_within(family, 10)
+    service.start()  # a fresh start on the same data: nothing acknowledged is lost
+    try:
+        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
+            settle(client["rulesvc"], 50)
+            assert (
+                sum(c["state"]["counters"]["orders"]["n"] for c in client["rulesvc"].contacts.find({})) == 50
+            )
+        assert len(receiver.raw) == 50
+    finally:
+        service.stop()
