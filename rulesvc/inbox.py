@@ -118,6 +118,7 @@ class Inbox:
         rulesets: Rulesets,
         *,
         batch_size: int = 500,
+        max_events: int = 2000,
         lease: timedelta = timedelta(seconds=15),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_scheduled: Callable[[datetime], None] | None = None,
@@ -125,6 +126,7 @@ class Inbox:
         self.store = store
         self.rulesets = rulesets
         self.batch_size = batch_size
+        self.max_events = max_events
         self.lease = lease
         self.clock = clock
         self.on_scheduled = on_scheduled
@@ -147,7 +149,12 @@ class Inbox:
         held = [d["_id"] async for d in self.store.leases.find({}, {"_id": 1})]
         # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
         query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *held]}}
-        cursor = self.store.events.find(query, {"contact_id": 1}).hint("inbox_pending").limit(self.batch_size)
+        cursor = (
+            self.store.events.find(query, {"_id": 0, "contact_id": 1})
+            .sort("received_at", ASCENDING)
+            .hint("inbox_oldest")
+            .limit(self.batch_size)
+        )
         keys: dict[str, None] = {}
         async for doc in cursor:
             keys[doc["contact_id"]] = None
@@ -191,12 +198,20 @@ class Inbox:
             await self._release(acquired)
 
     async def _process(self, contact_ids: list[str]) -> int:
-        events = await self.store.events.find(
-            {"state": PENDING, "contact_id": {"$in": contact_ids}},
-            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-        ).to_list()
+        # At most `max_events` (a contact with a backlog is taken up to there, in time order, and its
+        # later events wait for the next batch): a transaction stays small whatever piled up.
+        events = await (
+            self.store.events.find(
+                {"state": PENDING, "contact_id": {"$in": contact_ids}},
+                sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+            )
+            .hint("inbox_pending")
+            .limit(self.max_events)
+            .to_list()
+        )
         if not events:
             return 0
+        contact_ids = list(dict.fromkeys(e["contact_id"] for e in events))
         contacts = {d["_id"]: d async for d in self.store.contacts.find({"_id": {"$in": contact_ids}})}
         pending: dict[str, list[Doc]] = {}
         async for entry in self.store.schedule.find(
@@ -305,10 +320,11 @@ class Inbox:
                 await self.store.audience_changes.insert_many(changes, session=session)
             await self.store.events.update_many(
                 {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
-                {"$set": {"state": "done", "processed_at": now}},
+                {"$set": {"state": "done", "processed_at": decided_at}},
                 session=session,
             )
 
+        decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         try:
             async with self.store.client.start_session() as session:
                 await session.with_transaction(write)

@@ -66,6 +66,12 @@ class Store:
                     name="inbox_pending",
                     partialFilterExpression={"state": PENDING},
                 ),
+                # Which contacts next: those whose events have waited longest, so none starves.
+                IndexModel(
+                    [("received_at", ASCENDING), ("contact_id", ASCENDING)],
+                    name="inbox_oldest",
+                    partialFilterExpression={"state": PENDING},
+                ),
             ]
         )
         await self.schedule.create_indexes(

@@ -6,12 +6,17 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from rulesvc.api import INBOX, SCHEDULER, create_app
 from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, builtin_channels
 from rulesvc.config import Settings
+from rulesvc.events import Event
+from rulesvc.inbox import Inbox
+from rulesvc.rulesets import Rulesets
+from rulesvc.store import Store
 from tests.rulesets_helpers import write_ruleset
 
 
@@ -202,6 +207,57 @@ async def test_events_of_one_contact_are_evaluated_in_time_order(
     await eventually(processed)
     contact = await db.contacts.find_one({"_id": "c1"})
     assert contact["state"]["values"]["steps"]["v"] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_backlog_is_taken_in_bounded_batches_still_in_time_order(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    write_ruleset(
+        Path(settings.rulesets_dir),
+        "order",
+        {"rules": [{"name": "last", "when": {"event": "step"},
+                    "then": [{"remember": {"name": "steps", "from": "attributes.n", "append": True}}]}]},
+    )  # fmt: skip
+    client = await make_client(create_app(settings))
+    inbox = client.server.app[INBOX]
+    inbox.max_events = 7  # a contact's 60 events cannot go in one transaction
+    events = [{"id": f"b{n}", "type": "step", "contact_id": f"c{n % 2}", "time": f"2026-11-22T10:{n:02d}:00Z",
+               "attributes": {"n": n}} for n in reversed(range(60))]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def processed() -> bool:
+        return await db.events.count_documents({"state": "pending"}) == 0
+
+    await eventually(processed)
+    for c in (0, 1):
+        contact = await db.contacts.find_one({"_id": f"c{c}"})
+        assert contact["state"]["values"]["steps"]["v"] == list(range(c, 60, 2))
+
+
+async def test_the_contacts_that_waited_longest_go_first(settings: Settings, db: Any) -> None:
+    """Under a steady flow for some contacts, a contact whose event came earlier is not starved."""
+    write_ruleset(
+        Path(settings.rulesets_dir),
+        "count",
+        {"rules": [{"name": "n", "when": {"event": "step"}, "then": [{"count": "steps"}]}]},
+    )
+    rulesets = Rulesets(Path(settings.rulesets_dir), builtin_channels().names())
+    rulesets.reload()
+    store = Store(db.client, settings.database, timedelta(days=1))
+    await store.ensure_schema()
+    t0 = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    # "z9" (last in key order) waited longest; "a0".."a5" came after it.
+    await store.insert_events([Event(id="z", type="step", contact_id="z9")], now=t0)
+    for n in range(6):
+        later = t0 + timedelta(seconds=n + 1)
+        await store.insert_events([Event(id=f"a{n}", type="step", contact_id=f"a{n}")], now=later)
+    inbox = Inbox(store, rulesets, batch_size=2)
+    try:
+        await inbox.process_once()
+    finally:
+        for compiled in rulesets.live.values():
+            compiled.free()
+    assert {d["_id"] async for d in db.events.find({"state": "done"})} == {"z", "a0"}
 
 
 async def test_schedule_survives_and_ruleset_removed_cancels(
