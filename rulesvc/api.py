@@ -563,7 +563,7 @@ async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     # Blocking on purpose: it runs once at start-up in the main thread, which mongod's parent-death
     # signal is tied to.
-    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
     mongod.start()
     app[EMBEDDED_MONGOD] = mongod
     app[MONGO_URI] = mongod.uri

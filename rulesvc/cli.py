@@ -106,7 +106,7 @@ def keys_command(args: argparse.Namespace) -> int:
     mongod: EmbeddedMongod | None = None
     uri = settings.mongodb_uri
     if not uri:
-        embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+        embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
         uri = embedded.running_uri()
         if uri is None:  # no service running on this data dir: start its mongod just for this
             embedded.start()

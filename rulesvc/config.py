@@ -26,6 +26,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: str = "rulesvc"
     data_dir: str = ".rulesvc"
     mongod_bin: str | None = None
+    mongod_cache_gb: float = 1.0
     rulesets_dir: str = "rulesets"
     event_retention_days: float = 90.0
     max_body_bytes: int = 5 * 1024 * 1024
@@ -78,6 +79,11 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc("data_dir", "RULESVC_DATA_DIR", "where the embedded mongod keeps its data"),
     SettingDoc(
         "mongod_bin", "MONGOD_BIN", "mongod binary for the embedded mode; unset = the [embedded] extra's"
+    ),
+    SettingDoc(
+        "mongod_cache_gb",
+        "RULESVC_MONGOD_CACHE_GB",
+        "the embedded mongod's WiredTiger cache; below the working set it thrashes; 0 = mongod's default",
     ),
     SettingDoc("rulesets_dir", "RULESVC_RULESETS_DIR", "folder of JSON rulesets"),
     SettingDoc("event_retention_days", "RULESVC_EVENT_RETENTION_DAYS", "days raw events are kept (TTL)"),
@@ -182,6 +188,10 @@ def _parse_env(name: str, value: str) -> Any:
 def check(settings: Settings) -> None:
     if not 0 < settings.port < 65536:
         raise ConfigError(f"port must be 1-65535, got {settings.port}")
+    if settings.mongod_cache_gb != 0 and settings.mongod_cache_gb < 0.25:
+        raise ConfigError(
+            f"mongod_cache_gb must be 0 (mongod's default) or at least 0.25, got {settings.mongod_cache_gb}"
+        )
     if settings.workers < 0:
         raise ConfigError(f"workers must be 0 (one per core) or more, got {settings.workers}")
     if settings.event_retention_days <= 0:

@@ -98,8 +98,11 @@ def _pid_is_mongod_on(pid: int, dbpath: Path) -> bool:
 class EmbeddedMongod:
     """Start, stop and recover a mongod whose data lives in `data_dir` and survives restarts."""
 
-    def __init__(self, data_dir: str | Path, binary: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, binary: str | None = None, port: int | None = None, cache_gb: float = 1.0
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.cache_gb = cache_gb
         self.dbpath = self.data_dir / "db"
         self.binary = find_mongod(binary)
         self._wanted_port = port
@@ -156,7 +159,7 @@ class EmbeddedMongod:
             "--bind_ip", "127.0.0.1",
             "--port", str(self.port),
             "--dbpath", str(self.dbpath),
-            "--wiredTigerCacheSizeGB", "0.25",
+            *(["--wiredTigerCacheSizeGB", str(self.cache_gb)] if self.cache_gb > 0 else []),
             "--setParameter", "ttlMonitorSleepSecs=1",
             "--wiredTigerEngineConfigString", "log=(prealloc=false,file_max=20MB)",
             "--logpath", str(self.data_dir / "mongod.log"),

@@ -157,7 +157,8 @@ class Store:
         return await cursor.to_list()
 
     async def pending_count(self) -> int:
-        return await self.events.count_documents({"state": PENDING})
+        # The partial index holds exactly the pending events; without the hint the count scans them all.
+        return await self.events.count_documents({"state": PENDING}, hint="inbox_oldest")
 
     # --- contacts -----------------------------------------------------------------------------------
 

@@ -87,7 +87,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             if not self.settings.mongodb_uri:
-                mongod = EmbeddedMongod(self.settings.data_dir, self.settings.mongod_bin)
+                mongod = EmbeddedMongod(
+                    self.settings.data_dir, self.settings.mongod_bin, cache_gb=self.settings.mongod_cache_gb
+                )
                 mongod.start()
                 self.env["MONGODB_URI"] = mongod.uri
                 asyncio.run(first_start(mongod.uri, self.settings))
