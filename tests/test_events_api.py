@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,6 +65,27 @@ async def test_duplicates_counted_and_change_nothing(client: Any, db: Any) -> No
     assert await resp.json() == {"accepted": 1, "duplicates": 2}
     assert (await db.events.find_one({"_id": "d1"}))["attributes"] == {"value": 10}
     assert await stored_ids(db) == {"d1", "d2"}
+
+
+async def test_concurrent_requests_share_writes_and_each_gets_its_own_answer(
+    client: Any, db: Any, settings: Settings
+) -> None:
+    async def inserts() -> int:
+        top = await db.client.admin.command("top")
+        count: int = top["totals"].get(f"{settings.database}.events", {}).get("insert", {}).get("count", 0)
+        return count
+
+    before = await inserts()
+    bodies = [cart(f"k{n}") for n in range(60)] + [[cart("same"), cart("k0")], [cart("same")]]
+    answers = await asyncio.gather(*(client.post("/v1/events", json=body) for body in bodies))
+    results = [await a.json() for a in answers]
+    assert all(a.status == 202 for a in answers)
+    assert results[:60] == [{"accepted": 1, "duplicates": 0}] * 60
+    # "k0" was stored by an earlier request; "same" is in two requests: whichever is written first wins.
+    assert sorted(r["accepted"] for r in results[60:]) == [0, 1]
+    assert sum(r["duplicates"] for r in results[60:]) == 2
+    assert await stored_ids(db) == {f"k{n}" for n in range(60)} | {"same"}
+    assert await inserts() - before < len(bodies)  # requests in flight together were written together
 
 
 async def test_invalid_batch_rejected_whole_with_every_error(client: Any, db: Any) -> None:
