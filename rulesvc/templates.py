@@ -7,6 +7,7 @@ A template can read its params, the contact and the message, and nothing of Pyth
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 PARTS = ("subject", "text", "html", "title", "body", "url")
+FRESH_SECONDS = 1.0
 
 
 class TemplateError(Exception):
@@ -39,19 +41,36 @@ class Templates:
             auto_reload=True,  # an edited file is picked up at the next render
             keep_trailing_newline=False,
         )
+        self._cache: dict[str, tuple[float, list[tuple[str, jinja2.Template]]]] = {}
 
     def parts(self, name: str) -> list[str]:
         base = self.directory / name
         return [p for p in PARTS if base.with_name(f"{base.name}.{p}").is_file()]
 
-    def render(self, name: str, context: dict[str, Any]) -> dict[str, str]:
+    def _compiled(self, name: str) -> list[tuple[str, jinja2.Template]]:
+        """A template's parts, looked up on disk at most once a second: an edit still shows within a
+        second, and a drain of thousands of messages does not stat every file for every message."""
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if hit is not None and now - hit[0] < FRESH_SECONDS:
+            return hit[1]
         found = self.parts(name)
         if not found:
             raise TemplateError(f"template `{name}` not found in {self.directory}")
-        rendered: dict[str, str] = {}
+        compiled = []
         for part in found:
             try:
-                rendered[part] = self.env.get_template(f"{name}.{part}").render(context).strip()
+                compiled.append((part, self.env.get_template(f"{name}.{part}")))
+            except jinja2.TemplateError as exc:
+                raise TemplateError(f"template `{name}.{part}`: {exc}") from exc
+        self._cache[name] = (now, compiled)
+        return compiled
+
+    def render(self, name: str, context: dict[str, Any]) -> dict[str, str]:
+        rendered: dict[str, str] = {}
+        for part, template in self._compiled(name):
+            try:
+                rendered[part] = template.render(context).strip()
             except jinja2.TemplateError as exc:
                 raise TemplateError(f"template `{name}.{part}`: {exc}") from exc
             except Exception as exc:  # e.g. a division by zero in the template itself

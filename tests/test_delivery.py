@@ -14,6 +14,7 @@ from aiohttp import web
 from rulesvc.api import create_app
 from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome, builtin_channels
 from rulesvc.config import Settings
+from rulesvc.templates import FRESH_SECONDS
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 
@@ -407,6 +408,7 @@ async def test_edited_template_is_used_for_the_next_message(make_client: Any, se
     await settled(client)
     template = Path(configured.rulesets_dir) / "templates" / "hello.body"
     template.write_text("New wording, code {{ params.code }}")
+    await asyncio.sleep(FRESH_SECONDS)  # an edit shows within a second
     await go(client, code="B")
     await settled(client, count=2)
     assert [m.content["body"] for m in push.delivered] == ["Code A", "New wording, code B"]
