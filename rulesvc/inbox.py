@@ -119,6 +119,7 @@ class Inbox:
         *,
         batch_size: int = 500,
         max_events: int = 2000,
+        concurrency: int = 2,
         lease: timedelta = timedelta(seconds=15),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_scheduled: Callable[[datetime], None] | None = None,
@@ -127,12 +128,14 @@ class Inbox:
         self.rulesets = rulesets
         self.batch_size = batch_size
         self.max_events = max_events
+        self.concurrency = concurrency
         self.lease = lease
         self.clock = clock
         self.on_scheduled = on_scheduled
         self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.processed = 0
+        self._expired_checked: datetime | None = None
 
     async def run(self, stop: asyncio.Event, idle_poll: float = 0.2) -> None:
         async def step() -> float:
@@ -142,10 +145,13 @@ class Inbox:
                 return 0.0  # another process changed a contact: take the batch again now
             return 0.0 if done else idle_poll
 
-        await work_loop("inbox", step, stop, self.wake)
+        # Several batches in flight: while one waits for its commit, another reads and evaluates.
+        await asyncio.gather(*(work_loop("inbox", step, stop, self.wake) for _ in range(self.concurrency)))
 
     async def _leasable_keys(self, now: datetime) -> list[str]:
-        await self.store.leases.delete_many({"until": {"$lt": now}})
+        if self._expired_checked is None or not timedelta(0) <= now - self._expired_checked < self.lease / 4:
+            self._expired_checked = now  # leases run out only when a process died: a few looks per lease
+            await self.store.leases.delete_many({"until": {"$lt": now}})
         held = [d["_id"] async for d in self.store.leases.find({}, {"_id": 1})]
         # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
         query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *held]}}

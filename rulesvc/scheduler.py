@@ -50,6 +50,7 @@ class Scheduler:
         self.on_timer_event = on_timer_event
         self.wake = asyncio.Event()
         self.fired = 0
+        self._expired_checked: datetime | None = None
 
     def due_soon(self, due_at: datetime) -> None:
         """The inbox scheduled something: look again now instead of at the next poll."""
@@ -73,10 +74,14 @@ class Scheduler:
         return max(0.0, min(max_sleep, seconds))
 
     async def _claim(self, now: datetime) -> list[Doc]:
-        await self.store.schedule.update_many(
-            {"status": "running", "lease_until": {"$lt": now}},
-            {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},
-        )
+        # Leases run out only when a process died: looking for them a few times per lease is enough
+        # (the look scans every running entry, too much for every claim under load).
+        if self._expired_checked is None or not timedelta(0) <= now - self._expired_checked < self.lease / 4:
+            self._expired_checked = now
+            await self.store.schedule.update_many(
+                {"status": "running", "lease_until": {"$lt": now}},
+                {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},
+            )
         ids = [
             d["_id"]
             async for d in self.store.schedule.find(
