@@ -1,9 +1,9 @@
 """The inbox feeds accepted events to the engine: each exactly once, in per-contact time order.
 
 Several processes may run this loop against one database. A process leases the contacts it works on
-(a document per contact in `leases`, so only one holder at a time), reads all of their pending events,
-evaluates them in time order, and commits contact state, new schedule entries, cancellations and the
-events' `done` mark in one transaction. A crash before the commit leaves the events pending; the lease
+(one document per batch in `contact_leases`, whose unique index on `contacts` allows one holder per
+contact), reads their pending events, evaluates them in time order, and commits contact state, new
+schedule entries, cancellations and the events' `done` mark in one transaction. A crash before the commit leaves the events pending; the lease
 runs out and another pass takes them. Contact state also carries a version, checked on write.
 """
 
@@ -34,7 +34,7 @@ from rulesvc.engine import (
 )
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
-from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.store import PENDING, Doc, Store
 from rulesvc.waiting import renewing, work_loop
 
 log = structlog.get_logger(__name__)
@@ -148,13 +148,15 @@ class Inbox:
         # Several batches in flight: while one waits for its commit, another reads and evaluates.
         await asyncio.gather(*(work_loop("inbox", step, stop, self.wake) for _ in range(self.concurrency)))
 
+    async def _held(self) -> list[str]:
+        return [c async for d in self.store.contact_leases.find({}, {"contacts": 1}) for c in d["contacts"]]
+
     async def _leasable_keys(self, now: datetime) -> list[str]:
         if self._expired_checked is None or not timedelta(0) <= now - self._expired_checked < self.lease / 4:
             self._expired_checked = now  # leases run out only when a process died: a few looks per lease
-            await self.store.leases.delete_many({"until": {"$lt": now}})
-        held = [d["_id"] async for d in self.store.leases.find({}, {"_id": 1})]
+            await self.store.contact_leases.delete_many({"until": {"$lt": now}})
         # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
-        query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *held]}}
+        query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *await self._held()]}}
         cursor = (
             self.store.events.find(query, {"_id": 0, "contact_id": 1})
             .sort("received_at", ASCENDING)
@@ -166,42 +168,43 @@ class Inbox:
             keys[doc["contact_id"]] = None
         return list(keys)
 
-    async def _acquire(self, keys: list[str], now: datetime) -> list[str]:
-        until = now + self.lease
-        docs = [{"_id": k, "owner": self.owner, "until": until} for k in keys]
-        try:
-            await self.store.leases.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            taken = {keys[e["index"]] for e in errors}
-            return [k for k in keys if k not in taken]
-        return keys
-
-    async def _release(self, keys: list[str]) -> None:
-        await self.store.leases.delete_many({"_id": {"$in": keys}, "owner": self.owner})
+    async def _acquire(self, keys: list[str], now: datetime) -> tuple[str, list[str]]:
+        """One lease document for the whole batch; the unique index on `contacts` keeps any contact in at
+        most one lease, so a contact another batch took meanwhile makes the insert fail: drop it, retry."""
+        token = uuid.uuid4().hex
+        for _ in range(3):
+            try:
+                await self.store.contact_leases.insert_one(
+                    {"_id": token, "owner": self.owner, "contacts": keys, "until": now + self.lease}
+                )
+            except DuplicateKeyError:
+                held = set(await self._held())
+                keys = [k for k in keys if k not in held]
+                if not keys:
+                    break
+                continue
+            return token, keys
+        return token, []
 
     async def process_once(self) -> int:
         now = self.clock()
         keys = await self._leasable_keys(now)
         if not keys:
             return 0
-        acquired = await self._acquire(keys, now)
+        token, acquired = await self._acquire(keys, now)
         if not acquired:
             return 0
 
         async def renew() -> None:
-            await self.store.leases.update_many(
-                {"_id": {"$in": acquired}, "owner": self.owner},
-                {"$set": {"until": self.clock() + self.lease}},
+            await self.store.contact_leases.update_one(
+                {"_id": token}, {"$set": {"until": self.clock() + self.lease}}
             )
 
         try:
             async with renewing("inbox", renew, self.lease.total_seconds() / 3):
                 return await self._process(acquired)
         finally:
-            await self._release(acquired)
+            await self.store.contact_leases.delete_one({"_id": token})
 
     async def _process(self, contact_ids: list[str]) -> int:
         # At most `max_events` (a contact with a backlog is taken up to there, in time order, and its

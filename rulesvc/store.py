@@ -54,6 +54,9 @@ class Store:
         # Leases only say who works on what now; after a crash they would run out anyway, and the
         # version check on contacts catches a lost one. So they skip the journal wait of durable writes.
         self.leases: AsyncCollection[Doc] = self.db.get_collection("leases", write_concern=WriteConcern(w=1))
+        self.contact_leases: AsyncCollection[Doc] = self.db.get_collection(
+            "contact_leases", write_concern=WriteConcern(w=1)
+        )
         self.audience_changes: AsyncCollection[Doc] = self.db["audience_changes"]
         self.api_keys: AsyncCollection[Doc] = self.db["api_keys"]
         self.interests: AsyncCollection[Doc] = self.db["interests"]
@@ -93,6 +96,12 @@ class Store:
             ]
         )
         await self.leases.create_indexes([IndexModel([("until", ASCENDING)], name="leases_until")])
+        await self.contact_leases.create_indexes(
+            [
+                IndexModel([("contacts", ASCENDING)], name="one_lease_per_contact", unique=True),
+                IndexModel([("until", ASCENDING)], name="contact_leases_until"),
+            ]
+        )
         await self.interests.create_indexes(
             [
                 IndexModel([("product_id", ASCENDING), ("_id", ASCENDING)], name="interests_by_product"),
