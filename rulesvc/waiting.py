@@ -31,6 +31,7 @@ async def work_loop(
     """Runs `step` until `stop`; `step` returns how long to wait before the next one (0: at once).
     A storage error or a bug pauses the loop; nothing ends it but `stop`, so no work is abandoned."""
     while not stop.is_set():
+        wake.clear()  # before the step: a wake-up that comes during it is not lost
         try:
             pause = await step()
         except PyMongoError as exc:
@@ -40,7 +41,6 @@ async def work_loop(
             log.exception(f"{name}.error")
             pause = error_pause
         if pause > 0:
-            wake.clear()
             await wait_any(stop, wake, seconds=pause)
 
 
