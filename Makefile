@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean bench
+.PHONY: install run test lint clean bench bench-engine
 
 $(STAMP): pyproject.toml requirements/embedded.txt $(wildcard plugins/*/pyproject.toml)
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -34,5 +34,10 @@ test: lint
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
+# The whole service under load, with baselines from the same run (BENCHMARKS.md); a few minutes.
 bench: $(STAMP)
+	$(BIN)/python bench/service_bench.py
+
+# The engine, inbox and schedule alone, in one process.
+bench-engine: $(STAMP)
 	$(BIN)/python bench/engine_bench.py

@@ -166,6 +166,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def child_pids(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -211,6 +220,10 @@ class Server:
                     pass
                 await asyncio.sleep(0.1)
         raise TimeoutError(f"{self.command} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def workers(self) -> list[int]:
         assert self.proc is not None
@@ -376,17 +389,28 @@ class Bench:
         url = service.url + "/v1/events"
         # Batches: accepted and decided, the decisions counted when the inbox has none left.
         events = mix.events(a.events)
+        bodies = ndjson(events)
+        service_pids = [service.pid(), *service.workers()]
+
+        def cpu() -> dict[str, float]:
+            pids = {"service": service_pids, "mongod": [self.mongod_pid()], "bench": [os.getpid()]}
+            return {k: cpu_seconds(v) for k, v in pids.items()}
+
+        cpu0 = cpu()
         seconds, accepted, errors = await closed_loop(
-            url, self.headers, ndjson(events), "application/x-ndjson", BATCH_CLIENTS
+            url, self.headers, bodies, "application/x-ndjson", BATCH_CLIENTS
         )
         t0 = time.perf_counter() - seconds
         await until(lambda: self._none_pending(), 600)
         decided = time.perf_counter() - t0
+        cpu1 = cpu()
         self.results["batch"] = {
             "events": accepted,
             "errors": errors,
             "accept_per_s": accepted / seconds,
             "decide_per_s": accepted / decided,
+            # Where the two cores went, per decided event: the service's processes, mongod, this client.
+            "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
         }
         # Single-event requests from 64 clients.
         singles = [json.dumps(e).encode() for e in mix.events(a.singles)]
@@ -426,8 +450,18 @@ class Bench:
 
     async def drain(self, service: Server) -> None:
         n = self.args.entries
-        now = datetime.now(UTC)
         db = self.db()
+
+        async def nothing_due() -> bool:
+            """Index probes only: nothing due is left pending or running."""
+            due = {"status": "pending", "due_at": {"$lte": datetime.now(UTC)}}
+            return (
+                await db.schedule.find_one(due) is None
+                and await db.schedule.find_one({"status": "running"}) is None
+            )
+
+        await until(nothing_due, 600)  # the sends the ingest phases made due (confirmations...) go first
+        now = datetime.now(UTC)
         due = now + timedelta(days=1)  # parked until every entry is written, then made due at once
         entries = [
             {
@@ -475,15 +509,7 @@ class Bench:
         )
         t0 = time.perf_counter()
 
-        async def sent() -> bool:
-            """Index probes only: nothing due is left pending or running."""
-            due = {"status": "pending", "due_at": {"$lte": datetime.now(UTC)}}
-            return (
-                await db.schedule.find_one(due) is None
-                and await db.schedule.find_one({"status": "running"}) is None
-            )
-
-        seconds = await until(sent, 900, every=0.2)
+        seconds = await until(nothing_due, 900, every=0.2)
         statuses = await db.messages.distinct("status", {"_id": {"$regex": "^s"}})
         if statuses != ["sent"]:
             sample = await db.messages.find_one({"_id": {"$regex": "^s"}, "status": {"$ne": "sent"}})
@@ -644,6 +670,7 @@ class Bench:
         r = self.results
         r["ratios"] = {
             "batch_vs_insert_many": r["batch"]["decide_per_s"] / r["insert_many_per_s"],
+            "batch_accept_vs_insert_many": r["batch"]["accept_per_s"] / r["insert_many_per_s"],
             "single_vs_aiohttp": r["single"]["accept_per_s"] / r["aiohttp_baseline_per_s"],
             "drain_vs_insert_many": r["drain"]["per_s"] / r["drain"]["insert_many_per_s"],
         }
@@ -694,6 +721,11 @@ def table(r: dict[str, Any]) -> str:
             "p50 {p50:.1f} / p95 {p95:.1f} / p99 {p99:.1f} ms".format(**r["latency_ms"]),
             "",
         ),
+        (
+            "CPU per decided event (batches)",
+            "{service:.0f} us service + {mongod:.0f} us mongod".format(**r["batch"]["cpu_us_per_event"]),
+            "+ {bench:.0f} us load generator".format(**r["batch"]["cpu_us_per_event"]),
+        ),
         ("baseline: minimal aiohttp handler, 64 clients", f"{r['aiohttp_baseline_per_s']:,.0f} req/s", ""),
         ("baseline: insert_many of the same documents", f"{r['insert_many_per_s']:,.0f} docs/s", ""),
         (
@@ -717,7 +749,8 @@ def table(r: dict[str, Any]) -> str:
             )
             for k, v in r["rss_mb"].items()
         ),
-        ("ratio: batches / insert_many", f"{r['ratios']['batch_vs_insert_many']:.2f}", ""),
+        ("ratio: batches decided / insert_many", f"{r['ratios']['batch_vs_insert_many']:.2f}", ""),
+        ("ratio: batches accepted / insert_many", f"{r['ratios']['batch_accept_vs_insert_many']:.2f}", ""),
         ("ratio: single requests / aiohttp handler", f"{r['ratios']['single_vs_aiohttp']:.2f}", ""),
         ("ratio: drain / insert_many", f"{r['ratios']['drain_vs_insert_many']:.2f}", ""),
     ]
