@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import timedelta
 
@@ -10,6 +11,7 @@ _PART = re.compile(r"([0-9]+)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+@functools.lru_cache(maxsize=1024)  # rulesets name few durations, and evaluate them per event
 def parse_duration(text: str) -> timedelta:
     if not re.match(DURATION_PATTERN, text):
         raise ValueError(f"invalid duration {text!r}: use e.g. 30s, 20m, 12h, 2d, 1w or 1h30m")
