@@ -15,6 +15,7 @@ from pymongo import AsyncMongoClient
 from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
 from rulesvc.mongod import EmbeddedMongod
+from tests.webhook_flow import Receiver
 
 Doc = dict[str, Any]
 
@@ -64,3 +65,11 @@ async def db(mongod: EmbeddedMongod, settings: Settings) -> AsyncIterator[Any]:
     yield mongo[settings.database]
     await mongo.drop_database(settings.database)
     await mongo.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A shop's webhook endpoint that counts every delivery (tests/webhook_flow.py)."""
+    r = Receiver()
+    yield r
+    r.server.shutdown()

@@ -147,6 +147,7 @@ class CatalogFanout:
                      {"fanout.owner": self.owner}]},
             {"$set": {"fanout.owner": self.owner, "fanout.until": now + self.lease}},
             sort=[("time", ASCENDING), ("_id", ASCENDING)],
+            hint="inbox_pending",  # its `contact_id: null` range; another index scans every pending event
         )  # fmt: skip
         if event is None:
             return False

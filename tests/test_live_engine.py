@@ -186,16 +186,21 @@ async def test_two_processes_share_the_work_and_never_send_twice(
     assert sum(w[SCHEDULER].fired for w in workers) == 2 * len(contacts)
 
 
-async def test_events_of_one_contact_are_evaluated_in_time_order(
-    make_client: Any, settings: Settings, db: Any
-) -> None:
+def with_step_order(settings: Settings) -> Settings:
+    """A ruleset that remembers the order in which a contact's `step` events were evaluated."""
     write_ruleset(
         Path(settings.rulesets_dir),
         "order",
         {"rules": [{"name": "last", "when": {"event": "step"},
                     "then": [{"remember": {"name": "steps", "from": "attributes.n", "append": True}}]}]},
     )  # fmt: skip
-    client = await make_client(create_app(settings))
+    return settings
+
+
+async def test_events_of_one_contact_are_evaluated_in_time_order(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    client = await make_client(create_app(with_step_order(settings)))
     # Posted newest first: the inbox still evaluates them by event time.
     events = [{"id": f"s{n}", "type": "step", "contact_id": "c1", "time": f"2026-11-22T10:00:0{n}Z",
                "attributes": {"n": n}} for n in reversed(range(6))]  # fmt: skip
@@ -212,13 +217,7 @@ async def test_events_of_one_contact_are_evaluated_in_time_order(
 async def test_a_backlog_is_taken_in_bounded_batches_still_in_time_order(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    write_ruleset(
-        Path(settings.rulesets_dir),
-        "order",
-        {"rules": [{"name": "last", "when": {"event": "step"},
-                    "then": [{"remember": {"name": "steps", "from": "attributes.n", "append": True}}]}]},
-    )  # fmt: skip
-    client = await make_client(create_app(settings))
+    client = await make_client(create_app(with_step_order(settings)))
     inbox = client.server.app[INBOX]
     inbox.max_events = 7  # a contact's 60 events cannot go in one transaction
     events = [{"id": f"b{n}", "type": "step", "contact_id": f"c{n % 2}", "time": f"2026-11-22T10:{n:02d}:00Z",
