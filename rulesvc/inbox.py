@@ -120,7 +120,6 @@ class Inbox:
         *,
         batch_size: int = 500,
         max_events: int = 2000,
-        concurrency: int = 2,
         lease: timedelta = timedelta(seconds=15),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_scheduled: Callable[[datetime], None] | None = None,
@@ -129,7 +128,6 @@ class Inbox:
         self.rulesets = rulesets
         self.batch_size = batch_size
         self.max_events = max_events
-        self.concurrency = concurrency
         self.lease = lease
         self.clock = clock
         self.on_scheduled = on_scheduled
@@ -146,8 +144,8 @@ class Inbox:
                 return 0.0  # another process changed a contact: take the batch again now
             return 0.0 if done else idle_poll
 
-        # Several batches in flight: while one waits for its commit, another reads and evaluates.
-        await asyncio.gather(*(work_loop("inbox", step, stop, self.wake) for _ in range(self.concurrency)))
+        # One batch at a time per process: measured, a second one in flight only added contention in mongod.
+        await work_loop("inbox", step, stop, self.wake)
 
     async def _held(self) -> list[str]:
         return [c async for d in self.store.contact_leases.find({}, {"contacts": 1}) for c in d["contacts"]]
