@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -123,3 +124,15 @@ def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
         assert len(receiver.raw) == 50
     finally:
         service.stop()
+
+
+def test_a_taken_port_stops_the_supervisor_with_a_clear_error(tmp_path: Path, receiver: Receiver) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), receiver), workers=2)
+        service.port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            service.start(timeout=60)
+    assert "failed to start 3 times; stopping" in service.log()
+    assert not (tmp_path / ".rulesvc" / "mongod.pid").exists() or not alive(service.mongod_pid())
