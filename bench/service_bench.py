@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rulesvc.auth import Keys  # noqa: E402
-from rulesvc.mongod import EmbeddedMongod, die_with_parent, free_port  # noqa: E402
+from rulesvc.mongod import EmbeddedMongod, die_with_parent, free_port, live_children  # noqa: E402
 from rulesvc.store import DURABLE, Store  # noqa: E402
 
 Doc = dict[str, Any]
@@ -175,19 +175,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def child_pids(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 class Server:
     """`rulesvc serve --workers N` (or the baseline handler) as a process group on a free port."""
 
@@ -227,7 +214,7 @@ class Server:
 
     def workers(self) -> list[int]:
         assert self.proc is not None
-        return child_pids(self.proc.pid) or [self.proc.pid]
+        return sorted(live_children(self.proc.pid)) or [self.proc.pid]
 
     def rss_mb(self) -> float:
         assert self.proc is not None

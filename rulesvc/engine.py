@@ -250,6 +250,11 @@ def ts(moment: datetime) -> float:
     return moment.timestamp()
 
 
+def _until(at: datetime, period: str | None) -> float | None:
+    """When a flag or a suppression set at `at` for `period` ends; None: until cleared."""
+    return ts(at + parse_duration(period)) if period else None
+
+
 def from_ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
@@ -592,8 +597,7 @@ class Engine:
                     (action.set_flag, None) if isinstance(action.set_flag, str) else
                     (action.set_flag.name, action.set_flag.for_)
                 )  # fmt: skip
-                until = ts(at + parse_duration(period)) if period else None
-                state.setdefault("flags", {})[name] = {"until": until}
+                state.setdefault("flags", {})[name] = {"until": _until(at, period)}
             elif action.clear_flag is not None:
                 state.get("flags", {}).pop(action.clear_flag, None)
             elif action.count is not None:
@@ -609,8 +613,7 @@ class Engine:
                     (action.suppress, None) if isinstance(action.suppress, str) else
                     (action.suppress.channel, action.suppress.for_)
                 )  # fmt: skip
-                until = ts(at + parse_duration(period)) if period else None
-                state.setdefault("suppressed", {})[channel] = {"since": ts(at), "until": until}
+                state.setdefault("suppressed", {})[channel] = {"since": ts(at), "until": _until(at, period)}
             elif action.unsuppress is not None:
                 state.get("suppressed", {}).pop(action.unsuppress, None)
             elif action.audience is not None:

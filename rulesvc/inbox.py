@@ -36,7 +36,7 @@ from rulesvc.engine import (
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
 from rulesvc.store import PENDING, Doc, Store
-from rulesvc.waiting import renewing, work_loop
+from rulesvc.waiting import Every, renewing, work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +134,7 @@ class Inbox:
         self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.processed = 0
-        self._expired_checked: datetime | None = None
+        self._expired_look = Every(lease / 4)
 
     async def run(self, stop: asyncio.Event, idle_poll: float = 0.2) -> None:
         async def step() -> float:
@@ -151,8 +151,7 @@ class Inbox:
         return [c async for d in self.store.contact_leases.find({}, {"contacts": 1}) for c in d["contacts"]]
 
     async def _leasable_keys(self, now: datetime) -> list[str]:
-        if self._expired_checked is None or not timedelta(0) <= now - self._expired_checked < self.lease / 4:
-            self._expired_checked = now  # leases run out only when a process died: a few looks per lease
+        if self._expired_look.due(now):
             await self.store.contact_leases.delete_many({"until": {"$lt": now}})
         # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
         query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *await self._held()]}}

@@ -78,13 +78,29 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     os.setpgrp()  # a Ctrl-C in the terminal reaches rulesvc alone, which then stops its children in order
 
 
-def _pid_alive(pid: int) -> bool:
-    """A zombie has exited already: it only waits for its parent to collect the status."""
+def _state_and_parent(pid: int | str) -> tuple[str, int] | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return fields[0], int(fields[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """A zombie has exited already: it only waits for its parent to collect the status."""
+    found = _state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
+def live_children(pid: int) -> set[int]:
+    """The processes `pid` started that have not exited (a supervisor's workers and mongod)."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            found = _state_and_parent(entry)
+            if found is not None and found[1] == pid and found[0] != "Z":
+                children.add(int(entry))
+    return children
 
 
 def _pid_is_mongod_on(pid: int, dbpath: Path) -> bool:
@@ -138,14 +154,14 @@ class EmbeddedMongod:
             pid = int(self._pidfile.read_text().strip())
         except (OSError, ValueError):
             return
-        if not (_pid_alive(pid) and _pid_is_mongod_on(pid, self.dbpath)):
+        if not (pid_alive(pid) and _pid_is_mongod_on(pid, self.dbpath)):
             return
         log.warning("mongod.orphan_found", pid=pid)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
     def start(self, timeout: float = 60.0) -> None:
@@ -262,7 +278,7 @@ class EmbeddedMongod:
             port = int(self._portfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        if not (_pid_alive(pid) and _pid_is_mongod_on(pid, self.dbpath)):
+        if not (pid_alive(pid) and _pid_is_mongod_on(pid, self.dbpath)):
             return None
         self.port = port
         return self.uri

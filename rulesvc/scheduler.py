@@ -22,7 +22,7 @@ from pymongo.errors import BulkWriteError
 from rulesvc.delivery import Dispatcher, Result
 from rulesvc.engine import timer_event
 from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import renewing, work_loop
+from rulesvc.waiting import Every, renewing, work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ class Scheduler:
         self.on_timer_event = on_timer_event
         self.wake = asyncio.Event()
         self.fired = 0
-        self._expired_checked: datetime | None = None
+        self._expired_look = Every(lease / 4)
 
     def due_soon(self, due_at: datetime) -> None:
         """The inbox scheduled something: look again now instead of at the next poll."""
@@ -74,10 +74,8 @@ class Scheduler:
         return max(0.0, min(max_sleep, seconds))
 
     async def _claim(self, now: datetime) -> list[Doc]:
-        # Leases run out only when a process died: looking for them a few times per lease is enough
-        # (the look scans every running entry, too much for every claim under load).
-        if self._expired_checked is None or not timedelta(0) <= now - self._expired_checked < self.lease / 4:
-            self._expired_checked = now
+        # The look scans every running entry: too much for every claim under load.
+        if self._expired_look.due(now):
             await self.store.schedule.update_many(
                 {"status": "running", "lease_until": {"$lt": now}},
                 {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 
 import structlog
 from pymongo.errors import PyMongoError
@@ -64,3 +65,18 @@ async def renewing(name: str, renew: Callable[[], Awaitable[object]], every: flo
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class Every:
+    """Says yes at most once per `interval` (and again if a virtual clock goes back): for looks that
+    only matter after a crash, such as leases that ran out, which need not run on every batch."""
+
+    def __init__(self, interval: timedelta) -> None:
+        self.interval = interval
+        self.last: datetime | None = None
+
+    def due(self, now: datetime) -> bool:
+        if self.last is not None and timedelta(0) <= now - self.last < self.interval:
+            return False
+        self.last = now
+        return True

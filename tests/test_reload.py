@@ -37,6 +37,16 @@ def write_templates(folder: Path) -> None:
         (folder / "templates" / f"v{n}.body").write_text(f"version {n}")
 
 
+async def serve_greet(make_client: Any, settings: Settings, template: str) -> tuple[Path, Any]:
+    """The service with one ruleset, `greet.json`, sending `template`; returns its path and a client."""
+    folder = Path(settings.rulesets_dir)
+    folder.mkdir(parents=True)
+    write_templates(folder)
+    path = folder / "greet.json"
+    write(path, ruleset(template))
+    return path, await make_client(create_app(settings))
+
+
 async def listing(client: Any) -> dict[str, Any]:
     return {r["name"]: r for r in (await (await client.get("/v1/rulesets")).json())["rulesets"]}
 
@@ -46,12 +56,7 @@ async def templates_sent(db: Any) -> list[str]:
 
 
 async def test_edit_broken_edit_and_delete(make_client: Any, settings: Settings, db: Any) -> None:
-    folder = Path(settings.rulesets_dir)
-    folder.mkdir(parents=True)
-    write_templates(folder)
-    path = folder / "greet.json"
-    write(path, ruleset("v1"))
-    client = await make_client(create_app(settings))
+    path, client = await serve_greet(make_client, settings, "v1")
     first = (await listing(client))["greet"]
     assert first["status"] == "loaded" and first["events"] == ["t"] and first["errors"] == []
     assert (await client.get("/readyz")).status == 200
@@ -118,12 +123,7 @@ async def _no_pending(db: Any) -> bool:
 async def test_events_posted_during_reloads_are_all_processed(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    folder = Path(settings.rulesets_dir)
-    folder.mkdir(parents=True)
-    write_templates(folder)
-    path = folder / "greet.json"
-    write(path, ruleset("v0"))
-    client = await make_client(create_app(settings))
+    path, client = await serve_greet(make_client, settings, "v0")
 
     async def flip() -> None:
         for n in range(1, 11):

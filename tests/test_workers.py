@@ -13,38 +13,17 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.mongod import EmbeddedMongod, live_children, pid_alive
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
 pytestmark = pytest.mark.slow
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            state, parent = stat.rsplit(")", 1)[1].split()[:2]
-            if int(parent) == pid and state != "Z":
-                found.add(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def gone_within(pids: set[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             return True
         time.sleep(0.1)
     return False
@@ -70,7 +49,7 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
     try:
         assert service.log().count("rsk_") == 1  # one first-start key, from the supervisor
         assert service.proc is not None
-        workers = children(service.proc.pid) - {service.mongod_pid()}
+        workers = live_children(service.proc.pid) - {service.mongod_pid()}
         assert len(workers) == 3
         assert post_concurrently(service, range(420)) == 420
         with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
@@ -87,7 +66,7 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
 
         def replaced() -> set[int]:
             assert service.proc is not None
-            return children(service.proc.pid) - {service.mongod_pid()}
+            return live_children(service.proc.pid) - {service.mongod_pid()}
 
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (killed in replaced() or len(replaced()) < 3):
@@ -109,7 +88,7 @@ def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
     service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), receiver), workers=2)
     service.start()
     assert service.proc is not None
-    family = children(service.proc.pid)
+    family = live_children(service.proc.pid)
     assert len(family) == 3  # two workers and mongod
     assert post_concurrently(service, range(50)) == 50
     service.signal(signal.SIGKILL)
@@ -135,4 +114,4 @@ def test_a_taken_port_stops_the_supervisor_with_a_clear_error(tmp_path: Path, re
         with pytest.raises(RuntimeError, match="exited with 1"):
             service.start(timeout=60)
     assert "failed to start 3 times; stopping" in service.log()
-    assert not (tmp_path / ".rulesvc" / "mongod.pid").exists() or not alive(service.mongod_pid())
+    assert not (tmp_path / ".rulesvc" / "mongod.pid").exists() or not pid_alive(service.mongod_pid())
