@@ -24,7 +24,8 @@ import structlog
 from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import BulkWriteError
 
-from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.ids import fanout_copy_id
+from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store, failure_text, transient
 from rulesvc.waiting import work_loop
 
 log = structlog.get_logger(__name__)
@@ -122,12 +123,16 @@ class CatalogFanout:
         lease: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_copies: Callable[[], None] | None = None,
+        on_quarantined: Callable[[str], None] | None = None,
+        retry_pause: timedelta = timedelta(seconds=5),
     ) -> None:
         self.store = store
         self.batch_size = batch_size
         self.lease = lease
         self.clock = clock
         self.on_copies = on_copies
+        self.on_quarantined = on_quarantined
+        self.retry_pause = retry_pause
         self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.copies = 0
@@ -151,6 +156,26 @@ class CatalogFanout:
         )  # fmt: skip
         if event is None:
             return False
+        try:
+            await self._fan_out(event, now)
+        except Exception as exc:
+            if transient(exc):
+                raise
+            # Set aside with its error, and out of the way for a while: the catalog events behind it go on.
+            error = failure_text(exc)
+            retry_at = now + self.retry_pause
+            quarantined = await self.store.event_failed(event["_id"], error, "fanout", now, retry_at=retry_at)
+            log.error(
+                "catalog.event_quarantined" if quarantined else "catalog.event_failed",
+                event_id=event["_id"],
+                event_type=event.get("type"),
+                error=error,
+            )
+            if quarantined and self.on_quarantined is not None:
+                self.on_quarantined("fanout")
+        return True
+
+    async def _fan_out(self, event: Doc, now: datetime) -> None:
         fanout = event.get("fanout") or {}
         if "product" not in fanout:
             fanout["product"] = await self._update_catalog(event)
@@ -163,7 +188,6 @@ class CatalogFanout:
                 {"_id": event["_id"]},
                 {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
             )
-        return True
 
     async def _update_catalog(self, event: Doc) -> Doc:
         """Record the new price or stock and return what the copies need to know about the change."""
@@ -208,7 +232,7 @@ class CatalogFanout:
                 if f"{k}_at" in interest
             }
             copies.append(
-                {"_id": f"{event['_id']}>{interest['contact_id']}", "type": event["type"],
+                {"_id": fanout_copy_id(event["_id"], interest["contact_id"]), "type": event["type"],
                  "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
                  "received_at": now, "state": PENDING, "fanout_of": event["_id"]}
             )  # fmt: skip

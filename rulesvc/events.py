@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
+
+from rulesvc.ids import Id
 
 # Events without a contact: they describe the catalog and fan out to interested contacts.
 CATALOG_EVENT_TYPES = frozenset({"price_changed", "stock_changed"})
@@ -44,9 +47,8 @@ KNOWN_EVENT_TYPES = frozenset(
     | MESSAGE_EVENT_TYPES
 )
 
-EventId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=128, description="unique per event; a re-post is a duplicate")
-]
+# Ids follow the one id rule (rulesvc/ids.py); it also keeps the service's own event ids out of reach.
+EventId = Annotated[Id, msgspec.Meta(description="unique per event; a re-post is a duplicate")]
 EventType = Annotated[
     str,
     msgspec.Meta(
@@ -56,7 +58,7 @@ EventType = Annotated[
         description="e.g. cart_updated; unknown types are accepted as custom events",
     ),
 ]
-ContactId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\s/]+$")]
+ContactId = Id
 EventTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset; default: now")]
 
 
@@ -117,6 +119,41 @@ MAX_ITEMS = 1000  # per list
 MAX_STRING = 16_384  # characters in one string value
 _INT64 = (-(2**63), 2**63 - 1)
 
+# Times the engine can compute with (it adds delays of up to a year or so, and converts to local time):
+# anything outside is a client's mistake, refused at the door instead of breaking evaluation later.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+TIME_RANGE = "between 1970-01-01 and 2200-01-01"
+
+
+def time_in_range(value: datetime) -> bool:
+    """False for a time outside the range, including one whose UTC conversion would overflow."""
+    if not EARLIEST.year <= value.year < LATEST.year:
+        return False
+    try:
+        return EARLIEST <= value.astimezone(UTC) < LATEST
+    except OverflowError:
+        return False
+
+
+def attribute_time_error(value: Any) -> str | None:
+    """The problem with a `*_at` attribute, which rules may schedule by (`send.at`); None if usable."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        if not EARLIEST.timestamp() <= value < LATEST.timestamp():
+            return f"Unix seconds must be {TIME_RANGE}"
+        return None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None  # not a time at all: rules read it as text
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return None if time_in_range(moment) else f"time must be {TIME_RANGE}"
+    return None
+
 
 def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:
     """What MongoDB would refuse (or a rule could not use) in free-form attributes, as field errors."""
@@ -142,14 +179,27 @@ def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, st
         return [(path, f"string longer than {MAX_STRING} characters")]
     if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
         return [(path, "integer out of the 64-bit range")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, "number out of range (not finite)")]
     return []
 
 
 def _semantic_errors(event: Event) -> list[tuple[str, str]]:
+    if event.time is not None and not time_in_range(event.time):
+        return [("$.time", f"must be {TIME_RANGE}")]
     if event.attributes:
         errors = document_errors(event.attributes, "$.attributes")
+        errors += [
+            (f"$.attributes.{key}", problem)
+            for key, value in event.attributes.items()
+            if key.endswith("_at") and (problem := attribute_time_error(value)) is not None
+        ]
         if errors:
             return errors
+    if event.type in MESSAGE_EVENT_TYPES:
+        message_id = event.attributes.get("message_id")
+        if message_id is not None and not isinstance(message_id, str):
+            return [("$.attributes.message_id", "must be a string, the id of the message")]
     if event.type in CATALOG_EVENT_TYPES:
         if event.contact_id is not None:
             return [("$.contact_id", f"must be absent for the catalog event type `{event.type}`")]

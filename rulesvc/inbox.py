@@ -35,7 +35,7 @@ from rulesvc.engine import (
 )
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
-from rulesvc.store import PENDING, Doc, Store
+from rulesvc.store import PENDING, Doc, Store, failure_text, transient
 from rulesvc.waiting import Every, renewing, work_loop
 
 log = structlog.get_logger(__name__)
@@ -51,7 +51,8 @@ def apply_outcome(doc: Doc, messages: dict[str, Doc], view: ContactView) -> list
     """A message_* event: record it on the message, give rules its channel/template, act on bad news."""
     attributes = doc.setdefault("attributes", {})
     outcome = doc["type"].removeprefix("message_")
-    message = messages.get(attributes.get("message_id", ""))
+    message_id = attributes.get("message_id")
+    message = messages.get(message_id) if isinstance(message_id, str) else None
     if message is not None and message["contact_id"] != view.contact_id:
         message = None  # an outcome names a message of another contact: ignore the link, keep the event
     channel = attributes.get("channel")
@@ -123,6 +124,7 @@ class Inbox:
         lease: timedelta = timedelta(seconds=15),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_scheduled: Callable[[datetime], None] | None = None,
+        on_quarantined: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.rulesets = rulesets
@@ -131,6 +133,7 @@ class Inbox:
         self.lease = lease
         self.clock = clock
         self.on_scheduled = on_scheduled
+        self.on_quarantined = on_quarantined
         self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.processed = 0
@@ -200,11 +203,18 @@ class Inbox:
 
         try:
             async with renewing("inbox", renew, self.lease.total_seconds() / 3):
-                return await self._process(acquired)
+                try:
+                    return await self._process(acquired, self.max_events)
+                except VersionConflict:
+                    raise
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    return await self._isolate(acquired, exc)
         finally:
             await self.store.contact_leases.delete_one({"_id": token})
 
-    async def _process(self, contact_ids: list[str]) -> int:
+    async def _process(self, contact_ids: list[str], limit: int) -> int:
         # At most `max_events` (a contact with a backlog is taken up to there, in time order, and its
         # later events wait for the next batch): a transaction stays small whatever piled up.
         events = await (
@@ -213,7 +223,7 @@ class Inbox:
                 sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
             )
             .hint("inbox_pending")
-            .limit(self.max_events)
+            .limit(limit)
             .to_list()
         )
         if not events:
@@ -229,7 +239,9 @@ class Inbox:
 
         now = self.clock()
         views: dict[str, ContactView] = {}
-        decisions = Decisions()
+        found_by: dict[str, list[Decisions]] = defaultdict(list)
+        outcome_ops: dict[str, list[Any]] = defaultdict(list)
+        failed: dict[str, tuple[Doc, BaseException]] = {}
         outcome_ids = [
             d["attributes"]["message_id"]
             for d in events
@@ -237,26 +249,39 @@ class Inbox:
             and isinstance((d.get("attributes") or {}).get("message_id"), str)
         ]
         messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": outcome_ids}})}
-        message_ops: list[Any] = []
         # Taken after the last await and used without another: a reload (which frees the previous
         # version's engine rulesets) can only happen between batches, never inside one.
         engine = self.rulesets.engine()
         for doc in events:
             cid = doc["contact_id"]
+            if cid in failed:
+                continue  # its later events wait: a contact's events are decided in order or not at all
             view = views.get(cid)
             if view is None:
                 view = views[cid] = contact_view(cid, contacts.get(cid), pending.get(cid, []))
-            if doc["type"] in MESSAGE_EVENT_TYPES:
-                message_ops.extend(apply_outcome(doc, messages, view))
-            found = engine.evaluate(engine_event(doc), view, now)
+            try:
+                if doc["type"] in MESSAGE_EVENT_TYPES:
+                    outcome_ops[cid].extend(apply_outcome(doc, messages, view))
+                found_by[cid].append(engine.evaluate(engine_event(doc), view, now))
+            except Exception as exc:  # one event's fault: the other contacts of the batch go on
+                failed[cid] = (doc, exc)
+
+        for cid in failed:
+            del views[cid]  # nothing of a failed contact is written but the failure itself
+            found_by.pop(cid, None)
+            outcome_ops.pop(cid, None)
+        decisions = Decisions()
+        for found in (f for per in found_by.values() for f in per):
             decisions.schedule.extend(found.schedule)
             decisions.cancel.extend(found.cancel)
             decisions.fired.extend(found.fired)
             decisions.audience.extend(found.audience)
-
-        await self._commit(events, views, contacts, decisions, now, message_ops)
-        self.processed += len(events)
-        log.debug("inbox.batch", events=len(events), contacts=len(views), scheduled=len(decisions.schedule))
+        decided = [e for e in events if e["contact_id"] in views]
+        message_ops = [op for ops in outcome_ops.values() for op in ops]
+        failures = [(doc, exc) for doc, exc in failed.values()]
+        await self._commit(decided, views, contacts, decisions, now, message_ops, failures)
+        self.processed += len(decided)
+        log.debug("inbox.batch", events=len(decided), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
             self.on_scheduled(min(e.due_at for e in decisions.schedule))
         return len(events)
@@ -269,6 +294,7 @@ class Inbox:
         decisions: Decisions,
         now: datetime,
         message_ops: list[Any],
+        failures: list[tuple[Doc, BaseException]],
     ) -> None:
         contact_ops: list[Any] = []
         for cid, view in views.items():
@@ -303,6 +329,7 @@ class Inbox:
         cancels = [Cancellation(entry_id, reason) for entry_id, reason in cancelled_now.items()]
 
         async def write(session: AsyncClientSession) -> None:
+            quarantined.clear()  # a transaction that is retried runs this again from the start
             if contact_ops:
                 try:
                     result = await self.store.contacts.bulk_write(contact_ops, ordered=False, session=session)
@@ -325,19 +352,66 @@ class Inbox:
                 changes = [{"contact_id": c.contact_id, "audience": c.audience, "op": c.op, "at": c.at,
                             "synced": False} for c in decisions.audience]  # fmt: skip
                 await self.store.audience_changes.insert_many(changes, session=session)
-            await self.store.events.update_many(
-                {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
-                {"$set": {"state": "done", "processed_at": decided_at}},
-                session=session,
-            )
+            if events:
+                await self.store.events.update_many(
+                    {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
+                    {"$set": {"state": "done", "processed_at": decided_at}},
+                    session=session,
+                )
+            for doc, error in failures:
+                quarantined.append(await self._failed(doc, error, session))
 
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
+        quarantined: list[bool] = []
         try:
             async with self.store.client.start_session() as session:
                 await session.with_transaction(write)
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc
+        # Counted once the transaction that quarantined them committed.
+        for _ in range(sum(quarantined)):
+            if self.on_quarantined is not None:
+                self.on_quarantined("inbox")
+
+    async def _failed(self, doc: Doc, exc: BaseException, session: AsyncClientSession | None) -> bool:
+        error = failure_text(exc)
+        quarantined = await self.store.event_failed(doc["_id"], error, "inbox", self.clock(), session)
+        log.error(
+            "inbox.event_quarantined" if quarantined else "inbox.event_failed",
+            event_id=doc["_id"],
+            contact_id=doc.get("contact_id"),
+            event_type=doc.get("type"),
+            error=error,
+        )
+        return quarantined
+
+    async def _isolate(self, contact_ids: list[str], exc: BaseException) -> int:
+        """A batch failed outside evaluation (e.g. its commit): each contact again alone, and a contact
+        that still fails one event at a time, so the event at fault is found and counted against."""
+        log.warning("inbox.batch_failed", contacts=len(contact_ids), error=failure_text(exc))
+        done = 0
+        for cid in contact_ids:
+            for limit in (self.max_events, 1):
+                try:
+                    done += await self._process([cid], limit)
+                    break
+                except VersionConflict:
+                    break  # another process has it now
+                except Exception as again:
+                    if transient(again):
+                        raise
+                    if limit > 1:
+                        continue
+                    first = await self.store.events.find_one(
+                        {"state": PENDING, "contact_id": cid},
+                        sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+                        hint="inbox_pending",
+                    )
+                    if first is not None and await self._failed(first, again, None):
+                        if self.on_quarantined is not None:
+                            self.on_quarantined("inbox")
+        return done
 
     async def _cancel(self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession) -> None:
         by_reason: dict[str, list[str]] = defaultdict(list)

@@ -41,6 +41,17 @@ class Metrics:
         self.inbox_pending = Gauge(
             "rulesvc_inbox_pending", "Accepted events not yet evaluated", registry=self.registry
         )
+        self.events_quarantined = Counter(
+            "rulesvc_events_quarantined",
+            "Events set aside after failing evaluation repeatedly, by stage (inbox, fanout)",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.quarantine_size = Gauge(
+            "rulesvc_events_quarantine_size",
+            "Events in quarantine now (all processes), awaiting retry or drop",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

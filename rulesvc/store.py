@@ -9,10 +9,12 @@ from typing import Any
 
 import msgspec
 import structlog
+from bson.errors import InvalidBSON, InvalidDocument
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from rulesvc.contacts import Contact, ContactIn
@@ -28,6 +30,28 @@ DURABLE = WriteConcern(w="majority", j=True)
 DUPLICATE_KEY = 11000
 
 PENDING = "pending"
+# Set aside after failing evaluation `MAX_ATTEMPTS` times: kept with its error until an admin retries or
+# drops it, while every other event goes on.
+QUARANTINED = "quarantined"
+DROPPED = "dropped"
+MAX_ATTEMPTS = 3
+
+# Errors of the data rather than of the database: retrying the same event cannot cure them.
+_DATA_ERROR_CODES = frozenset({2, 9, 14, 52, 55, 10334, 17280, 17419})
+
+
+def transient(exc: BaseException) -> bool:
+    """True for what a retry may cure (connection loss, timeouts, elections, write conflicts): such an
+    error is never held against an event. Anything else, a bug or bad data, counts as the event's."""
+    if isinstance(exc, InvalidDocument | DocumentTooLarge | InvalidBSON):
+        return False
+    if isinstance(exc, OperationFailure) and exc.code in _DATA_ERROR_CODES:
+        return False
+    return isinstance(exc, PyMongoError)
+
+
+def failure_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,11 @@ class Store:
                     [("received_at", ASCENDING), ("contact_id", ASCENDING)],
                     name="inbox_oldest",
                     partialFilterExpression={"state": PENDING},
+                ),
+                IndexModel(
+                    [("quarantined_at", DESCENDING)],
+                    name="quarantine",
+                    partialFilterExpression={"state": QUARANTINED},
                 ),
             ]
         )
@@ -208,6 +237,78 @@ class Store:
     async def pending_count(self) -> int:
         # The partial index holds exactly the pending events; without the hint the count scans them all.
         return await self.events.count_documents({"state": PENDING}, hint="inbox_oldest")
+
+    async def oldest_pending(self) -> datetime | None:
+        """When the longest-waiting unprocessed event arrived: the inbox's lag."""
+        doc = await self.events.find_one(
+            {"state": PENDING}, {"received_at": 1}, sort=[("received_at", ASCENDING)], hint="inbox_oldest"
+        )
+        return None if doc is None else doc["received_at"]
+
+    # --- quarantine ---------------------------------------------------------------------------------
+
+    async def event_failed(
+        self,
+        event_id: str,
+        error: str,
+        stage: str,
+        now: datetime,
+        session: AsyncClientSession | None = None,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        """Counts a failed evaluation of a pending event; at `MAX_ATTEMPTS` it is quarantined (True)."""
+        attempts = {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}
+        give_up = {"$gte": [attempts, MAX_ATTEMPTS]}
+        doc = await self.events.find_one_and_update(
+            {"_id": event_id, "state": PENDING},
+            [
+                {
+                    "$set": {
+                        "attempts": attempts,
+                        "error": error,
+                        "stage": stage,
+                        "state": {"$cond": [give_up, QUARANTINED, "$state"]},
+                        "quarantined_at": {"$cond": [give_up, now, "$$REMOVE"]},
+                        **({"fanout.until": retry_at, "fanout.owner": None} if retry_at else {}),
+                    }
+                }
+            ],
+            projection={"state": 1},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        return doc is not None and doc["state"] == QUARANTINED
+
+    async def quarantined(self, limit: int, before: datetime | None = None) -> list[Doc]:
+        query: Doc = {"state": QUARANTINED}
+        if before is not None:
+            query["quarantined_at"] = {"$lt": before}
+        cursor = self.events.find(query).sort([("quarantined_at", DESCENDING)]).hint("quarantine")
+        return await cursor.limit(limit).to_list()
+
+    async def quarantine_summary(self, since: datetime) -> tuple[int, int]:
+        """(events in quarantine, of which quarantined since `since`)."""
+        total = await self.events.count_documents({"state": QUARANTINED}, hint="quarantine")
+        recent = await self.events.count_documents(
+            {"state": QUARANTINED, "quarantined_at": {"$gte": since}}, hint="quarantine"
+        )
+        return total, recent
+
+    async def release_quarantined(self, ids: list[str] | None, action: str, now: datetime) -> int:
+        """`retry`: back to the inbox with a clean slate; `drop`: kept in history, never evaluated.
+        `ids` None: every quarantined event."""
+        query: Doc = {"state": QUARANTINED}
+        if ids is not None:
+            query["_id"] = {"$in": ids}
+        if action == "retry":
+            update: Doc = {
+                "$set": {"state": PENDING, "retried_at": now},
+                "$unset": {"attempts": "", "quarantined_at": "", "fanout.until": "", "fanout.owner": ""},
+            }
+        else:
+            update = {"$set": {"state": DROPPED, "dropped_at": now}}
+        result = await self.events.update_many(query, update)
+        return result.modified_count
 
     # --- contacts -----------------------------------------------------------------------------------
 
