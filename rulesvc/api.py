@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import structlog
@@ -19,14 +19,27 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
 from rulesvc import openapi
-from rulesvc.auth import Keys, RateLimiter, hand_out_first_key
+from rulesvc.auth import (
+    DEFAULT_INBOX_TOKEN_TTL,
+    INBOX_TOKEN_PREFIX,
+    MAX_INBOX_TOKEN_TTL,
+    ApiKey,
+    InboxTokens,
+    Keys,
+    RateLimiter,
+    hand_out_first_key,
+)
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
 from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours
+from rulesvc.durations import DURATION_PATTERN, parse_duration
 from rulesvc.events import (
+    MESSAGE_EVENT_TYPES,
+    Event,
+    EventError,
     EventsAccepted,
     EventsRejected,
     MalformedBody,
@@ -35,6 +48,7 @@ from rulesvc.events import (
     decode_ndjson_body,
     split_validation_error,
 )
+from rulesvc.ids import id_problem
 from rulesvc.inbox import Inbox
 from rulesvc.messages import MessageList
 from rulesvc.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -62,14 +76,14 @@ FANOUT = web.AppKey("fanout", CatalogFanout)
 LIMITER = web.AppKey("limiter", RateLimiter)
 
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-# What a shop's pages and backend need; everything else is admin.
-INGEST_ROUTES = frozenset(
-    {
-        ("POST", "/v1/events"),
-        ("GET", "/v1/contacts/{contact_id}/inbox"),
-        ("POST", "/v1/contacts/{contact_id}/inbox/{message_id}"),
-    }
+# What a shop's backend needs; everything else is admin.
+INGEST_ROUTES = frozenset({("POST", "/v1/events"), ("POST", "/v1/contacts/{contact_id}/inbox-token")})
+# A contact's in-app inbox: with that contact's inbox token (what a page holds), or with an admin key.
+INBOX_ROUTES = frozenset(
+    {("GET", "/v1/contacts/{contact_id}/inbox"), ("POST", "/v1/contacts/{contact_id}/inbox/{message_id}")}
 )
+INBOX_TOKENS = web.AppKey("inbox_tokens", InboxTokens)
+API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if it came with one
 SIGNED_BY_PROVIDER = frozenset({"/v1/channels/{name}/callbacks"})
 RULESETS = web.AppKey("rulesets", Rulesets)
 INBOX = web.AppKey("inbox", Inbox)
@@ -165,6 +179,23 @@ class InboxAction(msgspec.Struct, forbid_unknown_fields=True):
     action: Literal["shown", "clicked", "dismissed"]
 
 
+class InboxTokenRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ttl: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=DURATION_PATTERN, description="how long it works, e.g. 15m, 1h, 7d; at most 30d"
+        ),
+    ] = "1h"
+
+
+class InboxToken(msgspec.Struct):
+    """What a page presents to read and act on one contact's inbox: `Authorization: Bearer <token>`."""
+
+    token: str
+    contact_id: str
+    expires_at: datetime
+
+
 class SimulateRejected(msgspec.Struct):
     error: str
     path: str
@@ -225,13 +256,32 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if route in OPS_ROUTES and (request.app[SETTINGS].open_ops or _loopback(request)):
         return await handler(request)
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    key = await request.app[KEYS].verify(presented.strip()) if scheme.lower() == "bearer" else None
+    presented = presented.strip() if scheme.lower() == "bearer" else ""
+    inbox = (request.method, route) in INBOX_ROUTES
+    if inbox:
+        bearer_token = presented if presented.startswith(f"{INBOX_TOKEN_PREFIX}.") else ""
+        token = request.query.get("token") or bearer_token
+        if token:
+            refused = await request.app[INBOX_TOKENS].check(token, request.match_info["contact_id"])
+            if refused is not None:
+                challenge = {"WWW-Authenticate": 'Bearer realm="rulesvc"'} if refused.status == 401 else None
+                return error_response(refused.status, refused.message, challenge)
+            return await handler(request)
+    key = await request.app[KEYS].verify(presented) if presented else None
     if key is None:
+        what = "API key or inbox token" if inbox else "API key"
         return error_response(
-            401, "missing or invalid API key", {"WWW-Authenticate": 'Bearer realm="rulesvc"'}
+            401, f"missing or invalid {what}", {"WWW-Authenticate": 'Bearer realm="rulesvc"'}
+        )
+    if key.scope != "admin" and inbox:
+        return error_response(
+            403,
+            f"an `{key.scope}` key opens an inbox only with that contact's inbox token: mint one with "
+            "POST /v1/contacts/{contact_id}/inbox-token and send it as `Authorization: Bearer <token>`",
         )
     if key.scope != "admin" and (request.method, route) not in INGEST_ROUTES:
         return error_response(403, f"an `{key.scope}` key may not {request.method} {route}; use an admin key")
+    request[API_KEY] = key
     wait = request.app[LIMITER].check(key.key_id)
     if wait is not None:
         seconds = str(max(1, math.ceil(wait)))
@@ -300,13 +350,41 @@ def query_time(request: web.Request, name: str) -> datetime | None:
 
 
 def contact_id_of(request: web.Request) -> str:
+    """The path's contact id, held to the same rule as the `contact_id` of events."""
     contact_id = request.match_info["contact_id"]
-    if len(contact_id) > 128:
-        raise web.HTTPBadRequest(text="contact_id longer than 128 characters")
+    problem = id_problem(contact_id, "contact_id")
+    if problem is not None:
+        raise web.HTTPBadRequest(text=problem)
     return contact_id
 
 
 # --- handlers ----------------------------------------------------------------------------------------
+
+
+async def foreign_outcomes(store: Store, events: list[Event]) -> list[EventError]:
+    """An outcome event from an ingest key must name a message of its own contact: a bounce or block
+    report marks an address invalid or suppresses a channel for good, so it may not be made up for anyone.
+    (Providers report through their signed callbacks; admin keys are trusted.) One query per batch."""
+    outcomes = [(i, e) for i, e in enumerate(events) if e.type in MESSAGE_EVENT_TYPES]
+    if not outcomes:
+        return []
+    named = {e.attributes.get("message_id") for _, e in outcomes}
+    wanted = [m for m in named if isinstance(m, str)]
+    owners = {
+        d["_id"]: d["contact_id"]
+        for d in await store.messages.find({"_id": {"$in": wanted}}, {"contact_id": 1}).to_list()
+    }
+    errors: list[EventError] = []
+    for index, event in outcomes:
+        message_id = event.attributes.get("message_id")
+        if not isinstance(message_id, str):
+            reason = f"required for `{event.type}` from an ingest key: the id of the message it reports on"
+        elif owners.get(message_id) != event.contact_id:
+            reason = f"contact `{event.contact_id}` has no message `{message_id}`"
+        else:
+            continue
+        errors.append(EventError(index, "$.attributes.message_id", reason))
+    return errors
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -331,6 +409,9 @@ async def post_events(request: web.Request) -> web.Response:
         return error_response(413, str(exc))
     if not events and not errors:
         return error_response(422, "no events in the request body")
+    key = request.get(API_KEY)
+    if not errors and key is not None and key.scope != "admin":
+        errors = await foreign_outcomes(request.app[STORE], events)
     if errors:
         metrics.events.labels("rejected").inc(len({e.index for e in errors}))
         return json_response(
@@ -463,6 +544,32 @@ async def channel_callback(request: web.Request) -> web.Response:
     return json_response(CallbacksAccepted(accepted))
 
 
+_INBOX_TOKEN_REQUEST = msgspec.json.Decoder(InboxTokenRequest)
+
+
+async def post_inbox_token(request: web.Request) -> web.Response:
+    """The shop's backend mints a token for the signed-in customer and hands it to the page."""
+    contact_id = contact_id_of(request)
+    body = await read_body(request)
+    ttl = DEFAULT_INBOX_TOKEN_TTL
+    if body.strip():
+        if request.content_type not in JSON_TYPES:
+            return error_response(
+                415, f"unsupported content type `{request.content_type}`; use application/json"
+            )
+        try:
+            ttl = parse_duration(_INBOX_TOKEN_REQUEST.decode(body).ttl)
+        except msgspec.ValidationError as exc:
+            path, message = split_validation_error(exc)
+            return json_response(SimulateRejected(message, path), 422)
+        except msgspec.DecodeError as exc:
+            return error_response(400, f"malformed JSON: {exc}")
+        if not timedelta(0) < ttl <= MAX_INBOX_TOKEN_TTL:
+            return json_response(SimulateRejected("ttl must be more than 0s and at most 30d", "$.ttl"), 422)
+    token, expires_at = await request.app[INBOX_TOKENS].mint(contact_id, ttl)
+    return json_response(InboxToken(token, contact_id, expires_at))
+
+
 async def get_inbox(request: web.Request) -> web.Response:
     contact_id = contact_id_of(request)
     limit = query_int(request, "limit", 20, 1, 100)
@@ -582,6 +689,7 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.ensure_schema()
     app[STORE] = store
     app[KEYS] = Keys(store.api_keys)
+    app[INBOX_TOKENS] = InboxTokens(store.db["secrets"])
     log.info("store.ready", database=settings.database)
     if not settings.mongodb_uri:
         await hand_out_first_key(app[KEYS])
@@ -700,6 +808,7 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_get("/v1/rulesets", get_rulesets)
     app.router.add_post("/v1/rulesets/reload", reload_rulesets)
     app.router.add_post("/v1/simulate", post_simulate)
+    app.router.add_post("/v1/contacts/{contact_id}/inbox-token", post_inbox_token)
     app.router.add_get("/v1/contacts/{contact_id}/inbox", get_inbox)
     app.router.add_post("/v1/contacts/{contact_id}/inbox/{message_id:.+}", post_inbox_action)
     app.router.add_get("/v1/messages", get_messages)

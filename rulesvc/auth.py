@@ -1,27 +1,34 @@
 """API keys: `Authorization: Bearer rsk_<id>_<secret>`, stored as a SHA-256 of the secret, two scopes.
 
-`ingest` may post events and use the in-app inbox (what a shop's pages and backend need); `admin` may do
+`ingest` may post events and mint in-app inbox tokens (what a shop's backend needs); `admin` may do
 everything. Health and metrics stay open on loopback (and everywhere with RULESVC_OPEN_OPS); provider
 callbacks are authenticated by the provider's own signature instead.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
 
 Scope = Literal["ingest", "admin"]
 SCOPES: tuple[Scope, ...] = ("ingest", "admin")
 KEY_FORMAT = re.compile(r"^rsk_([0-9a-f]{12})_([A-Za-z0-9_-]{32,64})$")
 CACHE_SECONDS = 5.0  # a revoked key stops working within this long in every process
+# Key ids looked up, valid or not, remembered at most this many at a time: random keys presented by a
+# scanner would otherwise grow the cache without end (measured: +2.5 MB per 30,000 keys).
+CACHE_ENTRIES = 4096
 
 
 def _digest(secret: str) -> str:
@@ -36,9 +43,13 @@ class ApiKey:
 
 
 class Keys:
-    def __init__(self, collection: AsyncCollection[dict[str, Any]]) -> None:
+    def __init__(
+        self, collection: AsyncCollection[dict[str, Any]], cache_entries: int = CACHE_ENTRIES
+    ) -> None:
         self.collection = collection
-        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.cache_entries = cache_entries
+        # Least recently used first; a hit moves its key id to the end.
+        self._cache: OrderedDict[str, tuple[float, dict[str, Any] | None]] = OrderedDict()
 
     async def create(self, scope: Scope, name: str = "") -> tuple[str, ApiKey]:
         """Returns the key itself (shown once, never stored) and its record."""
@@ -79,12 +90,102 @@ class Keys:
             doc = await self.collection.find_one({"_id": key_id})
             cached = (now, doc)
             self._cache[key_id] = cached
+            while len(self._cache) > self.cache_entries:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key_id)
         doc = cached[1]
         if doc is None or doc.get("revoked_at") is not None:
             return None
         if not hmac.compare_digest(doc["hash"], _digest(secret)):
             return None
         return ApiKey(key_id, doc["scope"], doc.get("name", ""))
+
+
+INBOX_TOKEN_PREFIX = "rsi"
+INBOX_SECRET_ID = "inbox_tokens"
+DEFAULT_INBOX_TOKEN_TTL = timedelta(hours=1)
+MAX_INBOX_TOKEN_TTL = timedelta(days=30)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def inbox_signature(secret: bytes, contact_id: str, expires: int) -> str:
+    """HMAC-SHA256 over `contact_id LF expiry` (Unix seconds), base64url without padding. Contact ids
+    hold no whitespace, so the two parts cannot be shifted into each other."""
+    mac = hmac.new(secret, f"{contact_id}\n{expires}".encode(), hashlib.sha256)
+    return _b64(mac.digest())
+
+
+@dataclass(frozen=True)
+class TokenRefused:
+    status: int  # 401: not a token we made, or expired; 403: a good token for another contact
+    message: str
+
+
+class InboxTokens:
+    """Per-contact tokens for the in-app inbox, as Braze's and Klaviyo's SDKs use per-user tokens: the
+    shop's backend mints one with its ingest key for the signed-in customer and hands it to the page; the
+    page can read and act on that one inbox until the token expires, and nothing else.
+
+    A token is `rsi.<base64url contact id>.<expiry, Unix seconds>.<signature>`, the signature as
+    `inbox_signature` makes it with a random server secret kept in MongoDB (created at first use,
+    shared by every process, never logged or returned). Deleting that document revokes every token.
+    """
+
+    def __init__(self, collection: AsyncCollection[dict[str, Any]]) -> None:
+        self.collection = collection
+        self._secret: tuple[float, bytes] | None = None
+
+    async def secret(self) -> bytes:
+        now = time.monotonic()
+        if self._secret is not None and now - self._secret[0] <= CACHE_SECONDS:
+            return self._secret[1]
+        doc = await self.collection.find_one({"_id": INBOX_SECRET_ID})
+        if doc is None:
+            try:
+                await self.collection.insert_one({"_id": INBOX_SECRET_ID, "secret": secrets.token_bytes(32)})
+            except DuplicateKeyError:
+                pass  # another process made it first: use theirs
+            doc = await self.collection.find_one({"_id": INBOX_SECRET_ID})
+            assert doc is not None
+        self._secret = (now, bytes(doc["secret"]))
+        return self._secret[1]
+
+    async def mint(
+        self, contact_id: str, ttl: timedelta = DEFAULT_INBOX_TOKEN_TTL, now: datetime | None = None
+    ) -> tuple[str, datetime]:
+        """The token and when it expires (whole seconds)."""
+        expires = math.ceil(((now or datetime.now(UTC)) + ttl).timestamp())
+        signature = inbox_signature(await self.secret(), contact_id, expires)
+        token = f"{INBOX_TOKEN_PREFIX}.{_b64(contact_id.encode())}.{expires}.{signature}"
+        return token, datetime.fromtimestamp(expires, UTC)
+
+    async def check(self, token: str, contact_id: str, now: datetime | None = None) -> TokenRefused | None:
+        """None when `token` lets its bearer use `contact_id`'s inbox now; else why not."""
+        invalid = TokenRefused(401, "invalid inbox token")
+        prefix, _, rest = token.partition(".")
+        encoded, _, rest = rest.partition(".")
+        expires_text, _, signature = rest.partition(".")
+        if prefix != INBOX_TOKEN_PREFIX or not expires_text.isdigit() or len(expires_text) > 12:
+            return invalid
+        try:
+            owner = _unb64(encoded).decode()
+        except (ValueError, UnicodeDecodeError):
+            return invalid
+        expected = inbox_signature(await self.secret(), owner, int(expires_text))
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
+            return invalid
+        if int(expires_text) <= (now or datetime.now(UTC)).timestamp():
+            return TokenRefused(401, "inbox token expired; ask the shop's backend for a new one")
+        if owner != contact_id:
+            return TokenRefused(403, "this inbox token is for another contact")
+        return None
 
 
 async def hand_out_first_key(keys: Keys) -> None:

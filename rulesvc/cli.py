@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from rulesvc import __version__
 from rulesvc.config import CONFIG_FILE_ENV, SETTINGS_DOC, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pymongo.asynchronous.database import AsyncDatabase
 
 
 def _settings_epilog() -> str:
@@ -79,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
 
+    token = commands.add_parser(
+        "inbox-token",
+        help="mint a contact's in-app inbox token",
+        description="Print a token that opens CONTACT's in-app inbox (GET /v1/contacts/CONTACT/inbox and "
+        "its actions) until it expires; the same as POST /v1/contacts/CONTACT/inbox-token. Uses "
+        "MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    token.add_argument("contact", help="the contact id")
+    token.add_argument("--ttl", default="1h", help="how long it works, e.g. 15m, 1h, 7d (at most 30d)")
+
     commands.add_parser(
         "plugins",
         help="list plugins and their channels",
@@ -94,12 +107,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def keys_command(args: argparse.Namespace) -> int:
+def inbox_token_command(args: argparse.Namespace) -> int:
+    from rulesvc.auth import MAX_INBOX_TOKEN_TTL, InboxTokens
+    from rulesvc.durations import parse_duration
+    from rulesvc.ids import id_problem
+
+    problem = id_problem(args.contact, "contact_id")
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        problem = problem or f"--ttl: {exc}"
+    else:
+        if not timedelta(0) < ttl <= MAX_INBOX_TOKEN_TTL:
+            problem = problem or "--ttl must be more than 0s and at most 30d"
+    if problem:
+        print(f"rulesvc: {problem}", file=sys.stderr)
+        return 1
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        token, expires_at = await InboxTokens(db["secrets"]).mint(args.contact, ttl)
+        print(
+            f"inbox token for {args.contact}, valid until {expires_at:%Y-%m-%dT%H:%M:%SZ}:", file=sys.stderr
+        )
+        print(token)
+        return 0
+
+    return _with_database(act)
+
+
+def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]]) -> int:
+    """Runs `act` on the service's database: MONGODB_URI, the running service's embedded mongod, or,
+    when no service runs on this data dir, its mongod started just for this."""
     import asyncio
 
     from pymongo import AsyncMongoClient
 
-    from rulesvc.auth import Keys
     from rulesvc.mongod import EmbeddedMongod
 
     settings = load_settings()
@@ -108,38 +150,47 @@ def keys_command(args: argparse.Namespace) -> int:
     if not uri:
         embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
         uri = embedded.running_uri()
-        if uri is None:  # no service running on this data dir: start its mongod just for this
+        if uri is None:
             embedded.start()
             mongod, uri = embedded, embedded.uri
 
-    async def act() -> int:
+    async def run() -> int:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
         try:
-            keys = Keys(client[settings.database]["api_keys"])
-            if args.keys_command == "create":
-                key, record = await keys.create(args.scope, args.name)
-                print(f"created {record.scope} key {record.key_id}; it is shown only now:")
-                print(key)
-                return 0
-            if args.keys_command == "list":
-                for doc in await keys.list():
-                    state = f"revoked {doc['revoked_at']:%Y-%m-%d}" if doc.get("revoked_at") else "active"
-                    created = f"{doc['created_at']:%Y-%m-%d}"
-                    print(f"{doc['_id']}  {doc['scope']:<7} {state:<18} {created}  {doc.get('name', '')}")
-                return 0
-            if await keys.revoke(args.key_id):
-                print(f"revoked {args.key_id}")
-                return 0
-            print(f"rulesvc: no active key {args.key_id}", file=sys.stderr)
-            return 1
+            return await act(client[settings.database])
         finally:
             await client.close()
 
     try:
-        return asyncio.run(act())
+        return asyncio.run(run())
     finally:
         if mongod is not None:
             mongod.stop()
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    from rulesvc.auth import Keys
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        keys = Keys(db["api_keys"])
+        if args.keys_command == "create":
+            key, record = await keys.create(args.scope, args.name)
+            print(f"created {record.scope} key {record.key_id}; it is shown only now:")
+            print(key)
+            return 0
+        if args.keys_command == "list":
+            for doc in await keys.list():
+                state = f"revoked {doc['revoked_at']:%Y-%m-%d}" if doc.get("revoked_at") else "active"
+                created = f"{doc['created_at']:%Y-%m-%d}"
+                print(f"{doc['_id']}  {doc['scope']:<7} {state:<18} {created}  {doc.get('name', '')}")
+            return 0
+        if await keys.revoke(args.key_id):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"rulesvc: no active key {args.key_id}", file=sys.stderr)
+        return 1
+
+    return _with_database(act)
 
 
 def plugins() -> int:
@@ -311,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return plugins()
         if args.command == "keys":
             return keys_command(args)
+        if args.command == "inbox-token":
+            return inbox_token_command(args)
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2

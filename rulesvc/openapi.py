@@ -9,6 +9,7 @@ import msgspec
 
 from rulesvc.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.events import Event, EventsAccepted, EventsRejected
+from rulesvc.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
 from rulesvc.messages import MessageList
 from rulesvc.simulate import SimulateRequest, SimulateResult
 
@@ -32,8 +33,18 @@ def _contact_id() -> Schema:
         "name": "contact_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "maxLength": 128},
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN},
+        "description": ID_RULE,
     }
+
+
+_INBOX_ACCESS = (
+    " Open with that contact's inbox token (`Authorization: Bearer <token>` or `?token=`), or an admin key."
+)
+_INBOX_REFUSED = {
+    "401": _error("no credentials, or an inbox token that is invalid or expired"),
+    "403": _error("an inbox token for another contact, or an ingest key without the contact's token"),
+}
 
 
 def _query(name: str, schema: Schema, description: str) -> Schema:
@@ -120,15 +131,38 @@ def _paths() -> Schema:
                 "responses": {"200": _json(_ref("EventList"), "events"), "400": bad_request},
             },
         },
+        "/v1/contacts/{contact_id}/inbox-token": {
+            "parameters": [_contact_id()],
+            "post": {
+                "summary": "Mint the token a page presents to open this contact's in-app inbox "
+                "(ingest or admin key: the shop's backend does this for its signed-in customer)",
+                "operationId": "postInboxToken",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("InboxTokenRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("InboxToken"), "the token and when it expires"),
+                    "400": bad_request,
+                    "422": _json(_ref("SimulateRejected"), "invalid ttl"),
+                },
+            },
+        },
         "/v1/contacts/{contact_id}/inbox": {
             "parameters": [_contact_id()],
             "get": {
                 "summary": "In-app messages to show now (delivered, not dismissed), newest first",
+                "description": "Title and body are HTML (parameters escaped)." + _INBOX_ACCESS,
                 "operationId": "getInbox",
                 "parameters": [
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items")
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items"),
+                    _query("token", {"type": "string"}, "the contact's inbox token, if not in the header"),
                 ],
-                "responses": {"200": _json(_ref("InboxList"), "messages"), "400": bad_request},
+                "responses": {
+                    "200": _json(_ref("InboxList"), "messages"),
+                    "400": bad_request,
+                    **_INBOX_REFUSED,
+                },
             },
         },
         "/v1/contacts/{contact_id}/inbox/{message_id}": {
@@ -138,6 +172,7 @@ def _paths() -> Schema:
             ],
             "post": {
                 "summary": "Mark an in-app message shown, clicked or dismissed (rules see shown, clicked)",
+                "description": _INBOX_ACCESS.strip(),
                 "operationId": "markInboxMessage",
                 "requestBody": {
                     "required": True,
@@ -148,6 +183,7 @@ def _paths() -> Schema:
                     "400": bad_request,
                     "404": _error("no such in-app message for this contact"),
                     "422": _json(_ref("SimulateRejected"), "invalid action"),
+                    **_INBOX_REFUSED,
                 },
             },
         },
@@ -258,13 +294,15 @@ def document() -> bytes:
         Health,
         InboxAction,
         InboxList,
+        InboxToken,
+        InboxTokenRequest,
         RulesetList,
         SimulateRejected,
     )
 
     types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
     types += [EventList, Health, ErrorBody, RulesetList, SimulateRequest, SimulateResult, SimulateRejected]
-    types += [ChannelList, CallbacksAccepted, InboxList, InboxAction]
+    types += [ChannelList, CallbacksAccepted, InboxList, InboxAction, InboxToken, InboxTokenRequest]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc = {
         "openapi": "3.1.0",

@@ -19,6 +19,7 @@ from rulesvc.catalog import catalog_change, guard_fails, interest_fields, intere
 from rulesvc.contacts import ContactIn
 from rulesvc.engine import ContactView, Engine, EngineEvent, ScheduleEntry, timer_event
 from rulesvc.events import Event, event_time
+from rulesvc.ids import fanout_copy_id
 
 # Without `until`, pending entries run out at most this long after the last event.
 DEFAULT_HORIZON = timedelta(days=90)
@@ -110,7 +111,9 @@ class Simulation:
             if interest_product == product and interested(event.type, interest, at):
                 attributes = {**event.attributes, **change}
                 attributes["interest"] = {k.removesuffix("_at"): v.isoformat() for k, v in interest.items()}
-                copy = EngineEvent(f"{event.id}>{contact_id}", event.type, contact_id, at, attributes)
+                copy = EngineEvent(
+                    fanout_copy_id(event.id, contact_id), event.type, contact_id, at, attributes
+                )
                 self._evaluate(copy, at)
 
     def _evaluate(self, event: EngineEvent, now: datetime) -> None:

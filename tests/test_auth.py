@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from rulesvc.api import KEYS, create_app
@@ -27,12 +28,12 @@ async def test_no_or_bad_key_is_401(aiohttp_client: Any, settings: Settings) -> 
     ).status == 202
 
 
-async def test_ingest_scope_posts_events_and_reads_the_inbox_only(
+async def test_ingest_scope_posts_events_and_mints_inbox_tokens_only(
     make_client: Any, settings: Settings
 ) -> None:
     client = await make_client(create_app(settings), scope="ingest")
     assert (await client.post("/v1/events", json=EVENT)).status == 202
-    assert (await client.get("/v1/contacts/c1/inbox")).status == 200
+    assert (await client.post("/v1/contacts/c1/inbox-token")).status == 200
     for method, path in [("PUT", "/v1/contacts/c1"), ("GET", "/v1/contacts/c1"), ("GET", "/v1/rulesets"),
                          ("POST", "/v1/rulesets/reload"), ("GET", "/v1/channels")]:  # fmt: skip
         resp = await client.request(method, path, json={})
@@ -61,3 +62,23 @@ async def test_open_without_a_key(aiohttp_client: Any, settings: Settings, db: A
     assert (await client.post("/v1/channels/log/callbacks", json={})).status == 404
     stored = await db.api_keys.find_one({})
     assert stored is None  # nothing was created behind the user's back when MONGODB_URI is set
+
+
+async def test_unknown_keys_do_not_grow_the_cache_without_bound(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    """A scanner presenting random keys used to add a cache entry per key, for good (+2.5 MB per 30k)."""
+    client = await aiohttp_client(create_app(settings))
+    keys = client.server.app[KEYS]
+    keys.cache_entries = 50  # the default is 4096; a small bound keeps the test fast
+    real, _ = await keys.create("admin")
+    for i in range(400):
+        forged = f"rsk_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+        resp = await client.get("/v1/rulesets", headers={"Authorization": f"Bearer {forged}"})
+        assert resp.status == 401
+        assert len(keys._cache) <= 50
+        if i % 100 == 0:  # a real key keeps working all along, from the cache or the database
+            assert (
+                await client.get("/v1/rulesets", headers={"Authorization": f"Bearer {real}"})
+            ).status == 200
+    assert (await client.get("/v1/rulesets", headers={"Authorization": f"Bearer {real}"})).status == 200
