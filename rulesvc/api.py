@@ -92,7 +92,17 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_encoder = msgspec.json.Encoder()
+
+
+def _plain(value: Any) -> Any:
+    """PyMongo reads integers beyond 32 bits as `Int64`, an int subclass msgspec will not encode: an
+    event with such a value (a price in cents, an order number) must still be readable back."""
+    if isinstance(value, int):
+        return int(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_plain)
 
 
 class ErrorBody(msgspec.Struct):
@@ -100,7 +110,7 @@ class ErrorBody(msgspec.Struct):
 
 
 class Health(msgspec.Struct):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = msgspec.field(default_factory=dict)
 
 
@@ -124,6 +134,36 @@ class RulesetErrorBody(msgspec.Struct):
 
 
 class RulesetInfo(msgspec.Struct):
+class QuarantinedEvent(msgspec.Struct, omit_defaults=True):
+    id: str
+    type: str
+    time: datetime
+    received_at: datetime
+    quarantined_at: datetime
+    stage: str  # inbox: its contact's evaluation; fanout: copying a catalog event to interested contacts
+    attempts: int
+    error: str
+    contact_id: str | None = None
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class QuarantineList(msgspec.Struct):
+    events: list[QuarantinedEvent]
+    next_before: datetime | None = None
+
+
+class QuarantineAction(msgspec.Struct, forbid_unknown_fields=True):
+    """Name the events (`ids`) or take them all (`all: true`), never both: a bulk action is deliberate."""
+
+    ids: list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]] | None = None
+    all: bool = False
+
+
+class QuarantineActed(msgspec.Struct, omit_defaults=True):
+    retried: int | None = None
+    dropped: int | None = None
+
+
     name: str
     file: str
     status: Literal["loaded", "error"]
@@ -626,7 +666,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
-        await request.app[STORE].ping()
+        await store.ping()
         checks["mongodb"] = "ok"
     except PyMongoError as exc:
         checks["mongodb"] = f"unreachable: {type(exc).__name__}"
@@ -642,7 +682,10 @@ async def readyz(request: web.Request) -> web.Response:
             if errors
             else ""
         )
-    return json_response(Health("ok" if ok else "unavailable", checks), 200 if ok else 503)
+    status: Literal["ok", "degraded", "unavailable"] = (
+        "unavailable" if not ok else "degraded" if degraded else "ok"
+    )
+    return json_response(Health(status, checks), 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -677,15 +720,82 @@ async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+def quarantined_from_doc(doc: Doc) -> QuarantinedEvent:
+    return QuarantinedEvent(
+        id=doc["_id"],
+        type=doc["type"],
+        time=doc["time"],
+        received_at=doc["received_at"],
+        quarantined_at=doc["quarantined_at"],
+        stage=doc.get("stage", "inbox"),
+        attempts=doc.get("attempts", 0),
+        error=doc.get("error", ""),
+        contact_id=doc.get("contact_id"),
+        attributes=doc.get("attributes") or {},
+    )
+
+
+async def get_quarantine(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = query_time(request, "before")
+    docs = await request.app[STORE].quarantined(limit + 1, before)
+    events = [quarantined_from_doc(d) for d in docs[:limit]]
+    next_before = events[-1].quarantined_at if len(docs) > limit else None
+    return json_response(QuarantineList(events, next_before))
+
+
+async def post_quarantine_action(request: web.Request) -> web.Response:
+    action = request.match_info["action"]
+    try:
+        body = msgspec.json.decode(await read_body(request) or b"{}", type=QuarantineAction)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        raise web.HTTPUnprocessableEntity(text=f"{path}: {message}") from None
+    except msgspec.DecodeError as exc:
+        raise web.HTTPBadRequest(text=f"malformed JSON: {exc}") from None
+    if (body.ids is None) == (not body.all):
+        raise web.HTTPUnprocessableEntity(text='give either "ids": [...] or "all": true')
+    count = await request.app[STORE].release_quarantined(body.ids, action, datetime.now(UTC))
+    log.info("quarantine.released", action=action, count=count, all=body.all)
+    if action == "retry":
+        if INBOX in request.app:
+            request.app[INBOX].wake.set()
+        if FANOUT in request.app:
+            request.app[FANOUT].wake.set()
+        return json_response(QuarantineActed(retried=count))
+    return json_response(QuarantineActed(dropped=count))
+
+
         mongod.stop()
 
 
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    """503 when the service cannot do its work; 200 "degraded" when it works but something needs a look
+    (a backlog, quarantined events), so a load balancer keeps it while an operator is told why."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+    store = request.app[STORE]
+    settings = request.app[SETTINGS]
+    degraded = False
         app[MONGO_URI], tz_aware=True, serverSelectionTimeoutMS=3000, appname="rulesvc"
     )
     store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+        now = datetime.now(UTC)
+        oldest = await store.oldest_pending()
+        lag = (now - oldest).total_seconds() if oldest is not None else 0.0
+        checks["inbox"] = f"oldest unprocessed event waited {lag:.0f} s"
+        if lag > settings.degraded_lag_seconds:
+            degraded = True
+            checks["inbox"] += f", over the {settings.degraded_lag_seconds:g} s threshold"
+        window = timedelta(hours=settings.degraded_quarantine_hours)
+        total, recent = await store.quarantine_summary(now - window)
+        checks["quarantine"] = f"{total} event(s) quarantined"
+        if recent:
+            degraded = True
+            checks["quarantine"] += (
+                f", {recent} in the last {settings.degraded_quarantine_hours:g} h;"
+                " see GET /v1/events/quarantine"
+            )
     await store.ensure_schema()
     app[STORE] = store
     app[KEYS] = Keys(store.api_keys)
@@ -707,6 +817,8 @@ async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
         now = datetime.now(UTC)
         try:
             await store.leases.delete_many({"_id": key, "until": {"$lt": now}})
+        total, _ = await request.app[STORE].quarantine_summary(datetime.now(UTC))
+        metrics.quarantine_size.set(total)
             await store.leases.insert_one(
                 {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
             )
@@ -736,10 +848,16 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     lease = timedelta(seconds=settings.lease_seconds)
     scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease)
     inbox = Inbox(
-        app[STORE], rulesets, lease=timedelta(seconds=settings.lease_seconds), on_scheduled=scheduler.due_soon
+        app[STORE],
+        rulesets,
+        lease=timedelta(seconds=settings.lease_seconds),
+        on_scheduled=scheduler.due_soon,
+        on_quarantined=count_quarantined,
     )
     scheduler.on_timer_event = inbox.wake.set
-    fanout = CatalogFanout(app[STORE], lease=lease, on_copies=inbox.wake.set)
+    fanout = CatalogFanout(
+        app[STORE], lease=lease, on_copies=inbox.wake.set, on_quarantined=count_quarantined
+    )
     app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
     stop = asyncio.Event()
     tasks = [
@@ -803,6 +921,11 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_post("/v1/events", post_events)
     app.router.add_put("/v1/contacts/{contact_id}", put_contact)
     app.router.add_get("/v1/contacts/{contact_id}", get_contact)
+    quarantined = app[METRICS].events_quarantined
+
+    def count_quarantined(stage: str) -> None:
+        quarantined.labels(stage).inc()
+
     app.router.add_get("/v1/contacts/{contact_id}/messages", get_contact_messages)
     app.router.add_get("/v1/contacts/{contact_id}/events", get_contact_events)
     app.router.add_get("/v1/rulesets", get_rulesets)
@@ -819,3 +942,5 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
     return app
+    app.router.add_get("/v1/events/quarantine", get_quarantine)
+    app.router.add_post("/v1/events/quarantine/{action:retry|drop}", post_quarantine_action)

@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_grace_seconds: float = 30.0
     open_ops: bool = False
     rate_limit: float = 500.0  # requests per second per API key and process; bursts of twice that
+    mongodb_timeout_seconds: float = 5.0
+    degraded_lag_seconds: float = 60.0
+    degraded_quarantine_hours: float = 1.0
     templates_dir: str | None = None  # default: <rulesets_dir>/templates
     plugins: list[str] | None = None
     channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -110,6 +113,21 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "plugins",
         "RULESVC_PLUGINS",
+    SettingDoc(
+        "degraded_lag_seconds",
+        "RULESVC_DEGRADED_LAG_SECONDS",
+        "/readyz says degraded when the oldest unprocessed event has waited longer than this",
+    ),
+    SettingDoc(
+        "degraded_quarantine_hours",
+        "RULESVC_DEGRADED_QUARANTINE_HOURS",
+        "/readyz says degraded while an event was quarantined within this many hours",
+    ),
+    SettingDoc(
+        "mongodb_timeout_seconds",
+        "RULESVC_MONGODB_TIMEOUT_SECONDS",
+        "deadline of each MongoDB operation: a request answers 503 after it, a background loop backs off",
+    ),
         "comma-separated plugin names allowed to load from entry points; unset = all installed",
     ),
     SettingDoc("channels", "RULESVC_CHANNEL_<NAME>_<KEY>", "a channel's settings ([channels.NAME] in TOML)"),

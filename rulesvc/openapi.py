@@ -198,6 +198,43 @@ def _paths() -> Schema:
                 "responses": {"200": _json(_ref("MessageList"), "messages"), "400": bad_request},
             }
         },
+        "/v1/events/quarantine": {
+            "get": {
+                "summary": "Events set aside after their evaluation failed repeatedly, newest first",
+                "description": "Every other event went on meanwhile. Each has its error, the stage that "
+                "failed (`inbox`: the contact's rules; `fanout`: copying a catalog event) and its attempts.",
+                "operationId": "getQuarantine",
+                "parameters": [
+                    _PAGING[0],
+                    _query("before", {"type": "string", "format": "date-time"}, "quarantined before this"),
+                ],
+                "responses": {"200": _json(_ref("QuarantineList"), "quarantined events"), "400": bad_request},
+            }
+        },
+        "/v1/events/quarantine/{action}": {
+            "parameters": [
+                {
+                    "name": "action",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["retry", "drop"]},
+                    "description": "retry: evaluate again (after a fix); drop: never evaluated, kept",
+                }
+            ],
+            "post": {
+                "summary": "Retry or drop quarantined events, named by id or all",
+                "operationId": "actOnQuarantine",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("QuarantineAction")}},
+                },
+                "responses": {
+                    "200": _json(_ref("QuarantineActed"), "how many events were retried or dropped"),
+                    "400": bad_request,
+                    "422": _error("neither or both of `ids` and `all`"),
+                },
+            },
+        },
         "/v1/channels": {
             "get": {
                 "summary": "Loaded plugins and their channels, and whether each channel is configured",
@@ -258,9 +295,11 @@ def _paths() -> Schema:
         "/readyz": {
             "get": {
                 "summary": "Ready to serve: MongoDB reachable and rulesets loaded",
+                "description": "200 with status `degraded` when it serves but needs a look: the oldest "
+                "unprocessed event waited too long, or events were quarantined recently (`checks` says).",
                 "operationId": "readyz",
                 "responses": {
-                    "200": _json(_ref("Health"), "ready"),
+                    "200": _json(_ref("Health"), "ready (`ok` or `degraded`)"),
                     "503": _json(_ref("Health"), "not ready; `checks` says why"),
                 },
             }
@@ -296,6 +335,9 @@ def document() -> bytes:
         InboxList,
         InboxToken,
         InboxTokenRequest,
+        QuarantineActed,
+        QuarantineAction,
+        QuarantineList,
         RulesetList,
         SimulateRejected,
     )
@@ -303,6 +345,7 @@ def document() -> bytes:
     types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
     types += [EventList, Health, ErrorBody, RulesetList, SimulateRequest, SimulateResult, SimulateRejected]
     types += [ChannelList, CallbacksAccepted, InboxList, InboxAction, InboxToken, InboxTokenRequest]
+    types += [QuarantineList, QuarantineAction, QuarantineActed]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc = {
         "openapi": "3.1.0",
