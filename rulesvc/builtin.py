@@ -18,6 +18,7 @@ class InAppChannel:
 
     name = "inapp"
     idempotent = True
+    html = True  # pages show title and body as HTML: template params in them are escaped
 
     def status(self) -> tuple[bool, str]:
         return True, "stored for the contact's inbox"

@@ -220,6 +220,7 @@ def check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rulesvc.api import load_channels
+    from rulesvc.ruleformat import RulesetError
     from rulesvc.rulesets import check_file, ruleset_files
     from rulesvc.templates import Templates
 
@@ -234,10 +235,13 @@ def check(args: argparse.Namespace) -> int:
     files = ruleset_files(directory)
     failed = 0
     for path in files.values():
-        errors = check_file(path, channels, templates)
+        warnings: list[RulesetError] = []
+        errors = check_file(path, channels, templates, warnings)
         failed += bool(errors)
         for error in errors:
             print(error)
+        for warning in warnings:  # valid, but some messages would fail: printed, not counted
+            print(f"warning: {warning}")
     print(f"{len(files) - failed} of {len(files)} rulesets valid", file=sys.stderr)
     return 1 if failed else 0
 

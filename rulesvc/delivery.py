@@ -205,11 +205,13 @@ class Dispatcher:
                         "ruleset": message.get("ruleset"),
                     },
                 },
+                html=bool(getattr(channel, "html", False)),  # its title and body go into web pages
             )
         except TemplateError as exc:
-            return Result("failed", channel.name, str(exc), attempt=attempt)
+            return Result("failed", channel.name, f"template_error: {exc}", attempt=attempt)
         except Exception as exc:  # a template can fail in many ways; the service must not
-            return Result("failed", channel.name, f"template `{message['template']}`: {exc}", attempt=attempt)
+            reason = f"template_error: template `{message['template']}`: {exc}"
+            return Result("failed", channel.name, reason, attempt=attempt)
         if not channel.idempotent:
             # Marked before the call, so an interruption is known afterwards. A channel whose provider
             # de-duplicates by our key needs no mark (and saves a round trip): repeating it is safe.

@@ -317,6 +317,48 @@ def cancel_event_types(rs: RulesetFile) -> set[str]:
     return types
 
 
+# Paths that resolve to a value whatever the event and the contact: the event's own fields, the session,
+# counters (0 when never counted). Any other path may be missing, and a param from it null.
+ALWAYS_PRESENT_ROOTS = frozenset({"event", "session", "counters"})
+
+
+def _requires_value(condition: Scalar | Ops) -> bool:
+    """A condition that cannot hold on a missing value (`ne` and `exists: false` can)."""
+    if not isinstance(condition, Ops):
+        return True
+    return condition.exists is True or any(
+        getattr(condition, op) is not UNSET
+        for op in ("eq", "lt", "lte", "gt", "gte", "in_", "contains", "same_as")
+    )
+
+
+def guaranteed(path: str, rule: Rule) -> bool:
+    """Whether `path` has a value whenever `rule` fires: an always-present root, or a condition on the
+    path (or on a path inside it) that a missing value fails."""
+    if path.partition(".")[0] in ALWAYS_PRESENT_ROOTS:
+        return True
+    return any(
+        (c == path or c.startswith(path + ".")) and _requires_value(v)
+        for c, v in rule.when.conditions.items()
+    )
+
+
+def send_actions(rs: RulesetFile) -> list[tuple[str, Send, Rule]]:
+    """(JSON path of the send, the send, its rule) of every send, including those inside a wait's `else`."""
+    found: list[tuple[str, Send, Rule]] = []
+
+    def visit(actions: Iterable[Action], where: str, rule: Rule) -> None:
+        for j, a in enumerate(actions):
+            if a.send is not None:
+                found.append((f"{where}[{j}].send", a.send, rule))
+            if a.wait is not None:
+                visit(a.wait.else_, f"{where}[{j}].wait.else", rule)
+
+    for i, rule in enumerate(rs.rules):
+        visit(rule.then, f"$.rules[{i}].then", rule)
+    return found
+
+
 def sends(rs: RulesetFile) -> list[tuple[str, str]]:
     """(JSON path, template) of every send, including those inside a wait's `else`."""
     found: list[tuple[str, str]] = []

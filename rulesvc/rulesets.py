@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 import watchfiles
 
 from rulesvc.engine import CompiledRuleset, CompileError, Engine, RuleIndex
-from rulesvc.ruleformat import InvalidRuleset, RulesetError, listened_events, parse_ruleset, sends
+from rulesvc.ruleformat import (
+    InvalidRuleset,
+    Rule,
+    RulesetError,
+    RulesetFile,
+    guaranteed,
+    listened_events,
+    parse_ruleset,
+    send_actions,
+    sends,
+)
 from rulesvc.templates import Templates
 from rulesvc.waiting import wait_any
 
@@ -74,10 +85,14 @@ def compile_source(path: Path, data: bytes, channels: frozenset[str]) -> Compile
 
 
 def check_file(
-    path: Path, channels: frozenset[str], templates: Templates | None = None
+    path: Path,
+    channels: frozenset[str],
+    templates: Templates | None = None,
+    warnings: list[RulesetError] | None = None,
 ) -> list[RulesetError]:
     """What loading would find, plus templates that do not exist (the loader allows those: a template
-    may be added after its ruleset, but `rulesvc check` is the moment to catch the typo)."""
+    may be added after its ruleset, but `rulesvc check` is the moment to catch the typo). Into
+    `warnings`: params a template needs that a send may not give (see `param_warnings`)."""
     try:
         compiled = compile_source(path, read_source(path), channels)
     except InvalidRuleset as exc:
@@ -89,8 +104,43 @@ def check_file(
                 errors.append(
                     RulesetError(path.name, where, f"template `{name}` not found in {templates.directory}")
                 )
+        if warnings is not None:
+            warnings.extend(param_warnings(path.name, compiled.source, templates))
     compiled.free()
     return errors
+
+
+def param_warnings(file: str, source: RulesetFile, templates: Templates) -> list[RulesetError]:
+    """Where a template prints a param (without a default or a guard) that its send does not give, or
+    gives from a path the rule's conditions do not require: such messages fail with template_error."""
+    found: list[RulesetError] = []
+    for where, send, rule in send_actions(source):
+        for part, names in templates.used_params(send.template).items():
+            for name in names:
+                problem = _param_problem(send.params, name, rule)
+                if problem is not None:
+                    path = f"{where}.params" + (f".{name}" if name in send.params else "")
+                    shown = f"template `{send.template}.{part}` prints `params.{name}`"
+                    found.append(RulesetError(file, path, f"{shown}, {problem}"))
+    return found
+
+
+def _param_problem(params: dict[str, Any], name: str, rule: Rule) -> str | None:
+    if name not in params:
+        return "which this send does not give: every such message fails with template_error"
+    value = params[name]
+    if value is None:
+        return "which is null: every such message fails with template_error"
+    if not isinstance(value, str) or not value.startswith("$") or value.startswith("$$"):
+        return None
+    path = value[1:]
+    if guaranteed(path, rule):
+        return None
+    condition = json.dumps({path: {"exists": True}})
+    return (
+        f"which comes from `{path}`, which the rule's conditions do not require: a message without it "
+        f"fails with template_error (add a condition `{condition}` or `| default(...)` in the template)"
+    )
 
 
 class Rulesets:
