@@ -3,7 +3,8 @@
 Settings ([channels.email] or RULESVC_CHANNEL_EMAIL_*): `host`, `from` (required); `port` (587),
 `security` (`starttls`, `tls` for implicit TLS on 465, or `none` for a local relay), `username`,
 `password`, `reply_to`, `timeout` (seconds, 30), `unsubscribe_url` (with `{contact_id}` and
-`{message_id}`, for the one-click List-Unsubscribe header of marketing mail), `unsubscribe_mailto`,
+`{message_id}`, for the List-Unsubscribe header of marketing mail; an https URL also gets
+List-Unsubscribe-Post for one-click unsubscribe, RFC 8058), `unsubscribe_mailto`,
 `ca_file` (to trust a private CA).
 
 SMTP has no idempotency key, so a send interrupted by a crash is not repeated (see rulesvc.delivery).
@@ -11,10 +12,14 @@ SMTP has no idempotency key, so a send interrupted by a crash is not repeated (s
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
+import re
 import ssl
 from collections.abc import Callable
+from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +28,21 @@ import aiosmtplib
 
 from rulesvc.channels import Channel, Delivery, OutboundMessage
 from rulesvc.hookspecs import hookimpl
+
+
+class ListUnsubscribeHeader(UnstructuredHeader, BaseHeader):
+    """`List-Unsubscribe` folded only between its `<...>` items, never RFC 2047-encoded: the default
+    policy encodes a long header with no spaces (as a one-click URL with signed ids is), and mail
+    clients then find no URL and show no unsubscribe button. An item longer than a line stays whole."""
+
+    def fold(self, *, policy: Policy) -> str:
+        items = re.findall(r"<[^<>]*>", str(self))
+        return f"{self.name}: " + f",{policy.linesep} ".join(items) + policy.linesep
+
+
+_HEADERS = HeaderRegistry()
+_HEADERS.map_to_type("list-unsubscribe", ListUnsubscribeHeader)
+MAIL_POLICY = email.policy.default.clone(header_factory=_HEADERS)
 
 
 class EmailChannel:
@@ -62,7 +82,7 @@ class EmailChannel:
         content = message.content
         if "subject" not in content or not ("text" in content or "html" in content):
             raise ValueError("an email template needs a .subject and a .text or .html part")
-        mail = EmailMessage()
+        mail = EmailMessage(policy=MAIL_POLICY)
         mail["From"] = self.sender
         mail["To"] = message.contact["email"]
         mail["Subject"] = content["subject"]
@@ -79,7 +99,8 @@ class EmailChannel:
                     message_id=quote(message.message_id, safe=""),
                 )
                 targets.append(f"<{url}>")
-                mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+                if url.lower().startswith("https://"):  # RFC 8058: one-click is a POST to an https URL
+                    mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
             if self.unsubscribe_mailto:
                 targets.append(f"<mailto:{self.unsubscribe_mailto}?subject=unsubscribe>")
             if targets:

@@ -30,6 +30,7 @@ from tests.test_delivery import go, send, settled, setup
 class Mailbox:
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], Message]] = []
+        self.raw: list[bytes] = []  # as received, to check what a parser would be handed
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, _: Any) -> str:
         if address.startswith("nobody@"):
@@ -38,6 +39,7 @@ class Mailbox:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.raw.append(envelope.content)
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), parsed))
         return "250 Message accepted"
@@ -109,6 +111,59 @@ async def test_marketing_and_transactional_mail(
     assert mail.get_content_type() == "text/plain"  # the test templates have no .html part
     assert mail.get_content().strip() == "Your code is E-1."
     assert by_list_header[False][2]["Subject"] == "Hello Ann"  # transactional: no unsubscribe header
+
+
+def raw_header(raw: bytes, name: bytes) -> bytes:
+    """A header's lines exactly as they came over SMTP, continuation lines included."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    start = next(i for i, line in enumerate(head) if line.lower().startswith(name.lower() + b":"))
+    end = next((i for i in range(start + 1, len(head)) if head[i][:1] not in (b" ", b"\t")), len(head))
+    return b"\r\n".join(head[start:end])
+
+
+async def test_a_long_list_unsubscribe_is_folded_between_items_and_never_encoded(
+    make_client: Any, settings: Settings, smtp: tuple[Mailbox, int]
+) -> None:
+    """Found: over 78 characters the header went out RFC 2047-encoded (=?utf-8?q?=3Chttps...), which
+    mail clients do not decode for List-Unsubscribe: no unsubscribe button, no one-click."""
+    box, port = smtp
+    url = "https://shop.example/newsletter/unsubscribe/one-click?contact={contact_id}&message={message_id}"
+    url += "&signature=" + "f" * 64
+    config = {"host": "127.0.0.1", "port": port, "security": "none", "from": "news@shop.example",
+              "unsubscribe_url": url, "unsubscribe_mailto": "unsubscribe@shop.example"}  # fmt: skip
+    client = await make_client(channel_app(settings, config, [send("email")]))
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client)
+    [msg] = await settled(client)
+    assert msg["status"] == "sent", msg
+    [raw] = box.raw
+    header = raw_header(raw, b"List-Unsubscribe")
+    assert b"=?" not in header  # no encoded word anywhere in it
+    assert all(len(line) <= 998 for line in header.split(b"\r\n"))
+    expected = url.format(contact_id="c1", message_id=msg["message_id"].replace("/", "%2F"))
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)  # as a mail client reads it
+    assert (
+        str(parsed["List-Unsubscribe"])
+        == f"<{expected}>, <mailto:unsubscribe@shop.example?subject=unsubscribe>"
+    )
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_one_click_is_offered_only_for_https() -> None:
+    from rulesvc.channels import OutboundMessage
+
+    content = {"subject": "Hi", "text": "words"}
+    message = OutboundMessage("m/1", "c1", "email", "t", content, {}, False, {"email": "a@b.c"})
+    for url, one_click in [("https://shop.example/u/{contact_id}", True), ("http://shop.example/u", False)]:
+        mail = EmailChannel({"host": "h", "from": "n@shop.example", "unsubscribe_url": url}).build(message)
+        assert mail["List-Unsubscribe"] is not None
+        assert (mail["List-Unsubscribe-Post"] is not None) is one_click, url
+    mailto_only = EmailChannel(
+        {"host": "h", "from": "n@shop.example", "unsubscribe_mailto": "u@shop.example"}
+    )
+    mail = mailto_only.build(message)
+    assert mail["List-Unsubscribe"] == "<mailto:u@shop.example?subject=unsubscribe>"
+    assert mail["List-Unsubscribe-Post"] is None
 
 
 async def test_starttls_and_auth(make_client: Any, settings: Settings, tmp_path: Path) -> None:
