@@ -58,7 +58,7 @@ from rulesvc.ruleformat import RulesetError
 from rulesvc.rulesets import Rulesets
 from rulesvc.scheduler import Scheduler
 from rulesvc.simulate import SimulateRequest, simulate
-from rulesvc.store import Store, contact_from_doc, message_from_doc
+from rulesvc.store import Doc, Store, contact_from_doc, message_from_doc
 from rulesvc.templates import Templates
 from rulesvc.waiting import wait_any
 
@@ -127,13 +127,6 @@ class EventList(msgspec.Struct):
     events: list[EventRecord]
 
 
-class RulesetErrorBody(msgspec.Struct):
-    file: str
-    path: str
-    message: str
-
-
-class RulesetInfo(msgspec.Struct):
 class QuarantinedEvent(msgspec.Struct, omit_defaults=True):
     id: str
     type: str
@@ -164,6 +157,13 @@ class QuarantineActed(msgspec.Struct, omit_defaults=True):
     dropped: int | None = None
 
 
+class RulesetErrorBody(msgspec.Struct):
+    file: str
+    path: str
+    message: str
+
+
+class RulesetInfo(msgspec.Struct):
     name: str
     file: str
     status: Literal["loaded", "error"]
@@ -659,67 +659,6 @@ async def get_messages(request: web.Request) -> web.Response:
     return json_response(MessageList(messages, next_before))
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return json_response(Health("ok"))
-
-
-async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, str] = {}
-    try:
-        await store.ping()
-        checks["mongodb"] = "ok"
-    except PyMongoError as exc:
-        checks["mongodb"] = f"unreachable: {type(exc).__name__}"
-    rulesets = request.app.get(RULESETS)
-    if rulesets is None or not rulesets.loaded_once:
-        checks["rulesets"] = "not loaded yet"
-        ok = False
-    else:
-        ok = checks["mongodb"] == "ok"
-        errors = rulesets.errors()
-        checks["rulesets"] = f"{len(rulesets.live)} loaded" + (
-            f"; {len(errors)} error(s), previous versions kept: " + "; ".join(map(str, errors))
-            if errors
-            else ""
-        )
-    status: Literal["ok", "degraded", "unavailable"] = (
-        "unavailable" if not ok else "degraded" if degraded else "ok"
-    )
-    return json_response(Health(status, checks), 200 if ok else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    try:
-        metrics.inbox_pending.set(await request.app[STORE].pending_count())
-    except PyMongoError:
-        pass
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=openapi.document(), content_type="application/json")
-
-
-# --- resources ---------------------------------------------------------------------------------------
-
-
-async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Starts the embedded mongod when no MONGODB_URI is given; stopped last, after everything else."""
-    settings = app[SETTINGS]
-    if settings.mongodb_uri:
-        app[MONGO_URI] = settings.mongodb_uri
-        yield
-        return
-    # Blocking on purpose: it runs once at start-up in the main thread, which mongod's parent-death
-    # signal is tied to.
-    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
-    mongod.start()
-    app[EMBEDDED_MONGOD] = mongod
-    app[MONGO_URI] = mongod.uri
-    try:
-        yield
-    finally:
 def quarantined_from_doc(doc: Doc) -> QuarantinedEvent:
     return QuarantinedEvent(
         id=doc["_id"],
@@ -766,20 +705,20 @@ async def post_quarantine_action(request: web.Request) -> web.Response:
     return json_response(QuarantineActed(dropped=count))
 
 
-        mongod.stop()
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(Health("ok"))
 
 
-async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+async def readyz(request: web.Request) -> web.Response:
     """503 when the service cannot do its work; 200 "degraded" when it works but something needs a look
     (a backlog, quarantined events), so a load balancer keeps it while an operator is told why."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+    checks: dict[str, str] = {}
     store = request.app[STORE]
     settings = request.app[SETTINGS]
     degraded = False
-        app[MONGO_URI], tz_aware=True, serverSelectionTimeoutMS=3000, appname="rulesvc"
-    )
-    store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+    try:
+        await store.ping()
+        checks["mongodb"] = "ok"
         now = datetime.now(UTC)
         oldest = await store.oldest_pending()
         lag = (now - oldest).total_seconds() if oldest is not None else 0.0
@@ -796,6 +735,69 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
                 f", {recent} in the last {settings.degraded_quarantine_hours:g} h;"
                 " see GET /v1/events/quarantine"
             )
+    except PyMongoError as exc:
+        checks["mongodb"] = f"unreachable: {type(exc).__name__}"
+    rulesets = request.app.get(RULESETS)
+    if rulesets is None or not rulesets.loaded_once:
+        checks["rulesets"] = "not loaded yet"
+        ok = False
+    else:
+        ok = checks["mongodb"] == "ok"
+        errors = rulesets.errors()
+        checks["rulesets"] = f"{len(rulesets.live)} loaded" + (
+            f"; {len(errors)} error(s), previous versions kept: " + "; ".join(map(str, errors))
+            if errors
+            else ""
+        )
+    status: Literal["ok", "degraded", "unavailable"] = (
+        "unavailable" if not ok else "degraded" if degraded else "ok"
+    )
+    return json_response(Health(status, checks), 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    try:
+        metrics.inbox_pending.set(await request.app[STORE].pending_count())
+        total, _ = await request.app[STORE].quarantine_summary(datetime.now(UTC))
+        metrics.quarantine_size.set(total)
+    except PyMongoError:
+        pass
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=openapi.document(), content_type="application/json")
+
+
+# --- resources ---------------------------------------------------------------------------------------
+
+
+async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Starts the embedded mongod when no MONGODB_URI is given; stopped last, after everything else."""
+    settings = app[SETTINGS]
+    if settings.mongodb_uri:
+        app[MONGO_URI] = settings.mongodb_uri
+        yield
+        return
+    # Blocking on purpose: it runs once at start-up in the main thread, which mongod's parent-death
+    # signal is tied to.
+    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
+    mongod.start()
+    app[EMBEDDED_MONGOD] = mongod
+    app[MONGO_URI] = mongod.uri
+    try:
+        yield
+    finally:
+        mongod.stop()
+
+
+async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        app[MONGO_URI], tz_aware=True, serverSelectionTimeoutMS=3000, appname="rulesvc"
+    )
+    store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
     await store.ensure_schema()
     app[STORE] = store
     app[KEYS] = Keys(store.api_keys)
@@ -817,8 +819,6 @@ async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
         now = datetime.now(UTC)
         try:
             await store.leases.delete_many({"_id": key, "until": {"$lt": now}})
-        total, _ = await request.app[STORE].quarantine_summary(datetime.now(UTC))
-        metrics.quarantine_size.set(total)
             await store.leases.insert_one(
                 {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
             )
@@ -847,6 +847,11 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
             await channel.start()
     lease = timedelta(seconds=settings.lease_seconds)
     scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease)
+    quarantined = app[METRICS].events_quarantined
+
+    def count_quarantined(stage: str) -> None:
+        quarantined.labels(stage).inc()
+
     inbox = Inbox(
         app[STORE],
         rulesets,
@@ -921,11 +926,6 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_post("/v1/events", post_events)
     app.router.add_put("/v1/contacts/{contact_id}", put_contact)
     app.router.add_get("/v1/contacts/{contact_id}", get_contact)
-    quarantined = app[METRICS].events_quarantined
-
-    def count_quarantined(stage: str) -> None:
-        quarantined.labels(stage).inc()
-
     app.router.add_get("/v1/contacts/{contact_id}/messages", get_contact_messages)
     app.router.add_get("/v1/contacts/{contact_id}/events", get_contact_events)
     app.router.add_get("/v1/rulesets", get_rulesets)
@@ -937,10 +937,10 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.router.add_get("/v1/messages", get_messages)
     app.router.add_get("/v1/channels", get_channels)
     app.router.add_post("/v1/channels/{name}/callbacks", channel_callback)
+    app.router.add_get("/v1/events/quarantine", get_quarantine)
+    app.router.add_post("/v1/events/quarantine/{action:retry|drop}", post_quarantine_action)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
     return app
-    app.router.add_get("/v1/events/quarantine", get_quarantine)
-    app.router.add_post("/v1/events/quarantine/{action:retry|drop}", post_quarantine_action)

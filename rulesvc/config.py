@@ -113,6 +113,8 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "plugins",
         "RULESVC_PLUGINS",
+        "comma-separated plugin names allowed to load from entry points; unset = all installed",
+    ),
     SettingDoc(
         "degraded_lag_seconds",
         "RULESVC_DEGRADED_LAG_SECONDS",
@@ -127,8 +129,6 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "mongodb_timeout_seconds",
         "RULESVC_MONGODB_TIMEOUT_SECONDS",
         "deadline of each MongoDB operation: a request answers 503 after it, a background loop backs off",
-    ),
-        "comma-separated plugin names allowed to load from entry points; unset = all installed",
     ),
     SettingDoc("channels", "RULESVC_CHANNEL_<NAME>_<KEY>", "a channel's settings ([channels.NAME] in TOML)"),
     SettingDoc(
