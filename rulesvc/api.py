@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import pymongo
 import structlog
 from aiohttp import web
 from pymongo import AsyncMongoClient
@@ -76,6 +77,8 @@ FANOUT = web.AppKey("fanout", CatalogFanout)
 LIMITER = web.AppKey("limiter", RateLimiter)
 
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# The deadline of the start-up's schema work (index builds), which may take longer than a request's.
+START_UP_SECONDS = 120.0
 # What a shop's backend needs; everything else is admin.
 INGEST_ROUTES = frozenset({("POST", "/v1/events"), ("POST", "/v1/contacts/{contact_id}/inbox-token")})
 # A contact's in-app inbox: with that contact's inbox token (what a page holds), or with an admin key.
@@ -330,6 +333,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+def storage_unavailable(exc: PyMongoError) -> bool:
+    """Errors that say "not now" rather than "never": a lost or paused server, a missed deadline
+    (NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout, WTimeoutError all have `timeout`),
+    a failover, a transaction the server asks to retry."""
+    return (
+        isinstance(exc, ConnectionFailure | WriteConcernError)
+        or exc.timeout
+        or exc.has_error_label("TransientTransactionError")
+        or exc.has_error_label("RetryableWriteError")
+    )
+
+
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
@@ -338,12 +353,14 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return error_response(exc.status, reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
-    except (ConnectionFailure, WriteConcernError) as exc:
-        log.error("mongodb.unavailable", error=type(exc).__name__)
+    except PyMongoError as exc:
+        if not storage_unavailable(exc):
+            log.exception("mongodb.error")
+            return error_response(500, "internal error")
+        # Unreachable, paused or too slow (the deadline of RULESVC_MONGODB_TIMEOUT_SECONDS): nothing of
+        # this request was acknowledged, so the client retries.
+        log.error("mongodb.unavailable", error=type(exc).__name__, timeout=exc.timeout)
         return error_response(503, "storage unavailable, retry later", {"Retry-After": "1"})
-    except PyMongoError:
-        log.exception("mongodb.error")
-        return error_response(500, "internal error")
     except Exception:
         log.exception("http.unhandled")
         return error_response(500, "internal error")
@@ -786,19 +803,29 @@ async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
     mongod.start()
     app[EMBEDDED_MONGOD] = mongod
     app[MONGO_URI] = mongod.uri
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(mongod.keep_running(stop), name="mongod-keeper")  # restarts it if it dies
     try:
         yield
     finally:
+        stop.set()
+        await keeper  # a restart in progress finishes first, so the stop below stops that mongod too
         mongod.stop()
 
 
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        app[MONGO_URI], tz_aware=True, serverSelectionTimeoutMS=3000, appname="rulesvc"
+        app[MONGO_URI],
+        tz_aware=True,
+        serverSelectionTimeoutMS=3000,
+        appname="rulesvc",
+        # Every operation has a deadline: a paused or lost server costs a request a 503, never a hang.
+        timeoutMS=settings.mongodb_timeout_seconds * 1000,
     )
     store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
-    await store.ensure_schema()
+    with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
+        await store.ensure_schema()  # an index build on a large collection takes longer than a request
     app[STORE] = store
     app[KEYS] = Keys(store.api_keys)
     app[INBOX_TOKENS] = InboxTokens(store.db["secrets"])

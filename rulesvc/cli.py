@@ -312,37 +312,60 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import errno
     import os
 
     from aiohttp import web
 
     from rulesvc import logs
     from rulesvc.api import create_app
-    from rulesvc.mongod import MongodError
+    from rulesvc.mongod import MongodError, lock_data_dir, unlock_data_dir
+    from rulesvc.workers import PortInUse, reserve_port
 
     settings = load_settings(args.config).with_overrides(host=args.host, port=args.port, workers=args.workers)
     logs.configure(settings.log_format, settings.log_level)
     workers = settings.workers or os.cpu_count() or 1
+    embedded = not settings.mongodb_uri
     try:
-        if workers > 1:
-            from rulesvc.workers import Supervisor
+        if embedded:  # before anything else: a second instance must not touch the first one's mongod
+            lock_data_dir(settings.data_dir, settings.port)
+        try:
+            if workers > 1:
+                from rulesvc.workers import Supervisor
 
-            return Supervisor(settings, workers, args.config).run()
-        if args.reuse_port:
-            import structlog
+                reserved = reserve_port(settings.host, settings.port, keep=True)
+                try:
+                    return Supervisor(settings, workers, args.config).run()
+                finally:
+                    if reserved is not None:
+                        reserved.close()
+            if args.reuse_port:  # a worker of a supervisor, which checked the port
+                import structlog
 
-            structlog.contextvars.bind_contextvars(worker=int(os.environ.get("RULESVC_WORKER_INDEX", "0")))
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            reuse_port=args.reuse_port or None,
-            print=None,
-            access_log=None,
-            shutdown_timeout=30,
-        )
-    except MongodError as exc:
+                index = int(os.environ.get("RULESVC_WORKER_INDEX", "0"))
+                structlog.contextvars.bind_contextvars(worker=index)
+            else:
+                reserve_port(settings.host, settings.port, keep=False)  # before the mongod starts
+            web.run_app(
+                create_app(settings),
+                host=settings.host,
+                port=settings.port,
+                reuse_port=args.reuse_port or None,
+                print=None,
+                access_log=None,
+                shutdown_timeout=30,
+            )
+        finally:
+            if embedded:
+                unlock_data_dir(settings.data_dir)
+    except (MongodError, PortInUse) as exc:
         print(f"rulesvc: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        taken = f"port {settings.port} on {settings.host} is in use by another program"
+        print(f"rulesvc: {taken}", file=sys.stderr)
         return 1
     return 0
 

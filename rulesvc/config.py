@@ -226,6 +226,10 @@ def check(settings: Settings) -> None:
         parse_quiet_hours(settings.quiet_hours)
     except ValueError as exc:
         raise ConfigError(f"quiet_hours must look like 21:00-08:00, got {settings.quiet_hours!r}") from exc
+    if not 0 < settings.mongodb_timeout_seconds <= 3600:
+        raise ConfigError(
+            f"mongodb_timeout_seconds must be in (0, 3600], got {settings.mongodb_timeout_seconds}"
+        )
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:

@@ -23,6 +23,7 @@ import structlog
 from rulesvc.catalog import guard_fails
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage
 from rulesvc.contacts import PROFILE_FIELDS
+from rulesvc.plugins import channel_config
 from rulesvc.store import Doc, Store
 from rulesvc.templates import TemplateError, Templates
 
@@ -38,6 +39,34 @@ class SendPolicy:
     max_attempts: int = 6
     retry_base: timedelta = timedelta(seconds=30)
     retry_max: timedelta = timedelta(hours=1)
+    # Channels that interrupt (a phone buzzes, a mail arrives): quiet hours hold back only these.
+    quiet_channels: frozenset[str] = frozenset({"email", "sms", "push", "webpush"})
+
+
+QUIET_BY_DEFAULT = SendPolicy.quiet_channels
+_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def quiet_channels(channel_settings: dict[str, dict[str, Any]], environ: dict[str, str]) -> frozenset[str]:
+    """The channels quiet hours apply to: email, SMS, push and web push unless a channel's settings say
+    `quiet_hours = false`; any other channel (in-app, log, webhook) only with `quiet_hours = true`.
+    Raises ValueError for a value that is not a yes or a no."""
+    suffix = "_QUIET_HOURS"
+    named = {k[len("RULESVC_CHANNEL_") : -len(suffix)].lower() for k in environ
+             if k.startswith("RULESVC_CHANNEL_") and k.endswith(suffix)}  # fmt: skip
+    chosen = set(QUIET_BY_DEFAULT)
+    for name in named | set(channel_settings) | QUIET_BY_DEFAULT:
+        value = channel_config(name, channel_settings, environ).get("quiet_hours")
+        if value is None:
+            continue
+        flag = value if isinstance(value, bool) else _FLAGS.get(str(value).strip().lower())
+        if flag is None:
+            raise ValueError(f"channels.{name}.quiet_hours must be true or false, got {value!r}")
+        if flag:
+            chosen.add(name)
+        else:
+            chosen.discard(name)
+    return frozenset(chosen)
 
 
 def parse_quiet_hours(text: str) -> tuple[time | None, time | None]:
@@ -186,7 +215,8 @@ class Dispatcher:
         transactional = bool(message.get("transactional"))
         if not transactional and not interrupted:
             zone = contact_zone(contact, self.policy)
-            until = quiet_until(now, zone, self.policy)
+            quiet = channel.name in self.policy.quiet_channels  # an inbox entry or a log line disturbs nobody
+            until = quiet_until(now, zone, self.policy) if quiet else None
             if until is not None:
                 return Result("postponed", channel.name, "quiet hours in the contact's time zone", at=until)
             over = await self._over_cap(message, channel.name, contact, now)

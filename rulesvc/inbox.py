@@ -36,7 +36,7 @@ from rulesvc.engine import (
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
 from rulesvc.store import PENDING, Doc, Store, failure_text, transient
-from rulesvc.waiting import Every, renewing, work_loop
+from rulesvc.waiting import Every, in_transaction, renewing, work_loop
 
 log = structlog.get_logger(__name__)
 
@@ -364,8 +364,7 @@ class Inbox:
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         quarantined: list[bool] = []
         try:
-            async with self.store.client.start_session() as session:
-                await session.with_transaction(write)
+            await in_transaction(self.store.client, write)  # within the client's deadline
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc

@@ -6,8 +6,11 @@ replica set, so even one node is started as one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -29,6 +32,86 @@ _PR_SET_PDEATHSIG = 1
 
 class MongodError(RuntimeError):
     """The embedded mongod could not be found, started or reached."""
+
+
+class AlreadyRunning(MongodError):
+    """Another rulesvc owns this data directory (and its mongod)."""
+
+
+LOCK_FILE = "rulesvc.lock"
+_held_locks: dict[Path, list[int]] = {}  # lock file -> [fd, holds]: re-entrant within one process
+
+
+def lock_data_dir(data_dir: str | Path, port: int | None = None) -> None:
+    """One rulesvc per data directory: an flock on <data_dir>/rulesvc.lock, held while it runs.
+
+    Without it a second `rulesvc serve` took the first one's mongod for an orphan and stopped it. The
+    kernel drops the lock when its holder exits, however it exits, so a crash leaves none behind. The
+    file says who holds it (pid, HTTP port) for the refusal message. Taken again by the same process
+    (serve, then its embedded mongod) it only counts; each take needs a `unlock_data_dir`."""
+    path = Path(data_dir).resolve() / LOCK_FILE
+    if path in _held_locks:
+        _held_locks[path][1] += 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:  # being written this very moment
+            holder = {}
+        os.close(fd)
+        raise AlreadyRunning(
+            "rulesvc is already running on this data directory "
+            f"(pid {holder.get('pid', 'unknown')}, port {holder.get('port') or 'unknown'})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "port": port}).encode(), 0)
+    _held_locks[path] = [fd, 1]
+
+
+def unlock_data_dir(data_dir: str | Path) -> None:
+    path = Path(data_dir).resolve() / LOCK_FILE
+    held = _held_locks.get(path)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _held_locks[path]
+        os.close(held[0])  # releases the flock; the file stays, so no one can race on re-creating it
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def describe_exit(code: int) -> str:
+    """`exit code 100` or `signal SIGKILL`, as an operator reads a process's end."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class Backoff:
+    """The pause before restarting a process that died: `first`, doubling per death in a row up to
+    `cap`; a process that ran `stable` seconds before it died starts the count again."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0, stable: float = 60.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.stable = stable
+        self.in_a_row = 0
+
+    def after(self, ran_for: float) -> float:
+        """Counts a death after `ran_for` seconds of running; the pause before the next start."""
+        self.in_a_row = 1 if ran_for >= self.stable else self.in_a_row + 1
+        return min(self.first * 2.0 ** (self.in_a_row - 1), self.cap)
 
 
 def find_mongod(explicit: str | None = None) -> str:
@@ -125,6 +208,8 @@ class EmbeddedMongod:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.started_in: float = 0.0
+        self.started_at: float = 0.0
+        self._locked = False
 
     @property
     def uri(self) -> str:
@@ -165,10 +250,24 @@ class EmbeddedMongod:
             os.kill(pid, signal.SIGKILL)
 
     def start(self, timeout: float = 60.0) -> None:
-        t0 = time.monotonic()
-        self.dbpath.mkdir(parents=True, exist_ok=True)
-        self._stop_orphan()
-        self.port = self._choose_port()
+        """Start mongod; this process holds the data directory's lock until `stop`."""
+        if not self._locked:
+            lock_data_dir(self.data_dir)
+            self._locked = True
+        try:
+            self.dbpath.mkdir(parents=True, exist_ok=True)
+            self._stop_orphan()  # with the lock held, a mongod on this data is an orphan indeed
+            self.port = self._choose_port()
+            self._spawn()
+            self._finish_start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
+        """Only the process start: quick, and done on the main thread, which mongod's parent-death
+        signal is tied to."""
+        self.started_at = time.monotonic()
         args = [
             self.binary,
             "--replSet", REPLICA_SET,
@@ -190,14 +289,53 @@ class EmbeddedMongod:
             preexec_fn=die_with_parent,
         )
         self._portfile.write_text(str(self.port))
+
+    def _finish_start(self, timeout: float) -> None:
+        """Wait until the spawned mongod is a writable primary (blocking; may run in a thread)."""
         try:
             self._wait_ready(timeout)
-            self._ensure_replica_set(timeout - (time.monotonic() - t0))
+            self._ensure_replica_set(timeout - (time.monotonic() - self.started_at))
         except BaseException:
-            self.stop()
+            self._end_process()
             raise
-        self.started_in = time.monotonic() - t0
+        self.started_in = time.monotonic() - self.started_at
         log.info("mongod.started", port=self.port, dbpath=str(self.dbpath), seconds=round(self.started_in, 3))
+
+    def exited(self) -> int | None:
+        """The exit code (negative: the signal) of a mongod that ended without `stop`; None if it runs."""
+        return None if self.process is None else self.process.poll()
+
+    async def keep_running(self, stop: asyncio.Event, every: float = 0.5, start_within: float = 120) -> None:
+        """Restart mongod whenever it dies under the service (kill -9, the OOM killer, a crash): same
+        port, so clients keep their URI and reconnect by themselves, and same data, recovered from the
+        journal, so nothing acknowledged is lost. Pauses grow while it keeps dying. Run it on the loop
+        of the thread that started mongod: the parent-death signal is tied to that thread."""
+        backoff = Backoff()
+        pause: float | None = None  # set while mongod is down: the wait before the next start
+        while not await _stopped_within(stop, every if pause is None else pause):
+            if pause is None:
+                code = self.exited()
+                if code is None:
+                    continue
+                pause = backoff.after(time.monotonic() - self.started_at)
+                log.error("mongod.exited", why=describe_exit(code), restart_in=pause)
+                continue
+            try:
+                self._end_process()
+                self._spawn()  # here, on the loop's thread; the wait for it in a worker thread
+                await asyncio.to_thread(self._finish_start, start_within)
+            except (MongodError, PyMongoError, OSError) as exc:
+                pause = backoff.after(0.0)
+                log.error("mongod.restart_failed", error=str(exc)[:500], retry_in=pause)
+                continue
+            pause = None
+            log.info("mongod.restarted", port=self.port)
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start a mongod that died again, on the same port and data (blocking, main thread)."""
+        self._end_process()
+        self._spawn()
+        self._finish_start(timeout)
 
     def _client(self) -> MongoClient[dict[str, Any]]:
         return MongoClient(
@@ -256,20 +394,30 @@ class EmbeddedMongod:
                 time.sleep(0.02)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop mongod and let go of the data directory."""
+        try:
+            self._end_process(timeout)
+        finally:
+            if self._locked:
+                self._locked = False
+                unlock_data_dir(self.data_dir)
+
+    def _end_process(self, timeout: float = 30.0) -> None:
         """SIGTERM lets mongod flush and release its lock; SIGKILL only if it hangs."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("mongod.kill_after_timeout", timeout=timeout)
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("mongod.kill_after_timeout", timeout=timeout)
+                proc.kill()
+                proc.wait()
+            log.info("mongod.stopped", returncode=proc.returncode)
         if proc.stderr:
             proc.stderr.close()
-        log.info("mongod.stopped", returncode=proc.returncode)
 
     def running_uri(self) -> str | None:
         """The URI of a mongod already serving this data dir (a running `rulesvc serve`), if any."""

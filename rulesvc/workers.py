@@ -4,40 +4,108 @@ Python runs one core per process, so a multi-core machine needs several processe
 Each worker is a whole service (HTTP, inbox, scheduler, fan-out): they already work correctly side by
 side on one database (contact leases, claimed schedule entries), so they need no coordination here.
 The kernel spreads connections over the workers (SO_REUSEPORT). In the embedded mode the supervisor
-runs the one mongod and hands its address to the workers.
+runs the one mongod and hands its address to the workers, and starts it again if it dies.
+
+A worker that dies is started again after a pause that doubles while it keeps dying, and the others
+serve meanwhile. The supervisor gives up only on a fault that no restart cures: every worker failing
+at start-up several times in a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
 from rulesvc.config import Settings
-from rulesvc.mongod import EmbeddedMongod, die_with_parent
+from rulesvc.mongod import Backoff, EmbeddedMongod, MongodError, describe_exit, die_with_parent
 
 log = structlog.get_logger(__name__)
 
-# A worker that exits this soon after its start did not start (port taken, database unreachable...).
+# A worker that exits this soon after its start did not start (database unreachable, a broken plugin...).
 EARLY_EXIT_SECONDS = 10.0
-GIVE_UP_AFTER_EARLY_EXITS = 3
+# Every worker failing at start-up this many times in a row is a fault no restart cures: stop.
+GIVE_UP_AFTER_FAILED_STARTS = 5
+
+
+class PortInUse(RuntimeError):
+    """The port is taken by another program (or another rulesvc)."""
+
+
+def reserve_port(host: str, port: int, keep: bool) -> socket.socket | None:
+    """Fail at once, naming the port, when another program listens there; else the workers would die
+    one by one at start-up. The check is a plain bind (no SO_REUSEPORT), which fails beside any
+    listener, another rulesvc's workers included. With `keep`, a socket then stays bound (SO_REUSEPORT,
+    never listening, so it takes no connections): the supervisor's workers bind beside it, while any
+    other program's plain bind, another rulesvc's check included, fails until this process exits."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    for reuse_port in (False, True) if keep else (False,):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp: TIME_WAIT is no obstacle
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise PortInUse(f"port {port} on {host} is in use by another program ({exc.strerror})") from None
+        if reuse_port:
+            return sock
+        sock.close()
+    return None
+
+
+def last_error(lines: Iterable[str]) -> str | None:
+    """The most recent error a worker wrote to stderr: an error log line, or the exception line that
+    ends a traceback (`pymongo.errors.InvalidName: ...`)."""
+    found: str | None = None
+    in_traceback = False
+    for line in lines:
+        text = line.rstrip()
+        if text.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and text and not text[0].isspace() and not text.startswith("During handling"):
+            found, in_traceback = text, False
+        elif text.startswith("{"):
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+                detail = str(record.get("exception") or record.get("error") or "").strip().splitlines()
+                found = f"{record.get('event')}: {detail[-1]}" if detail else str(record.get("event"))
+        elif "[error" in text or "[critical" in text:  # the console format
+            found = text
+    return found
 
 
 @dataclass
 class Worker:
     index: int
-    proc: subprocess.Popen[bytes]
-    started: float = field(default_factory=time.monotonic)
-    early_exits: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float | None = None  # set while it waits to be started again
+    failed_starts: int = 0  # deaths in a row, each within EARLY_EXIT_SECONDS of its start
+    last_error: str | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(first=0.5, cap=30.0, stable=EARLY_EXIT_SECONDS))
+    stderr: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
+    reader: threading.Thread | None = None
 
 
 async def first_start(uri: str, settings: Settings) -> None:
@@ -59,6 +127,10 @@ class Supervisor:
         self.config_file = config_file
         self.stopping = False
         self.env: dict[str, str] = {}
+        self._write_lock = threading.Lock()
+        if settings.log_format == "auto" and sys.stderr.isatty():
+            # Workers write through the supervisor's pipe: keep the terminal's readable format.
+            self.env["RULESVC_LOG_FORMAT"] = "console"
 
     def _command(self) -> list[str]:
         command = [sys.executable, "-m", "rulesvc", "serve", "--workers", "1", "--reuse-port",
@@ -67,16 +139,36 @@ class Supervisor:
             command += ["--config", self.config_file]
         return command
 
-    def _spawn(self, index: int, early_exits: int = 0) -> Worker:
-        env = {**os.environ, **self.env, "RULESVC_WORKER_INDEX": str(index)}
+    def _spawn(self, worker: Worker) -> None:
+        env = {**os.environ, **self.env, "RULESVC_WORKER_INDEX": str(worker.index)}
         # Started from the main thread, whose exit the parent-death signal is tied to. A worker whose
         # supervisor was killed goes at once, as after a crash: its leases run out and others take over
         # (a graceful stop is pointless with the embedded mongod going down beside it).
-        proc = subprocess.Popen(
-            self._command(), env=env, preexec_fn=functools.partial(die_with_parent, signal.SIGKILL)
+        worker.proc = subprocess.Popen(
+            self._command(),
+            env=env,
+            stderr=subprocess.PIPE,
+            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
         )
-        log.info("worker.started", worker=index, pid=proc.pid)
-        return Worker(index, proc, early_exits=early_exits)
+        worker.started = time.monotonic()
+        worker.restart_at = None
+        worker.stderr.clear()
+        assert worker.proc.stderr is not None
+        worker.reader = threading.Thread(
+            target=self._forward, args=(worker.proc.stderr, worker.stderr), daemon=True
+        )
+        worker.reader.start()
+        log.info("worker.started", worker=worker.index, pid=worker.proc.pid)
+
+    def _forward(self, pipe: IO[bytes], tail: collections.deque[str]) -> None:
+        """A worker's log lines go on to the supervisor's stderr; the last ones are kept to say why it
+        died, should it die."""
+        for raw in pipe:
+            with self._write_lock:
+                sys.stderr.buffer.write(raw)
+                sys.stderr.buffer.flush()
+            tail.append(raw.decode(errors="replace"))
+        pipe.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -93,45 +185,98 @@ class Supervisor:
                 mongod.start()
                 self.env["MONGODB_URI"] = mongod.uri
                 asyncio.run(first_start(mongod.uri, self.settings))
-            return self._supervise()
+            return self._supervise(mongod)
         finally:
             if mongod is not None:
                 mongod.stop()
 
-    def _supervise(self) -> int:
-        workers = [self._spawn(i) for i in range(self.count)]
+    def _supervise(self, mongod: EmbeddedMongod | None) -> int:
+        workers = [Worker(i) for i in range(self.count)]
+        for worker in workers:
+            self._spawn(worker)
         log.info("workers.serving", workers=self.count, host=self.settings.host, port=self.settings.port)
+        mongod_backoff = Backoff()
+        mongod_restart_at: float | None = None
         failed = False
         while not self.stopping:
             time.sleep(0.1)
-            for n, worker in enumerate(workers):
-                code = worker.proc.poll()
-                if code is None or self.stopping:
-                    continue
-                early = time.monotonic() - worker.started < EARLY_EXIT_SECONDS
-                early_exits = worker.early_exits + 1 if early else 0
-                log.error("worker.exited", worker=worker.index, pid=worker.proc.pid, code=code)
-                if early_exits >= GIVE_UP_AFTER_EARLY_EXITS:
-                    print(f"rulesvc: worker {worker.index} failed to start {early_exits} times; stopping",
-                          file=sys.stderr)  # fmt: skip
-                    failed = self.stopping = True
+            now = time.monotonic()
+            if mongod is not None:
+                if mongod_restart_at is None and (code := mongod.exited()) is not None:
+                    pause = mongod_backoff.after(now - mongod.started_at)
+                    log.error("mongod.exited", why=describe_exit(code), restart_in=pause)
+                    mongod_restart_at = now + pause
+                if mongod_restart_at is not None and now >= mongod_restart_at and not self.stopping:
+                    mongod_restart_at = self._restart_mongod(mongod, mongod_backoff)
+            for worker in workers:
+                if self.stopping:
                     break
-                time.sleep(min(2.0**early_exits * 0.25, 5.0))
-                workers[n] = self._spawn(worker.index, early_exits)
+                if worker.restart_at is not None:
+                    if now >= worker.restart_at:
+                        self._spawn(worker)
+                    continue
+                assert worker.proc is not None
+                code = worker.proc.poll()
+                if code is not None:
+                    self._crashed(worker, code, now)
+            if all(w.failed_starts >= GIVE_UP_AFTER_FAILED_STARTS and w.restart_at for w in workers):
+                failed = self.stopping = True
         self._stop(workers)
+        if failed:  # the last line an operator reads
+            print(
+                f"rulesvc: every worker failed to start {GIVE_UP_AFTER_FAILED_STARTS} times in a row; "
+                f"stopping. Last error: {workers[-1].last_error or 'none written'}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 1 if failed else 0
+
+    def _restart_mongod(self, mongod: EmbeddedMongod, backoff: Backoff) -> float | None:
+        """Start the dead mongod again (same port: the workers' clients reconnect by themselves)."""
+        try:
+            mongod.restart()
+        except (MongodError, OSError) as exc:
+            pause = backoff.after(0.0)
+            log.error("mongod.restart_failed", error=str(exc)[:500], retry_in=pause)
+            return time.monotonic() + pause
+        log.info("mongod.restarted", port=mongod.port)
+        return None
+
+    def _crashed(self, worker: Worker, code: int, now: float) -> None:
+        """Say which worker died and why, then schedule its restart after a growing pause."""
+        assert worker.proc is not None
+        if worker.reader is not None:
+            worker.reader.join(2.0)  # its last words are still in the pipe
+        ran = now - worker.started
+        worker.failed_starts = worker.failed_starts + 1 if ran < EARLY_EXIT_SECONDS else 0
+        worker.last_error = last_error(worker.stderr)
+        pause = worker.backoff.after(ran)
+        log.error(
+            "worker.crashed",
+            worker=worker.index,
+            pid=worker.proc.pid,
+            why=describe_exit(code),
+            last_error=worker.last_error,
+            ran_seconds=round(ran, 1),
+            restart_in=pause,
+        )
+        worker.restart_at = now + pause
 
     def _stop(self, workers: list[Worker]) -> None:
         """Each worker finishes its batch and sends in hand (shutdown grace), as a single process does."""
-        for worker in workers:
-            if worker.proc.poll() is None:
-                worker.proc.send_signal(signal.SIGTERM)
+        running = [w.proc for w in workers if w.proc is not None and w.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds + 30
         for worker in workers:
+            if worker.proc is None:
+                continue
             try:
                 worker.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker.killed", worker=worker.index, reason="did not stop within the grace")
                 worker.proc.kill()
                 worker.proc.wait()
+            if worker.reader is not None:
+                worker.reader.join(2.0)
         log.info("workers.stopped")

@@ -67,7 +67,7 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     assert (await client.post("/v1/events", json=price)).status == 202
 
     async def copied() -> bool:
-        return (await db.events.find_one({"_id": "pc"}))["state"] == "done"
+        return bool((await db.events.find_one({"_id": "pc"}))["state"] == "done")
 
     await eventually(copied, 15)
     copies = await db.events.find({"fanout_of": "pc"}).to_list()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from rulesvc.mongod import free_port
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -97,3 +99,38 @@ def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
     service = ServiceProcess(tmp_path, env={"RULESVC_PORT": "not-a-port"})
     with pytest.raises(RuntimeError, match="configuration error"):
         service.start()
+
+
+def test_a_second_instance_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    first = ServiceProcess(tmp_path)
+    first.start()
+    try:
+        assert first.proc is not None
+        mongod_pid = first.mongod_pid()
+        holder = f"(pid {first.proc.pid}, port {first.port})"
+        message = f"rulesvc is already running on this data directory {holder}"
+        for port in (free_port(), first.port):  # another port, and the same one (make run twice)
+            t0 = time.monotonic()
+            second = first.cli("serve", "--port", str(port), "--workers", "1")
+            assert (second.returncode, message in second.stderr) == (1, True), second.stderr
+            assert time.monotonic() - t0 < 15
+        # The first one's mongod was left alone (it used to be stopped as an "orphan"), and it serves.
+        assert first.mongod_pid() == mongod_pid and not process_gone(mongod_pid, timeout=0)
+        event = {"id": "s1", "type": "purchased", "contact_id": "c1"}
+        assert first.request("POST", "/v1/events", event)[0] == 202
+        assert first.request("GET", "/readyz")[0] == 200
+    finally:
+        first.stop()
+    first.start()  # the lock went with the process that held it
+    first.stop()
+
+
+def test_a_port_taken_by_another_program_is_named(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = ServiceProcess(tmp_path).cli("serve", "--port", str(port), "--workers", "1")
+    assert refused.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use by another program" in refused.stderr
+    assert not (tmp_path / ".rulesvc" / "mongod.pid").exists()  # refused before starting a mongod
