@@ -67,9 +67,7 @@ def bench_engine(rulesets: Rulesets, n: int) -> float:
     t0 = time.perf_counter()
     for i, event in enumerate(events):
         contact = contacts[i % 1000]
-        decisions = engine.evaluate(event, contact, now)
-        cancelled = {c.entry_id for c in decisions.cancel}
-        contact.pending = [p for p in contact.pending if p.entry_id not in cancelled]
+        engine.evaluate(event, contact, now)  # it keeps the contact's pending entries itself
     return rate(n, time.perf_counter() - t0)
 
 

@@ -16,6 +16,7 @@ import msgspec
 import pymongo
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
 
@@ -30,6 +31,7 @@ from rulesvc.auth import (
     RateLimiter,
     hand_out_first_key,
 )
+from rulesvc.bodies import decoding_problem, utf8_problem
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
@@ -58,7 +60,8 @@ from rulesvc.plugins import PluginReport, load_plugins
 from rulesvc.ruleformat import RulesetError
 from rulesvc.rulesets import Rulesets
 from rulesvc.scheduler import Scheduler
-from rulesvc.simulate import SimulateRequest, simulate
+from rulesvc.simulate import Limits, Simulator
+from rulesvc.simulate import SimulateRejected as SimulateRejected
 from rulesvc.store import Doc, Store, contact_from_doc, message_from_doc
 from rulesvc.templates import Templates
 from rulesvc.waiting import wait_any
@@ -90,6 +93,7 @@ API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if i
 SIGNED_BY_PROVIDER = frozenset({"/v1/channels/{name}/callbacks"})
 RULESETS = web.AppKey("rulesets", Rulesets)
 INBOX = web.AppKey("inbox", Inbox)
+SIMULATOR = web.AppKey("simulator", Simulator)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 JSON_TYPES = frozenset({"application/json"})
@@ -239,11 +243,6 @@ class InboxToken(msgspec.Struct):
     expires_at: datetime
 
 
-class SimulateRejected(msgspec.Struct):
-    error: str
-    path: str
-
-
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=_encoder.encode(body), status=status, content_type="application/json", headers=headers
@@ -361,23 +360,56 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         # this request was acknowledged, so the client retries.
         log.error("mongodb.unavailable", error=type(exc).__name__, timeout=exc.timeout)
         return error_response(503, "storage unavailable, retry later", {"Retry-After": "1"})
-    except Exception:
+    except RequestPayloadError:
+        return _undecodable_body(request)
+    except Exception as exc:
+        problem = decoding_problem(exc)  # JSON nested too deeply, or not UTF-8, met by any decoder
+        if problem is not None:
+            return error_response(400, problem)
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            log.info("http.client_gone", method=request.method, path=request.path)
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("http.unhandled")
         return error_response(500, "internal error")
+
+
+# A client that went away before its request was read: no error of ours, counted apart (as nginx does).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def _undecodable_body(request: web.Request) -> web.Response:
+    """A body aiohttp could not decompress (a broken gzip or deflate stream): 400, and the connection
+    closes, since where a next request would begin in it is unknown."""
+    request.content.feed_eof()  # read no more of it: aiohttp would fail again draining it after the answer
+    encoding = request.headers.get("Content-Encoding", "")
+    response = error_response(400, f"request body is not valid `{encoding}` data (Content-Encoding)")
+    response.force_close()
+    return response
 
 
 # --- helpers -----------------------------------------------------------------------------------------
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The whole body, or a 4xx: over the size limit (413), a broken compression (400, in `_answer`),
+    not UTF-8 where JSON or NDJSON is declared (400, with the byte where it breaks)."""
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.app[SETTINGS].max_body_bytes,
             actual_size=request.content_length or 0,
             text=f"request body over the limit of {request.app[SETTINGS].max_body_bytes} bytes",
         ) from exc
+    if request.content_type in JSON_TYPES or request.content_type in NDJSON_TYPES:
+        problem = utf8_problem(body)
+        if problem is not None:
+            raise web.HTTPBadRequest(text=problem)
+    return body
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -403,7 +435,12 @@ def query_time(request: web.Request, name: str) -> datetime | None:
         raise web.HTTPBadRequest(text=f"query parameter `{name}` must be an RFC 3339 time") from None
     if value.tzinfo is None:
         raise web.HTTPBadRequest(text=f"query parameter `{name}` needs a time zone offset")
-    return value
+    try:
+        return value.astimezone(UTC)  # 9999-12-31T23:59:59-23:59 is in no year a datetime can hold
+    except OverflowError:
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` is out of range") from None
+
+
 
 
 def contact_id_of(request: web.Request) -> str:
@@ -550,21 +587,26 @@ async def reload_rulesets(request: web.Request) -> web.Response:
     return json_response(ruleset_list(request.app[RULESETS]))
 
 
-_SIMULATE_DECODER = msgspec.json.Decoder(SimulateRequest)
-
-
 async def post_simulate(request: web.Request) -> web.Response:
+    """Runs in the worker's simulator process, within the size limits and the time budget: the worker's
+    event loop (its inbox, schedule and leases) goes on meanwhile."""
     if request.content_type not in JSON_TYPES:
         return error_response(415, f"unsupported content type `{request.content_type}`; use application/json")
     body = await read_body(request)
+    settings = request.app[SETTINGS]
+    limits = Limits(settings.simulate_max_events, settings.simulate_max_contacts)
+    live = request.app[RULESETS].live.values()
+    status, answer, headers = await request.app[SIMULATOR].run(live, body, limits)
+    return web.Response(body=answer, status=status, content_type="application/json", headers=headers)
+
+
+async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The simulator process starts at the first simulation; it stops with the app."""
+    app[SIMULATOR] = Simulator(app[SETTINGS].simulate_budget_seconds)
     try:
-        sim = _SIMULATE_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        path, message = split_validation_error(exc)
-        return json_response(SimulateRejected(message, path), 422)
-    except msgspec.DecodeError as exc:
-        return error_response(400, f"malformed JSON: {exc}")
-    return json_response(simulate(request.app[RULESETS].engine(), sim))
+        yield
+    finally:
+        await app[SIMULATOR].close()
 
 
 def channel_list(app: web.Application) -> ChannelList:
@@ -950,6 +992,7 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app.cleanup_ctx.append(embedded_mongod_ctx)
     app.cleanup_ctx.append(mongo_ctx)
     app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(simulator_ctx)
     app.router.add_post("/v1/events", post_events)
     app.router.add_put("/v1/contacts/{contact_id}", put_contact)
     app.router.add_get("/v1/contacts/{contact_id}", get_contact)

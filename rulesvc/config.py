@@ -31,6 +31,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_retention_days: float = 90.0
     max_body_bytes: int = 5 * 1024 * 1024
     max_batch_events: int = 10_000
+    simulate_max_events: int = 20_000
+    simulate_max_contacts: int = 20_000
+    simulate_budget_seconds: float = 30.0
     lease_seconds: float = 15.0
     shutdown_grace_seconds: float = 30.0
     open_ops: bool = False
@@ -92,6 +95,19 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc("event_retention_days", "RULESVC_EVENT_RETENTION_DAYS", "days raw events are kept (TTL)"),
     SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
     SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
+    SettingDoc(
+        "simulate_max_events", "RULESVC_SIMULATE_MAX_EVENTS", "most events in one simulation (413 above)"
+    ),
+    SettingDoc(
+        "simulate_max_contacts",
+        "RULESVC_SIMULATE_MAX_CONTACTS",
+        "most contacts in one simulation (413 above)",
+    ),
+    SettingDoc(
+        "simulate_budget_seconds",
+        "RULESVC_SIMULATE_BUDGET_SECONDS",
+        "time one POST /v1/simulate may run, in a process of its own, before it is stopped (422)",
+    ),
     SettingDoc(
         "lease_seconds",
         "RULESVC_LEASE_SECONDS",
@@ -218,6 +234,12 @@ def check(settings: Settings) -> None:
         raise ConfigError("max_body_bytes must be at least 1024")
     if settings.max_batch_events < 1:
         raise ConfigError("max_batch_events must be at least 1")
+    if settings.simulate_max_events < 1 or settings.simulate_max_contacts < 0:
+        raise ConfigError("simulate_max_events must be at least 1, simulate_max_contacts at least 0")
+    if not 0 < settings.simulate_budget_seconds <= 3600:
+        raise ConfigError(
+            f"simulate_budget_seconds must be in (0, 3600], got {settings.simulate_budget_seconds}"
+        )
     if not settings.mongodb_uri and not settings.embedded_mongod:
         raise ConfigError("MONGODB_URI is required when RULESVC_EMBEDDED_MONGOD is false")
     try:

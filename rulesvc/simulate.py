@@ -3,23 +3,53 @@
 The same engine decides as in the live service; only time and storage are simulated. Due entries fire
 before any event that comes later than them; a wait's `else` runs as the same internal timer event the
 live scheduler produces.
+
+`POST /v1/simulate` runs it in a simulator process of its own (`Simulator`), with a size limit and a time
+budget: a simulation is CPU work that, run on a worker's event loop, stopped that worker's inbox,
+schedule and lease renewals for as long as it ran (minutes, for a large one). The CLI runs it in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
+import math
+import os
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import msgspec
+import structlog
 
+from rulesvc.bodies import TOO_DEEP
 from rulesvc.catalog import catalog_change, guard_fails, interest_fields, interested
 from rulesvc.contacts import ContactIn
-from rulesvc.engine import ContactView, Engine, EngineEvent, ScheduleEntry, timer_event
-from rulesvc.events import Event, event_time
+from rulesvc.engine import (
+    CompiledRuleset,
+    ContactView,
+    Engine,
+    EngineEvent,
+    RuleIndex,
+    ScheduleEntry,
+    timer_event,
+)
+from rulesvc.events import (
+    TIME_RANGE,
+    Event,
+    document_errors,
+    event_time,
+    split_validation_error,
+    time_in_range,
+)
+from rulesvc.events import _semantic_errors as event_problems
 from rulesvc.ids import fanout_copy_id
+from rulesvc.ruleformat import RulesetFile
+
+log = structlog.get_logger(__name__)
 
 # Without `until`, pending entries run out at most this long after the last event.
 DEFAULT_HORIZON = timedelta(days=90)
@@ -52,6 +82,26 @@ class SimulateResult(msgspec.Struct):
     actions: list[SimAction]
 
 
+class SimulateRejected(msgspec.Struct):
+    error: str
+    path: str
+
+
+class Refused(Exception):
+    """A simulation that will not run, or could not finish; the status and message the API answers with."""
+
+    def __init__(self, status: int, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.path = path
+
+    def body(self) -> bytes:
+        if self.path is None:
+            return msgspec.json.encode({"error": self.message})
+        return msgspec.json.encode(SimulateRejected(self.message, self.path))
+
+
 @dataclass(order=True)
 class _Due:
     due_at: datetime
@@ -72,7 +122,9 @@ class Simulation:
         self.entries: dict[str, ScheduleEntry] = {}
         self.actions: list[SimAction] = []
         self._seq = itertools.count()
-        self.interests: dict[tuple[str, str], dict[str, Any]] = {}  # as the live interest index
+        # As the live interest index, by product: a catalog event visits only its product's contacts.
+        self.interests: dict[str, dict[str, dict[str, Any]]] = {}
+        self._index_of: dict[str, int] = {}  # event id -> its index in the request, for error paths
         self.products: dict[str, dict[str, Any]] = {}  # as the live catalog
 
     def _contact(self, contact_id: str) -> ContactView:
@@ -85,17 +137,26 @@ class Simulation:
         timed = sorted(
             ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
         )
-        for at, _, event in timed:
+        for i, event in enumerate(events):
+            self._index_of.setdefault(event.id, i)
+        for at, i, event in timed:
             self._fire_until(at, inclusive=False)
-            if event.contact_id is None:
-                self._fan_out(event, at)
-                continue
-            engine_event = EngineEvent(event.id, event.type, event.contact_id, at, event.attributes)
-            fields = interest_fields({"type": event.type, "time": at, "attributes": event.attributes})
-            if fields:
-                key = (event.contact_id, str(event.attributes["product_id"]))
-                self.interests.setdefault(key, {}).update(fields)
-            self._evaluate(engine_event, at)
+            if self._index_of[event.id] != i:
+                continue  # a re-used id is a duplicate and changes nothing, as in the live service
+            try:
+                if event.contact_id is None:
+                    self._fan_out(event, at)
+                    continue
+                engine_event = EngineEvent(event.id, event.type, event.contact_id, at, event.attributes)
+                fields = interest_fields({"type": event.type, "time": at, "attributes": event.attributes})
+                if fields:
+                    product = str(event.attributes["product_id"])
+                    self.interests.setdefault(product, {}).setdefault(event.contact_id, {}).update(fields)
+                self._evaluate(engine_event, at)
+            except Refused:
+                raise
+            except Exception as exc:  # the live inbox would quarantine it; here the caller learns which
+                raise _unevaluable(f"$.events[{i}]", "this event", exc) from exc
         end = until or ((timed[-1][0] if timed else start) + DEFAULT_HORIZON)
         self._fire_until(end, inclusive=True)
         return self.actions
@@ -107,8 +168,8 @@ class Simulation:
         product = str(event.attributes["product_id"])
         fields, change = catalog_change(event.type, event.attributes, self.products.get(product, {}))
         self.products.setdefault(product, {}).update(fields)
-        for (contact_id, interest_product), interest in sorted(self.interests.items()):
-            if interest_product == product and interested(event.type, interest, at):
+        for contact_id, interest in sorted(self.interests.get(product, {}).items()):
+            if interested(event.type, interest, at):
                 attributes = {**event.attributes, **change}
                 attributes["interest"] = {k.removesuffix("_at"): v.isoformat() for k, v in interest.items()}
                 copy = EngineEvent(
@@ -132,11 +193,11 @@ class Simulation:
     def _fire_until(self, moment: datetime, inclusive: bool) -> None:
         while self.queue and (self.queue[0].due_at <= moment if inclusive else self.queue[0].due_at < moment):
             due = heapq.heappop(self.queue)
-            entry = self.entries.pop(due.entry.entry_id, None)
-            if entry is None:
+            if self.entries.get(due.entry.entry_id) is not due.entry:
                 continue  # cancelled meanwhile
+            entry = self.entries.pop(due.entry.entry_id)
             contact = self._contact(entry.contact_id)
-            contact.pending = [p for p in contact.pending if p.entry_id != entry.entry_id]
+            contact.pending.remove(entry.entry_id)
             if entry.message is not None:
                 params = entry.message.get("params") or {}
                 product = self.products.get(str(params.get("product_id")), {})
@@ -144,7 +205,13 @@ class Simulation:
                 self._record(entry, due.due_at, "suppressed" if stale else "sent", stale)
             else:
                 self._record(entry, due.due_at, "fired", "waited in vain: running `else`")
-                self._evaluate(timer_event(entry), due.due_at)
+                try:
+                    self._evaluate(timer_event(entry), due.due_at)
+                except Exception as exc:
+                    trigger = str((entry.trigger or {}).get("id"))
+                    path = f"$.events[{self._index_of[trigger]}]" if trigger in self._index_of else "$.events"
+                    what = f"the `else` of {entry.ruleset}/{entry.rule} that it armed"
+                    raise _unevaluable(path, what, exc) from exc
 
     def _record(self, entry: ScheduleEntry, at: datetime, status: Any, reason: str | None) -> None:
         message = entry.message or {}
@@ -164,7 +231,241 @@ class Simulation:
         )
 
 
+def _unevaluable(path: str, what: str, exc: Exception) -> Refused:
+    return Refused(422, f"the engine could not evaluate {what}: {type(exc).__name__}: {exc}", path)
+
+
+def request_problem(request: SimulateRequest) -> tuple[str, str] | None:
+    """The first thing in a request that ingest would refuse (or the engine could not compute with):
+    the same checks as `POST /v1/events` per event, and `until` within the same time range."""
+    for i, event in enumerate(request.events):
+        for path, message in event_problems(event):
+            return f"$.events[{i}]{path[1:]}", message
+    for i, contact in enumerate(request.contacts):
+        for path, message in document_errors(contact.attributes, f"$.contacts[{i}].attributes"):
+            return path, message
+    if request.until is not None and not time_in_range(request.until):
+        return "$.until", f"must be {TIME_RANGE}"
+    return None
+
+
 def simulate(engine: Engine, request: SimulateRequest) -> SimulateResult:
+    """Raises Refused (422, with the path) for an event the engine cannot evaluate."""
     actions = Simulation(engine, request.contacts).run(request.events, request.until)
     actions.sort(key=lambda a: a.at)  # stable: same-moment actions keep their decision order
     return SimulateResult(actions)
+
+
+# --- through the API: limits, and a process of its own ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most events and contacts one `POST /v1/simulate` may carry (413 above)."""
+
+    max_events: int
+    max_contacts: int
+
+
+_REQUEST_DECODER = msgspec.json.Decoder(SimulateRequest)
+_RESULT_ENCODER = msgspec.json.Encoder()
+
+
+def answer(body: bytes, engine: Engine, limits: Limits) -> tuple[int, bytes]:
+    """Everything `POST /v1/simulate` does with a body, as (status, JSON body): decode, check, simulate."""
+    try:
+        request = _REQUEST_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(exc)
+        return 422, msgspec.json.encode(SimulateRejected(message, path))
+    except msgspec.DecodeError as exc:
+        return 400, msgspec.json.encode({"error": f"malformed JSON: {exc}"})
+    except RecursionError:
+        return 400, msgspec.json.encode({"error": TOO_DEEP})
+    for what, count, limit, env in (
+        ("events", len(request.events), limits.max_events, "RULESVC_SIMULATE_MAX_EVENTS"),
+        ("contacts", len(request.contacts), limits.max_contacts, "RULESVC_SIMULATE_MAX_CONTACTS"),
+    ):
+        if count > limit:
+            message = f"{count} {what} in one simulation; the limit is {limit} ({env})"
+            return 413, msgspec.json.encode({"error": message})
+    problem = request_problem(request)
+    if problem is not None:
+        return 422, msgspec.json.encode(SimulateRejected(problem[1], problem[0]))
+    try:
+        return 200, _RESULT_ENCODER.encode(simulate(engine, request))
+    except Refused as exc:
+        return exc.status, exc.body()
+
+
+class LiveRuleset(msgspec.Struct):
+    """A live ruleset version as the simulator process compiles it (it shares no C state with the worker)."""
+
+    name: str
+    version: str
+    source: RulesetFile
+
+
+class _Job(msgspec.Struct):
+    rulesets: list[LiveRuleset]
+    body: bytes
+    max_events: int
+    max_contacts: int
+
+
+class _Answer(msgspec.Struct):
+    status: int
+    body: bytes
+
+
+_JOB_ENCODER = msgspec.msgpack.Encoder()
+_JOB_DECODER = msgspec.msgpack.Decoder(_Job)
+_ANSWER_DECODER = msgspec.msgpack.Decoder(_Answer)
+_HEADER = 8  # bytes of a frame's length, big-endian
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(_HEADER, "big") + payload
+
+
+class Simulator:
+    """The simulator process of one service worker: started at the first simulation and kept for the next;
+    stopped (and started afresh next time) when a simulation runs over its time budget.
+
+    One simulation at a time per worker; a second waits for the first, up to the budget, then gets 429.
+    """
+
+    def __init__(self, budget_seconds: float) -> None:
+        self.budget = budget_seconds
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def run(
+        self, rulesets: Iterable[CompiledRuleset], body: bytes, limits: Limits
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """(status, JSON body, headers) of the answer to `POST /v1/simulate` with this body."""
+        job = _JOB_ENCODER.encode(
+            _Job(
+                [LiveRuleset(r.name, r.version, r.source) for r in rulesets],
+                body,
+                limits.max_events,
+                limits.max_contacts,
+            )
+        )
+        try:
+            async with asyncio.timeout(self.budget):
+                await self._lock.acquire()
+        except TimeoutError:
+            retry = str(max(1, math.ceil(self.budget)))
+            busy = Refused(429, f"another simulation is running in this process; retry after {retry} s")
+            return 429, busy.body(), {"Retry-After": retry}
+        try:
+            return await self._run(job)
+        finally:
+            self._lock.release()
+
+    async def _run(self, job: bytes) -> tuple[int, bytes, dict[str, str]]:
+        proc = await self._process()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            async with asyncio.timeout(self.budget):
+                proc.stdin.write(_frame(job))
+                await proc.stdin.drain()
+                size = int.from_bytes(await proc.stdout.readexactly(_HEADER), "big")
+                reply = _ANSWER_DECODER.decode(await proc.stdout.readexactly(size))
+        except TimeoutError:
+            await self._stop(kill=True)
+            log.warning("simulate.over_budget", budget_seconds=self.budget)
+            over = Refused(
+                422,
+                f"simulation over its time budget of {self.budget:g} s; simulate fewer events",
+                "$.events",
+            )
+            return 422, over.body(), {}
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            await self._stop(kill=True)
+            log.error("simulate.process_failed", error=repr(exc), returncode=proc.returncode)
+            failed = Refused(500, f"the simulator process stopped (exit code {proc.returncode})")
+            return 500, failed.body(), {}
+        except BaseException:
+            await self._stop(kill=True)  # cancelled mid-conversation: its state is unknown
+            raise
+        return reply.status, reply.body, {}
+
+    async def _process(self) -> asyncio.subprocess.Process:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "rulesvc.simulate",
+                str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            log.info("simulate.process_started", pid=self._proc.pid)
+        return self._proc
+
+    async def _stop(self, kill: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if kill:
+            proc.kill()
+        elif proc.stdin is not None:
+            proc.stdin.close()  # it exits at the end of its input
+        try:
+            async with asyncio.timeout(5):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def close(self) -> None:
+        await self._stop(kill=False)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def serve(requests: BinaryIO, answers: BinaryIO) -> None:
+    """The simulator process: one job after another until its input ends. Compiled rulesets are kept
+    between jobs while their version stays live."""
+    compiled: dict[tuple[str, str], CompiledRuleset] = {}
+    while (header := _read_exactly(requests, _HEADER)) is not None:
+        payload = _read_exactly(requests, int.from_bytes(header, "big"))
+        if payload is None:
+            return
+        job = _JOB_DECODER.decode(payload)
+        wanted = {(r.name, r.version): r for r in job.rulesets}
+        for key in [k for k in compiled if k not in wanted]:
+            compiled.pop(key).free()
+        for key, live in wanted.items():
+            if key not in compiled:
+                compiled[key] = CompiledRuleset.compile(live.name, live.version, live.source)
+        engine = Engine(RuleIndex(list(compiled.values())))
+        status, body = answer(job.body, engine, Limits(job.max_events, job.max_contacts))
+        answers.write(_frame(_JOB_ENCODER.encode(_Answer(status, body))))
+        answers.flush()
+
+
+def main(parent_pid: int) -> None:
+    from rulesvc.mongod import die_with_parent
+
+    die_with_parent()  # a worker killed with SIGKILL takes its simulator along
+    if os.getppid() != parent_pid:
+        return  # the worker died before that took effect
+    # The answers go out on the original stdout; anything printed (a log line) goes to stderr instead.
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    serve(sys.stdin.buffer, answers)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
