@@ -34,10 +34,10 @@ from rulesvc.auth import (
 from rulesvc.bodies import decoding_problem, utf8_problem
 from rulesvc.builtin import BUILTIN_PLUGINS
 from rulesvc.catalog import CatalogFanout
-from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel
+from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel, deduplicates
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
-from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours
+from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, send_timeout
 from rulesvc.durations import DURATION_PATTERN, parse_duration
 from rulesvc.events import (
     MESSAGE_EVENT_TYPES,
@@ -188,8 +188,9 @@ class ChannelInfo(msgspec.Struct):
     name: str
     configured: bool
     detail: str
-    idempotent: bool
+    deduplicates: bool  # a send a crash interrupted is repeated once with the same key, else `uncertain`
     callbacks: bool
+    send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
 
 
 class PluginInfo(msgspec.Struct):
@@ -616,11 +617,11 @@ def channel_list(app: web.Application) -> ChannelList:
             configured, detail = channel.status()
         except Exception as exc:
             configured, detail = False, f"status check failed: {type(exc).__name__}: {exc}"
+        lease = timedelta(seconds=app[SETTINGS].lease_seconds)
         infos.append(
-            ChannelInfo(
-                channel.name, configured, detail, channel.idempotent, isinstance(channel, CallbackChannel)
-            )
-        )
+            ChannelInfo(channel.name, configured, detail, deduplicates(channel),
+                        isinstance(channel, CallbackChannel), round(send_timeout(channel, lease), 3))
+        )  # fmt: skip
     plugins = [PluginInfo(p.name, p.source, p.channels, p.jobs, p.error) for p in app[PLUGINS]]
     return ChannelList(infos, plugins)
 
@@ -971,6 +972,7 @@ def send_policy(settings: Settings) -> SendPolicy:
         max_attempts=settings.max_attempts,
         retry_base=timedelta(seconds=settings.retry_base_seconds),
         retry_max=timedelta(seconds=settings.retry_max_seconds),
+        lease=timedelta(seconds=settings.lease_seconds),
     )
 
 

@@ -17,7 +17,8 @@ class InAppChannel:
     """The shop's own pages show these: `GET /v1/contacts/{id}/inbox` lists what to show now."""
 
     name = "inapp"
-    idempotent = True
+    local = True  # stored in the contact's history: a re-run changes nothing
+    deduplicates = True
     html = True  # pages show title and body as HTML: template params in them are escaped
 
     def status(self) -> tuple[bool, str]:

@@ -74,10 +74,15 @@ class Outcome:
 
 
 class Channel(Protocol):
+    """A channel plugin. Besides these members a channel may set `local = True` when a send never leaves
+    the service (the in-app inbox, the log): it needs no `sending` mark and a re-run is harmless. It
+    may set `timeout` (seconds): a send is cut at the lower of it and two thirds of the lease."""
+
     name: str
-    idempotent: (
-        bool  # the provider de-duplicates by our key, so a send interrupted by a crash may be repeated
-    )
+    # The receiver ignores a repeat of a message id it has already seen (the webhook's Idempotency-Key).
+    # A send a crash may have interrupted is then made once more with the same key; on any other
+    # channel such a message is marked `uncertain` and not sent again, since it may have arrived.
+    deduplicates: bool
 
     def status(self) -> tuple[bool, str]:
         """(configured, detail): a misconfigured channel is reported and skipped, never fatal."""
@@ -88,6 +93,19 @@ class Channel(Protocol):
         ...
 
     async def send(self, message: OutboundMessage) -> Delivery: ...
+
+
+def is_local(channel: Channel) -> bool:
+    """The send never leaves the service: no `sending` mark, repeated freely after a crash."""
+    return bool(getattr(channel, "local", False))
+
+
+def deduplicates(channel: Channel) -> bool:
+    """The channel's `deduplicates` flag; plugins written before it said `idempotent`."""
+    flag = getattr(channel, "deduplicates", None)
+    if flag is None:
+        flag = getattr(channel, "idempotent", False)
+    return bool(flag)
 
 
 @runtime_checkable
@@ -107,7 +125,8 @@ class ManagedChannel(Protocol):
 class LogChannel:
     """Delivers nothing: the message history is the whole delivery. For trying rules out."""
 
-    idempotent = True
+    local = True
+    deduplicates = True
 
     def __init__(self, name: str = "log") -> None:
         self.name = name
@@ -125,7 +144,8 @@ class LogChannel:
 class Unconfigured:
     """A standard channel no installed plugin provides: rulesets may use it; its sends are suppressed."""
 
-    idempotent = True
+    local = True
+    deduplicates = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -155,7 +175,7 @@ class HttpChannel:
 
     Set `timeout` (seconds); override `session_headers` for headers every request carries."""
 
-    timeout: float = 15.0
+    timeout: float = 10.0
     session: aiohttp.ClientSession | None = None
 
     def session_headers(self) -> dict[str, str]:

@@ -3,25 +3,32 @@
 When a send comes due: suppression, consent (marketing only), reachability, channel fallback, frequency
 cap and quiet hours are checked at that moment, in the contact's time zone; the template is rendered;
 then the message goes `scheduled -> sending -> sent | failed | dead` (or back to `scheduled` for a retry
-or a postponement). For a channel whose provider does not de-duplicate by our key (message id), the
-`sending` mark is written before the provider is called: if the process dies during the call, the next
-attempt knows, does not call again, and marks the message `failed` with that reason, because a second
-delivery is worse than an explained missing one. A de-duplicating channel needs no mark: it is simply
-called again.
+or a postponement).
+
+The `sending` mark is written before the provider is called, with the process's claim and the moment
+the call is cut off (`sending_until`: the channel's timeout, at most two thirds of the lease). A message
+found in `sending` was interrupted (its process died, or lost its claim): it is looked at again only
+after `sending_until`, so never while the first call may still be in flight; then it is sent once more,
+with the same message id as key, only if the channel `deduplicates` and it was not repeated before;
+otherwise it is marked `uncertain` (it may have arrived), because a second delivery is worse than an
+explained doubt. Only `local` channels (in-app, log), whose sends never leave the service, skip the mark.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
 
+import bson
 import structlog
 
 from rulesvc.catalog import guard_fails
-from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage
+from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
 from rulesvc.contacts import PROFILE_FIELDS
 from rulesvc.plugins import channel_config
 from rulesvc.store import Doc, Store
@@ -39,8 +46,23 @@ class SendPolicy:
     max_attempts: int = 6
     retry_base: timedelta = timedelta(seconds=30)
     retry_max: timedelta = timedelta(hours=1)
+    lease: timedelta = timedelta(seconds=15)  # how long a process holds a due send (RULESVC_LEASE_SECONDS)
     # Channels that interrupt (a phone buzzes, a mail arrives): quiet hours hold back only these.
     quiet_channels: frozenset[str] = frozenset({"email", "sms", "push", "webpush"})
+
+
+def send_timeout(channel: Channel, lease: timedelta) -> float:
+    """Seconds a send may take: the channel's `timeout`, at most two thirds of the lease, so a send is
+    over before its claim could run out and another process take the message over."""
+    cap = lease.total_seconds() * 2 / 3
+    declared = getattr(channel, "timeout", None)
+    if isinstance(declared, int | float) and not isinstance(declared, bool) and 0 < declared < cap:
+        return float(declared)
+    return cap
+
+
+def interrupted_reason(why: str) -> str:
+    return f"interrupted during the provider call, so it may have arrived; not sent again: {why}"
 
 
 QUIET_BY_DEFAULT = SendPolicy.quiet_channels
@@ -77,16 +99,23 @@ def parse_quiet_hours(text: str) -> tuple[time | None, time | None]:
     return time.fromisoformat(start.strip()), time.fromisoformat(end.strip())
 
 
+# The message must still be as the dispatcher found it for its result to be written.
+SCHEDULED: dict[str, Any] = {"status": "scheduled"}
+
+
 @dataclass
 class Result:
-    kind: Literal["sent", "failed", "suppressed", "postponed", "retry", "dead", "skip"]
+    """`wait`: look at the message again at `at` and leave it as it is (a call may be in flight)."""
+
+    kind: Literal["sent", "failed", "suppressed", "postponed", "retry", "dead", "skip", "uncertain", "wait"]
     channel: str | None = None
     reason: str | None = None
-    at: datetime | None = None  # postponed / retry: when to try again
+    at: datetime | None = None  # postponed / retry / wait: when to look again
     provider_id: str | None = None
     attempt: int = 0
     unreachable: list[tuple[str, Any]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] = field(default_factory=lambda: SCHEDULED)  # filter on the message for the write
 
 
 def contact_zone(contact: Doc, policy: SendPolicy) -> zoneinfo.ZoneInfo:
@@ -131,12 +160,25 @@ def backoff(attempt: int, policy: SendPolicy, retry_after: float | None) -> time
 
 class Dispatcher:
     def __init__(
-        self, store: Store, channels: ChannelRegistry, templates: Templates, policy: SendPolicy
+        self,
+        store: Store,
+        channels: ChannelRegistry,
+        templates: Templates,
+        policy: SendPolicy,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.channels = channels
         self.templates = templates
         self.policy = policy
+        self.clock = clock
+        for channel in channels.all():
+            declared = getattr(channel, "timeout", None)
+            if isinstance(declared, int | float) and declared > send_timeout(channel, policy.lease):
+                log.warning("delivery.timeout_capped", channel=channel.name, timeout=declared,
+                            cap=round(send_timeout(channel, policy.lease), 3),
+                            hint="a send is cut at two thirds of RULESVC_LEASE_SECONDS; lower the "
+                            "channel's timeout or raise the lease")  # fmt: skip
 
     def _choose(self, message: Doc, contact: Doc, now: datetime) -> tuple[Channel | None, str | None]:
         """The first of channel + fallbacks that may and can reach the contact, or why none can."""
@@ -192,26 +234,57 @@ class Dispatcher:
         )  # fmt: skip
         return f"frequency cap: {cap} {channel} message(s) a day reached" if count >= cap else None
 
-    async def dispatch(self, message: Doc, contact: Doc | None, now: datetime) -> Result:
-        """Decide and, if everything allows, deliver one due message."""
+    def _not_again(self, message: Doc, channel: Channel | None, why_not: str | None) -> str | None:
+        """Why an interrupted send must not be made again, or None if it may (once, same key)."""
+        if channel is None:
+            return why_not or "no channel can be used now"
+        if channel.name != message.get("sent_channel"):
+            return f"`{message.get('sent_channel')}` is no longer the channel to use"
+        if is_local(channel):
+            return None
+        if not deduplicates(channel):
+            return f"`{channel.name}` cannot recognise a repeat"
+        if message.get("resent"):
+            return "it was sent once more with the same key already"
+        return None
+
+    async def _taken(self, message_id: str) -> Result:
+        """Our `sending` mark lost the race: look again once the other call must be over."""
+        doc = await self.store.messages.find_one({"_id": message_id}, {"status": 1, "sending_until": 1})
+        if doc is None or doc.get("status") != "sending":
+            return Result("skip", reason=f"already {doc and doc.get('status')}")
+        until = doc.get("sending_until")
+        now = self.clock()
+        return Result("wait", reason="sending in another process",
+                      at=until if isinstance(until, datetime) and until > now else now)  # fmt: skip
+
+    async def dispatch(self, message: Doc, contact: Doc | None, now: datetime, owner: str = "") -> Result:
+        """Decide and, if everything allows, deliver one due message. `owner` is the caller's claim,
+        written with the `sending` mark."""
         if message["status"] not in ("scheduled", "sending"):
             return Result("skip", reason=f"already {message['status']}")
         contact = contact or {"_id": message["contact_id"]}
         attempt = int(message.get("attempt", 0)) + 1
         interrupted = message["status"] == "sending"
+        guard = SCHEDULED
+        if interrupted:
+            until = message.get("sending_until")
+            if isinstance(until, datetime) and until > self.clock():
+                return Result("wait", reason="the call may still be in flight", at=until)
+            guard = {"status": "sending", "send_owner": message.get("send_owner")}
+            attempt -= 1  # the same attempt, made again
         channel, why_not = self._choose(message, contact, now)
+        if interrupted:
+            why_not_again = self._not_again(message, channel, why_not)
+            if why_not_again is not None:
+                return Result("uncertain", message.get("sent_channel"), interrupted_reason(why_not_again),
+                              attempt=attempt, guard=guard)  # fmt: skip
         if channel is None:
             return Result("suppressed", reason=why_not)
-        if interrupted and not channel.idempotent:
-            return Result(
-                "failed",
-                channel.name,
-                "interrupted during the provider call; not repeated so it cannot arrive twice",
-                attempt=attempt - 1,
-            )
-        stale = await self._guard_fails(message)
-        if stale:
-            return Result("suppressed", channel.name, stale)
+        if not interrupted:  # the interrupted call passed these checks; it is only being completed
+            stale = await self._guard_fails(message)
+            if stale:
+                return Result("suppressed", channel.name, stale)
         transactional = bool(message.get("transactional"))
         if not transactional and not interrupted:
             zone = contact_zone(contact, self.policy)
@@ -238,26 +311,25 @@ class Dispatcher:
                 html=bool(getattr(channel, "html", False)),  # its title and body go into web pages
             )
         except TemplateError as exc:
-            return Result("failed", channel.name, f"template_error: {exc}", attempt=attempt)
+            return Result("failed", channel.name, f"template_error: {exc}", attempt=attempt, guard=guard)
         except Exception as exc:  # a template can fail in many ways; the service must not
-            reason = f"template_error: template `{message['template']}`: {exc}"
-            return Result("failed", channel.name, reason, attempt=attempt)
-        if not channel.idempotent:
-            # Marked before the call, so an interruption is known afterwards. A channel whose provider
-            # de-duplicates by our key needs no mark (and saves a round trip): repeating it is safe.
-            claimed = await self.store.messages.update_one(
-                {"_id": message["_id"], "status": message["status"]},
-                {
-                    "$set": {
-                        "status": "sending",
-                        "attempt": attempt,
-                        "sending_at": now,
-                        "sent_channel": channel.name,
-                    }
-                },
-            )
+            return Result("failed", channel.name, f"template_error: template `{message['template']}`: {exc}",
+                          attempt=attempt, guard=guard)  # fmt: skip
+        started = self.clock()
+        deadline = started + timedelta(seconds=send_timeout(channel, self.policy.lease))
+        if is_local(channel):
+            guard = {"status": message["status"]}  # nothing leaves the service: no mark needed
+        else:
+            # Marked before the call, so an interruption is known afterwards, with the moment the call
+            # is over at the latest: nobody repeats it before then.
+            fields: Doc = {"status": "sending", "attempt": attempt, "sending_at": started}
+            fields |= {"sending_until": deadline, "sent_channel": channel.name, "send_owner": owner}
+            if interrupted:
+                fields["resent"] = True
+            claimed = await self.store.messages.update_one({"_id": message["_id"], **guard}, {"$set": fields})
             if claimed.modified_count != 1:
-                return Result("skip", reason="taken by another process")
+                return await self._taken(message["_id"])
+            guard = {"status": "sending", "send_owner": owner}
         outbound = OutboundMessage(
             message_id=message["_id"],
             contact_id=contact["_id"],
@@ -269,19 +341,59 @@ class Dispatcher:
             contact=profile,
             attempt=attempt,
         )
+        seconds = (deadline - self.clock()).total_seconds()
+        delivery, cut = await self._call(channel, outbound, seconds)
+        if cut and not deduplicates(channel) and not is_local(channel):
+            # Cut off mid-call: as after a crash, it may have arrived, and a repeat could not be told apart.
+            why = f"cut off after {seconds:.2g}s without an answer, so it may have arrived; not sent again: "
+            why += f"`{channel.name}` cannot recognise a repeat"
+            return Result("uncertain", channel.name, why, attempt=attempt, guard=guard)
+        result = self._result(delivery, channel.name, attempt, now)
+        # A confirmed delivery is the truth whatever happened meanwhile; anything else is only written
+        # while the message is still ours.
+        result.guard = {"status": {"$in": ["scheduled", "sending", "uncertain"]}} if (
+            result.kind == "sent" and not is_local(channel)) else guard  # fmt: skip
+        return result
+
+    async def _call(
+        self, channel: Channel, outbound: OutboundMessage, seconds: float
+    ) -> tuple[Delivery, bool]:
+        """The plugin's send, and whether it was cut off after `seconds`; whatever a plugin raises fails
+        only its message."""
+        timer = asyncio.timeout(max(seconds, 0.0))
         try:
-            delivery = await channel.send(outbound)
-        except (TimeoutError, OSError) as exc:
-            delivery = Delivery("retry", f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # a plugin's bug fails its message, not the service
+            async with timer:
+                delivery = await channel.send(outbound)
+        except TimeoutError as exc:
+            if timer.expired():
+                return Delivery(
+                    "retry", f"no answer within {max(seconds, 0.0):.2g}s (the send timeout)"
+                ), True
+            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False
+        except OSError as exc:
+            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False
+        except (Exception, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # the service is stopping this task: not the plugin's doing
             log.exception("delivery.channel_error", channel=channel.name)
-            delivery = Delivery("failed", f"channel error: {type(exc).__name__}: {exc}")
-        return self._result(delivery, channel.name, attempt, now)
+            return Delivery("failed", f"channel error: {type(exc).__name__}: {exc}"), False
+        if not isinstance(delivery, Delivery):
+            return Delivery(
+                "failed", f"channel error: send returned {type(delivery).__name__}, not a Delivery"
+            ), False
+        return delivery, False
 
     def _result(self, delivery: Delivery, channel: str, attempt: int, now: datetime) -> Result:
         if delivery.status == "sent":
+            record = delivery.record
+            try:
+                bson.encode(record)
+            except Exception:  # kept on the message: it must be storable, or it is left out
+                log.warning("delivery.record_dropped", channel=channel, record=repr(record)[:200])
+                record = {}
             return Result("sent", channel, delivery.reason, provider_id=delivery.provider_id, attempt=attempt,
-                          unreachable=delivery.unreachable, record=delivery.record)  # fmt: skip
+                          unreachable=delivery.unreachable, record=record)  # fmt: skip
         if delivery.status == "failed":
             return Result(
                 "failed", channel, delivery.reason, attempt=attempt, unreachable=delivery.unreachable

@@ -10,6 +10,7 @@ import msgspec
 MessageStatus = Literal[
     "scheduled",
     "sending",
+    "uncertain",  # the send was interrupted and may have arrived; not sent again
     "sent",
     "failed",
     "suppressed",

@@ -4,7 +4,9 @@ Entries are claimed in batches with a lease (`status: running`, an owner token a
 processes never run the same entry; a process that dies mid-batch loses its lease and the entries go
 back to `pending`. Each entry's effect is written idempotently before the entry is marked done: a send
 goes through the delivery pipeline and outbox (rulesvc.delivery), and a wait's `else` becomes one
-internal event in the inbox under a fixed id.
+internal event in the inbox under a fixed id. An entry whose processing raises (a corrupt document, a
+plugin's bug) is set aside, `failed` with the error on the entry and its message, while the rest of its
+batch goes on: one bad entry never holds the schedule up.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import bson
 import structlog
 from pymongo import ASCENDING, UpdateOne
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
 
 from rulesvc.delivery import Dispatcher, Result
 from rulesvc.engine import timer_event
@@ -25,6 +28,33 @@ from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
 from rulesvc.waiting import Every, renewing, work_loop
 
 log = structlog.get_logger(__name__)
+
+# What the scheduler itself reads from an entry; anything else is the delivery pipeline's or the inbox's.
+ENTRY_FIELDS = {"contact_id": str, "ruleset": str}
+
+
+def malformed(entry: Doc) -> str | None:
+    for name, kind in ENTRY_FIELDS.items():
+        if not isinstance(entry.get(name), kind):
+            return f"schedule entry field `{name}` is {type(entry.get(name)).__name__}, not {kind.__name__}"
+    return None
+
+
+def error_reason(exc: BaseException) -> str:
+    return f"could not be processed: {type(exc).__name__}: {exc}"[:500]
+
+
+def transient(exc: Exception) -> bool:
+    """An unreachable or slow database, as opposed to an error that the same entry would raise again."""
+    return isinstance(exc, ConnectionFailure) or (isinstance(exc, PyMongoError) and exc.timeout)
+
+
+def storable(value: Any) -> bool:
+    try:
+        bson.encode({"v": value})
+    except Exception:
+        return False
+    return True
 
 
 class Scheduler:
@@ -97,14 +127,16 @@ class Scheduler:
 
     async def fire_due(self) -> int:
         now = self.clock()
-        entries = await self._claim(now)
-        if not entries:
+        claimed = await self._claim(now)
+        if not claimed:
             return 0
         live = self.live_rulesets()
+        owner = claimed[0]["owner"]
+        aside = [(e, why) for e in claimed if (why := malformed(e)) is not None]  # set aside, with why
+        entries = [e for e in claimed if malformed(e) is None]
         removed = [e for e in entries if e["ruleset"] not in live]
         sends = [e for e in entries if e["ruleset"] in live and "message" in e]
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
-        owner = entries[0]["owner"]
 
         async def renew() -> None:
             await self.store.schedule.update_many(
@@ -112,16 +144,18 @@ class Scheduler:
             )
 
         async with renewing("scheduler", renew, self.lease.total_seconds() / 3):
-            results = await self._dispatch(sends, now) if sends else []
+            results = await self._dispatch(sends, now, owner, aside) if sends else []
             if timers:
-                await self._insert_timer_events(timers, now)
-            await self._record(owner, results, timers, removed, now)
-        self.fired += len(entries)
+                timers = await self._insert_timer_events(timers, now, aside)
+            await self._record(owner, results, timers, removed, aside, now)
+        self.fired += len(claimed)
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
-        return len(entries)
+        return len(claimed)
 
-    async def _dispatch(self, entries: list[Doc], now: datetime) -> list[tuple[Doc, Result]]:
+    async def _dispatch(
+        self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]
+    ) -> list[tuple[Doc, Result]]:
         ids = [e["_id"] for e in entries]
         messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
         contact_ids = list({e["contact_id"] for e in entries})
@@ -140,7 +174,16 @@ class Scheduler:
                     done.append((entry, Result("skip", reason="message record missing")))
                     continue
                 async with limit:
-                    result = await self.dispatcher.dispatch(message, contacts.get(entry["contact_id"]), now)
+                    try:
+                        result = await self.dispatcher.dispatch(
+                            message, contacts.get(entry["contact_id"]), now, owner
+                        )
+                    except Exception as exc:
+                        if transient(exc):
+                            raise  # storage trouble is the loop's to wait out, not this message's fault
+                        log.exception("scheduler.entry_failed", entry=entry["_id"])
+                        aside.append((entry, error_reason(exc)))  # the others go on
+                        continue
                 if result.kind == "sent" and entry is not mine[-1] and self.dispatcher.capped(result.channel):
                     # The contact has more messages in this batch: the next cap check must see this one.
                     await self.store.messages.update_one(
@@ -158,25 +201,30 @@ class Scheduler:
         results: list[tuple[Doc, Result]],
         timers: list[Doc],
         removed: list[Doc],
+        aside: list[tuple[Doc, str]],
         now: datetime,
     ) -> None:
         """Message first, entry last: a crash in between re-runs the entry, which finds the message done."""
-        message_ops: dict[str, tuple[list[str], Doc]] = {}  # identical updates are sent as one update_many
+        message_ops: dict[str, tuple[list[str], Doc, Doc]] = {}  # identical updates go as one update_many
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
         contact_ops: list[Any] = []
 
-        def update(message_id: str, guard: list[str], fields: Doc) -> None:
+        def update(message_id: str, guard: Doc, fields: Doc) -> None:
             key = repr((guard, sorted(fields.items())))
-            message_ops.setdefault(key, ([], {"guard": guard, "set": fields}))[0].append(message_id)
+            message_ops.setdefault(key, ([], guard, fields))[0].append(message_id)
 
         for entry, r in results:
             mid = entry["_id"]
+            if r.kind == "wait":  # the message stays as it is; the entry comes back then
+                assert r.at is not None
+                entry_again.append((mid, r.at))
+                continue
             if r.kind in ("postponed", "retry"):
                 fields: Doc = {"status": "scheduled", "due_at": r.at, "reason": r.reason}
                 if r.kind == "retry":
                     fields |= {"attempt": r.attempt}
-                update(mid, ["scheduled", "sending"], fields)
+                update(mid, r.guard, fields)
                 assert r.at is not None
                 entry_again.append((mid, r.at))
                 continue
@@ -191,21 +239,32 @@ class Scheduler:
                 fields |= {k: v for k, v in r.record.items() if k not in fields}
             elif r.channel:
                 fields["sent_channel"] = r.channel
-            update(mid, ["scheduled", "sending"], fields)
+            update(mid, r.guard, fields)
             for path, value in r.unreachable:
-                contact_ops.append(UpdateOne({"_id": entry["contact_id"]}, {"$pull": {path: value}}))
+                if isinstance(path, str) and path and not path.startswith("$") and storable(value):
+                    contact_ops.append(UpdateOne({"_id": entry["contact_id"]}, {"$pull": {path: value}}))
         for e in removed:
             update(
                 e["_id"],
-                ["scheduled"],
+                {"status": "scheduled"},
                 {"status": "cancelled", "reason": "ruleset removed", "cancelled_at": now},
             )
-        for ids, op in message_ops.values():
-            await self.store.messages.update_many(
-                {"_id": {"$in": ids}, "status": {"$in": op["guard"]}}, {"$set": op["set"]}
-            )
+        for e, why in aside:
+            if "message" in e:
+                update(
+                    e["_id"],
+                    {"status": {"$in": ["scheduled", "sending"]}},
+                    {"status": "failed", "reason": why},
+                )
+        for ids, guard, fields in message_ops.values():
+            await self._update_messages(ids, guard, fields)
         if contact_ops:
-            await self.store.contacts.bulk_write(contact_ops, ordered=False)
+            try:
+                await self.store.contacts.bulk_write(contact_ops, ordered=False)
+            except BulkWriteError as exc:
+                log.warning(
+                    "scheduler.unreachable_not_removed", errors=exc.details.get("writeErrors", [])[:3]
+                )
         for mid, at in entry_again:
             await self.store.schedule.update_one(
                 {"_id": mid, "owner": owner},
@@ -219,14 +278,41 @@ class Scheduler:
                     {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
                      "$unset": {"lease_until": ""}},
                 )  # fmt: skip
+        for e, why in aside:
+            await self.store.schedule.update_one(
+                {"_id": e["_id"], "owner": owner},
+                {"$set": {"status": "failed", "reason": why, "done_at": now}, "$unset": {"lease_until": ""}},
+            )
 
-    async def _insert_timer_events(self, timers: list[Doc], now: datetime) -> None:
-        """A wait's `else` becomes one inbox event under a fixed id: re-running the entry cannot double it."""
-        docs = []
+    async def _update_messages(self, ids: list[str], guard: Doc, fields: Doc) -> None:
+        """One write for many messages; if the database refuses it (a value it cannot store), one by one,
+        and a message whose result cannot be stored gets at least its status and the error."""
+        try:
+            await self.store.messages.update_many({"_id": {"$in": ids}, **guard}, {"$set": fields})
+            return
+        except Exception as exc:
+            if transient(exc):
+                raise
+            log.warning("scheduler.record_refused", error=f"{type(exc).__name__}: {exc}"[:300])
+        for mid in ids:
+            try:
+                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": fields})
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                minimal = {"status": fields["status"], "reason": error_reason(exc)}
+                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": minimal})
+
+    async def _insert_timer_events(
+        self, timers: list[Doc], now: datetime, aside: list[tuple[Doc, str]]
+    ) -> list[Doc]:
+        """A wait's `else` becomes one inbox event under a fixed id: re-running the entry cannot double it.
+        Returns the entries whose event is in the inbox; the others are set aside with the error."""
+        docs, fired = [], []
         for entry in timers:
-            event = timer_event(entry)
-            docs.append(
-                {
+            try:
+                event = timer_event(entry)
+                doc = {
                     "_id": event.id,
                     "type": event.type,
                     "contact_id": event.contact_id,
@@ -235,9 +321,22 @@ class Scheduler:
                     "received_at": now,
                     "state": PENDING,
                 }
-            )
+                bson.encode(doc)
+            except Exception as exc:
+                log.exception("scheduler.entry_failed", entry=entry["_id"])
+                aside.append((entry, error_reason(exc)))
+                continue
+            docs.append(doc)
+            fired.append(entry)
+        if not docs:
+            return fired
         try:
             await self.store.events.insert_many(docs, ordered=False)
         except BulkWriteError as exc:  # already inserted by a run that died before marking done
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                raise
+            refused = {
+                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
+            }
+            for index, error in refused.items():
+                aside.append((fired[index], f"could not be processed: {error.get('errmsg', error)}"[:500]))
+            fired = [e for i, e in enumerate(fired) if i not in refused]
+        return fired

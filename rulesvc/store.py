@@ -468,6 +468,21 @@ def contact_from_doc(doc: Doc) -> Contact:
 
 
 def message_from_doc(doc: Doc) -> Message:
-    return msgspec.convert(
-        {"message_id": doc["_id"], **{k: v for k, v in doc.items() if k != "_id"}}, Message
-    )
+    fields = {"message_id": doc["_id"], **{k: v for k, v in doc.items() if k != "_id"}}
+    try:
+        return msgspec.convert(fields, Message)
+    except msgspec.ValidationError:
+        pass
+    # A record written by hand, or damaged: the history shows what it can (the scheduler sets such a
+    # message aside with the error as its reason) instead of failing the whole page.
+    kept: Doc = {}
+    for info in msgspec.structs.fields(Message):
+        try:
+            kept[info.name] = msgspec.convert(fields[info.name], info.type)
+        except (KeyError, msgspec.ValidationError):
+            if info.required:
+                value = fields.get(info.name)
+                kept[info.name] = {"created_at": datetime(1970, 1, 1, tzinfo=UTC), "status": "failed"}.get(
+                    info.name, "" if value is None else str(value)
+                )
+    return Message(**kept)

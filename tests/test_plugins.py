@@ -83,5 +83,5 @@ async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
     [line] = outbox.read_text().splitlines()
     assert json.loads(line)["body"] == "Code E-42"
     channels = await (await client.get("/v1/channels")).json()
-    assert {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "idempotent": True,
-            "callbacks": False} in channels["channels"]  # fmt: skip
+    assert {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "deduplicates": True,
+            "callbacks": False, "send_timeout_seconds": 10.0} in channels["channels"]  # fmt: skip

@@ -42,17 +42,17 @@ def test_kill_9_again_and_again_loses_nothing_and_sends_nothing_twice(
             counts = {c["_id"]: c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})}
             expected = Counter(e["contact_id"] for e in acked)
             assert counts == dict(expected)  # every acknowledged event evaluated exactly once
-            statuses = Counter(m["status"] for m in db.messages.find({}))
-            assert statuses == Counter({"sent": len(acked)})
-        ids = {m for m in receiver.raw}
-        assert len(ids) == len(acked)  # every message arrived
+            statuses = {m["_id"]: m["status"] for m in db.messages.find({})}
+        assert len(statuses) == len(acked) and set(statuses.values()) <= {"sent", "uncertain"}
+        # The webhook channel de-duplicates: a send a kill interrupted (before its outcome was written)
+        # is made once more with the same Idempotency-Key, which the receiver ignores; interrupted again,
+        # it is `uncertain` and not made a third time. So every message is sent or reported, none is
+        # posted more than twice, and every one sent arrived.
+        assert max(receiver.raw.values()) <= 2
+        assert all(receiver.raw[m] >= 1 for m, status in statuses.items() if status == "sent")
         repeats = {k: n for k, n in receiver.raw.items() if n > 1}
-        # The webhook channel is idempotent: a send a kill interrupted (before its outcome was written)
-        # is made again with the same Idempotency-Key, which the receiver de-duplicates. So the effect is
-        # exactly once (one key per message, every message present), while the wire may carry repeats;
-        # channels without such a key are never repeated (tests/test_delivery.py).
-        extra = sum(repeats.values()) - len(repeats)
-        print(f"kills={kills} events={len(acked)} keys_repeated={len(repeats)} extra_posts={extra}")
+        uncertain = sum(status == "uncertain" for status in statuses.values())
+        print(f"kills={kills} events={len(acked)} keys_repeated={len(repeats)} uncertain={uncertain}")
     finally:
         service.stop()
 
@@ -94,7 +94,8 @@ def test_three_processes_on_one_database(mongod: EmbeddedMongod, tmp_path: Path,
 def test_sigterm_lets_the_send_in_flight_finish(tmp_path: Path) -> None:
     slow = Receiver(delay=2.0)
     try:
-        service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), slow))
+        # A lease of 6 s lets a send take 4 s: the slow provider answers within it.
+        service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), slow, RULESVC_LEASE_SECONDS="6"))
         service.start()
         event = {"id": "g1", "type": "order", "contact_id": "c1", "attributes": {"n": 1}}
         assert service.request("POST", "/v1/events", event)[0] == 202

@@ -8,7 +8,7 @@ import hmac
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,9 @@ class Receiver:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.raw: Counter[str] = Counter()  # deliveries per Idempotency-Key, repeats included
+        # Per Idempotency-Key, each request's (arrived, answered) on the monotonic clock.
+        self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.open: dict[int, str] = {}  # requests being answered now: the sender's port -> key
         self.lock = threading.Lock()
         self.delay = delay
         self.started = threading.Event()
@@ -37,10 +40,15 @@ class Receiver:
                     self.send_response(401)
                     self.end_headers()
                     return
+                key, port, arrived = self.headers["Idempotency-Key"], self.client_address[1], time.monotonic()
+                with receiver.lock:
+                    receiver.open[port] = key
                 receiver.started.set()
                 time.sleep(receiver.delay)  # a slow provider
                 with receiver.lock:
-                    receiver.raw[self.headers["Idempotency-Key"]] += 1
+                    receiver.raw[key] += 1
+                    receiver.spans[key].append((arrived, time.monotonic()))
+                    del receiver.open[port]
                 self.send_response(204)
                 self.end_headers()
 
@@ -65,7 +73,7 @@ def flow(folder: Path) -> Path:
 
 def env_for(rulesets: Path, receiver: Receiver, **extra: str) -> dict[str, str]:
     return {"RULESVC_RULESETS_DIR": str(rulesets), "RULESVC_CHANNEL_WEBHOOK_URL": receiver.url,
-            "RULESVC_CHANNEL_WEBHOOK_SECRET": SECRET, "RULESVC_LEASE_SECONDS": "1",
+            "RULESVC_CHANNEL_WEBHOOK_SECRET": SECRET, "RULESVC_LEASE_SECONDS": "2",
             "RULESVC_RETRY_BASE_SECONDS": "0.2", "RULESVC_RATE_LIMIT": "0", "RULESVC_QUIET_HOURS": "",
             **extra}  # fmt: skip
 
@@ -86,7 +94,7 @@ def post_orders(service: ServiceProcess, start: int, count: int) -> list[dict[st
 def settle(db: Any, expected: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = db.messages.count_documents({"status": {"$in": ["sent", "failed", "dead"]}})
+        done = db.messages.count_documents({"status": {"$in": ["sent", "failed", "dead", "uncertain"]}})
         if done >= expected and db.events.count_documents({"state": "pending"}) == 0:
             return
         time.sleep(0.2)

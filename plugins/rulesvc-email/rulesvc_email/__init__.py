@@ -2,12 +2,13 @@
 
 Settings ([channels.email] or RULESVC_CHANNEL_EMAIL_*): `host`, `from` (required); `port` (587),
 `security` (`starttls`, `tls` for implicit TLS on 465, or `none` for a local relay), `username`,
-`password`, `reply_to`, `timeout` (seconds, 30), `unsubscribe_url` (with `{contact_id}` and
+`password`, `reply_to`, `timeout` (seconds, 10), `unsubscribe_url` (with `{contact_id}` and
 `{message_id}`, for the List-Unsubscribe header of marketing mail; an https URL also gets
 List-Unsubscribe-Post for one-click unsubscribe, RFC 8058), `unsubscribe_mailto`,
 `ca_file` (to trust a private CA).
 
-SMTP has no idempotency key, so a send interrupted by a crash is not repeated (see rulesvc.delivery).
+SMTP has no idempotency key, so a send a crash may have interrupted is not repeated: the message is
+marked `uncertain` (see rulesvc.delivery).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ MAIL_POLICY = email.policy.default.clone(header_factory=_HEADERS)
 
 class EmailChannel:
     name = "email"
-    idempotent = False
+    deduplicates = False  # SMTP has no idempotency key
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.host = str(config.get("host", ""))
@@ -57,7 +58,7 @@ class EmailChannel:
         self.password = config.get("password")
         self.sender = str(config.get("from", ""))
         self.reply_to = config.get("reply_to")
-        self.timeout = float(config.get("timeout", 30))
+        self.timeout = float(config.get("timeout", 10))
         self.unsubscribe_url = config.get("unsubscribe_url")
         self.unsubscribe_mailto = config.get("unsubscribe_mailto")
         self.tls_context = ssl.create_default_context(cafile=config.get("ca_file"))

@@ -40,7 +40,7 @@ def signed_jwt(account: dict[str, Any], now: float) -> str:
 
 class PushChannel(HttpChannel):
     name = "push"
-    idempotent = False  # FCM v1 has no idempotency key
+    deduplicates = False  # FCM v1 has no idempotency key
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.problem: str | None = None
@@ -61,7 +61,7 @@ class PushChannel(HttpChannel):
         if not self.problem and missing:
             self.problem = f"service account key lacks: {', '.join(missing)}"
         self.base_url = str(config.get("base_url", "https://fcm.googleapis.com")).rstrip("/")
-        self.timeout = float(config.get("timeout", 15))
+        self.timeout = float(config.get("timeout", 10))
         self._token: str | None = None
         self._token_expires = 0.0
 

@@ -51,7 +51,7 @@ def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
 
 class SmsChannel(HttpChannel):
     name = "sms"
-    idempotent = False  # the Messages API takes no idempotency key
+    deduplicates = False  # the Messages API takes no idempotency key
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.account_sid = str(config.get("account_sid", ""))
@@ -61,7 +61,7 @@ class SmsChannel(HttpChannel):
         self.base_url = str(config.get("base_url", "https://api.twilio.com")).rstrip("/")
         self.callback_url = config.get("status_callback_url")
         self.max_segments = int(config.get("max_segments", 10))
-        self.timeout = float(config.get("timeout", 15))
+        self.timeout = float(config.get("timeout", 10))
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("account_sid", "auth_token") if not getattr(self, k)]

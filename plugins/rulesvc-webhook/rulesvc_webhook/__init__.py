@@ -27,7 +27,7 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 class WebhookChannel(HttpChannel):
     name = "webhook"
-    idempotent = True  # the receiver de-duplicates by Idempotency-Key
+    deduplicates = True  # the receiver ignores an Idempotency-Key it has seen
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.url = str(config.get("url", ""))

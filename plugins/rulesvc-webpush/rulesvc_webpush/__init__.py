@@ -96,13 +96,13 @@ def vapid_header(key: ec.EllipticCurvePrivateKey, endpoint: str, subject: str, n
 
 class WebPushChannel(HttpChannel):
     name = "webpush"
-    idempotent = False  # a push service has no idempotency key
+    deduplicates = False  # a push service has no idempotency key
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.subject = str(config.get("subject", ""))
         self.ttl = int(config.get("ttl", 86400))
         self.urgency = str(config.get("urgency", "normal"))
-        self.timeout = float(config.get("timeout", 15))
+        self.timeout = float(config.get("timeout", 10))
         self.problem: str | None = None
         self.key: ec.EllipticCurvePrivateKey | None = None
         try:
