@@ -76,7 +76,9 @@ class Outcome:
 class Channel(Protocol):
     """A channel plugin. Besides these members a channel may set `local = True` when a send never leaves
     the service (the in-app inbox, the log): it needs no `sending` mark and a re-run is harmless. It
-    may set `timeout` (seconds): a send is cut at the lower of it and two thirds of the lease."""
+    may set `timeout` (seconds): a send is cut at the lower of it and two thirds of the lease. It may
+    set `html = True` when its title and body are shown in web pages (the in-app inbox): template
+    params in them are then HTML-escaped."""
 
     name: str
     # The receiver ignores a repeat of a message id it has already seen (the webhook's Idempotency-Key).

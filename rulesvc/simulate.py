@@ -46,7 +46,7 @@ from rulesvc.events import (
     time_in_range,
 )
 from rulesvc.events import _semantic_errors as event_problems
-from rulesvc.ids import fanout_copy_id
+from rulesvc.ids import Id, fanout_copy_id
 from rulesvc.ruleformat import RulesetFile
 
 log = structlog.get_logger(__name__)
@@ -56,7 +56,7 @@ DEFAULT_HORIZON = timedelta(days=90)
 
 
 class SimContact(ContactIn, kw_only=True):
-    contact_id: str
+    contact_id: Id
 
 
 class SimulateRequest(msgspec.Struct, forbid_unknown_fields=True):

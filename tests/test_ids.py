@@ -72,3 +72,10 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     await eventually(copied, 15)
     copies = await db.events.find({"fanout_of": "pc"}).to_list()
     assert sorted(c["contact_id"] for c in copies) == ["c1", "c2"]  # both got their copy, none was lost
+
+
+async def test_simulated_contacts_follow_the_same_rule(client: Any) -> None:
+    body = {"events": [], "contacts": [{"contact_id": "a b"}]}
+    resp = await client.post("/v1/simulate", json=body)
+    assert resp.status == 422
+    assert (await resp.json())["path"] == "$.contacts[0].contact_id"
