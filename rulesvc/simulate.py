@@ -332,13 +332,24 @@ class Simulator:
     """The simulator process of one service worker: started at the first simulation and kept for the next;
     stopped (and started afresh next time) when a simulation runs over its time budget.
 
-    One simulation at a time per worker; a second waits for the first, up to the budget, then gets 429.
+    One simulation runs at a time per worker and one more may wait for it (at most the budget); any
+    further one gets 429 at once, with a Retry-After of the budget.
     """
 
     def __init__(self, budget_seconds: float) -> None:
         self.budget = budget_seconds
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
+        self.queued = 0  # requests waiting for the running simulation
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    @property
+    def pid(self) -> int | None:
+        """The simulator process, while there is one."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
     async def run(
         self, rulesets: Iterable[CompiledRuleset], body: bytes, limits: Limits
@@ -352,23 +363,28 @@ class Simulator:
                 limits.max_contacts,
             )
         )
-        try:
-            async with asyncio.timeout(self.budget):
-                await self._lock.acquire()
-        except TimeoutError:
+        if self.busy and self.queued >= 1:
             retry = str(max(1, math.ceil(self.budget)))
-            busy = Refused(429, f"another simulation is running in this process; retry after {retry} s")
+            busy = Refused(
+                429, f"two simulations are running or waiting in this process; retry after {retry} s"
+            )
             return 429, busy.body(), {"Retry-After": retry}
+        self.queued += 1
+        try:
+            await self._lock.acquire()  # the one running ends within its budget
+        finally:
+            self.queued -= 1
         try:
             return await self._run(job)
         finally:
             self._lock.release()
 
     async def _run(self, job: bytes) -> tuple[int, bytes, dict[str, str]]:
-        proc = await self._process()
-        assert proc.stdin is not None and proc.stdout is not None
+        proc: asyncio.subprocess.Process | None = None
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout(self.budget):  # from the start: a simulation answers within it
+                proc = await self._process()
+                assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write(_frame(job))
                 await proc.stdin.drain()
                 size = int.from_bytes(await proc.stdout.readexactly(_HEADER), "big")
@@ -384,8 +400,9 @@ class Simulator:
             return 422, over.body(), {}
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             await self._stop(kill=True)
-            log.error("simulate.process_failed", error=repr(exc), returncode=proc.returncode)
-            failed = Refused(500, f"the simulator process stopped (exit code {proc.returncode})")
+            code = proc.returncode if proc is not None else None
+            log.error("simulate.process_failed", error=repr(exc), returncode=code)
+            failed = Refused(500, f"the simulator process stopped (exit code {code})")
             return 500, failed.body(), {}
         except BaseException:
             await self._stop(kill=True)  # cancelled mid-conversation: its state is unknown
