@@ -261,7 +261,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     from rulesvc.channels import builtin_channels
     from rulesvc.events import MalformedBody, decode_ndjson_body, split_validation_error
     from rulesvc.rulesets import Rulesets
-    from rulesvc.simulate import SimContact, SimulateRequest, simulate
+    from rulesvc.simulate import Refused, SimContact, SimulateRequest, simulate
 
     rulesets = Rulesets(Path(args.rulesets or load_settings().rulesets_dir), builtin_channels().names())
     rulesets.reload()
@@ -298,7 +298,11 @@ def simulate_command(args: argparse.Namespace) -> int:
     except msgspec.ValidationError:
         print(f"rulesvc: --until {args.until!r} is not an RFC 3339 time", file=sys.stderr)
         return 1
-    result = simulate(rulesets.engine(), SimulateRequest(events, contacts, until))
+    try:
+        result = simulate(rulesets.engine(), SimulateRequest(events, contacts, until))
+    except Refused as exc:  # an event the engine could not evaluate: which one, and why
+        print(f"rulesvc: {args.events}: {exc.path}: {exc.message}", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.buffer.write(msgspec.json.encode(result) + b"\n")
         return 0

@@ -279,9 +279,19 @@ def _paths() -> Schema:
                 "responses": {
                     "200": _json(_ref("SimulateResult"), "every action in time order"),
                     "400": bad_request,
-                    "413": _error("body over the limit"),
+                    "413": _error(
+                        "body over the limit, or more events or contacts than RULESVC_SIMULATE_MAX_EVENTS "
+                        "or RULESVC_SIMULATE_MAX_CONTACTS"
+                    ),
                     "415": _error("content type is not JSON"),
-                    "422": _json(_ref("SimulateRejected"), "invalid request, with the field path"),
+                    "422": _json(
+                        _ref("SimulateRejected"),
+                        "invalid request, with the field path; or an event the engine could not evaluate; "
+                        "or over the time budget (RULESVC_SIMULATE_BUDGET_SECONDS)",
+                    ),
+                    "429": _error(
+                        "a simulation runs and another waits in this process; retry after Retry-After"
+                    ),
                 },
             }
         },
