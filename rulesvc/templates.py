@@ -50,12 +50,20 @@ def _printable(value: Any) -> Any:
     return value
 
 
-def _without_nulls(value: Any) -> Any:
-    """Null entries become missing ones, so that `| default(...)` and `is defined` see them as absent
-    (a param from an attribute the event did not carry is null)."""
+def _holes(value: Any) -> Any:
+    """Null entries become missing ones (a param from an attribute the event did not carry is null), so
+    `| default(...)`, `is defined` and `{% if %}` see them as absent and printing one names it. The key
+    stays: `params["items"]` must not fall through to the dict's `items` method."""
     if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: Missing(name=k) if v is None else _holes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_holes(v) for v in value]
     return value
+
+
+def _is_none(value: Any) -> bool:
+    """`is none` holds for a null that became missing (see `_holes`), as it did before."""
+    return value is None or isinstance(value, jinja2.Undefined)
 
 
 def _params_printed(node: jinja2.nodes.Node, guarded: frozenset[str], found: dict[str, None]) -> None:
@@ -124,7 +132,7 @@ class Templates:
         self._cache: dict[tuple[str, bool], tuple[float, list[tuple[str, jinja2.Template]]]] = {}
 
     def _environment(self, escaped: tuple[str, ...]) -> ImmutableSandboxedEnvironment:
-        return ImmutableSandboxedEnvironment(
+        env = ImmutableSandboxedEnvironment(
             loader=jinja2.FileSystemLoader(str(self.directory)),
             autoescape=jinja2.select_autoescape(enabled_extensions=escaped, default_for_string=False),
             undefined=Missing,
@@ -132,6 +140,8 @@ class Templates:
             auto_reload=True,  # an edited file is picked up at the next render
             keep_trailing_newline=False,
         )
+        env.tests["none"] = _is_none
+        return env
 
     def parts(self, name: str) -> list[str]:
         base = self.directory / name
@@ -177,7 +187,7 @@ class Templates:
         """The template's parts; with `html`, `.title` and `.body` are escaped like `.html` (content a
         web page shows). Raises TemplateError for a missing template, part or value."""
         rendered: dict[str, str] = {}
-        context = _without_nulls(context)
+        context = _holes(context)
         for part, template in self._compiled(name, html):
             try:
                 rendered[part] = template.render(context).strip()

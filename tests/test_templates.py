@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rulesvc.api import create_app
 from rulesvc.config import Settings
 from tests.rulesets_helpers import write_ruleset
@@ -126,3 +128,22 @@ def test_check_warns_where_a_template_needs_a_param_the_rule_may_not_give(tmp_pa
         "warning: flow.json:$.rules[2].then[0].wait.else[0].send.params: template `plain.body` prints "
         "`params.code`, which this send does not give: every such message fails with template_error",
     ]
+
+
+def test_a_null_param_counts_as_missing_for_defaults_tests_and_loops(tmp_path: Path) -> None:
+    """A null stays a key (`params["items"]` must not become the dict's `items` method) and reads as
+    missing: defaults apply, `is none`/`is defined`/`if` see it, loops over it run zero times."""
+    from rulesvc.templates import TemplateError, Templates
+
+    (tmp_path / "t.body").write_text(
+        '{% for i in params["items"] or [] %}{{ i }}{% endfor %}|{{ params.name | default("friend") }}|'
+        "{% if params.left is not none %}{{ params.left }}{% endif %}|{{ params.n is defined }}"
+    )
+    (tmp_path / "u.body").write_text("{{ params.tags[0] }}")
+    templates = Templates(tmp_path)
+    nulls = {"params": {"items": None, "name": None, "left": None, "n": None}}
+    assert templates.render("t", nulls) == {"body": "|friend||False"}
+    given = {"params": {"items": ["a", "b"], "name": "Ann", "left": 0, "n": 1}}
+    assert templates.render("t", given) == {"body": "ab|Ann|0|True"}
+    with pytest.raises(TemplateError, match="null"):
+        templates.render("u", {"params": {"tags": [None]}})  # a null inside a list is still no text
