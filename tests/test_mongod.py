@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from rulesvc.mongod import EmbeddedMongod, MongodError, find_mongod, free_port
+from rulesvc.mongod import (
+    Backoff,
+    EmbeddedMongod,
+    MongodError,
+    find_mongod,
+    free_port,
+    lock_data_dir,
+    unlock_data_dir,
+)
 
 
 def count(uri: str) -> int:
@@ -123,3 +131,52 @@ def test_failed_start_reports_mongod_output(tmp_path: Path) -> None:
     ):
         server.start(timeout=30)
     assert server.process is None
+
+
+async def test_a_mongod_that_dies_is_started_again_on_its_port_with_its_data(tmp_path: Path) -> None:
+    import asyncio
+
+    server = EmbeddedMongod(tmp_path, cache_gb=0.25)
+    server.start()
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(server.keep_running(stop, every=0.1))
+    try:
+        port = server.port
+        for round_ in range(2):
+            insert(server.uri, 2)  # journaled, majority: acknowledged
+            assert server.process is not None
+            killed = server.process.pid
+            os.kill(killed, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while server.process is None or server.process.pid == killed or server.exited() is not None:
+                assert time.monotonic() < deadline, "mongod was not started again"
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(server._wait_ready, 30)
+            assert server.port == port  # clients keep their URI
+            assert await asyncio.to_thread(count, server.uri) == 2 * (round_ + 1)
+    finally:
+        stop.set()
+        await keeper
+        server.stop()
+
+
+def test_restart_pauses_grow_while_a_process_keeps_dying_and_reset_after_a_good_run() -> None:
+    backoff = Backoff(first=0.5, cap=30.0, stable=60.0)
+    assert [backoff.after(1.0) for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff.after(61.0) == 0.5  # it had run well: a new series
+
+
+def test_one_owner_per_data_directory_across_processes(tmp_path: Path) -> None:
+    lock_data_dir(tmp_path, port=8123)
+    lock_data_dir(tmp_path)  # the same process again (serve, then its mongod): counted, not refused
+    other = "from rulesvc.mongod import lock_data_dir; import sys; lock_data_dir(sys.argv[1])"
+    try:
+        refused = subprocess.run([sys.executable, "-c", other, str(tmp_path)], capture_output=True, text=True)
+        message = f"rulesvc is already running on this data directory (pid {os.getpid()}, port 8123)"
+        assert refused.returncode == 1 and message in refused.stderr
+        unlock_data_dir(tmp_path)
+        again = subprocess.run([sys.executable, "-c", other, str(tmp_path)], capture_output=True)
+        assert again.returncode == 1  # still held: one take was given back, one is left
+    finally:
+        unlock_data_dir(tmp_path)
+    assert subprocess.run([sys.executable, "-c", other, str(tmp_path)]).returncode == 0  # released
