@@ -24,12 +24,13 @@ from rulesvc import openapi
 from rulesvc.auth import (
     DEFAULT_INBOX_TOKEN_TTL,
     INBOX_TOKEN_PREFIX,
-    MAX_INBOX_TOKEN_TTL,
+    TTL_RULE,
     ApiKey,
     InboxTokens,
     Keys,
     RateLimiter,
     hand_out_first_key,
+    inbox_token_ttl,
 )
 from rulesvc.bodies import decoding_problem, utf8_problem
 from rulesvc.builtin import BUILTIN_PLUGINS
@@ -38,7 +39,7 @@ from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChann
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
 from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, send_timeout
-from rulesvc.durations import DURATION_PATTERN, parse_duration
+from rulesvc.durations import DURATION_PATTERN
 from rulesvc.events import (
     MESSAGE_EVENT_TYPES,
     Event,
@@ -658,14 +659,15 @@ async def post_inbox_token(request: web.Request) -> web.Response:
                 415, f"unsupported content type `{request.content_type}`; use application/json"
             )
         try:
-            ttl = parse_duration(_INBOX_TOKEN_REQUEST.decode(body).ttl)
+            asked = inbox_token_ttl(_INBOX_TOKEN_REQUEST.decode(body).ttl)
         except msgspec.ValidationError as exc:
             path, message = split_validation_error(exc)
             return json_response(SimulateRejected(message, path), 422)
         except msgspec.DecodeError as exc:
             return error_response(400, f"malformed JSON: {exc}")
-        if not timedelta(0) < ttl <= MAX_INBOX_TOKEN_TTL:
-            return json_response(SimulateRejected("ttl must be more than 0s and at most 30d", "$.ttl"), 422)
+        if asked is None:
+            return json_response(SimulateRejected(TTL_RULE, "$.ttl"), 422)
+        ttl = asked
     token, expires_at = await request.app[INBOX_TOKENS].mint(contact_id, ttl)
     return json_response(InboxToken(token, contact_id, expires_at))
 

@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
+from rulesvc.durations import parse_duration
+
 Scope = Literal["ingest", "admin"]
 SCOPES: tuple[Scope, ...] = ("ingest", "admin")
 KEY_FORMAT = re.compile(r"^rsk_([0-9a-f]{12})_([A-Za-z0-9_-]{32,64})$")
@@ -105,6 +107,18 @@ INBOX_TOKEN_PREFIX = "rsi"
 INBOX_SECRET_ID = "inbox_tokens"
 DEFAULT_INBOX_TOKEN_TTL = timedelta(hours=1)
 MAX_INBOX_TOKEN_TTL = timedelta(days=30)
+
+
+TTL_RULE = "ttl must be a duration like 15m, 1h or 7d, more than 0s and at most 30d"
+
+
+def inbox_token_ttl(text: str) -> timedelta | None:
+    """The lifetime asked for, or None if it is not one a token may have (huge numbers included)."""
+    try:
+        ttl = parse_duration(text)
+    except (ValueError, OverflowError):
+        return None
+    return ttl if timedelta(0) < ttl <= MAX_INBOX_TOKEN_TTL else None
 
 
 def _b64(data: bytes) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rulesvc import __version__
@@ -108,20 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inbox_token_command(args: argparse.Namespace) -> int:
-    from rulesvc.auth import MAX_INBOX_TOKEN_TTL, InboxTokens
-    from rulesvc.durations import parse_duration
+    from rulesvc.auth import TTL_RULE, InboxTokens, inbox_token_ttl
     from rulesvc.ids import id_problem
 
     problem = id_problem(args.contact, "contact_id")
-    try:
-        ttl = parse_duration(args.ttl)
-    except ValueError as exc:
-        problem = problem or f"--ttl: {exc}"
-    else:
-        if not timedelta(0) < ttl <= MAX_INBOX_TOKEN_TTL:
-            problem = problem or "--ttl must be more than 0s and at most 30d"
-    if problem:
-        print(f"rulesvc: {problem}", file=sys.stderr)
+    ttl = inbox_token_ttl(args.ttl)
+    if problem or ttl is None:
+        print(f"rulesvc: {problem or '--' + TTL_RULE}", file=sys.stderr)
         return 1
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:

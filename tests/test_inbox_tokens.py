@@ -128,6 +128,7 @@ async def test_an_ingest_key_alone_no_longer_opens_an_inbox_and_an_admin_key_ope
 async def test_token_lifetimes_are_checked(make_client: Any, settings: Settings) -> None:
     client = await make_client(create_app(settings), scope="ingest")
     for body, path in [({"ttl": "0s"}, "$.ttl"), ({"ttl": "31d"}, "$.ttl"), ({"ttl": "soon"}, "$.ttl"),
+                       ({"ttl": "34002193335d58405230924d"}, "$.ttl"),  # found by fuzzing: a 500
                        ({"ttl": "1h", "contact": "c2"}, "$")]:  # fmt: skip
         resp = await client.post("/v1/contacts/c1/inbox-token", json=body)
         assert resp.status == 422, body
@@ -157,6 +158,11 @@ async def test_cli_mints_a_token_the_service_accepts(
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode == 1 and "contact_id may not contain whitespace" in bad.stderr
+    huge = subprocess.run(
+        [sys.executable, "-m", "rulesvc", "inbox-token", "c-42", "--ttl", "99999999999999d"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert huge.returncode == 1 and "at most 30d" in huge.stderr
 
 
 async def test_outcome_events_from_an_ingest_key_must_name_a_message_of_that_contact(
