@@ -153,11 +153,18 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+# Loaded here, not in the child between fork and exec: the service has threads by the time it restarts
+# a mongod or a worker, and a dlopen there could wait forever on a loader lock another thread held.
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Runs in a child (mongod, a worker): if rulesvc is killed with SIGKILL, the kernel stops it too."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
     os.setpgrp()  # a Ctrl-C in the terminal reaches rulesvc alone, which then stops its children in order
 
 
