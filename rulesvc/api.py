@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import time
 import uuid
@@ -38,7 +39,7 @@ from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel, deduplicates
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
-from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, send_timeout
+from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, quiet_channels, send_timeout
 from rulesvc.durations import DURATION_PATTERN
 from rulesvc.events import (
     MESSAGE_EVENT_TYPES,
@@ -975,6 +976,7 @@ def send_policy(settings: Settings) -> SendPolicy:
         retry_base=timedelta(seconds=settings.retry_base_seconds),
         retry_max=timedelta(seconds=settings.retry_max_seconds),
         lease=timedelta(seconds=settings.lease_seconds),
+        quiet_channels=quiet_channels(settings.channels, dict(os.environ)),
     )
 
 

@@ -204,6 +204,12 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
     except msgspec.ValidationError as exc:
         raise _validation_error("environment", exc) from exc
     check(settings)
+    try:
+        from rulesvc.delivery import quiet_channels
+
+        quiet_channels(settings.channels, env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return settings
 
 
