@@ -372,6 +372,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(exc, ConnectionResetError) and _client_gone(request):
             log.info("http.client_gone", method=request.method, path=request.path)
             return web.Response(status=CLIENT_CLOSED_REQUEST)
+        if isinstance(exc, OverflowError):
+            # A number or a time from the request too large to compute with (a duration of 10^40 weeks)
+            # that no check caught: the client's to fix; logged with where, so a check gets added.
+            log.warning("http.out_of_range", method=request.method, path=request.path, exc_info=True)
+            return error_response(400, "a number or time in the request is out of range")
         log.exception("http.unhandled")
         return error_response(500, "internal error")
 

@@ -70,6 +70,7 @@ JUNK: dict[str, bytes] = {
     "contact with a huge expirationTime": b'{"webpush_subscriptions": [{"endpoint": "https://p.example/x", '
     b'"keys": {"p256dh": "a", "auth": "b"}, "expirationTime": 18446744073709551615}]}',
     "inbox action junk": b'{"action": ["shown"]}',
+    "a duration beyond any calendar": b'{"ttl": "7291473567w904644316818540407494d1m"}',
 }
 
 NDJSON_JUNK: dict[str, bytes] = {
