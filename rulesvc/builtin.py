@@ -6,11 +6,14 @@ channel of the same name replaces the placeholder (entry points load after the b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from rulesvc.channels import STANDARD_CHANNELS, Channel, Delivery, LogChannel, OutboundMessage, Unconfigured
 from rulesvc.hookspecs import hookimpl
+
+SAFE_URL = re.compile(r"^(https?://|/(?![/\\]))", re.IGNORECASE)  # not //host or /\host: another site
 
 
 class InAppChannel:
@@ -30,6 +33,9 @@ class InAppChannel:
     async def send(self, message: OutboundMessage) -> Delivery:
         if not (message.content.get("title") or message.content.get("body")):
             return Delivery("failed", "template has neither a title nor a body")
+        url = message.content.get("url", "")
+        if url and not SAFE_URL.match(url):  # a page puts it in a link: no javascript:, data:, ...
+            return Delivery("failed", "template_error: `.url` must be an http(s) URL or a path on the shop")
         content = {k: message.content[k] for k in ("title", "body", "url") if k in message.content}
         return Delivery("sent", record={"content": content})
 

@@ -147,3 +147,24 @@ def test_a_null_param_counts_as_missing_for_defaults_tests_and_loops(tmp_path: P
     assert templates.render("t", given) == {"body": "ab|Ann|0|True"}
     with pytest.raises(TemplateError, match="null"):
         templates.render("u", {"params": {"tags": [None]}})  # a null inside a list is still no text
+
+
+async def test_an_inapp_link_must_be_http_or_a_path_on_the_shop(make_client: Any, settings: Settings) -> None:
+    """A page puts `url` in a link: `javascript:` (or another site via `//host`) from an event attribute
+    would run in the shop's page."""
+    folder = Path(settings.rulesets_dir)
+    (folder / "templates").mkdir(parents=True, exist_ok=True)
+    (folder / "templates" / "link.title").write_text("Back in stock")
+    (folder / "templates" / "link.url").write_text("{{ params.link }}")
+    sends = [{"send": {"channel": "inapp", "template": "link", "params": {"link": "$attributes.link"}}}]
+    write_ruleset(folder, "flow", {"rules": [{"name": "go", "when": {"event": "go"}, "then": sends}]})
+    client = await make_client(create_app(settings))
+    links = ["javascript:alert(document.cookie)", "//evil.example/x", "/cart?x=1", "https://shop.example/p/1"]
+    for i, link in enumerate(links):
+        await post(client, f"e{i}", link=link)
+    messages = await settled(client, count=4)
+    by_event = {m["message_id"].split("/")[0]: m for m in messages}
+    assert [by_event[f"e{i}"]["status"] for i in range(4)] == ["failed", "failed", "sent", "sent"]
+    assert by_event["e0"]["reason"] == "template_error: `.url` must be an http(s) URL or a path on the shop"
+    inbox = (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"]
+    assert sorted(m["content"]["url"] for m in inbox) == ["/cart?x=1", "https://shop.example/p/1"]
