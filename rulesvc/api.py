@@ -307,10 +307,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         bearer_token = presented if presented.startswith(f"{INBOX_TOKEN_PREFIX}.") else ""
         token = request.query.get("token") or bearer_token
         if token:
-            refused = await request.app[INBOX_TOKENS].check(token, request.match_info["contact_id"])
+            contact_id = request.match_info["contact_id"]
+            refused = await request.app[INBOX_TOKENS].check(token, contact_id)
             if refused is not None:
                 challenge = {"WWW-Authenticate": 'Bearer realm="rulesvc"'} if refused.status == 401 else None
                 return error_response(refused.status, refused.message, challenge)
+            wait = request.app[LIMITER].check(f"inbox:{contact_id}")  # each page as an API key would be
+            if wait is not None:
+                seconds = str(max(1, math.ceil(wait)))
+                return error_response(429, "rate limit for this inbox exceeded", {"Retry-After": seconds})
             return await handler(request)
     key = await request.app[KEYS].verify(presented) if presented else None
     if key is None:

@@ -14,7 +14,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from rulesvc.api import KEYS, create_app
+from rulesvc.auth import RateLimiter
 from rulesvc.config import Settings
 
 
@@ -215,3 +218,32 @@ async def test_outcome_events_from_an_ingest_key_must_name_a_message_of_that_con
     admin, _ = await app[KEYS].create("admin")
     resp = await client.post("/v1/events", json=bounce("b5"), headers={"Authorization": f"Bearer {admin}"})
     assert resp.status == 202
+
+
+async def test_a_page_is_rate_limited_per_inbox_as_a_key_would_be(
+    aiohttp_client: Any, settings: Settings, db: Any
+) -> None:
+    slow = msgspec.structs.replace(settings, rate_limit=1.0)  # a request a second, bursts of 2
+    client = await aiohttp_client(create_app(slow))
+    admin, _ = await client.server.app[KEYS].create("admin")
+    await client.post("/v1/contacts/c1/inbox-token", headers={"Authorization": f"Bearer {admin}"})
+    secret = await server_secret(db)
+    expires = int(time.time()) + 600
+    page_1 = {"Authorization": f"Bearer {signed(secret, 'c1', expires)}"}
+    page_2 = {"Authorization": f"Bearer {signed(secret, 'c2', expires)}"}
+    statuses = [(await client.get("/v1/contacts/c1/inbox", headers=page_1)).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    resp = await client.get("/v1/contacts/c1/inbox", headers=page_1)
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+    assert (await client.get("/v1/contacts/c2/inbox", headers=page_2)).status == 200  # its own bucket
+
+
+def test_rate_buckets_are_bounded() -> None:
+    """One bucket per contact with a page open: bounded like the key cache, the busiest kept."""
+    limiter = RateLimiter(rate=1.0, max_buckets=50)
+    assert limiter.check("busy") is None and limiter.check("busy") is None
+    for i in range(500):
+        limiter.check(f"inbox:c{i}")
+        limiter.check("busy")  # used all along: never dropped, so never refilled early
+        assert len(limiter._buckets) <= 50
+    assert limiter.check("busy") is not None
