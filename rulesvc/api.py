@@ -276,6 +276,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _answer(request, handler)
     finally:
         structlog.contextvars.unbind_contextvars("request_id", "api_key")
+    if not request.content.is_eof():
+        # A body the answer did not need (refused before it was read) and not all here yet: close the
+        # connection after the answer rather than let aiohttp read the rest, which may be broken (a bad
+        # gzip stream there was an "Unhandled exception" and a dropped connection).
+        request.content.feed_eof()
+        response.force_close()
     elapsed = time.perf_counter() - started
     response.headers["X-Request-ID"] = request_id
     metrics.requests.labels(request.method, route, str(response.status)).inc()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import re
 import zlib
 from pathlib import Path
@@ -198,6 +199,20 @@ async def test_a_broken_compressed_body_gets_400(
         assert resp.status == 400 and message in answer["error"], answer
     # The connection it came on was closed; the service goes on answering on new ones.
     assert (await client.get("/v1/rulesets")).status == 200
+
+
+async def test_a_broken_compressed_body_refused_before_reading_is_no_error(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused before its body is read (no key, a GET): the answer stands, nothing is logged as an error."""
+    broken = {"Content-Encoding": "gzip", **_json()}
+    body = b"\x1f\x8b\x08\x00" + b"garbage" * 20
+    resp = await client.post("/v1/events", data=body, headers={**broken, "Authorization": "Bearer nope"})
+    assert resp.status == 401
+    resp = await client.get("/v1/rulesets", data=body, headers=broken)
+    assert resp.status == 200
+    assert (await client.get("/v1/rulesets")).status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_compressed_bodies_work_and_a_compression_bomb_gets_413(client: TestClient[Any, Any]) -> None:
