@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -91,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("contact", help="the contact id")
     token.add_argument("--ttl", default="1h", help="how long it works, e.g. 15m, 1h, 7d (at most 30d)")
+
+    events = commands.add_parser(
+        "events",
+        help="list, retry and drop quarantined events",
+        description="Events whose evaluation failed repeatedly are set aside (quarantined) with their error "
+        "while every other event goes on. Uses MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    event_commands = events.add_subparsers(dest="events_command", required=True, metavar="WHAT")
+    quarantine = event_commands.add_parser("quarantine", help="the quarantined events")
+    q_commands = quarantine.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
+    q_list = q_commands.add_parser("list", help="newest first, each with its error")
+    q_list.add_argument("--limit", type=int, default=50, help="most events to list (default 50)")
+    q_list.add_argument("--json", action="store_true", help="print JSON instead of text")
+    for name, text in (
+        ("retry", "evaluate again (after a fix)"),
+        ("drop", "never evaluate; kept in history"),
+    ):
+        act = q_commands.add_parser(name, help=text)
+        act.add_argument("ids", nargs="*", metavar="EVENT_ID")
+        act.add_argument("--all", action="store_true", help="every quarantined event")
 
     commands.add_parser(
         "plugins",
@@ -184,6 +205,51 @@ def keys_command(args: argparse.Namespace) -> int:
         return 1
 
     return _with_database(act)
+
+
+def events_command(args: argparse.Namespace) -> int:
+    """`events quarantine list|retry|drop`: the same queries as the HTTP API, from the operator's shell."""
+    from datetime import UTC, timedelta
+
+    from rulesvc.store import Store
+
+    settings = load_settings()
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        await store.ensure_schema()  # its queries use the service's indexes, even on a fresh database
+        if args.quarantine_command == "list":
+            docs = await store.quarantined(args.limit)
+            if args.json:
+                print(json.dumps([_quarantine_row(d) for d in docs], indent=2))
+                return 0
+            if not docs:
+                print("no quarantined events")
+            for d in docs:
+                contact = d.get("contact_id") or "-"
+                at = f"{d['quarantined_at']:%Y-%m-%dT%H:%M:%SZ}"
+                print(f"{d['_id']}  {d['type']}  contact={contact}  stage={d.get('stage')}  "
+                      f"attempts={d.get('attempts')}  at={at}")  # fmt: skip
+                print(f"    {d.get('error', '')}")
+            return 0
+        if not args.ids and not args.all:
+            print("rulesvc: name the event ids, or --all", file=sys.stderr)
+            return 2
+        if args.ids and args.all:
+            print("rulesvc: give event ids or --all, not both", file=sys.stderr)
+            return 2
+        count = await store.release_quarantined(args.ids or None, args.quarantine_command, datetime.now(UTC))
+        print(f"{'retried' if args.quarantine_command == 'retry' else 'dropped'} {count} event(s)")
+        return 0
+
+    return _with_database(act)
+
+
+def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
+    fields = ("type", "contact_id", "time", "stage", "attempts", "error", "quarantined_at")
+    return {"id": doc["_id"], **{k: doc.get(k) for k in fields}} | {
+        k: doc[k].isoformat() for k in ("time", "quarantined_at") if doc.get(k) is not None
+    }
 
 
 def plugins() -> int:
@@ -386,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return plugins()
         if args.command == "keys":
             return keys_command(args)
+        if args.command == "events":
+            return events_command(args)
         if args.command == "inbox-token":
             return inbox_token_command(args)
     except ConfigError as exc:

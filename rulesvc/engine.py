@@ -32,6 +32,7 @@ import msgspec
 import structlog
 
 from rulesvc.durations import parse_duration
+from rulesvc.events import time_in_range
 from rulesvc.ruleformat import (
     UNSET,
     Action,
@@ -433,16 +434,20 @@ class Context:
 
 
 def _moment(value: Any) -> datetime | None:
-    """An RFC 3339 string or Unix seconds from an event, as an aware datetime; None if neither."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
-    if isinstance(value, str):
-        try:
+    """An RFC 3339 string or Unix seconds from an event, as an aware datetime; None if neither, or if
+    outside the times the service computes with (an event stored before ingest checked this, or a value
+    from a contact's profile)."""
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            moment = datetime.fromtimestamp(value, UTC)
+        elif isinstance(value, str):
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        else:
             return None
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment if time_in_range(moment) else None
 
 
 def _zone(name: Any) -> ZoneInfo:
