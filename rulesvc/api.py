@@ -460,8 +460,6 @@ def query_time(request: web.Request, name: str) -> datetime | None:
         raise web.HTTPBadRequest(text=f"query parameter `{name}` is out of range") from None
 
 
-
-
 def contact_id_of(request: web.Request) -> str:
     """The path's contact id, held to the same rule as the `contact_id` of events."""
     contact_id = request.match_info["contact_id"]
