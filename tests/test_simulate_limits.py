@@ -104,7 +104,7 @@ def heavy_simulation(contacts: int) -> dict[str, Any]:
 async def test_a_live_event_is_decided_while_a_large_simulation_runs(
     make_client: Any, settings: Settings, tmp_path: Path
 ) -> None:
-    settings = msgspec.structs.replace(settings, simulate_budget_seconds=3.0)
+    settings = msgspec.structs.replace(settings, simulate_budget_seconds=5.0)
     _, client = await serve_greet(make_client, settings, "v0")
     async with asyncio.timeout(60):
         started = time.monotonic()
@@ -123,10 +123,10 @@ async def test_a_live_event_is_decided_while_a_large_simulation_runs(
         body = await answer.json()
         assert answer.status == 422, body
         assert body == {
-            "error": "simulation over its time budget of 3 s; simulate fewer events",
+            "error": "simulation over its time budget of 5 s; simulate fewer events",
             "path": "$.events",
         }
-        assert decided_after < time.monotonic() - started >= 3.0
+        assert decided_after < time.monotonic() - started >= 5.0
         # The simulator was stopped; the next simulation gets a new one and an answer.
         small = {"events": [{"id": "s1", "type": "t", "contact_id": "c1", "time": at()}]}
         answer = await client.post("/v1/simulate", json=small)
