@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -467,7 +468,11 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
             if key not in compiled:
                 compiled[key] = CompiledRuleset.compile(live.name, live.version, live.source)
         engine = Engine(RuleIndex(list(compiled.values())))
-        status, body = answer(job.body, engine, Limits(job.max_events, job.max_contacts))
+        try:
+            status, body = answer(job.body, engine, Limits(job.max_events, job.max_contacts))
+        except Exception:  # a bug, not the input's: traceback to the service log; the simulator goes on
+            traceback.print_exc()
+            status, body = 500, msgspec.json.encode({"error": "internal error"})
         answers.write(_frame(_JOB_ENCODER.encode(_Answer(status, body))))
         answers.flush()
 
