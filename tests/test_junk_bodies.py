@@ -168,15 +168,26 @@ def _json() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "before", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "not a time", "2026-01-01T00:00:00"]
+    ("before", "message"),
+    [
+        ("9999-12-31T23:59:59-23:59", "is out of range"),
+        ("0001-01-01T00:00:00+01:00", "is out of range"),
+        ("not a time", "must be an RFC 3339 time"),
+        ("2026-01-01T00:00:00", "needs a time zone offset"),
+    ],
 )
 async def test_times_in_query_parameters_that_overflow_get_400(
-    client: TestClient[Any, Any], before: str
+    client: TestClient[Any, Any], before: str, message: str
 ) -> None:
-    for path in ["/v1/contacts/c-1/messages", "/v1/contacts/c-1/events", "/v1/messages?status=dead"]:
-        sep = "&" if "?" in path else "?"
-        resp = await client.get(f"{path}{sep}before={before}")
-        assert resp.status == 400 and "`before`" in (await resp.json())["error"], path
+    for path in [
+        "/v1/contacts/c-1/messages",
+        "/v1/contacts/c-1/events",
+        "/v1/messages",
+        "/v1/events/quarantine",
+    ]:
+        resp = await client.get(path, params={"before": before, "status": "dead"})
+        error = (await resp.json())["error"]
+        assert resp.status == 400 and f"query parameter `before` {message}" in error, (path, error)
 
 
 @pytest.mark.parametrize(
