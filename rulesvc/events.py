@@ -184,7 +184,8 @@ def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, st
     return []
 
 
-def _semantic_errors(event: Event) -> list[tuple[str, str]]:
+def event_problems(event: Event) -> list[tuple[str, str]]:
+    """What ingest refuses in a decoded event, as (path, message): the API and the simulator share it."""
     if event.time is not None and not time_in_range(event.time):
         return [("$.time", f"must be {TIME_RANGE}")]
     if event.attributes:
@@ -232,7 +233,7 @@ def _decode_items(items: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event], li
             continue
         except msgspec.DecodeError as exc:
             raise _malformed(exc, raw, index) from exc
-        problems = _semantic_errors(event)
+        problems = event_problems(event)
         errors.extend(EventError(index, path, message) for path, message in problems)
         events.append(event)
     return events, errors
@@ -255,7 +256,7 @@ def decode_json_body(body: bytes, max_events: int) -> tuple[list[Event], list[Ev
         events = decoded if isinstance(decoded, list) else [decoded]
         if len(events) > max_events:
             raise TooManyEvents(f"{len(events)} events in one request; the limit is {max_events}")
-        errors = [EventError(i, p, m) for i, ev in enumerate(events) for p, m in _semantic_errors(ev)]
+        errors = [EventError(i, p, m) for i, ev in enumerate(events) for p, m in event_problems(ev)]
         return events, errors
     if body.lstrip()[:1] != b"[":
         return _decode_items([msgspec.Raw(body)])

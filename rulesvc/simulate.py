@@ -42,11 +42,11 @@ from rulesvc.events import (
     TIME_RANGE,
     Event,
     document_errors,
+    event_problems,
     event_time,
     split_validation_error,
     time_in_range,
 )
-from rulesvc.events import _semantic_errors as event_problems
 from rulesvc.ids import Id, fanout_copy_id
 from rulesvc.ruleformat import RulesetFile
 
