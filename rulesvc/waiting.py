@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ import pymongo
 import structlog
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 log = structlog.get_logger(__name__)
 
@@ -92,9 +93,33 @@ async def in_transaction(
     """`write` in one transaction, retried on transient errors, all within the client's deadline
     (RULESVC_MONGODB_TIMEOUT_SECONDS): PyMongo alone retries a transaction against a paused or lost
     server for 120 s, a loop stuck that long in one batch."""
+    await _end_abandoned(client)
     async with client.start_session() as session:
-        with pymongo.timeout(client.options.timeout):
-            return await session.with_transaction(write)
+        try:
+            with pymongo.timeout(client.options.timeout):
+                return await session.with_transaction(write)
+        except PyMongoError as exc:
+            if exc.timeout or isinstance(exc, ConnectionFailure):
+                # Its abort may not have reached the server, where the transaction then holds its
+                # documents for mongod's transaction lifetime (60 s): every later batch of the same
+                # contacts would wait that long. Killing the session aborts it; the next call does
+                # that once the server answers again.
+                _abandoned.setdefault(client, []).append(session.session_id)
+            raise
+
+
+# Sessions whose transaction may still be open on the server, per client.
+_abandoned: weakref.WeakKeyDictionary[AsyncMongoClient[Any], list[Mapping[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _end_abandoned(client: AsyncMongoClient[Any]) -> None:
+    sessions = _abandoned.get(client)
+    if sessions:
+        await client.admin.command("killSessions", list(sessions))  # an error: kept for the next call
+        log.info("mongodb.abandoned_transactions_ended", sessions=len(sessions))
+        sessions.clear()
 
 
 @contextlib.asynccontextmanager

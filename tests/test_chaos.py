@@ -106,27 +106,41 @@ def test_a_paused_mongod_costs_a_request_a_quick_503_and_loses_nothing(
     assert any(x["event"] == "inbox.storage_recovered" for x in lines)
 
 
-async def test_a_transaction_against_a_paused_mongod_gives_up_at_the_deadline(tmp_path: Path) -> None:
-    """The inbox commits each batch in a transaction; PyMongo alone retries it for 120 s."""
+async def test_a_transaction_against_a_paused_mongod_gives_up_at_the_deadline_and_leaves_no_lock(
+    tmp_path: Path,
+) -> None:
+    """The inbox commits each batch in a transaction. PyMongo alone retries it for 120 s; and one cut off
+    by the deadline stayed open in mongod (its abort could not reach a paused server), holding its
+    documents for the 60 s of mongod's transaction lifetime, so the next batch of the same contacts
+    stalled that long after the server came back."""
     with EmbeddedMongod(tmp_path, cache_gb=0.25) as server:
         assert server.process is not None
+        mongod = server.process
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri, timeoutMS=1000)
         try:
 
             async def write(session: AsyncClientSession) -> str:
-                await client.t.items.insert_one({"n": 1}, session=session)
+                await client.t.items.update_one({"_id": 1}, {"$inc": {"n": 1}}, upsert=True, session=session)
+                return "committed"
+
+            async def paused_midway(session: AsyncClientSession) -> str:
+                await client.t.items.update_one({"_id": 1}, {"$inc": {"n": 1}}, session=session)
+                mongod.send_signal(signal.SIGSTOP)  # the server holds document 1 for this transaction
+                await client.t.others.insert_one({"n": 1}, session=session)
                 return "committed"
 
             assert await in_transaction(client, write) == "committed"
-            server.process.send_signal(signal.SIGSTOP)
             t0 = time.monotonic()
             try:
                 with pytest.raises(PyMongoError) as raised:
-                    await in_transaction(client, write)
+                    await in_transaction(client, paused_midway)
                 assert raised.value.timeout and time.monotonic() - t0 < 5
             finally:
-                server.process.send_signal(signal.SIGCONT)
-            assert await in_transaction(client, write) == "committed"
+                mongod.send_signal(signal.SIGCONT)
+            t0 = time.monotonic()
+            assert await in_transaction(client, write) == "committed"  # document 1 again
+            assert time.monotonic() - t0 < 5
+            assert (await client.t.items.find_one({"_id": 1}) or {}).get("n") == 2
         finally:
             await client.close()
 
