@@ -122,18 +122,30 @@ def socket_owner(port: int, pids: set[int]) -> int | None:
 def kill_a_sender(service: ServiceProcess, requests: Requests, wanted: Callable[[str], bool]) -> set[str]:
     """Waits for a request in flight that `wanted` accepts, kill -9s the worker making it, and returns
     the messages of every request that worker had in flight."""
+    pid, held = signal_a_sender(service, requests, wanted, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.02)
+    return held
+
+
+def signal_a_sender(
+    service: ServiceProcess,
+    requests: Requests,
+    wanted: Callable[[str], bool],
+    sig: signal.Signals,
+    spare: frozenset[int] = frozenset(),
+) -> tuple[int, set[str]]:
+    """Sends `sig` to the worker making a request that `wanted` accepts (not one of `spare`): its pid
+    and the messages of every request it had in flight."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = workers(service)
+        pids = workers(service) - spare
         in_flight = requests.in_flight()
         for port, key in in_flight.items():
             pid = socket_owner(port, pids) if wanted(key) else None
             if pid is not None:
-                held = {k for p, k in in_flight.items() if socket_owner(p, {pid}) == pid}
-                os.kill(pid, signal.SIGKILL)
-                while pid_alive(pid):
-                    time.sleep(0.02)
-                return held
+                os.kill(pid, sig)
+                return pid, {k for p, k in in_flight.items() if socket_owner(p, {pid}) == pid}
         time.sleep(0.02)
     raise AssertionError(f"no request in flight to interrupt:\n{service.log()[-3000:]}")
 
@@ -216,6 +228,41 @@ def test_a_slow_webhook_receiver_gets_a_message_at_most_twice_never_while_the_fi
     finally:
         service.stop()
         receiver.server.shutdown()
+
+
+def test_a_stalled_worker_loses_its_claim_and_its_messages_still_go_out_at_most_twice(tmp_path: Path) -> None:
+    """A worker whose event loop is held (a long simulation did it; here SIGSTOP) renews no claim, so its
+    lease runs out while its call is in flight: how the report got a delivery per lease expiry from live
+    workers. Another worker repeats such a message once; stalled again, a third leaves it `uncertain`."""
+    receiver = Receiver(delay=DELAY)
+    requests = webhook_requests(receiver)
+    service = ServiceProcess(tmp_path, env=env_for(flow(tmp_path), receiver, RULESVC_LEASE_SECONDS=LEASE),
+                             workers=3)  # fmt: skip
+    service.start()
+    stalled: list[int] = []
+    try:
+        with service_db(tmp_path) as db:
+            wait_for_workers(service, count=3)
+            assert len(post_orders(service, 0, 6)) == 6
+            pid, first = signal_a_sender(service, requests, lambda key: True, signal.SIGSTOP)
+            stalled.append(pid)
+            pid, again = signal_a_sender(
+                service, requests, lambda key: key in first, signal.SIGSTOP, spare=frozenset(stalled)
+            )
+            stalled.append(pid)
+            twice = first & again
+            assert twice
+            messages = settled(db, range(0, 6))  # by the one worker left
+        assert {messages[key]["status"] for key in twice} == {"uncertain"}
+    finally:
+        for pid in stalled:
+            os.kill(pid, signal.SIGCONT)  # their late answers land and change nothing on the wire
+        service.stop()
+        receiver.server.shutdown()
+    assert all(receiver.raw[key] == 2 for key in twice)
+    assert {m["status"] for m in messages.values()} <= {"sent", "uncertain"}
+    assert_never_overlapping(requests)
+    assert max(receiver.raw.values()) <= 2
 
 
 def email_flow(folder: Path) -> Path:
