@@ -116,10 +116,18 @@ _abandoned: weakref.WeakKeyDictionary[AsyncMongoClient[Any], list[Mapping[str, A
 
 async def _end_abandoned(client: AsyncMongoClient[Any]) -> None:
     sessions = _abandoned.get(client)
-    if sessions:
-        await client.admin.command("killSessions", list(sessions))  # an error: kept for the next call
+    if not sessions:
+        return
+    try:
+        await client.admin.command("killSessions", list(sessions))
+    except PyMongoError as exc:
+        if exc.timeout or isinstance(exc, ConnectionFailure):
+            raise  # still unreachable: kept for the next call
+        # Refused (a deployment without the privilege): mongod ends them at their lifetime instead.
+        log.warning("mongodb.abandoned_transactions_kept", sessions=len(sessions), error=str(exc)[:300])
+    else:
         log.info("mongodb.abandoned_transactions_ended", sessions=len(sessions))
-        sessions.clear()
+    sessions.clear()
 
 
 @contextlib.asynccontextmanager
