@@ -144,8 +144,9 @@ def signal_a_sender(
         for port, key in in_flight.items():
             pid = socket_owner(port, pids) if wanted(key) else None
             if pid is not None:
+                held = {k for p, k in in_flight.items() if socket_owner(p, {pid}) == pid}
                 os.kill(pid, sig)
-                return pid, {k for p, k in in_flight.items() if socket_owner(p, {pid}) == pid}
+                return pid, held
         time.sleep(0.02)
     raise AssertionError(f"no request in flight to interrupt:\n{service.log()[-3000:]}")
 
