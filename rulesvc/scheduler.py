@@ -138,6 +138,10 @@ class Scheduler:
         sends = [e for e in entries if e["ruleset"] in live and "message" in e]
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
 
+        # The claim is renewed while the batch runs, from this event loop: a process that dies, or whose
+        # loop is held (a long computation, a paused database), stops renewing, and its entries are taken
+        # over while a send may be in flight. The `sending` mark (rulesvc.delivery) is what keeps such a
+        # send from being made more than once more, and never before its first call is over.
         async def renew() -> None:
             await self.store.schedule.update_many(
                 {"owner": owner, "status": "running"}, {"$set": {"lease_until": self.clock() + self.lease}}
