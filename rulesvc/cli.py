@@ -169,7 +169,11 @@ def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]
             mongod, uri = embedded, embedded.uri
 
     async def run() -> int:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+        # Fails fast when nothing answers; no overall deadline, as an index build may take its time.
+        selection_ms = int(settings.mongodb_timeout_seconds * 1000)
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=selection_ms
+        )
         try:
             return await act(client[settings.database])
         finally:
@@ -459,6 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a command's database is away (e.g. restarting): a sentence, not a traceback
+        from pymongo.errors import PyMongoError
+
+        if not isinstance(exc, PyMongoError):
+            raise
+        print(f"rulesvc: MongoDB unavailable ({type(exc).__name__}); try again in a moment", file=sys.stderr)
+        return 1
     return 2
 
 

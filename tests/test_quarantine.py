@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from rulesvc.api import FANOUT, KEYS, create_app
 from rulesvc.config import Settings
+from rulesvc.mongod import free_port
 from rulesvc.store import MAX_ATTEMPTS
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
@@ -320,3 +321,17 @@ async def test_an_operator_lists_retries_and_drops_from_the_shell(settings: Sett
     assert (dropped.returncode, dropped.stdout.strip()) == (0, "dropped 1 event(s)")
     assert await states(db, ["q0", "q1"]) == {"q0": "dropped", "q1": "pending"}
     assert (await asyncio.to_thread(cli, settings, "list")).stdout.strip() == "no quarantined events"
+
+
+def test_the_shell_commands_say_when_mongodb_is_away(tmp_path: Path) -> None:
+    away = f"mongodb://127.0.0.1:{free_port()}/?directConnection=true"
+    env = {**os.environ, "MONGODB_URI": away, "RULESVC_MONGODB_TIMEOUT_SECONDS": "0.5"}
+    for args in (["events", "quarantine", "list"], ["keys", "list"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "rulesvc", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("rulesvc: MongoDB unavailable (ServerSelectionTimeoutError)"), (
+            done.stderr
+        )
+        assert "Traceback" not in done.stderr
