@@ -619,8 +619,11 @@ async def post_simulate(request: web.Request) -> web.Response:
 
 
 async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The simulator process starts at the first simulation; it stops with the app."""
-    app[SIMULATOR] = Simulator(app[SETTINGS].simulate_budget_seconds)
+    """The simulator process starts at the first simulation; it stops with the app. It applies the
+    service's send rules with its channels."""
+    app[SIMULATOR] = Simulator(
+        app[SETTINGS].simulate_budget_seconds, app[CHANNELS], send_policy(app[SETTINGS])
+    )
     try:
         yield
     finally:
