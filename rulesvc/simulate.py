@@ -126,14 +126,16 @@ class Refused(Exception):
 class SendRules(msgspec.Struct):
     """The live send rules for one simulation: the service's policy, and what each installed channel
     says about each simulated contact (its `status` and `reachable`), asked in the service process,
-    where the channel objects are. `reach[contact_id]` holds two answers: as the contact is, and with its
-    email address marked invalid (after a replayed bounce); `reach[""]` is for contacts not given."""
+    where the channel objects are. `reach[contact_id]` is a pair of indexes into `answers` (most contacts
+    share theirs): as the contact is, and with its email address marked invalid (after a replayed
+    bounce); `reach[""]` is for contacts not given."""
 
     policy: SendPolicy
-    reach: dict[str, list[dict[str, ChannelFacts]]]
+    answers: list[dict[str, ChannelFacts]]
+    reach: dict[str, tuple[int, int]]
 
     def channels(self, contact_id: str, email_invalid: bool) -> dict[str, ChannelFacts]:
-        return self.reach.get(contact_id, self.reach[""])[1 if email_invalid else 0]
+        return self.answers[self.reach.get(contact_id, self.reach[""])[1 if email_invalid else 0]]
 
 
 def sim_profile(contact: SimContact | None) -> dict[str, Any]:
@@ -148,16 +150,24 @@ def sim_profile(contact: SimContact | None) -> dict[str, Any]:
 
 def send_rules(channels: ChannelRegistry, policy: SendPolicy, contacts: list[SimContact]) -> SendRules:
     """Ask every installed channel about every simulated contact (and about one not given)."""
+    answers: list[dict[str, ChannelFacts]] = []
+    index: dict[tuple[tuple[str, ChannelFacts], ...], int] = {}
 
-    def answers(profile: dict[str, Any]) -> list[dict[str, ChannelFacts]]:
-        invalid = {**profile, "email_invalid": True}
-        return [{c.name: ask(c, profile) for c in channels.all()},
-                {c.name: ask(c, invalid) for c in channels.all()}]  # fmt: skip
+    def answer(profile: dict[str, Any]) -> int:
+        facts = {c.name: ask(c, profile) for c in channels.all()}
+        key = tuple(sorted(facts.items()))
+        if key not in index:
+            index[key] = len(answers)
+            answers.append(facts)
+        return index[key]
 
-    reach = {"": answers(sim_profile(None))}
+    def both(profile: dict[str, Any]) -> tuple[int, int]:
+        return answer(profile), answer({**profile, "email_invalid": True})
+
+    reach = {"": both(sim_profile(None))}
     for contact in contacts:
-        reach[contact.contact_id] = answers(sim_profile(contact))
-    return SendRules(policy, reach)
+        reach[contact.contact_id] = both(sim_profile(contact))
+    return SendRules(policy, answers, reach)
 
 
 class _Contacts(msgspec.Struct):
@@ -192,7 +202,7 @@ class Simulation:
         for c in contacts:
             self.contacts[c.contact_id] = ContactView(c.contact_id, sim_profile(c), {})
         # What the simulation sent: marketing send times per (contact, channel) for the caps, and each
-        # message's channel etc. for the outcome events that name it.
+        # decided message's channel etc. for the outcome events that name it.
         self.sent_at: dict[tuple[str, str], list[datetime]] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.queue: list[_Due] = []
@@ -333,6 +343,11 @@ class Simulation:
         }
         channels = self.rules.channels(entry.contact_id, bool(contact.profile.get("email_invalid")))
         verdict = check(message, seen, channels, Facts(product, sent_today), now, policy)
+        # An outcome event may name it: its channel is the one used, else its own (as `sent_channel`).
+        used = verdict.channel if verdict.kind == "send" else message["channel"]
+        self.messages[entry.entry_id] = {"contact_id": entry.contact_id, "channel": used,
+                                         "template": message.get("template"), "ruleset": entry.ruleset,
+                                         "rule": entry.rule}  # fmt: skip
         if verdict.kind == "postpone":
             assert verdict.at is not None
             self._record(entry, now, "postponed", verdict.reason, verdict.channel, postponed_to=verdict.at)
@@ -347,9 +362,6 @@ class Simulation:
         assert verdict.channel is not None
         if not message.get("transactional"):
             self.sent_at.setdefault((entry.contact_id, verdict.channel), []).append(now)
-        self.messages[entry.entry_id] = {"contact_id": entry.contact_id, "channel": verdict.channel,
-                                         "template": message.get("template"), "ruleset": entry.ruleset,
-                                         "rule": entry.rule}  # fmt: skip
         self._record(entry, now, "sent", None, verdict.channel)
 
     def _record(
