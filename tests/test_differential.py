@@ -14,9 +14,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from rulesvc.api import create_app
 from rulesvc.config import Settings
+from rulesvc.sendpolicy import QUIET_REASON
 from tests.test_delivery import Provider, history, registry, send, setup
 from tests.test_live_engine import eventually
 
@@ -145,3 +147,45 @@ def test_the_table_covers_every_rule() -> None:
     names = [cid for cid, _, _ in TABLE]
     assert names == ["all", "no-consent", "no-token", "nothing", "bounced", "blocked"]
     assert ROUNDS > CAPS["sms"] and ROUNDS > CAPS["push"]
+
+
+async def test_live_and_simulated_quiet_hours_postpone_to_the_same_moment(
+    make_client: Any, settings: Settings
+) -> None:
+    """A quiet window around now in one contact's zone: live, the message stays `scheduled` with a new
+    `due_at`; simulated, it is `postponed` to the same moment and sent then. Another zone is not quiet."""
+    now = datetime.now(UTC)
+    local = now.astimezone(ZoneInfo("Asia/Kolkata"))
+    window = f"{(local - timedelta(hours=1)):%H:%M}-{(local + timedelta(hours=2)):%H:%M}"
+    push = Provider("push", needs="push_tokens")
+    app = create_app(setup(settings, [send("push")], quiet_hours=window), registry(push))
+    client = await make_client(app)
+    zones = {"ann": "Asia/Kolkata", "bob": "Etc/GMT+7"}  # 12.5 hours apart: outside the 3-hour window
+    profile = {"push_tokens": ["t"], "consent": {"push": True}}
+    for cid, zone in zones.items():
+        await client.put(f"/v1/contacts/{cid}", json={**profile, "timezone": zone})
+    at = now.isoformat()
+    events = [{"id": f"go-{cid}", "type": "go", "contact_id": cid, "time": at, "attributes": {"code": "X"}}
+              for cid in zones]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def decided() -> bool:
+        msgs = [m for cid in zones for m in await history(client, cid)]
+        return len(msgs) == 2 and all(m["status"] == "sent" or m.get("reason") for m in msgs)
+
+    await eventually(decided, 20)
+    [ann] = await history(client, "ann")
+    [bob] = await history(client, "bob")
+    assert (ann["status"], ann["reason"], bob["status"]) == ("scheduled", QUIET_REASON, "sent")
+
+    contacts = [{"contact_id": cid, **profile, "timezone": zone} for cid, zone in zones.items()]
+    resp = await client.post("/v1/simulate", json={"events": events, "contacts": contacts})
+    actions = (await resp.json())["actions"]
+    assert [(a["contact_id"], a["status"]) for a in actions] == [
+        ("ann", "postponed"),
+        ("bob", "sent"),
+        ("ann", "sent"),
+    ]
+    assert actions[0]["reason"] == QUIET_REASON
+    assert datetime.fromisoformat(actions[0]["postponed_to"]) == datetime.fromisoformat(ann["due_at"])
+    assert datetime.fromisoformat(actions[2]["at"]) == datetime.fromisoformat(ann["due_at"])
