@@ -39,7 +39,7 @@ from rulesvc.catalog import CatalogFanout
 from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel, deduplicates
 from rulesvc.config import Settings
 from rulesvc.contacts import ContactRejected, decode_contact
-from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, quiet_channels, send_timeout
+from rulesvc.delivery import Dispatcher, parse_quiet_hours, quiet_channels, send_timeout
 from rulesvc.durations import DURATION_PATTERN
 from rulesvc.events import (
     MESSAGE_EVENT_TYPES,
@@ -62,6 +62,7 @@ from rulesvc.plugins import PluginReport, load_plugins
 from rulesvc.ruleformat import RulesetError
 from rulesvc.rulesets import Rulesets
 from rulesvc.scheduler import Scheduler
+from rulesvc.sendpolicy import SendPolicy
 from rulesvc.simulate import Limits, Simulator
 from rulesvc.simulate import SimulateRejected as SimulateRejected
 from rulesvc.store import Doc, Store, contact_from_doc, message_from_doc
@@ -618,8 +619,11 @@ async def post_simulate(request: web.Request) -> web.Response:
 
 
 async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The simulator process starts at the first simulation; it stops with the app."""
-    app[SIMULATOR] = Simulator(app[SETTINGS].simulate_budget_seconds)
+    """The simulator process starts at the first simulation; it stops with the app. It applies the
+    service's send rules with its channels."""
+    app[SIMULATOR] = Simulator(
+        app[SETTINGS].simulate_budget_seconds, app[CHANNELS], send_policy(app[SETTINGS])
+    )
     try:
         yield
     finally:

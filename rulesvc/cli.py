@@ -321,12 +321,14 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from rulesvc.channels import builtin_channels
+    from rulesvc.api import load_channels, send_policy
     from rulesvc.events import MalformedBody, decode_ndjson_body, split_validation_error
     from rulesvc.rulesets import Rulesets
-    from rulesvc.simulate import Refused, SimContact, SimulateRequest, simulate
+    from rulesvc.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
 
-    rulesets = Rulesets(Path(args.rulesets or load_settings().rulesets_dir), builtin_channels().names())
+    settings = load_settings()
+    channels = load_channels(settings)[0]  # the send rules apply as in the service, with its channels
+    rulesets = Rulesets(Path(args.rulesets or settings.rulesets_dir), channels.names())
     rulesets.reload()
     for error in rulesets.errors():
         print(f"rulesvc: {error}", file=sys.stderr)
@@ -362,7 +364,8 @@ def simulate_command(args: argparse.Namespace) -> int:
         print(f"rulesvc: --until {args.until!r} is not an RFC 3339 time", file=sys.stderr)
         return 1
     try:
-        result = simulate(rulesets.engine(), SimulateRequest(events, contacts, until))
+        rules = send_rules(channels, send_policy(settings), contacts)
+        result = simulate(rulesets.engine(), SimulateRequest(events, contacts, until), rules)
     except Refused as exc:  # an event the engine could not evaluate: which one, and why
         print(f"rulesvc: {args.events}: {exc.path}: {exc.message}", file=sys.stderr)
         return 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
@@ -27,28 +26,23 @@ from typing import Any, Literal
 import bson
 import structlog
 
-from rulesvc.catalog import guard_fails
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
 from rulesvc.contacts import PROFILE_FIELDS
 from rulesvc.plugins import channel_config
+from rulesvc.sendpolicy import (
+    ChannelFacts,
+    Facts,
+    SendPolicy,
+    ask,
+    candidates,
+    capped_candidates,
+    check,
+    day_start,
+)
 from rulesvc.store import Doc, Store
 from rulesvc.templates import TemplateError, Templates
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class SendPolicy:
-    frequency_caps: dict[str, int] = field(default_factory=dict)  # marketing messages per channel per day
-    quiet_start: time | None = None
-    quiet_end: time | None = None
-    default_timezone: str = "UTC"
-    max_attempts: int = 6
-    retry_base: timedelta = timedelta(seconds=30)
-    retry_max: timedelta = timedelta(hours=1)
-    lease: timedelta = timedelta(seconds=15)  # how long a process holds a due send (RULESVC_LEASE_SECONDS)
-    # Channels that interrupt (a phone buzzes, a mail arrives): quiet hours hold back only these.
-    quiet_channels: frozenset[str] = frozenset({"email", "sms", "push", "webpush"})
 
 
 def send_timeout(channel: Channel, lease: timedelta) -> float:
@@ -118,37 +112,6 @@ class Result:
     guard: dict[str, Any] = field(default_factory=lambda: SCHEDULED)  # filter on the message for the write
 
 
-def contact_zone(contact: Doc, policy: SendPolicy) -> zoneinfo.ZoneInfo:
-    try:
-        return zoneinfo.ZoneInfo(contact.get("timezone") or policy.default_timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return zoneinfo.ZoneInfo("UTC")
-
-
-def quiet_until(now: datetime, zone: zoneinfo.ZoneInfo, policy: SendPolicy) -> datetime | None:
-    """The end of the quiet window `now` is in (contact's local time), or None if it is not quiet."""
-    if policy.quiet_start is None or policy.quiet_end is None:
-        return None
-    local = now.astimezone(zone)
-    t = local.time()
-    start, end = policy.quiet_start, policy.quiet_end
-    inside = (start <= t or t < end) if start > end else (start <= t < end)
-    if not inside:
-        return None
-    end_day = local.date() if t < end else local.date() + timedelta(days=1)
-    return datetime.combine(end_day, end, tzinfo=zone).astimezone(UTC)
-
-
-def local_midnight(now: datetime, zone: zoneinfo.ZoneInfo) -> datetime:
-    local = now.astimezone(zone)
-    return datetime.combine(local.date(), time(0), tzinfo=zone).astimezone(UTC)
-
-
-def suppressed_on(contact: Doc, channel: str, now: datetime) -> bool:
-    entry = (contact.get("state") or {}).get("suppressed", {}).get(channel)
-    return entry is not None and (entry.get("until") is None or entry["until"] > now.timestamp())
-
-
 def backoff(attempt: int, policy: SendPolicy, retry_after: float | None) -> timedelta:
     """Exponential with full jitter; a provider's Retry-After is a floor."""
     ceiling = min(policy.retry_max.total_seconds(), policy.retry_base.total_seconds() * 2 ** (attempt - 1))
@@ -180,59 +143,37 @@ class Dispatcher:
                             hint="a send is cut at two thirds of RULESVC_LEASE_SECONDS; lower the "
                             "channel's timeout or raise the lease")  # fmt: skip
 
-    def _choose(self, message: Doc, contact: Doc, now: datetime) -> tuple[Channel | None, str | None]:
-        """The first of channel + fallbacks that may and can reach the contact, or why none can."""
-        reasons: list[str] = []
-        transactional = bool(message.get("transactional"))
-        for name in [message["channel"], *message.get("fallback", [])]:
+    def _channel_facts(self, message: Doc, contact: Doc) -> dict[str, ChannelFacts]:
+        """What each installed channel of the message (and its fallbacks) says about the contact."""
+        facts: dict[str, ChannelFacts] = {}
+        for name in candidates(message):
             channel = self.channels.get(name)
-            if channel is None:
-                reasons.append(f"{name}: channel not installed")
-                continue
-            try:
-                configured, detail = channel.status()
-                why = channel.reachable(contact)
-            except Exception as exc:
-                log.exception("delivery.channel_check_failed", channel=name)
-                reasons.append(f"{name}: channel error: {type(exc).__name__}")
-                continue
-            if not configured:
-                reasons.append(f"{name}: {detail}")
-            elif suppressed_on(contact, name, now):
-                reasons.append(f"{name}: contact is on the suppression list")
-            elif (
-                not transactional
-                and name not in ("log", "inapp")
-                and not (contact.get("consent") or {}).get(name)
-            ):
-                reasons.append(f"{name}: no marketing consent")
-            elif why is not None:
-                reasons.append(f"{name}: {why}")
-            else:
-                return channel, None
-        return None, "; ".join(reasons)
+            if channel is not None and name not in facts:
+
+                def failed(exc: Exception, name: str = name) -> None:
+                    log.error("delivery.channel_check_failed", channel=name, exc_info=exc)
+
+                facts[name] = ask(channel, contact, failed)
+        return facts
 
     def capped(self, channel: str | None) -> bool:
         return channel is not None and channel in self.policy.frequency_caps
 
-    async def _guard_fails(self, message: Doc) -> str | None:
-        if not message.get("guard"):
-            return None
-        params = message.get("params") or {}
-        product = await self.store.products.find_one({"_id": str(params.get("product_id"))}) or {}
-        return guard_fails(message["guard"], params, product)
-
-    async def _over_cap(self, message: Doc, channel: str, contact: Doc, now: datetime) -> str | None:
-        cap = self.policy.frequency_caps.get(channel)
-        if cap is None or message.get("transactional"):
-            return None
-        since = local_midnight(now, contact_zone(contact, self.policy))
-        count = await self.store.messages.count_documents(
-            {"contact_id": message["contact_id"], "sent_channel": channel, "sent_at": {"$gte": since},
-             "transactional": {"$ne": True}, "status": {"$nin": ["scheduled", "failed", "dead", "suppressed",
-                                                                 "cancelled"]}},
-        )  # fmt: skip
-        return f"frequency cap: {cap} {channel} message(s) a day reached" if count >= cap else None
+    async def _facts(self, message: Doc, contact: Doc, now: datetime) -> Facts:
+        """The facts `check` decides on, from MongoDB: the product of a guard, today's capped sends."""
+        product: Doc = {}
+        if message.get("guard"):
+            params = message.get("params") or {}
+            product = await self.store.products.find_one({"_id": str(params.get("product_id"))}) or {}
+        sent_today: dict[str, int] = {}
+        since = day_start(contact, now, self.policy)
+        for channel in capped_candidates(message, self.policy):
+            sent_today[channel] = await self.store.messages.count_documents(
+                {"contact_id": message["contact_id"], "sent_channel": channel, "sent_at": {"$gte": since},
+                 "transactional": {"$ne": True}, "status": {"$nin": ["scheduled", "failed", "dead",
+                                                                     "suppressed", "cancelled"]}},
+            )  # fmt: skip
+        return Facts(product, sent_today)
 
     def _not_again(self, message: Doc, channel: Channel | None, why_not: str | None) -> str | None:
         """Why an interrupted send must not be made again, or None if it may (once, same key)."""
@@ -273,28 +214,22 @@ class Dispatcher:
                 return Result("wait", reason="the call may still be in flight", at=until)
             guard = {"status": "sending", "send_owner": message.get("send_owner")}
             attempt -= 1  # the same attempt, made again
-        channel, why_not = self._choose(message, contact, now)
+        # The interrupted call passed the guard, quiet hours and cap; it is only being completed.
+        facts = Facts() if interrupted else await self._facts(message, contact, now)
+        verdict = check(message, contact, self._channel_facts(message, contact), facts, now, self.policy,
+                        interrupted=interrupted)  # fmt: skip
+        channel = self.channels.get(verdict.channel) if verdict.kind == "send" and verdict.channel else None
         if interrupted:
-            why_not_again = self._not_again(message, channel, why_not)
+            why_not_again = self._not_again(message, channel, verdict.reason)
             if why_not_again is not None:
                 return Result("uncertain", message.get("sent_channel"), interrupted_reason(why_not_again),
                               attempt=attempt, guard=guard)  # fmt: skip
-        if channel is None:
-            return Result("suppressed", reason=why_not)
-        if not interrupted:  # the interrupted call passed these checks; it is only being completed
-            stale = await self._guard_fails(message)
-            if stale:
-                return Result("suppressed", channel.name, stale)
+        if verdict.kind == "suppress":
+            return Result("suppressed", verdict.channel, verdict.reason)
+        if verdict.kind == "postpone":
+            return Result("postponed", verdict.channel, verdict.reason, at=verdict.at)
+        assert channel is not None
         transactional = bool(message.get("transactional"))
-        if not transactional and not interrupted:
-            zone = contact_zone(contact, self.policy)
-            quiet = channel.name in self.policy.quiet_channels  # an inbox entry or a log line disturbs nobody
-            until = quiet_until(now, zone, self.policy) if quiet else None
-            if until is not None:
-                return Result("postponed", channel.name, "quiet hours in the contact's time zone", at=until)
-            over = await self._over_cap(message, channel.name, contact, now)
-            if over:
-                return Result("suppressed", channel.name, over)
         profile = {k: contact.get(k) for k in PROFILE_FIELDS if contact.get(k) is not None}
         try:
             content = self.templates.render(

@@ -35,6 +35,7 @@ from rulesvc.engine import (
 )
 from rulesvc.events import MESSAGE_EVENT_TYPES
 from rulesvc.rulesets import Rulesets
+from rulesvc.sendpolicy import outcome_changes
 from rulesvc.store import PENDING, Doc, Store, failure_text, transient
 from rulesvc.waiting import Every, in_transaction, renewing, work_loop
 
@@ -66,12 +67,11 @@ def apply_outcome(doc: Doc, messages: dict[str, Doc], view: ContactView) -> list
             update["$set"]["status"] = outcome
             message["status"] = outcome
         ops.append(UpdateOne({"_id": message["_id"]}, update))
-    at = doc["time"].timestamp()
-    if outcome == "bounced" and channel == "email":
-        view.profile["email_invalid"] = True
-        view.profile_set["email_invalid"] = True
-    elif outcome == "blocked" and isinstance(channel, str):
-        view.state.setdefault("suppressed", {})[channel] = {"since": at, "until": None, "reason": "blocked"}
+    profile, suppressed = outcome_changes(outcome, channel, doc["time"].timestamp())
+    view.profile.update(profile)
+    view.profile_set.update(profile)
+    if suppressed:
+        view.state.setdefault("suppressed", {}).update(suppressed)
     return ops
 
 

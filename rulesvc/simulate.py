@@ -2,7 +2,10 @@
 
 The same engine decides as in the live service; only time and storage are simulated. Due entries fire
 before any event that comes later than them; a wait's `else` runs as the same internal timer event the
-live scheduler produces.
+live scheduler produces. A due message goes through the same send rules (`sendpolicy.check`: consent,
+suppression, reachability, fallback, guards, quiet hours, frequency caps) with facts from the simulation's
+own history: what it sent per contact, channel and local day, the bounces and blocks it replayed, the
+catalog it tracked. Channels are asked about each simulated contact in the service process (`SendRules`).
 
 `POST /v1/simulate` runs it in a simulator process of its own (`Simulator`), with a size limit and a time
 budget: a simulation is CPU work that, run on a worker's event loop, stopped that worker's inbox,
@@ -21,7 +24,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import msgspec
 import structlog
@@ -34,11 +37,13 @@ from rulesvc.engine import (
     ContactView,
     Engine,
     EngineEvent,
+    PendingEntry,
     RuleIndex,
     ScheduleEntry,
     timer_event,
 )
 from rulesvc.events import (
+    MESSAGE_EVENT_TYPES,
     TIME_RANGE,
     Event,
     document_errors,
@@ -49,6 +54,20 @@ from rulesvc.events import (
 )
 from rulesvc.ids import Id, fanout_copy_id
 from rulesvc.ruleformat import RulesetFile
+from rulesvc.sendpolicy import (
+    ChannelFacts,
+    Facts,
+    SendPolicy,
+    ask,
+    capped_candidates,
+    check,
+    count_since,
+    day_start,
+    outcome_changes,
+)
+
+if TYPE_CHECKING:  # the simulator process itself has no channel objects
+    from rulesvc.channels import ChannelRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +92,11 @@ class SimAction(msgspec.Struct, omit_defaults=True):
     rule: str
     channel: str | None
     template: str | None
-    status: Literal["sent", "cancelled", "failed", "suppressed", "fired"]
+    status: Literal["sent", "cancelled", "failed", "suppressed", "postponed", "fired"]
     reason: str | None = None
     message_id: str | None = None
     params: dict[str, Any] | None = None
+    postponed_to: datetime | None = None  # `postponed`: when it is due again (end of quiet hours)
 
 
 class SimulateResult(msgspec.Struct):
@@ -103,6 +123,67 @@ class Refused(Exception):
         return msgspec.json.encode(SimulateRejected(self.message, self.path))
 
 
+class SendRules(msgspec.Struct):
+    """The live send rules for one simulation: the service's policy, and what each installed channel
+    says about each simulated contact (its `status` and `reachable`), asked in the service process,
+    where the channel objects are. `reach[contact_id]` is a pair of indexes into `answers` (most contacts
+    share theirs): as the contact is, and with its email address marked invalid (after a replayed
+    bounce); `reach[""]` is for contacts not given."""
+
+    policy: SendPolicy
+    answers: list[dict[str, ChannelFacts]]
+    reach: dict[str, tuple[int, int]]
+
+    def channels(self, contact_id: str, email_invalid: bool) -> dict[str, ChannelFacts]:
+        return self.answers[self.reach.get(contact_id, self.reach[""])[1 if email_invalid else 0]]
+
+
+def sim_profile(contact: SimContact | None) -> dict[str, Any]:
+    """A simulated contact's profile, as a channel and a rule see it."""
+    profile: dict[str, Any] = {}
+    if contact is not None:
+        profile = msgspec.to_builtins(contact)
+        profile.pop("contact_id")
+    profile["email_invalid"] = False
+    return profile
+
+
+def send_rules(channels: ChannelRegistry, policy: SendPolicy, contacts: list[SimContact]) -> SendRules:
+    """Ask every installed channel about every simulated contact (and about one not given)."""
+    answers: list[dict[str, ChannelFacts]] = []
+    index: dict[tuple[tuple[str, ChannelFacts], ...], int] = {}
+
+    def answer(profile: dict[str, Any]) -> int:
+        facts = {c.name: ask(c, profile) for c in channels.all()}
+        key = tuple(sorted(facts.items()))
+        if key not in index:
+            index[key] = len(answers)
+            answers.append(facts)
+        return index[key]
+
+    def both(profile: dict[str, Any]) -> tuple[int, int]:
+        return answer(profile), answer({**profile, "email_invalid": True})
+
+    reach = {"": both(sim_profile(None))}
+    for contact in contacts:
+        reach[contact.contact_id] = both(sim_profile(contact))
+    return SendRules(policy, answers, reach)
+
+
+class _Contacts(msgspec.Struct):
+    contacts: list[SimContact] = msgspec.field(default_factory=list)
+
+
+def send_rules_for(body: bytes, channels: ChannelRegistry, policy: SendPolicy) -> SendRules:
+    """`send_rules` for the contacts of a request body; a body that does not decode gets the rules for
+    no contacts (the simulator then refuses the body with the right error)."""
+    try:
+        contacts = msgspec.json.decode(body, type=_Contacts).contacts
+    except (msgspec.DecodeError, RecursionError):
+        contacts = []
+    return send_rules(channels, policy, contacts)
+
+
 @dataclass(order=True)
 class _Due:
     due_at: datetime
@@ -111,14 +192,19 @@ class _Due:
 
 
 class Simulation:
-    def __init__(self, engine: Engine, contacts: list[SimContact]) -> None:
+    """Without `rules`, every due message counts as sent unless its guard fails: the rules alone, as
+    the engine's own tests use it. The service and the CLI always give the send rules."""
+
+    def __init__(self, engine: Engine, contacts: list[SimContact], rules: SendRules | None = None) -> None:
         self.engine = engine
+        self.rules = rules
         self.contacts: dict[str, ContactView] = {}
         for c in contacts:
-            profile = msgspec.to_builtins(c)
-            profile.pop("contact_id")
-            profile["email_invalid"] = False
-            self.contacts[c.contact_id] = ContactView(c.contact_id, profile, {})
+            self.contacts[c.contact_id] = ContactView(c.contact_id, sim_profile(c), {})
+        # What the simulation sent: marketing send times per (contact, channel) for the caps, and each
+        # decided message's channel etc. for the outcome events that name it.
+        self.sent_at: dict[tuple[str, str], list[datetime]] = {}
+        self.messages: dict[str, dict[str, Any]] = {}
         self.queue: list[_Due] = []
         self.entries: dict[str, ScheduleEntry] = {}
         self.actions: list[SimAction] = []
@@ -148,7 +234,10 @@ class Simulation:
                 if event.contact_id is None:
                     self._fan_out(event, at)
                     continue
-                engine_event = EngineEvent(event.id, event.type, event.contact_id, at, event.attributes)
+                attributes = event.attributes
+                if event.type in MESSAGE_EVENT_TYPES:
+                    attributes = self._outcome(event.type, event.contact_id, dict(attributes), at)
+                engine_event = EngineEvent(event.id, event.type, event.contact_id, at, attributes)
                 fields = interest_fields({"type": event.type, "time": at, "attributes": event.attributes})
                 if fields:
                     product = str(event.attributes["product_id"])
@@ -161,6 +250,27 @@ class Simulation:
         end = until or ((timed[-1][0] if timed else start) + DEFAULT_HORIZON)
         self._fire_until(end, inclusive=True)
         return self.actions
+
+    def _outcome(
+        self, event_type: str, contact_id: str, attributes: dict[str, Any], at: datetime
+    ) -> dict[str, Any]:
+        """A message_* event as the live inbox takes it: linked to the message it names (its channel,
+        template, ruleset, rule), and bad news remembered (a bounced email, a blocked channel)."""
+        message_id = attributes.get("message_id")
+        message = self.messages.get(message_id) if isinstance(message_id, str) else None
+        if message is not None and message["contact_id"] != contact_id:
+            message = None
+        channel = attributes.get("channel")
+        if message is not None:
+            channel = channel or message["channel"]
+            for key in ("channel", "template", "ruleset", "rule"):
+                attributes.setdefault(key, channel if key == "channel" else message.get(key))
+        profile, suppressed = outcome_changes(event_type.removeprefix("message_"), channel, at.timestamp())
+        contact = self._contact(contact_id)
+        contact.profile.update(profile)
+        if suppressed:
+            contact.state.setdefault("suppressed", {}).update(suppressed)
+        return attributes
 
     def _fan_out(self, event: Event, at: datetime) -> None:
         """A catalog event becomes each interested contact's own event, as the live fan-out does."""
@@ -198,8 +308,10 @@ class Simulation:
                 continue  # cancelled meanwhile
             entry = self.entries.pop(due.entry.entry_id)
             contact = self._contact(entry.contact_id)
-            contact.pending.remove(entry.entry_id)
-            if entry.message is not None:
+            pending = contact.pending.remove(entry.entry_id)
+            if entry.message is not None and self.rules is not None:
+                self._send(entry, contact, pending, due.due_at)
+            elif entry.message is not None:
                 params = entry.message.get("params") or {}
                 product = self.products.get(str(params.get("product_id")), {})
                 stale = guard_fails(entry.message.get("guard"), params, product)
@@ -214,7 +326,54 @@ class Simulation:
                     what = f"the `else` of {entry.ruleset}/{entry.rule} that it armed"
                     raise _unevaluable(path, what, exc) from exc
 
-    def _record(self, entry: ScheduleEntry, at: datetime, status: Any, reason: str | None) -> None:
+    def _send(
+        self, entry: ScheduleEntry, contact: ContactView, pending: PendingEntry | None, now: datetime
+    ) -> None:
+        """A due message through the live send rules, with the simulation's own facts."""
+        assert self.rules is not None and entry.message is not None
+        message, policy = entry.message, self.rules.policy
+        seen = {**contact.profile, "state": contact.state}
+        product: dict[str, Any] = {}
+        if message.get("guard"):
+            product = self.products.get(str((message.get("params") or {}).get("product_id")), {})
+        since = day_start(seen, now, policy)
+        sent_today = {
+            name: count_since(self.sent_at.get((entry.contact_id, name), []), since)
+            for name in capped_candidates(message, policy)
+        }
+        channels = self.rules.channels(entry.contact_id, bool(contact.profile.get("email_invalid")))
+        verdict = check(message, seen, channels, Facts(product, sent_today), now, policy)
+        # An outcome event may name it: its channel is the one used, else its own (as `sent_channel`).
+        used = verdict.channel if verdict.kind == "send" else message["channel"]
+        self.messages[entry.entry_id] = {"contact_id": entry.contact_id, "channel": used,
+                                         "template": message.get("template"), "ruleset": entry.ruleset,
+                                         "rule": entry.rule}  # fmt: skip
+        if verdict.kind == "postpone":
+            assert verdict.at is not None
+            self._record(entry, now, "postponed", verdict.reason, verdict.channel, postponed_to=verdict.at)
+            self.entries[entry.entry_id] = entry  # still pending, as the live message stays scheduled
+            if pending is not None:
+                contact.pending.add(pending)
+            heapq.heappush(self.queue, _Due(verdict.at, next(self._seq), entry))
+            return
+        if verdict.kind == "suppress":
+            self._record(entry, now, "suppressed", verdict.reason, verdict.channel)
+            return
+        assert verdict.channel is not None
+        if not message.get("transactional"):
+            self.sent_at.setdefault((entry.contact_id, verdict.channel), []).append(now)
+        self._record(entry, now, "sent", None, verdict.channel)
+
+    def _record(
+        self,
+        entry: ScheduleEntry,
+        at: datetime,
+        status: Any,
+        reason: str | None,
+        channel: str | None = None,
+        postponed_to: datetime | None = None,
+    ) -> None:
+        """`channel`: the one used or chosen (a fallback), else the message's own."""
         message = entry.message or {}
         self.actions.append(
             SimAction(
@@ -222,12 +381,13 @@ class Simulation:
                 contact_id=entry.contact_id,
                 ruleset=entry.ruleset,
                 rule=entry.rule,
-                channel=message.get("channel"),
+                channel=channel or message.get("channel"),
                 template=message.get("template"),
                 status=status,
                 reason=reason,
                 message_id=entry.entry_id,
                 params=message.get("params") or None,
+                postponed_to=postponed_to,
             )
         )
 
@@ -250,9 +410,10 @@ def request_problem(request: SimulateRequest) -> tuple[str, str] | None:
     return None
 
 
-def simulate(engine: Engine, request: SimulateRequest) -> SimulateResult:
-    """Raises Refused (422, with the path) for an event the engine cannot evaluate."""
-    actions = Simulation(engine, request.contacts).run(request.events, request.until)
+def simulate(engine: Engine, request: SimulateRequest, rules: SendRules | None = None) -> SimulateResult:
+    """Raises Refused (422, with the path) for an event the engine cannot evaluate. Without `rules`,
+    no send rule is applied (see `Simulation`)."""
+    actions = Simulation(engine, request.contacts, rules).run(request.events, request.until)
     actions.sort(key=lambda a: a.at)  # stable: same-moment actions keep their decision order
     return SimulateResult(actions)
 
@@ -272,7 +433,7 @@ _REQUEST_DECODER = msgspec.json.Decoder(SimulateRequest)
 _RESULT_ENCODER = msgspec.json.Encoder()
 
 
-def answer(body: bytes, engine: Engine, limits: Limits) -> tuple[int, bytes]:
+def answer(body: bytes, engine: Engine, limits: Limits, rules: SendRules | None = None) -> tuple[int, bytes]:
     """Everything `POST /v1/simulate` does with a body, as (status, JSON body): decode, check, simulate."""
     try:
         request = _REQUEST_DECODER.decode(body)
@@ -294,7 +455,7 @@ def answer(body: bytes, engine: Engine, limits: Limits) -> tuple[int, bytes]:
     if problem is not None:
         return 422, msgspec.json.encode(SimulateRejected(problem[1], problem[0]))
     try:
-        return 200, _RESULT_ENCODER.encode(simulate(engine, request))
+        return 200, _RESULT_ENCODER.encode(simulate(engine, request, rules))
     except Refused as exc:
         return exc.status, exc.body()
 
@@ -312,6 +473,7 @@ class _Job(msgspec.Struct):
     body: bytes
     max_events: int
     max_contacts: int
+    rules: SendRules | None = None
 
 
 class _Answer(msgspec.Struct):
@@ -337,8 +499,16 @@ class Simulator:
     further one gets 429 at once, with a Retry-After of the budget.
     """
 
-    def __init__(self, budget_seconds: float) -> None:
+    def __init__(
+        self,
+        budget_seconds: float,
+        channels: ChannelRegistry | None = None,
+        policy: SendPolicy | None = None,
+    ) -> None:
+        """With `channels` and `policy`, simulations apply the service's send rules."""
         self.budget = budget_seconds
+        self.channels = channels
+        self.policy = policy
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self.queued = 0  # requests waiting for the running simulation
@@ -356,12 +526,17 @@ class Simulator:
         self, rulesets: Iterable[CompiledRuleset], body: bytes, limits: Limits
     ) -> tuple[int, bytes, dict[str, str]]:
         """(status, JSON body, headers) of the answer to `POST /v1/simulate` with this body."""
+        rules = None
+        if self.channels is not None and self.policy is not None:
+            # The plugins' checks run here, where the channel objects are; off the event loop.
+            rules = await asyncio.to_thread(send_rules_for, body, self.channels, self.policy)
         job = _JOB_ENCODER.encode(
             _Job(
                 [LiveRuleset(r.name, r.version, r.source) for r in rulesets],
                 body,
                 limits.max_events,
                 limits.max_contacts,
+                rules,
             )
         )
         if self.busy and self.queued >= 1:
@@ -469,7 +644,7 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
                 compiled[key] = CompiledRuleset.compile(live.name, live.version, live.source)
         engine = Engine(RuleIndex(list(compiled.values())))
         try:
-            status, body = answer(job.body, engine, Limits(job.max_events, job.max_contacts))
+            status, body = answer(job.body, engine, Limits(job.max_events, job.max_contacts), job.rules)
         except Exception:  # a bug, not the input's: traceback to the service log; the simulator goes on
             traceback.print_exc()
             status, body = 500, msgspec.json.encode({"error": "internal error"})

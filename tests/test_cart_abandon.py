@@ -10,6 +10,7 @@ import msgspec
 from rulesvc.api import create_app
 from rulesvc.config import Settings
 from tests.rulesets_helpers import at, event, load, run, sent
+from tests.test_delivery import Provider, registry
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
 
@@ -86,10 +87,16 @@ def test_until_bounds_the_virtual_clock() -> None:
 async def test_simulate_endpoint_sends_and_stores_nothing(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    client = await make_client(create_app(msgspec.structs.replace(settings, rulesets_dir=str(SHIPPED))))
+    # Providers that can reach the contact: a simulation applies the send rules with the app's channels.
+    channels = registry(Provider("push", needs="push_tokens"), Provider("email", needs="email"))
+    client = await make_client(
+        create_app(msgspec.structs.replace(settings, rulesets_dir=str(SHIPPED)), channels)
+    )
+    ann = {"contact_id": "c1", "email": "ann@example.com", "push_tokens": ["t-1"],
+           "consent": {"email": True, "push": True}}  # fmt: skip
     body = {
         "events": [event("c", "cart_updated", **CART), event("p", "purchased", contact="c2", minutes=1)],
-        "contacts": [{"contact_id": "c1", "email": "ann@example.com", "consent": {"email": True}}],
+        "contacts": [ann],
     }
     resp = await client.post("/v1/simulate", json=body)
     assert resp.status == 200

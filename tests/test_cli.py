@@ -82,9 +82,13 @@ def test_simulate_prints_the_timeline(tmp_path: Path) -> None:
         and "c2" in lines[0]
         and lines[0].endswith("(cancelled by purchased)")
     )
-    assert lines[2].startswith(at(minutes=20)) and "push:cart_abandon/push" in lines[2] and "sent" in lines[2]
+    # The send rules apply as in the service: here no channel is configured and nobody consented.
+    assert lines[2].startswith(at(minutes=20)) and "push:cart_abandon/push" in lines[2]
+    assert lines[2].endswith(
+        "suppressed  (push: missing setting: service_account_file or service_account_json)"
+    )
     assert lines[3].startswith(at(hours=12)) and "email:cart_abandon/email" in lines[3]
-    assert "3 message(s) would be sent" in result.stderr  # two reminders and an order confirmation
+    assert "0 message(s) would be sent" in result.stderr
 
     as_json = rulesvc("simulate", "-", "--rulesets", str(ROOT / "rulesets"), "--json", "--until", at(hours=1),
                       stdin=events.read_text())  # fmt: skip
@@ -93,7 +97,7 @@ def test_simulate_prints_the_timeline(tmp_path: Path) -> None:
     assert [(a["contact_id"], a["channel"], a["status"]) for a in actions] == [
         ("c2", "push", "cancelled"),
         ("c2", "email", "cancelled"),
-        ("c1", "push", "sent"),
+        ("c1", "push", "suppressed"),
     ]
 
 
