@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import KEYS, create_app
 
 
 def cart(event_id: str, contact: str = "c1", **attributes: Any) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from rulesvc import openapi
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web import openapi
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.api import KEYS, create_app
-from rulesvc.auth import RateLimiter
 from rulesvc.config import Settings
+from rulesvc.web.app import KEYS, create_app
+from rulesvc.web.ratelimit import RateLimiter
 
 
 def b64(data: bytes) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from rulesvc.api import FANOUT, KEYS, create_app
 from rulesvc.config import Settings
-from rulesvc.store import MAX_ATTEMPTS
+from rulesvc.store.db import MAX_ATTEMPTS
+from rulesvc.web.app import FANOUT, KEYS, create_app
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

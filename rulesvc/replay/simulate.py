@@ -26,10 +26,9 @@ from typing import Any, BinaryIO, Literal
 import msgspec
 import structlog
 
-from rulesvc.bodies import TOO_DEEP
-from rulesvc.catalog import catalog_change, guard_fails, interest_fields, interested
-from rulesvc.contacts import ContactIn
-from rulesvc.engine import (
+from rulesvc.core.catalog import catalog_change, guard_fails, interest_fields, interested
+from rulesvc.core.contacts import ContactIn
+from rulesvc.core.engine import (
     CompiledRuleset,
     ContactView,
     Engine,
@@ -38,7 +37,7 @@ from rulesvc.engine import (
     ScheduleEntry,
     timer_event,
 )
-from rulesvc.events import (
+from rulesvc.core.events import (
     TIME_RANGE,
     Event,
     document_errors,
@@ -47,8 +46,9 @@ from rulesvc.events import (
     split_validation_error,
     time_in_range,
 )
-from rulesvc.ids import Id, fanout_copy_id
-from rulesvc.ruleformat import RulesetFile
+from rulesvc.core.ids import Id, fanout_copy_id
+from rulesvc.core.ruleformat import RulesetFile
+from rulesvc.web.bodies import TOO_DEEP
 
 log = structlog.get_logger(__name__)
 
@@ -415,7 +415,7 @@ class Simulator:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "rulesvc.simulate",
+                "rulesvc.replay.simulate",
                 str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -478,7 +478,7 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
 
 
 def main(parent_pid: int) -> None:
-    from rulesvc.mongod import die_with_parent
+    from rulesvc.store.mongod import die_with_parent
 
     die_with_parent()  # a worker killed with SIGKILL takes its simulator along
     if os.getppid() != parent_pid:

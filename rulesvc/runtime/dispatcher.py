@@ -27,12 +27,12 @@ from typing import Any, Literal
 import bson
 import structlog
 
-from rulesvc.catalog import guard_fails
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
-from rulesvc.contacts import PROFILE_FIELDS
+from rulesvc.core.catalog import guard_fails
+from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.plugins import channel_config
-from rulesvc.store import Doc, Store
-from rulesvc.templates import TemplateError, Templates
+from rulesvc.runtime.templates import TemplateError, Templates
+from rulesvc.store.db import Doc, Store
 
 log = structlog.get_logger(__name__)
 

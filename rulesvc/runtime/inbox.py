@@ -22,9 +22,8 @@ from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from rulesvc.catalog import interest_updates
-from rulesvc.contacts import PROFILE_FIELDS
-from rulesvc.engine import (
+from rulesvc.core.contacts import PROFILE_FIELDS
+from rulesvc.core.engine import (
     Cancellation,
     ContactView,
     Decisions,
@@ -33,10 +32,11 @@ from rulesvc.engine import (
     entry_doc,
     pending_from_doc,
 )
-from rulesvc.events import MESSAGE_EVENT_TYPES
-from rulesvc.rulesets import Rulesets
-from rulesvc.store import PENDING, Doc, Store, failure_text, transient
-from rulesvc.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.core.events import MESSAGE_EVENT_TYPES
+from rulesvc.runtime.fanout import interest_updates
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
 
 log = structlog.get_logger(__name__)
 

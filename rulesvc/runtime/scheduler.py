@@ -3,7 +3,7 @@
 Entries are claimed in batches with a lease (`status: running`, an owner token and `lease_until`), so two
 processes never run the same entry; a process that dies mid-batch loses its lease and the entries go
 back to `pending`. Each entry's effect is written idempotently before the entry is marked done: a send
-goes through the delivery pipeline and outbox (rulesvc.delivery), and a wait's `else` becomes one
+goes through the delivery pipeline and outbox (rulesvc.runtime.dispatcher), and a wait's `else` becomes one
 internal event in the inbox under a fixed id. An entry whose processing raises (a corrupt document, a
 plugin's bug) is set aside, `failed` with the error on the entry and its message, while the rest of its
 batch goes on: one bad entry never holds the schedule up.
@@ -22,10 +22,10 @@ import structlog
 from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
 
-from rulesvc.delivery import Dispatcher, Result
-from rulesvc.engine import timer_event
-from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import Every, renewing, work_loop
+from rulesvc.core.engine import timer_event
+from rulesvc.runtime.dispatcher import Dispatcher, Result
+from rulesvc.runtime.waiting import Every, renewing, work_loop
+from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
 
 log = structlog.get_logger(__name__)
 
@@ -140,8 +140,8 @@ class Scheduler:
 
         # The claim is renewed while the batch runs, from this event loop: a process that dies, or whose
         # loop is held (a long computation, a paused database), stops renewing, and its entries are taken
-        # over while a send may be in flight. The `sending` mark (rulesvc.delivery) is what keeps such a
-        # send from being made more than once more, and never before its first call is over.
+        # over while a send may be in flight. The `sending` mark (rulesvc.runtime.dispatcher) is what keeps
+        # such a send from being made more than once more, and never before its first call is over.
         async def renew() -> None:
             await self.store.schedule.update_many(
                 {"owner": owner, "status": "running"}, {"$set": {"lease_until": self.clock() + self.lease}}

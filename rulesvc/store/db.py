@@ -17,9 +17,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from rulesvc.contacts import Contact, ContactIn
-from rulesvc.events import Event, event_time
-from rulesvc.messages import Message
+from rulesvc.core.contacts import Contact, ContactIn
+from rulesvc.core.events import Event, event_time
+from rulesvc.core.messages import Message
 
 log = structlog.get_logger(__name__)
 

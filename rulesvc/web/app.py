@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 import pymongo
@@ -19,29 +19,12 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pymongo import AsyncMongoClient
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError, WriteConcernError
+from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
-from rulesvc import openapi
-from rulesvc.auth import (
-    DEFAULT_INBOX_TOKEN_TTL,
-    INBOX_TOKEN_PREFIX,
-    TTL_RULE,
-    ApiKey,
-    InboxTokens,
-    Keys,
-    RateLimiter,
-    hand_out_first_key,
-    inbox_token_ttl,
-)
-from rulesvc.bodies import decoding_problem, utf8_problem
-from rulesvc.builtin import BUILTIN_PLUGINS
-from rulesvc.catalog import CatalogFanout
-from rulesvc.channels import CallbackChannel, ChannelRegistry, Job, ManagedChannel, deduplicates
+from rulesvc.channels import CallbackChannel, ChannelRegistry, ManagedChannel, deduplicates
 from rulesvc.config import Settings
-from rulesvc.contacts import ContactRejected, decode_contact
-from rulesvc.delivery import Dispatcher, SendPolicy, parse_quiet_hours, quiet_channels, send_timeout
-from rulesvc.durations import DURATION_PATTERN
-from rulesvc.events import (
+from rulesvc.core.contacts import ContactRejected, decode_contact
+from rulesvc.core.events import (
     MESSAGE_EVENT_TYPES,
     Event,
     EventError,
@@ -53,20 +36,58 @@ from rulesvc.events import (
     decode_ndjson_body,
     split_validation_error,
 )
-from rulesvc.ids import id_problem
-from rulesvc.inbox import Inbox
-from rulesvc.messages import MessageList
+from rulesvc.core.ids import id_problem
+from rulesvc.core.messages import MessageList
+from rulesvc.core.ruleformat import RulesetError
+from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.metrics import CONTENT_TYPE_LATEST, Metrics
-from rulesvc.mongod import EmbeddedMongod
 from rulesvc.plugins import PluginReport, load_plugins
-from rulesvc.ruleformat import RulesetError
-from rulesvc.rulesets import Rulesets
-from rulesvc.scheduler import Scheduler
-from rulesvc.simulate import Limits, Simulator
-from rulesvc.simulate import SimulateRejected as SimulateRejected
-from rulesvc.store import Doc, Store, contact_from_doc, message_from_doc
-from rulesvc.templates import Templates
-from rulesvc.waiting import wait_any
+from rulesvc.replay.simulate import Limits, Simulator
+from rulesvc.replay.simulate import SimulateRejected as SimulateRejected
+from rulesvc.runtime.dispatcher import Dispatcher, SendPolicy, parse_quiet_hours, quiet_channels, send_timeout
+from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.jobs import run_job
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.runtime.scheduler import Scheduler
+from rulesvc.runtime.templates import Templates
+from rulesvc.store.db import Doc, Store, contact_from_doc, message_from_doc
+from rulesvc.store.keys import (
+    DEFAULT_INBOX_TOKEN_TTL,
+    INBOX_TOKEN_PREFIX,
+    TTL_RULE,
+    ApiKey,
+    InboxTokens,
+    Keys,
+    hand_out_first_key,
+    inbox_token_ttl,
+)
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web import openapi
+from rulesvc.web.bodies import decoding_problem, utf8_problem
+from rulesvc.web.ratelimit import RateLimiter
+from rulesvc.web.schemas import (
+    CallbacksAccepted,
+    ChannelInfo,
+    ChannelList,
+    ErrorBody,
+    EventList,
+    EventRecord,
+    Health,
+    InboxAction,
+    InboxItem,
+    InboxList,
+    InboxToken,
+    InboxTokenRequest,
+    PluginInfo,
+    QuarantineActed,
+    QuarantineAction,
+    QuarantinedEvent,
+    QuarantineList,
+    RulesetErrorBody,
+    RulesetInfo,
+    RulesetList,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -112,138 +133,6 @@ def _plain(value: Any) -> Any:
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_plain)
-
-
-class ErrorBody(msgspec.Struct):
-    error: str
-
-
-class Health(msgspec.Struct):
-    status: Literal["ok", "degraded", "unavailable"]
-    checks: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-class EventRecord(msgspec.Struct, omit_defaults=True):
-    id: str
-    type: str
-    time: datetime
-    contact_id: str | None = None
-    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
-    state: str | None = None
-
-
-class EventList(msgspec.Struct):
-    events: list[EventRecord]
-
-
-class QuarantinedEvent(msgspec.Struct, omit_defaults=True):
-    id: str
-    type: str
-    time: datetime
-    received_at: datetime
-    quarantined_at: datetime
-    stage: str  # inbox: its contact's evaluation; fanout: copying a catalog event to interested contacts
-    attempts: int
-    error: str
-    contact_id: str | None = None
-    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class QuarantineList(msgspec.Struct):
-    events: list[QuarantinedEvent]
-    next_before: datetime | None = None
-
-
-class QuarantineAction(msgspec.Struct, forbid_unknown_fields=True):
-    """Name the events (`ids`) or take them all (`all: true`), never both: a bulk action is deliberate."""
-
-    ids: list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]] | None = None
-    all: bool = False
-
-
-class QuarantineActed(msgspec.Struct, omit_defaults=True):
-    retried: int | None = None
-    dropped: int | None = None
-
-
-class RulesetErrorBody(msgspec.Struct):
-    file: str
-    path: str
-    message: str
-
-
-class RulesetInfo(msgspec.Struct):
-    name: str
-    file: str
-    status: Literal["loaded", "error"]
-    version: str | None
-    loaded_at: datetime | None
-    events: list[str]
-    errors: list[RulesetErrorBody]
-
-
-class RulesetList(msgspec.Struct):
-    rulesets: list[RulesetInfo]
-
-
-class ChannelInfo(msgspec.Struct):
-    name: str
-    configured: bool
-    detail: str
-    deduplicates: bool  # a send a crash interrupted is repeated once with the same key, else `uncertain`
-    callbacks: bool
-    send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
-
-
-class PluginInfo(msgspec.Struct):
-    name: str
-    source: str
-    channels: list[str]
-    jobs: list[str]
-    error: str | None
-
-
-class ChannelList(msgspec.Struct):
-    channels: list[ChannelInfo]
-    plugins: list[PluginInfo]
-
-
-class CallbacksAccepted(msgspec.Struct):
-    accepted: int
-
-
-class InboxItem(msgspec.Struct, omit_defaults=True):
-    message_id: str
-    template: str
-    content: dict[str, str]
-    sent_at: datetime | None = None
-    shown_at: datetime | None = None
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class InboxList(msgspec.Struct):
-    messages: list[InboxItem]
-
-
-class InboxAction(msgspec.Struct, forbid_unknown_fields=True):
-    action: Literal["shown", "clicked", "dismissed"]
-
-
-class InboxTokenRequest(msgspec.Struct, forbid_unknown_fields=True):
-    ttl: Annotated[
-        str,
-        msgspec.Meta(
-            pattern=DURATION_PATTERN, description="how long it works, e.g. 15m, 1h, 7d; at most 30d"
-        ),
-    ] = "1h"
-
-
-class InboxToken(msgspec.Struct):
-    """What a page presents to read and act on one contact's inbox: `Authorization: Bearer <token>`."""
-
-    token: str
-    contact_id: str
-    expires_at: datetime
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -896,29 +785,6 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await client.close()
-
-
-async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
-    """Every `interval`, in one process at a time: the lease lasts the interval, so others skip it."""
-    key = f"job:{job.name}"
-    owner = uuid.uuid4().hex
-    while not stop.is_set():
-        now = datetime.now(UTC)
-        try:
-            await store.leases.delete_many({"_id": key, "until": {"$lt": now}})
-            await store.leases.insert_one(
-                {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
-            )
-        except DuplicateKeyError:
-            log.debug("job.skipped", job=job.name, reason="another process has this period")
-        except PyMongoError as exc:
-            log.warning("job.storage_error", job=job.name, error=type(exc).__name__)
-        else:
-            try:
-                await job.run(store)
-            except Exception:
-                log.exception("job.failed", job=job.name)
-        await wait_any(stop, seconds=job.interval)
 
 
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,11 +7,26 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.contacts import Contact, ContactIn, ContactRejected
-from rulesvc.events import Event, EventsAccepted, EventsRejected
-from rulesvc.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
-from rulesvc.messages import MessageList
-from rulesvc.simulate import SimulateRequest, SimulateResult
+from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
+from rulesvc.core.events import Event, EventsAccepted, EventsRejected
+from rulesvc.core.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
+from rulesvc.core.messages import MessageList
+from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
+from rulesvc.web.schemas import (
+    CallbacksAccepted,
+    ChannelList,
+    ErrorBody,
+    EventList,
+    Health,
+    InboxAction,
+    InboxList,
+    InboxToken,
+    InboxTokenRequest,
+    QuarantineActed,
+    QuarantineAction,
+    QuarantineList,
+    RulesetList,
+)
 
 Schema = dict[str, Any]
 
@@ -335,23 +350,6 @@ def _paths() -> Schema:
 
 @functools.cache
 def document() -> bytes:
-    from rulesvc.api import (
-        CallbacksAccepted,
-        ChannelList,
-        ErrorBody,
-        EventList,
-        Health,
-        InboxAction,
-        InboxList,
-        InboxToken,
-        InboxTokenRequest,
-        QuarantineActed,
-        QuarantineAction,
-        QuarantineList,
-        RulesetList,
-        SimulateRejected,
-    )
-
     types = [Event, EventsAccepted, EventsRejected, ContactIn, Contact, ContactRejected, MessageList]
     types += [EventList, Health, ErrorBody, RulesetList, SimulateRequest, SimulateResult, SimulateRejected]
     types += [ChannelList, CallbacksAccepted, InboxList, InboxAction, InboxToken, InboxTokenRequest]

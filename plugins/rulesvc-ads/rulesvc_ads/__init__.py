@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import structlog
 
+from rulesvc import hookimpl
 from rulesvc.channels import Job
-from rulesvc.hookspecs import hookimpl
 
 log = structlog.get_logger(__name__)
 
