@@ -14,7 +14,8 @@ from pymongo import AsyncMongoClient
 
 from rulesvc.config import Settings
 from rulesvc.store.mongod import EmbeddedMongod
-from rulesvc.web.app import KEYS, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 from tests.webhook_flow import Receiver
 
 Doc = dict[str, Any]

@@ -253,7 +253,7 @@ def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugins() -> int:
-    from rulesvc.web.app import load_channels
+    from rulesvc.web.lifecycle import load_channels
 
     registry, reports = load_channels(load_settings())
     for report in reports:
@@ -281,7 +281,7 @@ def check(args: argparse.Namespace) -> int:
     from rulesvc.core.ruleformat import RulesetError
     from rulesvc.runtime.rulesets import check_file, ruleset_files
     from rulesvc.runtime.templates import Templates
-    from rulesvc.web.app import load_channels
+    from rulesvc.web.lifecycle import load_channels
 
     settings = load_settings()
     directory = Path(args.dir or settings.rulesets_dir)

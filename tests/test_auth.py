@@ -6,7 +6,8 @@ import secrets
 from typing import Any
 
 from rulesvc.config import Settings
-from rulesvc.web.app import KEYS, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 
 EVENT = {"id": "e1", "type": "cart_updated", "contact_id": "c1"}
 

@@ -13,7 +13,8 @@ from rulesvc.config import Settings
 from rulesvc.core.events import Event
 from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.store.db import Store
-from rulesvc.web.app import FANOUT, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import FANOUT
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

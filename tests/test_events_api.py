@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from rulesvc.config import Settings
-from rulesvc.web.app import KEYS, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 
 
 def cart(event_id: str, contact: str = "c1", **attributes: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any
 import msgspec
 
 from rulesvc.config import Settings
-from rulesvc.web.app import KEYS, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 from rulesvc.web.ratelimit import RateLimiter
 
 

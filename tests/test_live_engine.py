@@ -17,7 +17,8 @@ from rulesvc.plugins import builtin_channels
 from rulesvc.runtime.inbox import Inbox
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.store.db import Store
-from rulesvc.web.app import INBOX, SCHEDULER, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import INBOX, SCHEDULER
 from tests.rulesets_helpers import write_ruleset
 
 

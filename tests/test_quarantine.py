@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient
 
 from rulesvc.config import Settings
 from rulesvc.store.db import MAX_ATTEMPTS
-from rulesvc.web.app import FANOUT, KEYS, create_app
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import FANOUT, KEYS
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

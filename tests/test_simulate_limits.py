@@ -15,7 +15,7 @@ import pytest
 
 from rulesvc.config import Settings
 from rulesvc.replay.simulate import SimulateRequest, simulate
-from rulesvc.web.app import SIMULATOR
+from rulesvc.web.keys import SIMULATOR
 from tests.rulesets_helpers import at, load
 from tests.test_live_engine import eventually
 from tests.test_reload import serve_greet
