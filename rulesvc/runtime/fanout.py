@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from pymongo import ASCENDING, UpdateOne
-from pymongo.errors import BulkWriteError
+from pymongo import UpdateOne
 
-from rulesvc.core.catalog import VIEW_WINDOW, catalog_change, interest_fields
+from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.ids import fanout_copy_id
 from rulesvc.runtime.waiting import work_loop
-from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store, failure_text, transient
+from rulesvc.store.catalog import Catalog
+from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,7 @@ class CatalogFanout:
         retry_pause: timedelta = timedelta(seconds=5),
     ) -> None:
         self.store = store
+        self.catalog = Catalog(store)
         self.batch_size = batch_size
         self.lease = lease
         self.clock = clock
@@ -80,14 +81,7 @@ class CatalogFanout:
     async def process_once(self) -> bool:
         """Takes the oldest catalog event nobody holds and fans out one batch of it."""
         now = self.clock()
-        event = await self.store.events.find_one_and_update(
-            {"state": PENDING, "contact_id": None,
-             "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
-                     {"fanout.owner": self.owner}]},
-            {"$set": {"fanout.owner": self.owner, "fanout.until": now + self.lease}},
-            sort=[("time", ASCENDING), ("_id", ASCENDING)],
-            hint="inbox_pending",  # its `contact_id: null` range; another index scans every pending event
-        )  # fmt: skip
+        event = await self.catalog.claim_event(self.owner, now, self.lease)
         if event is None:
             return False
         try:
@@ -113,47 +107,23 @@ class CatalogFanout:
         fanout = event.get("fanout") or {}
         if "product" not in fanout:
             fanout["product"] = await self._update_catalog(event)
-            await self.store.events.update_one(
-                {"_id": event["_id"]}, {"$set": {"fanout.product": fanout["product"]}}
-            )
+            await self.catalog.save_change(event["_id"], fanout["product"])
         done = await self._batch(event, fanout)
         if done:
-            await self.store.events.update_one(
-                {"_id": event["_id"]},
-                {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
-            )
+            await self.catalog.finish_event(event["_id"], now)
 
     async def _update_catalog(self, event: Doc) -> Doc:
         """Record the new price or stock and return what the copies need to know about the change."""
         attributes = event.get("attributes") or {}
         product_id = str(attributes["product_id"])
-        before = await self.store.products.find_one({"_id": product_id}) or {}
+        before = await self.catalog.product(product_id)
         fields, change = catalog_change(event["type"], attributes, before)
         fields["updated_at"] = event["time"]
-        await self.store.products.update_one({"_id": product_id}, {"$set": fields}, upsert=True)
+        await self.catalog.save_product(product_id, fields)
         return change
 
-    def _interested(self, event: Doc) -> Doc:
-        """The query form of `interested`."""
-        product = str((event.get("attributes") or {})["product_id"])
-        if event["type"] == "price_changed":
-            since = event["time"] - VIEW_WINDOW
-            return {
-                "product_id": product,
-                "$or": [{"viewed_at": {"$gte": since}}, {"wishlisted_at": {"$exists": True}}],
-            }
-        return {
-            "product_id": product,
-            "$or": [{"wanted_oos_at": {"$exists": True}}, {"wishlisted_at": {"$exists": True}}],
-        }
-
     async def _batch(self, event: Doc, fanout: Doc) -> bool:
-        query = self._interested(event)
-        if "after" in fanout:
-            query["_id"] = {"$gt": fanout["after"]}
-        interests = (
-            await self.store.interests.find(query).sort("_id", ASCENDING).limit(self.batch_size).to_list()
-        )
+        interests = await self.catalog.interested(event, fanout.get("after"), self.batch_size)
         if not interests:
             return True
         now = self.clock()
@@ -170,15 +140,9 @@ class CatalogFanout:
                  "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
                  "received_at": now, "state": PENDING, "fanout_of": event["_id"]}
             )  # fmt: skip
-        try:
-            await self.store.events.insert_many(copies, ordered=False)
-        except BulkWriteError as exc:  # copies of a run that died before saving its position
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                raise
+        await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its position
         self.copies += len(copies)
-        await self.store.events.update_one(
-            {"_id": event["_id"]}, {"$set": {"fanout.after": interests[-1]["_id"]}}
-        )
+        await self.catalog.save_position(event["_id"], interests[-1]["_id"])
         if self.on_copies is not None:
             self.on_copies()
         return len(interests) < self.batch_size

@@ -7,11 +7,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from rulesvc.channels import Job
 from rulesvc.runtime.waiting import wait_any
 from rulesvc.store.db import Store
+from rulesvc.store.leases import Leases
 
 log = structlog.get_logger(__name__)
 
@@ -20,18 +21,17 @@ async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
     """Every `interval`, in one process at a time: the lease lasts the interval, so others skip it."""
     key = f"job:{job.name}"
     owner = uuid.uuid4().hex
+    leases = Leases(store)
     while not stop.is_set():
         now = datetime.now(UTC)
         try:
-            await store.leases.delete_many({"_id": key, "until": {"$lt": now}})
-            await store.leases.insert_one(
-                {"_id": key, "owner": owner, "until": now + timedelta(seconds=job.interval)}
-            )
-        except DuplicateKeyError:
-            log.debug("job.skipped", job=job.name, reason="another process has this period")
+            taken = await leases.take_period(key, owner, now, timedelta(seconds=job.interval))
+            if not taken:
+                log.debug("job.skipped", job=job.name, reason="another process has this period")
         except PyMongoError as exc:
             log.warning("job.storage_error", job=job.name, error=type(exc).__name__)
-        else:
+            taken = False
+        if taken:
             try:
                 await job.run(store)
             except Exception:

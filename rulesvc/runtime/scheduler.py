@@ -12,20 +12,22 @@ batch goes on: one bad entry never holds the schedule up.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
 import structlog
-from pymongo import ASCENDING, UpdateOne
+from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
 
 from rulesvc.core.engine import timer_event
 from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.waiting import Every, renewing, work_loop
+from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.store.messages import Messages
+from rulesvc.store.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +73,7 @@ class Scheduler:
         on_timer_event: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self.schedule = Schedule(store)
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.live_rulesets = live_rulesets
@@ -95,35 +98,17 @@ class Scheduler:
         await work_loop("scheduler", step, stop, self.wake)
 
     async def _until_next_due(self, max_sleep: float) -> float:
-        nxt = await self.store.schedule.find_one(
-            {"status": "pending"}, {"due_at": 1}, sort=[("due_at", ASCENDING)]
-        )
-        if nxt is None:
+        due_at = await self.schedule.next_due()
+        if due_at is None:
             return max_sleep
-        seconds: float = (nxt["due_at"] - self.clock()).total_seconds()
+        seconds = (due_at - self.clock()).total_seconds()
         return max(0.0, min(max_sleep, seconds))
 
     async def _claim(self, now: datetime) -> list[Doc]:
         # The look scans every running entry: too much for every claim under load.
         if self._expired_look.due(now):
-            await self.store.schedule.update_many(
-                {"status": "running", "lease_until": {"$lt": now}},
-                {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},
-            )
-        ids = [
-            d["_id"]
-            async for d in self.store.schedule.find(
-                {"status": "pending", "due_at": {"$lte": now}}, {"_id": 1}, sort=[("due_at", ASCENDING)]
-            ).limit(self.batch_size)
-        ]
-        if not ids:
-            return []
-        token = uuid.uuid4().hex
-        await self.store.schedule.update_many(
-            {"_id": {"$in": ids}, "status": "pending"},
-            {"$set": {"status": "running", "owner": token, "lease_until": now + self.lease}},
-        )
-        return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
+            await self.schedule.release_expired(now)
+        return await self.schedule.claim(now, self.batch_size, self.lease)
 
     async def fire_due(self) -> int:
         now = self.clock()
@@ -143,9 +128,7 @@ class Scheduler:
         # over while a send may be in flight. The `sending` mark (rulesvc.runtime.dispatcher) is what keeps
         # such a send from being made more than once more, and never before its first call is over.
         async def renew() -> None:
-            await self.store.schedule.update_many(
-                {"owner": owner, "status": "running"}, {"$set": {"lease_until": self.clock() + self.lease}}
-            )
+            await self.schedule.renew(owner, self.clock() + self.lease)
 
         async with renewing("scheduler", renew, self.lease.total_seconds() / 3):
             results = await self._dispatch(sends, now, owner, aside) if sends else []
@@ -161,9 +144,9 @@ class Scheduler:
         self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]
     ) -> list[tuple[Doc, Result]]:
         ids = [e["_id"] for e in entries]
-        messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
+        messages = await Messages(self.store).by_id(ids)
         contact_ids = list({e["contact_id"] for e in entries})
-        contacts = {c["_id"]: c async for c in self.store.contacts.find({"_id": {"$in": contact_ids}})}
+        contacts = await Contacts(self.store).by_id(contact_ids)
         limit = asyncio.Semaphore(self.concurrency)
         by_contact: dict[str, list[Doc]] = {}
         for entry in entries:

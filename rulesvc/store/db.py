@@ -1,4 +1,5 @@
-"""MongoDB: the collections, their indexes, and every query the service makes."""
+"""MongoDB: the collections, their indexes, and the store's core queries (events, contacts, messages);
+the sibling modules hold the named queries of each collection group (schedule, leases, catalog, ...)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ log = structlog.get_logger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

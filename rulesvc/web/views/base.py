@@ -15,7 +15,6 @@ from rulesvc.web.schemas import ErrorBody
 
 JSON_TYPES = frozenset({"application/json"})
 
-
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 
 

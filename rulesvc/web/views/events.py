@@ -16,6 +16,7 @@ from rulesvc.core.events import (
     decode_ndjson_body,
 )
 from rulesvc.store.db import Store
+from rulesvc.store.messages import Messages
 from rulesvc.web.keys import API_KEY, FANOUT, INBOX, METRICS, SETTINGS, STORE
 from rulesvc.web.views.base import JSON_TYPES, NDJSON_TYPES, error_response, json_response, read_body
 
@@ -29,10 +30,7 @@ async def foreign_outcomes(store: Store, events: list[Event]) -> list[EventError
         return []
     named = {e.attributes.get("message_id") for _, e in outcomes}
     wanted = [m for m in named if isinstance(m, str)]
-    owners = {
-        d["_id"]: d["contact_id"]
-        for d in await store.messages.find({"_id": {"$in": wanted}}, {"contact_id": 1}).to_list()
-    }
+    owners = await Messages(store).owners(wanted)
     errors: list[EventError] = []
     for index, event in outcomes:
         message_id = event.attributes.get("message_id")
