@@ -18,9 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from pymongo import ASCENDING, UpdateOne
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.engine import (
@@ -36,8 +36,10 @@ from rulesvc.core.events import MESSAGE_EVENT_TYPES
 from rulesvc.runtime.fanout import interest_updates
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.store.audiences import Audiences
+from rulesvc.store.catalog import Catalog
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
+from rulesvc.store.db import Doc, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.leases import ContactLeases
 from rulesvc.store.messages import Messages
@@ -134,6 +136,11 @@ class Inbox:
         self.store = store
         self.contact_leases = ContactLeases(store)
         self.inbox_events = InboxEvents(store)
+        self.contacts = Contacts(store)
+        self.schedule = Schedule(store)
+        self.messages = Messages(store)
+        self.catalog = Catalog(store)
+        self.audiences = Audiences(store)
         self.rulesets = rulesets
         self.batch_size = batch_size
         self.max_events = max_events
@@ -207,8 +214,8 @@ class Inbox:
         if not events:
             return 0
         contact_ids = list(dict.fromkeys(e["contact_id"] for e in events))
-        contacts = await Contacts(self.store).by_id(contact_ids)
-        pending = await Schedule(self.store).pending_of(contact_ids)
+        contacts = await self.contacts.by_id(contact_ids)
+        pending = await self.schedule.pending_of(contact_ids)
 
         now = self.clock()
         views: dict[str, ContactView] = {}
@@ -221,7 +228,7 @@ class Inbox:
             if d["type"] in MESSAGE_EVENT_TYPES
             and isinstance((d.get("attributes") or {}).get("message_id"), str)
         ]
-        messages = await Messages(self.store).by_id(outcome_ids)
+        messages = await self.messages.by_id(outcome_ids)
         # Taken after the last await and used without another: a reload (which frees the previous
         # version's engine rulesets) can only happen between batches, never inside one.
         engine = self.rulesets.engine()
@@ -303,34 +310,25 @@ class Inbox:
 
         async def write(session: AsyncClientSession) -> None:
             quarantined.clear()  # a transaction that is retried runs this again from the start
-            if contact_ops:
-                try:
-                    result = await self.store.contacts.bulk_write(contact_ops, ordered=False, session=session)
-                except BulkWriteError as exc:
-                    raise VersionConflict() from exc
-                if result.matched_count + result.upserted_count != len(contact_ops):
-                    raise VersionConflict()
+            if contact_ops and not await self.contacts.write_states(contact_ops, session):
+                raise VersionConflict()
             if entries:
-                await self.store.schedule.insert_many(entries, session=session)
+                await self.schedule.insert(entries, session)
             if messages:
-                await self.store.messages.insert_many(messages, session=session)
+                await self.messages.insert(messages, session)
             if cancels:
                 await self._cancel(cancels, now, session)
             if message_ops:
-                await self.store.messages.bulk_write(message_ops, ordered=False, session=session)
+                await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)
             if interest_ops:
-                await self.store.interests.bulk_write(interest_ops, ordered=False, session=session)
+                await self.catalog.update_interests(interest_ops, session)
             if decisions.audience:
                 changes = [{"contact_id": c.contact_id, "audience": c.audience, "op": c.op, "at": c.at,
                             "synced": False} for c in decisions.audience]  # fmt: skip
-                await self.store.audience_changes.insert_many(changes, session=session)
+                await self.audiences.record(changes, session)
             if events:
-                await self.store.events.update_many(
-                    {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
-                    {"$set": {"state": "done", "processed_at": decided_at}},
-                    session=session,
-                )
+                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, session)
             for doc, error in failures:
                 quarantined.append(await self._failed(doc, error, session))
 
@@ -375,11 +373,7 @@ class Inbox:
                         raise
                     if limit > 1:
                         continue
-                    first = await self.store.events.find_one(
-                        {"state": PENDING, "contact_id": cid},
-                        sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-                        hint="inbox_pending",
-                    )
+                    first = await self.inbox_events.first_pending(cid)
                     if first is not None and await self._failed(first, again, None):
                         if self.on_quarantined is not None:
                             self.on_quarantined("inbox")
@@ -390,13 +384,5 @@ class Inbox:
         for c in cancels:
             by_reason[c.reason].append(c.entry_id)
         for reason, ids in by_reason.items():
-            await self.store.schedule.update_many(
-                {"_id": {"$in": ids}, "status": "pending"},
-                {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
-                session=session,
-            )
-            await self.store.messages.update_many(
-                {"_id": {"$in": ids}, "status": "scheduled"},
-                {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
-                session=session,
-            )
+            await self.schedule.cancel(ids, reason, now, session)
+            await self.messages.cancel(ids, reason, now, session)

@@ -18,14 +18,14 @@ from typing import Any
 
 import bson
 import structlog
-from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from rulesvc.core.engine import timer_event
 from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.store.db import PENDING, Doc, Store
+from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 
@@ -74,6 +74,9 @@ class Scheduler:
     ) -> None:
         self.store = store
         self.schedule = Schedule(store)
+        self.messages = Messages(store)
+        self.contacts = Contacts(store)
+        self.events = InboxEvents(store)
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.live_rulesets = live_rulesets
@@ -144,9 +147,9 @@ class Scheduler:
         self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]
     ) -> list[tuple[Doc, Result]]:
         ids = [e["_id"] for e in entries]
-        messages = await Messages(self.store).by_id(ids)
+        messages = await self.messages.by_id(ids)
         contact_ids = list({e["contact_id"] for e in entries})
-        contacts = await Contacts(self.store).by_id(contact_ids)
+        contacts = await self.contacts.by_id(contact_ids)
         limit = asyncio.Semaphore(self.concurrency)
         by_contact: dict[str, list[Doc]] = {}
         for entry in entries:
@@ -173,9 +176,7 @@ class Scheduler:
                         continue
                 if result.kind == "sent" and entry is not mine[-1] and self.dispatcher.capped(result.channel):
                     # The contact has more messages in this batch: the next cap check must see this one.
-                    await self.store.messages.update_one(
-                        {"_id": entry["_id"]}, {"$set": {"sent_at": now, "sent_channel": result.channel}}
-                    )
+                    await self.messages.note_sent(entry["_id"], now, result.channel)
                 done.append((entry, result))
             return done
 
@@ -195,7 +196,7 @@ class Scheduler:
         message_ops: dict[str, tuple[list[str], Doc, Doc]] = {}  # identical updates go as one update_many
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
-        contact_ops: list[Any] = []
+        unreachable: list[tuple[str, str, Any]] = []
 
         def update(message_id: str, guard: Doc, fields: Doc) -> None:
             key = repr((guard, sorted(fields.items())))
@@ -229,7 +230,7 @@ class Scheduler:
             update(mid, r.guard, fields)
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
-                    contact_ops.append(UpdateOne({"_id": entry["contact_id"]}, {"$pull": {path: value}}))
+                    unreachable.append((entry["contact_id"], path, value))
         for e in removed:
             update(
                 e["_id"],
@@ -245,37 +246,23 @@ class Scheduler:
                 )
         for ids, guard, fields in message_ops.values():
             await self._update_messages(ids, guard, fields)
-        if contact_ops:
-            try:
-                await self.store.contacts.bulk_write(contact_ops, ordered=False)
-            except BulkWriteError as exc:
-                log.warning(
-                    "scheduler.unreachable_not_removed", errors=exc.details.get("writeErrors", [])[:3]
-                )
+        errors = await self.contacts.forget_unreachable(unreachable)
+        if errors is not None:
+            log.warning("scheduler.unreachable_not_removed", errors=errors[:3])
         for mid, at in entry_again:
-            await self.store.schedule.update_one(
-                {"_id": mid, "owner": owner},
-                {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
-            )
+            await self.schedule.run_again(mid, owner, at)
         finished = [(entry_done, "done", None), ([e["_id"] for e in removed], "cancelled", "ruleset removed")]
         for ids, status, reason in finished:
             if ids:
-                await self.store.schedule.update_many(
-                    {"_id": {"$in": ids}, "owner": owner},
-                    {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
-                     "$unset": {"lease_until": ""}},
-                )  # fmt: skip
+                await self.schedule.finish(ids, owner, status, now, reason)
         for e, why in aside:
-            await self.store.schedule.update_one(
-                {"_id": e["_id"], "owner": owner},
-                {"$set": {"status": "failed", "reason": why, "done_at": now}, "$unset": {"lease_until": ""}},
-            )
+            await self.schedule.fail(e["_id"], owner, why, now)
 
     async def _update_messages(self, ids: list[str], guard: Doc, fields: Doc) -> None:
         """One write for many messages; if the database refuses it (a value it cannot store), one by one,
         and a message whose result cannot be stored gets at least its status and the error."""
         try:
-            await self.store.messages.update_many({"_id": {"$in": ids}, **guard}, {"$set": fields})
+            await self.messages.update(ids, guard, fields)
             return
         except Exception as exc:
             if transient(exc):
@@ -283,12 +270,12 @@ class Scheduler:
             log.warning("scheduler.record_refused", error=f"{type(exc).__name__}: {exc}"[:300])
         for mid in ids:
             try:
-                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": fields})
+                await self.messages.update_one(mid, guard, fields)
             except Exception as exc:
                 if transient(exc):
                     raise
                 minimal = {"status": fields["status"], "reason": error_reason(exc)}
-                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": minimal})
+                await self.messages.update_one(mid, guard, minimal)
 
     async def _insert_timer_events(
         self, timers: list[Doc], now: datetime, aside: list[tuple[Doc, str]]
@@ -317,13 +304,7 @@ class Scheduler:
             fired.append(entry)
         if not docs:
             return fired
-        try:
-            await self.store.events.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:  # already inserted by a run that died before marking done
-            refused = {
-                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
-            }
-            for index, error in refused.items():
-                aside.append((fired[index], f"could not be processed: {error.get('errmsg', error)}"[:500]))
-            fired = [e for i, e in enumerate(fired) if i not in refused]
-        return fired
+        refused = await self.events.insert_internal(docs)  # one already there: a run died before `done`
+        for index, error in refused.items():
+            aside.append((fired[index], f"could not be processed: {error.get('errmsg', error)}"[:500]))
+        return [e for i, e in enumerate(fired) if i not in refused]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pymongo.asynchronous.client_session import AsyncClientSession
+
 from rulesvc.store.db import Doc, Store
 
 
@@ -20,3 +22,7 @@ class Audiences:
         await self.store.audience_changes.update_many(
             {"_id": {"$in": ids}}, {"$set": {"synced": True, "synced_at": now}}
         )
+
+    async def record(self, changes: list[Doc], session: AsyncClientSession) -> None:
+        """Adds to and removals from ads audiences, for the sync job to send."""
+        await self.store.audience_changes.insert_many(changes, session=session)

@@ -4,8 +4,10 @@ document per contact and product), and the fan-out's claim and position on a cat
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError
 
 from rulesvc.core.catalog import VIEW_WINDOW
@@ -76,3 +78,7 @@ class Catalog:
         except BulkWriteError as exc:
             if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
                 raise
+
+    async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
+        """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""
+        await self.store.interests.bulk_write(ops, ordered=False, session=session)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pymongo import ASCENDING
+from datetime import datetime
 
-from rulesvc.store.db import PENDING, Doc, Store
+from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError
+
+from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
 
 
 class InboxEvents:
@@ -36,4 +40,31 @@ class InboxEvents:
             .hint("inbox_pending")
             .limit(limit)
             .to_list()
+        )
+
+    async def insert_internal(self, docs: list[Doc]) -> dict[int, Doc]:
+        """Events the service makes itself (a wait's `else`), each under a fixed id: one already there (a
+        run that died before marking its entry done) is left as it is. The other refusals, by index."""
+        try:
+            await self.store.events.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            return {
+                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
+            }
+        return {}
+
+    async def mark_done(self, ids: list[str], at: datetime, session: AsyncClientSession) -> None:
+        """These events, those still pending, are decided."""
+        await self.store.events.update_many(
+            {"_id": {"$in": ids}, "state": PENDING},
+            {"$set": {"state": "done", "processed_at": at}},
+            session=session,
+        )
+
+    async def first_pending(self, contact_id: str) -> Doc | None:
+        """The contact's next event in order."""
+        return await self.store.events.find_one(
+            {"state": PENDING, "contact_id": contact_id},
+            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+            hint="inbox_pending",
         )

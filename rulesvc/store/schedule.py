@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import Doc, Store
 
@@ -60,3 +61,38 @@ class Schedule:
         ):
             pending.setdefault(entry["contact_id"], []).append(entry)
         return pending
+
+    async def run_again(self, entry_id: str, owner: str, at: datetime) -> None:
+        """The entry (still claimed by `owner`) is pending again, due at `at`."""
+        await self.store.schedule.update_one(
+            {"_id": entry_id, "owner": owner},
+            {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+        )
+
+    async def finish(
+        self, ids: list[str], owner: str, status: str, now: datetime, reason: str | None
+    ) -> None:
+        """These entries of `owner` are over: `done`, or `cancelled` with the reason."""
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "owner": owner},
+            {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
+             "$unset": {"lease_until": ""}},
+        )  # fmt: skip
+
+    async def fail(self, entry_id: str, owner: str, reason: str, now: datetime) -> None:
+        """Set aside: `failed` with why, while the rest of its batch goes on."""
+        await self.store.schedule.update_one(
+            {"_id": entry_id, "owner": owner},
+            {"$set": {"status": "failed", "reason": reason, "done_at": now}, "$unset": {"lease_until": ""}},
+        )
+
+    async def insert(self, entries: list[Doc], session: AsyncClientSession) -> None:
+        await self.store.schedule.insert_many(entries, session=session)
+
+    async def cancel(self, ids: list[str], reason: str, now: datetime, session: AsyncClientSession) -> None:
+        """These entries, those still pending, are cancelled with the reason."""
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "status": "pending"},
+            {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
+            session=session,
+        )
