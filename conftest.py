@@ -12,9 +12,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pymongo import AsyncMongoClient
 
-from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 from tests.webhook_flow import Receiver
 
 Doc = dict[str, Any]

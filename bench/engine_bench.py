@@ -28,17 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rulesvc import logs  # noqa: E402
-from rulesvc.channels import builtin_channels  # noqa: E402
-from rulesvc.delivery import Dispatcher  # noqa: E402
-from rulesvc.engine import ContactView, EngineEvent  # noqa: E402
-from rulesvc.events import Event  # noqa: E402
-from rulesvc.inbox import Inbox  # noqa: E402
-from rulesvc.mongod import EmbeddedMongod  # noqa: E402
-from rulesvc.rulesets import Rulesets  # noqa: E402
-from rulesvc.scheduler import Scheduler  # noqa: E402
-from rulesvc.sendpolicy import SendPolicy  # noqa: E402
-from rulesvc.store import Store  # noqa: E402
-from rulesvc.templates import Templates  # noqa: E402
+from rulesvc.core.engine import ContactView, EngineEvent  # noqa: E402
+from rulesvc.core.events import Event  # noqa: E402
+from rulesvc.core.sendpolicy import SendPolicy  # noqa: E402
+from rulesvc.plugins import builtin_channels  # noqa: E402
+from rulesvc.runtime.dispatcher import Dispatcher  # noqa: E402
+from rulesvc.runtime.inbox import Inbox  # noqa: E402
+from rulesvc.runtime.rulesets import Rulesets  # noqa: E402
+from rulesvc.runtime.scheduler import Scheduler  # noqa: E402
+from rulesvc.runtime.templates import Templates  # noqa: E402
+from rulesvc.store.db import Store  # noqa: E402
+from rulesvc.store.mongod import EmbeddedMongod  # noqa: E402
 
 
 def rate(n: int, seconds: float) -> float:

@@ -39,9 +39,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rulesvc.auth import Keys  # noqa: E402
-from rulesvc.mongod import EmbeddedMongod, die_with_parent, free_port, live_children  # noqa: E402
-from rulesvc.store import DURABLE, Store  # noqa: E402
+from rulesvc.store.db import DURABLE, Store  # noqa: E402
+from rulesvc.store.keys import Keys  # noqa: E402
+from rulesvc.store.mongod import EmbeddedMongod, die_with_parent, free_port, live_children  # noqa: E402
 
 Doc = dict[str, Any]
 CLIENTS = 64  # concurrent single-event clients, as the issue sets

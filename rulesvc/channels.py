@@ -216,12 +216,3 @@ class ChannelRegistry:
 
     def all(self) -> list[Channel]:
         return [self._channels[n] for n in sorted(self._channels)]
-
-
-def builtin_channels() -> ChannelRegistry:
-    """Only the built-ins, without entry points: what `check` and the tests use."""
-    from rulesvc.builtin import BUILTIN_PLUGINS
-    from rulesvc.plugins import load_plugins
-
-    registry, _ = load_plugins(BUILTIN_PLUGINS, only=[])
-    return registry

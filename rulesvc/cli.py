@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inbox_token_command(args: argparse.Namespace) -> int:
-    from rulesvc.auth import TTL_RULE, InboxTokens, inbox_token_ttl
-    from rulesvc.ids import id_problem
+    from rulesvc.core.ids import id_problem
+    from rulesvc.store.keys import TTL_RULE, InboxTokens, inbox_token_ttl
 
     problem = id_problem(args.contact, "contact_id")
     ttl = inbox_token_ttl(args.ttl)
@@ -156,7 +156,7 @@ def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]
 
     from pymongo import AsyncMongoClient
 
-    from rulesvc.mongod import EmbeddedMongod
+    from rulesvc.store.mongod import EmbeddedMongod
 
     settings = load_settings()
     mongod: EmbeddedMongod | None = None
@@ -187,7 +187,7 @@ def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]
 
 
 def keys_command(args: argparse.Namespace) -> int:
-    from rulesvc.auth import Keys
+    from rulesvc.store.keys import Keys
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         keys = Keys(db["api_keys"])
@@ -215,7 +215,7 @@ def events_command(args: argparse.Namespace) -> int:
     """`events quarantine list|retry|drop`: the same queries as the HTTP API, from the operator's shell."""
     from datetime import UTC, timedelta
 
-    from rulesvc.store import Store
+    from rulesvc.store.db import Store
 
     settings = load_settings()
 
@@ -257,7 +257,7 @@ def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugins() -> int:
-    from rulesvc.api import load_channels
+    from rulesvc.web.lifecycle import load_channels
 
     registry, reports = load_channels(load_settings())
     for report in reports:
@@ -273,7 +273,7 @@ def plugins() -> int:
 def schema() -> int:
     import json
 
-    from rulesvc.ruleformat import json_schema
+    from rulesvc.core.ruleformat import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
@@ -282,10 +282,10 @@ def schema() -> int:
 def check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rulesvc.api import load_channels
-    from rulesvc.ruleformat import RulesetError
-    from rulesvc.rulesets import check_file, ruleset_files
-    from rulesvc.templates import Templates
+    from rulesvc.core.ruleformat import RulesetError
+    from rulesvc.runtime.rulesets import check_file, ruleset_files
+    from rulesvc.runtime.templates import Templates
+    from rulesvc.web.lifecycle import load_channels
 
     settings = load_settings()
     directory = Path(args.dir or settings.rulesets_dir)
@@ -321,10 +321,10 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from rulesvc.api import load_channels, send_policy
-    from rulesvc.events import MalformedBody, decode_ndjson_body, split_validation_error
-    from rulesvc.rulesets import Rulesets
-    from rulesvc.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
+    from rulesvc.core.events import MalformedBody, decode_ndjson_body, split_validation_error
+    from rulesvc.replay.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
+    from rulesvc.runtime.rulesets import Rulesets
+    from rulesvc.web.lifecycle import load_channels, send_policy
 
     settings = load_settings()
     channels = load_channels(settings)[0]  # the send rules apply as in the service, with its channels
@@ -388,9 +388,9 @@ def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from rulesvc import logs
-    from rulesvc.api import create_app
-    from rulesvc.mongod import MongodError, lock_data_dir, unlock_data_dir
-    from rulesvc.workers import PortInUse, reserve_port
+    from rulesvc.runtime.workers import PortInUse, reserve_port
+    from rulesvc.store.mongod import MongodError, lock_data_dir, unlock_data_dir
+    from rulesvc.web.app import create_app
 
     settings = load_settings(args.config).with_overrides(host=args.host, port=args.port, workers=args.workers)
     logs.configure(settings.log_format, settings.log_level)
@@ -401,7 +401,7 @@ def serve(args: argparse.Namespace) -> int:
             lock_data_dir(settings.data_dir, settings.port)
         try:
             if workers > 1:
-                from rulesvc.workers import Supervisor
+                from rulesvc.runtime.workers import Supervisor
 
                 reserved = reserve_port(settings.host, settings.port, keep=True)
                 try:

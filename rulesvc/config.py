@@ -205,7 +205,7 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
         raise _validation_error("environment", exc) from exc
     check(settings)
     try:
-        from rulesvc.delivery import quiet_channels
+        from rulesvc.runtime.dispatcher import quiet_channels
 
         quiet_channels(settings.channels, env)
     except ValueError as exc:
@@ -249,7 +249,7 @@ def check(settings: Settings) -> None:
     if not settings.mongodb_uri and not settings.embedded_mongod:
         raise ConfigError("MONGODB_URI is required when RULESVC_EMBEDDED_MONGOD is false")
     try:
-        from rulesvc.delivery import parse_quiet_hours
+        from rulesvc.runtime.dispatcher import parse_quiet_hours
 
         parse_quiet_hours(settings.quiet_hours)
     except ValueError as exc:

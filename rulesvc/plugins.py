@@ -14,6 +14,7 @@ import structlog
 
 from rulesvc import hookspecs
 from rulesvc.channels import ChannelRegistry
+from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 
 log = structlog.get_logger(__name__)
 
@@ -99,3 +100,9 @@ def load_plugins(
         if report is not None:
             report.jobs.extend(j.name for j in jobs)
     return registry, reports
+
+
+def builtin_channels() -> ChannelRegistry:
+    """Only the built-ins, without entry points: what `check` and the tests use."""
+    registry, _ = load_plugins(BUILTIN_PLUGINS, only=[])
+    return registry

@@ -9,9 +9,9 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.channels import builtin_channels
-from rulesvc.rulesets import Rulesets
-from rulesvc.simulate import SimAction, SimulateRequest, simulate
+from rulesvc.plugins import builtin_channels
+from rulesvc.replay.simulate import SimAction, SimulateRequest, simulate
+from rulesvc.runtime.rulesets import Rulesets
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 

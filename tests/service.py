@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from rulesvc.mongod import free_port
+from rulesvc.store.mongod import free_port
 
 
 class ServiceProcess:

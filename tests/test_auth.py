@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 
 EVENT = {"id": "e1", "type": "cart_updated", "contact_id": "c1"}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.rulesets_helpers import at, event, load, run, sent
 from tests.test_delivery import Provider, registry
 

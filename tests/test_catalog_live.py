@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rulesvc.api import FANOUT, create_app
-from rulesvc.catalog import CatalogFanout
 from rulesvc.config import Settings
-from rulesvc.events import Event
-from rulesvc.store import Store
+from rulesvc.core.events import Event
+from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.store.db import Store
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import FANOUT
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

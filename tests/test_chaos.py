@@ -19,8 +19,8 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from rulesvc.mongod import EmbeddedMongod, pid_alive
-from rulesvc.waiting import in_transaction
+from rulesvc.runtime.waiting import in_transaction
+from rulesvc.store.mongod import EmbeddedMongod, pid_alive
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 

@@ -11,10 +11,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from rulesvc.api import create_app
-from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome, builtin_channels
+from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome
 from rulesvc.config import Settings
-from rulesvc.templates import FRESH_SECONDS
+from rulesvc.plugins import builtin_channels
+from rulesvc.runtime.templates import FRESH_SECONDS
+from rulesvc.web.app import create_app
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

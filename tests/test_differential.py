@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
-from rulesvc.sendpolicy import QUIET_REASON
+from rulesvc.core.sendpolicy import QUIET_REASON
+from rulesvc.web.app import create_app
 from tests.test_delivery import Provider, history, registry, send, setup
 from tests.test_live_engine import eventually
 

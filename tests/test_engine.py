@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rulesvc.engine import ContactView, EngineEvent
+from rulesvc.core.engine import ContactView, EngineEvent
 from tests.rulesets_helpers import T0, at, event, load, run, sent, write_ruleset
 
 

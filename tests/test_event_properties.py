@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulesvc.events import KNOWN_EVENT_TYPES
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.core.events import KNOWN_EVENT_TYPES
+from rulesvc.store.mongod import EmbeddedMongod
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from rulesvc.api import KEYS, create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
 
 
 def cart(event_id: str, contact: str = "c1", **attributes: Any) -> dict[str, Any]:

@@ -18,14 +18,14 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from rulesvc import openapi
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web.routes import openapi_document
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
 # Per operation; about 30 s in all. RULESVC_FUZZ_EXAMPLES=2000 for a long run (README, "Tests").
 EXAMPLES = int(os.environ.get("RULESVC_FUZZ_EXAMPLES", "200"))
-schema = schemathesis.openapi.from_dict(msgspec.json.decode(openapi.document()))
+schema = schemathesis.openapi.from_dict(msgspec.json.decode(openapi_document()))
 
 
 @schemathesis.serializer("application/x-ndjson")

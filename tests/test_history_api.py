@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from rulesvc.messages import Message
-from rulesvc.store import Store
+from rulesvc.core.messages import Message
+from rulesvc.store.db import Store
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 

@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 import pytest
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.test_live_engine import eventually
 
 BAD_IDS = ["a b", "a/b", "a\x00b", "a\rb", "a\nb", "ab\n", "a\tb", "a\x7fb", "x" * 129, ""]

@@ -16,9 +16,10 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.api import KEYS, create_app
-from rulesvc.auth import RateLimiter
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import KEYS
+from rulesvc.web.ratelimit import RateLimiter
 
 
 def b64(data: bytes) -> str:

@@ -11,9 +11,9 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.api import create_app
 from rulesvc.channels import Delivery, OutboundMessage
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.test_delivery import PROFILE, Provider, go, registry, send, settled, setup
 from tests.test_schedule_bad_items import entry_doc, message_doc
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store.mongod import EmbeddedMongod
 from tests.service import ServiceProcess
 from tests.test_live_engine import eventually
 

@@ -10,13 +10,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rulesvc.api import INBOX, SCHEDULER, create_app
-from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, builtin_channels
+from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage
 from rulesvc.config import Settings
-from rulesvc.events import Event
-from rulesvc.inbox import Inbox
-from rulesvc.rulesets import Rulesets
-from rulesvc.store import Store
+from rulesvc.core.events import Event
+from rulesvc.plugins import builtin_channels
+from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.store.db import Store
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import INBOX, SCHEDULER
 from tests.rulesets_helpers import write_ruleset
 
 

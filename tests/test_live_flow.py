@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from rulesvc.mongod import free_port
+from rulesvc.store.mongod import free_port
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow

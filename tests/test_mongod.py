@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from rulesvc.mongod import (
+from rulesvc.store.mongod import (
     Backoff,
     EmbeddedMongod,
     MongodError,
@@ -97,7 +97,7 @@ def test_mongod_dies_with_its_parent(tmp_path: Path) -> None:
     """If rulesvc itself gets SIGKILL, its mongod must not live on holding the data dir."""
     script = (
         "import sys, time\n"
-        "from rulesvc.mongod import EmbeddedMongod\n"
+        "from rulesvc.store.mongod import EmbeddedMongod\n"
         f"m = EmbeddedMongod({str(tmp_path)!r})\n"
         "m.start()\n"
         "print('PID', m.process.pid, flush=True)\n"
@@ -169,7 +169,7 @@ def test_restart_pauses_grow_while_a_process_keeps_dying_and_reset_after_a_good_
 def test_one_owner_per_data_directory_across_processes(tmp_path: Path) -> None:
     lock_data_dir(tmp_path, port=8123)
     lock_data_dir(tmp_path)  # the same process again (serve, then its mongod): counted, not refused
-    other = "from rulesvc.mongod import lock_data_dir; import sys; lock_data_dir(sys.argv[1])"
+    other = "from rulesvc.store.mongod import lock_data_dir; import sys; lock_data_dir(sys.argv[1])"
     try:
         refused = subprocess.run([sys.executable, "-c", other, str(tmp_path)], capture_output=True, text=True)
         message = f"rulesvc is already running on this data directory (pid {os.getpid()}, port 8123)"

@@ -8,9 +8,9 @@ import msgspec
 from aiohttp import web
 from openapi_spec_validator import validate
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
-from rulesvc.mongod import EmbeddedMongod, free_port
+from rulesvc.store.mongod import EmbeddedMongod, free_port
+from rulesvc.web.app import create_app
 
 
 async def test_healthz_and_readyz(client: Any) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from rulesvc.api import create_app
-from rulesvc.builtin import BUILTIN_PLUGINS
+from rulesvc import hookimpl
 from rulesvc.config import Settings
-from rulesvc.hookspecs import hookimpl
+from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import load_plugins
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, send, settled, setup
 
 PACKAGE = Path(__file__).parent / "plugin_package"

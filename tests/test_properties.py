@@ -10,9 +10,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rulesvc.engine import CompiledRuleset, CompileError, ContactView, Engine, EngineEvent, RuleIndex
-from rulesvc.events import MalformedBody, TooManyEvents, decode_json_body, decode_ndjson_body
-from rulesvc.ruleformat import InvalidRuleset, parse_ruleset
+from rulesvc.core.engine import CompiledRuleset, CompileError, ContactView, Engine, EngineEvent, RuleIndex
+from rulesvc.core.events import MalformedBody, TooManyEvents, decode_json_body, decode_ndjson_body
+from rulesvc.core.ruleformat import InvalidRuleset, parse_ruleset
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from rulesvc.api import FANOUT, KEYS, create_app
 from rulesvc.config import Settings
-from rulesvc.mongod import free_port
-from rulesvc.store import MAX_ATTEMPTS
+from rulesvc.store.db import MAX_ATTEMPTS
+from rulesvc.store.mongod import free_port
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import FANOUT, KEYS
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from rulesvc.api import create_app
 from rulesvc.config import ConfigError, Settings, load_settings
+from rulesvc.web.app import create_app
 from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
 from tests.test_live_engine import eventually
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from rulesvc.mongod import EmbeddedMongod
+from rulesvc.store.mongod import EmbeddedMongod
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, post_orders, settle
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.test_live_engine import eventually
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import msgspec
 
-from rulesvc.api import create_app
 from rulesvc.channels import Delivery, OutboundMessage
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
 from tests.test_live_engine import eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rulesvc.mongod import free_port
+from rulesvc.store.mongod import free_port
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_serve_recovers_after_kill_9(tmp_path: Path) -> None:
 
 
 def test_serve_with_mongodb_uri_uses_that_server(tmp_path: Path, mongod: object) -> None:
-    from rulesvc.mongod import EmbeddedMongod
+    from rulesvc.store.mongod import EmbeddedMongod
 
     assert isinstance(mongod, EmbeddedMongod)
     service = ServiceProcess(tmp_path, env={"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "serve_uri"})

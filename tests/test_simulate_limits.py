@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from rulesvc.api import SIMULATOR
 from rulesvc.config import Settings
-from rulesvc.simulate import SimulateRequest, simulate
+from rulesvc.replay.simulate import SimulateRequest, simulate
+from rulesvc.web.keys import SIMULATOR
 from tests.rulesets_helpers import at, load
 from tests.test_live_engine import eventually
 from tests.test_reload import serve_greet

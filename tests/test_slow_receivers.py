@@ -25,8 +25,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from pymongo import MongoClient
 
-from rulesvc import workers as supervisor
-from rulesvc.mongod import EmbeddedMongod, free_port, live_children, pid_alive
+from rulesvc.runtime import workers as supervisor
+from rulesvc.store.mongod import EmbeddedMongod, free_port, live_children, pid_alive
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, post_orders
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from rulesvc.api import create_app
 from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.rulesets_helpers import write_ruleset
 from tests.test_delivery import PROFILE, Provider, registry, settled
 
@@ -133,7 +133,7 @@ def test_check_warns_where_a_template_needs_a_param_the_rule_may_not_give(tmp_pa
 def test_a_null_param_counts_as_missing_for_defaults_tests_and_loops(tmp_path: Path) -> None:
     """A null stays a key (`params["items"]` must not become the dict's `items` method) and reads as
     missing: defaults apply, `is none`/`is defined`/`if` see it, loops over it run zero times."""
-    from rulesvc.templates import TemplateError, Templates
+    from rulesvc.runtime.templates import TemplateError, Templates
 
     (tmp_path / "t.body").write_text(
         '{% for i in params["items"] or [] %}{{ i }}{% endfor %}|{{ params.name | default("friend") }}|'

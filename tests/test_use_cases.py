@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from rulesvc.rulesets import Rulesets
+from rulesvc.runtime.rulesets import Rulesets
 from tests.rulesets_helpers import at, event, load, run
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
@@ -174,7 +174,7 @@ def test_uc13_14_email_opened_discount_not_opened_push(shipped: Rulesets) -> Non
 
 def test_uc15_bounce_flags_for_cleanup(shipped: Rulesets) -> None:
     engine = shipped.engine()
-    from rulesvc.engine import ContactView, EngineEvent
+    from rulesvc.core.engine import ContactView, EngineEvent
     from tests.rulesets_helpers import T0
 
     contact = ContactView("c1", {"email": "a@b.c"}, {})
@@ -339,7 +339,7 @@ def test_uc21_inactive_for_90_days_with_a_wishlist(shipped: Rulesets) -> None:
 def test_stale_events_start_nothing_in_the_shipped_flows(shipped: Rulesets) -> None:
     from datetime import timedelta
 
-    from rulesvc.engine import ContactView, EngineEvent
+    from rulesvc.core.engine import ContactView, EngineEvent
     from tests.rulesets_helpers import T0
 
     engine = shipped.engine()

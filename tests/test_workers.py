@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from rulesvc.mongod import EmbeddedMongod, live_children, pid_alive
+from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 

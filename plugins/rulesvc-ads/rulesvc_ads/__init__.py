@@ -21,8 +21,11 @@ from typing import Any
 import aiohttp
 import structlog
 
+from rulesvc import hookimpl
 from rulesvc.channels import Job
-from rulesvc.hookspecs import hookimpl
+from rulesvc.store.audiences import Audiences
+from rulesvc.store.contacts import Contacts
+from rulesvc.store.db import Store
 
 log = structlog.get_logger(__name__)
 
@@ -65,17 +68,18 @@ class AudienceSync:
     def configured(self) -> bool:
         return bool(self.base_url and self.token)
 
-    async def run(self, store: Any) -> None:
+    async def run(self, store: Store) -> None:
         if not self.configured():
             return
-        changes = await store.audience_changes.find({"synced": False}).sort("at", 1).limit(100_000).to_list()
+        audiences = Audiences(store)
+        changes = await audiences.unsynced_changes(100_000)
         if not changes:
             return
         latest: dict[tuple[str, str], dict[str, Any]] = {}
         for change in changes:  # in time order: the last change per audience and contact wins
             latest[(change["audience"], change["contact_id"])] = change
         ids = list({c["contact_id"] for c in changes})
-        contacts = {c["_id"]: c async for c in store.contacts.find({"_id": {"$in": ids}})}
+        contacts = await Contacts(store).by_id(ids)
         plan: dict[str, dict[str, list[dict[str, str]]]] = {}
         for (audience, contact_id), change in latest.items():
             entry = member(contacts.get(contact_id, {}))
@@ -90,10 +94,7 @@ class AudienceSync:
                 if await self._push(http, audience, members):
                     done.extend(c["_id"] for c in changes if c["audience"] == audience)
         if done:
-            now = datetime.now(UTC)
-            await store.audience_changes.update_many(
-                {"_id": {"$in": done}}, {"$set": {"synced": True, "synced_at": now}}
-            )
+            await audiences.mark_synced(done, datetime.now(UTC))
 
     async def _push(self, http: aiohttp.ClientSession, audience: str, members: dict[str, list[Any]]) -> bool:
         url = f"{self.base_url}/audiences/{audience}/members"

@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp import web
 from rulesvc_ads import AudienceSync, normalise_phone
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
+from rulesvc.web.app import create_app
 from tests.rulesets_helpers import write_ruleset
 from tests.test_live_engine import eventually
 

@@ -8,7 +8,7 @@ List-Unsubscribe-Post for one-click unsubscribe, RFC 8058), `unsubscribe_mailto`
 `ca_file` (to trust a private CA).
 
 SMTP has no idempotency key, so a send a crash may have interrupted is not repeated: the message is
-marked `uncertain` (see rulesvc.delivery).
+marked `uncertain` (see rulesvc.runtime.dispatcher).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from urllib.parse import quote
 
 import aiosmtplib
 
+from rulesvc import hookimpl
 from rulesvc.channels import Channel, Delivery, OutboundMessage
-from rulesvc.hookspecs import hookimpl
 
 
 class ListUnsubscribeHeader(UnstructuredHeader, BaseHeader):

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from rulesvc_email import EmailChannel
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
-from rulesvc.mongod import free_port
+from rulesvc.plugins import builtin_channels
+from rulesvc.store.mongod import free_port
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, send, settled, setup
 
 

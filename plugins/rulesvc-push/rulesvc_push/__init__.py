@@ -17,8 +17,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from rulesvc import hookimpl
 from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
-from rulesvc.hookspecs import hookimpl
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 

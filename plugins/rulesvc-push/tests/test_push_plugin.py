@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from rulesvc_push import SCOPE, PushChannel
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, send, settled, setup
 
 

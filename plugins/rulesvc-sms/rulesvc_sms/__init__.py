@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from rulesvc import hookimpl
 from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, Outcome, retry_after
-from rulesvc.hookspecs import hookimpl
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 GSM7_BASIC = set(

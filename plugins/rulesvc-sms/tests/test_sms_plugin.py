@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from rulesvc_sms import SmsChannel, segments, twilio_signature
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, history, send, settled, setup
 from tests.test_live_engine import eventually
 

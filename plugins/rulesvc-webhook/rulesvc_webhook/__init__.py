@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rulesvc import hookimpl
 from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
-from rulesvc.hookspecs import hookimpl
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp import web
 from rulesvc_webhook import WebhookChannel
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, send, settled, setup
 
 SECRET = "whsec_test_123"

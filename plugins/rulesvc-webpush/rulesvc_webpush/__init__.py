@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from rulesvc import hookimpl
 from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
-from rulesvc.hookspecs import hookimpl
 
 RECORD_SIZE = 4096
 

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rulesvc_webpush import WebPushChannel, derive
 
-from rulesvc.api import create_app
-from rulesvc.channels import builtin_channels
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
+from rulesvc.web.app import create_app
 from tests.test_delivery import go, send, settled, setup
 
 

@@ -2,8 +2,8 @@
 
 import json
 
+from rulesvc import hookimpl
 from rulesvc.channels import Delivery
-from rulesvc.hookspecs import hookimpl
 
 
 class EchoChannel:

@@ -31,9 +31,9 @@ import durable_rules_engine
 import msgspec
 import structlog
 
-from rulesvc.durations import parse_duration
-from rulesvc.events import time_in_range
-from rulesvc.ruleformat import (
+from rulesvc.core.durations import parse_duration
+from rulesvc.core.events import time_in_range
+from rulesvc.core.ruleformat import (
     UNSET,
     Action,
     Conditions,

@@ -18,13 +18,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from pymongo import ASCENDING, UpdateOne
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
-from rulesvc.catalog import interest_updates
-from rulesvc.contacts import PROFILE_FIELDS
-from rulesvc.engine import (
+from rulesvc.core.contacts import PROFILE_FIELDS
+from rulesvc.core.engine import (
     Cancellation,
     ContactView,
     Decisions,
@@ -33,11 +32,19 @@ from rulesvc.engine import (
     entry_doc,
     pending_from_doc,
 )
-from rulesvc.events import MESSAGE_EVENT_TYPES
-from rulesvc.rulesets import Rulesets
-from rulesvc.sendpolicy import outcome_changes
-from rulesvc.store import PENDING, Doc, Store, failure_text, transient
-from rulesvc.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.core.events import MESSAGE_EVENT_TYPES
+from rulesvc.core.sendpolicy import outcome_changes
+from rulesvc.runtime.fanout import interest_updates
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.store.audiences import Audiences
+from rulesvc.store.catalog import Catalog
+from rulesvc.store.contacts import Contacts
+from rulesvc.store.db import Doc, Store, failure_text, transient
+from rulesvc.store.inbox import InboxEvents
+from rulesvc.store.leases import ContactLeases
+from rulesvc.store.messages import Messages
+from rulesvc.store.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +134,13 @@ class Inbox:
         on_quarantined: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        self.contact_leases = ContactLeases(store)
+        self.inbox_events = InboxEvents(store)
+        self.contacts = Contacts(store)
+        self.schedule = Schedule(store)
+        self.messages = Messages(store)
+        self.catalog = Catalog(store)
+        self.audiences = Audiences(store)
         self.rulesets = rulesets
         self.batch_size = batch_size
         self.max_events = max_events
@@ -150,41 +164,22 @@ class Inbox:
         # One batch at a time per process: measured, a second one in flight only added contention in mongod.
         await work_loop("inbox", step, stop, self.wake)
 
-    async def _held(self) -> list[str]:
-        return [c async for d in self.store.contact_leases.find({}, {"contacts": 1}) for c in d["contacts"]]
-
     async def _leasable_keys(self, now: datetime) -> list[str]:
         if self._expired_look.due(now):
-            await self.store.contact_leases.delete_many({"until": {"$lt": now}})
-        # Catalog events (no contact) are not the engine's: they wait for the interest fan-out.
-        query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *await self._held()]}}
-        cursor = (
-            self.store.events.find(query, {"_id": 0, "contact_id": 1})
-            .sort("received_at", ASCENDING)
-            .hint("inbox_oldest")
-            .limit(self.batch_size)
-        )
-        keys: dict[str, None] = {}
-        async for doc in cursor:
-            keys[doc["contact_id"]] = None
-        return list(keys)
+            await self.contact_leases.release_expired(now)
+        return await self.inbox_events.contacts_waiting(await self.contact_leases.held(), self.batch_size)
 
     async def _acquire(self, keys: list[str], now: datetime) -> tuple[str, list[str]]:
         """One lease document for the whole batch; the unique index on `contacts` keeps any contact in at
         most one lease, so a contact another batch took meanwhile makes the insert fail: drop it, retry."""
         token = uuid.uuid4().hex
         for _ in range(3):
-            try:
-                await self.store.contact_leases.insert_one(
-                    {"_id": token, "owner": self.owner, "contacts": keys, "until": now + self.lease}
-                )
-            except DuplicateKeyError:
-                held = set(await self._held())
-                keys = [k for k in keys if k not in held]
-                if not keys:
-                    break
-                continue
-            return token, keys
+            if await self.contact_leases.take(token, self.owner, keys, now + self.lease):
+                return token, keys
+            held = set(await self.contact_leases.held())
+            keys = [k for k in keys if k not in held]
+            if not keys:
+                break
         return token, []
 
     async def process_once(self) -> int:
@@ -197,9 +192,7 @@ class Inbox:
             return 0
 
         async def renew() -> None:
-            await self.store.contact_leases.update_one(
-                {"_id": token}, {"$set": {"until": self.clock() + self.lease}}
-            )
+            await self.contact_leases.renew(token, self.clock() + self.lease)
 
         try:
             async with renewing("inbox", renew, self.lease.total_seconds() / 3):
@@ -212,30 +205,17 @@ class Inbox:
                         raise
                     return await self._isolate(acquired, exc)
         finally:
-            await self.store.contact_leases.delete_one({"_id": token})
+            await self.contact_leases.release(token)
 
     async def _process(self, contact_ids: list[str], limit: int) -> int:
         # At most `max_events` (a contact with a backlog is taken up to there, in time order, and its
         # later events wait for the next batch): a transaction stays small whatever piled up.
-        events = await (
-            self.store.events.find(
-                {"state": PENDING, "contact_id": {"$in": contact_ids}},
-                sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-            )
-            .hint("inbox_pending")
-            .limit(limit)
-            .to_list()
-        )
+        events = await self.inbox_events.pending(contact_ids, limit)
         if not events:
             return 0
         contact_ids = list(dict.fromkeys(e["contact_id"] for e in events))
-        contacts = {d["_id"]: d async for d in self.store.contacts.find({"_id": {"$in": contact_ids}})}
-        pending: dict[str, list[Doc]] = {}
-        async for entry in self.store.schedule.find(
-            {"contact_id": {"$in": contact_ids}, "status": "pending"},
-            {"key": 1, "ruleset": 1, "rule": 1, "cancel_on": 1, "contact_id": 1},
-        ):
-            pending.setdefault(entry["contact_id"], []).append(entry)
+        contacts = await self.contacts.by_id(contact_ids)
+        pending = await self.schedule.pending_of(contact_ids)
 
         now = self.clock()
         views: dict[str, ContactView] = {}
@@ -248,7 +228,7 @@ class Inbox:
             if d["type"] in MESSAGE_EVENT_TYPES
             and isinstance((d.get("attributes") or {}).get("message_id"), str)
         ]
-        messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": outcome_ids}})}
+        messages = await self.messages.by_id(outcome_ids)
         # Taken after the last await and used without another: a reload (which frees the previous
         # version's engine rulesets) can only happen between batches, never inside one.
         engine = self.rulesets.engine()
@@ -330,34 +310,25 @@ class Inbox:
 
         async def write(session: AsyncClientSession) -> None:
             quarantined.clear()  # a transaction that is retried runs this again from the start
-            if contact_ops:
-                try:
-                    result = await self.store.contacts.bulk_write(contact_ops, ordered=False, session=session)
-                except BulkWriteError as exc:
-                    raise VersionConflict() from exc
-                if result.matched_count + result.upserted_count != len(contact_ops):
-                    raise VersionConflict()
+            if contact_ops and not await self.contacts.write_states(contact_ops, session):
+                raise VersionConflict()
             if entries:
-                await self.store.schedule.insert_many(entries, session=session)
+                await self.schedule.insert(entries, session)
             if messages:
-                await self.store.messages.insert_many(messages, session=session)
+                await self.messages.insert(messages, session)
             if cancels:
                 await self._cancel(cancels, now, session)
             if message_ops:
-                await self.store.messages.bulk_write(message_ops, ordered=False, session=session)
+                await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)
             if interest_ops:
-                await self.store.interests.bulk_write(interest_ops, ordered=False, session=session)
+                await self.catalog.update_interests(interest_ops, session)
             if decisions.audience:
                 changes = [{"contact_id": c.contact_id, "audience": c.audience, "op": c.op, "at": c.at,
                             "synced": False} for c in decisions.audience]  # fmt: skip
-                await self.store.audience_changes.insert_many(changes, session=session)
+                await self.audiences.record(changes, session)
             if events:
-                await self.store.events.update_many(
-                    {"_id": {"$in": [e["_id"] for e in events]}, "state": PENDING},
-                    {"$set": {"state": "done", "processed_at": decided_at}},
-                    session=session,
-                )
+                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, session)
             for doc, error in failures:
                 quarantined.append(await self._failed(doc, error, session))
 
@@ -402,11 +373,7 @@ class Inbox:
                         raise
                     if limit > 1:
                         continue
-                    first = await self.store.events.find_one(
-                        {"state": PENDING, "contact_id": cid},
-                        sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-                        hint="inbox_pending",
-                    )
+                    first = await self.inbox_events.first_pending(cid)
                     if first is not None and await self._failed(first, again, None):
                         if self.on_quarantined is not None:
                             self.on_quarantined("inbox")
@@ -417,13 +384,5 @@ class Inbox:
         for c in cancels:
             by_reason[c.reason].append(c.entry_id)
         for reason, ids in by_reason.items():
-            await self.store.schedule.update_many(
-                {"_id": {"$in": ids}, "status": "pending"},
-                {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
-                session=session,
-            )
-            await self.store.messages.update_many(
-                {"_id": {"$in": ids}, "status": "scheduled"},
-                {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
-                session=session,
-            )
+            await self.schedule.cancel(ids, reason, now, session)
+            await self.messages.cancel(ids, reason, now, session)

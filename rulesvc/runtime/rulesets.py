@@ -19,8 +19,8 @@ from typing import Any, Literal
 import structlog
 import watchfiles
 
-from rulesvc.engine import CompiledRuleset, CompileError, Engine, RuleIndex
-from rulesvc.ruleformat import (
+from rulesvc.core.engine import CompiledRuleset, CompileError, Engine, RuleIndex
+from rulesvc.core.ruleformat import (
     InvalidRuleset,
     Rule,
     RulesetError,
@@ -31,8 +31,8 @@ from rulesvc.ruleformat import (
     send_actions,
     sends,
 )
-from rulesvc.templates import Templates
-from rulesvc.waiting import wait_any
+from rulesvc.runtime.templates import Templates
+from rulesvc.runtime.waiting import wait_any
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal, Protocol
 
-from rulesvc.catalog import guard_fails
+from rulesvc.core.catalog import guard_fails
 
 QUIET_REASON = "quiet hours in the contact's time zone"
 # Channels that never interrupt anybody and that the shop owns: no marketing consent needed.

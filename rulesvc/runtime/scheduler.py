@@ -3,7 +3,7 @@
 Entries are claimed in batches with a lease (`status: running`, an owner token and `lease_until`), so two
 processes never run the same entry; a process that dies mid-batch loses its lease and the entries go
 back to `pending`. Each entry's effect is written idempotently before the entry is marked done: a send
-goes through the delivery pipeline and outbox (rulesvc.delivery), and a wait's `else` becomes one
+goes through the delivery pipeline and outbox (rulesvc.runtime.dispatcher), and a wait's `else` becomes one
 internal event in the inbox under a fixed id. An entry whose processing raises (a corrupt document, a
 plugin's bug) is set aside, `failed` with the error on the entry and its message, while the rest of its
 batch goes on: one bad entry never holds the schedule up.
@@ -12,20 +12,22 @@ batch goes on: one bad entry never holds the schedule up.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
 import structlog
-from pymongo import ASCENDING, UpdateOne
-from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
-from rulesvc.delivery import Dispatcher, Result
-from rulesvc.engine import timer_event
-from rulesvc.store import DUPLICATE_KEY, PENDING, Doc, Store
-from rulesvc.waiting import Every, renewing, work_loop
+from rulesvc.core.engine import timer_event
+from rulesvc.runtime.dispatcher import Dispatcher, Result
+from rulesvc.runtime.waiting import Every, renewing, work_loop
+from rulesvc.store.contacts import Contacts
+from rulesvc.store.db import PENDING, Doc, Store
+from rulesvc.store.inbox import InboxEvents
+from rulesvc.store.messages import Messages
+from rulesvc.store.schedule import Schedule
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +73,10 @@ class Scheduler:
         on_timer_event: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self.schedule = Schedule(store)
+        self.messages = Messages(store)
+        self.contacts = Contacts(store)
+        self.events = InboxEvents(store)
         self.dispatcher = dispatcher
         self.concurrency = concurrency
         self.live_rulesets = live_rulesets
@@ -95,35 +101,17 @@ class Scheduler:
         await work_loop("scheduler", step, stop, self.wake)
 
     async def _until_next_due(self, max_sleep: float) -> float:
-        nxt = await self.store.schedule.find_one(
-            {"status": "pending"}, {"due_at": 1}, sort=[("due_at", ASCENDING)]
-        )
-        if nxt is None:
+        due_at = await self.schedule.next_due()
+        if due_at is None:
             return max_sleep
-        seconds: float = (nxt["due_at"] - self.clock()).total_seconds()
+        seconds = (due_at - self.clock()).total_seconds()
         return max(0.0, min(max_sleep, seconds))
 
     async def _claim(self, now: datetime) -> list[Doc]:
         # The look scans every running entry: too much for every claim under load.
         if self._expired_look.due(now):
-            await self.store.schedule.update_many(
-                {"status": "running", "lease_until": {"$lt": now}},
-                {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},
-            )
-        ids = [
-            d["_id"]
-            async for d in self.store.schedule.find(
-                {"status": "pending", "due_at": {"$lte": now}}, {"_id": 1}, sort=[("due_at", ASCENDING)]
-            ).limit(self.batch_size)
-        ]
-        if not ids:
-            return []
-        token = uuid.uuid4().hex
-        await self.store.schedule.update_many(
-            {"_id": {"$in": ids}, "status": "pending"},
-            {"$set": {"status": "running", "owner": token, "lease_until": now + self.lease}},
-        )
-        return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
+            await self.schedule.release_expired(now)
+        return await self.schedule.claim(now, self.batch_size, self.lease)
 
     async def fire_due(self) -> int:
         now = self.clock()
@@ -140,12 +128,10 @@ class Scheduler:
 
         # The claim is renewed while the batch runs, from this event loop: a process that dies, or whose
         # loop is held (a long computation, a paused database), stops renewing, and its entries are taken
-        # over while a send may be in flight. The `sending` mark (rulesvc.delivery) is what keeps such a
-        # send from being made more than once more, and never before its first call is over.
+        # over while a send may be in flight. The `sending` mark (rulesvc.runtime.dispatcher) is what keeps
+        # such a send from being made more than once more, and never before its first call is over.
         async def renew() -> None:
-            await self.store.schedule.update_many(
-                {"owner": owner, "status": "running"}, {"$set": {"lease_until": self.clock() + self.lease}}
-            )
+            await self.schedule.renew(owner, self.clock() + self.lease)
 
         async with renewing("scheduler", renew, self.lease.total_seconds() / 3):
             results = await self._dispatch(sends, now, owner, aside) if sends else []
@@ -161,9 +147,9 @@ class Scheduler:
         self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]
     ) -> list[tuple[Doc, Result]]:
         ids = [e["_id"] for e in entries]
-        messages = {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
+        messages = await self.messages.by_id(ids)
         contact_ids = list({e["contact_id"] for e in entries})
-        contacts = {c["_id"]: c async for c in self.store.contacts.find({"_id": {"$in": contact_ids}})}
+        contacts = await self.contacts.by_id(contact_ids)
         limit = asyncio.Semaphore(self.concurrency)
         by_contact: dict[str, list[Doc]] = {}
         for entry in entries:
@@ -190,9 +176,7 @@ class Scheduler:
                         continue
                 if result.kind == "sent" and entry is not mine[-1] and self.dispatcher.capped(result.channel):
                     # The contact has more messages in this batch: the next cap check must see this one.
-                    await self.store.messages.update_one(
-                        {"_id": entry["_id"]}, {"$set": {"sent_at": now, "sent_channel": result.channel}}
-                    )
+                    await self.messages.note_sent(entry["_id"], now, result.channel)
                 done.append((entry, result))
             return done
 
@@ -212,7 +196,7 @@ class Scheduler:
         message_ops: dict[str, tuple[list[str], Doc, Doc]] = {}  # identical updates go as one update_many
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
-        contact_ops: list[Any] = []
+        unreachable: list[tuple[str, str, Any]] = []
 
         def update(message_id: str, guard: Doc, fields: Doc) -> None:
             key = repr((guard, sorted(fields.items())))
@@ -246,7 +230,7 @@ class Scheduler:
             update(mid, r.guard, fields)
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
-                    contact_ops.append(UpdateOne({"_id": entry["contact_id"]}, {"$pull": {path: value}}))
+                    unreachable.append((entry["contact_id"], path, value))
         for e in removed:
             update(
                 e["_id"],
@@ -262,37 +246,23 @@ class Scheduler:
                 )
         for ids, guard, fields in message_ops.values():
             await self._update_messages(ids, guard, fields)
-        if contact_ops:
-            try:
-                await self.store.contacts.bulk_write(contact_ops, ordered=False)
-            except BulkWriteError as exc:
-                log.warning(
-                    "scheduler.unreachable_not_removed", errors=exc.details.get("writeErrors", [])[:3]
-                )
+        errors = await self.contacts.forget_unreachable(unreachable)
+        if errors is not None:
+            log.warning("scheduler.unreachable_not_removed", errors=errors[:3])
         for mid, at in entry_again:
-            await self.store.schedule.update_one(
-                {"_id": mid, "owner": owner},
-                {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
-            )
+            await self.schedule.run_again(mid, owner, at)
         finished = [(entry_done, "done", None), ([e["_id"] for e in removed], "cancelled", "ruleset removed")]
         for ids, status, reason in finished:
             if ids:
-                await self.store.schedule.update_many(
-                    {"_id": {"$in": ids}, "owner": owner},
-                    {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
-                     "$unset": {"lease_until": ""}},
-                )  # fmt: skip
+                await self.schedule.finish(ids, owner, status, now, reason)
         for e, why in aside:
-            await self.store.schedule.update_one(
-                {"_id": e["_id"], "owner": owner},
-                {"$set": {"status": "failed", "reason": why, "done_at": now}, "$unset": {"lease_until": ""}},
-            )
+            await self.schedule.fail(e["_id"], owner, why, now)
 
     async def _update_messages(self, ids: list[str], guard: Doc, fields: Doc) -> None:
         """One write for many messages; if the database refuses it (a value it cannot store), one by one,
         and a message whose result cannot be stored gets at least its status and the error."""
         try:
-            await self.store.messages.update_many({"_id": {"$in": ids}, **guard}, {"$set": fields})
+            await self.messages.update(ids, guard, fields)
             return
         except Exception as exc:
             if transient(exc):
@@ -300,12 +270,12 @@ class Scheduler:
             log.warning("scheduler.record_refused", error=f"{type(exc).__name__}: {exc}"[:300])
         for mid in ids:
             try:
-                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": fields})
+                await self.messages.update_one(mid, guard, fields)
             except Exception as exc:
                 if transient(exc):
                     raise
                 minimal = {"status": fields["status"], "reason": error_reason(exc)}
-                await self.store.messages.update_one({"_id": mid, **guard}, {"$set": minimal})
+                await self.messages.update_one(mid, guard, minimal)
 
     async def _insert_timer_events(
         self, timers: list[Doc], now: datetime, aside: list[tuple[Doc, str]]
@@ -334,13 +304,7 @@ class Scheduler:
             fired.append(entry)
         if not docs:
             return fired
-        try:
-            await self.store.events.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:  # already inserted by a run that died before marking done
-            refused = {
-                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
-            }
-            for index, error in refused.items():
-                aside.append((fired[index], f"could not be processed: {error.get('errmsg', error)}"[:500]))
-            fired = [e for i, e in enumerate(fired) if i not in refused]
-        return fired
+        refused = await self.events.insert_internal(docs)  # one already there: a run died before `done`
+        for index, error in refused.items():
+            aside.append((fired[index], f"could not be processed: {error.get('errmsg', error)}"[:500]))
+        return [e for i, e in enumerate(fired) if i not in refused]

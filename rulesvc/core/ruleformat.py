@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rulesvc.durations import DURATION_PATTERN, parse_duration
-from rulesvc.events import split_validation_error
+from rulesvc.core.durations import DURATION_PATTERN, parse_duration
+from rulesvc.core.events import split_validation_error
 
 Duration = Annotated[
     str, msgspec.Meta(pattern=DURATION_PATTERN, description="e.g. 30s, 20m, 12h, 2d, 1w, 1h30m")

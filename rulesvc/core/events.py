@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from rulesvc.ids import Id
+from rulesvc.core.ids import Id
 
 # Events without a contact: they describe the catalog and fan out to interested contacts.
 CATALOG_EVENT_TYPES = frozenset({"price_changed", "stock_changed"})
@@ -47,7 +47,7 @@ KNOWN_EVENT_TYPES = frozenset(
     | MESSAGE_EVENT_TYPES
 )
 
-# Ids follow the one id rule (rulesvc/ids.py); it also keeps the service's own event ids out of reach.
+# Ids follow the one id rule (rulesvc/core/ids.py); it also keeps the service's own event ids out of reach.
 EventId = Annotated[Id, msgspec.Meta(description="unique per event; a re-post is a duplicate")]
 EventType = Annotated[
     str,

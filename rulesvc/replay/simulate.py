@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import msgspec
 import structlog
 
-from rulesvc.bodies import TOO_DEEP
-from rulesvc.catalog import catalog_change, guard_fails, interest_fields, interested
-from rulesvc.contacts import ContactIn
-from rulesvc.engine import (
+from rulesvc.core.catalog import catalog_change, guard_fails, interest_fields, interested
+from rulesvc.core.contacts import ContactIn
+from rulesvc.core.engine import (
     CompiledRuleset,
     ContactView,
     Engine,
@@ -42,7 +41,7 @@ from rulesvc.engine import (
     ScheduleEntry,
     timer_event,
 )
-from rulesvc.events import (
+from rulesvc.core.events import (
     MESSAGE_EVENT_TYPES,
     TIME_RANGE,
     Event,
@@ -52,9 +51,9 @@ from rulesvc.events import (
     split_validation_error,
     time_in_range,
 )
-from rulesvc.ids import Id, fanout_copy_id
-from rulesvc.ruleformat import RulesetFile
-from rulesvc.sendpolicy import (
+from rulesvc.core.ids import Id, fanout_copy_id
+from rulesvc.core.ruleformat import RulesetFile
+from rulesvc.core.sendpolicy import (
     ChannelFacts,
     Facts,
     SendPolicy,
@@ -65,6 +64,7 @@ from rulesvc.sendpolicy import (
     day_start,
     outcome_changes,
 )
+from rulesvc.web.bodies import TOO_DEEP
 
 if TYPE_CHECKING:  # the simulator process itself has no channel objects
     from rulesvc.channels import ChannelRegistry
@@ -590,7 +590,7 @@ class Simulator:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "rulesvc.simulate",
+                "rulesvc.replay.simulate",
                 str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -653,7 +653,7 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
 
 
 def main(parent_pid: int) -> None:
-    from rulesvc.mongod import die_with_parent
+    from rulesvc.store.mongod import die_with_parent
 
     die_with_parent()  # a worker killed with SIGKILL takes its simulator along
     if os.getppid() != parent_pid:

@@ -1,4 +1,5 @@
-"""MongoDB: the collections, their indexes, and every query the service makes."""
+"""MongoDB: the collections, their indexes, and the store's core queries (events, contacts, messages);
+the sibling modules hold the named queries of each collection group (schedule, leases, catalog, ...)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from rulesvc.contacts import Contact, ContactIn
-from rulesvc.events import Event, event_time
-from rulesvc.messages import Message
+from rulesvc.core.contacts import Contact, ContactIn
+from rulesvc.core.events import Event, event_time
+from rulesvc.core.messages import Message
 
 log = structlog.get_logger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from rulesvc.events import document_errors, split_validation_error
+from rulesvc.core.events import document_errors, split_validation_error
 
 Email = Annotated[
     str,

@@ -32,7 +32,7 @@ from typing import IO, Any
 import structlog
 
 from rulesvc.config import Settings
-from rulesvc.mongod import Backoff, EmbeddedMongod, MongodError, describe_exit, die_with_parent
+from rulesvc.store.mongod import Backoff, EmbeddedMongod, MongodError, describe_exit, die_with_parent
 
 log = structlog.get_logger(__name__)
 
@@ -111,7 +111,7 @@ class Worker:
 async def first_start(uri: str, settings: Settings) -> None:
     from pymongo import AsyncMongoClient
 
-    from rulesvc.auth import Keys, hand_out_first_key
+    from rulesvc.store.keys import Keys, hand_out_first_key
 
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
     try:

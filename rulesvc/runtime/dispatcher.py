@@ -27,9 +27,8 @@ import bson
 import structlog
 
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
-from rulesvc.contacts import PROFILE_FIELDS
-from rulesvc.plugins import channel_config
-from rulesvc.sendpolicy import (
+from rulesvc.core.contacts import PROFILE_FIELDS
+from rulesvc.core.sendpolicy import (
     ChannelFacts,
     Facts,
     SendPolicy,
@@ -39,8 +38,9 @@ from rulesvc.sendpolicy import (
     check,
     day_start,
 )
-from rulesvc.store import Doc, Store
-from rulesvc.templates import TemplateError, Templates
+from rulesvc.plugins import channel_config
+from rulesvc.runtime.templates import TemplateError, Templates
+from rulesvc.store.db import Doc, Store
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""Pure decisions: no pymongo, aiohttp or asyncio, nothing from store/, runtime/, web/ or replay/."""

@@ -1,0 +1,1 @@
+"""Replaying events on a virtual clock with the live rulesets: the simulator."""

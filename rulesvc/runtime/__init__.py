@@ -1,0 +1,1 @@
+"""The loops and I/O around the core: inbox, scheduler, fan-out, dispatcher, jobs, rulesets, workers."""

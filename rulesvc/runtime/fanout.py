@@ -1,0 +1,148 @@
+"""The catalog fan-out: a `price_changed` or `stock_changed` copied into the inbox once per interested
+contact (what counts as interested, and the catalog change itself, are decided in `rulesvc.core.catalog`).
+
+The copies are written in batches, the position is saved after each, and each copy has a fixed id: a crash
+resumes the fan-out without a duplicate, and ingestion goes on meanwhile because the inbox processes the
+copies like other events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from pymongo import UpdateOne
+
+from rulesvc.core.catalog import catalog_change, interest_fields
+from rulesvc.core.ids import fanout_copy_id
+from rulesvc.runtime.waiting import work_loop
+from rulesvc.store.catalog import Catalog
+from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
+
+log = structlog.get_logger(__name__)
+
+
+def interest_updates(events: list[Doc]) -> list[Any]:
+    """Index writes for a batch of contact events (run in the inbox's transaction)."""
+    ops: list[Any] = []
+    for doc in events:
+        fields = interest_fields(doc)
+        if not fields:
+            continue
+        product = doc["attributes"]["product_id"]
+        key = f"{doc['contact_id']}|{product}"
+        ops.append(
+            UpdateOne(
+                {"_id": key},
+                {
+                    "$max": fields,
+                    "$setOnInsert": {"contact_id": doc["contact_id"], "product_id": str(product)},
+                },
+                upsert=True,
+            )
+        )
+    return ops
+
+
+class CatalogFanout:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = 1000,
+        lease: timedelta = timedelta(seconds=60),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_copies: Callable[[], None] | None = None,
+        on_quarantined: Callable[[str], None] | None = None,
+        retry_pause: timedelta = timedelta(seconds=5),
+    ) -> None:
+        self.store = store
+        self.catalog = Catalog(store)
+        self.batch_size = batch_size
+        self.lease = lease
+        self.clock = clock
+        self.on_copies = on_copies
+        self.on_quarantined = on_quarantined
+        self.retry_pause = retry_pause
+        self.owner = uuid.uuid4().hex
+        self.wake = asyncio.Event()
+        self.copies = 0
+
+    async def run(self, stop: asyncio.Event, idle_poll: float = 0.5) -> None:
+        async def step() -> float:
+            return 0.0 if await self.process_once() else idle_poll
+
+        await work_loop("catalog", step, stop, self.wake)
+
+    async def process_once(self) -> bool:
+        """Takes the oldest catalog event nobody holds and fans out one batch of it."""
+        now = self.clock()
+        event = await self.catalog.claim_event(self.owner, now, self.lease)
+        if event is None:
+            return False
+        try:
+            await self._fan_out(event, now)
+        except Exception as exc:
+            if transient(exc):
+                raise
+            # Set aside with its error, and out of the way for a while: the catalog events behind it go on.
+            error = failure_text(exc)
+            retry_at = now + self.retry_pause
+            quarantined = await self.store.event_failed(event["_id"], error, "fanout", now, retry_at=retry_at)
+            log.error(
+                "catalog.event_quarantined" if quarantined else "catalog.event_failed",
+                event_id=event["_id"],
+                event_type=event.get("type"),
+                error=error,
+            )
+            if quarantined and self.on_quarantined is not None:
+                self.on_quarantined("fanout")
+        return True
+
+    async def _fan_out(self, event: Doc, now: datetime) -> None:
+        fanout = event.get("fanout") or {}
+        if "product" not in fanout:
+            fanout["product"] = await self._update_catalog(event)
+            await self.catalog.save_change(event["_id"], fanout["product"])
+        done = await self._batch(event, fanout)
+        if done:
+            await self.catalog.finish_event(event["_id"], now)
+
+    async def _update_catalog(self, event: Doc) -> Doc:
+        """Record the new price or stock and return what the copies need to know about the change."""
+        attributes = event.get("attributes") or {}
+        product_id = str(attributes["product_id"])
+        before = await self.catalog.product(product_id)
+        fields, change = catalog_change(event["type"], attributes, before)
+        fields["updated_at"] = event["time"]
+        await self.catalog.save_product(product_id, fields)
+        return change
+
+    async def _batch(self, event: Doc, fanout: Doc) -> bool:
+        interests = await self.catalog.interested(event, fanout.get("after"), self.batch_size)
+        if not interests:
+            return True
+        now = self.clock()
+        copies = []
+        for interest in interests:
+            attributes = {**(event.get("attributes") or {}), **fanout["product"]}
+            attributes["interest"] = {
+                k: interest[f"{k}_at"].isoformat()
+                for k in ("viewed", "wishlisted", "wanted_oos")
+                if f"{k}_at" in interest
+            }
+            copies.append(
+                {"_id": fanout_copy_id(event["_id"], interest["contact_id"]), "type": event["type"],
+                 "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
+                 "received_at": now, "state": PENDING, "fanout_of": event["_id"]}
+            )  # fmt: skip
+        await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its position
+        self.copies += len(copies)
+        await self.catalog.save_position(event["_id"], interests[-1]["_id"])
+        if self.on_copies is not None:
+            self.on_copies()
+        return len(interests) < self.batch_size

@@ -1,0 +1,84 @@
+"""The catalog (`products`: each product's last price and stock), the interest index (`interests`: one
+document per contact and product), and the fan-out's claim and position on a catalog event (`events`)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError
+
+from rulesvc.core.catalog import VIEW_WINDOW
+from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+
+
+class Catalog:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def claim_event(self, owner: str, now: datetime, lease: timedelta) -> Doc | None:
+        """The oldest catalog event nobody else holds, now held by `owner` for `lease`."""
+        return await self.store.events.find_one_and_update(
+            {"state": PENDING, "contact_id": None,
+             "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
+                     {"fanout.owner": owner}]},
+            {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
+            sort=[("time", ASCENDING), ("_id", ASCENDING)],
+            hint="inbox_pending",  # its `contact_id: null` range; another index scans every pending event
+        )  # fmt: skip
+
+    async def save_change(self, event_id: str, change: Doc) -> None:
+        """What the copies are to know about the product's change, kept on the event for a resumed run."""
+        await self.store.events.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
+
+    async def save_position(self, event_id: str, after: str) -> None:
+        """The last interest copied: a resumed run goes on after it."""
+        await self.store.events.update_one({"_id": event_id}, {"$set": {"fanout.after": after}})
+
+    async def finish_event(self, event_id: str, now: datetime) -> None:
+        await self.store.events.update_one(
+            {"_id": event_id},
+            {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
+        )
+
+    async def product(self, product_id: str) -> Doc:
+        """The product's last known fields (`{}` for a product not seen before)."""
+        return await self.store.products.find_one({"_id": product_id}) or {}
+
+    async def save_product(self, product_id: str, fields: Doc) -> None:
+        await self.store.products.update_one({"_id": product_id}, {"$set": fields}, upsert=True)
+
+    async def interested(self, event: Doc, after: str | None, limit: int) -> list[Doc]:
+        """The interests in the event's product that count for its type (the query form of
+        `rulesvc.core.catalog.interested`), in id order after `after`."""
+        product = str((event.get("attributes") or {})["product_id"])
+        query: Doc
+        if event["type"] == "price_changed":
+            since = event["time"] - VIEW_WINDOW
+            query = {
+                "product_id": product,
+                "$or": [{"viewed_at": {"$gte": since}}, {"wishlisted_at": {"$exists": True}}],
+            }
+        else:
+            query = {
+                "product_id": product,
+                "$or": [{"wanted_oos_at": {"$exists": True}}, {"wishlisted_at": {"$exists": True}}],
+            }
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        return await self.store.interests.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+
+    async def insert_copies(self, copies: list[Doc]) -> None:
+        """The per-contact copies of a catalog event; copies already there (a run that died before saving
+        its position) are left as they are."""
+        try:
+            await self.store.events.insert_many(copies, ordered=False)
+        except BulkWriteError as exc:
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                raise
+
+    async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
+        """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""
+        await self.store.interests.bulk_write(ops, ordered=False, session=session)

@@ -1,0 +1,70 @@
+"""The inbox's reads of pending events (`events`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError
+
+from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+
+
+class InboxEvents:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def contacts_waiting(self, held: list[str], limit: int) -> list[str]:
+        """The contacts of the oldest pending events, not held by a batch, oldest first. Catalog events (no
+        contact) are not the engine's: they wait for the interest fan-out."""
+        query: Doc = {"state": PENDING, "contact_id": {"$nin": [None, *held]}}
+        cursor = (
+            self.store.events.find(query, {"_id": 0, "contact_id": 1})
+            .sort("received_at", ASCENDING)
+            .hint("inbox_oldest")
+            .limit(limit)
+        )
+        keys: dict[str, None] = {}
+        async for doc in cursor:
+            keys[doc["contact_id"]] = None
+        return list(keys)
+
+    async def pending(self, contact_ids: list[str], limit: int) -> list[Doc]:
+        """These contacts' pending events in per-contact time order, at most `limit`."""
+        return await (
+            self.store.events.find(
+                {"state": PENDING, "contact_id": {"$in": contact_ids}},
+                sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+            )
+            .hint("inbox_pending")
+            .limit(limit)
+            .to_list()
+        )
+
+    async def insert_internal(self, docs: list[Doc]) -> dict[int, Doc]:
+        """Events the service makes itself (a wait's `else`), each under a fixed id: one already there (a
+        run that died before marking its entry done) is left as it is. The other refusals, by index."""
+        try:
+            await self.store.events.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            return {
+                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
+            }
+        return {}
+
+    async def mark_done(self, ids: list[str], at: datetime, session: AsyncClientSession) -> None:
+        """These events, those still pending, are decided."""
+        await self.store.events.update_many(
+            {"_id": {"$in": ids}, "state": PENDING},
+            {"$set": {"state": "done", "processed_at": at}},
+            session=session,
+        )
+
+    async def first_pending(self, contact_id: str) -> Doc | None:
+        """The contact's next event in order."""
+        return await self.store.events.find_one(
+            {"state": PENDING, "contact_id": contact_id},
+            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+            hint="inbox_pending",
+        )

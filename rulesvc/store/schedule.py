@@ -1,0 +1,98 @@
+"""The durable schedule (`schedule`): finding, claiming and renewing the due entries."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from rulesvc.store.db import Doc, Store
+
+
+class Schedule:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending entry is due."""
+        nxt = await self.store.schedule.find_one(
+            {"status": "pending"}, {"due_at": 1}, sort=[("due_at", ASCENDING)]
+        )
+        return None if nxt is None else nxt["due_at"]
+
+    async def release_expired(self, now: datetime) -> None:
+        """Entries whose claim ran out (their process died or stopped renewing) are pending again."""
+        await self.store.schedule.update_many(
+            {"status": "running", "lease_until": {"$lt": now}},
+            {"$set": {"status": "pending"}, "$unset": {"owner": "", "lease_until": ""}},
+        )
+
+    async def claim(self, now: datetime, limit: int, lease: timedelta) -> list[Doc]:
+        """Up to `limit` entries due by `now`, earliest first, now `running` under one new owner token."""
+        ids = [
+            d["_id"]
+            async for d in self.store.schedule.find(
+                {"status": "pending", "due_at": {"$lte": now}}, {"_id": 1}, sort=[("due_at", ASCENDING)]
+            ).limit(limit)
+        ]
+        if not ids:
+            return []
+        token = uuid.uuid4().hex
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "status": "pending"},
+            {"$set": {"status": "running", "owner": token, "lease_until": now + lease}},
+        )
+        return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
+
+    async def renew(self, owner: str, until: datetime) -> None:
+        """The claim of `owner` on its running entries lasts until `until`."""
+        await self.store.schedule.update_many(
+            {"owner": owner, "status": "running"}, {"$set": {"lease_until": until}}
+        )
+
+    async def pending_of(self, contact_ids: list[str]) -> dict[str, list[Doc]]:
+        """The pending entries of these contacts (what the engine needs to know of them), by contact."""
+        pending: dict[str, list[Doc]] = {}
+        async for entry in self.store.schedule.find(
+            {"contact_id": {"$in": contact_ids}, "status": "pending"},
+            {"key": 1, "ruleset": 1, "rule": 1, "cancel_on": 1, "contact_id": 1},
+        ):
+            pending.setdefault(entry["contact_id"], []).append(entry)
+        return pending
+
+    async def run_again(self, entry_id: str, owner: str, at: datetime) -> None:
+        """The entry (still claimed by `owner`) is pending again, due at `at`."""
+        await self.store.schedule.update_one(
+            {"_id": entry_id, "owner": owner},
+            {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+        )
+
+    async def finish(
+        self, ids: list[str], owner: str, status: str, now: datetime, reason: str | None
+    ) -> None:
+        """These entries of `owner` are over: `done`, or `cancelled` with the reason."""
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "owner": owner},
+            {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
+             "$unset": {"lease_until": ""}},
+        )  # fmt: skip
+
+    async def fail(self, entry_id: str, owner: str, reason: str, now: datetime) -> None:
+        """Set aside: `failed` with why, while the rest of its batch goes on."""
+        await self.store.schedule.update_one(
+            {"_id": entry_id, "owner": owner},
+            {"$set": {"status": "failed", "reason": reason, "done_at": now}, "$unset": {"lease_until": ""}},
+        )
+
+    async def insert(self, entries: list[Doc], session: AsyncClientSession) -> None:
+        await self.store.schedule.insert_many(entries, session=session)
+
+    async def cancel(self, ids: list[str], reason: str, now: datetime, session: AsyncClientSession) -> None:
+        """These entries, those still pending, are cancelled with the reason."""
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "status": "pending"},
+            {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
+            session=session,
+        )

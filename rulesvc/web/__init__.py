@@ -1,0 +1,1 @@
+"""The HTTP API: the aiohttp app, its routes, middlewares, views and OpenAPI document."""

@@ -1,0 +1,35 @@
+"""The app factory: settings, channels, cleanup contexts, middlewares, and the routes of `web.routes`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from rulesvc.channels import ChannelRegistry
+from rulesvc.config import Settings
+from rulesvc.metrics import Metrics
+from rulesvc.plugins import PluginReport
+from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SETTINGS
+from rulesvc.web.lifecycle import embedded_mongod_ctx, engine_ctx, load_channels, mongo_ctx, simulator_ctx
+from rulesvc.web.middlewares import authenticate, observe
+from rulesvc.web.ratelimit import RateLimiter
+from rulesvc.web.routes import openapi_document, setup_routes
+
+
+def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
+    app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[LIMITER] = RateLimiter(settings.rate_limit)
+    if channels is None:
+        channels, reports = load_channels(settings)
+    else:
+        reports = [PluginReport("test", "given", sorted(channels.names()))]
+    app[CHANNELS] = channels
+    app[PLUGINS] = reports
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(embedded_mongod_ctx)
+    app.cleanup_ctx.append(mongo_ctx)
+    app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(simulator_ctx)
+    setup_routes(app)
+    app[OPENAPI] = openapi_document()
+    return app

@@ -1,0 +1,39 @@
+"""The typed keys of what the app and a request hold (aiohttp `AppKey`s and `RequestKey`s)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from rulesvc.channels import ChannelRegistry
+from rulesvc.config import Settings
+from rulesvc.metrics import Metrics
+from rulesvc.plugins import PluginReport
+from rulesvc.replay.simulate import Simulator
+from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.runtime.scheduler import Scheduler
+from rulesvc.store.db import Store
+from rulesvc.store.keys import ApiKey, InboxTokens, Keys
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web.ratelimit import RateLimiter
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+CHANNELS = web.AppKey("channels", ChannelRegistry)
+PLUGINS = web.AppKey("plugins", list[PluginReport])
+LIMITER = web.AppKey("limiter", RateLimiter)
+OPENAPI = web.AppKey("openapi", bytes)  # the document, generated from the route table
+# Set by the cleanup contexts (rulesvc.web.lifecycle) as the app starts:
+MONGO_URI = web.AppKey("mongo_uri", str)
+EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
+STORE = web.AppKey("store", Store)
+KEYS = web.AppKey("keys", Keys)
+INBOX_TOKENS = web.AppKey("inbox_tokens", InboxTokens)
+RULESETS = web.AppKey("rulesets", Rulesets)
+INBOX = web.AppKey("inbox", Inbox)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+FANOUT = web.AppKey("fanout", CatalogFanout)
+SIMULATOR = web.AppKey("simulator", Simulator)
+
+API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if it came with one

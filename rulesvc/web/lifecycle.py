@@ -1,0 +1,191 @@
+"""What the app runs while it serves (aiohttp cleanup contexts): the embedded mongod, the MongoDB client
+and store, the engine's loops (rulesets, inbox, scheduler, fan-out, jobs) and the simulator process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import structlog
+from aiohttp import web
+from pymongo import AsyncMongoClient
+
+from rulesvc.channels import ChannelRegistry, ManagedChannel
+from rulesvc.config import Settings
+from rulesvc.core.sendpolicy import SendPolicy
+from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
+from rulesvc.plugins import PluginReport, load_plugins
+from rulesvc.replay.simulate import Simulator
+from rulesvc.runtime.dispatcher import Dispatcher, parse_quiet_hours, quiet_channels
+from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.jobs import run_job
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.runtime.scheduler import Scheduler
+from rulesvc.runtime.templates import Templates
+from rulesvc.store.db import Store
+from rulesvc.store.keys import InboxTokens, Keys, hand_out_first_key
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web.keys import (
+    CHANNELS,
+    EMBEDDED_MONGOD,
+    FANOUT,
+    INBOX,
+    INBOX_TOKENS,
+    KEYS,
+    METRICS,
+    MONGO_URI,
+    RULESETS,
+    SCHEDULER,
+    SETTINGS,
+    SIMULATOR,
+    STORE,
+)
+
+log = structlog.get_logger(__name__)
+
+
+# The deadline of the start-up's schema work (index builds), which may take longer than a request's.
+START_UP_SECONDS = 120.0
+
+
+async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The simulator process starts at the first simulation; it stops with the app. It applies the
+    service's send rules with its channels."""
+    app[SIMULATOR] = Simulator(
+        app[SETTINGS].simulate_budget_seconds, app[CHANNELS], send_policy(app[SETTINGS])
+    )
+    try:
+        yield
+    finally:
+        await app[SIMULATOR].close()
+
+
+async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Starts the embedded mongod when no MONGODB_URI is given; stopped last, after everything else."""
+    settings = app[SETTINGS]
+    if settings.mongodb_uri:
+        app[MONGO_URI] = settings.mongodb_uri
+        yield
+        return
+    # Blocking on purpose: it runs once at start-up in the main thread, which mongod's parent-death
+    # signal is tied to.
+    mongod = EmbeddedMongod(settings.data_dir, settings.mongod_bin, cache_gb=settings.mongod_cache_gb)
+    mongod.start()
+    app[EMBEDDED_MONGOD] = mongod
+    app[MONGO_URI] = mongod.uri
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(mongod.keep_running(stop), name="mongod-keeper")  # restarts it if it dies
+    try:
+        yield
+    finally:
+        stop.set()
+        await keeper  # a restart in progress finishes first, so the stop below stops that mongod too
+        mongod.stop()
+
+
+async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        app[MONGO_URI],
+        tz_aware=True,
+        serverSelectionTimeoutMS=3000,
+        appname="rulesvc",
+        # Every operation has a deadline: a paused or lost server costs a request a 503, never a hang.
+        timeoutMS=settings.mongodb_timeout_seconds * 1000,
+    )
+    store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+    with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
+        await store.ensure_schema()  # an index build on a large collection takes longer than a request
+    app[STORE] = store
+    app[KEYS] = Keys(store.api_keys)
+    app[INBOX_TOKENS] = InboxTokens(store.db["secrets"])
+    log.info("store.ready", database=settings.database)
+    if not settings.mongodb_uri:
+        await hand_out_first_key(app[KEYS])
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Rulesets (hot-reloaded), the inbox and the scheduler run for as long as the app serves."""
+    settings = app[SETTINGS]
+    channels = app[CHANNELS]
+    rulesets = Rulesets(Path(settings.rulesets_dir), channels.names())
+    rulesets.reload()
+    templates = Templates(Path(settings.templates_dir or Path(settings.rulesets_dir) / "templates"))
+    dispatcher = Dispatcher(app[STORE], channels, templates, send_policy(settings))
+    for channel in channels.all():
+        if isinstance(channel, ManagedChannel):
+            await channel.start()
+    lease = timedelta(seconds=settings.lease_seconds)
+    scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease)
+    quarantined = app[METRICS].events_quarantined
+
+    def count_quarantined(stage: str) -> None:
+        quarantined.labels(stage).inc()
+
+    inbox = Inbox(
+        app[STORE],
+        rulesets,
+        lease=timedelta(seconds=settings.lease_seconds),
+        on_scheduled=scheduler.due_soon,
+        on_quarantined=count_quarantined,
+    )
+    scheduler.on_timer_event = inbox.wake.set
+    fanout = CatalogFanout(
+        app[STORE], lease=lease, on_copies=inbox.wake.set, on_quarantined=count_quarantined
+    )
+    app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(rulesets.watch(stop), name="rulesets-watch"),
+        asyncio.create_task(inbox.run(stop), name="inbox"),
+        asyncio.create_task(scheduler.run(stop), name="scheduler"),
+        asyncio.create_task(fanout.run(stop), name="catalog-fanout"),
+        *(
+            asyncio.create_task(run_job(job, app[STORE], stop), name=f"job-{job.name}")
+            for job in channels.jobs
+        ),
+    ]
+    try:
+        yield
+    finally:
+        stop.set()  # loops finish the batch in hand, then return
+        done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("engine.task_failed", task=task.get_name(), error=repr(task.exception()))
+        for compiled in rulesets.live.values():
+            compiled.free()
+        for channel in channels.all():
+            if isinstance(channel, ManagedChannel):
+                await channel.close()
+
+
+def send_policy(settings: Settings) -> SendPolicy:
+    quiet_start, quiet_end = parse_quiet_hours(settings.quiet_hours)
+    return SendPolicy(
+        frequency_caps=dict(settings.frequency_caps),
+        quiet_start=quiet_start,
+        quiet_end=quiet_end,
+        default_timezone=settings.default_timezone,
+        max_attempts=settings.max_attempts,
+        retry_base=timedelta(seconds=settings.retry_base_seconds),
+        retry_max=timedelta(seconds=settings.retry_max_seconds),
+        lease=timedelta(seconds=settings.lease_seconds),
+        quiet_channels=quiet_channels(settings.channels, dict(os.environ)),
+    )
+
+
+def load_channels(settings: Settings) -> tuple[ChannelRegistry, list[PluginReport]]:
+    return load_plugins(BUILTIN_PLUGINS, settings.channels, settings.plugins)

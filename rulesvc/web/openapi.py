@@ -1,0 +1,84 @@
+"""The OpenAPI 3.1 document, generated from the route table (`rulesvc.web.routes`): each route carries its
+operation, and the components are the msgspec types that validate requests, turned into JSON schemas.
+
+The helpers here build the operations' common parts (references, JSON bodies, errors, parameters)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from rulesvc.core.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
+
+if TYPE_CHECKING:
+    from rulesvc.web.routes import Route
+
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_body(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def error(description: str) -> Schema:
+    return json_body(ref("ErrorBody"), description)
+
+
+def contact_id_param() -> Schema:
+    return {
+        "name": "contact_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN},
+        "description": ID_RULE,
+    }
+
+
+INBOX_ACCESS = (
+    " Open with that contact's inbox token (`Authorization: Bearer <token>` or `?token=`), or an admin key."
+)
+INBOX_REFUSED = {
+    "401": error("no credentials, or an inbox token that is invalid or expired"),
+    "403": error("an inbox token for another contact, or an ingest key without the contact's token"),
+}
+
+
+def query(name: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+PAGING = [
+    query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "most items to return"),
+    query("before", {"type": "string", "format": "date-time"}, "only items older than this (paging)"),
+]
+
+
+def document(routes: Iterable[Route]) -> bytes:
+    """The document of the routes of the table, with a component for each type they refer to."""
+    paths: dict[str, Schema] = {}
+    types: list[Any] = []
+    for route in routes:
+        item = paths.setdefault(route.documented_path, {})
+        if route.parameters is not None:
+            item.setdefault("parameters", route.parameters)
+        item[route.method.lower()] = route.operation
+        types += [t for t in route.types if t not in types]
+    _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    doc = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rulesvc",
+            "version": "0.1.0",
+            "description": "Real-time trigger marketing: post events, manage contacts, read what was sent.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+    return msgspec.json.encode(doc)

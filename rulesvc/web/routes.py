@@ -1,0 +1,467 @@
+"""The one route table: each route's method and path, its handler, who may call it, and its OpenAPI
+operation with the msgspec types it refers to. The app registers these routes, `authenticate` checks
+each request against its route's access, and the OpenAPI document is generated from the same table.
+
+Access:
+- `public`: anyone (the OpenAPI document).
+- `ops`: health, readiness and metrics: open on loopback (everywhere with RULESVC_OPEN_OPS), else admin.
+- `ingest`: an `ingest` or `admin` API key (what a shop's backend needs).
+- `inbox`: that contact's inbox token (what a page holds), or an admin key.
+- `signed-by-provider`: no API key; the channel checks the provider's own signature.
+- `admin`: an `admin` API key.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
+from rulesvc.core.events import Event, EventsAccepted, EventsRejected
+from rulesvc.core.messages import MessageList
+from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
+from rulesvc.web import openapi
+from rulesvc.web.openapi import (
+    INBOX_ACCESS,
+    INBOX_REFUSED,
+    PAGING,
+    Schema,
+    contact_id_param,
+    error,
+    json_body,
+    query,
+    ref,
+)
+from rulesvc.web.schemas import (
+    CallbacksAccepted,
+    ChannelList,
+    ErrorBody,
+    EventList,
+    Health,
+    InboxAction,
+    InboxList,
+    InboxToken,
+    InboxTokenRequest,
+    QuarantineActed,
+    QuarantineAction,
+    QuarantineList,
+    RulesetList,
+)
+from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
+
+Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # as aiohttp matches it: a placeholder may carry a pattern, `{action:retry|drop}`
+    handler: Handler
+    access: Access
+    types: tuple[Any, ...] = ()  # the msgspec types the operation refers to: the document's components
+    parameters: list[Schema] | None = None  # path parameters, shared by the operations on the path
+    operation: Schema = field(default_factory=dict)
+
+    @property
+    def documented_path(self) -> str:
+        """The path as OpenAPI and aiohttp's `resource.canonical` spell it: placeholders without patterns."""
+        return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
+
+
+EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
+BAD_REQUEST = error("malformed JSON (with the byte position) or a bad query parameter")
+
+ROUTES: list[Route] = [
+    Route(
+        "POST",
+        "/v1/events",
+        events.post_events,
+        "ingest",
+        types=(Event, EventsAccepted, EventsRejected, ErrorBody),
+        operation={
+            "summary": "Post one event, an array of events, or NDJSON (one event per line)",
+            "operationId": "postEvents",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": EVENT_BATCH},
+                    "application/x-ndjson": {"schema": ref("Event")},
+                },
+            },
+            "responses": {
+                "202": json_body(
+                    ref("EventsAccepted"), "stored durably; duplicates (same id) changed nothing"
+                ),
+                "400": BAD_REQUEST,
+                "413": error("body or batch over the limit"),
+                "415": error("content type is not JSON or NDJSON"),
+                "422": json_body(
+                    ref("EventsRejected"), "at least one invalid event; nothing of the batch stored"
+                ),
+                "503": error("storage unavailable; retry after Retry-After seconds"),
+            },
+        },
+    ),
+    Route(
+        "PUT",
+        "/v1/contacts/{contact_id}",
+        contacts.put_contact,
+        "admin",
+        types=(ContactIn, Contact, ContactRejected, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "Create or replace a contact's profile",
+            "operationId": "putContact",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("ContactIn")}},
+            },
+            "responses": {
+                "200": json_body(ref("Contact"), "replaced"),
+                "201": json_body(ref("Contact"), "created"),
+                "400": BAD_REQUEST,
+                "413": error("body over the limit"),
+                "415": error("content type is not JSON"),
+                "422": json_body(ref("ContactRejected"), "invalid field values; nothing changed"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}",
+        contacts.get_contact,
+        "admin",
+        types=(Contact, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "Read a contact",
+            "operationId": "getContact",
+            "responses": {"200": json_body(ref("Contact"), "the contact"), "404": error("no such contact")},
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/messages",
+        contacts.get_contact_messages,
+        "admin",
+        types=(MessageList, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "The contact's message history, newest first",
+            "operationId": "getContactMessages",
+            "parameters": [
+                *PAGING,
+                query("status", {"type": "string"}, "only messages in this status"),
+            ],
+            "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/events",
+        contacts.get_contact_events,
+        "admin",
+        types=(EventList, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "The contact's recent events, newest first",
+            "operationId": "getContactEvents",
+            "parameters": PAGING,
+            "responses": {"200": json_body(ref("EventList"), "events"), "400": BAD_REQUEST},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/contacts/{contact_id}/inbox-token",
+        inbox.post_inbox_token,
+        "ingest",
+        types=(InboxTokenRequest, InboxToken, SimulateRejected, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "Mint the token a page presents to open this contact's in-app inbox "
+            "(ingest or admin key: the shop's backend does this for its signed-in customer)",
+            "operationId": "postInboxToken",
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": ref("InboxTokenRequest")}},
+            },
+            "responses": {
+                "200": json_body(ref("InboxToken"), "the token and when it expires"),
+                "400": BAD_REQUEST,
+                "422": json_body(ref("SimulateRejected"), "invalid ttl"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/inbox",
+        inbox.get_inbox,
+        "inbox",
+        types=(InboxList, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "In-app messages to show now (delivered, not dismissed), newest first",
+            "description": "Title and body are HTML (parameters escaped)." + INBOX_ACCESS,
+            "operationId": "getInbox",
+            "parameters": [
+                query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items"),
+                query("token", {"type": "string"}, "the contact's inbox token, if not in the header"),
+            ],
+            "responses": {
+                "200": json_body(ref("InboxList"), "messages"),
+                "400": BAD_REQUEST,
+                **INBOX_REFUSED,
+            },
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/contacts/{contact_id}/inbox/{message_id:.+}",
+        inbox.post_inbox_action,
+        "inbox",
+        types=(InboxAction, SimulateRejected, ErrorBody),
+        parameters=[
+            contact_id_param(),
+            {"name": "message_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        ],
+        operation={
+            "summary": "Mark an in-app message shown, clicked or dismissed (rules see shown, clicked)",
+            "description": INBOX_ACCESS.strip(),
+            "operationId": "markInboxMessage",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("InboxAction")}},
+            },
+            "responses": {
+                "204": {"description": "recorded"},
+                "400": BAD_REQUEST,
+                "404": error("no such in-app message for this contact"),
+                "422": json_body(ref("SimulateRejected"), "invalid action"),
+                **INBOX_REFUSED,
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/messages",
+        messages.get_messages,
+        "admin",
+        types=(MessageList, ErrorBody),
+        operation={
+            "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
+            "operationId": "getMessages",
+            "parameters": [
+                {"name": "status", "in": "query", "required": True, "schema": {"type": "string"}},
+                *PAGING,
+            ],
+            "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/events/quarantine",
+        quarantine.get_quarantine,
+        "admin",
+        types=(QuarantineList, ErrorBody),
+        operation={
+            "summary": "Events set aside after their evaluation failed repeatedly, newest first",
+            "description": "Every other event went on meanwhile. Each has its error, the stage that "
+            "failed (`inbox`: the contact's rules; `fanout`: copying a catalog event) and its attempts.",
+            "operationId": "getQuarantine",
+            "parameters": [
+                PAGING[0],
+                query("before", {"type": "string", "format": "date-time"}, "quarantined before this"),
+            ],
+            "responses": {"200": json_body(ref("QuarantineList"), "quarantined events"), "400": BAD_REQUEST},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/events/quarantine/{action:retry|drop}",
+        quarantine.post_quarantine_action,
+        "admin",
+        types=(QuarantineAction, QuarantineActed, ErrorBody),
+        parameters=[
+            {
+                "name": "action",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": ["retry", "drop"]},
+                "description": "retry: evaluate again (after a fix); drop: never evaluated, kept",
+            }
+        ],
+        operation={
+            "summary": "Retry or drop quarantined events, named by id or all",
+            "operationId": "actOnQuarantine",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("QuarantineAction")}},
+            },
+            "responses": {
+                "200": json_body(ref("QuarantineActed"), "how many events were retried or dropped"),
+                "400": BAD_REQUEST,
+                "422": error("neither or both of `ids` and `all`"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/channels",
+        channels.get_channels,
+        "admin",
+        types=(ChannelList,),
+        operation={
+            "summary": "Loaded plugins and their channels, and whether each channel is configured",
+            "operationId": "getChannels",
+            "responses": {"200": json_body(ref("ChannelList"), "channels and plugins")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/channels/{name}/callbacks",
+        channels.channel_callback,
+        "signed-by-provider",
+        types=(CallbacksAccepted, ErrorBody),
+        parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        operation={
+            "summary": "A provider's delivery reports, authenticated as that provider signs them",
+            "operationId": "channelCallback",
+            "responses": {
+                "200": json_body(ref("CallbacksAccepted"), "outcomes queued as message_* events"),
+                "401": error("the provider's signature did not verify"),
+                "404": error("no such channel, or it takes no callbacks"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/rulesets",
+        rulesets.get_rulesets,
+        "admin",
+        types=(RulesetList,),
+        operation={
+            "summary": "The rulesets: live version, events they listen to, and errors of refused edits",
+            "operationId": "getRulesets",
+            "responses": {"200": json_body(ref("RulesetList"), "rulesets")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/rulesets/reload",
+        rulesets.reload_rulesets,
+        "admin",
+        types=(RulesetList,),
+        operation={
+            "summary": "Reload the rulesets folder now (it is also watched)",
+            "operationId": "reloadRulesets",
+            "responses": {"200": json_body(ref("RulesetList"), "rulesets after the reload")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/simulate",
+        simulate.post_simulate,
+        "admin",
+        types=(SimulateRequest, SimulateResult, SimulateRejected, ErrorBody),
+        operation={
+            "summary": "Run the live rulesets over events on a virtual clock; sends and stores nothing",
+            "operationId": "simulate",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("SimulateRequest")}},
+            },
+            "responses": {
+                "200": json_body(ref("SimulateResult"), "every action in time order"),
+                "400": BAD_REQUEST,
+                "413": error(
+                    "body over the limit, or more events or contacts than RULESVC_SIMULATE_MAX_EVENTS "
+                    "or RULESVC_SIMULATE_MAX_CONTACTS"
+                ),
+                "415": error("content type is not JSON"),
+                "422": json_body(
+                    ref("SimulateRejected"),
+                    "invalid request, with the field path; or an event the engine could not evaluate; "
+                    "or over the time budget (RULESVC_SIMULATE_BUDGET_SECONDS)",
+                ),
+                "429": error("a simulation runs and another waits in this process; retry after Retry-After"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        ops.healthz,
+        "ops",
+        types=(Health,),
+        operation={
+            "summary": "The process is up",
+            "operationId": "healthz",
+            "responses": {"200": json_body(ref("Health"), "up")},
+        },
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        ops.readyz,
+        "ops",
+        types=(Health,),
+        operation={
+            "summary": "Ready to serve: MongoDB reachable and rulesets loaded",
+            "description": "200 with status `degraded` when it serves but needs a look: the oldest "
+            "unprocessed event waited too long, or events were quarantined recently (`checks` says).",
+            "operationId": "readyz",
+            "responses": {
+                "200": json_body(ref("Health"), "ready (`ok` or `degraded`)"),
+                "503": json_body(ref("Health"), "not ready; `checks` says why"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        ops.metrics,
+        "ops",
+        operation={
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+        },
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        ops.openapi_json,
+        "public",
+        operation={
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+        },
+    ),
+]
+
+_ACCESS = {(r.method, r.documented_path): r.access for r in ROUTES}
+
+
+def access(method: str, canonical: str) -> Access:
+    """Who may call a route (`HEAD` as its `GET`); a route missing from the table is admin's."""
+    return _ACCESS.get(("GET" if method == "HEAD" else method, canonical), "admin")
+
+
+def setup_routes(app: web.Application) -> None:
+    for route in ROUTES:
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)  # and HEAD
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    return openapi.document(ROUTES)

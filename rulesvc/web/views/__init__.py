@@ -1,0 +1,1 @@
+"""The handlers, one module per resource, plain functions of a request."""

@@ -1,0 +1,84 @@
+"""`POST /v1/events`: validate, de-duplicate and store events; acknowledged means stored."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from rulesvc.core.events import (
+    MESSAGE_EVENT_TYPES,
+    Event,
+    EventError,
+    EventsAccepted,
+    EventsRejected,
+    MalformedBody,
+    TooManyEvents,
+    decode_json_body,
+    decode_ndjson_body,
+)
+from rulesvc.store.db import Store
+from rulesvc.store.messages import Messages
+from rulesvc.web.keys import API_KEY, FANOUT, INBOX, METRICS, SETTINGS, STORE
+from rulesvc.web.views.base import JSON_TYPES, NDJSON_TYPES, error_response, json_response, read_body
+
+
+async def foreign_outcomes(store: Store, events: list[Event]) -> list[EventError]:
+    """An outcome event from an ingest key must name a message of its own contact: a bounce or block
+    report marks an address invalid or suppresses a channel for good, so it may not be made up for anyone.
+    (Providers report through their signed callbacks; admin keys are trusted.) One query per batch."""
+    outcomes = [(i, e) for i, e in enumerate(events) if e.type in MESSAGE_EVENT_TYPES]
+    if not outcomes:
+        return []
+    named = {e.attributes.get("message_id") for _, e in outcomes}
+    wanted = [m for m in named if isinstance(m, str)]
+    owners = await Messages(store).owners(wanted)
+    errors: list[EventError] = []
+    for index, event in outcomes:
+        message_id = event.attributes.get("message_id")
+        if not isinstance(message_id, str):
+            reason = f"required for `{event.type}` from an ingest key: the id of the message it reports on"
+        elif owners.get(message_id) != event.contact_id:
+            reason = f"contact `{event.contact_id}` has no message `{message_id}`"
+        else:
+            continue
+        errors.append(EventError(index, "$.attributes.message_id", reason))
+    return errors
+
+
+async def post_events(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    if request.content_type in JSON_TYPES:
+        decode = decode_json_body
+    elif request.content_type in NDJSON_TYPES:
+        decode = decode_ndjson_body
+    else:
+        return error_response(
+            415,
+            f"unsupported content type `{request.content_type}`; "
+            "use application/json or application/x-ndjson",
+        )
+    body = await read_body(request)
+    try:
+        events, errors = decode(body, settings.max_batch_events)
+    except MalformedBody as exc:
+        return error_response(400, f"malformed JSON: {exc}")
+    except TooManyEvents as exc:
+        return error_response(413, str(exc))
+    if not events and not errors:
+        return error_response(422, "no events in the request body")
+    key = request.get(API_KEY)
+    if not errors and key is not None and key.scope != "admin":
+        errors = await foreign_outcomes(request.app[STORE], events)
+    if errors:
+        metrics.events.labels("rejected").inc(len({e.index for e in errors}))
+        return json_response(
+            EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors), 422
+        )
+    result = await request.app[STORE].insert_events(events)
+    if INBOX in request.app and result.accepted:
+        request.app[INBOX].wake.set()
+        if any(e.contact_id is None for e in events):
+            request.app[FANOUT].wake.set()
+    metrics.events.labels("accepted").inc(result.accepted)
+    metrics.events.labels("duplicate").inc(result.duplicates)
+    return json_response(EventsAccepted(result.accepted, result.duplicates), 202)
