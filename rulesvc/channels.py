@@ -164,12 +164,13 @@ class Unconfigured:
 
 @runtime_checkable
 class Job(Protocol):
-    """Runs every `interval` seconds with the service's storage; a lease keeps it to one process."""
+    """Runs every `interval` seconds; a lease keeps it to one process. `data` is a
+    `rulesvc.store.jobs.JobData`: named queries (audience changes, contacts), not the collections."""
 
     name: str
     interval: float
 
-    async def run(self, store: Any) -> None: ...
+    async def run(self, data: Any) -> None: ...
 
 
 class HttpChannel:

@@ -128,3 +128,31 @@ def test_core_is_pure() -> None:
 def test_channels_is_the_contract_only() -> None:
     imported = {m for m in _imports("rulesvc.channels") if m.split(".")[0] == "rulesvc"}
     assert imported == set()
+
+
+def _collection_calls(tree: ast.AST) -> list[str]:
+    """`<x>.store.<collection>` or `store.<collection>` attribute reads: a collection reached past store/."""
+    collections = {"events", "contacts", "messages", "schedule", "leases", "contact_leases", "products",
+                   "audience_changes", "api_keys", "interests", "secrets", "db"}  # fmt: skip
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in collections:
+            owner = node.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if name == "store":
+                found.append(f"{ast.unparse(node)} (line {node.lineno})")
+    return found
+
+
+def test_every_query_lives_in_store() -> None:
+    """Outside `store/`, code asks named store methods; it never reaches a collection itself."""
+    outside = {name: path for name, path in MODULES.items() if not name.startswith("rulesvc.store")}
+    plugins = Path(__file__).resolve().parent.parent / "plugins"
+    files = [*outside.values(), *plugins.glob("rulesvc-*/rulesvc_*/*.py")]
+    offenders = {str(p): calls for p in files if (calls := _collection_calls(ast.parse(p.read_text())))}
+    assert offenders == {}
+
+
+def test_the_query_check_sees_a_collection_call() -> None:
+    tree = ast.parse("async def f(self):\n    await self.store.messages.find_one({})\n")
+    assert _collection_calls(tree) == ["self.store.messages (line 2)"]

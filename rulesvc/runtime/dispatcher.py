@@ -40,7 +40,9 @@ from rulesvc.core.sendpolicy import (
 )
 from rulesvc.plugins import channel_config
 from rulesvc.runtime.templates import TemplateError, Templates
+from rulesvc.store.catalog import Catalog
 from rulesvc.store.db import Doc, Store
+from rulesvc.store.messages import Messages
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +133,8 @@ class Dispatcher:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
+        self.messages = Messages(store)
+        self.catalog = Catalog(store)
         self.channels = channels
         self.templates = templates
         self.policy = policy
@@ -164,15 +168,11 @@ class Dispatcher:
         product: Doc = {}
         if message.get("guard"):
             params = message.get("params") or {}
-            product = await self.store.products.find_one({"_id": str(params.get("product_id"))}) or {}
+            product = await self.catalog.product(str(params.get("product_id")))
         sent_today: dict[str, int] = {}
         since = day_start(contact, now, self.policy)
         for channel in capped_candidates(message, self.policy):
-            sent_today[channel] = await self.store.messages.count_documents(
-                {"contact_id": message["contact_id"], "sent_channel": channel, "sent_at": {"$gte": since},
-                 "transactional": {"$ne": True}, "status": {"$nin": ["scheduled", "failed", "dead",
-                                                                     "suppressed", "cancelled"]}},
-            )  # fmt: skip
+            sent_today[channel] = await self.messages.sent_since(message["contact_id"], channel, since)
         return Facts(product, sent_today)
 
     def _not_again(self, message: Doc, channel: Channel | None, why_not: str | None) -> str | None:
@@ -191,7 +191,7 @@ class Dispatcher:
 
     async def _taken(self, message_id: str) -> Result:
         """Our `sending` mark lost the race: look again once the other call must be over."""
-        doc = await self.store.messages.find_one({"_id": message_id}, {"status": 1, "sending_until": 1})
+        doc = await self.messages.sending_state(message_id)
         if doc is None or doc.get("status") != "sending":
             return Result("skip", reason=f"already {doc and doc.get('status')}")
         until = doc.get("sending_until")
@@ -261,8 +261,7 @@ class Dispatcher:
             fields |= {"sending_until": deadline, "sent_channel": channel.name, "send_owner": owner}
             if interrupted:
                 fields["resent"] = True
-            claimed = await self.store.messages.update_one({"_id": message["_id"], **guard}, {"$set": fields})
-            if claimed.modified_count != 1:
+            if not await self.messages.mark_sending(message["_id"], guard, fields):
                 return await self._taken(message["_id"])
             guard = {"status": "sending", "send_owner": owner}
         outbound = OutboundMessage(

@@ -12,6 +12,7 @@ from pymongo.errors import PyMongoError
 from rulesvc.channels import Job
 from rulesvc.runtime.waiting import wait_any
 from rulesvc.store.db import Store
+from rulesvc.store.jobs import JobData
 from rulesvc.store.leases import Leases
 
 log = structlog.get_logger(__name__)
@@ -33,7 +34,7 @@ async def run_job(job: Job, store: Store, stop: asyncio.Event) -> None:
             taken = False
         if taken:
             try:
-                await job.run(store)
+                await job.run(JobData(store))
             except Exception:
                 log.exception("job.failed", job=job.name)
         await wait_any(stop, seconds=job.interval)

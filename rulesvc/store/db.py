@@ -21,6 +21,7 @@ from pymongo.write_concern import WriteConcern
 from rulesvc.core.contacts import Contact, ContactIn
 from rulesvc.core.events import Event, event_time
 from rulesvc.core.messages import Message
+from rulesvc.store.keys import InboxTokens, Keys
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +89,12 @@ class Store:
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
         self.products: AsyncCollection[Doc] = self.db["products"]
+
+    def keys(self) -> Keys:
+        return Keys(self.api_keys)
+
+    def inbox_tokens(self) -> InboxTokens:
+        return InboxTokens(self.db["secrets"])
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

@@ -50,3 +50,20 @@ class Messages:
             {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
             session=session,
         )
+
+    async def sent_since(self, contact_id: str, channel: str, since: datetime) -> int:
+        """Marketing messages that went out on `channel` since `since`: what a frequency cap counts."""
+        return await self.store.messages.count_documents(
+            {"contact_id": contact_id, "sent_channel": channel, "sent_at": {"$gte": since},
+             "transactional": {"$ne": True}, "status": {"$nin": ["scheduled", "failed", "dead",
+                                                                 "suppressed", "cancelled"]}},
+        )  # fmt: skip
+
+    async def sending_state(self, message_id: str) -> Doc | None:
+        """A message's status and `sending_until`: whether another process's call may still run."""
+        return await self.store.messages.find_one({"_id": message_id}, {"status": 1, "sending_until": 1})
+
+    async def mark_sending(self, message_id: str, guard: Doc, fields: Doc) -> bool:
+        """The outbox's `sending` mark, set only if the message is still as this process left it."""
+        result = await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
+        return result.modified_count == 1

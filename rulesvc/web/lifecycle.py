@@ -29,7 +29,7 @@ from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.scheduler import Scheduler
 from rulesvc.runtime.templates import Templates
 from rulesvc.store.db import Store
-from rulesvc.store.keys import InboxTokens, Keys, hand_out_first_key
+from rulesvc.store.keys import hand_out_first_key
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.keys import (
     CHANNELS,
@@ -103,8 +103,8 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
         await store.ensure_schema()  # an index build on a large collection takes longer than a request
     app[STORE] = store
-    app[KEYS] = Keys(store.api_keys)
-    app[INBOX_TOKENS] = InboxTokens(store.db["secrets"])
+    app[KEYS] = store.keys()
+    app[INBOX_TOKENS] = store.inbox_tokens()
     log.info("store.ready", database=settings.database)
     if not settings.mongodb_uri:
         await hand_out_first_key(app[KEYS])

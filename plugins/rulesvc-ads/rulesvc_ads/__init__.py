@@ -23,9 +23,7 @@ import structlog
 
 from rulesvc import hookimpl
 from rulesvc.channels import Job
-from rulesvc.store.audiences import Audiences
-from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import Store
+from rulesvc.store.jobs import JobData
 
 log = structlog.get_logger(__name__)
 
@@ -68,18 +66,17 @@ class AudienceSync:
     def configured(self) -> bool:
         return bool(self.base_url and self.token)
 
-    async def run(self, store: Store) -> None:
+    async def run(self, data: JobData) -> None:
         if not self.configured():
             return
-        audiences = Audiences(store)
-        changes = await audiences.unsynced_changes(100_000)
+        changes = await data.unsynced_audience_changes(100_000)
         if not changes:
             return
         latest: dict[tuple[str, str], dict[str, Any]] = {}
         for change in changes:  # in time order: the last change per audience and contact wins
             latest[(change["audience"], change["contact_id"])] = change
         ids = list({c["contact_id"] for c in changes})
-        contacts = await Contacts(store).by_id(ids)
+        contacts = await data.contacts(ids)
         plan: dict[str, dict[str, list[dict[str, str]]]] = {}
         for (audience, contact_id), change in latest.items():
             entry = member(contacts.get(contact_id, {}))
@@ -94,7 +91,7 @@ class AudienceSync:
                 if await self._push(http, audience, members):
                     done.extend(c["_id"] for c in changes if c["audience"] == audience)
         if done:
-            await audiences.mark_synced(done, datetime.now(UTC))
+            await data.mark_audience_changes_synced(done, datetime.now(UTC))
 
     async def _push(self, http: aiohttp.ClientSession, audience: str, members: dict[str, list[Any]]) -> bool:
         url = f"{self.base_url}/audiences/{audience}/members"
