@@ -6,14 +6,11 @@ The helpers here build the operations' common parts (references, JSON bodies, er
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
 from rulesvc.core.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
-
-if TYPE_CHECKING:
-    from rulesvc.web.routes import Route
 
 Schema = dict[str, Any]
 
@@ -59,7 +56,23 @@ PAGING = [
 ]
 
 
-def document(routes: Iterable[Route]) -> bytes:
+class Documented(Protocol):
+    """What the document needs of a route (`web.routes.Route` is one): the table imports this module,
+    so this module knows routes only by their shape."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def types(self) -> tuple[Any, ...]: ...
+    @property
+    def parameters(self) -> list[Schema] | None: ...
+    @property
+    def operation(self) -> Schema: ...
+    @property
+    def documented_path(self) -> str: ...
+
+
+def document(routes: Iterable[Documented]) -> bytes:
     """The document of the routes of the table, with a component for each type they refer to."""
     paths: dict[str, Schema] = {}
     types: list[Any] = []
