@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import msgspec
 import structlog
 
+from rulesvc.core.bodies import TOO_DEEP
 from rulesvc.core.catalog import catalog_change, guard_fails, interest_fields, interested
 from rulesvc.core.contacts import ContactIn
 from rulesvc.core.engine import (
@@ -64,7 +65,6 @@ from rulesvc.core.sendpolicy import (
     day_start,
     outcome_changes,
 )
-from rulesvc.web.bodies import TOO_DEEP
 
 if TYPE_CHECKING:  # the simulator process itself has no channel objects
     from rulesvc.channels import ChannelRegistry

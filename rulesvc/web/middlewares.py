@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
+from rulesvc.core.bodies import decoding_problem
 from rulesvc.store.keys import INBOX_TOKEN_PREFIX
-from rulesvc.web.bodies import decoding_problem
 from rulesvc.web.keys import API_KEY, INBOX_TOKENS, KEYS, LIMITER, METRICS, SETTINGS
 from rulesvc.web.routes import access
 from rulesvc.web.views.base import error_response

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from rulesvc.core.bodies import utf8_problem
 from rulesvc.core.ids import id_problem
-from rulesvc.web.bodies import utf8_problem
 from rulesvc.web.keys import SETTINGS
 from rulesvc.web.schemas import ErrorBody
 
