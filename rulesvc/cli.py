@@ -466,12 +466,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a command's database is away (e.g. restarting): a sentence, not a traceback
-        from pymongo.errors import PyMongoError
+    except Exception as exc:  # MongoDB away (e.g. restarting) or refusing: a sentence, not a traceback
+        from pymongo.errors import ConnectionFailure, PyMongoError
 
         if not isinstance(exc, PyMongoError):
             raise
-        print(f"rulesvc: MongoDB unavailable ({type(exc).__name__}); try again in a moment", file=sys.stderr)
+        name = type(exc).__name__
+        if isinstance(exc, ConnectionFailure) or exc.timeout:
+            print(f"rulesvc: MongoDB unavailable ({name}); try again in a moment", file=sys.stderr)
+        else:
+            print(f"rulesvc: MongoDB refused: {name}: {exc}"[:2000], file=sys.stderr)
         return 1
     return 2
 

@@ -72,8 +72,8 @@ def reserve_port(host: str, port: int, keep: bool) -> socket.socket | None:
 
 
 def last_error(lines: Iterable[str]) -> str | None:
-    """The most recent error a worker wrote to stderr: an error log line, or the exception line that
-    ends a traceback (`pymongo.errors.InvalidName: ...`)."""
+    """The most recent error a worker wrote to stderr: an error log line, the command's own sentence
+    (`rulesvc: ...`), or the exception line that ends a traceback (`pymongo.errors.InvalidName: ...`)."""
     found: str | None = None
     in_traceback = False
     for line in lines:
@@ -90,7 +90,7 @@ def last_error(lines: Iterable[str]) -> str | None:
             if isinstance(record, dict) and record.get("level") in ("error", "critical"):
                 detail = str(record.get("exception") or record.get("error") or "").strip().splitlines()
                 found = f"{record.get('event')}: {detail[-1]}" if detail else str(record.get("event"))
-        elif "[error" in text or "[critical" in text:  # the console format
+        elif "[error" in text or "[critical" in text or text.startswith("rulesvc: "):  # console format
             found = text
     return found
 
@@ -223,9 +223,13 @@ class Supervisor:
                 failed = self.stopping = True
         self._stop(workers)
         if failed:  # the last line an operator reads
+            last = workers[-1]
+            if last.reader is not None:
+                last.reader.join(5.0)  # on a loaded machine its last words may still be on their way
+            why = last_error(last.stderr) or last.last_error or "none written"
             print(
                 f"rulesvc: every worker failed to start {GIVE_UP_AFTER_FAILED_STARTS} times in a row; "
-                f"stopping. Last error: {workers[-1].last_error or 'none written'}",
+                f"stopping. Last error: {why}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -246,7 +250,7 @@ class Supervisor:
         """Say which worker died and why, then schedule its restart after a growing pause."""
         assert worker.proc is not None
         if worker.reader is not None:
-            worker.reader.join(2.0)  # its last words are still in the pipe
+            worker.reader.join(5.0)  # its last words are still in the pipe (slow on a loaded machine)
         ran = now - worker.started
         worker.failed_starts = worker.failed_starts + 1 if ran < EARLY_EXIT_SECONDS else 0
         worker.last_error = last_error(worker.stderr)
