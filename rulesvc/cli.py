@@ -149,7 +149,9 @@ def inbox_token_command(args: argparse.Namespace) -> int:
     return _with_database(act)
 
 
-def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]]) -> int:
+def _with_database(
+    act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]], settings: Settings | None = None
+) -> int:
     """Runs `act` on the service's database: MONGODB_URI, the running service's embedded mongod, or,
     when no service runs on this data dir, its mongod started just for this."""
     import asyncio
@@ -158,7 +160,7 @@ def _with_database(act: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[int]
 
     from rulesvc.store.mongod import EmbeddedMongod
 
-    settings = load_settings()
+    settings = settings or load_settings()
     mongod: EmbeddedMongod | None = None
     uri = settings.mongodb_uri
     if not uri:
@@ -246,7 +248,7 @@ def events_command(args: argparse.Namespace) -> int:
         print(f"{'retried' if args.quarantine_command == 'retry' else 'dropped'} {count} event(s)")
         return 0
 
-    return _with_database(act)
+    return _with_database(act, settings)
 
 
 def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:

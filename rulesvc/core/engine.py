@@ -32,7 +32,7 @@ import msgspec
 import structlog
 
 from rulesvc.core.durations import parse_duration
-from rulesvc.core.events import time_in_range
+from rulesvc.core.events import read_time, time_in_range
 from rulesvc.core.ruleformat import (
     UNSET,
     Action,
@@ -438,16 +438,10 @@ def _moment(value: Any) -> datetime | None:
     outside the times the service computes with (an event stored before ingest checked this, or a value
     from a contact's profile)."""
     try:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            moment = datetime.fromtimestamp(value, UTC)
-        elif isinstance(value, str):
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-        else:
-            return None
-    except (ValueError, OverflowError, OSError):
+        moment = read_time(value)
+    except OverflowError:
         return None
-    return moment if time_in_range(moment) else None
+    return moment if moment is not None and time_in_range(moment) else None
 
 
 def _zone(name: Any) -> ZoneInfo:

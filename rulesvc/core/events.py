@@ -136,23 +136,33 @@ def time_in_range(value: datetime) -> bool:
         return False
 
 
-def attribute_time_error(value: Any) -> str | None:
-    """The problem with a `*_at` attribute, which rules may schedule by (`send.at`); None if usable."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        if not EARLIEST.timestamp() <= value < LATEST.timestamp():
-            return f"Unix seconds must be {TIME_RANGE}"
-        return None
+def read_time(value: Any) -> datetime | None:
+    """An RFC 3339 string or Unix seconds as an aware datetime (a time without offset is UTC); None if
+    the value is no time at all. Raises OverflowError for a number beyond any datetime."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (ValueError, OverflowError, OSError) as exc:
+            raise OverflowError(f"{value} seconds is beyond any time") from exc
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            return None  # not a time at all: rules read it as text
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return None if time_in_range(moment) else f"time must be {TIME_RANGE}"
+            return None  # not a time: rules read it as text
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return None
+
+
+def attribute_time_error(value: Any) -> str | None:
+    """The problem with a `*_at` attribute, which rules may schedule by (`send.at`); None if usable."""
+    try:
+        moment = read_time(value)
+        if moment is None or time_in_range(moment):
+            return None
+    except OverflowError:
+        pass  # a number beyond any time: out of range like the others
+    kind = "Unix seconds" if isinstance(value, int | float) else "time"
+    return f"{kind} must be {TIME_RANGE}"
 
 
 def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:

@@ -357,19 +357,3 @@ def send_actions(rs: RulesetFile) -> list[tuple[str, Send, Rule]]:
     for i, rule in enumerate(rs.rules):
         visit(rule.then, f"$.rules[{i}].then", rule)
     return found
-
-
-def sends(rs: RulesetFile) -> list[tuple[str, str]]:
-    """(JSON path, template) of every send, including those inside a wait's `else`."""
-    found: list[tuple[str, str]] = []
-
-    def visit(actions: Iterable[Action], where: str) -> None:
-        for j, a in enumerate(actions):
-            if a.send is not None:
-                found.append((f"{where}[{j}].send.template", a.send.template))
-            if a.wait is not None:
-                visit(a.wait.else_, f"{where}[{j}].wait.else")
-
-    for i, rule in enumerate(rs.rules):
-        visit(rule.then, f"$.rules[{i}].then")
-    return found

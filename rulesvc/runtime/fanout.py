@@ -128,8 +128,9 @@ class CatalogFanout:
             return True
         now = self.clock()
         copies = []
+        shared = {**(event.get("attributes") or {}), **fanout["product"]}
         for interest in interests:
-            attributes = {**(event.get("attributes") or {}), **fanout["product"]}
+            attributes = dict(shared)
             attributes["interest"] = {
                 k: interest[f"{k}_at"].isoformat()
                 for k in ("viewed", "wishlisted", "wanted_oos")

@@ -29,7 +29,6 @@ from rulesvc.core.ruleformat import (
     listened_events,
     parse_ruleset,
     send_actions,
-    sends,
 )
 from rulesvc.runtime.templates import Templates
 from rulesvc.runtime.waiting import wait_any
@@ -99,10 +98,14 @@ def check_file(
         return exc.errors
     errors: list[RulesetError] = []
     if templates is not None:
-        for where, name in sends(compiled.source):
-            if not templates.parts(name):
+        for where, send, _ in send_actions(compiled.source):
+            if not templates.parts(send.template):
                 errors.append(
-                    RulesetError(path.name, where, f"template `{name}` not found in {templates.directory}")
+                    RulesetError(
+                        path.name,
+                        f"{where}.template",
+                        f"template `{send.template}` not found in {templates.directory}",
+                    )
                 )
         if warnings is not None:
             warnings.extend(param_warnings(path.name, compiled.source, templates))

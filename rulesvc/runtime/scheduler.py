@@ -18,13 +18,12 @@ from typing import Any
 
 import bson
 import structlog
-from pymongo.errors import ConnectionFailure, PyMongoError
 
 from rulesvc.core.engine import timer_event
 from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import PENDING, Doc, Store
+from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
@@ -43,12 +42,7 @@ def malformed(entry: Doc) -> str | None:
 
 
 def error_reason(exc: BaseException) -> str:
-    return f"could not be processed: {type(exc).__name__}: {exc}"[:500]
-
-
-def transient(exc: Exception) -> bool:
-    """An unreachable or slow database, as opposed to an error that the same entry would raise again."""
-    return isinstance(exc, ConnectionFailure) or (isinstance(exc, PyMongoError) and exc.timeout)
+    return f"could not be processed: {failure_text(exc)}"[:500]
 
 
 def storable(value: Any) -> bool:
@@ -120,8 +114,14 @@ class Scheduler:
             return 0
         live = self.live_rulesets()
         owner = claimed[0]["owner"]
-        aside = [(e, why) for e in claimed if (why := malformed(e)) is not None]  # set aside, with why
-        entries = [e for e in claimed if malformed(e) is None]
+        aside: list[tuple[Doc, str]] = []  # set aside, with why
+        entries: list[Doc] = []
+        for e in claimed:
+            why = malformed(e)
+            if why is None:
+                entries.append(e)
+            else:
+                aside.append((e, why))
         removed = [e for e in entries if e["ruleset"] not in live]
         sends = [e for e in entries if e["ruleset"] in live and "message" in e]
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]

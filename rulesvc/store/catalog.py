@@ -8,10 +8,9 @@ from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError
 
 from rulesvc.core.catalog import VIEW_WINDOW
-from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.store.db import PENDING, Doc, Store, insert_new
 
 
 class Catalog:
@@ -73,11 +72,7 @@ class Catalog:
     async def insert_copies(self, copies: list[Doc]) -> None:
         """The per-contact copies of a catalog event; copies already there (a run that died before saving
         its position) are left as they are."""
-        try:
-            await self.store.events.insert_many(copies, ordered=False)
-        except BulkWriteError as exc:
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                raise
+        await insert_new(self.store.events, copies)
 
     async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
         """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""

@@ -52,6 +52,24 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, PyMongoError)
 
 
+async def insert_new(
+    collection: AsyncCollection[Doc], docs: list[Doc], *, raise_refused: bool = True
+) -> tuple[list[int], dict[int, Doc]]:
+    """Inserts documents under fixed ids, leaving those already stored as they are (a repeat, or a run
+    that died half-way). Returns the positions of those duplicates and, with `raise_refused=False`, the
+    other refusals by position (else they raise). A write-concern error always raises: nothing
+    unconfirmed is taken as stored."""
+    try:
+        await collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        refused = {e["index"]: e for e in errors if e.get("code") != DUPLICATE_KEY}
+        if exc.details.get("writeConcernErrors") or (refused and raise_refused):
+            raise
+        return [e["index"] for e in errors if e.get("code") == DUPLICATE_KEY], refused
+    return [], {}
+
+
 def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
@@ -225,15 +243,8 @@ class Store:
 
     async def _insert_new(self, docs: list[Doc]) -> list[int]:
         """The positions of the documents whose id was already stored."""
-        try:
-            await self.events.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            write_errors = exc.details.get("writeErrors", [])
-            others = [e for e in write_errors if e.get("code") != DUPLICATE_KEY]
-            if others or exc.details.get("writeConcernErrors"):
-                raise
-            return [e["index"] for e in write_errors]
-        return []
+        duplicates, _ = await insert_new(self.events, docs)
+        return duplicates
 
     async def contact_events(self, contact_id: str, limit: int, before: datetime | None = None) -> list[Doc]:
         query: Doc = {"contact_id": contact_id}
@@ -294,9 +305,12 @@ class Store:
         cursor = self.events.find(query).sort([("quarantined_at", DESCENDING)]).hint("quarantine")
         return await cursor.limit(limit).to_list()
 
+    async def quarantine_size(self) -> int:
+        return await self.events.count_documents({"state": QUARANTINED}, hint="quarantine")
+
     async def quarantine_summary(self, since: datetime) -> tuple[int, int]:
         """(events in quarantine, of which quarantined since `since`)."""
-        total = await self.events.count_documents({"state": QUARANTINED}, hint="quarantine")
+        total = await self.quarantine_size()
         recent = await self.events.count_documents(
             {"state": QUARANTINED, "quarantined_at": {"$gte": since}}, hint="quarantine"
         )
@@ -451,11 +465,7 @@ class Store:
             }
             for i, t, c, a in events
         ]
-        try:
-            await self.events.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:  # a provider repeating a callback: the first one counts
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                raise
+        await insert_new(self.events, docs)  # a provider repeating a callback: the first one counts
 
     async def insert_message(self, message: Message) -> None:
         doc = {"_id": message.message_id, **_message_fields(message)}

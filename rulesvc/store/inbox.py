@@ -6,9 +6,8 @@ from datetime import datetime
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError
 
-from rulesvc.store.db import DUPLICATE_KEY, PENDING, Doc, Store
+from rulesvc.store.db import PENDING, Doc, Store, insert_new
 
 
 class InboxEvents:
@@ -45,13 +44,8 @@ class InboxEvents:
     async def insert_internal(self, docs: list[Doc]) -> dict[int, Doc]:
         """Events the service makes itself (a wait's `else`), each under a fixed id: one already there (a
         run that died before marking its entry done) is left as it is. The other refusals, by index."""
-        try:
-            await self.store.events.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            return {
-                e["index"]: e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY
-            }
-        return {}
+        _, refused = await insert_new(self.store.events, docs, raise_refused=False)
+        return refused
 
     async def mark_done(self, ids: list[str], at: datetime, session: AsyncClientSession) -> None:
         """These events, those still pending, are decided."""

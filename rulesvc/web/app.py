@@ -8,8 +8,15 @@ from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport
-from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SETTINGS
-from rulesvc.web.lifecycle import embedded_mongod_ctx, engine_ctx, load_channels, mongo_ctx, simulator_ctx
+from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
+from rulesvc.web.lifecycle import (
+    embedded_mongod_ctx,
+    engine_ctx,
+    load_channels,
+    mongo_ctx,
+    send_policy,
+    simulator_ctx,
+)
 from rulesvc.web.middlewares import authenticate, observe
 from rulesvc.web.ratelimit import RateLimiter
 from rulesvc.web.routes import openapi_document, setup_routes
@@ -24,6 +31,7 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     else:
         reports = [PluginReport("test", "given", sorted(channels.names()))]
     app[CHANNELS] = channels
+    app[SEND_POLICY] = send_policy(settings)
     app[PLUGINS] = reports
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(embedded_mongod_ctx)

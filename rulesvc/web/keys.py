@@ -6,6 +6,7 @@ from aiohttp import web
 
 from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
+from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport
 from rulesvc.replay.simulate import Simulator
@@ -21,6 +22,7 @@ from rulesvc.web.ratelimit import RateLimiter
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 CHANNELS = web.AppKey("channels", ChannelRegistry)
+SEND_POLICY = web.AppKey("send_policy", SendPolicy)  # built once: the dispatcher and the simulator share it
 PLUGINS = web.AppKey("plugins", list[PluginReport])
 LIMITER = web.AppKey("limiter", RateLimiter)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, generated from the route table

@@ -42,6 +42,7 @@ from rulesvc.web.keys import (
     MONGO_URI,
     RULESETS,
     SCHEDULER,
+    SEND_POLICY,
     SETTINGS,
     SIMULATOR,
     STORE,
@@ -57,9 +58,7 @@ START_UP_SECONDS = 120.0
 async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
     """The simulator process starts at the first simulation; it stops with the app. It applies the
     service's send rules with its channels."""
-    app[SIMULATOR] = Simulator(
-        app[SETTINGS].simulate_budget_seconds, app[CHANNELS], send_policy(app[SETTINGS])
-    )
+    app[SIMULATOR] = Simulator(app[SETTINGS].simulate_budget_seconds, app[CHANNELS], app[SEND_POLICY])
     try:
         yield
     finally:
@@ -121,7 +120,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     rulesets = Rulesets(Path(settings.rulesets_dir), channels.names())
     rulesets.reload()
     templates = Templates(Path(settings.templates_dir or Path(settings.rulesets_dir) / "templates"))
-    dispatcher = Dispatcher(app[STORE], channels, templates, send_policy(settings))
+    dispatcher = Dispatcher(app[STORE], channels, templates, app[SEND_POLICY])
     for channel in channels.all():
         if isinstance(channel, ManagedChannel):
             await channel.start()

@@ -68,8 +68,7 @@ async def metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     try:
         metrics.inbox_pending.set(await request.app[STORE].pending_count())
-        total, _ = await request.app[STORE].quarantine_summary(datetime.now(UTC))
-        metrics.quarantine_size.set(total)
+        metrics.quarantine_size.set(await request.app[STORE].quarantine_size())
     except PyMongoError:
         pass
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
