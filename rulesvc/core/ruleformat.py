@@ -357,3 +357,13 @@ def send_actions(rs: RulesetFile) -> list[tuple[str, Send, Rule]]:
     for i, rule in enumerate(rs.rules):
         visit(rule.then, f"$.rules[{i}].then", rule)
     return found
+
+
+def channels_used(rs: RulesetFile) -> dict[str, list[str]]:
+    """Every channel a send of this ruleset may use (its channel and fallbacks), with the JSON paths of
+    the sends naming it: what `check` and `/readyz` compare with the configured channels."""
+    used: dict[str, list[str]] = {}
+    for where, send, _ in send_actions(rs):
+        for name in (send.channel, *send.fallback):
+            used.setdefault(name, []).append(where)
+    return used
