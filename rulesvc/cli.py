@@ -259,17 +259,84 @@ def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugins() -> int:
+    """Every plugin with what it provides, each with its kind, state and (a job's) last run or error;
+    then the settings no plugin reads. Exits 1 on a broken plugin or a wrong setting."""
+    from rulesvc.channels import Misconfigured, status_of
+    from rulesvc.plugins import current_parts
     from rulesvc.web.lifecycle import load_channels
 
-    registry, reports = load_channels(load_settings())
+    settings = load_settings()
+    registry, reports = load_channels(settings)
+    runs, unknown = _job_runs(settings) if registry.jobs else ({}, "")
     for report in reports:
-        status = f"error: {report.error}" if report.error else ", ".join(report.channels) or "-"
-        print(f"{report.name:<24} {report.source:<32} {status}")
-    print()
-    for channel in registry.all():
-        configured, detail = channel.status()
-        print(f"{channel.name:<12} {'configured' if configured else 'NOT CONFIGURED':<15} {detail}")
-    return 1 if any(r.error for r in reports) else 0
+        print(f"{report.name:<24} {report.source}" + (f"  error: {report.error}" if report.error else ""))
+        for part in current_parts(report, registry):
+            configured, detail = status_of(part.thing)
+            state = "configured" if configured else "NOT CONFIGURED"
+            if isinstance(part.thing, Misconfigured):
+                detail = "settings:"
+            print(f"  {part.name:<22} {part.kind:<16} {state:<15} {detail}")
+            for problem in (
+                getattr(part.thing, "problems", []) if isinstance(part.thing, Misconfigured) else []
+            ):
+                print(f"      {problem}")
+            if part.job:
+                for line in _job_run_lines(runs.get(part.name) if runs is not None else None, unknown):
+                    print(f"      {line}")
+    for _, warning in registry.settings_warnings:
+        print(f"warning: {warning}")
+    return 1 if any(r.error for r in reports) or registry.settings_errors else 0
+
+
+def _job_runs(settings: Settings) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """The jobs' last runs from the service's database, if one answers without being started; else
+    None and why not."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+    from pymongo.errors import PyMongoError
+
+    from rulesvc.store.jobs import JobRuns
+    from rulesvc.store.mongod import EmbeddedMongod, MongodError
+
+    uri = settings.mongodb_uri
+    try:
+        if not uri:
+            embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+            uri = embedded.running_uri()
+    except MongodError as exc:
+        return None, str(exc)
+    if not uri:
+        return None, f"MONGODB_URI is not set and no service runs on {settings.data_dir}"
+
+    async def read() -> dict[str, dict[str, Any]]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=int(min(settings.mongodb_timeout_seconds, 3) * 1000)
+        )
+        try:
+            return await JobRuns(client[settings.database]["job_runs"]).all()
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(read()), ""
+    except PyMongoError as exc:
+        return None, f"the database did not answer ({type(exc).__name__})"
+
+
+def _job_run_lines(doc: dict[str, Any] | None, unknown: str) -> list[str]:
+    if doc is None and unknown:
+        return [f"last run: unknown ({unknown})"]
+    doc = doc or {}
+    if "last_run" in doc:
+        run = doc["last_run"]
+        lines = [f"last run: {run['at']:%Y-%m-%dT%H:%M:%SZ}, took {run['duration_seconds']:g} s"]
+    else:
+        lines = ["last run: never"]
+    if "last_error" in doc:
+        error = doc["last_error"]
+        lines.append(f"last error: {error['at']:%Y-%m-%dT%H:%M:%SZ}: {error['message']}")
+    return lines
 
 
 def schema() -> int:
@@ -290,6 +357,12 @@ def check(args: argparse.Namespace) -> int:
     from rulesvc.web.lifecycle import load_channels
 
     settings = load_settings()
+    from rulesvc.plugins import settings_problems
+
+    channel_problems = settings_problems(settings)  # wrong channel settings fail the check too
+    for problem in channel_problems:
+        print(problem)
+    settings_failed = any(not p.startswith("warning: ") for p in channel_problems)
     directory = Path(args.dir or settings.rulesets_dir)
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
@@ -308,7 +381,7 @@ def check(args: argparse.Namespace) -> int:
         for warning in warnings:  # valid, but some messages would fail: printed, not counted
             print(f"warning: {warning}")
     print(f"{len(files) - failed} of {len(files)} rulesets valid", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or settings_failed else 0
 
 
 def _read_ndjson(path: str) -> bytes:

@@ -139,6 +139,12 @@ def load_plugins(
     return registry, reports
 
 
+def current_parts(report: PluginReport, registry: ChannelRegistry) -> list[Provided]:
+    """What a plugin provides that is in use: a channel a later plugin replaced (a built-in placeholder
+    for an installed plugin's channel) is left out."""
+    return [p for p in report.provides if p.job or registry.get(p.name) is p.thing]
+
+
 def _placeholder(exc: ChannelSettingsError, hook_kind: str) -> Misconfigured:
     """Stands for the channel or job whose settings are wrong, under its own name and kind."""
     name = str(getattr(exc.owner, "name", exc.channel))

@@ -7,7 +7,7 @@ from aiohttp import web
 from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
-from rulesvc.plugins import PluginReport
+from rulesvc.plugins import PluginReport, log_settings_problems
 from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
 from rulesvc.web.lifecycle import (
     embedded_mongod_ctx,
@@ -28,6 +28,7 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
     app[LIMITER] = RateLimiter(settings.rate_limit)
     if channels is None:
         channels, reports = load_channels(settings)
+        log_settings_problems(channels)
     else:
         reports = [PluginReport("test", "given", sorted(channels.names()))]
     app[CHANNELS] = channels

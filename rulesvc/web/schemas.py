@@ -85,10 +85,34 @@ class RulesetList(msgspec.Struct):
 class ChannelInfo(msgspec.Struct):
     name: str
     configured: bool
-    detail: str
+    detail: str  # when not configured: what is missing or wrong, with the settings path
     deduplicates: bool  # a send a crash interrupted is repeated once with the same key, else `uncertain`
     callbacks: bool
     send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
+    kind: str = "message channel"
+
+
+class JobRun(msgspec.Struct):
+    at: datetime
+    duration_seconds: float
+
+
+class JobError(msgspec.Struct):
+    at: datetime
+    duration_seconds: float
+    message: str
+
+
+class PluginPart(msgspec.Struct):
+    """A channel or job a plugin registered. `last_run` and `last_error` are a job's (null when it has not
+    run or failed yet, or when the database did not answer: `detail` then says so)."""
+
+    name: str
+    kind: str  # "message channel", "audience sync" or "job"
+    configured: bool
+    detail: str
+    last_run: JobRun | None = None
+    last_error: JobError | None = None
 
 
 class PluginInfo(msgspec.Struct):
@@ -96,7 +120,9 @@ class PluginInfo(msgspec.Struct):
     source: str
     channels: list[str]
     jobs: list[str]
-    error: str | None
+    error: str | None  # the plugin failed to load or register
+    provides: list[PluginPart] = msgspec.field(default_factory=list)
+    settings_errors: list[str] = msgspec.field(default_factory=list)  # channels.NAME.KEY: what is expected
 
 
 class ChannelList(msgspec.Struct):
