@@ -203,7 +203,10 @@ def read_settings(
 
 def settings_table(channel: str, settings_type: type[PluginSettings]) -> str:
     """The Markdown table of a plugin's settings: setting, type, default, variable, description."""
-    required = {n for need in settings_type.required for n in ((need,) if isinstance(need, str) else need)}
+    required: dict[str, list[str]] = {}  # each required setting, with the ones that may stand for it
+    for need in settings_type.required:
+        names = (need,) if isinstance(need, str) else need
+        required.update({n: [m for m in names if m != n] for n in names})
     rows = [
         "| setting | type | default | environment variable | description |",
         "|---|---|---|---|---|",
@@ -212,7 +215,7 @@ def settings_table(channel: str, settings_type: type[PluginSettings]) -> str:
     for info in sorted(fields, key=lambda f: f.encode_name in COMMON_SETTINGS):  # its own settings first
         key = info.encode_name
         if key in required:
-            default = "required"
+            default = "required" + "".join(f", or `{n}`" for n in required[key])
         elif info.default in (None, "", msgspec.NODEFAULT):
             default = "-"
         else:

@@ -204,7 +204,7 @@ def channel_settings_reference() -> str:
             if settings_type is None:
                 continue
             name = str(getattr(part.thing, "settings_name", part.name))
-            heading = f"### channels.{name}\n\n{part.kind}, from `{report.source.split()[0]}`"
+            heading = f"### channels.{name}\n\n{part.kind.capitalize()} of `{report.source.split()[0]}`"
             doc = (settings_type.__doc__ or "").strip()
             sections[name] = f"{heading}. {doc}\n\n{settings_table(name, settings_type)}\n"
     return "\n".join(sections[n] for n in sorted(sections))

@@ -22,7 +22,10 @@ from rulesvc.web.ratelimit import RateLimiter
 from rulesvc.web.routes import openapi_document, setup_routes
 
 
-def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
+def create_app(
+    settings: Settings, channels: ChannelRegistry | None = None, plugins: list[PluginReport] | None = None
+) -> web.Application:
+    """`channels` (and the `plugins` that gave them) replace the installed plugins, for tests."""
     app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(settings.rate_limit)
@@ -30,7 +33,7 @@ def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> w
         channels, reports = load_channels(settings)
         log_settings_problems(channels)
     else:
-        reports = [PluginReport("test", "given", sorted(channels.names()))]
+        reports = plugins or [PluginReport("test", "given", sorted(channels.names()))]
     app[CHANNELS] = channels
     app[SEND_POLICY] = send_policy(settings)
     app[PLUGINS] = reports

@@ -33,7 +33,7 @@ class EmailSettings(ChannelSettings):
     required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("host", "from")
 
     host: Annotated[str, Meta(description="the SMTP server to send through")] = ""
-    sender: Annotated[str, Meta(description="the sender, e.g. `Shop <news@shop.example>`")] = field(
+    sender: Annotated[str, Meta(description="the sender: an address, or `Name <address>`")] = field(
         default="", name="from"
     )
     port: Annotated[int, Meta(ge=1, le=65535, description="the SMTP server's port")] = 587
