@@ -270,7 +270,9 @@ class Channel(Protocol):
     the service (the in-app inbox, the log): it needs no `sending` mark and a re-run is harmless. It
     may set `timeout` (seconds): a send is cut at the lower of it and two thirds of the lease. It may
     set `html = True` when its title and body are shown in web pages (the in-app inbox): template
-    params in them are then HTML-escaped."""
+    params in them are then HTML-escaped. `settings_type` (a `ChannelSettings` struct, read with
+    `read_settings`) documents its settings and makes wrong ones errors with their path; `kind` names
+    what it is in listings (default `message channel`)."""
 
     name: str
     # The receiver ignores a repeat of a message id it has already seen (the webhook's Idempotency-Key).

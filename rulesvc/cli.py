@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "plugins",
-        help="list plugins and their channels",
+        help="list plugins, their channels and jobs",
         description="List the plugins that load (built-in first, then installed entry points of group "
-        "`rulesvc`), their channels, and whether each channel is configured.",
+        "`rulesvc`), each channel and job with its kind, whether it is configured (or which setting is "
+        "missing or wrong), and a job's last run and last error (from MONGODB_URI or the running "
+        "service's mongod; none is started). Exits 1 on a broken plugin or a wrong setting.",
     )
 
     commands.add_parser(

@@ -18,7 +18,7 @@ from rulesvc_ads import AdsSettings
 from rulesvc_email import EmailSettings
 
 from rulesvc import hookimpl
-from rulesvc.channels import JOB, ChannelSettingsError, read_settings
+from rulesvc.channels import JOB, ChannelSettingsError, read_settings, status_of
 from rulesvc.config import Settings
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import channel_settings_reference, load_plugins
@@ -118,6 +118,7 @@ def test_serve_logs_each_problem_and_keeps_running(workdir: Path) -> None:
     (workdir / "rulesvc.toml").write_text(
         '[channels.email]\nsmtp_prot = 25\nport = "abc"\npassword = 7331337\n'
         '[channels.ads]\nbase_url = "http://127.0.0.1:9"\ntoken = "t"\ninterval = 0.5\n'
+        '[channels.emial]\nhost = "h"\n'
     )
     service = ServiceProcess(workdir, env={"RULESVC_CONFIG": str(workdir / "rulesvc.toml")})
     service.env = {k: v for k, v in service.env.items() if not k.startswith("RULESVC_CHANNEL_")}
@@ -132,6 +133,10 @@ def test_serve_logs_each_problem_and_keeps_running(workdir: Path) -> None:
             ("error", "email", FROM),
         ]
         assert "7331337" not in service.log()
+        unknown = [line for line in service.log_lines() if line.get("event") == "channel.settings_unknown"]
+        assert [(line["level"], line["problem"]) for line in unknown] == [
+            ("warning", "settings for unknown channel `emial`; did you mean `email`?")
+        ]
         status, body = service.request("GET", "/v1/channels")
         assert status == 200
         email = next(c for c in body["channels"] if c["name"] == "email")
@@ -250,3 +255,32 @@ def test_the_docs_carry_the_generated_settings_reference() -> None:
         assert f"### channels.{name}\n" in reference
     assert "| `port` | integer from 1 to 65535 | `587` | `RULESVC_CHANNEL_EMAIL_PORT` |" in reference
     assert reference in DOCS.read_text()  # regenerate: python -c 'from rulesvc.plugins import ...'
+
+
+def test_plugins_without_a_database_still_lists_and_says_the_last_run_is_unknown(workdir: Path) -> None:
+    env = {
+        "MONGODB_URI": "mongodb://127.0.0.1:9/?directConnection=true",
+        "RULESVC_MONGODB_TIMEOUT_SECONDS": "1",
+        "RULESVC_CHANNEL_ADS_BASE_URL": "http://127.0.0.1:9",
+        "RULESVC_CHANNEL_ADS_TOKEN": "t",
+    }
+    listing = rulesvc("plugins", cwd=workdir, env=env)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    job = lines.index(next(line for line in lines if line.startswith("  ads-audience-sync")))
+    assert (
+        lines[job + 1].strip()
+        == "last run: unknown (the database did not answer (ServerSelectionTimeoutError))"
+    )
+    assert "Traceback" not in listing.stderr
+
+
+def test_a_job_with_wrong_settings_keeps_its_name_and_kind_and_never_runs() -> None:
+    registry, reports = load_plugins(
+        BUILTIN_PLUGINS, {"ads": {"base_url": "http://x", "token": "t", "interval": "hourly"}}, ["ads"], {}
+    )
+    [job] = registry.jobs
+    assert (job.name, getattr(job, "kind", None)) == ("ads-audience-sync", "audience sync")
+    assert status_of(job) == (False, 'settings: channels.ads.interval: expected a number > 0, got "hourly"')
+    [ads] = [r for r in reports if r.name == "ads"]
+    assert (ads.error, ads.jobs) == (None, ["ads-audience-sync"])
