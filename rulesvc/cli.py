@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="validate rulesets",
         description="Validate and compile every ruleset in DIR, as the service would load them. "
-        "Prints each error as file:json-path: message; exits 1 if there is any.",
+        "Prints every error as file:line:column: json-path: message, and warnings (valid, but some "
+        "messages would fail or be suppressed) as warning: ...; exits 1 if there is any error.",
     )
     check.add_argument("dir", nargs="?", default=None, help="rulesets folder (default: RULESVC_RULESETS_DIR)")
 
@@ -355,8 +356,7 @@ def check(args: argparse.Namespace) -> int:
 
     from rulesvc.core.ruleformat import RulesetError
     from rulesvc.runtime.rulesets import check_file, ruleset_files
-    from rulesvc.runtime.templates import Templates
-    from rulesvc.web.lifecycle import load_channels
+    from rulesvc.web.lifecycle import load_channels, templates_of
 
     settings = load_settings()
     from rulesvc.plugins import settings_problems
@@ -369,14 +369,16 @@ def check(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
         return 1
-    channels = load_channels(settings)[0].names()
-    templates = Templates(Path(settings.templates_dir) if settings.templates_dir and not args.dir
-                          else directory / "templates")  # fmt: skip
+    registry = load_channels(settings)[0]
+    channels = registry.names()
+    # A send on a channel without its settings is suppressed, silently in the service: said here.
+    unconfigured = {c.name: c.status()[1] for c in registry.all() if not c.status()[0]}
+    templates = templates_of(settings, args.dir)
     files = ruleset_files(directory)
     failed = 0
     for path in files.values():
         warnings: list[RulesetError] = []
-        errors = check_file(path, channels, templates, warnings)
+        errors = check_file(path, channels, templates, warnings, unconfigured)
         failed += bool(errors)
         for error in errors:
             print(error)
@@ -401,14 +403,16 @@ def simulate_command(args: argparse.Namespace) -> int:
     from rulesvc.core.events import MalformedBody, decode_ndjson_body, split_validation_error
     from rulesvc.replay.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
     from rulesvc.runtime.rulesets import Rulesets
-    from rulesvc.web.lifecycle import load_channels, send_policy
+    from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
 
     settings = load_settings()
     channels = load_channels(settings)[0]  # the send rules apply as in the service, with its channels
-    rulesets = Rulesets(Path(args.rulesets or settings.rulesets_dir), channels.names())
+    rulesets = Rulesets(
+        Path(args.rulesets or settings.rulesets_dir), channels.names(), templates_of(settings, args.rulesets)
+    )
     rulesets.reload()
-    for error in rulesets.errors():
-        print(f"rulesvc: {error}", file=sys.stderr)
+    for error in rulesets.errors():  # the lines `rulesvc check` prints
+        print(error, file=sys.stderr)
     if rulesets.errors():
         return 1
     try:
