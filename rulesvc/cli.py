@@ -410,7 +410,11 @@ def simulate_command(args: argparse.Namespace) -> int:
     rulesets = Rulesets(
         Path(args.rulesets or settings.rulesets_dir), channels.names(), templates_of(settings, args.rulesets)
     )
+    from rulesvc import logs
+
+    logs.configure("console", "critical")  # the refusals are printed below as `check` prints them, once
     rulesets.reload()
+    logs.configure("console", "warning")
     for error in rulesets.errors():  # the lines `rulesvc check` prints
         print(error, file=sys.stderr)
     if rulesets.errors():

@@ -130,7 +130,7 @@ class _Parser:
         if pos >= len(self.text):
             return JsonSyntaxError(f"the file ends early: {expected}", pos, path)
         found = self.text[pos]
-        if expected.startswith("expected `,`") and (found in "\"{[-0123456789" or found.isalpha()):
+        if expected.startswith("expected `,`") and (found in '"{[-0123456789' or found.isalpha()):
             return JsonSyntaxError(f"{expected}: is a comma missing before this?", pos, path)
         if found == "'":
             return JsonSyntaxError(f"{expected}; JSON strings take double quotes, not single", pos, path)
@@ -225,10 +225,12 @@ class _Parser:
             if char == "\\":
                 escape = self.text[pos : pos + 2]
                 raise JsonSyntaxError(
-                    f"invalid escape `{escape}` (allowed: \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)", pos, path
+                    f'invalid escape `{escape}` (allowed: \\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)',
+                    pos,
+                    path,
                 )
             pos += 1
-        raise JsonSyntaxError("the string is not closed (a `\"` is missing)", start, path)
+        raise JsonSyntaxError('the string is not closed (a `"` is missing)', start, path)
 
     def number(self, start: int, path: str) -> tuple[Node, int]:
         broad = _NUMBER_CHARS.match(self.text, start)

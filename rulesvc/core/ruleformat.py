@@ -23,9 +23,7 @@ DURATION_DESCRIPTION = "e.g. 30s, 20m, 12h, 2d, 1w, 1h30m"
 WINDOW_DESCRIPTION = "`session`, or a duration like 14d"
 ONCE_PER_DESCRIPTION = "`session`, `ever`, or a duration"
 RULE_OR_ALL_DESCRIPTION = "a rule, or *"
-PATH_DESCRIPTION = (
-    "attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*, event.*"
-)
+PATH_DESCRIPTION = "attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*, event.*"
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 WINDOW_PATTERN = r"^(session|([0-9]+[smhdw])+)$"
 ONCE_PER_PATTERN = r"^(session|ever|([0-9]+[smhdw])+)$"
@@ -301,9 +299,7 @@ def _action_errors(
                 )
         if action.wait is not None:
             errors.extend(_event_errors(action.wait.event, f"{apath}.wait.event"))
-            errors.extend(
-                _action_errors(action.wait.else_, f"{apath}.wait.else", channels, template_problem)
-            )
+            errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels, template_problem))
     return errors
 
 

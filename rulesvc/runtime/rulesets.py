@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,22 @@ def ruleset_files(directory: Path) -> dict[str, Path]:
     if not directory.is_dir():
         return {}
     return {p.stem: p for p in sorted(directory.glob("*.json")) if p.name not in NOT_RULESETS}
+
+
+def write_source(directory: Path, name: str, data: bytes) -> Path:
+    """Atomically: the watcher (and a reload) sees the old file or the new one, never half of it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    temporary = directory / f".{name}.json.{os.getpid()}.tmp"  # not *.json: never taken for a ruleset
+    try:
+        with temporary.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def read_source(path: Path) -> bytes:

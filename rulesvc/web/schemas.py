@@ -63,9 +63,28 @@ class QuarantineActed(msgspec.Struct, omit_defaults=True):
 
 
 class RulesetErrorBody(msgspec.Struct):
+    """What `rulesvc check` prints as `file:line:column: path: message`; line and column (from 1) are
+    null where no place in the text applies (a file that cannot be read, a bad file name)."""
+
     file: str
+    line: int | None
+    column: int | None
     path: str
     message: str
+
+
+class RulesetRejected(msgspec.Struct):
+    error: str
+    errors: list[RulesetErrorBody]
+
+
+class RulesetChecked(msgspec.Struct):
+    """`?dry_run=true`: valid, and what it would be once written; nothing changed."""
+
+    valid: bool
+    name: str
+    version: str
+    events: list[str]
 
 
 class RulesetInfo(msgspec.Struct):

@@ -93,3 +93,12 @@ def contact_id_of(request: web.Request) -> str:
     if problem is not None:
         raise web.HTTPBadRequest(text=problem)
     return contact_id
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    if raw.lower() not in ("true", "false", "1", "0"):
+        raise web.HTTPBadRequest(text=f"query parameter `{name}` must be true or false")
+    return raw.lower() in ("true", "1")
