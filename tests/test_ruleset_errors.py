@@ -154,6 +154,35 @@ def test_simulate_prints_the_same_lines_as_check(tmp_path: Path) -> None:
     assert len(checked) == 7 and simulated.stderr.splitlines() == checked
 
 
+SYNTAX = [
+    ('{"rules": [1, 2,]}', "]", "$.rules", "a comma before `]` is not allowed in JSON"),
+    ('{"rules": [],\n}', "}", "$", "a comma before `}` is not allowed in JSON"),
+    ("{'rules': []}", "'", "$",
+     "expected a key in double quotes; JSON strings take double quotes, not single"),
+    ('{"rules": [{"name": "a\n"}]}', '"a', "$.rules[0].name",
+     "the string is not closed before the end of the line"),
+    ('{\n  // rules\n  "rules": []}', "//", "$", "comments are not allowed in JSON"),
+    ('{"rules": [{"then": [True]}]}', "True", "$.rules[0].then[0]",
+     "expected a value, found `True`; write `true`"),
+    ('{"rules": [{"max": 01}]}', "01", "$.rules[0].max", "invalid number `01`"),
+    ('{"rules": [{"name" "a"}]}', ' "a"', "$.rules[0].name", "expected `:` after the key `name`, found `\"`"),
+    ('{"rules": []} {}', "{}", "$", "unexpected text after the end of the JSON value (one object per file)"),
+]  # fmt: skip
+
+
+def test_json_syntax_errors_are_said_plainly_at_their_place() -> None:
+    for text, token, path, message in SYNTAX:
+        try:
+            parse_ruleset("f.json", text.encode(), CHANNELS)
+        except InvalidRuleset as exc:
+            errors = [(e.path, f"{e.line}:{e.column}", e.message) for e in exc.errors]
+        else:
+            raise AssertionError(f"accepted: {text}")
+        at = text.index(token) + (1 if token.startswith(" ") else 0)  # `:` is missing after the space
+        place = f"{text.count(chr(10), 0, at) + 1}:{at - text.rfind(chr(10), 0, at)}"
+        assert errors == [(path, place, f"invalid JSON: {message}")], text
+
+
 def test_every_pattern_of_the_format_has_a_sentence() -> None:
     """A new constrained string in the format needs words for its errors, not a regular expression."""
     assert jsoncheck.patterns(msgspec.inspect.type_info(RulesetFile)) <= set(SENTENCES)
@@ -395,6 +424,11 @@ async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> N
     flag = await client.put("/v1/rulesets/welcome?dry_run=maybe", data=good,
                             headers={"Content-Type": "application/json"})  # fmt: skip
     assert flag.status == 400 and "dry_run" in (await flag.json())["error"]
+
+    huge = b'{"description": "' + b"x" * settings.max_body_bytes + b'"}'
+    over = await client.put("/v1/rulesets/welcome", data=huge, headers={"Content-Type": "application/json"})
+    assert over.status == 413
+    assert (folder / "welcome.json").read_bytes() == good
 
     ingest, _ = await app[KEYS].create("ingest", "shop backend")
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ingest}"}

@@ -22,6 +22,7 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"')
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPACE = re.compile(r"[ \t\r\n]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SIMPLE_KEY = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_.$-]*$")
 
 
@@ -70,20 +71,27 @@ class JsonSyntaxError(Exception):
 class Document:
     text: str
     root: Node
-    _lines: list[int] = field(default_factory=list)
+    _newlines: list[int] | None = None
 
     def position(self, pos: int) -> tuple[int, int]:
-        return position(self.text, pos, self._lines)
+        if self._newlines is None:
+            self._newlines = _newlines(self.text)
+        return _position(self._newlines, pos)
 
 
-def position(text: str, pos: int, lines: list[int] | None = None) -> tuple[int, int]:
-    """(line, column), both from 1, of the character at `pos`."""
-    if lines is not None and not lines:
-        lines.extend(i for i, c in enumerate(text) if c == "\n")
-    newlines = lines if lines is not None else [i for i, c in enumerate(text) if c == "\n"]
+def _newlines(text: str) -> list[int]:
+    return [i for i, c in enumerate(text) if c == "\n"]
+
+
+def _position(newlines: list[int], pos: int) -> tuple[int, int]:
     line = bisect.bisect_left(newlines, pos)
     start = newlines[line - 1] + 1 if line else 0
     return line + 1, pos - start + 1
+
+
+def position(text: str, pos: int) -> tuple[int, int]:
+    """(line, column), both from 1, of the character at `pos`."""
+    return _position(_newlines(text), pos)
 
 
 def key_path(path: str, key: str) -> str:
@@ -161,7 +169,7 @@ class _Parser:
 
     def obj(self, start: int, path: str, depth: int) -> tuple[Node, int]:
         if depth > MAX_DEPTH:
-            raise JsonSyntaxError(f"nested deeper than {MAX_DEPTH} levels", start, path)
+            raise JsonSyntaxError(f"nested deeper than {MAX_DEPTH} levels", start, "$")
         node = Node("object", start)
         pos = self.space(start + 1)
         if self.text.startswith("}", pos):
@@ -190,7 +198,7 @@ class _Parser:
 
     def array(self, start: int, path: str, depth: int) -> tuple[Node, int]:
         if depth > MAX_DEPTH:
-            raise JsonSyntaxError(f"nested deeper than {MAX_DEPTH} levels", start, path)
+            raise JsonSyntaxError(f"nested deeper than {MAX_DEPTH} levels", start, "$")
         node = Node("array", start)
         pos = self.space(start + 1)
         if self.text.startswith("]", pos):
@@ -212,7 +220,10 @@ class _Parser:
     def string(self, start: int, path: str) -> tuple[str, int]:
         match = _STRING.match(self.text, start)
         if match:
-            return str(json.loads(match.group())), match.end()
+            value = str(json.loads(match.group()))
+            if "\\u" in match.group() and _SURROGATE.search(value):
+                raise JsonSyntaxError("a `\\u` escape that is half of a surrogate pair, alone", start, path)
+            return value, match.end()
         pos = start + 1  # find what is wrong, to point at it
         while pos < len(self.text):
             char = self.text[pos]

@@ -316,7 +316,7 @@ def parse_ruleset(
     again, slowly, to find every problem and its place."""
     try:
         parsed = _DECODER.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:  # junk decoders choke on too
         raise InvalidRuleset(_every_error(file, data, channels, template_problem, exc)) from exc
     problems = _semantic_errors(enumerate(parsed.rules), channels, template_problem)
     if problems:
@@ -348,7 +348,7 @@ def _every_error(
     data: bytes,
     channels: frozenset[str],
     template_problem: Callable[[str], str | None] | None,
-    refused: msgspec.MsgspecError,
+    refused: Exception,
 ) -> list[RulesetError]:
     try:
         document = jsontext.parse(data)
