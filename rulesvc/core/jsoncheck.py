@@ -84,7 +84,9 @@ class _Walker:
             if any(isinstance(t, mi.FloatType) for t in members):
                 members = [t for t in members if not isinstance(t, mi.IntType)]
             said = list(dict.fromkeys(self.describe(t) for t in members))
-            return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " or " + said[-1]
+            if len(said) <= 2:
+                return " or ".join(said)
+            return ", ".join(said[:-1]) + ", or " + said[-1]
         if isinstance(type_, mi.StructType | mi.DictType):
             return "an object"
         if isinstance(type_, mi.ListType):

@@ -49,13 +49,15 @@ Path_ = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, description=PATH_DESCR
 # What each pattern allows, as an error message says it ("expected <this>, got ...").
 SENTENCES = {
     DURATION_PATTERN: "a duration such as `20m` or `2h`",
-    NAME_PATTERN: "a name of lower case letters, digits and `_`, starting with a letter (at most 64)",
+    NAME_PATTERN: "a name of lower case letters, digits and `_`, starting with a letter "
+    "(at most 64 characters)",
     WINDOW_PATTERN: f"{WINDOW_DESCRIPTION.replace('14d', '`14d`')}",
     ONCE_PER_PATTERN: "`session`, `ever`, or a duration such as `7d`",
     RULE_OR_ALL_PATTERN: "a rule's name, or `*` for every rule",
-    CHANNEL_PATTERN: "a channel name such as `email`: lower case letters, digits and `_` (at most 32)",
+    CHANNEL_PATTERN: "a channel name such as `email`: lower case letters, digits and `_` "
+    "(at most 32 characters)",
     TEMPLATE_PATTERN: "a template name such as `cart_abandon/email`: lower case letters, digits, `_`, "
-    "`.`, `/` and `-` (at most 128)",
+    "`.`, `/` and `-` (at most 128 characters)",
     PATH_PATTERN: f"a path such as `attributes.price`: {PATH_DESCRIPTION}, session.*",
 }
 Scalar = str | int | float | bool
