@@ -114,6 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("ids", nargs="*", metavar="EVENT_ID")
         act.add_argument("--all", action="store_true", help="every quarantined event")
 
+    messages = commands.add_parser(
+        "messages",
+        help="list, show, retry and cancel messages",
+        description="Messages across contacts, each with its status and reason code; retry dead letters "
+        "(or failed or uncertain messages), cancel scheduled ones. The same as GET /v1/messages and "
+        "POST /v1/messages/ID/retry|cancel. Uses MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    m_commands = messages.add_subparsers(dest="messages_command", required=True, metavar="ACTION")
+    m_list = m_commands.add_parser("list", help="newest first, with filters")
+    m_list.add_argument("--status", help="e.g. dead, failed, uncertain, suppressed, scheduled")
+    m_list.add_argument("--channel", help="the channel the rule named or the one used")
+    m_list.add_argument("--ruleset", help="the ruleset that sent it")
+    m_list.add_argument("--reason", help="a reason code, e.g. no_consent (docs/channels.md)")
+    m_list.add_argument("--contact", help="one contact's messages")
+    m_list.add_argument("--limit", type=int, default=50, help="most messages to list (default 50)")
+    m_list.add_argument("--json", action="store_true", help="print JSON instead of text")
+    m_show = m_commands.add_parser("show", help="one message, every field")
+    m_show.add_argument("id", metavar="MESSAGE_ID")
+    for name, text in (
+        ("retry", "send again now: a dead, failed or uncertain message is scheduled, due now"),
+        ("cancel", "never send: a scheduled message is cancelled (reason cancelled_by_operator)"),
+    ):
+        m_act = m_commands.add_parser(name, help=text)
+        m_act.add_argument("ids", nargs="+", metavar="MESSAGE_ID")
+
+    contacts = commands.add_parser(
+        "contacts",
+        help="show a contact's profile and timeline",
+        description="Uses MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    c_commands = contacts.add_subparsers(dest="contacts_command", required=True, metavar="ACTION")
+    c_show = c_commands.add_parser(
+        "show",
+        help="profile, consent, suppressions, then events and messages oldest first, pending sends last",
+    )
+    c_show.add_argument("contact", help="the contact id")
+    c_show.add_argument("--limit", type=int, default=50, help="most recent events and messages (default 50)")
+    c_show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     commands.add_parser(
         "plugins",
         help="list plugins, their channels and jobs",
@@ -252,6 +291,179 @@ def events_command(args: argparse.Namespace) -> int:
         return 0
 
     return _with_database(act, settings)
+
+
+def _plain(value: Any) -> Any:
+    """A stored document as JSON can carry it: times in RFC 3339."""
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _when(value: Any) -> str:
+    return f"{value:%Y-%m-%dT%H:%M:%SZ}" if isinstance(value, datetime) else "-"
+
+
+def _message_line(m: Any) -> str:
+    """One message in a line: id, time, contact, ruleset/rule, channel, status, reason code, detail."""
+    channel = m.sent_channel or m.channel
+    why = f" {m.reason}" if m.reason else ""
+    detail = f"  ({m.detail})" if m.detail else ""
+    return (f"{m.message_id}  {_when(m.created_at)}  contact={m.contact_id}  {m.ruleset}/{m.rule}  "
+            f"{channel}  {m.status}{why}{detail}")  # fmt: skip
+
+
+def messages_command(args: argparse.Namespace) -> int:
+    """`messages list|show|retry|cancel`: the store's queries and the same retry and cancel as the API."""
+    from datetime import UTC, timedelta
+
+    import msgspec
+
+    from rulesvc.runtime.fate import Refusal, cancel_message, retry_message
+    from rulesvc.store.db import Store, message_from_doc
+    from rulesvc.store.messages import Messages
+
+    settings = load_settings()
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        await store.ensure_schema()
+        messages = Messages(store)
+        if args.messages_command == "list":
+            docs = await messages.find(max(1, args.limit), status=args.status, channel=args.channel,
+                                       ruleset=args.ruleset, reason=args.reason,
+                                       contact_id=args.contact)  # fmt: skip
+            found = [message_from_doc(d) for d in docs]
+            if args.json:
+                sys.stdout.buffer.write(msgspec.json.encode(found) + b"\n")
+                return 0
+            if not found:
+                print("no messages")
+            for m in found:
+                print(_message_line(m))
+            return 0
+        if args.messages_command == "show":
+            doc = await messages.get(args.id)
+            if doc is None:
+                print(f"rulesvc: no message {args.id}", file=sys.stderr)
+                return 1
+            sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(message_from_doc(doc))) + b"\n")
+            return 0
+        action = retry_message if args.messages_command == "retry" else cancel_message
+        failed = 0
+        for message_id in args.ids:
+            result = await action(store, message_id, datetime.now(UTC))
+            if result is None:
+                print(f"rulesvc: no message {message_id}", file=sys.stderr)
+                failed += 1
+            elif isinstance(result, Refusal):
+                allowed = ", ".join(result.allowed)
+                print(f"rulesvc: {message_id} is {result.status}; {args.messages_command} applies to a "
+                      f"message that is {allowed}", file=sys.stderr)  # fmt: skip
+                failed += 1
+            elif args.messages_command == "retry":
+                print(f"{message_id}: scheduled again, due now (retry {result.get('retries')})")
+            else:
+                print(f"{message_id}: cancelled")
+        return 1 if failed else 0
+
+    return _with_database(act, settings)
+
+
+def contacts_command(args: argparse.Namespace) -> int:
+    """`contacts show`: what the service knows of one contact, and what it did and will do for them."""
+    from datetime import timedelta
+
+    from rulesvc.core.ids import id_problem
+    from rulesvc.store.db import Store, contact_from_doc, message_from_doc
+    from rulesvc.store.messages import Messages
+
+    problem = id_problem(args.contact, "contact_id")
+    if problem:
+        print(f"rulesvc: {problem}", file=sys.stderr)
+        return 1
+    settings = load_settings()
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        import msgspec
+
+        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        await store.ensure_schema()
+        limit = max(1, args.limit)
+        doc = await store.get_contact(args.contact)
+        events = await store.contact_events(args.contact, limit)
+        messages = [message_from_doc(d) for d in await store.contact_messages(args.contact, limit)]
+        pending = [message_from_doc(d) for d in await Messages(store).scheduled_of(args.contact, limit)]
+        if doc is None and not events and not messages:
+            print(f"rulesvc: no contact {args.contact}", file=sys.stderr)
+            return 1
+        profile = msgspec.to_builtins(contact_from_doc(doc)) if doc is not None else None
+        suppressed = ((doc or {}).get("state") or {}).get("suppressed") or {}
+        # (when, line, JSON): what happened, oldest first; the sends still to go come after, as pending.
+        timeline: list[tuple[datetime, str, dict[str, Any]]] = []
+        for e in events:
+            row = {"kind": "event", "id": e["_id"], "type": e["type"], "time": e["time"]}
+            timeline.append((e["time"], f"event    {e['type']}  id={e['_id']}", row))
+        for m in messages:
+            if m.status in ("scheduled", "sending"):
+                continue
+            why = "".join(f" {part}" for part in (m.reason, m.detail and f"({m.detail})") if part)
+            what = f"{m.ruleset}/{m.rule}  {m.sent_channel or m.channel}:{m.template}"
+            line = f"message  {what}  {m.status}{why}  id={m.message_id}"
+            timeline.append((m.created_at, line, {"kind": "message", **msgspec.to_builtins(m)}))
+        timeline.sort(key=lambda item: item[0])
+        if args.json:
+            body = {
+                "contact": profile,
+                "suppressions": suppressed,
+                "timeline": [row for _, _, row in timeline],
+                "pending": [msgspec.to_builtins(m) for m in pending],
+            }
+            print(json.dumps(_plain(body), indent=2))
+            return 0
+        _print_contact(args.contact, profile, suppressed)
+        print(f"\ntimeline (oldest first, the last {limit} events and messages):")
+        if not timeline:
+            print("  nothing yet")
+        for at, line, _ in timeline:
+            print(f"  {_when(at)}  {line}")
+        print("\npending sends (soonest first):")
+        if not pending:
+            print("  none")
+        for m in pending:
+            print(f"  due {_when(m.due_at)}  {m.ruleset}/{m.rule}  {m.channel}:{m.template}  {m.status}"
+                  f"  id={m.message_id}")  # fmt: skip
+        return 0
+
+    return _with_database(act, settings)
+
+
+def _print_contact(contact_id: str, profile: dict[str, Any] | None, suppressed: dict[str, Any]) -> None:
+    print(f"contact {contact_id}")
+    if profile is None:
+        print("  no profile (only events)")
+    else:
+        for key in ("email", "phone", "timezone"):
+            if profile.get(key):
+                print(f"  {key}: {profile[key]}")
+        if profile.get("push_tokens"):
+            print(f"  push tokens: {len(profile['push_tokens'])}")
+        if profile.get("attributes"):
+            print(f"  attributes: {json.dumps(profile['attributes'], default=str)}")
+        consent = profile.get("consent") or {}
+        given = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in sorted(consent.items())) or "none given"
+        print(f"  consent: {given}")
+    if suppressed:
+        for channel, entry in sorted(suppressed.items()):
+            until = entry.get("until")
+            end = "for good" if until is None else f"until {datetime.fromtimestamp(until):%Y-%m-%d %H:%M}"
+            print(f"  suppressed on {channel}: {entry.get('reason', '')} {end}")
+    else:
+        print("  suppressions: none")
 
 
 def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +672,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     for a in result.actions:
         when = a.at.isoformat().replace("+00:00", "Z")
         what = f"{a.channel}:{a.template}" if a.channel else "-"
-        reason = f"  ({a.reason})" if a.reason else ""
+        reason = (f"  {a.reason}" if a.reason else "") + (f" ({a.detail})" if a.detail else "")
         print(f"{when}  {a.contact_id:<16} {a.ruleset}/{a.rule:<24} {what:<36} {a.status}{reason}")
     print(f"{sum(a.status == 'sent' for a in result.actions)} message(s) would be sent", file=sys.stderr)
     return 0
@@ -548,6 +760,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return events_command(args)
         if args.command == "inbox-token":
             return inbox_token_command(args)
+        if args.command == "messages":
+            return messages_command(args)
+        if args.command == "contacts":
+            return contacts_command(args)
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2

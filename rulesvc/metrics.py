@@ -12,6 +12,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rulesvc.core.messages import Fate
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
@@ -52,6 +54,44 @@ class Metrics:
             "Events in quarantine now (all processes), awaiting retry or drop",
             registry=self.registry,
         )
+
+        # Every message's fate (rulesvc.runtime.fate): labels are codes, so the series stay few.
+        self.messages = Counter(
+            "rulesvc_messages",
+            "Message outcomes recorded by this process, by channel, status and reason code",
+            ["channel", "status", "reason"],
+            registry=self.registry,
+        )
+        self.send_duration = Histogram(
+            "rulesvc_send_duration_seconds",
+            "Duration of provider calls (a channel's send), by channel",
+            ["channel"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        # Read from MongoDB at each scrape, so they hold for every process of the deployment.
+        self.due_messages = Gauge(
+            "rulesvc_due_messages", "Scheduled sends whose due time has passed (all processes)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.due_oldest_age = Gauge(
+            "rulesvc_due_oldest_age_seconds", "How long the longest-overdue scheduled send has been due",
+            registry=self.registry,
+        )  # fmt: skip
+        self.inbox_lag = Gauge(
+            "rulesvc_inbox_lag_seconds", "How long the oldest unprocessed event has waited",
+            registry=self.registry,
+        )  # fmt: skip
+        self.dead_letters = Gauge(
+            "rulesvc_dead_letters", "Messages in status dead (retry or cancel them)", registry=self.registry
+        )
+
+    def count_fate(self, fate: Fate) -> None:
+        """One message outcome: counted, and its provider call timed."""
+        channel = fate.channel or ""
+        self.messages.labels(channel, fate.status, fate.reason or "").inc()
+        if fate.latency is not None:
+            self.send_duration.labels(channel).observe(fate.latency)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -41,7 +41,7 @@ def test_purchase_at_19_minutes_cancels_both() -> None:
         ("email", "cancelled", actions[0].at),
     ]
     assert actions[0].at.isoformat().startswith(at(minutes=19)[:16])
-    assert actions[0].reason == "cancelled by purchased"
+    assert (actions[0].reason, actions[0].detail) == ("cancelled_by_event", "cancelled by purchased")
 
 
 def test_purchase_after_the_push_cancels_only_the_email() -> None:
@@ -61,7 +61,7 @@ def test_second_cart_update_rearms_from_the_latest_update() -> None:
         ("c1", "remind", "email", at(hours=12, minutes=10)),
     ]
     assert all(a.params and a.params["value"] == 89.9 for a in actions if a.status == "sent")
-    assert [a.reason for a in actions if a.status == "cancelled"] == ["re-armed by a repeat trigger"] * 2
+    assert [a.reason for a in actions if a.status == "cancelled"] == ["rearmed"] * 2
 
 
 def test_emptied_cart_cancels_and_contacts_are_independent() -> None:

@@ -99,12 +99,13 @@ def test_simulate_prints_the_timeline(tmp_path: Path) -> None:
     assert (
         lines[0].startswith(at(minutes=19))
         and "c2" in lines[0]
-        and lines[0].endswith("(cancelled by purchased)")
+        and lines[0].endswith("cancelled  cancelled_by_event (cancelled by purchased)")
     )
     # The send rules apply as in the service: here no channel is configured and nobody consented.
     assert lines[2].startswith(at(minutes=20)) and "push:cart_abandon/push" in lines[2]
     assert lines[2].endswith(
-        "suppressed  (push: missing setting: service_account_file or service_account_json)"
+        "suppressed  channel_not_configured "
+        "(push: not configured: missing setting: service_account_file or service_account_json)"
     )
     assert lines[3].startswith(at(hours=12)) and "email:cart_abandon/email" in lines[3]
     assert "0 message(s) would be sent" in result.stderr

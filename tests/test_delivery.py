@@ -127,9 +127,9 @@ async def test_consent_is_needed_for_marketing_not_for_transactional(
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client)
     msgs = await settled(client, count=2)
-    assert [(m["status"], m.get("reason")) for m in msgs] == [
-        ("suppressed", "push: no marketing consent"),
-        ("sent", None),
+    assert [(m["status"], m.get("reason"), m.get("detail")) for m in msgs] == [
+        ("suppressed", "no_consent", "push: no marketing consent"),
+        ("sent", None, None),
     ]
     assert len(push.delivered) == 1
     assert push.delivered[0].content["title"] == "Hello" and push.delivered[0].content["body"] == "Code X1"
@@ -158,7 +158,8 @@ async def test_unreachable_falls_back_then_suppresses(make_client: Any, settings
     await go(client, contact="c2")
     [msg] = await settled(client, contact="c2")
     assert msg["status"] == "suppressed"
-    assert msg["reason"] == "push: no push_tokens; email: no valid email address"
+    assert msg["reason"] == "unreachable"  # the code of the channel the rule named
+    assert msg["detail"] == "push: no push_tokens; email: no valid email address"
 
 
 async def test_frequency_cap_per_channel_per_local_day(make_client: Any, settings: Settings) -> None:
@@ -173,7 +174,8 @@ async def test_frequency_cap_per_channel_per_local_day(make_client: Any, setting
         await settled(client, count=len(await history(client)))
     msgs = await settled(client, count=3)
     assert [m["status"] for m in msgs] == ["sent", "sent", "suppressed"]
-    assert msgs[2]["reason"] == "frequency cap: 2 push message(s) a day reached"
+    assert msgs[2]["reason"] == "frequency_cap"
+    assert msgs[2]["detail"] == "frequency cap: 2 push message(s) a day reached"
     assert len(push.delivered) == 2
 
 
@@ -194,7 +196,7 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window(make_client: Any, s
 
     async def postponed() -> bool:
         msgs = await history(client)
-        return len(msgs) == 2 and msgs[0].get("reason") == "quiet hours in the contact's time zone"
+        return len(msgs) == 2 and msgs[0].get("reason") == "quiet_hours"
 
     await eventually(postponed, 10)
     marketing, transactional = await history(client)
@@ -234,7 +236,8 @@ async def test_dead_letter_after_max_attempts(make_client: Any, settings: Settin
     await client.put("/v1/contacts/c1", json=PROFILE)
     await go(client)
     [msg] = await settled(client)
-    assert msg["status"] == "dead" and msg["reason"] == "gave up after 3 attempts: HTTP 500"
+    assert (msg["status"], msg["reason"]) == ("dead", "provider_error")
+    assert msg["detail"] == "gave up after 3 attempts: HTTP 500"
     dead = await (await client.get("/v1/messages", params={"status": "dead"})).json()
     assert [m["message_id"] for m in dead["messages"]] == [msg["message_id"]]
     assert len(push.keys_seen) == 3
@@ -251,7 +254,8 @@ async def test_permanent_failure_keeps_the_providers_reason(make_client: Any, se
     await client.put("/v1/contacts/c1", json={**PROFILE, "push_tokens": ["tok-1", "tok-2"]})
     await go(client)
     [msg] = await settled(client)
-    assert (msg["status"], msg["reason"]) == ("failed", "HTTP 400: invalid registration")
+    assert (msg["status"], msg["reason"]) == ("failed", "provider_rejected")
+    assert msg["detail"] == "HTTP 400: invalid registration"
     contact = await (await client.get("/v1/contacts/c1")).json()
     assert contact["push_tokens"] == ["tok-2"]  # the dead token was removed
 
@@ -288,7 +292,8 @@ async def test_crash_between_provider_call_and_status_write(
             assert push.keys_seen[0] == push.keys_seen[1] == msg["message_id"]
         else:
             assert msg["status"] == "uncertain" and len(push.keys_seen) == 1
-            assert msg["reason"] == (
+            assert msg["reason"] == "interrupted"
+            assert msg["detail"] == (
                 "interrupted during the provider call, so it may have arrived; not sent again: "
                 "`push` cannot recognise a repeat"
             )
@@ -332,9 +337,9 @@ async def test_bounce_marks_email_invalid_and_block_suppresses(make_client: Any,
     assert statuses[first_sms["message_id"]] == "blocked"
     await go(client)
     msgs = await settled(client, count=4)
-    assert [(m["status"], m["reason"]) for m in msgs[2:]] == [
-        ("suppressed", "email: no valid email address"),
-        ("suppressed", "sms: contact is on the suppression list"),
+    assert [(m["status"], m["reason"], m["detail"]) for m in msgs[2:]] == [
+        ("suppressed", "unreachable", "email: no valid email address"),
+        ("suppressed", "suppression_list", "sms: contact is on the suppression list"),
     ]
     assert len(email.delivered) == 1 and len(sms.delivered) == 1
 
@@ -396,9 +401,10 @@ async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
     missing_template.unlink()  # deleted afterwards: its messages fail, the others go
     await go(client)
     evil, broken, missing, fine = await settled(client, count=4)
-    assert evil["status"] == "failed" and "unsafe" in evil["reason"]
-    assert broken["status"] == "failed" and "template `broken.body`" in broken["reason"]
-    assert missing["status"] == "failed" and "template `missing` not found" in missing["reason"]
+    assert {m["reason"] for m in (evil, broken, missing)} == {"template_error"}
+    assert evil["status"] == "failed" and "unsafe" in evil["detail"]
+    assert broken["status"] == "failed" and "template `broken.body`" in broken["detail"]
+    assert missing["status"] == "failed" and "template `missing` not found" in missing["detail"]
     assert fine["status"] == "sent"
 
 

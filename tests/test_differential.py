@@ -74,8 +74,12 @@ def templates(folder: Path) -> None:
             (folder / "templates" / f"{name}.{part}").write_text(text)
 
 
-def decided(messages: list[dict[str, Any]]) -> Counter[tuple[str, str, str | None, str | None]]:
-    return Counter((m["template"], m["status"], m["channel"], m.get("reason")) for m in messages)
+def decided(messages: list[dict[str, Any]]) -> Counter[tuple[str, str, str | None, str | None, str | None]]:
+    """The reason code and its detail both: the codes are what dashboards count, the details say which
+    channel failed how."""
+    return Counter(
+        (m["template"], m["status"], m["channel"], m.get("reason"), m.get("detail")) for m in messages
+    )
 
 
 async def test_live_and_simulated_sends_are_the_same(make_client: Any, settings: Settings) -> None:
@@ -140,6 +144,8 @@ async def test_live_and_simulated_sends_are_the_same(make_client: Any, settings:
     delivered = sum(len(p.delivered) for p in providers)
     assert delivered == statuses["sent"]
     assert statuses["sent"] and statuses["suppressed"]  # both kinds happened
+    codes = {m.get("reason") for cid, _, _ in contacts for m in await history(client, cid)}
+    assert {"no_consent", "unreachable", "frequency_cap"} <= codes  # each rule spoke
 
 
 def test_the_table_covers_every_rule() -> None:
@@ -176,7 +182,12 @@ async def test_live_and_simulated_quiet_hours_postpone_to_the_same_moment(
     await eventually(decided, 20)
     [ann] = await history(client, "ann")
     [bob] = await history(client, "bob")
-    assert (ann["status"], ann["reason"], bob["status"]) == ("scheduled", QUIET_REASON, "sent")
+    assert (ann["status"], ann["reason"], ann["detail"], bob["status"]) == (
+        "scheduled",
+        "quiet_hours",
+        QUIET_REASON,
+        "sent",
+    )
 
     contacts = [{"contact_id": cid, **profile, "timezone": zone} for cid, zone in zones.items()]
     resp = await client.post("/v1/simulate", json={"events": events, "contacts": contacts})
@@ -186,6 +197,6 @@ async def test_live_and_simulated_quiet_hours_postpone_to_the_same_moment(
         ("bob", "sent"),
         ("ann", "sent"),
     ]
-    assert actions[0]["reason"] == QUIET_REASON
+    assert (actions[0]["reason"], actions[0]["detail"]) == ("quiet_hours", QUIET_REASON)
     assert datetime.fromisoformat(actions[0]["postponed_to"]) == datetime.fromisoformat(ann["due_at"])
     assert datetime.fromisoformat(actions[2]["at"]) == datetime.fromisoformat(ann["due_at"])

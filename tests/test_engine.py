@@ -263,7 +263,9 @@ def test_wait_for_event_else(tmp_path: Path) -> None:
     nudge = next(a for a in actions if a.contact_id == "c2" and a.status == "sent")
     assert nudge.params == {"m": "m2"}
     cancelled = [a for a in actions if a.status == "cancelled"]
-    assert [(a.contact_id, a.reason) for a in cancelled] == [("c1", "cancelled by message_opened")]
+    assert [(a.contact_id, a.reason, a.detail) for a in cancelled] == [
+        ("c1", "cancelled_by_event", "cancelled by message_opened")
+    ]
 
 
 def test_rearm_and_keep(tmp_path: Path) -> None:
@@ -274,8 +276,8 @@ def test_rearm_and_keep(tmp_path: Path) -> None:
     write_ruleset(tmp_path, "r", {"rules": [reminder("rearmed", "rearm"), reminder("kept", "keep")]})
     actions = run(load(tmp_path), [event("a", "cart_updated"), event("b", "cart_updated", minutes=10)])
     assert sent(actions) == [("c1", "kept", "log", at(minutes=20)), ("c1", "rearmed", "log", at(minutes=30))]
-    assert [(a.rule, a.reason) for a in actions if a.status == "cancelled"] == [
-        ("rearmed", "re-armed by a repeat trigger")
+    assert [(a.rule, a.reason, a.detail) for a in actions if a.status == "cancelled"] == [
+        ("rearmed", "rearmed", "re-armed by a repeat trigger")
     ]
 
 

@@ -56,8 +56,8 @@ async def test_an_interrupted_send_is_repeated_once_with_the_same_key_only_after
     assert (first["status"], first["attempt"]) == ("sent", 1)  # the same attempt, completed
     assert (await db.messages.find_one({"_id": "in-flight"}))["resent"] is True
     # Repeated once already and interrupted again: not a third time.
-    assert second["status"] == "uncertain"
-    assert second["reason"] == (
+    assert (second["status"], second["reason"]) == ("uncertain", "interrupted")
+    assert second["detail"] == (
         "interrupted during the provider call, so it may have arrived; not sent again: "
         "it was sent once more with the same key already"
     )
@@ -79,13 +79,15 @@ async def test_a_call_is_cut_off_before_the_lease_runs_out(
     await go(client)
     by_channel = {m["channel"]: m for m in await settled(client, count=2)}
     pushed, texted = by_channel["push"], by_channel["sms"]
-    assert (pushed["status"], pushed["reason"]) == (
+    assert (pushed["status"], pushed["reason"], pushed["detail"]) == (
         "dead",
+        "timeout",
         "gave up after 2 attempts: no answer within 1s (the send timeout)",
     )
     assert dedup.keys_seen == [pushed["message_id"]] * 2
     assert texted["status"] == "uncertain" and plain.keys_seen == [texted["message_id"]]
-    assert texted["reason"].startswith("cut off after 1s without an answer, so it may have arrived")
+    assert texted["reason"] == "timeout"
+    assert texted["detail"].startswith("cut off after 1s without an answer, so it may have arrived")
     assert time.monotonic() - started < 5
     channels = (await (await client.get("/v1/channels")).json())["channels"]
     limits = {c["name"]: (c["deduplicates"], c["send_timeout_seconds"]) for c in channels}

@@ -126,7 +126,7 @@ async def test_cart_event_to_sent_push_and_purchase_cancels_email(
     push = next(m for m in messages if m["channel"] == "push")
     assert push["params"] == {"value": 42} and push["ruleset"] == "cart" and push["rule"] == "remind"
     email = next(m for m in messages if m["channel"] == "email")
-    assert email["reason"] == "cancelled by purchased"
+    assert (email["reason"], email["detail"]) == ("cancelled_by_event", "cancelled by purchased")
 
 
 async def test_restart_between_decision_and_due_time_sends_once(
@@ -281,4 +281,4 @@ async def test_schedule_survives_and_ruleset_removed_cancels(
         return await statuses(client, "c1") == {"push": "cancelled", "email": "cancelled"}
 
     await eventually(cancelled, 6)
-    assert {m["reason"] async for m in db.messages.find({})} == {"ruleset removed"}
+    assert {m["reason"] async for m in db.messages.find({})} == {"ruleset_removed"}

@@ -76,13 +76,14 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
         # push has no provider set up here: recorded as suppressed, with the reason
         assert statuses == {("email", "sent"), ("push", "suppressed")}
         _, cy = service.request("GET", "/v1/contacts/cy/messages")
-        assert {(m["template"], m["status"], m["reason"]) for m in cy["messages"]} == {
+        assert {(m["template"], m["status"], m["reason"], m["detail"]) for m in cy["messages"]} == {
             (
                 "checkout_abandon/push",
                 "suppressed",
-                "push: missing setting: service_account_file or service_account_json",
+                "channel_not_configured",
+                "push: not configured: missing setting: service_account_file or service_account_json",
             ),
-            ("checkout_abandon/email", "suppressed", "email: no marketing consent"),
+            ("checkout_abandon/email", "suppressed", "no_consent", "email: no marketing consent"),
         }
         assert "cy@example.com" not in {str(m["To"]) for m in box.mail}
         _, bob = service.request("GET", "/v1/contacts/bob/messages")

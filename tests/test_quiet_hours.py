@@ -14,7 +14,7 @@ from rulesvc.web.app import create_app
 from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
 from tests.test_live_engine import eventually
 
-QUIET_REASON = "quiet hours in the contact's time zone"
+QUIET_REASON = "quiet_hours"
 
 
 def quiet_now(settings: Settings, **changes: Any) -> Settings:

@@ -96,19 +96,16 @@ async def test_a_bad_scheduled_entry_is_set_aside_and_the_rest_of_its_batch_is_s
     unstorable = await db.messages.find_one({"_id": "unstorable"})
     assert unstorable["status"] == "sent" and "when" not in unstorable  # the plugin's record left out
     assert by_id["bad-params"]["status"] == "failed"  # in the contact's history, with the error
-    assert by_id["bad-params"]["reason"] == (
+    assert by_id["bad-params"]["reason"] == by_id["bad-fallback"]["reason"] == "processing_error"
+    assert by_id["bad-params"]["detail"] == (
         "could not be processed: AttributeError: 'list' object has no attribute 'get'"
     )
     assert by_id["bad-fallback"]["status"] == "failed"
-    assert by_id["bad-fallback"]["reason"].startswith("could not be processed: TypeError:")
-    assert (by_id["plugin-cancel"]["status"], by_id["plugin-cancel"]["reason"]) == (
-        "failed",
-        "channel error: CancelledError: ",
-    )
-    assert (by_id["plugin-none"]["status"], by_id["plugin-none"]["reason"]) == (
-        "failed",
-        "channel error: send returned NoneType, not a Delivery",
-    )
+    assert by_id["bad-fallback"]["detail"].startswith("could not be processed: TypeError:")
+    assert (by_id["plugin-cancel"]["status"], by_id["plugin-cancel"]["reason"]) == ("failed", "channel_error")
+    assert by_id["plugin-cancel"]["detail"] == "channel error: CancelledError: "
+    assert (by_id["plugin-none"]["status"], by_id["plugin-none"]["reason"]) == ("failed", "channel_error")
+    assert by_id["plugin-none"]["detail"] == "channel error: send returned NoneType, not a Delivery"
     failed = await (await client.get("/v1/messages", params={"status": "failed"})).json()
     assert {"bad-params", "bad-fallback", "plugin-cancel", "plugin-none"} <= {
         m["message_id"] for m in failed["messages"]

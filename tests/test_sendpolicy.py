@@ -60,10 +60,10 @@ def test_everything_allows_it() -> None:
 
 def test_marketing_needs_consent_for_its_channel() -> None:
     assert decide(who=contact(consent={"email": True})) == Verdict(
-        "suppress", reason="push: no marketing consent"
+        "suppress", reason="no_consent", detail="push: no marketing consent"
     )
-    assert decide(who=contact(consent={"push": False})).reason == "push: no marketing consent"
-    assert decide(who={"_id": "c1"}).reason == "push: no marketing consent"
+    assert decide(who=contact(consent={"push": False})).detail == "push: no marketing consent"
+    assert decide(who={"_id": "c1"}).reason == "no_consent"
 
 
 def test_transactional_needs_no_consent() -> None:
@@ -80,24 +80,27 @@ def test_the_shops_own_channels_need_no_consent(channel: str) -> None:
 
 def test_a_channel_not_installed() -> None:
     assert decide(message("sms"), channels={"push": OK}) == Verdict(
-        "suppress", reason="sms: channel not installed"
+        "suppress", reason="channel_not_installed", detail="sms: channel not installed"
     )
 
 
 def test_a_channel_not_configured_says_why() -> None:
     facts = {"push": ChannelFacts(configured=False, detail="missing setting(s): project_id")}
-    assert decide(channels=facts).reason == "push: missing setting(s): project_id"
+    verdict = decide(channels=facts)
+    assert (verdict.kind, verdict.reason) == ("suppress", "channel_not_configured")
+    assert verdict.detail == "push: not configured: missing setting(s): project_id"
 
 
 def test_a_channel_whose_checks_failed_is_not_used() -> None:
-    assert decide(channels={"push": ChannelFacts(error="channel error: KeyError")}).reason == (
-        "push: channel error: KeyError"
-    )
+    verdict = decide(channels={"push": ChannelFacts(error="channel error: KeyError")})
+    assert (verdict.reason, verdict.detail) == ("channel_error", "push: channel error: KeyError")
 
 
 def test_suppression_until_it_runs_out() -> None:
     forever = contact(state={"suppressed": {"push": {"since": 0, "until": None}}})
-    assert decide(who=forever) == Verdict("suppress", reason="push: contact is on the suppression list")
+    assert decide(who=forever) == Verdict(
+        "suppress", reason="suppression_list", detail="push: contact is on the suppression list"
+    )
     later = (NOW + timedelta(hours=1)).timestamp()
     assert decide(who=contact(state={"suppressed": {"push": {"until": later}}})).kind == "suppress"
     over = (NOW - timedelta(seconds=1)).timestamp()
@@ -107,23 +110,23 @@ def test_suppression_until_it_runs_out() -> None:
 
 def test_suppression_applies_to_transactional_messages_too() -> None:
     blocked = contact(state={"suppressed": {"push": {"until": None, "reason": "blocked"}}})
-    assert decide(message(transactional=True), blocked).reason == "push: contact is on the suppression list"
+    assert decide(message(transactional=True), blocked).reason == "suppression_list"
 
 
 def test_unreachable_says_why() -> None:
     facts = {"push": ChannelFacts(unreachable="no push token")}
-    assert decide(channels=facts) == Verdict("suppress", reason="push: no push token")
-    assert decide(message(transactional=True), {"_id": "c1"}, facts).reason == "push: no push token"
+    assert decide(channels=facts) == Verdict("suppress", reason="unreachable", detail="push: no push token")
+    assert decide(message(transactional=True), {"_id": "c1"}, facts).detail == "push: no push token"
 
 
 def test_the_order_of_the_checks_decides_the_reason() -> None:
     """Not configured before suppression, before consent, before reachability: as the service says it."""
     gone = {"push": ChannelFacts(unreachable="no push token")}
     both = {"_id": "c1", "state": {"suppressed": {"push": {"until": None}}}}
-    assert decide(who=both, channels=gone).reason == "push: contact is on the suppression list"
-    assert decide(who={"_id": "c1"}, channels=gone).reason == "push: no marketing consent"
+    assert decide(who=both, channels=gone).reason == "suppression_list"
+    assert decide(who={"_id": "c1"}, channels=gone).reason == "no_consent"
     off = {"push": ChannelFacts(configured=False, detail="off", unreachable="no push token")}
-    assert decide(who=both, channels=off).reason == "push: off"
+    assert decide(who=both, channels=off).reason == "channel_not_configured"
 
 
 # --- fallback --------------------------------------------------------------------------------------------
@@ -145,8 +148,10 @@ def test_no_usable_channel_gives_every_reason() -> None:
         "email": ChannelFacts(unreachable="no email"),
     }
     who = contact(consent={"push": True, "email": True})
-    assert decide(msg, who, channels) == Verdict(
-        "suppress", reason="push: no push token; sms: channel not installed; email: no email"
+    assert decide(msg, who, channels) == Verdict(  # the code of the channel the rule named
+        "suppress",
+        reason="unreachable",
+        detail="push: no push token; sms: channel not installed; email: no email",
     )
 
 
@@ -157,13 +162,13 @@ def test_a_guard_that_no_longer_holds_suppresses_on_the_chosen_channel() -> None
     msg = message(guard="price_still_lower", params={"product_id": "p1", "price": 80})
     assert decide(msg, facts=Facts(product={"price": 80})) == Verdict("send", "push")
     assert decide(msg, facts=Facts(product={"price": 95})) == Verdict(
-        "suppress", "push", "the price is no longer 80 (now 95)"
+        "suppress", "push", "guard_failed", detail="the price is no longer 80 (now 95)"
     )
     stock = message(guard="still_in_stock", params={"product_id": "p1"})
     assert (
-        decide(stock, facts=Facts(product={"in_stock": False})).reason == "the product is out of stock again"
+        decide(stock, facts=Facts(product={"in_stock": False})).detail == "the product is out of stock again"
     )
-    assert decide(stock, facts=Facts()).reason == "the product is out of stock again"  # unknown product
+    assert decide(stock, facts=Facts()).detail == "the product is out of stock again"  # unknown product
 
 
 def test_a_guard_is_checked_before_quiet_hours() -> None:
@@ -180,8 +185,9 @@ def test_quiet_hours_postpone_to_the_end_of_the_window_in_the_contacts_zone() ->
     assert decide(now=evening, policy=QUIET) == Verdict(
         "postpone",
         "push",
-        QUIET_REASON,
+        "quiet_hours",
         datetime(2026, 11, 21, 7, 0, tzinfo=UTC),  # 08:00 in Berlin
+        QUIET_REASON,
     )
     early = datetime(2026, 11, 21, 4, 0, tzinfo=UTC)  # 05:00 in Berlin, the same window
     assert decide(now=early, policy=QUIET).at == datetime(2026, 11, 21, 7, 0, tzinfo=UTC)
@@ -231,7 +237,7 @@ CAPPED = SendPolicy(frequency_caps={"push": 2})
 def test_a_cap_suppresses_once_reached() -> None:
     assert decide(policy=CAPPED, facts=Facts(sent_today={"push": 1})) == Verdict("send", "push")
     assert decide(policy=CAPPED, facts=Facts(sent_today={"push": 2})) == Verdict(
-        "suppress", "push", "frequency cap: 2 push message(s) a day reached"
+        "suppress", "push", "frequency_cap", detail="frequency cap: 2 push message(s) a day reached"
     )
     assert decide(message("email"), policy=CAPPED, facts=Facts(sent_today={"push": 5})) == Verdict(
         "send", "email"
@@ -248,7 +254,7 @@ def test_the_cap_of_the_fallback_used_counts() -> None:
     msg = message("email", fallback=["push"])
     assert capped_candidates(msg, CAPPED) == ["push"]
     channels = {**ALL, "email": ChannelFacts(unreachable="no email address")}
-    assert decide(msg, channels=channels, policy=CAPPED, facts=Facts(sent_today={"push": 2})).reason == (
+    assert decide(msg, channels=channels, policy=CAPPED, facts=Facts(sent_today={"push": 2})).detail == (
         "frequency cap: 2 push message(s) a day reached"
     )
 
@@ -280,7 +286,7 @@ def test_completing_an_interrupted_send_only_chooses_the_channel_again() -> None
     msg = message(guard="still_in_stock", params={"product_id": "p1"})
     facts = Facts(sent_today={"push": 1})
     assert decide(msg, now=night, policy=both, facts=facts, interrupted=True) == Verdict("send", "push")
-    assert decide(msg, {"_id": "c1"}, interrupted=True).reason == "push: no marketing consent"
+    assert decide(msg, {"_id": "c1"}, interrupted=True).reason == "no_consent"
 
 
 # --- the facts' sources ----------------------------------------------------------------------------------

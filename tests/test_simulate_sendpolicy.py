@@ -63,7 +63,9 @@ async def simulate(
 
 
 def seen(actions: list[dict[str, Any]]) -> list[tuple[str, str, str, str | None]]:
-    return [(a["at"], a["channel"], a["status"], a.get("reason")) for a in actions]
+    """Each action with its reason as `code: detail`, so both are checked."""
+    return [(a["at"], a["channel"], a["status"], a.get("reason") and f"{a['reason']}: {a['detail']}")
+            for a in actions]  # fmt: skip
 
 
 async def test_marketing_push_without_push_consent_is_suppressed(
@@ -71,13 +73,13 @@ async def test_marketing_push_without_push_consent_is_suppressed(
 ) -> None:
     no_consent = {**ANN, "consent": {"email": True}}
     actions = await simulate(make_client, settings, [send("push")], [go("g")], [no_consent])
-    assert seen(actions) == [(at(), "push", "suppressed", "push: no marketing consent")]
+    assert seen(actions) == [(at(), "push", "suppressed", "no_consent: push: no marketing consent")]
 
 
 async def test_push_without_a_token_is_suppressed(make_client: Any, settings: Settings) -> None:
     no_token = {**ANN, "push_tokens": []}
     actions = await simulate(make_client, settings, [send("push")], [go("g")], [no_token])
-    assert seen(actions) == [(at(), "push", "suppressed", "push: no push token")]
+    assert seen(actions) == [(at(), "push", "suppressed", "unreachable: push: no push token")]
 
 
 async def test_transactional_needs_no_marketing_consent(make_client: Any, settings: Settings) -> None:
@@ -99,7 +101,7 @@ async def test_email_after_a_bounce_is_suppressed(make_client: Any, settings: Se
     actions = await simulate(make_client, settings, [send("email")], events, [ANN])
     assert seen(actions) == [
         (at(), "email", "sent", None),
-        (at(minutes=2), "email", "suppressed", "email: email address marked invalid (bounced)"),
+        (at(minutes=2), "email", "suppressed", "unreachable: email: email address marked invalid (bounced)"),
     ]
 
 
@@ -111,7 +113,7 @@ async def test_email_after_the_contact_blocked_email_is_suppressed(
     assert seen(actions) == [
         (at(), "email", "sent", None),
         (at(), "push", "sent", None),
-        (at(minutes=2), "email", "suppressed", "email: contact is on the suppression list"),
+        (at(minutes=2), "email", "suppressed", "suppression_list: email: contact is on the suppression list"),
         (at(minutes=2), "push", "sent", None),  # only email was blocked
     ]
 
@@ -130,7 +132,10 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window_in_the_contacts_zon
         ("bob", late, "sent", None),
         ("ann", "2026-11-21T07:00:00Z", "sent", None),
     ]
-    assert actions[0]["reason"] == "quiet hours in the contact's time zone"
+    assert (actions[0]["reason"], actions[0]["detail"]) == (
+        "quiet_hours",
+        "quiet hours in the contact's time zone",
+    )
 
 
 async def test_a_fallback_is_used_when_the_first_channel_cannot_reach_the_contact(
@@ -141,7 +146,9 @@ async def test_a_fallback_is_used_when_the_first_channel_cannot_reach_the_contac
     assert seen(actions) == [(at(), "email", "sent", None)]
     neither = {**no_token, "email": None}
     actions = await simulate(make_client, settings, [send("push", fallback=["email"])], [go("g")], [neither])
-    assert seen(actions) == [(at(), "push", "suppressed", "push: no push token; email: no email address")]
+    assert seen(actions) == [
+        (at(), "push", "suppressed", "unreachable: push: no push token; email: no email address")
+    ]
 
 
 async def test_caps_count_what_the_simulation_sent_per_local_day(
@@ -153,10 +160,10 @@ async def test_caps_count_what_the_simulation_sent_per_local_day(
     actions = await simulate(
         make_client, settings, [send("push")], events, [auckland], frequency_caps={"push": 1}
     )
-    assert [(a["at"], a["status"], a.get("reason")) for a in actions] == [
-        (times[0], "sent", None),
-        (times[1], "suppressed", "frequency cap: 1 push message(s) a day reached"),
-        (times[2], "sent", None),  # a new day in Auckland
+    assert [(a["at"], a["status"], a.get("reason"), a.get("detail")) for a in actions] == [
+        (times[0], "sent", None, None),
+        (times[1], "suppressed", "frequency_cap", "frequency cap: 1 push message(s) a day reached"),
+        (times[2], "sent", None, None),  # a new day in Auckland
     ]
 
 
@@ -169,7 +176,7 @@ async def test_contacts_not_given_are_reached_on_nothing_that_needs_an_address(
     )
     assert seen(actions) == [
         (at(), "inapp", "sent", None),
-        (at(), "push", "suppressed", "push: no push token"),
+        (at(), "push", "suppressed", "unreachable: push: no push token"),
     ]
 
 
@@ -191,9 +198,17 @@ def test_the_cli_applies_the_same_send_rules(tmp_path: Path, settings: Settings)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     actions = json.loads(result.stdout)["actions"]
-    assert [(a["contact_id"], a["channel"], a["status"], a.get("reason")) for a in actions] == [
-        ("ann", "email", "sent", None),  # push has no token: its fallback
-        ("ann", "email", "sent", None),
-        ("cid", "push", "suppressed", "push: no marketing consent; email: no marketing consent"),
-        ("cid", "email", "suppressed", "email: no marketing consent"),
+    assert [
+        (a["contact_id"], a["channel"], a["status"], a.get("reason"), a.get("detail")) for a in actions
+    ] == [
+        ("ann", "email", "sent", None, None),  # push has no token: its fallback
+        ("ann", "email", "sent", None, None),
+        (
+            "cid",
+            "push",
+            "suppressed",
+            "no_consent",
+            "push: no marketing consent; email: no marketing consent",
+        ),
+        ("cid", "email", "suppressed", "no_consent", "email: no marketing consent"),
     ]

@@ -214,8 +214,8 @@ def test_a_slow_webhook_receiver_gets_a_message_at_most_twice_never_while_the_fi
         twice = first & again
         assert twice
         for key in twice:
-            assert wave1[key]["status"] == "uncertain", wave1[key]
-            assert wave1[key]["reason"] == (
+            assert (wave1[key]["status"], wave1[key]["reason"]) == ("uncertain", "interrupted"), wave1[key]
+            assert wave1[key]["detail"] == (
                 "interrupted during the provider call, so it may have arrived; not sent again: "
                 "it was sent once more with the same key already"
             )
@@ -307,8 +307,8 @@ def test_a_slow_smtp_server_gets_an_interrupted_message_once_and_it_is_uncertain
     assert held and max(received.values()) == 1  # nothing arrived twice
     for key, message in by_mail_id.items():
         if key in held:  # the server had it and was about to say 250
-            assert (message["status"], received[key]) == ("uncertain", 1)
-            assert message["reason"] == (
+            assert (message["status"], received[key], message["reason"]) == ("uncertain", 1, "interrupted")
+            assert message["detail"] == (
                 "interrupted during the provider call, so it may have arrived; not sent again: "
                 "`email` cannot recognise a repeat"
             )

@@ -76,9 +76,10 @@ async def test_a_missing_value_fails_the_message_with_template_error(
     messages = await settled(client, count=3)
     by_event = {m["message_id"].split("/")[0]: m for m in messages}
     assert by_event["e1"]["status"] == "failed"
-    assert by_event["e1"]["reason"].startswith("template_error: template `offer.")
-    assert "`name` is missing" in by_event["e1"]["reason"]
-    assert by_event["e2"]["status"] == "failed" and "`price` is missing" in by_event["e2"]["reason"]
+    assert by_event["e1"]["reason"] == by_event["e2"]["reason"] == "template_error"
+    assert by_event["e1"]["detail"].startswith("template `offer.")
+    assert "`name` is missing" in by_event["e1"]["detail"]
+    assert by_event["e2"]["status"] == "failed" and "`price` is missing" in by_event["e2"]["detail"]
     assert by_event["e3"]["status"] == "sent"
     inbox = (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"]
     assert [m["content"]["body"] for m in inbox] == ["<b>Lamp</b> for 12 EUR"]  # nothing says "None"
@@ -170,6 +171,7 @@ async def test_an_inapp_link_must_be_http_or_a_path_on_the_shop(make_client: Any
     messages = await settled(client, count=4)
     by_event = {m["message_id"].split("/")[0]: m for m in messages}
     assert [by_event[f"e{i}"]["status"] for i in range(4)] == ["failed", "failed", "sent", "sent"]
-    assert by_event["e0"]["reason"] == "template_error: `.url` must be an http(s) URL or a path on the shop"
+    assert by_event["e0"]["reason"] == "template_error"
+    assert by_event["e0"]["detail"] == "`.url` must be an http(s) URL or a path on the shop"
     inbox = (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"]
     assert sorted(m["content"]["url"] for m in inbox) == ["/cart?x=1", "https://shop.example/p/1"]

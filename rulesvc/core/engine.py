@@ -31,6 +31,7 @@ import durable_rules_engine
 import msgspec
 import structlog
 
+from rulesvc.core import reasons
 from rulesvc.core.durations import parse_duration
 from rulesvc.core.events import read_time, time_in_range
 from rulesvc.core.ruleformat import (
@@ -529,7 +530,8 @@ class ScheduleEntry:
 @dataclass
 class Cancellation:
     entry_id: str
-    reason: str
+    reason: str  # a code of core.reasons
+    detail: str = ""
 
 
 @dataclass
@@ -649,7 +651,9 @@ class Engine:
                 for spec in entry.cancel_on
             )
             if hit:
-                decisions.cancel.append(Cancellation(entry.entry_id, f"cancelled by {event.type}"))
+                decisions.cancel.append(
+                    Cancellation(entry.entry_id, reasons.CANCELLED_BY_EVENT, f"cancelled by {event.type}")
+                )
                 contact.pending.remove(entry.entry_id)
 
     # actions
@@ -736,7 +740,11 @@ class Engine:
                 names = set(action.cancel)
                 for pending in ctx.contact.pending.of_ruleset(ruleset):
                     if "*" in names or pending.rule in names:
-                        decisions.cancel.append(Cancellation(pending.entry_id, f"cancelled by rule {rule}"))
+                        decisions.cancel.append(
+                            Cancellation(
+                                pending.entry_id, reasons.CANCELLED_BY_RULE, f"cancelled by rule {rule}"
+                            )
+                        )
                         ctx.contact.pending.remove(pending.entry_id)
 
     def _send(
@@ -781,7 +789,9 @@ class Engine:
     @staticmethod
     def _replace_pending(contact: ContactView, key: str, decisions: Decisions) -> None:
         for entry in contact.pending.with_key(key):
-            decisions.cancel.append(Cancellation(entry.entry_id, "re-armed by a repeat trigger"))
+            decisions.cancel.append(
+                Cancellation(entry.entry_id, reasons.REARMED, "re-armed by a repeat trigger")
+            )
             contact.pending.remove(entry.entry_id)
 
     @staticmethod

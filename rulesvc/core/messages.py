@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,7 +34,10 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     channel: str
     template: str
     status: MessageStatus
+    # Why it is not (or not yet) sent: a stable code (docs/channels.md lists them), to filter and count
+    # by; `detail` is the sentence for a person (which channel, what the provider said).
     reason: str | None = None
+    detail: str | None = None
     transactional: bool = False
     created_at: datetime
     due_at: datetime | None = None
@@ -43,8 +47,34 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     provider_id: str | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     outcomes: dict[str, datetime] = msgspec.field(default_factory=dict)
+    cancelled_at: datetime | None = None
+    retries: int = 0  # times an operator sent it again (POST /v1/messages/{id}/retry)
+    retried_at: datetime | None = None
 
 
 class MessageList(msgspec.Struct):
     messages: list[Message]
     next_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Fate:
+    """One outcome of one message, as its log line and the metrics tell it: ids and codes only, never
+    the contact's addresses or the message's content."""
+
+    message_id: str
+    contact_id: str
+    ruleset: str
+    rule: str
+    channel: str | None  # the channel used, else the one the rule named
+    status: str  # sent, failed, suppressed, postponed, retry, dead, uncertain, cancelled, scheduled, ...
+    reason: str | None = None
+    attempt: int = 0
+    latency: float | None = None  # seconds of the provider call, for a send
+
+
+def fate_of(doc: dict[str, Any], status: str, reason: str | None = None) -> Fate:
+    """The fate of a stored message (its document, or the part of it with these fields)."""
+    return Fate(str(doc["_id"]), str(doc.get("contact_id")), str(doc.get("ruleset")), str(doc.get("rule")),
+                doc.get("sent_channel") or doc.get("channel"), status, reason,
+                int(doc.get("attempt") or 0))  # fmt: skip

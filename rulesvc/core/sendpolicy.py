@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal, Protocol
 
+from rulesvc.core import reasons
 from rulesvc.core.catalog import guard_fails
 
-QUIET_REASON = "quiet hours in the contact's time zone"
+QUIET_REASON = "quiet hours in the contact's time zone"  # the detail of a `quiet_hours` postponement
 # Channels that never interrupt anybody and that the shop owns: no marketing consent needed.
 NO_CONSENT_NEEDED = frozenset({"log", "inapp"})
 
@@ -58,12 +59,14 @@ class Facts:
 
 @dataclass(frozen=True)
 class Verdict:
-    """`send` on `channel`; `postpone` to `at`; `suppress` with `reason` (channel None: none was usable)."""
+    """`send` on `channel`; `postpone` to `at`; `suppress` with `reason` (channel None: none was usable).
+    `reason` is a code of `core.reasons`, `detail` the sentence a person reads."""
 
     kind: Literal["send", "postpone", "suppress"]
     channel: str | None = None
     reason: str | None = None
     at: datetime | None = None
+    detail: str | None = None
 
 
 def contact_zone(contact: Mapping[str, Any], policy: SendPolicy) -> zoneinfo.ZoneInfo:
@@ -119,32 +122,33 @@ def choose(
     contact: Mapping[str, Any],
     channels: Mapping[str, ChannelFacts],
     now: datetime,
-) -> tuple[str | None, str | None]:
-    """The first of channel + fallbacks that may and can reach the contact, or why none can.
-    A channel missing from `channels` is not installed."""
-    reasons: list[str] = []
+) -> tuple[str | None, str | None, str | None]:
+    """(the first of channel + fallbacks that may and can reach the contact, None, None), or (None, the
+    reason code of the first candidate's problem, every candidate's problem). A channel missing from
+    `channels` is not installed."""
+    problems: list[tuple[str, str]] = []
     transactional = bool(message.get("transactional"))
     for name in candidates(message):
         facts = channels.get(name)
         if facts is None:
-            reasons.append(f"{name}: channel not installed")
+            problems.append((reasons.CHANNEL_NOT_INSTALLED, f"{name}: channel not installed"))
         elif facts.error is not None:
-            reasons.append(f"{name}: {facts.error}")
+            problems.append((reasons.CHANNEL_ERROR, f"{name}: {facts.error}"))
         elif not facts.configured:
-            reasons.append(f"{name}: {facts.detail}")
+            problems.append((reasons.CHANNEL_NOT_CONFIGURED, f"{name}: not configured: {facts.detail}"))
         elif suppressed_on(contact, name, now):
-            reasons.append(f"{name}: contact is on the suppression list")
+            problems.append((reasons.SUPPRESSION_LIST, f"{name}: contact is on the suppression list"))
         elif (
             not transactional
             and name not in NO_CONSENT_NEEDED
             and not (contact.get("consent") or {}).get(name)
         ):
-            reasons.append(f"{name}: no marketing consent")
+            problems.append((reasons.NO_CONSENT, f"{name}: no marketing consent"))
         elif facts.unreachable is not None:
-            reasons.append(f"{name}: {facts.unreachable}")
+            problems.append((reasons.UNREACHABLE, f"{name}: {facts.unreachable}"))
         else:
-            return name, None
-    return None, "; ".join(reasons)
+            return name, None, None
+    return None, problems[0][0], "; ".join(detail for _, detail in problems)
 
 
 def check(
@@ -161,24 +165,25 @@ def check(
     then the fallbacks), the guard, quiet hours, the frequency cap; in that order, as the service always
     did. `interrupted`: a send cut short is being completed; it passed the other checks already, so only
     the channel is chosen again."""
-    chosen, why_not = choose(message, contact, channels, now)
+    chosen, code, why_not = choose(message, contact, channels, now)
     if chosen is None:
-        return Verdict("suppress", reason=why_not)
+        return Verdict("suppress", reason=code, detail=why_not)
     if interrupted:
         return Verdict("send", chosen)
     if message.get("guard"):
         stale = guard_fails(message["guard"], message.get("params") or {}, dict(facts.product))
         if stale:
-            return Verdict("suppress", chosen, stale)
+            return Verdict("suppress", chosen, reasons.GUARD_FAILED, detail=stale)
     if message.get("transactional"):
         return Verdict("send", chosen)
     if chosen in policy.quiet_channels:  # an inbox entry or a log line disturbs nobody
         until = quiet_until(now, contact_zone(contact, policy), policy)
         if until is not None:
-            return Verdict("postpone", chosen, QUIET_REASON, at=until)
+            return Verdict("postpone", chosen, reasons.QUIET_HOURS, at=until, detail=QUIET_REASON)
     cap = policy.frequency_caps.get(chosen)
     if cap is not None and facts.sent_today.get(chosen, 0) >= cap:
-        return Verdict("suppress", chosen, f"frequency cap: {cap} {chosen} message(s) a day reached")
+        why = f"frequency cap: {cap} {chosen} message(s) a day reached"
+        return Verdict("suppress", chosen, reasons.FREQUENCY_CAP, detail=why)
     return Verdict("send", chosen)
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import msgspec
 import structlog
 
+from rulesvc.core import reasons
 from rulesvc.core.bodies import TOO_DEEP
 from rulesvc.core.catalog import catalog_change, guard_fails, interest_fields, interested
 from rulesvc.core.contacts import ContactIn
@@ -93,7 +94,8 @@ class SimAction(msgspec.Struct, omit_defaults=True):
     channel: str | None
     template: str | None
     status: Literal["sent", "cancelled", "failed", "suppressed", "postponed", "fired"]
-    reason: str | None = None
+    reason: str | None = None  # a reason code, as on a live message (docs/channels.md)
+    detail: str | None = None  # the sentence for a person
     message_id: str | None = None
     params: dict[str, Any] | None = None
     postponed_to: datetime | None = None  # `postponed`: when it is due again (end of quiet hours)
@@ -299,7 +301,7 @@ class Simulation:
         for cancel in decisions.cancel:
             cancelled = self.entries.pop(cancel.entry_id, None)
             if cancelled is not None:
-                self._record(cancelled, now, "cancelled", cancel.reason)
+                self._record(cancelled, now, "cancelled", cancel.reason, detail=cancel.detail)
 
     def _fire_until(self, moment: datetime, inclusive: bool) -> None:
         while self.queue and (self.queue[0].due_at <= moment if inclusive else self.queue[0].due_at < moment):
@@ -315,9 +317,10 @@ class Simulation:
                 params = entry.message.get("params") or {}
                 product = self.products.get(str(params.get("product_id")), {})
                 stale = guard_fails(entry.message.get("guard"), params, product)
-                self._record(entry, due.due_at, "suppressed" if stale else "sent", stale)
+                code = reasons.GUARD_FAILED if stale else None
+                self._record(entry, due.due_at, "suppressed" if stale else "sent", code, detail=stale)
             else:
-                self._record(entry, due.due_at, "fired", "waited in vain: running `else`")
+                self._record(entry, due.due_at, "fired", None, detail="waited in vain: running `else`")
                 try:
                     self._evaluate(timer_event(entry), due.due_at)
                 except Exception as exc:
@@ -350,14 +353,15 @@ class Simulation:
                                          "rule": entry.rule}  # fmt: skip
         if verdict.kind == "postpone":
             assert verdict.at is not None
-            self._record(entry, now, "postponed", verdict.reason, verdict.channel, postponed_to=verdict.at)
+            self._record(entry, now, "postponed", verdict.reason, verdict.channel, postponed_to=verdict.at,
+                         detail=verdict.detail)  # fmt: skip
             self.entries[entry.entry_id] = entry  # still pending, as the live message stays scheduled
             if pending is not None:
                 contact.pending.add(pending)
             heapq.heappush(self.queue, _Due(verdict.at, next(self._seq), entry))
             return
         if verdict.kind == "suppress":
-            self._record(entry, now, "suppressed", verdict.reason, verdict.channel)
+            self._record(entry, now, "suppressed", verdict.reason, verdict.channel, detail=verdict.detail)
             return
         assert verdict.channel is not None
         if not message.get("transactional"):
@@ -372,8 +376,9 @@ class Simulation:
         reason: str | None,
         channel: str | None = None,
         postponed_to: datetime | None = None,
+        detail: str | None = None,
     ) -> None:
-        """`channel`: the one used or chosen (a fallback), else the message's own."""
+        """`channel`: the one used or chosen (a fallback), else the message's own; `reason` a code."""
         message = entry.message or {}
         self.actions.append(
             SimAction(
@@ -385,6 +390,7 @@ class Simulation:
                 template=message.get("template"),
                 status=status,
                 reason=reason,
+                detail=detail,
                 message_id=entry.entry_id,
                 params=message.get("params") or None,
                 postponed_to=postponed_to,

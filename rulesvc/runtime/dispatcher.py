@@ -21,12 +21,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from time import monotonic
 from typing import Any, Literal
 
 import bson
 import structlog
 
 from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
+from rulesvc.core import reasons
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.sendpolicy import (
     ChannelFacts,
@@ -101,14 +103,17 @@ SCHEDULED: dict[str, Any] = {"status": "scheduled"}
 
 @dataclass
 class Result:
-    """`wait`: look at the message again at `at` and leave it as it is (a call may be in flight)."""
+    """`wait`: look at the message again at `at` and leave it as it is (a call may be in flight).
+    `reason`: a code of `core.reasons` (for a result that is not `sent`); `detail`: the sentence."""
 
     kind: Literal["sent", "failed", "suppressed", "postponed", "retry", "dead", "skip", "uncertain", "wait"]
     channel: str | None = None
     reason: str | None = None
+    detail: str | None = None
     at: datetime | None = None  # postponed / retry / wait: when to look again
     provider_id: str | None = None
     attempt: int = 0
+    latency: float | None = None  # seconds the provider call took
     unreachable: list[tuple[str, Any]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
     guard: dict[str, Any] = field(default_factory=lambda: SCHEDULED)  # filter on the message for the write
@@ -193,17 +198,17 @@ class Dispatcher:
         """Our `sending` mark lost the race: look again once the other call must be over."""
         doc = await self.messages.sending_state(message_id)
         if doc is None or doc.get("status") != "sending":
-            return Result("skip", reason=f"already {doc and doc.get('status')}")
+            return Result("skip", detail=f"already {doc and doc.get('status')}")
         until = doc.get("sending_until")
         now = self.clock()
-        return Result("wait", reason="sending in another process",
+        return Result("wait", detail="sending in another process",
                       at=until if isinstance(until, datetime) and until > now else now)  # fmt: skip
 
     async def dispatch(self, message: Doc, contact: Doc | None, now: datetime, owner: str = "") -> Result:
         """Decide and, if everything allows, deliver one due message. `owner` is the caller's claim,
         written with the `sending` mark."""
         if message["status"] not in ("scheduled", "sending"):
-            return Result("skip", reason=f"already {message['status']}")
+            return Result("skip", detail=f"already {message['status']}")
         contact = contact or {"_id": message["contact_id"]}
         attempt = int(message.get("attempt", 0)) + 1
         interrupted = message["status"] == "sending"
@@ -211,7 +216,7 @@ class Dispatcher:
         if interrupted:
             until = message.get("sending_until")
             if isinstance(until, datetime) and until > self.clock():
-                return Result("wait", reason="the call may still be in flight", at=until)
+                return Result("wait", detail="the call may still be in flight", at=until)
             guard = {"status": "sending", "send_owner": message.get("send_owner")}
             attempt -= 1  # the same attempt, made again
         # The interrupted call passed the guard, quiet hours and cap; it is only being completed.
@@ -220,14 +225,14 @@ class Dispatcher:
                         interrupted=interrupted)  # fmt: skip
         channel = self.channels.get(verdict.channel) if verdict.kind == "send" and verdict.channel else None
         if interrupted:
-            why_not_again = self._not_again(message, channel, verdict.reason)
+            why_not_again = self._not_again(message, channel, verdict.detail)
             if why_not_again is not None:
-                return Result("uncertain", message.get("sent_channel"), interrupted_reason(why_not_again),
-                              attempt=attempt, guard=guard)  # fmt: skip
+                return Result("uncertain", message.get("sent_channel"), reasons.INTERRUPTED,
+                              interrupted_reason(why_not_again), attempt=attempt, guard=guard)  # fmt: skip
         if verdict.kind == "suppress":
-            return Result("suppressed", verdict.channel, verdict.reason)
+            return Result("suppressed", verdict.channel, verdict.reason, verdict.detail)
         if verdict.kind == "postpone":
-            return Result("postponed", verdict.channel, verdict.reason, at=verdict.at)
+            return Result("postponed", verdict.channel, verdict.reason, verdict.detail, at=verdict.at)
         assert channel is not None
         transactional = bool(message.get("transactional"))
         profile = {k: contact.get(k) for k in PROFILE_FIELDS if contact.get(k) is not None}
@@ -246,10 +251,11 @@ class Dispatcher:
                 html=bool(getattr(channel, "html", False)),  # its title and body go into web pages
             )
         except TemplateError as exc:
-            return Result("failed", channel.name, f"template_error: {exc}", attempt=attempt, guard=guard)
+            return Result("failed", channel.name, reasons.TEMPLATE_ERROR, str(exc), attempt=attempt,
+                          guard=guard)  # fmt: skip
         except Exception as exc:  # a template can fail in many ways; the service must not
-            return Result("failed", channel.name, f"template_error: template `{message['template']}`: {exc}",
-                          attempt=attempt, guard=guard)  # fmt: skip
+            why = f"template `{message['template']}`: {exc}"
+            return Result("failed", channel.name, reasons.TEMPLATE_ERROR, why, attempt=attempt, guard=guard)
         started = self.clock()
         deadline = started + timedelta(seconds=send_timeout(channel, self.policy.lease))
         if is_local(channel):
@@ -276,13 +282,17 @@ class Dispatcher:
             attempt=attempt,
         )
         seconds = (deadline - self.clock()).total_seconds()
-        delivery, cut = await self._call(channel, outbound, seconds)
+        called = monotonic()
+        delivery, cut, code = await self._call(channel, outbound, seconds)
+        latency = monotonic() - called
         if cut and not deduplicates(channel) and not is_local(channel):
             # Cut off mid-call: as after a crash, it may have arrived, and a repeat could not be told apart.
             why = f"cut off after {seconds:.2g}s without an answer, so it may have arrived; not sent again: "
             why += f"`{channel.name}` cannot recognise a repeat"
-            return Result("uncertain", channel.name, why, attempt=attempt, guard=guard)
-        result = self._result(delivery, channel.name, attempt, now)
+            return Result("uncertain", channel.name, reasons.TIMEOUT, why, attempt=attempt, guard=guard,
+                          latency=latency)  # fmt: skip
+        result = self._result(delivery, code, channel.name, attempt, now)
+        result.latency = latency
         # A confirmed delivery is the truth whatever happened meanwhile; anything else is only written
         # while the message is still ours.
         result.guard = {"status": {"$in": ["scheduled", "sending", "uncertain"]}} if (
@@ -291,34 +301,37 @@ class Dispatcher:
 
     async def _call(
         self, channel: Channel, outbound: OutboundMessage, seconds: float
-    ) -> tuple[Delivery, bool]:
-        """The plugin's send, and whether it was cut off after `seconds`; whatever a plugin raises fails
-        only its message."""
+    ) -> tuple[Delivery, bool, str]:
+        """The plugin's send, whether it was cut off after `seconds`, and the reason code should it not be
+        sent; whatever a plugin raises fails only its message."""
         timer = asyncio.timeout(max(seconds, 0.0))
         try:
             async with timer:
                 delivery = await channel.send(outbound)
         except TimeoutError as exc:
             if timer.expired():
-                return Delivery(
-                    "retry", f"no answer within {max(seconds, 0.0):.2g}s (the send timeout)"
-                ), True
-            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False
+                return (
+                    Delivery("retry", f"no answer within {max(seconds, 0.0):.2g}s (the send timeout)"),
+                    True,
+                    reasons.TIMEOUT,
+                )
+            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False, reasons.TIMEOUT
         except OSError as exc:
-            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False
+            return Delivery("retry", f"{type(exc).__name__}: {exc}"), False, reasons.PROVIDER_ERROR
         except (Exception, asyncio.CancelledError) as exc:
             task = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the service is stopping this task: not the plugin's doing
             log.exception("delivery.channel_error", channel=channel.name)
-            return Delivery("failed", f"channel error: {type(exc).__name__}: {exc}"), False
+            error = f"channel error: {type(exc).__name__}: {exc}"
+            return Delivery("failed", error), False, reasons.CHANNEL_ERROR
         if not isinstance(delivery, Delivery):
-            return Delivery(
-                "failed", f"channel error: send returned {type(delivery).__name__}, not a Delivery"
-            ), False
-        return delivery, False
+            error = f"channel error: send returned {type(delivery).__name__}, not a Delivery"
+            return Delivery("failed", error), False, reasons.CHANNEL_ERROR
+        code = reasons.PROVIDER_REJECTED if delivery.status == "failed" else reasons.PROVIDER_ERROR
+        return delivery, False, code
 
-    def _result(self, delivery: Delivery, channel: str, attempt: int, now: datetime) -> Result:
+    def _result(self, delivery: Delivery, code: str, channel: str, attempt: int, now: datetime) -> Result:
         if delivery.status == "sent":
             record = delivery.record
             try:
@@ -326,15 +339,15 @@ class Dispatcher:
             except Exception:  # kept on the message: it must be storable, or it is left out
                 log.warning("delivery.record_dropped", channel=channel, record=repr(record)[:200])
                 record = {}
-            return Result("sent", channel, delivery.reason, provider_id=delivery.provider_id, attempt=attempt,
-                          unreachable=delivery.unreachable, record=record)  # fmt: skip
+            return Result("sent", channel, None, delivery.reason, provider_id=delivery.provider_id,
+                          attempt=attempt, unreachable=delivery.unreachable, record=record)  # fmt: skip
         if delivery.status == "failed":
             return Result(
-                "failed", channel, delivery.reason, attempt=attempt, unreachable=delivery.unreachable
+                "failed", channel, code, delivery.reason, attempt=attempt, unreachable=delivery.unreachable
             )
         if attempt >= self.policy.max_attempts:
             return Result(
-                "dead", channel, f"gave up after {attempt} attempts: {delivery.reason}", attempt=attempt
+                "dead", channel, code, f"gave up after {attempt} attempts: {delivery.reason}", attempt=attempt
             )
         at = now + backoff(attempt, self.policy, delivery.retry_after)
-        return Result("retry", channel, delivery.reason, at=at, attempt=attempt)
+        return Result("retry", channel, code, delivery.reason, at=at, attempt=attempt)

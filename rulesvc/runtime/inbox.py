@@ -33,8 +33,10 @@ from rulesvc.core.engine import (
     pending_from_doc,
 )
 from rulesvc.core.events import MESSAGE_EVENT_TYPES
+from rulesvc.core.messages import Fate, fate_of
 from rulesvc.core.sendpolicy import outcome_changes
 from rulesvc.runtime.fanout import interest_updates
+from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
 from rulesvc.store.audiences import Audiences
@@ -132,6 +134,7 @@ class Inbox:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_scheduled: Callable[[datetime], None] | None = None,
         on_quarantined: Callable[[str], None] | None = None,
+        on_fate: OnFate | None = None,
     ) -> None:
         self.store = store
         self.contact_leases = ContactLeases(store)
@@ -148,6 +151,7 @@ class Inbox:
         self.clock = clock
         self.on_scheduled = on_scheduled
         self.on_quarantined = on_quarantined
+        self.on_fate = on_fate  # each cancelled message, once the cancellation committed
         self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.processed = 0
@@ -292,24 +296,27 @@ class Inbox:
             )
         # An entry armed and cancelled within this batch is written once, already cancelled: the history
         # shows it as a simulation does, without a second write.
-        cancelled_now = {c.entry_id: c.reason for c in decisions.cancel}
+        cancelled_now = {c.entry_id: (c.reason, c.detail) for c in decisions.cancel}
         entries: list[Doc] = []
         messages: list[Doc] = []
+        born_cancelled: list[Fate] = []
         for decided in decisions.schedule:
             entry = entry_doc(decided)
             message = message_doc(decided) if decided.message is not None else None
-            reason = cancelled_now.pop(decided.entry_id, None)
-            if reason is not None:
-                entry.update(status="cancelled", reason=reason, done_at=now)
+            why = cancelled_now.pop(decided.entry_id, None)
+            if why is not None:
+                entry.update(status="cancelled", reason=why[1], done_at=now)
                 if message is not None:
-                    message.update(status="cancelled", reason=reason, cancelled_at=now)
+                    message.update(status="cancelled", reason=why[0], detail=why[1], cancelled_at=now)
+                    born_cancelled.append(fate_of(message, "cancelled", why[0]))
             entries.append(entry)
             if message is not None:
                 messages.append(message)
-        cancels = [Cancellation(entry_id, reason) for entry_id, reason in cancelled_now.items()]
+        cancels = [Cancellation(entry_id, *why) for entry_id, why in cancelled_now.items()]
 
         async def write(session: AsyncClientSession) -> None:
             quarantined.clear()  # a transaction that is retried runs this again from the start
+            cancelled.clear()
             if contact_ops and not await self.contacts.write_states(contact_ops, session):
                 raise VersionConflict()
             if entries:
@@ -317,7 +324,7 @@ class Inbox:
             if messages:
                 await self.messages.insert(messages, session)
             if cancels:
-                await self._cancel(cancels, now, session)
+                cancelled.extend(await self._cancel(cancels, now, session))
             if message_ops:
                 await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)
@@ -334,11 +341,13 @@ class Inbox:
 
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         quarantined: list[bool] = []
+        cancelled: list[Fate] = []
         try:
             await in_transaction(self.store.client, write)  # within the client's deadline
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc
+        tell([*born_cancelled, *cancelled], self.on_fate)  # told once committed
         # Counted once the transaction that quarantined them committed.
         for _ in range(sum(quarantined)):
             if self.on_quarantined is not None:
@@ -379,10 +388,16 @@ class Inbox:
                             self.on_quarantined("inbox")
         return done
 
-    async def _cancel(self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession) -> None:
-        by_reason: dict[str, list[str]] = defaultdict(list)
+    async def _cancel(
+        self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession
+    ) -> list[Fate]:
+        """The cancellations written; the messages they cancelled, for the outcome log."""
+        by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
         for c in cancels:
-            by_reason[c.reason].append(c.entry_id)
-        for reason, ids in by_reason.items():
-            await self.schedule.cancel(ids, reason, now, session)
-            await self.messages.cancel(ids, reason, now, session)
+            by_reason[c.reason, c.detail].append(c.entry_id)
+        fates: list[Fate] = []
+        for (reason, detail), ids in by_reason.items():
+            await self.schedule.cancel(ids, detail, now, session)
+            found = await self.messages.cancel(ids, reason, detail, now, session)
+            fates.extend(fate_of(doc, "cancelled", reason) for doc in found)
+        return fates

@@ -19,8 +19,11 @@ from typing import Any
 import bson
 import structlog
 
+from rulesvc.core import reasons
 from rulesvc.core.engine import timer_event
+from rulesvc.core.messages import Fate
 from rulesvc.runtime.dispatcher import Dispatcher, Result
+from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
@@ -65,6 +68,7 @@ class Scheduler:
         lease: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_timer_event: Callable[[], None] | None = None,
+        on_fate: OnFate | None = None,
     ) -> None:
         self.store = store
         self.schedule = Schedule(store)
@@ -78,6 +82,7 @@ class Scheduler:
         self.lease = lease
         self.clock = clock
         self.on_timer_event = on_timer_event
+        self.on_fate = on_fate  # each recorded outcome, once written (the app counts them)
         self.wake = asyncio.Event()
         self.fired = 0
         self._expired_look = Every(lease / 4)
@@ -161,7 +166,7 @@ class Scheduler:
             for entry in mine:
                 message = messages.get(entry["_id"])
                 if message is None:
-                    done.append((entry, Result("skip", reason="message record missing")))
+                    done.append((entry, Result("skip", detail="message record missing")))
                     continue
                 async with limit:
                     try:
@@ -197,6 +202,15 @@ class Scheduler:
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
         unreachable: list[tuple[str, str, Any]] = []
+        fates: list[Fate] = []
+
+        def fate(entry: Doc, status: str, reason: str | None, r: Result | None = None) -> None:
+            """For the log line: the channel used, else the one the rule named."""
+            sent = entry.get("message")
+            channel = (r and r.channel) or (sent.get("channel") if isinstance(sent, dict) else None)
+            attempt, latency = (r.attempt, r.latency) if r is not None else (0, None)
+            fates.append(Fate(str(entry["_id"]), str(entry.get("contact_id")), str(entry.get("ruleset")),
+                              str(entry.get("rule")), channel, status, reason, attempt, latency))  # fmt: skip
 
         def update(message_id: str, guard: Doc, fields: Doc) -> None:
             key = repr((guard, sorted(fields.items())))
@@ -208,8 +222,10 @@ class Scheduler:
                 assert r.at is not None
                 entry_again.append((mid, r.at))
                 continue
+            if r.kind != "skip":
+                fate(entry, r.kind, r.reason, r)
             if r.kind in ("postponed", "retry"):
-                fields: Doc = {"status": "scheduled", "due_at": r.at, "reason": r.reason}
+                fields: Doc = {"status": "scheduled", "due_at": r.at, "reason": r.reason, "detail": r.detail}
                 if r.kind == "retry":
                     fields |= {"attempt": r.attempt}
                 update(mid, r.guard, fields)
@@ -219,7 +235,7 @@ class Scheduler:
             entry_done.append(mid)
             if r.kind == "skip":
                 continue
-            fields = {"status": r.kind, "reason": r.reason}
+            fields = {"status": r.kind, "reason": r.reason, "detail": r.detail}
             if r.kind == "sent":
                 fields |= {"sent_at": now, "sent_channel": r.channel, "attempt": r.attempt}
                 if r.provider_id:
@@ -231,19 +247,28 @@ class Scheduler:
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
                     unreachable.append((entry["contact_id"], path, value))
+        gone = "its ruleset is no longer loaded"
         for e in removed:
             update(
                 e["_id"],
                 {"status": "scheduled"},
-                {"status": "cancelled", "reason": "ruleset removed", "cancelled_at": now},
+                {
+                    "status": "cancelled",
+                    "reason": reasons.RULESET_REMOVED,
+                    "detail": gone,
+                    "cancelled_at": now,
+                },
             )
+            if "message" in e:
+                fate(e, "cancelled", reasons.RULESET_REMOVED)
         for e, why in aside:
             if "message" in e:
                 update(
                     e["_id"],
                     {"status": {"$in": ["scheduled", "sending"]}},
-                    {"status": "failed", "reason": why},
+                    {"status": "failed", "reason": reasons.PROCESSING_ERROR, "detail": why},
                 )
+                fate(e, "failed", reasons.PROCESSING_ERROR)
         for ids, guard, fields in message_ops.values():
             await self._update_messages(ids, guard, fields)
         errors = await self.contacts.forget_unreachable(unreachable)
@@ -257,6 +282,7 @@ class Scheduler:
                 await self.schedule.finish(ids, owner, status, now, reason)
         for e, why in aside:
             await self.schedule.fail(e["_id"], owner, why, now)
+        tell(fates, self.on_fate)
 
     async def _update_messages(self, ids: list[str], guard: Doc, fields: Doc) -> None:
         """One write for many messages; if the database refuses it (a value it cannot store), one by one,
@@ -274,7 +300,8 @@ class Scheduler:
             except Exception as exc:
                 if transient(exc):
                     raise
-                minimal = {"status": fields["status"], "reason": error_reason(exc)}
+                minimal = {"status": fields["status"], "reason": reasons.PROCESSING_ERROR,
+                           "detail": error_reason(exc)}  # fmt: skip
                 await self.messages.update_one(mid, guard, minimal)
 
     async def _insert_timer_events(

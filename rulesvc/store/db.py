@@ -18,9 +18,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
+from rulesvc.core import reasons
 from rulesvc.core.contacts import Contact, ContactIn
 from rulesvc.core.events import Event, event_time
-from rulesvc.core.messages import Message
+from rulesvc.core.messages import Fate, Message, fate_of
 from rulesvc.store.keys import InboxTokens, Keys
 
 log = structlog.get_logger(__name__)
@@ -182,6 +183,8 @@ class Store:
                     [("contact_id", ASCENDING), ("created_at", DESCENDING)], name="messages_by_contact"
                 ),
                 IndexModel([("status", ASCENDING), ("created_at", DESCENDING)], name="messages_by_status"),
+                # `GET /v1/messages` and `rulesvc messages list` without a status: newest first.
+                IndexModel([("created_at", DESCENDING)], name="messages_by_time"),
             ]
         )
 
@@ -426,30 +429,44 @@ class Store:
             await self._insert_outcome_events([event], now)
         return True
 
-    async def record_outcomes(self, channel: str, outcomes: list[Any], now: datetime | None = None) -> int:
-        """Provider callbacks: find each message (by our id or the provider's) and queue its outcome event."""
+    async def record_outcomes(
+        self, channel: str, outcomes: list[Any], now: datetime | None = None
+    ) -> tuple[int, list[Fate]]:
+        """Provider callbacks: find each message (by our id or the provider's) and queue its outcome event.
+        Returns how many were queued, and each known message's outcome for the outcome log."""
         now = now or datetime.now(UTC)
         events = []
+        fates: list[Fate] = []
         for outcome in outcomes:
             query: Doc = (
                 {"_id": outcome.message_id} if outcome.message_id else {"provider_id": outcome.provider_id}
             )
-            message = await self.messages.find_one(query, {"contact_id": 1})
+            fields = {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "sent_channel": 1, "attempt": 1}
+            message = await self.messages.find_one(query, fields)
             if message is None:
                 continue
             if outcome.status == "failed":
-                await self.messages.update_one(
+                result = await self.messages.update_one(
                     {"_id": message["_id"], "status": {"$in": ["sent", "delivered"]}},
-                    {"$set": {"status": "failed", "reason": outcome.reason}},
+                    {
+                        "$set": {
+                            "status": "failed",
+                            "reason": reasons.DELIVERY_FAILED,
+                            "detail": outcome.reason,
+                        }
+                    },
                 )
+                if result.modified_count:
+                    fates.append(fate_of(message, "failed", reasons.DELIVERY_FAILED))
                 continue
             attributes = {"message_id": message["_id"], "channel": channel, **outcome.attributes}
             if outcome.reason:
                 attributes["reason"] = outcome.reason
             event_id = f"{channel}:{message['_id']}:{outcome.status}"
             events.append((event_id, f"message_{outcome.status}", message["contact_id"], attributes))
+            fates.append(fate_of(message, outcome.status))
         await self._insert_outcome_events(events, now)
-        return len(events)
+        return len(events), fates
 
     async def _insert_outcome_events(self, events: list[tuple[str, str, str, Doc]], now: datetime) -> None:
         if not events:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import Doc, Store
@@ -43,13 +44,22 @@ class Messages:
         """Outcome updates (delivered, opened, bounced, ...) in one write."""
         await self.store.messages.bulk_write(ops, ordered=False, session=session)
 
-    async def cancel(self, ids: list[str], reason: str, now: datetime, session: AsyncClientSession) -> None:
-        """These messages, those still scheduled, are cancelled with the reason."""
-        await self.store.messages.update_many(
+    async def cancel(
+        self, ids: list[str], reason: str, detail: str, now: datetime, session: AsyncClientSession
+    ) -> list[Doc]:
+        """These messages, those still scheduled, are cancelled with the reason; returns those it
+        cancelled (id, contact, ruleset, rule, channel), for the outcome log."""
+        found = await self.store.messages.find(
             {"_id": {"$in": ids}, "status": "scheduled"},
-            {"$set": {"status": "cancelled", "reason": reason, "cancelled_at": now}},
+            {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "attempt": 1},
+            session=session,
+        ).to_list()
+        await self.store.messages.update_many(
+            {"_id": {"$in": [d["_id"] for d in found]}, "status": "scheduled"},
+            {"$set": {"status": "cancelled", "reason": reason, "detail": detail, "cancelled_at": now}},
             session=session,
         )
+        return found
 
     async def sent_since(self, contact_id: str, channel: str, since: datetime) -> int:
         """Marketing messages that went out on `channel` since `since`: what a frequency cap counts."""
@@ -67,3 +77,72 @@ class Messages:
         """The outbox's `sending` mark, set only if the message is still as this process left it."""
         result = await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
         return result.modified_count == 1
+
+    async def get(self, message_id: str) -> Doc | None:
+        return await self.store.messages.find_one({"_id": message_id})
+
+    async def find(
+        self,
+        limit: int,
+        *,
+        before: datetime | None = None,
+        status: str | None = None,
+        channel: str | None = None,
+        contact_id: str | None = None,
+        ruleset: str | None = None,
+        reason: str | None = None,
+    ) -> list[Doc]:
+        """Messages across contacts, newest first, filtered by any of these fields (`channel`: the one the
+        rule named or the one used)."""
+        query: Doc = {}
+        if before is not None:
+            query["created_at"] = {"$lt": before}
+        for name, value in (("status", status), ("contact_id", contact_id), ("ruleset", ruleset),
+                            ("reason", reason)):  # fmt: skip
+            if value is not None:
+                query[name] = value
+        if channel is not None:
+            query["$or"] = [{"channel": channel}, {"sent_channel": channel}]
+        cursor = self.store.messages.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+        return await cursor.limit(limit).to_list()
+
+    async def retry(self, message_id: str, now: datetime, session: AsyncClientSession) -> Doc | None:
+        """A dead, failed or uncertain message back to `scheduled`, due now, its attempts counted afresh;
+        the retry recorded (`retried_at`, `retries`). None if it is in no such status."""
+        return await self.store.messages.find_one_and_update(
+            {"_id": message_id, "status": {"$in": list(RETRYABLE)}},
+            {
+                "$set": {"status": "scheduled", "due_at": now, "attempt": 0, "retried_at": now},
+                "$inc": {"retries": 1},
+                "$unset": dict.fromkeys(FORGOTTEN_ON_RETRY, ""),
+            },
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+
+    async def cancel_scheduled(
+        self, message_id: str, reason: str, detail: str, now: datetime, session: AsyncClientSession
+    ) -> Doc | None:
+        """A scheduled message `cancelled` with the reason; None if it is not scheduled."""
+        return await self.store.messages.find_one_and_update(
+            {"_id": message_id, "status": "scheduled"},
+            {"$set": {"status": "cancelled", "reason": reason, "detail": detail, "cancelled_at": now}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+
+    async def count_status(self, status: str) -> int:
+        """Messages in this status now, e.g. the dead letters."""
+        return await self.store.messages.count_documents({"status": status}, hint="messages_by_status")
+
+    async def scheduled_of(self, contact_id: str, limit: int) -> list[Doc]:
+        """A contact's sends still to go (scheduled, or in a provider call now), soonest first."""
+        query = {"contact_id": contact_id, "status": {"$in": ["scheduled", "sending"]}}
+        return await self.store.messages.find(query).sort([("due_at", ASCENDING)]).limit(limit).to_list()
+
+
+# The statuses an operator may send again from: given up on, refused, or in doubt.
+RETRYABLE = ("dead", "failed", "uncertain")
+# What a retried message forgets: the last attempt's result and its outbox mark.
+FORGOTTEN_ON_RETRY = ("reason", "detail", "sending_at", "sending_until", "send_owner", "resent",
+                      "sent_channel", "sent_at", "provider_id")  # fmt: skip

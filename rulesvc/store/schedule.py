@@ -96,3 +96,37 @@ class Schedule:
             {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
             session=session,
         )
+
+    async def send_again(self, message: Doc, now: datetime, session: AsyncClientSession) -> None:
+        """The entry of a message an operator retries: pending again, due now; made anew from the message
+        if it is gone (its key is the message's own, so no repeat trigger replaces it)."""
+        await self.store.schedule.update_one(
+            {"_id": message["_id"]},
+            {
+                "$set": {"status": "pending", "due_at": now},
+                "$unset": {"owner": "", "lease_until": "", "done_at": "", "reason": ""},
+                "$setOnInsert": {
+                    "contact_id": message["contact_id"],
+                    "ruleset": message["ruleset"],
+                    "rule": message["rule"],
+                    "key": f"retry/{message['_id']}",
+                    "created_at": now,
+                    "cancel_on": [],
+                    "message": {
+                        k: message.get(k)
+                        for k in ("channel", "template", "params", "transactional", "fallback", "guard")
+                    },
+                },
+            },
+            upsert=True,
+            session=session,
+        )
+
+    async def due_sends(self, now: datetime) -> tuple[int, datetime | None]:
+        """(pending sends whose due time has passed, the earliest of their due times): the due queue."""
+        query: Doc = {"status": "pending", "due_at": {"$lte": now}, "message": {"$exists": True}}
+        count = await self.store.schedule.count_documents(query, hint="schedule_due")
+        first = await self.store.schedule.find_one(
+            query, {"due_at": 1}, sort=[("due_at", ASCENDING)], hint="schedule_due"
+        )
+        return count, None if first is None else first["due_at"]

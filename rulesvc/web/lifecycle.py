@@ -125,7 +125,8 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         if isinstance(channel, ManagedChannel):
             await channel.start()
     lease = timedelta(seconds=settings.lease_seconds)
-    scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease)
+    count_fate = app[METRICS].count_fate  # each message outcome, as the log line tells it
+    scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease, on_fate=count_fate)
     quarantined = app[METRICS].events_quarantined
 
     def count_quarantined(stage: str) -> None:
@@ -137,6 +138,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         lease=timedelta(seconds=settings.lease_seconds),
         on_scheduled=scheduler.due_soon,
         on_quarantined=count_quarantined,
+        on_fate=count_fate,
     )
     scheduler.on_timer_event = inbox.wake.set
     fanout = CatalogFanout(

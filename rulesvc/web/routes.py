@@ -23,7 +23,7 @@ from aiohttp import web
 
 from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.core.events import Event, EventsAccepted, EventsRejected
-from rulesvc.core.messages import MessageList
+from rulesvc.core.messages import Message, MessageList
 from rulesvc.core.ruleformat import RulesetFile
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.runtime.rulesets import RULESET_NAME
@@ -49,6 +49,7 @@ from rulesvc.web.schemas import (
     InboxList,
     InboxToken,
     InboxTokenRequest,
+    MessageConflict,
     QuarantineActed,
     QuarantineAction,
     QuarantineList,
@@ -79,6 +80,13 @@ class Route:
         return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
 
 
+MESSAGE_ID: Schema = {
+    "name": "message_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "the message's id as the history shows it (it may contain `/`)",
+}
 EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
 BAD_REQUEST = error("malformed JSON (with the byte position) or a bad query parameter")
 
@@ -260,12 +268,60 @@ ROUTES: list[Route] = [
         types=(MessageList, ErrorBody),
         operation={
             "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
+            "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words.",
             "operationId": "getMessages",
             "parameters": [
                 {"name": "status", "in": "query", "required": True, "schema": {"type": "string"}},
                 *PAGING,
+                query("channel", {"type": "string"}, "only messages the rule named or sent on this channel"),
+                query("contact_id", {"type": "string"}, "only this contact's messages"),
+                query("ruleset", {"type": "string"}, "only messages of this ruleset"),
+                query("reason", {"type": "string"}, "only messages with this reason code, e.g. no_consent"),
             ],
             "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/messages/{message_id:.+}",
+        messages.get_message,
+        "admin",
+        types=(Message, ErrorBody),
+        parameters=[MESSAGE_ID],
+        operation={
+            "summary": "One message: its status, reason code and detail, attempts and retries",
+            "operationId": "getMessage",
+            "responses": {"200": json_body(ref("Message"), "the message"), "404": error("no such message")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/messages/{message_id:.+}/{action:retry|cancel}",
+        messages.post_message_action,
+        "admin",
+        types=(Message, MessageConflict, ErrorBody),
+        parameters=[
+            MESSAGE_ID,
+            {
+                "name": "action",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": ["retry", "cancel"]},
+                "description": "retry: a `dead`, `failed` or `uncertain` message is `scheduled` again, due "
+                "now, its attempts counted afresh (`retries` and `retried_at` record it); cancel: a "
+                "`scheduled` message is `cancelled` with reason `cancelled_by_operator` and never sent",
+            },
+        ],
+        operation={
+            "summary": "Retry a dead letter (or a failed or uncertain message), or cancel a scheduled one",
+            "operationId": "actOnMessage",
+            "responses": {
+                "200": json_body(ref("Message"), "the message after the action"),
+                "404": error("no such message"),
+                "409": json_body(
+                    ref("MessageConflict"), "its status does not allow it (the status, and those allowed)"
+                ),
+            },
         },
     ),
     Route(

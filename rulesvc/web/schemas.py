@@ -185,3 +185,11 @@ class InboxToken(msgspec.Struct):
     token: str
     contact_id: str
     expires_at: datetime
+
+
+class MessageConflict(msgspec.Struct):
+    """409: the action does not apply to the message in its current status."""
+
+    error: str
+    status: str  # the message's status now
+    allowed: list[str]  # the statuses the action applies to

@@ -208,7 +208,8 @@ async def test_refused_recipient_fails_permanently(
     await client.put("/v1/contacts/c1", json={**PROFILE, "email": "nobody@example.com"})
     await go(client)
     [msg] = await settled(client)
-    assert msg["status"] == "failed" and msg["reason"].startswith("recipient refused: 550")
+    assert (msg["status"], msg["reason"]) == ("failed", "provider_rejected")
+    assert msg["detail"].startswith("recipient refused: 550")
     assert box.messages == []
 
 

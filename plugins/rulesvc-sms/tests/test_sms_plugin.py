@@ -130,7 +130,8 @@ async def test_invalid_number_is_a_permanent_failure(
     client = await sms_client(make_client, settings, base)
     await go(client)
     [msg] = await settled(client)
-    assert (msg["status"], msg["reason"]) == ("failed", "HTTP 400: 21211 Invalid 'To' Phone Number")
+    assert (msg["status"], msg["reason"]) == ("failed", "provider_rejected")
+    assert msg["detail"] == "HTTP 400: 21211 Invalid 'To' Phone Number"
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,11 @@ async def test_wrong_secret_is_a_permanent_failure(
     client = await make_client(create_app(setup(settings, [send("webhook", transactional=True)]), channels))
     await go(client)
     [msg] = await settled(client)
-    assert msg["status"] == "failed" and msg["reason"] == "HTTP 401: bad signature"
+    assert (msg["status"], msg["reason"], msg["detail"]) == (
+        "failed",
+        "provider_rejected",
+        "HTTP 401: bad signature",
+    )
     assert receiver.accepted == []
 
 

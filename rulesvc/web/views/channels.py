@@ -12,8 +12,9 @@ from pymongo.errors import PyMongoError
 from rulesvc.channels import MESSAGE_CHANNEL, CallbackChannel, deduplicates, kind_of, status_of
 from rulesvc.plugins import PluginReport, current_parts
 from rulesvc.runtime.dispatcher import send_timeout
+from rulesvc.runtime.fate import tell
 from rulesvc.store.jobs import JobRuns
-from rulesvc.web.keys import CHANNELS, INBOX, PLUGINS, SETTINGS, STORE
+from rulesvc.web.keys import CHANNELS, INBOX, METRICS, PLUGINS, SETTINGS, STORE
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelInfo,
@@ -80,7 +81,8 @@ async def channel_callback(request: web.Request) -> web.Response:
         return error_response(404, f"channel `{name}` takes no callbacks")
     outcomes = await channel.callback(request)
     store = request.app[STORE]
-    accepted = await store.record_outcomes(name, outcomes)
+    accepted, fates = await store.record_outcomes(name, outcomes)
+    tell(fates, request.app[METRICS].count_fate)
     if accepted:
         request.app[INBOX].wake.set()
     return json_response(CallbacksAccepted(accepted))

@@ -1,13 +1,20 @@
-"""Messages by status across contacts (e.g. the dead ones)."""
+"""Messages across contacts (e.g. the dead ones), one message, and an operator's retry or cancel."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from aiohttp import web
 
 from rulesvc.core.messages import MessageList
+from rulesvc.runtime.fate import Refusal, cancel_message, retry_message
 from rulesvc.store.db import message_from_doc
-from rulesvc.web.keys import STORE
-from rulesvc.web.views.base import json_response, query_int, query_time
+from rulesvc.store.messages import Messages
+from rulesvc.web.keys import METRICS, SCHEDULER, STORE
+from rulesvc.web.schemas import MessageConflict
+from rulesvc.web.views.base import error_response, json_response, query_int, query_time
+
+FILTERS = ("channel", "contact_id", "ruleset", "reason")
 
 
 async def get_messages(request: web.Request) -> web.Response:
@@ -16,7 +23,31 @@ async def get_messages(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="query parameter `status` is required, e.g. status=dead")
     limit = query_int(request, "limit", 50, 1, 500)
     before = query_time(request, "before")
-    docs = await request.app[STORE].messages_by_status(status, limit + 1, before)
+    filters = {name: request.query[name] for name in FILTERS if name in request.query}
+    docs = await Messages(request.app[STORE]).find(limit + 1, before=before, status=status, **filters)
     messages = [message_from_doc(d) for d in docs[:limit]]
     next_before = messages[-1].created_at if len(docs) > limit else None
     return json_response(MessageList(messages, next_before))
+
+
+async def get_message(request: web.Request) -> web.Response:
+    doc = await Messages(request.app[STORE]).get(request.match_info["message_id"])
+    if doc is None:
+        return error_response(404, "no such message")
+    return json_response(message_from_doc(doc))
+
+
+async def post_message_action(request: web.Request) -> web.Response:
+    """`retry`: a dead, failed or uncertain message goes out again now; `cancel`: a scheduled one never."""
+    message_id, action = request.match_info["message_id"], request.match_info["action"]
+    act = retry_message if action == "retry" else cancel_message
+    result = await act(request.app[STORE], message_id, datetime.now(UTC), request.app[METRICS].count_fate)
+    if result is None:
+        return error_response(404, "no such message")
+    if isinstance(result, Refusal):
+        allowed = ", ".join(result.allowed)
+        error = f"the message is {result.status}; {action} applies to a message that is {allowed}"
+        return json_response(MessageConflict(error, result.status, list(result.allowed)), 409)
+    if action == "retry" and SCHEDULER in request.app:
+        request.app[SCHEDULER].wake.set()  # due now
+    return json_response(message_from_doc(result))

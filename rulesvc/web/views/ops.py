@@ -9,6 +9,8 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from rulesvc.metrics import CONTENT_TYPE_LATEST
+from rulesvc.store.messages import Messages
+from rulesvc.store.schedule import Schedule
 from rulesvc.web.keys import METRICS, OPENAPI, RULESETS, SETTINGS, STORE
 from rulesvc.web.schemas import Health
 from rulesvc.web.views.base import json_response
@@ -66,11 +68,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
+    store = request.app[STORE]
     try:
-        metrics.inbox_pending.set(await request.app[STORE].pending_count())
-        metrics.quarantine_size.set(await request.app[STORE].quarantine_size())
+        now = datetime.now(UTC)
+        metrics.inbox_pending.set(await store.pending_count())
+        oldest = await store.oldest_pending()
+        metrics.inbox_lag.set(0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()))
+        metrics.quarantine_size.set(await store.quarantine_size())
+        due, first_due = await Schedule(store).due_sends(now)
+        metrics.due_messages.set(due)
+        metrics.due_oldest_age.set(0.0 if first_due is None else max(0.0, (now - first_due).total_seconds()))
+        metrics.dead_letters.set(await Messages(store).count_status("dead"))
     except PyMongoError:
-        pass
+        pass  # the last values stay; /readyz says MongoDB is away
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
