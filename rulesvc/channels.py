@@ -244,7 +244,7 @@ class Delivery:
     """`retry` is for timeouts, 5xx and 429; `failed` is permanent (the provider said no)."""
 
     status: Literal["sent", "failed", "retry"]
-    reason: str | None = None
+    reason: str | None = None  # the detail; may start with a reason code and ": " (`template_error: ...`)
     retry_after: float | None = None  # seconds, from the provider's Retry-After
     provider_id: str | None = None
     # Addresses the provider called dead: removed from the contact (e.g. ("push_tokens", token)).

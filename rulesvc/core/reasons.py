@@ -58,3 +58,13 @@ REASONS: Final[dict[str, tuple[str, str]]] = {
     RULESET_REMOVED: ("cancelled", "its ruleset is no longer loaded"),
     CANCELLED_BY_OPERATOR: ("cancelled", "POST /v1/messages/{id}/cancel or `rulesvc messages cancel`"),
 }
+
+
+def split_code(text: str | None, default: str) -> tuple[str, str | None]:
+    """(code, detail) of a plugin's reason: a plugin may start it with a code of this table and a colon
+    (`template_error: ...`) to name its own; otherwise `default`."""
+    if text:
+        code, sep, rest = text.partition(": ")
+        if sep and code in REASONS:
+            return code, rest
+    return default, text

@@ -341,13 +341,12 @@ class Dispatcher:
                 record = {}
             return Result("sent", channel, None, delivery.reason, provider_id=delivery.provider_id,
                           attempt=attempt, unreachable=delivery.unreachable, record=record)  # fmt: skip
+        code, detail = reasons.split_code(delivery.reason, code)
         if delivery.status == "failed":
-            return Result(
-                "failed", channel, code, delivery.reason, attempt=attempt, unreachable=delivery.unreachable
-            )
+            return Result("failed", channel, code, detail, attempt=attempt, unreachable=delivery.unreachable)
         if attempt >= self.policy.max_attempts:
             return Result(
-                "dead", channel, code, f"gave up after {attempt} attempts: {delivery.reason}", attempt=attempt
+                "dead", channel, code, f"gave up after {attempt} attempts: {detail}", attempt=attempt
             )
         at = now + backoff(attempt, self.policy, delivery.retry_after)
-        return Result("retry", channel, code, delivery.reason, at=at, attempt=attempt)
+        return Result("retry", channel, code, detail, at=at, attempt=attempt)

@@ -29,7 +29,7 @@ GUARDING_FILTERS = frozenset({"default", "d"})
 
 
 class TemplateError(Exception):
-    """The message fails with reason `template_error: <this message>`."""
+    """The message fails with reason `template_error`, this message as its detail."""
 
 
 class Missing(jinja2.ChainableUndefined):
