@@ -361,3 +361,33 @@ def test_contacts_show_lists_a_pending_send_with_its_due_time(service: ServicePr
     assert datetime.fromisoformat(entry["due_at"]) == due
     # The sent message was decided when the service read the events (now), after both event times.
     assert [x["kind"] for x in as_json["timeline"]] == ["event", "event", "message"]
+
+
+async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: Any, settings: Any) -> None:
+    """In process, with a provider that calls back (tests/test_delivery.py): `delivered` is told too."""
+    from structlog.testing import capture_logs
+
+    from rulesvc.web.app import create_app
+    from tests.test_delivery import PROFILE, Provider, go, registry, settled, setup
+    from tests.test_delivery import send as send_on
+
+    push = Provider("push", needs="push_tokens")
+    client = await make_client(
+        create_app(setup(settings, [send_on("push", transactional=True)]), registry(push))
+    )
+    await client.put("/v1/contacts/c1", json=PROFILE)
+    await go(client)
+    [msg] = await settled(client)
+    report = {"id": f"p-{msg['message_id']}", "status": "delivered"}
+    with capture_logs() as logs:
+        resp = await client.post(
+            "/v1/channels/push/callbacks", json=report, headers={"X-Provider-Token": "s3cret"}
+        )
+        assert resp.status == 200
+    told = [x for x in logs if x["event"] == "message.outcome"]
+    assert [(x["message_id"], x["status"], x["channel"], x["contact_id"]) for x in told] == [
+        (msg["message_id"], "delivered", "push", "c1")
+    ]
+    text = await (await client.get("/metrics")).text()
+    assert 'rulesvc_messages_total{channel="push",reason="",status="delivered"} 1.0' in text
+    assert 'rulesvc_messages_total{channel="push",reason="",status="sent"} 1.0' in text
