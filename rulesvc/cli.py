@@ -353,10 +353,12 @@ def messages_command(args: argparse.Namespace) -> int:
                 return 1
             sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(message_from_doc(doc))) + b"\n")
             return 0
-        action = retry_message if args.messages_command == "retry" else cancel_message
         failed = 0
         for message_id in args.ids:
-            result = await action(store, message_id, datetime.now(UTC))
+            if args.messages_command == "retry":
+                result = await retry_message(store, message_id, datetime.now(UTC))
+            else:
+                result = await cancel_message(store, message_id, datetime.now(UTC))
             if result is None:
                 print(f"rulesvc: no message {message_id}", file=sys.stderr)
                 failed += 1

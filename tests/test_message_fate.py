@@ -264,6 +264,10 @@ def test_a_dead_letter_is_retried_over_http_and_from_the_shell(service: ServiceP
     assert now[dead_key] - before.get(dead_key, 0) == 2
     assert now[retry_key] - before.get(retry_key, 0) == 2
 
+    listed = service.cli("messages", "list", "--status", "dead", "--channel", "webhook", "--json")
+    assert listed.returncode == 0, listed.stderr
+    dead_now = {m["message_id"]: m["reason"] for m in json.loads(listed.stdout)}
+    assert dead_now == {dead1["message_id"]: "provider_error", dead2["message_id"]: "provider_error"}
     status, body = service.request("POST", path(dead1["message_id"], "retry"))
     assert status == 200, body
     assert (body["status"], body["retries"], body.get("attempt", 0)) == ("scheduled", 1, 0)

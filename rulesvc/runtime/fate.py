@@ -53,9 +53,7 @@ class Refusal:
     allowed: tuple[str, ...]
 
 
-async def retry_message(
-    store: Store, message_id: str, now: datetime, on_fate: OnFate | None = None
-) -> Doc | Refusal | None:
+async def retry_message(store: Store, message_id: str, now: datetime) -> Doc | Refusal | None:
     """A dead, failed or uncertain message back to `scheduled`, due now, with a schedule entry: the
     message (after), a Refusal (its status does not allow it), or None (no such message)."""
     messages, schedule = Messages(store), Schedule(store)
@@ -69,8 +67,9 @@ async def retry_message(
     doc = await in_transaction(store.client, write)
     if doc is None:
         return await _refusal(messages, message_id, RETRYABLE)
-    log.info("message.retried", message_id=message_id, retries=doc.get("retries"))
-    tell([fate_of(doc, "scheduled")], on_fate)
+    # Not an outcome (its next send is one): its own line, and no count.
+    log.info("message.retried", message_id=message_id, contact_id=doc.get("contact_id"),
+             retries=doc.get("retries"))  # fmt: skip
     return doc
 
 

@@ -40,8 +40,11 @@ async def get_message(request: web.Request) -> web.Response:
 async def post_message_action(request: web.Request) -> web.Response:
     """`retry`: a dead, failed or uncertain message goes out again now; `cancel`: a scheduled one never."""
     message_id, action = request.match_info["message_id"], request.match_info["action"]
-    act = retry_message if action == "retry" else cancel_message
-    result = await act(request.app[STORE], message_id, datetime.now(UTC), request.app[METRICS].count_fate)
+    store, now = request.app[STORE], datetime.now(UTC)
+    if action == "retry":
+        result = await retry_message(store, message_id, now)
+    else:
+        result = await cancel_message(store, message_id, now, request.app[METRICS].count_fate)
     if result is None:
         return error_response(404, "no such message")
     if isinstance(result, Refusal):
