@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from rulesvc.core.reasons import REASONS
+
+REASON_DOC = "why the message is not (or not yet) sent: a reason code (docs/channels.md, 'Reason codes')"
+DETAIL_DOC = "the reason in words: which channel, what the provider answered"
 
 MessageStatus = Literal[
     "scheduled",
@@ -36,8 +41,8 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     status: MessageStatus
     # Why it is not (or not yet) sent: a stable code (docs/channels.md lists them), to filter and count
     # by; `detail` is the sentence for a person (which channel, what the provider said).
-    reason: str | None = None
-    detail: str | None = None
+    reason: Annotated[str, msgspec.Meta(description=REASON_DOC, examples=sorted(REASONS))] | None = None
+    detail: Annotated[str, msgspec.Meta(description=DETAIL_DOC)] | None = None
     transactional: bool = False
     created_at: datetime
     due_at: datetime | None = None
