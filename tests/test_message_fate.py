@@ -374,6 +374,7 @@ async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: 
     from rulesvc.web.app import create_app
     from tests.test_delivery import PROFILE, Provider, go, registry, settled, setup
     from tests.test_delivery import send as send_on
+    from tests.test_live_engine import eventually
 
     push = Provider("push", needs="push_tokens")
     client = await make_client(
@@ -383,15 +384,25 @@ async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: 
     await go(client)
     [msg] = await settled(client)
     report = {"id": f"p-{msg['message_id']}", "status": "delivered"}
+    failed = {"id": f"p-{msg['message_id']}", "status": "failed"}  # a carrier's later refusal
     with capture_logs() as logs:
-        resp = await client.post(
-            "/v1/channels/push/callbacks", json=report, headers={"X-Provider-Token": "s3cret"}
-        )
-        assert resp.status == 200
-    told = [x for x in logs if x["event"] == "message.outcome"]
-    assert [(x["message_id"], x["status"], x["channel"], x["contact_id"]) for x in told] == [
-        (msg["message_id"], "delivered", "push", "c1")
+        for body in (report, failed):
+            headers = {"X-Provider-Token": "s3cret"}
+            assert (
+                await client.post("/v1/channels/push/callbacks", json=body, headers=headers)
+            ).status == 200
+
+        async def both_told() -> bool:
+            return len([x for x in logs if x["event"] == "message.outcome"]) == 2
+
+        await eventually(both_told, 10)
+    lines = [x for x in logs if x["event"] == "message.outcome"]
+    assert sorted(
+        (x["message_id"], x["status"], x["reason"], x["channel"], x["contact_id"]) for x in lines
+    ) == [
+        (msg["message_id"], "delivered", None, "push", "c1"),  # recorded by the inbox from the event
+        (msg["message_id"], "failed", "delivery_failed", "push", "c1"),  # recorded by the callback itself
     ]
     text = await (await client.get("/metrics")).text()
-    assert 'rulesvc_messages_total{channel="push",reason="",status="delivered"} 1.0' in text
-    assert 'rulesvc_messages_total{channel="push",reason="",status="sent"} 1.0' in text
+    for status, reason in (("sent", ""), ("delivered", ""), ("failed", "delivery_failed")):
+        assert f'rulesvc_messages_total{{channel="push",reason="{reason}",status="{status}"}} 1.0' in text

@@ -57,8 +57,11 @@ OUTCOME_RANK = {"scheduled": 0, "sending": 0, "sent": 1, "delivered": 2, "opened
                 "replied": 4, "bounced": 5, "blocked": 5}  # fmt: skip
 
 
-def apply_outcome(doc: Doc, messages: dict[str, Doc], view: ContactView) -> list[Any]:
-    """A message_* event: record it on the message, give rules its channel/template, act on bad news."""
+def apply_outcome(
+    doc: Doc, messages: dict[str, Doc], view: ContactView, told: list[Fate] | None = None
+) -> list[Any]:
+    """A message_* event: record it on the message, give rules its channel/template, act on bad news;
+    its fate (delivered, opened, ...) goes to `told`, for the outcome log once committed."""
     attributes = doc.setdefault("attributes", {})
     outcome = doc["type"].removeprefix("message_")
     message_id = attributes.get("message_id")
@@ -76,6 +79,8 @@ def apply_outcome(doc: Doc, messages: dict[str, Doc], view: ContactView) -> list
             update["$set"]["status"] = outcome
             message["status"] = outcome
         ops.append(UpdateOne({"_id": message["_id"]}, update))
+        if told is not None:
+            told.append(fate_of({**message, "sent_channel": channel}, outcome))
     profile, suppressed = outcome_changes(outcome, channel, doc["time"].timestamp())
     view.profile.update(profile)
     view.profile_set.update(profile)
@@ -225,6 +230,7 @@ class Inbox:
         views: dict[str, ContactView] = {}
         found_by: dict[str, list[Decisions]] = defaultdict(list)
         outcome_ops: dict[str, list[Any]] = defaultdict(list)
+        outcome_fates: dict[str, list[Fate]] = defaultdict(list)
         failed: dict[str, tuple[Doc, BaseException]] = {}
         outcome_ids = [
             d["attributes"]["message_id"]
@@ -245,7 +251,7 @@ class Inbox:
                 view = views[cid] = contact_view(cid, contacts.get(cid), pending.get(cid, []))
             try:
                 if doc["type"] in MESSAGE_EVENT_TYPES:
-                    outcome_ops[cid].extend(apply_outcome(doc, messages, view))
+                    outcome_ops[cid].extend(apply_outcome(doc, messages, view, outcome_fates[cid]))
                 found_by[cid].append(engine.evaluate(engine_event(doc), view, now))
             except Exception as exc:  # one event's fault: the other contacts of the batch go on
                 failed[cid] = (doc, exc)
@@ -254,6 +260,7 @@ class Inbox:
             del views[cid]  # nothing of a failed contact is written but the failure itself
             found_by.pop(cid, None)
             outcome_ops.pop(cid, None)
+            outcome_fates.pop(cid, None)
         decisions = Decisions()
         for found in (f for per in found_by.values() for f in per):
             decisions.schedule.extend(found.schedule)
@@ -263,7 +270,8 @@ class Inbox:
         decided = [e for e in events if e["contact_id"] in views]
         message_ops = [op for ops in outcome_ops.values() for op in ops]
         failures = [(doc, exc) for doc, exc in failed.values()]
-        await self._commit(decided, views, contacts, decisions, now, message_ops, failures)
+        told = [f for fates in outcome_fates.values() for f in fates]
+        await self._commit(decided, views, contacts, decisions, now, message_ops, failures, told)
         self.processed += len(decided)
         log.debug("inbox.batch", events=len(decided), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
@@ -279,7 +287,9 @@ class Inbox:
         now: datetime,
         message_ops: list[Any],
         failures: list[tuple[Doc, BaseException]],
+        told: list[Fate] | None = None,
     ) -> None:
+        """`told`: the outcomes the batch's message_* events recorded, logged once committed."""
         contact_ops: list[Any] = []
         for cid, view in views.items():
             version = (contacts.get(cid) or {}).get("version")
@@ -347,7 +357,7 @@ class Inbox:
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc
-        tell([*born_cancelled, *cancelled], self.on_fate)  # told once committed
+        tell([*born_cancelled, *cancelled, *(told or [])], self.on_fate)  # told once committed
         # Counted once the transaction that quarantined them committed.
         for _ in range(sum(quarantined)):
             if self.on_quarantined is not None:

@@ -433,7 +433,8 @@ class Store:
         self, channel: str, outcomes: list[Any], now: datetime | None = None
     ) -> tuple[int, list[Fate]]:
         """Provider callbacks: find each message (by our id or the provider's) and queue its outcome event.
-        Returns how many were queued, and each known message's outcome for the outcome log."""
+        Returns how many were queued, and the fates of the messages a `failed` report failed (the others
+        are told when the inbox records their event)."""
         now = now or datetime.now(UTC)
         events = []
         fates: list[Fate] = []
@@ -464,7 +465,6 @@ class Store:
                 attributes["reason"] = outcome.reason
             event_id = f"{channel}:{message['_id']}:{outcome.status}"
             events.append((event_id, f"message_{outcome.status}", message["contact_id"], attributes))
-            fates.append(fate_of(message, outcome.status))
         await self._insert_outcome_events(events, now)
         return len(events), fates
 
