@@ -308,6 +308,15 @@ def _when(value: Any) -> str:
     return f"{value:%Y-%m-%dT%H:%M:%SZ}" if isinstance(value, datetime) else "-"
 
 
+def _in(delta: Any) -> str:
+    """` (in 2h 5m)`, or ` (overdue)`: how far a due time is, at a glance."""
+    seconds = int(delta.total_seconds())
+    if seconds < 0:
+        return " (overdue)"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f" (in {hours}h {minutes}m)" if hours else f" (in {minutes}m {seconds % 60}s)"
+
+
 def _message_line(m: Any) -> str:
     """One message in a line: id, time, contact, ruleset/rule, channel, status, reason code, detail."""
     channel = m.sent_channel or m.channel
@@ -378,7 +387,7 @@ def messages_command(args: argparse.Namespace) -> int:
 
 def contacts_command(args: argparse.Namespace) -> int:
     """`contacts show`: what the service knows of one contact, and what it did and will do for them."""
-    from datetime import timedelta
+    from datetime import UTC, timedelta
 
     from rulesvc.core.ids import id_problem
     from rulesvc.store.db import Store, contact_from_doc, message_from_doc
@@ -436,8 +445,10 @@ def contacts_command(args: argparse.Namespace) -> int:
         print("\npending sends (soonest first):")
         if not pending:
             print("  none")
+        now = datetime.now(UTC)
         for m in pending:
-            print(f"  due {_when(m.due_at)}  {m.ruleset}/{m.rule}  {m.channel}:{m.template}  {m.status}"
+            left = _in(m.due_at - now) if m.due_at is not None else ""
+            print(f"  due {_when(m.due_at)}{left}  {m.ruleset}/{m.rule}  {m.channel}:{m.template}  {m.status}"
                   f"  id={m.message_id}")  # fmt: skip
         return 0
 
