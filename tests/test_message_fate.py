@@ -408,3 +408,10 @@ async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: 
     text = await (await client.get("/metrics")).text()
     for status, reason in (("sent", ""), ("delivered", ""), ("failed", "delivery_failed")):
         assert f'rulesvc_messages_total{{channel="push",reason="{reason}",status="{status}"}} 1.0' in text
+
+
+@pytest.mark.parametrize("junk", ["%ED%A0%80", "%00", "%FF%FE", "x" * 5000, "a%2Fb", "%20"])
+async def test_junk_message_ids_are_404_never_a_server_error(client: Any, junk: str) -> None:
+    for method, suffix in (("GET", ""), ("POST", "/retry"), ("POST", "/cancel")):
+        resp = await client.request(method, f"/v1/messages/{junk}{suffix}")
+        assert resp.status == 404, (method, junk, await resp.text())
