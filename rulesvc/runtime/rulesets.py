@@ -62,6 +62,17 @@ def ruleset_files(directory: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.json")) if p.name not in NOT_RULESETS}
 
 
+def folder_problem(directory: Path) -> str | None:
+    """Why a rulesets folder gives no rulesets, with its absolute path: a service started in another
+    directory finds none, and says so rather than serving while it sends nothing."""
+    where = directory.absolute()
+    if not directory.is_dir():
+        return f"the rulesets folder {where} does not exist"
+    if not ruleset_files(directory):
+        return f"no rulesets in {where}"
+    return None
+
+
 def read_source(path: Path) -> bytes:
     try:
         return path.read_bytes()

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 from aiohttp import web
 
 from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
@@ -26,33 +27,40 @@ from rulesvc.core.events import Event, EventsAccepted, EventsRejected
 from rulesvc.core.messages import MessageList
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.web import openapi
+from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
     INBOX_REFUSED,
-    PAGING,
     Schema,
     contact_id_param,
     error,
     json_body,
-    query,
     ref,
 )
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelList,
+    ContactMessagesQuery,
     ErrorBody,
     EventList,
     Health,
     InboxAction,
+    InboxActionQuery,
     InboxList,
+    InboxQuery,
     InboxToken,
     InboxTokenRequest,
+    MessagesQuery,
+    NoQuery,
+    PagingQuery,
     QuarantineActed,
     QuarantineAction,
     QuarantineList,
+    QuarantineQuery,
     RulesetList,
 )
 from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
+from rulesvc.web.views.base import QueryRejected, parse_query
 
 Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,6 +74,9 @@ class Route:
     access: Access
     types: tuple[Any, ...] = ()  # the msgspec types the operation refers to: the document's components
     parameters: list[Schema] | None = None  # path parameters, shared by the operations on the path
+    # The query parameters: checked before the handler runs (422 for an unknown name or a bad value) and
+    # documented from the same struct. None: not checked (a provider's callback URL is the provider's).
+    query: type[msgspec.Struct] | None = NoQuery
     operation: Schema = field(default_factory=dict)
 
     @property
@@ -150,15 +161,12 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/messages",
         contacts.get_contact_messages,
         "admin",
+        query=ContactMessagesQuery,
         types=(MessageList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "The contact's message history, newest first",
             "operationId": "getContactMessages",
-            "parameters": [
-                *PAGING,
-                query("status", {"type": "string"}, "only messages in this status"),
-            ],
             "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
         },
     ),
@@ -167,12 +175,12 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/events",
         contacts.get_contact_events,
         "admin",
+        query=PagingQuery,
         types=(EventList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "The contact's recent events, newest first",
             "operationId": "getContactEvents",
-            "parameters": PAGING,
             "responses": {"200": json_body(ref("EventList"), "events"), "400": BAD_REQUEST},
         },
     ),
@@ -203,16 +211,13 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/inbox",
         inbox.get_inbox,
         "inbox",
+        query=InboxQuery,
         types=(InboxList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "In-app messages to show now (delivered, not dismissed), newest first",
             "description": "Title and body are HTML (parameters escaped)." + INBOX_ACCESS,
             "operationId": "getInbox",
-            "parameters": [
-                query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items"),
-                query("token", {"type": "string"}, "the contact's inbox token, if not in the header"),
-            ],
             "responses": {
                 "200": json_body(ref("InboxList"), "messages"),
                 "400": BAD_REQUEST,
@@ -225,6 +230,7 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/inbox/{message_id:.+}",
         inbox.post_inbox_action,
         "inbox",
+        query=InboxActionQuery,
         types=(InboxAction, SimulateRejected, ErrorBody),
         parameters=[
             contact_id_param(),
@@ -252,14 +258,11 @@ ROUTES: list[Route] = [
         "/v1/messages",
         messages.get_messages,
         "admin",
+        query=MessagesQuery,
         types=(MessageList, ErrorBody),
         operation={
             "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
             "operationId": "getMessages",
-            "parameters": [
-                {"name": "status", "in": "query", "required": True, "schema": {"type": "string"}},
-                *PAGING,
-            ],
             "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
         },
     ),
@@ -268,16 +271,13 @@ ROUTES: list[Route] = [
         "/v1/events/quarantine",
         quarantine.get_quarantine,
         "admin",
+        query=QuarantineQuery,
         types=(QuarantineList, ErrorBody),
         operation={
             "summary": "Events set aside after their evaluation failed repeatedly, newest first",
             "description": "Every other event went on meanwhile. Each has its error, the stage that "
             "failed (`inbox`: the contact's rules; `fanout`: copying a catalog event) and its attempts.",
             "operationId": "getQuarantine",
-            "parameters": [
-                PAGING[0],
-                query("before", {"type": "string", "format": "date-time"}, "quarantined before this"),
-            ],
             "responses": {"200": json_body(ref("QuarantineList"), "quarantined events"), "400": BAD_REQUEST},
         },
     ),
@@ -327,6 +327,7 @@ ROUTES: list[Route] = [
         "/v1/channels/{name}/callbacks",
         channels.channel_callback,
         "signed-by-provider",
+        query=None,
         types=(CallbacksAccepted, ErrorBody),
         parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
         operation={
@@ -413,8 +414,10 @@ ROUTES: list[Route] = [
         types=(Health,),
         operation={
             "summary": "Ready to serve: MongoDB reachable and rulesets loaded",
-            "description": "200 with status `degraded` when it serves but needs a look: the oldest "
-            "unprocessed event waited too long, or events were quarantined recently (`checks` says).",
+            "description": "200 with status `degraded` when it serves but needs a look: no rulesets "
+            "loaded, a refused ruleset, a ruleset sending on a channel that is not configured, the oldest "
+            "unprocessed event waited too long, or events were quarantined recently. `checks` has a line "
+            "per part, `reasons` a sentence per problem.",
             "operationId": "readyz",
             "responses": {
                 "200": json_body(ref("Health"), "ready (`ok` or `degraded`)"),
@@ -454,12 +457,28 @@ def access(method: str, canonical: str) -> Access:
     return _ACCESS.get(("GET" if method == "HEAD" else method, canonical), "admin")
 
 
+def checking_query(route: Route) -> Handler:
+    """The route's handler behind its query check: the view reads the parsed struct (`query_of`)."""
+    spec = route.query
+    if spec is None:
+        return route.handler
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            request[QUERY] = parse_query(request, spec)
+        except QueryRejected as exc:
+            return exc.response()
+        return await route.handler(request)
+
+    return handler
+
+
 def setup_routes(app: web.Application) -> None:
     for route in ROUTES:
         if route.method == "GET":
-            app.router.add_get(route.path, route.handler)  # and HEAD
+            app.router.add_get(route.path, checking_query(route))  # and HEAD
         else:
-            app.router.add_route(route.method, route.path, route.handler)
+            app.router.add_route(route.method, route.path, checking_query(route))
 
 
 @functools.cache

@@ -8,15 +8,23 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from rulesvc.core.durations import DURATION_PATTERN
+from rulesvc.core.messages import MessageStatus
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """`field` and `allowed` when one named input was refused (a query parameter): what to change it to."""
+
     error: str
+    field: str | None = None
+    allowed: list[str] | None = None
 
 
 class Health(msgspec.Struct):
+    """`checks`: one line per part; `reasons`: one sentence per problem, empty when `ok`."""
+
     status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = msgspec.field(default_factory=dict)
+    reasons: list[str] = msgspec.field(default_factory=list)
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True):
@@ -140,3 +148,49 @@ class InboxToken(msgspec.Struct):
     token: str
     contact_id: str
     expires_at: datetime
+
+
+# Query parameters: one struct per route (`Route.query` in web/routes.py). The same struct checks the
+# request (web/views/base.py `parse_query`: unknown names, enum values, ranges, times: 422) and becomes
+# the operation's OpenAPI `parameters` (web/openapi.py `query_parameters`), so the two cannot differ.
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=500, description="most items to return")]
+Before = Annotated[datetime, msgspec.Meta(description="only items older than this (paging: `next_before`)")]
+
+
+class NoQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """A route that takes no query parameters: any given is a typo worth a 422, not silence."""
+
+
+class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    status: Annotated[MessageStatus, msgspec.Meta(description="messages in this status, e.g. dead")]
+    limit: Limit = 50
+    before: Before | None = None
+
+
+class ContactMessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: Before | None = None
+    status: Annotated[MessageStatus, msgspec.Meta(description="only messages in this status")] | None = None
+
+
+class PagingQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: Before | None = None
+
+
+class QuarantineQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: Annotated[datetime, msgspec.Meta(description="only events quarantined before this")] | None = None
+
+
+InboxTokenParam = Annotated[str, msgspec.Meta(description="the contact's inbox token, if not in the header")]
+
+
+class InboxQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="most items to return")] = 20
+    token: InboxTokenParam | None = None
+
+
+class InboxActionQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    token: InboxTokenParam | None = None

@@ -7,16 +7,13 @@ from aiohttp import web
 from rulesvc.core.messages import MessageList
 from rulesvc.store.db import message_from_doc
 from rulesvc.web.keys import STORE
-from rulesvc.web.views.base import json_response, query_int, query_time
+from rulesvc.web.schemas import MessagesQuery
+from rulesvc.web.views.base import json_response, query_of
 
 
 async def get_messages(request: web.Request) -> web.Response:
-    status = request.query.get("status")
-    if status is None:
-        raise web.HTTPBadRequest(text="query parameter `status` is required, e.g. status=dead")
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = query_time(request, "before")
-    docs = await request.app[STORE].messages_by_status(status, limit + 1, before)
-    messages = [message_from_doc(d) for d in docs[:limit]]
-    next_before = messages[-1].created_at if len(docs) > limit else None
+    query = query_of(request, MessagesQuery)
+    docs = await request.app[STORE].messages_by_status(query.status, query.limit + 1, query.before)
+    messages = [message_from_doc(d) for d in docs[: query.limit]]
+    next_before = messages[-1].created_at if len(docs) > query.limit else None
     return json_response(MessageList(messages, next_before))

@@ -1,0 +1,166 @@
+"""/readyz tells the truth: `degraded` (still 200) with one reason per problem when the service runs but
+will not do what the operator expects (no rulesets, a refused ruleset, a channel the rulesets send on
+that is not configured), and the warnings `rulesvc serve` logs at start-up. Real mongod, the real app,
+and `rulesvc serve` as a process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from rulesvc.config import Settings
+from rulesvc.store.mongod import EmbeddedMongod
+from rulesvc.web.app import create_app
+from tests.rulesets_helpers import write_ruleset
+from tests.service import ServiceProcess
+
+Client = Any
+
+
+def sends(channel: str, template: str = "t") -> dict[str, Any]:
+    return {"rules": [{"name": "r", "when": {"event": "t"}, "then": [{"send": {"channel": channel, "template": template}}]}]}  # fmt: skip
+
+
+async def ready(client: Client) -> tuple[int, dict[str, Any]]:
+    resp = await client.get("/readyz")
+    return resp.status, await resp.json()
+
+
+async def test_no_rulesets_is_degraded_with_the_folder_looked_in(client: Client, settings: Settings) -> None:
+    status, body = await ready(client)
+    folder = Path(settings.rulesets_dir).absolute()
+    assert status == 200 and body["status"] == "degraded", body
+    assert body["reasons"] == [
+        f"no rulesets loaded: the rulesets folder {folder} does not exist; events are accepted but nothing is sent"
+    ]
+    assert set(body["checks"]) == {"mongodb", "rulesets", "inbox", "quarantine", "channels"}
+    assert body["checks"]["inbox"] == "no unprocessed events"
+    assert body["checks"]["rulesets"] == "0 loaded"
+
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a ruleset")
+    await client.post("/v1/rulesets/reload")
+    assert (await ready(client))[1]["reasons"] == [
+        f"no rulesets loaded: no rulesets in {folder}; events are accepted but nothing is sent"
+    ]
+
+
+async def test_a_working_set_is_ok(make_client: Any, settings: Settings) -> None:
+    write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+    status, body = await ready(await make_client(create_app(settings)))
+    assert (status, body["status"], body["reasons"]) == (200, "ok", []), body
+    assert body["checks"]["channels"] == "1 used, all configured"
+    assert body["checks"]["rulesets"] == "1 loaded"
+
+
+async def test_refused_ruleset_is_named_with_its_first_error(make_client: Any, settings: Settings) -> None:
+    folder = Path(settings.rulesets_dir)
+    write_ruleset(folder, "seen", sends("inapp"))
+    (folder / "broken.json").write_text('{"rules": [')
+    unknown = sends("inapp")
+    unknown["rules"][0]["then"][0]["send"]["channel"] = "fax"
+    unknown["rules"][0]["when"]["event"] = 7
+    write_ruleset(folder, "twice", unknown)
+    client = await make_client(create_app(settings))
+    status, body = await ready(client)
+    assert status == 200 and body["status"] == "degraded", body
+    listed = {r["name"]: r for r in (await (await client.get("/v1/rulesets")).json())["rulesets"]}
+    expected = []
+    for name in ("broken", "twice"):
+        errors = listed[name]["errors"]
+        first = f"{errors[0]['file']}:{errors[0]['path']}: {errors[0]['message']}"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        expected.append(f"ruleset `{name}` refused (not loaded): {first}{more}")
+    assert body["reasons"] == expected
+    assert body["checks"]["rulesets"].startswith("1 loaded; ")
+
+
+async def test_channel_not_configured_is_named_per_ruleset(make_client: Any, settings: Settings) -> None:
+    folder = Path(settings.rulesets_dir)
+    write_ruleset(folder, "cart_abandon", sends("email"))
+    fallback = sends("inapp")
+    fallback["rules"][0]["then"][0]["send"]["fallback"] = ["email"]
+    write_ruleset(folder, "welcome", fallback)
+    client = await make_client(create_app(msgspec.structs.replace(settings, channels={})))
+    channels = {c["name"]: c for c in (await (await client.get("/v1/channels")).json())["channels"]}
+    assert channels["email"]["configured"] is False
+    detail = channels["email"]["detail"]
+    status, body = await ready(client)
+    assert status == 200 and body["status"] == "degraded", body
+    assert body["reasons"] == [
+        f"cart_abandon sends on `email`, which is not configured: {detail}",
+        f"welcome sends on `email`, which is not configured: {detail}",
+    ]
+    assert body["checks"]["channels"] == "not configured: email (cart_abandon, welcome)"
+
+
+async def test_mongodb_down_is_unavailable_with_a_reason(
+    make_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    own = EmbeddedMongod(tmp_path / "own")
+    own.start()
+    try:
+        write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+        client = await make_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
+        own.stop()
+        status, body = await ready(client)
+        assert (status, body["status"]) == (503, "unavailable"), body
+        assert body["reasons"][0].startswith("MongoDB is unreachable (")
+    finally:
+        own.stop()
+
+
+def warnings(service: ServiceProcess) -> list[dict[str, Any]]:
+    return [line for line in service.log_lines() if line.get("level") == "warning"]
+
+
+def test_serve_in_an_empty_folder_warns_once_and_says_degraded(tmp_path: Path) -> None:
+    """As a user who runs `rulesvc serve` in the wrong directory: told at start-up and by /readyz."""
+    service = ServiceProcess(tmp_path)
+    service.start()
+    try:
+        rulesets, data = (tmp_path / "rulesets").absolute(), (tmp_path / ".rulesvc").absolute()
+        assert [(w["event"], w["message"]) for w in warnings(service)] == [
+            (
+                "rulesets.none",
+                f"the rulesets folder {rulesets} does not exist: the service will accept events but send "
+                "nothing; set RULESVC_RULESETS_DIR or start from the project folder",
+            ),
+            (
+                "data_dir.new",
+                f"new data directory {data}: a fresh database; if you expected existing data, start from "
+                "the folder that holds it or set RULESVC_DATA_DIR",
+            ),
+        ]
+        status, body = service.request("GET", "/readyz")
+        assert (status, body["status"]) == (200, "degraded"), body
+        assert body["reasons"] == [
+            f"no rulesets loaded: the rulesets folder {rulesets} does not exist; "
+            "events are accepted but nothing is sent"
+        ]
+    finally:
+        service.stop()
+    # Started again in the same folder: the data is there now, so only the rulesets are missing.
+    service.log_path.write_text("")
+    service.start()
+    try:
+        assert [w["event"] for w in warnings(service)] == ["rulesets.none"]
+    finally:
+        service.stop()
+
+
+def test_workers_warn_once(mongod: EmbeddedMongod, tmp_path: Path) -> None:
+    """With several workers the supervisor says it, not each worker."""
+    (tmp_path / "rulesets").mkdir()
+    env = {"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "warn_once"}
+    service = ServiceProcess(tmp_path, env=env, workers=2)
+    service.start()
+    try:
+        events = [w["event"] for w in warnings(service)]
+        assert events == ["rulesets.none"], json.dumps(warnings(service))
+        assert f"no rulesets in {(tmp_path / 'rulesets').absolute()}:" in warnings(service)[0]["message"]
+    finally:
+        service.stop()
