@@ -21,7 +21,8 @@ Client = Any
 
 
 def sends(channel: str, template: str = "t") -> dict[str, Any]:
-    return {"rules": [{"name": "r", "when": {"event": "t"}, "then": [{"send": {"channel": channel, "template": template}}]}]}  # fmt: skip
+    send = {"send": {"channel": channel, "template": template}}
+    return {"rules": [{"name": "r", "when": {"event": "t"}, "then": [send]}]}
 
 
 async def ready(client: Client) -> tuple[int, dict[str, Any]]:
@@ -34,7 +35,8 @@ async def test_no_rulesets_is_degraded_with_the_folder_looked_in(client: Client,
     folder = Path(settings.rulesets_dir).absolute()
     assert status == 200 and body["status"] == "degraded", body
     assert body["reasons"] == [
-        f"no rulesets loaded: the rulesets folder {folder} does not exist; events are accepted but nothing is sent"
+        f"no rulesets loaded: the rulesets folder {folder} does not exist; "
+        "events are accepted but nothing is sent"
     ]
     assert set(body["checks"]) == {"mongodb", "rulesets", "inbox", "quarantine", "channels"}
     assert body["checks"]["inbox"] == "no unprocessed events"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import types
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
@@ -154,8 +155,27 @@ class InboxToken(msgspec.Struct):
 # request (web/views/base.py `parse_query`: unknown names, enum values, ranges, times: 422) and becomes
 # the operation's OpenAPI `parameters` (web/openapi.py `query_parameters`), so the two cannot differ.
 
+
+def enum_values(hint: Any) -> list[str] | None:
+    """The values of a `Literal` parameter (inside `Annotated`, `| None`) in their declared order, which
+    is meaningful (a message's lifecycle) and which msgspec's own introspection sorts away."""
+    while True:
+        origin = get_origin(hint)
+        if origin is Annotated:
+            hint = get_args(hint)[0]
+        elif origin in (Union, types.UnionType):
+            hint = next(a for a in get_args(hint) if a is not type(None))
+        elif origin is Literal:
+            return [str(v) for v in get_args(hint)]
+        else:
+            return None
+
+
 Limit = Annotated[int, msgspec.Meta(ge=1, le=500, description="most items to return")]
-Before = Annotated[datetime, msgspec.Meta(description="only items older than this (paging: `next_before`)")]
+# tz=True: a time without an offset is refused (and the document says `format: date-time`).
+Before = Annotated[
+    datetime, msgspec.Meta(tz=True, description="only items older than this (paging: `next_before`)")
+]
 
 
 class NoQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -179,9 +199,14 @@ class PagingQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     before: Before | None = None
 
 
+QuarantinedBefore = Annotated[
+    datetime, msgspec.Meta(tz=True, description="only events quarantined before this")
+]
+
+
 class QuarantineQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Limit = 50
-    before: Annotated[datetime, msgspec.Meta(description="only events quarantined before this")] | None = None
+    before: QuarantinedBefore | None = None
 
 
 InboxTokenParam = Annotated[str, msgspec.Meta(description="the contact's inbox token, if not in the header")]

@@ -12,7 +12,7 @@ from aiohttp import web
 from rulesvc.core.bodies import utf8_problem
 from rulesvc.core.ids import id_problem
 from rulesvc.web.keys import QUERY, SETTINGS
-from rulesvc.web.schemas import ErrorBody
+from rulesvc.web.schemas import ErrorBody, enum_values
 
 JSON_TYPES = frozenset({"application/json"})
 
@@ -84,10 +84,10 @@ def _plain_type(kind: mi.Type) -> mi.Type:
     return kind.type if isinstance(kind, mi.Metadata) else kind
 
 
-def _refusal(name: str, raw: str, kind: mi.Type) -> QueryRejected:
+def _refusal(name: str, raw: str, kind: mi.Type, hint: Any) -> QueryRejected:
     """Why `raw` is not a value of the parameter, in words, from its declared type."""
-    if isinstance(kind, mi.LiteralType):
-        allowed = [str(v) for v in kind.values]
+    allowed = enum_values(hint)
+    if allowed is not None:
         return QueryRejected(
             f"query parameter `{name}`: {_shown(raw)} is not one of {', '.join(allowed)}", name, allowed
         )
@@ -97,6 +97,12 @@ def _refusal(name: str, raw: str, kind: mi.Type) -> QueryRejected:
             name,
         )
     if isinstance(kind, mi.DateTimeType):
+        try:
+            msgspec.convert(raw, datetime)
+        except msgspec.ValidationError:
+            pass
+        else:
+            return QueryRejected(f"query parameter `{name}` needs a time zone offset, e.g. Z", name)
         return QueryRejected(
             f"query parameter `{name}` must be an RFC 3339 time such as 2026-11-26T09:30:00Z, "
             f"got {_shown(raw)}",
@@ -126,10 +132,8 @@ def parse_query(request: web.Request, spec: type[Q]) -> Q:
         try:
             value = msgspec.convert(raw, hints[field.name], strict=False)
         except msgspec.ValidationError:
-            raise _refusal(name, raw, _plain_type(field.type)) from None
+            raise _refusal(name, raw, _plain_type(field.type), hints[field.name]) from None
         if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise QueryRejected(f"query parameter `{name}` needs a time zone offset, e.g. Z", name)
             try:
                 value = value.astimezone(UTC)  # 9999-12-31T23:59:59-23:59 is in no year a datetime can hold
             except OverflowError:
@@ -137,8 +141,7 @@ def parse_query(request: web.Request, spec: type[Q]) -> Q:
         values[field.name] = value
     for field in info.fields:
         if field.required and field.name not in values:
-            kind = _plain_type(field.type)
-            allowed = [str(v) for v in kind.values] if isinstance(kind, mi.LiteralType) else None
+            allowed = enum_values(hints[field.name])
             one_of = f": one of {', '.join(allowed)}" if allowed else ""
             raise QueryRejected(
                 f"query parameter `{field.encode_name}` is required{one_of}", field.name, allowed
