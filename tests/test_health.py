@@ -92,10 +92,11 @@ async def test_channel_not_configured_is_named_per_ruleset(make_client: Any, set
     detail = channels["email"]["detail"]
     status, body = await ready(client)
     assert status == 200 and body["status"] == "degraded", body
-    assert body["reasons"] == [
-        f"cart_abandon sends on `email`, which is not configured: {detail}",
-        f"welcome sends on `email`, which is not configured: {detail}",
-    ]
+    assert body["reasons"] == [f"cart_abandon and welcome send on `email`, which is not configured: {detail}"]
+    (folder / "welcome.json").unlink()
+    await client.post("/v1/rulesets/reload")
+    reasons = (await ready(client))[1]["reasons"]
+    assert reasons == [f"cart_abandon sends on `email`, which is not configured: {detail}"]
     assert body["checks"]["channels"] == "not configured: email (cart_abandon, welcome)"
 
 

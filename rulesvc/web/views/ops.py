@@ -98,7 +98,8 @@ def _rulesets_check(rulesets: Rulesets) -> tuple[str, list[str]]:
 
 def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str, list[str]]:
     """The channels the live rulesets' sends (and their fallbacks) may use that cannot send: such sends
-    are suppressed, so an operator hears of it here before the first message goes missing."""
+    are suppressed, so an operator hears of it here before the first message goes missing. One reason
+    per channel, naming the rulesets that use it."""
     used: dict[str, list[str]] = {}  # channel -> rulesets
     for name, compiled in sorted(rulesets.live.items()):
         for channel_name in channels_used(compiled.source):
@@ -119,7 +120,8 @@ def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str,
         if configured:
             continue
         unusable.append(f"{channel_name} ({', '.join(users)})")
-        problems += [f"{user} sends on `{channel_name}`, which is not configured: {detail}" for user in users]
+        senders = users[0] + " sends" if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]} send"
+        problems.append(f"{senders} on `{channel_name}`, which is not configured: {detail}")
     if not unusable:
         return f"{len(used)} used, all configured", []
     return "not configured: " + "; ".join(unusable), problems
