@@ -110,6 +110,8 @@ async def test_messages_status_bogus_and_missing(client: Client) -> None:
          "query parameter `before` must be an RFC 3339 time such as 2026-11-26T09:30:00Z, got `soon`"),
         ({"before": "2026-01-01T00:00:00"}, "query parameter `before` needs a time zone offset, e.g. Z"),
         ({"limit": ["5", "6"]}, "query parameter `limit` is given 2 times; give it once"),
+        ({"before": "null"},
+         "query parameter `before` must be an RFC 3339 time such as 2026-11-26T09:30:00Z, got `null`"),
     ],
 )  # fmt: skip
 async def test_malformed_values_get_422(client: Client, params: dict[str, Any], error: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import types
 from datetime import UTC, datetime
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 import msgspec.inspect as mi
@@ -84,6 +85,12 @@ def _plain_type(kind: mi.Type) -> mi.Type:
     return kind.type if isinstance(kind, mi.Metadata) else kind
 
 
+def _present(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+    return hint
+
+
 def _refusal(name: str, raw: str, kind: mi.Type, hint: Any) -> QueryRejected:
     """Why `raw` is not a value of the parameter, in words, from its declared type."""
     allowed = enum_values(hint)
@@ -92,10 +99,8 @@ def _refusal(name: str, raw: str, kind: mi.Type, hint: Any) -> QueryRejected:
             f"query parameter `{name}`: {_shown(raw)} is not one of {', '.join(allowed)}", name, allowed
         )
     if isinstance(kind, mi.IntType):
-        return QueryRejected(
-            f"query parameter `{name}` must be an integer between {kind.ge} and {kind.le}, got {_shown(raw)}",
-            name,
-        )
+        bounds = f" between {kind.ge} and {kind.le}" if kind.ge is not None and kind.le is not None else ""
+        return QueryRejected(f"query parameter `{name}` must be an integer{bounds}, got {_shown(raw)}", name)
     if isinstance(kind, mi.DateTimeType):
         try:
             msgspec.convert(raw, datetime)
@@ -129,8 +134,8 @@ def parse_query(request: web.Request, spec: type[Q]) -> Q:
         if len(raws) > 1:
             raise QueryRejected(f"query parameter `{name}` is given {len(raws)} times; give it once", name)
         raw = raws[0]
-        try:
-            value = msgspec.convert(raw, hints[field.name], strict=False)
+        try:  # as the type without its `None`: in lax mode the text "null" would pass for an absent value
+            value = msgspec.convert(raw, _present(hints[field.name]), strict=False)
         except msgspec.ValidationError:
             raise _refusal(name, raw, _plain_type(field.type), hints[field.name]) from None
         if isinstance(value, datetime):
