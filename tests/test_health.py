@@ -5,15 +5,20 @@ and `rulesvc serve` as a process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from rulesvc.config import Settings
+from rulesvc.store.leases import ContactLeases
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
+from rulesvc.web.keys import STORE
 from tests.rulesets_helpers import write_ruleset
 from tests.service import ServiceProcess
 
@@ -98,6 +103,28 @@ async def test_channel_not_configured_is_named_per_ruleset(make_client: Any, set
     reasons = (await ready(client))[1]["reasons"]
     assert reasons == [f"cart_abandon sends on `email`, which is not configured: {detail}"]
     assert body["checks"]["channels"] == "not configured: email (cart_abandon, welcome)"
+
+
+async def test_inbox_lag_over_the_threshold_is_a_reason(make_client: Any, settings: Settings) -> None:
+    """Another process holds the contact (as a stuck one would): its event waits, and /readyz says so."""
+    write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+    app = create_app(msgspec.structs.replace(settings, degraded_lag_seconds=1.0))
+    client = await make_client(app)
+    until = datetime.now(UTC) + timedelta(hours=1)
+    assert await ContactLeases(app[STORE]).take("stuck", "another-process", ["c-lag"], until)
+    posted = time.monotonic()
+    event = {"id": "e1", "type": "t", "contact_id": "c-lag"}
+    assert (await client.post("/v1/events", json=event)).status == 202
+    await asyncio.sleep(2.5)
+    status, body = await ready(client)
+    waited = int(body["checks"]["inbox"].split()[4])
+    assert 2 <= waited <= time.monotonic() - posted + 1, body
+    assert (status, body["status"]) == (200, "degraded"), body
+    assert body["checks"]["inbox"] == f"oldest unprocessed event waited {waited} s, over the 1 s threshold"
+    assert body["reasons"] == [
+        f"the oldest unprocessed event waited {waited} s, over the 1 s threshold "
+        "(RULESVC_DEGRADED_LAG_SECONDS)"
+    ]
 
 
 async def test_mongodb_down_is_unavailable_with_a_reason(
