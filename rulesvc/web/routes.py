@@ -86,7 +86,10 @@ class Route:
 
 
 EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
-BAD_REQUEST = error("malformed JSON (with the byte position) or a bad query parameter")
+BAD_REQUEST = error(
+    "malformed JSON (with the byte position), a body that is not UTF-8, or a contact id in the path that "
+    "breaks the id rule (a bad query parameter is 422)"
+)
 
 ROUTES: list[Route] = [
     Route(
