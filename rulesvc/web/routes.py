@@ -469,9 +469,9 @@ def checking_query(route: Route) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         try:
             request[QUERY] = parse_query(request, spec)
-        except QueryRejected as exc:
+            return await route.handler(request)
+        except QueryRejected as exc:  # the view may refuse a combination the struct cannot express
             return exc.response()
-        return await route.handler(request)
 
     return handler
 
