@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="validate rulesets",
         description="Validate and compile every ruleset in DIR, as the service would load them. "
-        "Prints each error as file:json-path: message; exits 1 if there is any.",
+        "Prints every error as file:line:column: json-path: message, and warnings (valid, but some "
+        "messages would fail or be suppressed) as warning: ...; exits 1 if there is any error.",
     )
     check.add_argument("dir", nargs="?", default=None, help="rulesets folder (default: RULESVC_RULESETS_DIR)")
 
@@ -115,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "plugins",
-        help="list plugins and their channels",
+        help="list plugins, their channels and jobs",
         description="List the plugins that load (built-in first, then installed entry points of group "
-        "`rulesvc`), their channels, and whether each channel is configured.",
+        "`rulesvc`), each channel and job with its kind, whether it is configured (or which setting is "
+        "missing or wrong), and a job's last run and last error (from MONGODB_URI or the running "
+        "service's mongod; none is started). Exits 1 on a broken plugin or a wrong setting.",
     )
 
     commands.add_parser(
@@ -259,17 +262,84 @@ def _quarantine_row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugins() -> int:
+    """Every plugin with what it provides, each with its kind, state and (a job's) last run or error;
+    then the settings no plugin reads. Exits 1 on a broken plugin or a wrong setting."""
+    from rulesvc.channels import Misconfigured, status_of
+    from rulesvc.plugins import current_parts
     from rulesvc.web.lifecycle import load_channels
 
-    registry, reports = load_channels(load_settings())
+    settings = load_settings()
+    registry, reports = load_channels(settings)
+    runs, unknown = _job_runs(settings) if registry.jobs else ({}, "")
     for report in reports:
-        status = f"error: {report.error}" if report.error else ", ".join(report.channels) or "-"
-        print(f"{report.name:<24} {report.source:<32} {status}")
-    print()
-    for channel in registry.all():
-        configured, detail = channel.status()
-        print(f"{channel.name:<12} {'configured' if configured else 'NOT CONFIGURED':<15} {detail}")
-    return 1 if any(r.error for r in reports) else 0
+        print(f"{report.name:<24} {report.source}" + (f"  error: {report.error}" if report.error else ""))
+        for part in current_parts(report, registry):
+            configured, detail = status_of(part.thing)
+            state = "configured" if configured else "NOT CONFIGURED"
+            if isinstance(part.thing, Misconfigured):
+                detail = "settings:"
+            print(f"  {part.name:<22} {part.kind:<16} {state:<15} {detail}")
+            for problem in (
+                getattr(part.thing, "problems", []) if isinstance(part.thing, Misconfigured) else []
+            ):
+                print(f"      {problem}")
+            if part.job:
+                for line in _job_run_lines(runs.get(part.name) if runs is not None else None, unknown):
+                    print(f"      {line}")
+    for _, warning in registry.settings_warnings:
+        print(f"warning: {warning}")
+    return 1 if any(r.error for r in reports) or registry.settings_errors else 0
+
+
+def _job_runs(settings: Settings) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """The jobs' last runs from the service's database, if one answers without being started; else
+    None and why not."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+    from pymongo.errors import PyMongoError
+
+    from rulesvc.store.jobs import JobRuns
+    from rulesvc.store.mongod import EmbeddedMongod, MongodError
+
+    uri = settings.mongodb_uri
+    try:
+        if not uri:
+            embedded = EmbeddedMongod(settings.data_dir, settings.mongod_bin)
+            uri = embedded.running_uri()
+    except MongodError as exc:
+        return None, str(exc)
+    if not uri:
+        return None, f"MONGODB_URI is not set and no service runs on {settings.data_dir}"
+
+    async def read() -> dict[str, dict[str, Any]]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=int(min(settings.mongodb_timeout_seconds, 3) * 1000)
+        )
+        try:
+            return await JobRuns(client[settings.database]["job_runs"]).all()
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(read()), ""
+    except PyMongoError as exc:
+        return None, f"the database did not answer ({type(exc).__name__})"
+
+
+def _job_run_lines(doc: dict[str, Any] | None, unknown: str) -> list[str]:
+    if doc is None and unknown:
+        return [f"last run: unknown ({unknown})"]
+    doc = doc or {}
+    if "last_run" in doc:
+        run = doc["last_run"]
+        lines = [f"last run: {run['at']:%Y-%m-%dT%H:%M:%SZ}, took {run['duration_seconds']:g} s"]
+    else:
+        lines = ["last run: never"]
+    if "last_error" in doc:
+        error = doc["last_error"]
+        lines.append(f"last error: {error['at']:%Y-%m-%dT%H:%M:%SZ}: {error['message']}")
+    return lines
 
 
 def schema() -> int:
@@ -286,29 +356,36 @@ def check(args: argparse.Namespace) -> int:
 
     from rulesvc.core.ruleformat import RulesetError
     from rulesvc.runtime.rulesets import check_file, ruleset_files
-    from rulesvc.runtime.templates import Templates
-    from rulesvc.web.lifecycle import load_channels
+    from rulesvc.web.lifecycle import load_channels, templates_of
 
     settings = load_settings()
+    from rulesvc.plugins import settings_problems
+
+    channel_problems = settings_problems(settings)  # wrong channel settings fail the check too
+    for problem in channel_problems:
+        print(problem)
+    settings_failed = any(not p.startswith("warning: ") for p in channel_problems)
     directory = Path(args.dir or settings.rulesets_dir)
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
         return 1
-    channels = load_channels(settings)[0].names()
-    templates = Templates(Path(settings.templates_dir) if settings.templates_dir and not args.dir
-                          else directory / "templates")  # fmt: skip
+    registry = load_channels(settings)[0]
+    channels = registry.names()
+    # A send on a channel without its settings is suppressed, silently in the service: said here.
+    unconfigured = {c.name: c.status()[1] for c in registry.all() if not c.status()[0]}
+    templates = templates_of(settings, args.dir)
     files = ruleset_files(directory)
     failed = 0
     for path in files.values():
         warnings: list[RulesetError] = []
-        errors = check_file(path, channels, templates, warnings)
+        errors = check_file(path, channels, templates, warnings, unconfigured)
         failed += bool(errors)
         for error in errors:
             print(error)
         for warning in warnings:  # valid, but some messages would fail: printed, not counted
             print(f"warning: {warning}")
     print(f"{len(files) - failed} of {len(files)} rulesets valid", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or settings_failed else 0
 
 
 def _read_ndjson(path: str) -> bytes:
@@ -326,14 +403,20 @@ def simulate_command(args: argparse.Namespace) -> int:
     from rulesvc.core.events import MalformedBody, decode_ndjson_body, split_validation_error
     from rulesvc.replay.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
     from rulesvc.runtime.rulesets import Rulesets
-    from rulesvc.web.lifecycle import load_channels, send_policy
+    from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
 
     settings = load_settings()
     channels = load_channels(settings)[0]  # the send rules apply as in the service, with its channels
-    rulesets = Rulesets(Path(args.rulesets or settings.rulesets_dir), channels.names())
+    rulesets = Rulesets(
+        Path(args.rulesets or settings.rulesets_dir), channels.names(), templates_of(settings, args.rulesets)
+    )
+    from rulesvc import logs
+
+    logs.configure("console", "critical")  # the refusals are printed below as `check` prints them, once
     rulesets.reload()
-    for error in rulesets.errors():
-        print(f"rulesvc: {error}", file=sys.stderr)
+    logs.configure("console", "warning")
+    for error in rulesets.errors():  # the lines `rulesvc check` prints
+        print(error, file=sys.stderr)
     if rulesets.errors():
         return 1
     try:

@@ -49,7 +49,8 @@ In the environment, a list is comma-separated (`RULESVC_PLUGINS=rulesvc-email,ru
 is `key=value` pairs (`RULESVC_FREQUENCY_CAPS=email=2,sms=1`); a channel's setting is
 `RULESVC_CHANNEL_<NAME>_<KEY>` (`RULESVC_CHANNEL_EMAIL_PASSWORD`), which overrides the same key of its
 `[channels.NAME]` table. What each channel reads (the email channel's SMTP host, port, security, sender...)
-is in [channels.md](channels.md#settings).
+is under [Channel settings](#channel-settings) below; how channels use them is in
+[channels.md](channels.md#settings).
 """
 
 RATE_LIMITS = """

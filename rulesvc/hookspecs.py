@@ -16,7 +16,9 @@ hookimpl = pluggy.HookimplMarker("rulesvc")
 
 @hookspec
 def register_channels(register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]) -> None:
-    """Register channels; `config(name)` is a channel's settings: [channels.NAME], RULESVC_CHANNEL_NAME_*."""
+    """Register channels; `config(name)` is a channel's settings: [channels.NAME], RULESVC_CHANNEL_NAME_*.
+    Read them with `rulesvc.channels.read_settings`: a ChannelSettingsError it raises is reported as
+    wrong settings, and the channel is listed as not configured."""
 
 
 @hookspec

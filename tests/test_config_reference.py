@@ -39,7 +39,8 @@ def test_every_setting_has_one_row_and_every_row_a_setting() -> None:
 def rows() -> dict[str, list[str]]:
     """The settings table: TOML key -> [variable, type, default, meaning], backticks dropped."""
     found = {}
-    for line in DOC.read_text().splitlines():
+    text = DOC.read_text()
+    for line in text[text.index("## Settings") : text.index("## Rate limits")].splitlines():
         if line.startswith("| `") and line.count(" | ") == 4:
             key, *rest = [cell.strip("| `") for cell in line.split(" | ")]
             found[key] = rest

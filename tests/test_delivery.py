@@ -387,11 +387,13 @@ async def test_inapp_inbox(make_client: Any, settings: Settings) -> None:
 async def test_templates_are_sandboxed_and_errors_fail_only_their_message(
     make_client: Any, settings: Settings
 ) -> None:
-    client = await make_client(
-        create_app(
-            setup(settings, [send("log", "evil"), send("log", "broken"), send("log", "missing"), send("log")])
-        )
+    configured = setup(
+        settings, [send("log", "evil"), send("log", "broken"), send("log", "missing"), send("log")]
     )
+    missing_template = Path(configured.rulesets_dir) / "templates" / "missing.body"
+    missing_template.write_text("here when the ruleset loads")  # a ruleset naming no template is refused
+    client = await make_client(create_app(configured))
+    missing_template.unlink()  # deleted afterwards: its messages fail, the others go
     await go(client)
     evil, broken, missing, fine = await settled(client, count=4)
     assert evil["status"] == "failed" and "unsafe" in evil["reason"]

@@ -8,6 +8,7 @@ handlers (and the storage) rather than stopping at authentication."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def ndjson(ctx: Any, value: Any) -> bytes:
 @pytest.fixture(scope="module")
 def service(mongod: EmbeddedMongod, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    rulesets = Path(__file__).parent.parent / "rulesets"
+    rulesets = workdir / "rulesets"  # a copy: PUT /v1/rulesets/{name} writes into it
+    shutil.copytree(Path(__file__).parent.parent / "rulesets", rulesets)
     env = {"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "fuzz", "RULESVC_RULESETS_DIR": str(rulesets),
            "RULESVC_RATE_LIMIT": "0"}  # fmt: skip
     process = ServiceProcess(workdir, env=env)

@@ -25,6 +25,14 @@ from tests.service import ServiceProcess
 Client = Any
 
 
+def write(folder: Path, name: str, ruleset: dict[str, Any]) -> None:
+    """A ruleset and the template its sends name (the loader refuses a send whose template is missing)."""
+    write_ruleset(folder, name, ruleset)
+    (folder / "templates").mkdir(exist_ok=True)
+    for part in ("title", "body", "subject", "text"):
+        (folder / "templates" / f"t.{part}").write_text("Hello")
+
+
 def sends(channel: str, template: str = "t") -> dict[str, Any]:
     send = {"send": {"channel": channel, "template": template}}
     return {"rules": [{"name": "r", "when": {"event": "t"}, "then": [send]}]}
@@ -56,7 +64,7 @@ async def test_no_rulesets_is_degraded_with_the_folder_looked_in(client: Client,
 
 
 async def test_a_working_set_is_ok(make_client: Any, settings: Settings) -> None:
-    write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+    write(Path(settings.rulesets_dir), "seen", sends("inapp"))
     status, body = await ready(await make_client(create_app(settings)))
     assert (status, body["status"], body["reasons"]) == (200, "ok", []), body
     assert body["checks"]["channels"] == "1 used, all configured"
@@ -65,12 +73,12 @@ async def test_a_working_set_is_ok(make_client: Any, settings: Settings) -> None
 
 async def test_refused_ruleset_is_named_with_its_first_error(make_client: Any, settings: Settings) -> None:
     folder = Path(settings.rulesets_dir)
-    write_ruleset(folder, "seen", sends("inapp"))
+    write(folder, "seen", sends("inapp"))
     (folder / "broken.json").write_text('{"rules": [')
     unknown = sends("inapp")
     unknown["rules"][0]["then"][0]["send"]["channel"] = "fax"
     unknown["rules"][0]["when"]["event"] = 7
-    write_ruleset(folder, "twice", unknown)
+    write(folder, "twice", unknown)
     client = await make_client(create_app(settings))
     status, body = await ready(client)
     assert status == 200 and body["status"] == "degraded", body
@@ -78,7 +86,9 @@ async def test_refused_ruleset_is_named_with_its_first_error(make_client: Any, s
     expected = []
     for name in ("broken", "twice"):
         errors = listed[name]["errors"]
-        first = f"{errors[0]['file']}:{errors[0]['path']}: {errors[0]['message']}"
+        e = errors[0]  # as `rulesvc check` prints it: file:line:column: path: message
+        where = f"{e['file']}:{e['line']}:{e['column']}" if e["line"] is not None else e["file"]
+        first = f"{where}: {e['path']}: {e['message']}"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         expected.append(f"ruleset `{name}` refused (not loaded): {first}{more}")
     assert body["reasons"] == expected
@@ -87,10 +97,10 @@ async def test_refused_ruleset_is_named_with_its_first_error(make_client: Any, s
 
 async def test_channel_not_configured_is_named_per_ruleset(make_client: Any, settings: Settings) -> None:
     folder = Path(settings.rulesets_dir)
-    write_ruleset(folder, "cart_abandon", sends("email"))
+    write(folder, "cart_abandon", sends("email"))
     fallback = sends("inapp")
     fallback["rules"][0]["then"][0]["send"]["fallback"] = ["email"]
-    write_ruleset(folder, "welcome", fallback)
+    write(folder, "welcome", fallback)
     client = await make_client(create_app(msgspec.structs.replace(settings, channels={})))
     channels = {c["name"]: c for c in (await (await client.get("/v1/channels")).json())["channels"]}
     assert channels["email"]["configured"] is False
@@ -107,7 +117,7 @@ async def test_channel_not_configured_is_named_per_ruleset(make_client: Any, set
 
 async def test_inbox_lag_over_the_threshold_is_a_reason(make_client: Any, settings: Settings) -> None:
     """Another process holds the contact (as a stuck one would): its event waits, and /readyz says so."""
-    write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+    write(Path(settings.rulesets_dir), "seen", sends("inapp"))
     app = create_app(msgspec.structs.replace(settings, degraded_lag_seconds=1.0))
     client = await make_client(app)
     until = datetime.now(UTC) + timedelta(hours=1)
@@ -133,7 +143,7 @@ async def test_mongodb_down_is_unavailable_with_a_reason(
     own = EmbeddedMongod(tmp_path / "own")
     own.start()
     try:
-        write_ruleset(Path(settings.rulesets_dir), "seen", sends("inapp"))
+        write(Path(settings.rulesets_dir), "seen", sends("inapp"))
         client = await make_client(create_app(msgspec.structs.replace(settings, mongodb_uri=own.uri)))
         own.stop()
         status, body = await ready(client)

@@ -83,5 +83,17 @@ async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
     [line] = outbox.read_text().splitlines()
     assert json.loads(line)["body"] == "Code E-42"
     channels = await (await client.get("/v1/channels")).json()
-    assert {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "deduplicates": True,
-            "callbacks": False, "send_timeout_seconds": 10.0} in channels["channels"]  # fmt: skip
+    echo_channel = {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "deduplicates": True,
+                    "callbacks": False, "send_timeout_seconds": 10.0, "kind": "message channel"}  # fmt: skip
+    assert echo_channel in channels["channels"]
+    echo = next(p for p in channels["plugins"] if p["name"] == "echo")  # a plugin without settings_type
+    assert echo["provides"] == [
+        {
+            "name": "echo",
+            "kind": "message channel",
+            "configured": True,
+            "detail": f"writes to {outbox}",
+            "last_run": None,
+            "last_error": None,
+        }
+    ]

@@ -76,14 +76,18 @@ async def test_edit_broken_edit_and_delete(make_client: Any, settings: Settings,
 
     await eventually(one_sent, 3)
 
-    write(path, '{"rules": [{"name": "say", "when": {"event": "t"}, "then": [{"send": {"channel": "fax"')
+    cut = '{"rules": [{"name": "say", "when": {"event": "t"}, "then": [{"send": {"channel": "fax"'
+    write(path, cut)
     await eventually(lambda: _status_is(client, "error"), 2)
     broken = (await listing(client))["greet"]
     assert broken["version"] == (await listing(client))["greet"]["version"] != first["version"]
-    assert broken["errors"][0]["file"] == "greet.json" and broken["errors"][0]["path"] == "$"
-    assert "invalid JSON" in broken["errors"][0]["message"]
+    error = broken["errors"][0]
+    assert (error["file"], error["line"], error["column"]) == ("greet.json", 1, len(cut) + 1)  # where it ends
+    assert error["path"] == "$.rules[0].then[0].send" and error["message"].startswith("invalid JSON")
     ready = await (await client.get("/readyz")).json()
-    assert "greet.json:$: invalid JSON" in ready["checks"]["rulesets"]
+    assert (
+        f"greet.json:1:{len(cut) + 1}: $.rules[0].then[0].send: invalid JSON" in ready["checks"]["rulesets"]
+    )
 
     unknown_channel = ruleset("v3")
     unknown_channel["rules"][0]["then"][0]["send"]["channel"] = "fax"

@@ -116,18 +116,23 @@ def test_check_warns_where_a_template_needs_a_param_the_rule_may_not_give(tmp_pa
                             "else": [{"send": {"channel": "inapp", "template": "plain",
                                                "params": {"note": "$attributes.note"}}}]}}]},
     ]  # fmt: skip
-    (folder / "flow.json").write_text(json.dumps({"rules": rules}))
+    text = json.dumps({"rules": rules})
+    (folder / "flow.json").write_text(text)
     done = check(folder)
     assert done.returncode == 0, done.stderr  # warnings, not errors: the rulesets are valid
     warnings = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
+    price = text.find('"$attributes.price"') + 1  # one line: the column is the offset plus one
+    params = text.find('{"note"') + 1
     assert warnings == [
-        "warning: flow.json:$.rules[0].then[0].send.params.price: template `offer.body` prints "
+        f"warning: flow.json:1:{price}: $.rules[0].then[0].send.params.price: template `offer.body` prints "
         "`params.price`, which comes from `attributes.price`, which the rule's conditions do not require: "
         "a message without it fails with template_error (add a condition "
         '`{"attributes.price": {"exists": true}}` or `| default(...)` in the template)',
-        "warning: flow.json:$.rules[2].then[0].wait.else[0].send.params: template `plain.body` prints "
+        f"warning: flow.json:1:{params}: $.rules[2].then[0].wait.else[0].send.params: template `plain.body` "
+        "prints "
         "`params.code`, which this send does not give: every such message fails with template_error",
     ]
+    assert all("is not configured" not in line for line in done.stdout.splitlines())  # inapp needs none
 
 
 def test_a_null_param_counts_as_missing_for_defaults_tests_and_loops(tmp_path: Path) -> None:

@@ -7,46 +7,59 @@ The format is defined once, by the msgspec types below: they validate files and 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
+from rulesvc.core import jsoncheck, jsontext
 from rulesvc.core.durations import DURATION_PATTERN, parse_duration
 from rulesvc.core.events import split_validation_error
 
-Duration = Annotated[
-    str, msgspec.Meta(pattern=DURATION_PATTERN, description="e.g. 30s, 20m, 12h, 2d, 1w, 1h30m")
-]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-Window = Annotated[
-    str,
-    msgspec.Meta(pattern=r"^(session|([0-9]+[smhdw])+)$", description="`session`, or a duration like 14d"),
-]
-OncePer = Annotated[
-    str,
-    msgspec.Meta(
-        pattern=r"^(session|ever|([0-9]+[smhdw])+)$", description="`session`, `ever`, or a duration"
-    ),
-]
+DURATION_DESCRIPTION = "e.g. 30s, 20m, 12h, 2d, 1w, 1h30m"
+WINDOW_DESCRIPTION = "`session`, or a duration like 14d"
+ONCE_PER_DESCRIPTION = "`session`, `ever`, or a duration"
+RULE_OR_ALL_DESCRIPTION = "a rule, or *"
+PATH_DESCRIPTION = "attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*, event.*"
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+WINDOW_PATTERN = r"^(session|([0-9]+[smhdw])+)$"
+ONCE_PER_PATTERN = r"^(session|ever|([0-9]+[smhdw])+)$"
+RULE_OR_ALL_PATTERN = r"^(\*|[a-z][a-z0-9_]{0,63})$"
+CHANNEL_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+TEMPLATE_PATTERN = r"^[a-z0-9_][a-z0-9_./-]{0,127}$"
+PATH_PATTERN = r"^(attributes|contact|flags|counters|values|event|session)(\.[A-Za-z0-9_-]+)+$"
+
+Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN, description=DURATION_DESCRIPTION)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Window = Annotated[str, msgspec.Meta(pattern=WINDOW_PATTERN, description=WINDOW_DESCRIPTION)]
+OncePer = Annotated[str, msgspec.Meta(pattern=ONCE_PER_PATTERN, description=ONCE_PER_DESCRIPTION)]
 # One event type or a list. Plain `str | list[str]` on purpose: with msgspec 0.21-0.22 a union of a
 # constrained (Annotated) str and a list makes the interpreter crash at exit, so the names are checked
 # in _semantic_errors instead.
 EventTypes = str | list[str]
 EVENT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
-RuleOrAll = Annotated[str, msgspec.Meta(pattern=r"^(\*|[a-z][a-z0-9_]{0,63})$", description="a rule, or *")]
-ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-TemplateName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_][a-z0-9_./-]{0,127}$")]
-Path_ = Annotated[
-    str,
-    msgspec.Meta(
-        pattern=r"^(attributes|contact|flags|counters|values|event|session)(\.[A-Za-z0-9_-]+)+$",
-        description="attributes.* (the event), contact.* (the profile), flags.*, counters.*, values.*,"
-        " event.*",
-    ),
-]
+RuleOrAll = Annotated[str, msgspec.Meta(pattern=RULE_OR_ALL_PATTERN, description=RULE_OR_ALL_DESCRIPTION)]
+ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_PATTERN)]
+TemplateName = Annotated[str, msgspec.Meta(pattern=TEMPLATE_PATTERN)]
+Path_ = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, description=PATH_DESCRIPTION)]
+
+# What each pattern allows, as an error message says it ("expected <this>, got ...").
+SENTENCES = {
+    DURATION_PATTERN: "a duration such as `20m` or `2h`",
+    NAME_PATTERN: "a name of lower case letters, digits and `_`, starting with a letter "
+    "(at most 64 characters)",
+    WINDOW_PATTERN: f"{WINDOW_DESCRIPTION.replace('14d', '`14d`')}",
+    ONCE_PER_PATTERN: "`session`, `ever`, or a duration such as `7d`",
+    RULE_OR_ALL_PATTERN: "a rule's name, or `*` for every rule",
+    CHANNEL_PATTERN: "a channel name such as `email`: lower case letters, digits and `_` "
+    "(at most 32 characters)",
+    TEMPLATE_PATTERN: "a template name such as `cart_abandon/email`: lower case letters, digits, `_`, "
+    "`.`, `/` and `-` (at most 128 characters)",
+    PATH_PATTERN: f"a path such as `attributes.price`: {PATH_DESCRIPTION}, session.*",
+}
 Scalar = str | int | float | bool
 UNSET: Any = msgspec.UNSET
 
@@ -178,12 +191,18 @@ class RulesetFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
 
 @dataclass(frozen=True)
 class RulesetError:
+    """One problem of a ruleset file: where (line and column from 1, when the file says; the JSON path)
+    and what, in a sentence."""
+
     file: str
     path: str
     message: str
+    line: int | None = None
+    column: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.path}: {self.message}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line is not None else self.file
+        return f"{where}: {self.path}: {self.message}"
 
 
 class InvalidRuleset(Exception):
@@ -213,10 +232,15 @@ def _event_errors(value: EventTypes, path: str) -> list[tuple[str, str]]:
     ]
 
 
-def _semantic_errors(rs: RulesetFile, channels: frozenset[str]) -> list[tuple[str, str]]:
+def _semantic_errors(
+    rules: Iterable[tuple[int, Rule]],
+    channels: frozenset[str],
+    template_problem: Callable[[str], str | None] | None = None,
+) -> list[tuple[str, str]]:
+    """Problems the types cannot say, for each (index, rule) that decoded."""
     errors: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for i, rule in enumerate(rs.rules):
+    for i, rule in rules:
         where = f"$.rules[{i}]"
         if rule.name in seen:
             errors.append((f"{where}.name", f"duplicate rule name `{rule.name}`"))
@@ -231,7 +255,7 @@ def _semantic_errors(rs: RulesetFile, channels: frozenset[str]) -> list[tuple[st
                     errors.append((f"{gpath}.{path}", "no comparison given"))
         if rule.once and rule.once.per not in ("session", "ever"):
             _check_duration(rule.once.per, f"{where}.once.per", errors)
-        errors.extend(_action_errors(rule.then, f"{where}.then", channels))
+        errors.extend(_action_errors(rule.then, f"{where}.then", channels, template_problem))
     return errors
 
 
@@ -240,7 +264,12 @@ def _check_duration(text: str, path: str, errors: list[tuple[str, str]]) -> None
         errors.append((path, "duration must be more than zero"))
 
 
-def _action_errors(actions: list[Action], where: str, channels: frozenset[str]) -> list[tuple[str, str]]:
+def _action_errors(
+    actions: list[Action],
+    where: str,
+    channels: frozenset[str],
+    template_problem: Callable[[str], str | None] | None,
+) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     if not actions:
         errors.append((where, "needs at least one action"))
@@ -257,6 +286,9 @@ def _action_errors(actions: list[Action], where: str, channels: frozenset[str]) 
                     errors.append(
                         (cpath, f"unknown channel `{channel}` (known: {', '.join(sorted(channels))})")
                     )
+            problem = template_problem(action.send.template) if template_problem else None
+            if problem is not None:
+                errors.append((f"{apath}.send.template", problem))
         if action.audience is not None and (action.audience.add is None) == (action.audience.remove is None):
             errors.append((f"{apath}.audience", "give exactly one of `add` or `remove`"))
         if action.send is not None:
@@ -269,23 +301,86 @@ def _action_errors(actions: list[Action], where: str, channels: frozenset[str]) 
                 )
         if action.wait is not None:
             errors.extend(_event_errors(action.wait.event, f"{apath}.wait.event"))
-            errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels))
+            errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels, template_problem))
     return errors
 
 
-def parse_ruleset(file: str, data: bytes, channels: frozenset[str]) -> RulesetFile:
-    """Every problem as file + JSON path + message; raises InvalidRuleset."""
+def parse_ruleset(
+    file: str,
+    data: bytes,
+    channels: frozenset[str],
+    template_problem: Callable[[str], str | None] | None = None,
+) -> RulesetFile:
+    """The ruleset, or InvalidRuleset with every problem (file, line:column, JSON path, sentence).
+
+    `template_problem(name)` says why a template cannot be used (None if it can): the caller looks at
+    the files, this stays pure. A valid file is decoded by msgspec alone; only a refused one is walked
+    again, slowly, to find every problem and its place."""
     try:
         parsed = _DECODER.decode(data)
-    except msgspec.ValidationError as exc:
-        path, message = split_validation_error(exc)
-        raise InvalidRuleset([RulesetError(file, path, message)]) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRuleset([RulesetError(file, "$", f"invalid JSON: {exc}")]) from exc
-    problems = _semantic_errors(parsed, channels)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:  # junk decoders choke on too
+        raise InvalidRuleset(_every_error(file, data, channels, template_problem, exc)) from exc
+    problems = _semantic_errors(enumerate(parsed.rules), channels, template_problem)
     if problems:
-        raise InvalidRuleset([RulesetError(file, p, m) for p, m in problems])
+        raise InvalidRuleset(locate_errors(file, data, problems))
     return parsed
+
+
+def locate_errors(file: str, data: bytes, problems: Iterable[tuple[str, str]]) -> list[RulesetError]:
+    """(JSON path, message) pairs of a file as errors with the line and column of each path's value."""
+    try:
+        document: jsontext.Document | None = jsontext.parse(data)
+    except jsontext.JsonSyntaxError:
+        document = None
+    errors = []
+    for path, message in problems:
+        if document is None:
+            errors.append(RulesetError(file, path, message))
+        else:
+            line, column = document.position(jsontext.locate(document.root, path))
+            errors.append(RulesetError(file, path, message, line, column))
+    return sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
+
+
+_TYPE = msgspec.inspect.type_info(RulesetFile)
+
+
+def _every_error(
+    file: str,
+    data: bytes,
+    channels: frozenset[str],
+    template_problem: Callable[[str], str | None] | None,
+    refused: Exception,
+) -> list[RulesetError]:
+    try:
+        document = jsontext.parse(data)
+    except jsontext.JsonSyntaxError as exc:
+        line, column = jsontext.position(data.decode("utf-8", "replace"), exc.pos)
+        return [RulesetError(file, exc.path, f"invalid JSON: {exc.message}", line, column)]
+    found = [(p.path, p.message, p.pos) for p in jsoncheck.check(document.root, _TYPE, SENTENCES)]
+    rules = document.root.member("rules") if document.root.kind == "object" else None
+    decoded: list[tuple[int, Rule]] = []
+    for i, node in enumerate(rules.items if rules is not None and rules.kind == "array" else []):
+        where = f"$.rules[{i}]"
+        if any(p == where or p.startswith((f"{where}.", f"{where}[")) for p, _, _ in found):
+            continue  # a broken rule: its own problems are said; the others are still checked
+        try:
+            decoded.append((i, msgspec.convert(node.plain(), Rule)))
+        except msgspec.ValidationError as exc:  # not expected: the walk found nothing in this rule
+            path, message = split_validation_error(exc)
+            path = where + path[1:]
+            found.append((path, message, jsontext.locate(document.root, path)))
+    for path, message in _semantic_errors(decoded, channels, template_problem):
+        found.append((path, message, jsontext.locate(document.root, path)))
+    if not found:  # msgspec refused what the walk let pass: say msgspec's words rather than nothing
+        path, message = (
+            split_validation_error(refused)
+            if isinstance(refused, msgspec.ValidationError)
+            else ("$", f"invalid JSON: {refused}")
+        )
+        found.append((path, message, jsontext.locate(document.root, path)))
+    errors = [RulesetError(file, p, m, *document.position(pos)) for p, m, pos in found]
+    return sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
 
 
 def event_list(event: str | list[str]) -> list[str]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +27,10 @@ from rulesvc.core.ruleformat import (
     Rule,
     RulesetError,
     RulesetFile,
+    channels_used,
     guaranteed,
     listened_events,
+    locate_errors,
     parse_ruleset,
     send_actions,
 )
@@ -73,6 +77,22 @@ def folder_problem(directory: Path) -> str | None:
     return None
 
 
+def write_source(directory: Path, name: str, data: bytes) -> Path:
+    """Atomically: the watcher (and a reload) sees the old file or the new one, never half of it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    temporary = directory / f".{name}.json.{os.getpid()}.tmp"  # not *.json: never taken for a ruleset
+    try:
+        with temporary.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 def read_source(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -80,18 +100,31 @@ def read_source(path: Path) -> bytes:
         raise InvalidRuleset([RulesetError(path.name, "$", f"cannot read: {exc.strerror}")]) from exc
 
 
-def compile_source(path: Path, data: bytes, channels: frozenset[str]) -> CompiledRuleset:
-    """Parse, validate and compile one file; every problem comes out as InvalidRuleset."""
+def template_check(templates: Templates | None) -> Callable[[str], str | None] | None:
+    """What the validator asks of each send's template: why it cannot be used, or None."""
+    if templates is None:
+        return None
+
+    def problem(name: str) -> str | None:
+        return None if templates.parts(name) else f"template `{name}` not found in {templates.directory}"
+
+    return problem
+
+
+def compile_source(
+    path: Path, data: bytes, channels: frozenset[str], templates: Templates | None = None
+) -> CompiledRuleset:
+    """Parse, validate and compile one file: the one validation `check`, the loader, `simulate` and
+    `PUT /v1/rulesets/{name}` share. Every problem comes out as InvalidRuleset."""
     if not RULESET_NAME.match(path.stem):
         raise InvalidRuleset(
             [RulesetError(path.name, "$", "file name must be lower case letters, digits and _")]
         )
+    source = parse_ruleset(path.name, data, channels, template_check(templates))
     try:
-        return CompiledRuleset.compile(
-            path.stem, version_hash(data), parse_ruleset(path.name, data, channels)
-        )
+        return CompiledRuleset.compile(path.stem, version_hash(data), source)
     except CompileError as exc:
-        raise InvalidRuleset([RulesetError(path.name, exc.path, str(exc))]) from exc
+        raise InvalidRuleset(locate_errors(path.name, data, [(exc.path, str(exc))])) from exc
 
 
 def check_file(
@@ -99,29 +132,28 @@ def check_file(
     channels: frozenset[str],
     templates: Templates | None = None,
     warnings: list[RulesetError] | None = None,
+    unconfigured: dict[str, str] | None = None,
 ) -> list[RulesetError]:
-    """What loading would find, plus templates that do not exist (the loader allows those: a template
-    may be added after its ruleset, but `rulesvc check` is the moment to catch the typo). Into
-    `warnings`: params a template needs that a send may not give (see `param_warnings`)."""
+    """What loading would find. Into `warnings`: params a template needs that a send may not give (see
+    `param_warnings`), and sends on a channel in `unconfigured` (name -> why): valid, but such
+    messages would fail or be suppressed."""
     try:
-        compiled = compile_source(path, read_source(path), channels)
+        data = read_source(path)
+        compiled = compile_source(path, data, channels, templates)
     except InvalidRuleset as exc:
         return exc.errors
-    errors: list[RulesetError] = []
-    if templates is not None:
-        for where, send, _ in send_actions(compiled.source):
-            if not templates.parts(send.template):
-                errors.append(
-                    RulesetError(
-                        path.name,
-                        f"{where}.template",
-                        f"template `{send.template}` not found in {templates.directory}",
-                    )
-                )
-        if warnings is not None:
-            warnings.extend(param_warnings(path.name, compiled.source, templates))
+    if warnings is not None:
+        found: list[tuple[str, str]] = []
+        if templates is not None:
+            found.extend((e.path, e.message) for e in param_warnings(path.name, compiled.source, templates))
+        for channel, wheres in channels_used(compiled.source).items():
+            if unconfigured and channel in unconfigured:  # said once per file, at its first send
+                more = f" (and {len(wheres) - 1} more send(s) in this file)" if len(wheres) > 1 else ""
+                said = f"channel `{channel}` is not configured ({unconfigured[channel]})"
+                found.append((wheres[0], f"{said}: messages on it are suppressed{more}"))
+        warnings.extend(locate_errors(path.name, data, found))
     compiled.free()
-    return errors
+    return []
 
 
 def param_warnings(file: str, source: RulesetFile, templates: Templates) -> list[RulesetError]:
@@ -158,9 +190,13 @@ def _param_problem(params: dict[str, Any], name: str, rule: Rule) -> str | None:
 
 
 class Rulesets:
-    def __init__(self, directory: Path, channels: frozenset[str]) -> None:
+    """With `templates`, a ruleset naming a template that does not exist is refused, as `check` refuses
+    it; the refused files are tried again at every reload, so adding the template loads it."""
+
+    def __init__(self, directory: Path, channels: frozenset[str], templates: Templates | None = None) -> None:
         self.directory = directory
         self.channels = channels
+        self.templates = templates
         self.live: dict[str, CompiledRuleset] = {}
         self.status: dict[str, RulesetStatus] = {}
         self.index = RuleIndex([])
@@ -205,7 +241,7 @@ class Rulesets:
                 status = self.status[name]
                 status.status, status.errors = "loaded", []  # an error was fixed by undoing the edit
                 return None
-            compiled = compile_source(path, data, self.channels)
+            compiled = self.validate(path, data)
         except InvalidRuleset as exc:
             self._refuse(name, path, exc.errors)
             return None
@@ -215,8 +251,13 @@ class Rulesets:
         log.info("ruleset.loaded", ruleset=name, version=version, events=events)
         return compiled
 
+    def validate(self, path: Path, data: bytes) -> CompiledRuleset:
+        """The loader's own validation, for a file not yet written too (`PUT /v1/rulesets/{name}`)."""
+        return compile_source(path, data, self.channels, self.templates)
+
     def _refuse(self, name: str, path: Path, errors: list[RulesetError]) -> None:
         previous = self.status.get(name)
+        said_before = previous is not None and previous.status == "error" and previous.errors == errors
         self.status[name] = RulesetStatus(
             name,
             path.name,
@@ -226,9 +267,18 @@ class Rulesets:
             previous.events if previous and name in self.live else [],
             errors,
         )
+        if said_before:  # retried at every reload: logged once per change, not per retry
+            return
         for error in errors:
             log.error(
-                "ruleset.invalid", ruleset=name, error=str(error), kept_version=self.status[name].version
+                "ruleset.invalid",
+                ruleset=name,
+                file=error.file,
+                line=error.line,
+                column=error.column,
+                path=error.path,
+                message=error.message,
+                kept_version=self.status[name].version,
             )
 
     def engine(self) -> Engine:
@@ -238,15 +288,36 @@ class Rulesets:
     def errors(self) -> list[RulesetError]:
         return [e for s in self.status.values() for e in s.errors]
 
+    def _watched(self) -> list[Path]:
+        """The rulesets folder (its templates folder included) and the templates folder if elsewhere."""
+        paths = [self.directory.resolve()]
+        if self.templates is not None and self.templates.directory.is_dir():
+            templates = self.templates.directory.resolve()
+            if not templates.is_relative_to(paths[0]):
+                paths.append(templates)
+        return paths
+
+    def _relevant(self, _: watchfiles.Change, changed: str) -> bool:
+        """A ruleset file, or anything in the templates folder: a missing template may have appeared."""
+        path = Path(changed)
+        if path.parent == self.directory.resolve():
+            return path.suffix == ".json"
+        return self.templates is not None and path.is_relative_to(self.templates.directory.resolve())
+
     async def watch(self, stop: asyncio.Event, debounce_ms: int = 100) -> None:
-        """Reload on every change in the folder; a missing folder is waited for, not an error."""
+        """Reload on every change of a ruleset or a template; a missing folder is waited for."""
         while not stop.is_set():
             if not self.directory.is_dir():
                 await wait_any(stop, seconds=1.0)
                 continue
             try:
                 async for _ in watchfiles.awatch(
-                    self.directory, stop_event=stop, debounce=debounce_ms, step=50, recursive=False
+                    *self._watched(),
+                    watch_filter=self._relevant,
+                    stop_event=stop,
+                    debounce=debounce_ms,
+                    step=50,
+                    recursive=True,
                 ):
                     self.reload()
             except FileNotFoundError:

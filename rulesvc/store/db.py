@@ -102,6 +102,7 @@ class Store:
             "contact_leases", write_concern=WriteConcern(w=1)
         )
         self.audience_changes: AsyncCollection[Doc] = self.db["audience_changes"]
+        self.job_runs: AsyncCollection[Doc] = self.db["job_runs"]
         self.api_keys: AsyncCollection[Doc] = self.db["api_keys"]
         self.interests: AsyncCollection[Doc] = self.db["interests"]
         self._waiting: list[_Waiting] = []

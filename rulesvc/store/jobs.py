@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pymongo.asynchronous.collection import AsyncCollection
+
 from rulesvc.store.audiences import Audiences
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import Doc, Store
@@ -28,3 +30,27 @@ class JobData:
     async def contacts(self, ids: list[str]) -> dict[str, Doc]:
         """These contacts' profiles (those that exist), by id."""
         return await self._contacts.by_id(ids)
+
+
+class JobRuns:
+    """Each job's last run and last error (`job_runs`, one document per job name). A job runs in any worker
+    process under a lease, so listings read them here, not from the process that answers."""
+
+    def __init__(self, collection: AsyncCollection[Doc]) -> None:
+        self.collection = collection
+
+    @classmethod
+    def of(cls, store: Store) -> JobRuns:
+        return cls(store.job_runs)
+
+    async def ran(self, job: str, at: datetime, seconds: float) -> None:
+        run = {"at": at, "duration_seconds": round(seconds, 3)}
+        await self.collection.update_one({"_id": job}, {"$set": {"last_run": run}}, upsert=True)
+
+    async def failed(self, job: str, at: datetime, seconds: float, message: str) -> None:
+        error = {"at": at, "duration_seconds": round(seconds, 3), "message": message[:1000]}
+        await self.collection.update_one({"_id": job}, {"$set": {"last_error": error}}, upsert=True)
+
+    async def all(self) -> dict[str, Doc]:
+        """By job name: `last_run` {at, duration_seconds} and `last_error` {at, duration_seconds, message}."""
+        return {d["_id"]: d async for d in self.collection.find({})}

@@ -7,7 +7,7 @@ from aiohttp import web
 from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
-from rulesvc.plugins import PluginReport
+from rulesvc.plugins import PluginReport, log_settings_problems
 from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
 from rulesvc.web.lifecycle import (
     embedded_mongod_ctx,
@@ -22,14 +22,18 @@ from rulesvc.web.ratelimit import RateLimiter
 from rulesvc.web.routes import openapi_document, setup_routes
 
 
-def create_app(settings: Settings, channels: ChannelRegistry | None = None) -> web.Application:
+def create_app(
+    settings: Settings, channels: ChannelRegistry | None = None, plugins: list[PluginReport] | None = None
+) -> web.Application:
+    """`channels` (and the `plugins` that gave them) replace the installed plugins, for tests."""
     app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(settings.rate_limit)
     if channels is None:
         channels, reports = load_channels(settings)
+        log_settings_problems(channels)
     else:
-        reports = [PluginReport("test", "given", sorted(channels.names()))]
+        reports = plugins or [PluginReport("test", "given", sorted(channels.names()))]
     app[CHANNELS] = channels
     app[SEND_POLICY] = send_policy(settings)
     app[PLUGINS] = reports

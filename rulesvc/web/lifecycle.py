@@ -117,9 +117,9 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     """Rulesets (hot-reloaded), the inbox and the scheduler run for as long as the app serves."""
     settings = app[SETTINGS]
     channels = app[CHANNELS]
-    rulesets = Rulesets(Path(settings.rulesets_dir), channels.names())
+    templates = templates_of(settings)
+    rulesets = Rulesets(Path(settings.rulesets_dir), channels.names(), templates)
     rulesets.reload()
-    templates = Templates(Path(settings.templates_dir or Path(settings.rulesets_dir) / "templates"))
     dispatcher = Dispatcher(app[STORE], channels, templates, app[SEND_POLICY])
     for channel in channels.all():
         if isinstance(channel, ManagedChannel):
@@ -184,6 +184,14 @@ def send_policy(settings: Settings) -> SendPolicy:
         lease=timedelta(seconds=settings.lease_seconds),
         quiet_channels=quiet_channels(settings.channels, dict(os.environ)),
     )
+
+
+def templates_of(settings: Settings, rulesets_dir: str | None = None) -> Templates:
+    """RULESVC_TEMPLATES_DIR, else the rulesets folder's `templates` (of `rulesets_dir` when a command
+    is given another folder)."""
+    if settings.templates_dir and rulesets_dir is None:
+        return Templates(Path(settings.templates_dir))
+    return Templates(Path(rulesets_dir or settings.rulesets_dir) / "templates")
 
 
 def load_channels(settings: Settings) -> tuple[ChannelRegistry, list[PluginReport]]:

@@ -25,7 +25,9 @@ from aiohttp import web
 from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.core.events import Event, EventsAccepted, EventsRejected
 from rulesvc.core.messages import MessageList
+from rulesvc.core.ruleformat import RulesetFile
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
+from rulesvc.runtime.rulesets import RULESET_NAME
 from rulesvc.web import openapi
 from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
@@ -57,7 +59,11 @@ from rulesvc.web.schemas import (
     QuarantineAction,
     QuarantineList,
     QuarantineQuery,
+    RulesetChecked,
+    RulesetInfo,
     RulesetList,
+    RulesetPutQuery,
+    RulesetRejected,
 )
 from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
 from rulesvc.web.views.base import QueryRejected, parse_query
@@ -365,6 +371,45 @@ ROUTES: list[Route] = [
             "summary": "Reload the rulesets folder now (it is also watched)",
             "operationId": "reloadRulesets",
             "responses": {"200": json_body(ref("RulesetList"), "rulesets after the reload")},
+        },
+    ),
+    Route(
+        "PUT",
+        "/v1/rulesets/{name}",
+        rulesets.put_ruleset,
+        "admin",
+        query=RulesetPutQuery,
+        types=(RulesetFile, RulesetInfo, RulesetChecked, RulesetRejected, ErrorBody),
+        parameters=[
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": RULESET_NAME.pattern},
+                "description": "the ruleset's name; its file is `<rulesets_dir>/<name>.json`",
+            }
+        ],
+        operation={
+            "summary": "Write a ruleset: validated as the loader validates, then saved and loaded at once",
+            "description": "The body is the ruleset file, kept as sent. It is checked with the live "
+            "loader's channels and templates; an invalid one changes nothing and every error comes back "
+            "with its line, column and JSON path. With `dry_run=true` it is only checked.",
+            "operationId": "putRuleset",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("RulesetFile")}},
+            },
+            "responses": {
+                "200": json_body(
+                    {"oneOf": [ref("RulesetInfo"), ref("RulesetChecked")]},
+                    "written and live (RulesetInfo), or with `dry_run=true` valid (RulesetChecked)",
+                ),
+                "400": error("a name not of lower case letters, digits and _"),
+                "413": error("body over the limit"),
+                "415": error("content type is not JSON"),
+                "422": json_body(ref("RulesetRejected"), "invalid ruleset, every error; nothing changed"),
+                "503": error("the rulesets folder cannot be written"),
+            },
         },
     ),
     Route(

@@ -72,9 +72,28 @@ class QuarantineActed(msgspec.Struct, omit_defaults=True):
 
 
 class RulesetErrorBody(msgspec.Struct):
+    """What `rulesvc check` prints as `file:line:column: path: message`; line and column (from 1) are
+    null where no place in the text applies (a file that cannot be read, a bad file name)."""
+
     file: str
+    line: int | None
+    column: int | None
     path: str
     message: str
+
+
+class RulesetRejected(msgspec.Struct):
+    error: str
+    errors: list[RulesetErrorBody]
+
+
+class RulesetChecked(msgspec.Struct):
+    """`?dry_run=true`: valid, and what it would be once written; nothing changed."""
+
+    valid: bool
+    name: str
+    version: str
+    events: list[str]
 
 
 class RulesetInfo(msgspec.Struct):
@@ -94,10 +113,34 @@ class RulesetList(msgspec.Struct):
 class ChannelInfo(msgspec.Struct):
     name: str
     configured: bool
-    detail: str
+    detail: str  # when not configured: what is missing or wrong, with the settings path
     deduplicates: bool  # a send a crash interrupted is repeated once with the same key, else `uncertain`
     callbacks: bool
     send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
+    kind: str = "message channel"
+
+
+class JobRun(msgspec.Struct):
+    at: datetime
+    duration_seconds: float
+
+
+class JobError(msgspec.Struct):
+    at: datetime
+    duration_seconds: float
+    message: str
+
+
+class PluginPart(msgspec.Struct):
+    """A channel or job a plugin registered. `last_run` and `last_error` are a job's (null when it has not
+    run or failed yet, or when the database did not answer: `detail` then says so)."""
+
+    name: str
+    kind: str  # "message channel", "audience sync" or "job"
+    configured: bool
+    detail: str
+    last_run: JobRun | None = None
+    last_error: JobError | None = None
 
 
 class PluginInfo(msgspec.Struct):
@@ -105,7 +148,9 @@ class PluginInfo(msgspec.Struct):
     source: str
     channels: list[str]
     jobs: list[str]
-    error: str | None
+    error: str | None  # the plugin failed to load or register
+    provides: list[PluginPart] = msgspec.field(default_factory=list)
+    settings_errors: list[str] = msgspec.field(default_factory=list)  # channels.NAME.KEY: what is expected
 
 
 class ChannelList(msgspec.Struct):
@@ -219,3 +264,7 @@ class InboxQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class InboxActionQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token: InboxTokenParam | None = None
+
+
+class RulesetPutQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dry_run: Annotated[bool, msgspec.Meta(description="check only; write nothing")] = False

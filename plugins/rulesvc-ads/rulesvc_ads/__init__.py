@@ -1,7 +1,6 @@
 """Ads audiences: the `audience` action queues changes; this job sends them in batches, hourly.
 
-Settings ([channels.ads] or RULESVC_CHANNEL_ADS_*): `base_url` and `token` (required); `interval`
-(seconds between syncs, 3600), `batch_size` (members per request, 10000).
+Settings ([channels.ads] or RULESVC_CHANNEL_ADS_*): see `AdsSettings`.
 
 Each run collapses the queued changes (the last change of a contact in an audience wins), and sends
 `POST {base_url}/audiences/{audience}/members` with `{"add": [...], "remove": [...]}`, each member as
@@ -14,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import aiohttp
 import structlog
+from msgspec import Meta
 
 from rulesvc import hookimpl
-from rulesvc.channels import Job
+from rulesvc.channels import AUDIENCE_SYNC, Job, PluginSettings, read_settings
 from rulesvc.store.jobs import JobData
 
 log = structlog.get_logger(__name__)
@@ -52,19 +52,43 @@ def member(contact: dict[str, Any]) -> dict[str, str] | None:
     return out or None
 
 
+class AdsSettings(PluginSettings):
+    """Queued audience changes sent in batches, each member as SHA-256 digests of email and phone."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("base_url", "token")
+
+    base_url: Annotated[
+        str, Meta(description="the provider's API; changes go to `{base_url}/audiences/{audience}/members`")
+    ] = ""
+    token: Annotated[str, Meta(description="the bearer token the provider gave")] = ""
+    interval: Annotated[float, Meta(gt=0, description="seconds between syncs")] = 3600.0
+    batch_size: Annotated[int, Meta(ge=1, description="members per request")] = 10_000
+    timeout: Annotated[float, Meta(gt=0, description="seconds a sync's requests may take in all")] = 60.0
+
+
 class AudienceSync:
     name = "ads-audience-sync"
+    kind = AUDIENCE_SYNC
+    settings_name = "ads"
+    settings_type = AdsSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.base_url = str(config.get("base_url", "")).rstrip("/")
-        self.token = str(config.get("token", ""))
-        self.interval = float(config.get("interval", 3600))
-        self.batch_size = int(config.get("batch_size", 10_000))
-        self.timeout = float(config.get("timeout", 60))
+    def __init__(self, config: Mapping[str, Any] | AdsSettings) -> None:
+        settings = read_settings("ads", config, AdsSettings, type(self))
+        self.base_url = settings.base_url.rstrip("/")
+        self.token = settings.token
+        self.interval = settings.interval
+        self.batch_size = settings.batch_size
+        self.timeout = settings.timeout
         self.synced_members = 0
 
     def configured(self) -> bool:
         return bool(self.base_url and self.token)
+
+    def status(self) -> tuple[bool, str]:
+        missing = [k for k in ("base_url", "token") if not getattr(self, k)]
+        if missing:
+            return False, f"missing setting(s): {', '.join(missing)}"
+        return True, f"syncs to {self.base_url} every {self.interval:g} s"
 
     async def run(self, data: JobData) -> None:
         if not self.configured():

@@ -1,11 +1,6 @@
 """The `email` channel: SMTP with aiosmtplib, multipart text + HTML.
 
-Settings ([channels.email] or RULESVC_CHANNEL_EMAIL_*): `host`, `from` (required); `port` (587),
-`security` (`starttls`, `tls` for implicit TLS on 465, or `none` for a local relay), `username`,
-`password`, `reply_to`, `timeout` (seconds, 10), `unsubscribe_url` (with `{contact_id}` and
-`{message_id}`, for the List-Unsubscribe header of marketing mail; an https URL also gets
-List-Unsubscribe-Post for one-click unsubscribe, RFC 8058), `unsubscribe_mailto`,
-`ca_file` (to trust a private CA).
+Settings ([channels.email] or RULESVC_CHANNEL_EMAIL_*): see `EmailSettings`.
 
 SMTP has no idempotency key, so a send a crash may have interrupted is not repeated: the message is
 marked `uncertain` (see rulesvc.runtime.dispatcher).
@@ -17,18 +12,50 @@ import email.policy
 import hashlib
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import formatdate
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote
 
 import aiosmtplib
+from msgspec import Meta, field
 
 from rulesvc import hookimpl
-from rulesvc.channels import Channel, Delivery, OutboundMessage
+from rulesvc.channels import Channel, ChannelSettings, Delivery, OutboundMessage, read_settings
+
+
+class EmailSettings(ChannelSettings):
+    """SMTP with STARTTLS, implicit TLS or none, and AUTH when a username is given."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("host", "from")
+
+    host: Annotated[str, Meta(description="the SMTP server to send through")] = ""
+    sender: Annotated[str, Meta(description="the sender: an address, or `Name <address>`")] = field(
+        default="", name="from"
+    )
+    port: Annotated[int, Meta(ge=1, le=65535, description="the SMTP server's port")] = 587
+    security: Annotated[
+        Literal["starttls", "tls", "none"],
+        Meta(description="`starttls`, `tls` (implicit TLS, port 465) or `none` (a local relay)"),
+    ] = "starttls"
+    username: Annotated[str | None, Meta(description="SMTP AUTH user; no AUTH without it")] = None
+    password: Annotated[
+        str | None, Meta(description="SMTP AUTH password (best as an environment variable)")
+    ] = None
+    reply_to: Annotated[str | None, Meta(description="the Reply-To header")] = None
+    timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
+    unsubscribe_url: Annotated[
+        str | None,
+        Meta(
+            description="List-Unsubscribe URL of marketing mail, with `{contact_id}` and `{message_id}`; "
+            "an https URL also gets one-click List-Unsubscribe-Post (RFC 8058)"
+        ),
+    ] = None
+    unsubscribe_mailto: Annotated[str | None, Meta(description="List-Unsubscribe address")] = None
+    ca_file: Annotated[str | None, Meta(description="a PEM file of CAs to trust (a private CA)")] = None
 
 
 class ListUnsubscribeHeader(UnstructuredHeader, BaseHeader):
@@ -49,27 +76,27 @@ MAIL_POLICY = email.policy.default.clone(header_factory=_HEADERS)
 class EmailChannel:
     name = "email"
     deduplicates = False  # SMTP has no idempotency key
+    settings_type = EmailSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.host = str(config.get("host", ""))
-        self.port = int(config.get("port", 587))
-        self.security = str(config.get("security", "starttls")).lower()
-        self.username = config.get("username")
-        self.password = config.get("password")
-        self.sender = str(config.get("from", ""))
-        self.reply_to = config.get("reply_to")
-        self.timeout = float(config.get("timeout", 10))
-        self.unsubscribe_url = config.get("unsubscribe_url")
-        self.unsubscribe_mailto = config.get("unsubscribe_mailto")
-        self.tls_context = ssl.create_default_context(cafile=config.get("ca_file"))
+    def __init__(self, config: Mapping[str, Any] | EmailSettings) -> None:
+        settings = read_settings("email", config, EmailSettings, type(self))
+        self.host = settings.host
+        self.port = settings.port
+        self.security = settings.security
+        self.username = settings.username
+        self.password = settings.password
+        self.sender = settings.sender
+        self.reply_to = settings.reply_to
+        self.timeout = settings.timeout
+        self.unsubscribe_url = settings.unsubscribe_url
+        self.unsubscribe_mailto = settings.unsubscribe_mailto
+        self.tls_context = ssl.create_default_context(cafile=settings.ca_file)
         self.domain = self.sender.rpartition("@")[2] or "rulesvc.local"
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k, v in (("host", self.host), ("from", self.sender)) if not v]
         if missing:
             return False, f"missing setting(s): {', '.join(missing)}"
-        if self.security not in ("starttls", "tls", "none"):
-            return False, f"security must be starttls, tls or none, not {self.security!r}"
         return True, f"SMTP {self.host}:{self.port} ({self.security})"
 
     def reachable(self, contact: dict[str, Any]) -> str | None:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from rulesvc_email import EmailChannel
 
+from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.store.mongod import free_port
@@ -213,7 +214,13 @@ async def test_refused_recipient_fails_permanently(
 
 def test_settings_are_checked() -> None:
     assert EmailChannel({}).status() == (False, "missing setting(s): host, from")
-    assert EmailChannel({"host": "h", "from": "a@b.c", "security": "ssl"}).status()[0] is False
+    with pytest.raises(ChannelSettingsError) as wrong:  # a wrong value is a settings error, with its path
+        EmailChannel({"host": "h", "from": "a@b.c", "security": "ssl", "prot": 25})
+    assert wrong.value.problems == [
+        'channels.email.security: expected one of `starttls`, `tls`, `none`, got "ssl"',
+        "channels.email.prot: unknown setting; did you mean `port`? (known: ca_file, from, host, password, "
+        "port, quiet_hours, reply_to, security, timeout, unsubscribe_mailto, unsubscribe_url, username)",
+    ]
     channel = EmailChannel({"host": "h", "from": "a@b.c"})
     assert (
         channel.reachable({"email": "x@y.z", "email_invalid": True})

@@ -1,7 +1,6 @@
 """The `push` channel: Firebase Cloud Messaging HTTP v1, authenticated with a service account.
 
-Settings ([channels.push] or RULESVC_CHANNEL_PUSH_*): `service_account_file` (the JSON key Google gives)
-or `service_account_json`; `base_url` (default https://fcm.googleapis.com). The access token comes from
+Settings ([channels.push] or RULESVC_CHANNEL_PUSH_*): see `PushSettings`. The access token comes from
 the key's `token_uri` with a signed JWT (RS256, OAuth2 JWT bearer grant) and is renewed before it expires
 or when FCM answers 401. A token FCM calls UNREGISTERED is removed from the contact.
 """
@@ -11,14 +10,23 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from msgspec import Meta
 
 from rulesvc import hookimpl
-from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
+from rulesvc.channels import (
+    Channel,
+    ChannelSettings,
+    Delivery,
+    HttpChannel,
+    OutboundMessage,
+    read_settings,
+    retry_after,
+)
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
@@ -38,30 +46,50 @@ def signed_jwt(account: dict[str, Any], now: float) -> str:
     return f"{signing_input.decode()}.{b64url(signature)}"
 
 
+class PushSettings(ChannelSettings):
+    """Firebase Cloud Messaging HTTP v1, authenticated with a service account's key."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = (
+        ("service_account_file", "service_account_json"),
+    )
+
+    service_account_file: Annotated[
+        str, Meta(description="the service account's JSON key file Google gives")
+    ] = ""
+    service_account_json: Annotated[
+        str, Meta(description="the same JSON key as text, instead of the file", extra={"secret": True})
+    ] = ""
+    base_url: Annotated[str, Meta(description="the FCM API's base URL")] = "https://fcm.googleapis.com"
+    timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
+
+
 class PushChannel(HttpChannel):
     name = "push"
     deduplicates = False  # FCM v1 has no idempotency key
+    settings_type = PushSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any] | PushSettings) -> None:
+        settings = read_settings("push", config, PushSettings, type(self))
         self.problem: str | None = None
         self.account: dict[str, Any] = {}
         try:
-            if config.get("service_account_json"):
-                self.account = json.loads(str(config["service_account_json"]))
-            elif config.get("service_account_file"):
-                with open(str(config["service_account_file"]), encoding="utf-8") as fh:
+            if settings.service_account_json:
+                self.account = json.loads(settings.service_account_json)
+            elif settings.service_account_file:
+                with open(settings.service_account_file, encoding="utf-8") as fh:
                     self.account = json.load(fh)
             else:
                 self.problem = "missing setting: service_account_file or service_account_json"
         except (OSError, ValueError) as exc:
-            self.problem = f"cannot read the service account key: {exc}"
+            which = "service_account_json" if settings.service_account_json else "service_account_file"
+            self.problem = f"cannot read the service account key (channels.push.{which}): {exc}"
         missing = [
             k for k in ("project_id", "client_email", "private_key", "token_uri") if k not in self.account
         ]
         if not self.problem and missing:
             self.problem = f"service account key lacks: {', '.join(missing)}"
-        self.base_url = str(config.get("base_url", "https://fcm.googleapis.com")).rstrip("/")
-        self.timeout = float(config.get("timeout", 10))
+        self.base_url = settings.base_url.rstrip("/")
+        self.timeout = settings.timeout
         self._token: str | None = None
         self._token_expires = 0.0
 

@@ -1,8 +1,6 @@
 """The `sms` channel: a Twilio-compatible Messages API, and its signed delivery-status callbacks.
 
-Settings ([channels.sms] or RULESVC_CHANNEL_SMS_*): `account_sid`, `auth_token`, and `from` (a number) or
-`messaging_service_sid` (required); `base_url` (default https://api.twilio.com), `status_callback_url`
-(this service's public `/v1/channels/sms/callbacks` URL, signed by the provider), `max_segments` (10).
+Settings ([channels.sms] or RULESVC_CHANNEL_SMS_*): see `SmsSettings`.
 
 Messages are `POST {base_url}/2010-04-01/Accounts/{sid}/Messages.json`, form-encoded, with HTTP Basic auth.
 Callbacks are checked as Twilio signs them: base64 HMAC-SHA1 of the URL followed by the sorted form
@@ -15,13 +13,23 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar
 
 from aiohttp import web
+from msgspec import Meta, field
 
 from rulesvc import hookimpl
-from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, Outcome, retry_after
+from rulesvc.channels import (
+    Channel,
+    ChannelSettings,
+    Delivery,
+    HttpChannel,
+    OutboundMessage,
+    Outcome,
+    read_settings,
+    retry_after,
+)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 GSM7_BASIC = set(
@@ -49,19 +57,47 @@ def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
 
 
+class SmsSettings(ChannelSettings):
+    """A Twilio-compatible Messages API, with HTTP Basic auth and signed status callbacks."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = (
+        "account_sid",
+        "auth_token",
+        ("from", "messaging_service_sid"),
+    )
+
+    account_sid: Annotated[str, Meta(description="the account id (`AC...`)")] = ""
+    auth_token: Annotated[
+        str, Meta(description="the account's auth token; also checks callbacks' signatures")
+    ] = ""
+    sender: Annotated[str, Meta(description="the number messages come from (E.164)")] = field(
+        default="", name="from"
+    )
+    messaging_service_sid: Annotated[str, Meta(description="a messaging service instead of `from`")] = ""
+    base_url: Annotated[str, Meta(description="the API's base URL")] = "https://api.twilio.com"
+    status_callback_url: Annotated[
+        str | None,
+        Meta(description="this service's public `/v1/channels/sms/callbacks` URL, for delivery reports"),
+    ] = None
+    max_segments: Annotated[int, Meta(ge=1, description="longest message, in SMS segments")] = 10
+    timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
+
+
 class SmsChannel(HttpChannel):
     name = "sms"
     deduplicates = False  # the Messages API takes no idempotency key
+    settings_type = SmsSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.account_sid = str(config.get("account_sid", ""))
-        self.auth_token = str(config.get("auth_token", ""))
-        self.sender = str(config.get("from", ""))
-        self.service_sid = str(config.get("messaging_service_sid", ""))
-        self.base_url = str(config.get("base_url", "https://api.twilio.com")).rstrip("/")
-        self.callback_url = config.get("status_callback_url")
-        self.max_segments = int(config.get("max_segments", 10))
-        self.timeout = float(config.get("timeout", 10))
+    def __init__(self, config: Mapping[str, Any] | SmsSettings) -> None:
+        settings = read_settings("sms", config, SmsSettings, type(self))
+        self.account_sid = settings.account_sid
+        self.auth_token = settings.auth_token
+        self.sender = settings.sender
+        self.service_sid = settings.messaging_service_sid
+        self.base_url = settings.base_url.rstrip("/")
+        self.callback_url = settings.status_callback_url
+        self.max_segments = settings.max_segments
+        self.timeout = settings.timeout
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("account_sid", "auth_token") if not getattr(self, k)]

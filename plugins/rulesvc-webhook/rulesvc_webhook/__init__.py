@@ -1,7 +1,7 @@
 """The `webhook` channel: each message is a JSON POST, signed so the receiver can trust it.
 
-Settings ([channels.webhook] or RULESVC_CHANNEL_WEBHOOK_*): `url` and `secret` (required), `timeout`
-(seconds, default 10). Every request carries `X-Rulesvc-Timestamp` (Unix seconds) and
+Settings ([channels.webhook] or RULESVC_CHANNEL_WEBHOOK_*): see `WebhookSettings`. Every request carries
+`X-Rulesvc-Timestamp` (Unix seconds) and
 `X-Rulesvc-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>" with the secret>`, and the message id as
 `Idempotency-Key`: a receiver verifies the signature, rejects old timestamps and ignores a key it has seen,
 so a retried delivery is never acted on twice.
@@ -13,11 +13,21 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar
+
+from msgspec import Meta
 
 from rulesvc import hookimpl
-from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
+from rulesvc.channels import (
+    Channel,
+    ChannelSettings,
+    Delivery,
+    HttpChannel,
+    OutboundMessage,
+    read_settings,
+    retry_after,
+)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -25,14 +35,28 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"v1={digest}"
 
 
+class WebhookSettings(ChannelSettings):
+    """A JSON POST per message, signed with HMAC-SHA256 over the timestamp and the body."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("url", "secret")
+
+    url: Annotated[str, Meta(description="where each message is POSTed")] = ""
+    secret: Annotated[
+        str, Meta(description="the key of the `X-Rulesvc-Signature` HMAC, shared with the receiver")
+    ] = ""
+    timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
+
+
 class WebhookChannel(HttpChannel):
     name = "webhook"
     deduplicates = True  # the receiver ignores an Idempotency-Key it has seen
+    settings_type = WebhookSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.url = str(config.get("url", ""))
-        self.secret = str(config.get("secret", ""))
-        self.timeout = float(config.get("timeout", 10))
+    def __init__(self, config: Mapping[str, Any] | WebhookSettings) -> None:
+        settings = read_settings("webhook", config, WebhookSettings, type(self))
+        self.url = settings.url
+        self.secret = settings.secret
+        self.timeout = settings.timeout
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("url", "secret") if not getattr(self, k)]

@@ -2,9 +2,7 @@
 
 RFC 8030 (the push protocol), RFC 8291 (the payload is encrypted for the browser with `aes128gcm`: only the
 subscription's keys can read it, not the push service) and RFC 8292 (VAPID: the push service knows the
-sender by its key). Settings ([channels.webpush] or RULESVC_CHANNEL_WEBPUSH_*): `vapid_private_key`
-(PEM, or the base64url private number as web-push tools print it) and `subject` (`mailto:` or `https:`)
-are required; `ttl` (seconds a push service keeps an undelivered message, 86400), `urgency` (normal).
+sender by its key). Settings ([channels.webpush] or RULESVC_CHANNEL_WEBPUSH_*): see `WebPushSettings`.
 A subscription the push service answers 404 or 410 for is removed from the contact.
 """
 
@@ -15,17 +13,26 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from msgspec import Meta
 
 from rulesvc import hookimpl
-from rulesvc.channels import Channel, Delivery, HttpChannel, OutboundMessage, retry_after
+from rulesvc.channels import (
+    Channel,
+    ChannelSettings,
+    Delivery,
+    HttpChannel,
+    OutboundMessage,
+    read_settings,
+    retry_after,
+)
 
 RECORD_SIZE = 4096
 
@@ -94,23 +101,39 @@ def vapid_header(key: ec.EllipticCurvePrivateKey, endpoint: str, subject: str, n
     return f"vapid t={token}, k={b64url(_point(key.public_key()))}"
 
 
+class WebPushSettings(ChannelSettings):
+    """Browser push to any push service: RFC 8030, `aes128gcm` payloads (RFC 8291), VAPID (RFC 8292)."""
+
+    required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("vapid_private_key", "subject")
+
+    vapid_private_key: Annotated[
+        str, Meta(description="the VAPID key: PEM, or the base64url private number web-push tools print")
+    ] = ""
+    subject: Annotated[str, Meta(description="who sends: a `mailto:` or `https:` URL")] = ""
+    ttl: Annotated[int, Meta(ge=0, description="seconds a push service keeps an undelivered message")] = 86400
+    urgency: Annotated[
+        Literal["very-low", "low", "normal", "high"], Meta(description="the push's `Urgency` header")
+    ] = "normal"
+    timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
+
+
 class WebPushChannel(HttpChannel):
     name = "webpush"
     deduplicates = False  # a push service has no idempotency key
+    settings_type = WebPushSettings
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.subject = str(config.get("subject", ""))
-        self.ttl = int(config.get("ttl", 86400))
-        self.urgency = str(config.get("urgency", "normal"))
-        self.timeout = float(config.get("timeout", 10))
+    def __init__(self, config: Mapping[str, Any] | WebPushSettings) -> None:
+        settings = read_settings("webpush", config, WebPushSettings, type(self))
+        self.subject = settings.subject
+        self.ttl = settings.ttl
+        self.urgency = settings.urgency
+        self.timeout = settings.timeout
         self.problem: str | None = None
         self.key: ec.EllipticCurvePrivateKey | None = None
         try:
-            self.key = (
-                load_vapid_key(str(config["vapid_private_key"])) if config.get("vapid_private_key") else None
-            )
+            self.key = load_vapid_key(settings.vapid_private_key) if settings.vapid_private_key else None
         except (ValueError, TypeError) as exc:
-            self.problem = f"cannot load vapid_private_key: {exc}"
+            self.problem = f"channels.webpush.vapid_private_key: cannot be loaded: {exc}"
 
     def status(self) -> tuple[bool, str]:
         if self.problem:
@@ -119,7 +142,7 @@ class WebPushChannel(HttpChannel):
         if missing:
             return False, f"missing setting(s): {', '.join(missing)}"
         if not self.subject.startswith(("mailto:", "https:")):
-            return False, "subject must be a mailto: or https: URL"
+            return False, "channels.webpush.subject: expected a mailto: or https: URL"
         return True, "Web Push with VAPID"
 
     def reachable(self, contact: dict[str, Any]) -> str | None:

@@ -102,6 +102,8 @@ def _refusal(name: str, raw: str, kind: mi.Type, hint: Any) -> QueryRejected:
     if isinstance(kind, mi.IntType):
         bounds = f" between {kind.ge} and {kind.le}" if kind.ge is not None and kind.le is not None else ""
         return QueryRejected(f"query parameter `{name}` must be an integer{bounds}, got {_shown(raw)}", name)
+    if isinstance(kind, mi.BoolType):
+        return QueryRejected(f"query parameter `{name}` must be true or false, got {_shown(raw)}", name)
     if isinstance(kind, mi.DateTimeType):
         try:
             msgspec.convert(raw, datetime)

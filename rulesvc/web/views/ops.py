@@ -8,7 +8,7 @@ from typing import Literal
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from rulesvc.channels import ChannelRegistry
+from rulesvc.channels import ChannelRegistry, status_of
 from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
 from rulesvc.runtime.rulesets import Rulesets, folder_problem
@@ -113,10 +113,7 @@ def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str,
         if channel is None:
             configured, detail = False, "no installed plugin provides it"
         else:
-            try:
-                configured, detail = channel.status()
-            except Exception as exc:  # a plugin's status check is its own code: it may raise anything
-                configured, detail = False, f"its status check failed: {type(exc).__name__}: {exc}"
+            configured, detail = status_of(channel)  # as GET /v1/channels says it
         if configured:
             continue
         unusable.append(f"{channel_name} ({', '.join(users)})")
