@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean bench bench-engine
+.PHONY: install run test lint clean bench bench-engine docs
 
 $(STAMP): pyproject.toml requirements/embedded.txt $(wildcard plugins/*/pyproject.toml)
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The configuration reference, generated from rulesvc/config.py (tests/test_config_reference.py checks it).
+docs: $(STAMP)
+	$(BIN)/python -m rulesvc.configdoc > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

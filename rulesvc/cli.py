@@ -691,6 +691,33 @@ def simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_up_warnings(settings: Settings, embedded: bool) -> list[tuple[str, str]]:
+    """What an operator should hear before the service runs (event name, sentence): no rulesets (it will
+    accept events and send nothing), a new data directory (a fresh, empty database). Said once by the
+    process the operator started, not by each worker."""
+    from pathlib import Path
+
+    from rulesvc.runtime.rulesets import folder_problem
+    from rulesvc.store.mongod import has_data
+
+    warnings: list[tuple[str, str]] = []
+    problem = folder_problem(Path(settings.rulesets_dir))
+    if problem is not None:
+        warnings.append((
+            "rulesets.none",
+            f"{problem}: the service will accept events but send nothing; "
+            "set RULESVC_RULESETS_DIR or start from the project folder",
+        ))  # fmt: skip
+    if embedded and not has_data(settings.data_dir):
+        where = Path(settings.data_dir).absolute()
+        warnings.append((
+            "data_dir.new",
+            f"new data directory {where}: a fresh database; if you expected existing data, "
+            "start from the folder that holds it or set RULESVC_DATA_DIR",
+        ))  # fmt: skip
+    return warnings
+
+
 def serve(args: argparse.Namespace) -> int:
     import errno
     import os
@@ -706,6 +733,11 @@ def serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format, settings.log_level)
     workers = settings.workers or os.cpu_count() or 1
     embedded = not settings.mongodb_uri
+    if not args.reuse_port:  # a worker of a supervisor: the supervisor said it
+        import structlog
+
+        for event, message in start_up_warnings(settings, embedded):
+            structlog.get_logger("rulesvc.serve").warning(event, message=message)
     try:
         if embedded:  # before anything else: a second instance must not touch the first one's mongod
             lock_data_dir(settings.data_dir, settings.port)

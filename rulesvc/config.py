@@ -66,7 +66,9 @@ class SettingDoc:
     help: str
 
 
-# One row per setting: the variable that sets it and what it means. `rulesvc serve --help` prints these.
+# One row per setting: the variable that sets it and what it means. `rulesvc serve --help` prints these,
+# and docs/configuration.md is generated from them with the types and defaults of `Settings`
+# (`python -m rulesvc.configdoc > docs/configuration.md`; a test fails when it is stale).
 SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc("host", "RULESVC_HOST", "address to listen on"),
     SettingDoc("port", "RULESVC_PORT", "TCP port to listen on"),
@@ -82,7 +84,11 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "start a mongod when MONGODB_URI is unset; false makes MONGODB_URI required (containers)",
     ),
     SettingDoc("database", "RULESVC_DATABASE", "MongoDB database name"),
-    SettingDoc("data_dir", "RULESVC_DATA_DIR", "where the embedded mongod keeps its data"),
+    SettingDoc(
+        "data_dir",
+        "RULESVC_DATA_DIR",
+        "the embedded mongod's data, log and pid file; relative to the folder the service starts in",
+    ),
     SettingDoc(
         "mongod_bin", "MONGOD_BIN", "mongod binary for the embedded mode; unset = the [embedded] extra's"
     ),
@@ -91,8 +97,16 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "RULESVC_MONGOD_CACHE_GB",
         "the embedded mongod's WiredTiger cache; below the working set it thrashes; 0 = mongod's default",
     ),
-    SettingDoc("rulesets_dir", "RULESVC_RULESETS_DIR", "folder of JSON rulesets"),
-    SettingDoc("event_retention_days", "RULESVC_EVENT_RETENTION_DAYS", "days raw events are kept (TTL)"),
+    SettingDoc(
+        "rulesets_dir",
+        "RULESVC_RULESETS_DIR",
+        "folder of JSON rulesets, watched for changes; relative to the folder the service starts in",
+    ),
+    SettingDoc(
+        "event_retention_days",
+        "RULESVC_EVENT_RETENTION_DAYS",
+        "days raw events are kept (a TTL index; changing it updates the index); message history is kept",
+    ),
     SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
     SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
     SettingDoc(
@@ -111,7 +125,8 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "lease_seconds",
         "RULESVC_LEASE_SECONDS",
-        "how long a process may hold a contact's events before another may take them over",
+        "how long a process may hold a contact's events or a due send before another takes over (after a "
+        "crash); a send is cut off at two thirds of it",
     ),
     SettingDoc(
         "rate_limit",
@@ -144,9 +159,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "mongodb_timeout_seconds",
         "RULESVC_MONGODB_TIMEOUT_SECONDS",
-        "deadline of each MongoDB operation: a request answers 503 after it, a background loop backs off",
+        "deadline of each MongoDB operation: a request answers 503 with Retry-After after it, a background "
+        "loop backs off (1 s, doubling up to 5 s); start-up index builds get 120 s",
     ),
-    SettingDoc("channels", "RULESVC_CHANNEL_<NAME>_<KEY>", "a channel's settings ([channels.NAME] in TOML)"),
+    SettingDoc(
+        "channels",
+        "RULESVC_CHANNEL_<NAME>_<KEY>",
+        "a channel's settings ([channels.NAME] in TOML; the variables override its keys); docs/channels.md",
+    ),
     SettingDoc(
         "frequency_caps",
         "RULESVC_FREQUENCY_CAPS",
@@ -155,7 +175,8 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "quiet_hours",
         "RULESVC_QUIET_HOURS",
-        "HH:MM-HH:MM in the contact's time zone when marketing sends wait; empty = none",
+        "HH:MM-HH:MM in the contact's time zone when marketing email, SMS, push and web push wait; empty = "
+        "none; per channel RULESVC_CHANNEL_<NAME>_QUIET_HOURS=true|false",
     ),
     SettingDoc("default_timezone", "RULESVC_DEFAULT_TIMEZONE", "time zone for contacts without one"),
     SettingDoc("max_attempts", "RULESVC_MAX_ATTEMPTS", "delivery attempts before a message is dead-lettered"),

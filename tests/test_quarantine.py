@@ -167,6 +167,7 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
     body = await ready.json()
     assert ready.status == 200 and body["status"] == "degraded", body
     assert "1 in the last" in body["checks"]["quarantine"]
+    assert body["reasons"] == ["1 event(s) quarantined in the last 1 h; see GET /v1/events/quarantine"]
     assert await metric(live, 'rulesvc_events_quarantined_total{stage="inbox"}') == 1
     assert await metric(live, "rulesvc_events_quarantine_size") == 1
 
@@ -186,7 +187,7 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
     assert (await (await live.get("/v1/events/quarantine")).json())["events"] == []
     assert (await states(db, ["bad"])) == {"bad": "dropped"}
     body = await (await live.get("/readyz")).json()
-    assert body["status"] == "ok", body
+    assert (body["status"], body["reasons"]) == ("ok", []), body
 
 
 async def test_a_retried_event_that_now_succeeds_is_decided(live: Client, db: Any) -> None:

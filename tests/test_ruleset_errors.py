@@ -423,7 +423,10 @@ async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> N
     assert typed.status == 415
     flag = await client.put("/v1/rulesets/welcome?dry_run=maybe", data=good,
                             headers={"Content-Type": "application/json"})  # fmt: skip
-    assert flag.status == 400 and "dry_run" in (await flag.json())["error"]
+    assert (flag.status, await flag.json()) == (
+        422,
+        {"error": "query parameter `dry_run` must be true or false, got `maybe`", "field": "dry_run"},
+    )
 
     huge = b'{"description": "' + b"x" * settings.max_body_bytes + b'"}'
     over = await client.put("/v1/rulesets/welcome", data=huge, headers={"Content-Type": "application/json"})

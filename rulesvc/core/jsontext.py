@@ -251,7 +251,11 @@ class _Parser:
             raise JsonSyntaxError(f"invalid number `{written}`", start, path)
         if any(c in written for c in ".eE"):
             return Node("float", start, float(written), written), broad.end()
-        return Node("int", start, int(written), written), broad.end()
+        try:
+            value = int(written)
+        except ValueError:  # Python refuses to convert integers of more than 4,300 digits
+            raise JsonSyntaxError(f"a number of {len(written)} digits is too large", start, path) from None
+        return Node("int", start, value, written), broad.end()
 
 
 def locate(root: Node, path: str) -> int:

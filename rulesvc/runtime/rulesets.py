@@ -66,6 +66,17 @@ def ruleset_files(directory: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.json")) if p.name not in NOT_RULESETS}
 
 
+def folder_problem(directory: Path) -> str | None:
+    """Why a rulesets folder gives no rulesets, with its absolute path: a service started in another
+    directory finds none, and says so rather than serving while it sends nothing."""
+    where = directory.absolute()
+    if not directory.is_dir():
+        return f"the rulesets folder {where} does not exist"
+    if not ruleset_files(directory):
+        return f"no rulesets in {where}"
+    return None
+
+
 def write_source(directory: Path, name: str, data: bytes) -> Path:
     """Atomically: the watcher (and a reload) sees the old file or the new one, never half of it."""
     directory.mkdir(parents=True, exist_ok=True)

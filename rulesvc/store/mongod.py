@@ -42,6 +42,12 @@ LOCK_FILE = "rulesvc.lock"
 _held_locks: dict[Path, list[int]] = {}  # lock file -> [fd, holds]: re-entrant within one process
 
 
+def has_data(data_dir: str | Path) -> bool:
+    """Whether an embedded mongod has kept data here before: a new directory means a fresh database."""
+    dbpath = Path(data_dir) / "db"
+    return dbpath.is_dir() and any(dbpath.iterdir())
+
+
 def lock_data_dir(data_dir: str | Path, port: int | None = None) -> None:
     """One rulesvc per data directory: an flock on <data_dir>/rulesvc.lock, held while it runs.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from aiohttp import web
 
 from rulesvc.channels import ChannelRegistry
@@ -39,3 +40,4 @@ FANOUT = web.AppKey("fanout", CatalogFanout)
 SIMULATOR = web.AppKey("simulator", Simulator)
 
 API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if it came with one
+QUERY = web.RequestKey("query", msgspec.Struct)  # the route's query parameters, parsed (web/views/base.py)

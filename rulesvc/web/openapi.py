@@ -6,11 +6,13 @@ The helpers here build the operations' common parts (references, JSON bodies, er
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 
 import msgspec
+import msgspec.inspect as mi
 
 from rulesvc.core.ids import ID_PATTERN, ID_RULE, MAX_ID_LENGTH
+from rulesvc.web.schemas import enum_values
 
 Schema = dict[str, Any]
 
@@ -50,10 +52,34 @@ def query(name: str, schema: Schema, description: str) -> Schema:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-PAGING = [
-    query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "most items to return"),
-    query("before", {"type": "string", "format": "date-time"}, "only items older than this (paging)"),
-]
+def _struct_info(spec: type[msgspec.Struct]) -> mi.StructType:
+    info = mi.type_info(spec)
+    assert isinstance(info, mi.StructType)
+    return info
+
+
+def query_parameters(spec: type[msgspec.Struct]) -> list[Schema]:
+    """The operation's query parameters from the struct that also checks them (`Route.query`): names,
+    enums, ranges, formats and defaults come from one declaration."""
+    (schema,), components = msgspec.json.schema_components([spec], ref_template="#/components/schemas/{name}")
+    struct = components[schema["$ref"].rsplit("/", 1)[1]]
+    required = set(struct.get("required", []))
+    hints = get_type_hints(spec, include_extras=True)
+    declared = {f.encode_name: hints[f.name] for f in _struct_info(spec).fields}
+    parameters = []
+    for name, prop in struct.get("properties", {}).items():
+        prop = dict(prop)
+        if "anyOf" in prop:  # `X | None = None`: absent, never null, in a query string
+            (inner,) = [p for p in prop.pop("anyOf") if p != {"type": "null"}]
+            prop = {**inner, **prop}
+        values = enum_values(declared[name])
+        if values is not None:
+            prop["enum"] = values  # in the declared order (a lifecycle), as the 422 lists them
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        description = prop.pop("description", "")
+        parameters.append({**query(name, prop, description), "required": name in required})
+    return parameters
 
 
 class Documented(Protocol):
@@ -69,6 +95,8 @@ class Documented(Protocol):
     @property
     def operation(self) -> Schema: ...
     @property
+    def query(self) -> type[msgspec.Struct] | None: ...
+    @property
     def documented_path(self) -> str: ...
 
 
@@ -80,7 +108,16 @@ def document(routes: Iterable[Documented]) -> bytes:
         item = paths.setdefault(route.documented_path, {})
         if route.parameters is not None:
             item.setdefault("parameters", route.parameters)
-        item[route.method.lower()] = route.operation
+        operation = dict(route.operation)
+        if route.query is not None:
+            parameters = query_parameters(route.query)
+            if parameters:
+                operation["parameters"] = parameters
+            operation["responses"] = {
+                "422": error("a query parameter this operation does not take, or a value it does not allow"),
+                **operation.get("responses", {}),
+            }
+        item[route.method.lower()] = operation
         types += [t for t in route.types if t not in types]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc = {

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 from aiohttp import web
 
 from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
@@ -28,37 +29,45 @@ from rulesvc.core.ruleformat import RulesetFile
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.runtime.rulesets import RULESET_NAME
 from rulesvc.web import openapi
+from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
     INBOX_REFUSED,
-    PAGING,
     Schema,
     contact_id_param,
     error,
     json_body,
-    query,
     ref,
 )
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelList,
+    ContactMessagesQuery,
     ErrorBody,
     EventList,
     Health,
     InboxAction,
+    InboxActionQuery,
     InboxList,
+    InboxQuery,
     InboxToken,
     InboxTokenRequest,
     MessageConflict,
+    MessagesQuery,
+    NoQuery,
+    PagingQuery,
     QuarantineActed,
     QuarantineAction,
     QuarantineList,
+    QuarantineQuery,
     RulesetChecked,
     RulesetInfo,
     RulesetList,
+    RulesetPutQuery,
     RulesetRejected,
 )
 from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
+from rulesvc.web.views.base import QueryRejected, parse_query
 
 Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,6 +81,9 @@ class Route:
     access: Access
     types: tuple[Any, ...] = ()  # the msgspec types the operation refers to: the document's components
     parameters: list[Schema] | None = None  # path parameters, shared by the operations on the path
+    # The query parameters: checked before the handler runs (422 for an unknown name or a bad value) and
+    # documented from the same struct. None: not checked (a provider's callback URL is the provider's).
+    query: type[msgspec.Struct] | None = NoQuery
     operation: Schema = field(default_factory=dict)
 
     @property
@@ -88,7 +100,10 @@ MESSAGE_ID: Schema = {
     "description": "the message's id as the history shows it (it may contain `/`)",
 }
 EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
-BAD_REQUEST = error("malformed JSON (with the byte position) or a bad query parameter")
+BAD_REQUEST = error(
+    "malformed JSON (with the byte position), a body that is not UTF-8, or a contact id in the path that "
+    "breaks the id rule (a bad query parameter is 422)"
+)
 
 ROUTES: list[Route] = [
     Route(
@@ -163,15 +178,12 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/messages",
         contacts.get_contact_messages,
         "admin",
+        query=ContactMessagesQuery,
         types=(MessageList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "The contact's message history, newest first",
             "operationId": "getContactMessages",
-            "parameters": [
-                *PAGING,
-                query("status", {"type": "string"}, "only messages in this status"),
-            ],
             "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
         },
     ),
@@ -180,12 +192,12 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/events",
         contacts.get_contact_events,
         "admin",
+        query=PagingQuery,
         types=(EventList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "The contact's recent events, newest first",
             "operationId": "getContactEvents",
-            "parameters": PAGING,
             "responses": {"200": json_body(ref("EventList"), "events"), "400": BAD_REQUEST},
         },
     ),
@@ -216,16 +228,13 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/inbox",
         inbox.get_inbox,
         "inbox",
+        query=InboxQuery,
         types=(InboxList, ErrorBody),
         parameters=[contact_id_param()],
         operation={
             "summary": "In-app messages to show now (delivered, not dismissed), newest first",
             "description": "Title and body are HTML (parameters escaped)." + INBOX_ACCESS,
             "operationId": "getInbox",
-            "parameters": [
-                query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "most items"),
-                query("token", {"type": "string"}, "the contact's inbox token, if not in the header"),
-            ],
             "responses": {
                 "200": json_body(ref("InboxList"), "messages"),
                 "400": BAD_REQUEST,
@@ -238,6 +247,7 @@ ROUTES: list[Route] = [
         "/v1/contacts/{contact_id}/inbox/{message_id:.+}",
         inbox.post_inbox_action,
         "inbox",
+        query=InboxActionQuery,
         types=(InboxAction, SimulateRejected, ErrorBody),
         parameters=[
             contact_id_param(),
@@ -265,19 +275,12 @@ ROUTES: list[Route] = [
         "/v1/messages",
         messages.get_messages,
         "admin",
+        query=MessagesQuery,
         types=(MessageList, ErrorBody),
         operation={
             "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
             "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words.",
             "operationId": "getMessages",
-            "parameters": [
-                {"name": "status", "in": "query", "required": True, "schema": {"type": "string"}},
-                *PAGING,
-                query("channel", {"type": "string"}, "only messages the rule named or sent on this channel"),
-                query("contact_id", {"type": "string"}, "only this contact's messages"),
-                query("ruleset", {"type": "string"}, "only messages of this ruleset"),
-                query("reason", {"type": "string"}, "only messages with this reason code, e.g. no_consent"),
-            ],
             "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
         },
     ),
@@ -329,16 +332,13 @@ ROUTES: list[Route] = [
         "/v1/events/quarantine",
         quarantine.get_quarantine,
         "admin",
+        query=QuarantineQuery,
         types=(QuarantineList, ErrorBody),
         operation={
             "summary": "Events set aside after their evaluation failed repeatedly, newest first",
             "description": "Every other event went on meanwhile. Each has its error, the stage that "
             "failed (`inbox`: the contact's rules; `fanout`: copying a catalog event) and its attempts.",
             "operationId": "getQuarantine",
-            "parameters": [
-                PAGING[0],
-                query("before", {"type": "string", "format": "date-time"}, "quarantined before this"),
-            ],
             "responses": {"200": json_body(ref("QuarantineList"), "quarantined events"), "400": BAD_REQUEST},
         },
     ),
@@ -388,6 +388,7 @@ ROUTES: list[Route] = [
         "/v1/channels/{name}/callbacks",
         channels.channel_callback,
         "signed-by-provider",
+        query=None,
         types=(CallbacksAccepted, ErrorBody),
         parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
         operation={
@@ -429,6 +430,7 @@ ROUTES: list[Route] = [
         "/v1/rulesets/{name}",
         rulesets.put_ruleset,
         "admin",
+        query=RulesetPutQuery,
         types=(RulesetFile, RulesetInfo, RulesetChecked, RulesetRejected, ErrorBody),
         parameters=[
             {
@@ -445,9 +447,6 @@ ROUTES: list[Route] = [
             "loader's channels and templates; an invalid one changes nothing and every error comes back "
             "with its line, column and JSON path. With `dry_run=true` it is only checked.",
             "operationId": "putRuleset",
-            "parameters": [
-                query("dry_run", {"type": "boolean", "default": False}, "check only; write nothing"),
-            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": ref("RulesetFile")}},
@@ -457,7 +456,7 @@ ROUTES: list[Route] = [
                     {"oneOf": [ref("RulesetInfo"), ref("RulesetChecked")]},
                     "written and live (RulesetInfo), or with `dry_run=true` valid (RulesetChecked)",
                 ),
-                "400": error("a name not of lower case letters, digits and _, or a bad `dry_run`"),
+                "400": error("a name not of lower case letters, digits and _"),
                 "413": error("body over the limit"),
                 "415": error("content type is not JSON"),
                 "422": json_body(ref("RulesetRejected"), "invalid ruleset, every error; nothing changed"),
@@ -515,8 +514,10 @@ ROUTES: list[Route] = [
         types=(Health,),
         operation={
             "summary": "Ready to serve: MongoDB reachable and rulesets loaded",
-            "description": "200 with status `degraded` when it serves but needs a look: the oldest "
-            "unprocessed event waited too long, or events were quarantined recently (`checks` says).",
+            "description": "200 with status `degraded` when it serves but needs a look: no rulesets "
+            "loaded, a refused ruleset, a ruleset sending on a channel that is not configured, the oldest "
+            "unprocessed event waited too long, or events were quarantined recently. `checks` has a line "
+            "per part, `reasons` a sentence per problem.",
             "operationId": "readyz",
             "responses": {
                 "200": json_body(ref("Health"), "ready (`ok` or `degraded`)"),
@@ -556,12 +557,28 @@ def access(method: str, canonical: str) -> Access:
     return _ACCESS.get(("GET" if method == "HEAD" else method, canonical), "admin")
 
 
+def checking_query(route: Route) -> Handler:
+    """The route's handler behind its query check: the view reads the parsed struct (`query_of`)."""
+    spec = route.query
+    if spec is None:
+        return route.handler
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            request[QUERY] = parse_query(request, spec)
+            return await route.handler(request)
+        except QueryRejected as exc:  # the view may refuse a combination the struct cannot express
+            return exc.response()
+
+    return handler
+
+
 def setup_routes(app: web.Application) -> None:
     for route in ROUTES:
         if route.method == "GET":
-            app.router.add_get(route.path, route.handler)  # and HEAD
+            app.router.add_get(route.path, checking_query(route))  # and HEAD
         else:
-            app.router.add_route(route.method, route.path, route.handler)
+            app.router.add_route(route.method, route.path, checking_query(route))
 
 
 @functools.cache

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import types
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
 from rulesvc.core.durations import DURATION_PATTERN
+from rulesvc.core.messages import MessageStatus
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """`field` and `allowed` when one named input was refused (a query parameter): what to change it to."""
+
     error: str
+    field: str | None = None
+    allowed: list[str] | None = None
 
 
 class Health(msgspec.Struct):
+    """`checks`: one line per part; `reasons`: one sentence per problem, empty when `ok`."""
+
     status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = msgspec.field(default_factory=dict)
+    reasons: list[str] = msgspec.field(default_factory=list)
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True):
@@ -193,3 +202,87 @@ class MessageConflict(msgspec.Struct):
     error: str
     status: str  # the message's status now
     allowed: list[str]  # the statuses the action applies to
+
+
+# Query parameters: one struct per route (`Route.query` in web/routes.py). The same struct checks the
+# request (web/views/base.py `parse_query`: unknown names, enum values, ranges, times: 422) and becomes
+# the operation's OpenAPI `parameters` (web/openapi.py `query_parameters`), so the two cannot differ.
+
+
+def enum_values(hint: Any) -> list[str] | None:
+    """The values of a `Literal` parameter (inside `Annotated`, `| None`) in their declared order, which
+    is meaningful (a message's lifecycle) and which msgspec's own introspection sorts away."""
+    while True:
+        origin = get_origin(hint)
+        if origin is Annotated:
+            hint = get_args(hint)[0]
+        elif origin in (Union, types.UnionType):
+            hint = next(a for a in get_args(hint) if a is not type(None))
+        elif origin is Literal:
+            return [str(v) for v in get_args(hint)]
+        else:
+            return None
+
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=500, description="most items to return")]
+# tz=True: a time without an offset is refused (and the document says `format: date-time`).
+Before = Annotated[
+    datetime, msgspec.Meta(tz=True, description="only items older than this (paging: `next_before`)")
+]
+
+
+class NoQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """A route that takes no query parameters: any given is a typo worth a 422, not silence."""
+
+
+class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    status: Annotated[MessageStatus, msgspec.Meta(description="messages in this status, e.g. dead")]
+    limit: Limit = 50
+    before: Before | None = None
+    channel: (
+        Annotated[str, msgspec.Meta(description="only messages the rule named or sent on this channel")]
+        | None
+    ) = None
+    contact_id: Annotated[str, msgspec.Meta(description="only this contact's messages")] | None = None
+    ruleset: Annotated[str, msgspec.Meta(description="only messages of this ruleset")] | None = None
+    reason: (
+        Annotated[str, msgspec.Meta(description="only messages with this reason code, e.g. no_consent")]
+        | None
+    ) = None
+
+
+class ContactMessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: Before | None = None
+    status: Annotated[MessageStatus, msgspec.Meta(description="only messages in this status")] | None = None
+
+
+class PagingQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: Before | None = None
+
+
+QuarantinedBefore = Annotated[
+    datetime, msgspec.Meta(tz=True, description="only events quarantined before this")
+]
+
+
+class QuarantineQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Limit = 50
+    before: QuarantinedBefore | None = None
+
+
+InboxTokenParam = Annotated[str, msgspec.Meta(description="the contact's inbox token, if not in the header")]
+
+
+class InboxQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="most items to return")] = 20
+    token: InboxTokenParam | None = None
+
+
+class InboxActionQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    token: InboxTokenParam | None = None
+
+
+class RulesetPutQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dry_run: Annotated[bool, msgspec.Meta(description="check only; write nothing")] = False

@@ -9,14 +9,13 @@ from rulesvc.core.contacts import ContactRejected, decode_contact
 from rulesvc.core.messages import MessageList
 from rulesvc.store.db import contact_from_doc, message_from_doc
 from rulesvc.web.keys import STORE
-from rulesvc.web.schemas import EventList, EventRecord
+from rulesvc.web.schemas import ContactMessagesQuery, EventList, EventRecord, PagingQuery
 from rulesvc.web.views.base import (
     JSON_TYPES,
     contact_id_of,
     error_response,
     json_response,
-    query_int,
-    query_time,
+    query_of,
     read_body,
 )
 
@@ -46,18 +45,17 @@ async def get_contact(request: web.Request) -> web.Response:
 
 
 async def get_contact_messages(request: web.Request) -> web.Response:
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = query_time(request, "before")
-    status = request.query.get("status")
-    docs = await request.app[STORE].contact_messages(contact_id_of(request), limit + 1, before, status)
-    messages = [message_from_doc(d) for d in docs[:limit]]
-    next_before = messages[-1].created_at if len(docs) > limit else None
+    query = query_of(request, ContactMessagesQuery)
+    docs = await request.app[STORE].contact_messages(
+        contact_id_of(request), query.limit + 1, query.before, query.status
+    )
+    messages = [message_from_doc(d) for d in docs[: query.limit]]
+    next_before = messages[-1].created_at if len(docs) > query.limit else None
     return json_response(MessageList(messages, next_before))
 
 
 async def get_contact_events(request: web.Request) -> web.Response:
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = query_time(request, "before")
-    docs = await request.app[STORE].contact_events(contact_id_of(request), limit, before)
+    query = query_of(request, PagingQuery)
+    docs = await request.app[STORE].contact_events(contact_id_of(request), query.limit, query.before)
     records = [msgspec.convert({"id": d.pop("_id"), **d}, EventRecord) for d in docs]
     return json_response(EventList(records))

@@ -9,13 +9,13 @@ from rulesvc.core.events import split_validation_error
 from rulesvc.replay.simulate import SimulateRejected
 from rulesvc.store.keys import DEFAULT_INBOX_TOKEN_TTL, TTL_RULE, inbox_token_ttl
 from rulesvc.web.keys import INBOX, INBOX_TOKENS, STORE
-from rulesvc.web.schemas import InboxAction, InboxItem, InboxList, InboxToken, InboxTokenRequest
+from rulesvc.web.schemas import InboxAction, InboxItem, InboxList, InboxQuery, InboxToken, InboxTokenRequest
 from rulesvc.web.views.base import (
     JSON_TYPES,
     contact_id_of,
     error_response,
     json_response,
-    query_int,
+    query_of,
     read_body,
 )
 
@@ -48,8 +48,8 @@ async def post_inbox_token(request: web.Request) -> web.Response:
 
 async def get_inbox(request: web.Request) -> web.Response:
     contact_id = contact_id_of(request)
-    limit = query_int(request, "limit", 20, 1, 100)
-    docs = await request.app[STORE].inapp_messages(contact_id, limit)
+    query = query_of(request, InboxQuery)
+    docs = await request.app[STORE].inapp_messages(contact_id, query.limit)
     items = [
         InboxItem(
             d["_id"],

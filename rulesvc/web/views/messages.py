@@ -11,22 +11,20 @@ from rulesvc.runtime.fate import Refusal, cancel_message, retry_message
 from rulesvc.store.db import message_from_doc
 from rulesvc.store.messages import Messages
 from rulesvc.web.keys import METRICS, SCHEDULER, STORE
-from rulesvc.web.schemas import MessageConflict
-from rulesvc.web.views.base import error_response, json_response, query_int, query_time
+from rulesvc.web.schemas import MessageConflict, MessagesQuery
+from rulesvc.web.views.base import error_response, json_response, query_of
 
 FILTERS = ("channel", "contact_id", "ruleset", "reason")
 
 
 async def get_messages(request: web.Request) -> web.Response:
-    status = request.query.get("status")
-    if status is None:
-        raise web.HTTPBadRequest(text="query parameter `status` is required, e.g. status=dead")
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = query_time(request, "before")
-    filters = {name: request.query[name] for name in FILTERS if name in request.query}
-    docs = await Messages(request.app[STORE]).find(limit + 1, before=before, status=status, **filters)
-    messages = [message_from_doc(d) for d in docs[:limit]]
-    next_before = messages[-1].created_at if len(docs) > limit else None
+    query = query_of(request, MessagesQuery)
+    filters = {name: getattr(query, name) for name in FILTERS if getattr(query, name) is not None}
+    docs = await Messages(request.app[STORE]).find(
+        query.limit + 1, before=query.before, status=query.status, **filters
+    )
+    messages = [message_from_doc(d) for d in docs[: query.limit]]
+    next_before = messages[-1].created_at if len(docs) > query.limit else None
     return json_response(MessageList(messages, next_before))
 
 

@@ -8,10 +8,13 @@ from typing import Literal
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
+from rulesvc.channels import ChannelRegistry, status_of
+from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
+from rulesvc.runtime.rulesets import Rulesets, folder_problem
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
-from rulesvc.web.keys import METRICS, OPENAPI, RULESETS, SETTINGS, STORE
+from rulesvc.web.keys import CHANNELS, METRICS, OPENAPI, RULESETS, SETTINGS, STORE
 from rulesvc.web.schemas import Health
 from rulesvc.web.views.base import json_response
 
@@ -21,49 +24,106 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """503 when the service cannot do its work; 200 "degraded" when it works but something needs a look
-    (a backlog, quarantined events), so a load balancer keeps it while an operator is told why."""
+    """503 when the service cannot do its work (MongoDB away, rulesets not loaded yet); 200 "degraded" when
+    it works but something needs a look (no rulesets, refused rulesets, channels the rulesets send on
+    that are not configured, a backlog, quarantined events), so a load balancer keeps it while an
+    operator is told why: one sentence per problem in `reasons`."""
     checks: dict[str, str] = {}
+    problems: list[str] = []  # the service works, but not as it should
+    failures: list[str] = []  # the service cannot work
     store = request.app[STORE]
     settings = request.app[SETTINGS]
-    degraded = False
     try:
         await store.ping()
         checks["mongodb"] = "ok"
         now = datetime.now(UTC)
         oldest = await store.oldest_pending()
-        lag = (now - oldest).total_seconds() if oldest is not None else 0.0
-        checks["inbox"] = f"oldest unprocessed event waited {lag:.0f} s"
-        if lag > settings.degraded_lag_seconds:
-            degraded = True
-            checks["inbox"] += f", over the {settings.degraded_lag_seconds:g} s threshold"
+        if oldest is None:
+            checks["inbox"] = "no unprocessed events"
+        else:
+            lag = (now - oldest).total_seconds()
+            checks["inbox"] = f"oldest unprocessed event waited {lag:.0f} s"
+            if lag > settings.degraded_lag_seconds:
+                checks["inbox"] += f", over the {settings.degraded_lag_seconds:g} s threshold"
+                problems.append(
+                    f"the oldest unprocessed event waited {lag:.0f} s, over the "
+                    f"{settings.degraded_lag_seconds:g} s threshold (RULESVC_DEGRADED_LAG_SECONDS)"
+                )
         window = timedelta(hours=settings.degraded_quarantine_hours)
         total, recent = await store.quarantine_summary(now - window)
         checks["quarantine"] = f"{total} event(s) quarantined"
         if recent:
-            degraded = True
             checks["quarantine"] += (
                 f", {recent} in the last {settings.degraded_quarantine_hours:g} h;"
                 " see GET /v1/events/quarantine"
             )
+            problems.append(
+                f"{recent} event(s) quarantined in the last {settings.degraded_quarantine_hours:g} h;"
+                " see GET /v1/events/quarantine"
+            )
     except PyMongoError as exc:
         checks["mongodb"] = f"unreachable: {type(exc).__name__}"
+        failures.append(f"MongoDB is unreachable ({type(exc).__name__})")
     rulesets = request.app.get(RULESETS)
     if rulesets is None or not rulesets.loaded_once:
         checks["rulesets"] = "not loaded yet"
-        ok = False
+        failures.append("the rulesets are not loaded yet")
     else:
-        ok = checks["mongodb"] == "ok"
-        errors = rulesets.errors()
-        checks["rulesets"] = f"{len(rulesets.live)} loaded" + (
-            f"; {len(errors)} error(s), previous versions kept: " + "; ".join(map(str, errors))
-            if errors
-            else ""
-        )
+        checks["rulesets"], found = _rulesets_check(rulesets)
+        problems += found
+        checks["channels"], found = _channels_check(rulesets, request.app[CHANNELS])
+        problems += found
     status: Literal["ok", "degraded", "unavailable"] = (
-        "unavailable" if not ok else "degraded" if degraded else "ok"
+        "unavailable" if failures else "degraded" if problems else "ok"
     )
-    return json_response(Health(status, checks), 200 if ok else 503)
+    return json_response(Health(status, checks, failures + problems), 503 if failures else 200)
+
+
+def _rulesets_check(rulesets: Rulesets) -> tuple[str, list[str]]:
+    problems: list[str] = []
+    errors = rulesets.errors()
+    summary = f"{len(rulesets.live)} loaded" + (
+        f"; {len(errors)} error(s), previous versions kept: " + "; ".join(map(str, errors)) if errors else ""
+    )
+    if not rulesets.live:
+        why = folder_problem(rulesets.directory)
+        if why is None:
+            why = f"every ruleset in {rulesets.directory.absolute()} was refused"
+        problems.append(f"no rulesets loaded: {why}; events are accepted but nothing is sent")
+    for state in sorted(rulesets.status.values(), key=lambda s: s.name):
+        if state.status == "error" and state.errors:
+            kept = "its previous version runs" if state.name in rulesets.live else "not loaded"
+            more = f" (and {len(state.errors) - 1} more)" if len(state.errors) > 1 else ""
+            problems.append(f"ruleset `{state.name}` refused ({kept}): {state.errors[0]}{more}")
+    return summary, problems
+
+
+def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str, list[str]]:
+    """The channels the live rulesets' sends (and their fallbacks) may use that cannot send: such sends
+    are suppressed, so an operator hears of it here before the first message goes missing. One reason
+    per channel, naming the rulesets that use it."""
+    used: dict[str, list[str]] = {}  # channel -> rulesets
+    for name, compiled in sorted(rulesets.live.items()):
+        for channel_name in channels_used(compiled.source):
+            used.setdefault(channel_name, []).append(name)
+    if not used:
+        return "no ruleset sends", []
+    problems: list[str] = []
+    unusable: list[str] = []
+    for channel_name, users in sorted(used.items()):
+        channel = registry.get(channel_name)
+        if channel is None:
+            configured, detail = False, "no installed plugin provides it"
+        else:
+            configured, detail = status_of(channel)  # as GET /v1/channels says it
+        if configured:
+            continue
+        unusable.append(f"{channel_name} ({', '.join(users)})")
+        senders = users[0] + " sends" if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]} send"
+        problems.append(f"{senders} on `{channel_name}`, which is not configured: {detail}")
+    if not unusable:
+        return f"{len(used)} used, all configured", []
+    return "not configured: " + "; ".join(unusable), problems
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -11,8 +11,14 @@ from aiohttp import web
 from rulesvc.core.events import split_validation_error
 from rulesvc.store.db import Doc
 from rulesvc.web.keys import FANOUT, INBOX, STORE
-from rulesvc.web.schemas import QuarantineActed, QuarantineAction, QuarantinedEvent, QuarantineList
-from rulesvc.web.views.base import json_response, query_int, query_time, read_body
+from rulesvc.web.schemas import (
+    QuarantineActed,
+    QuarantineAction,
+    QuarantinedEvent,
+    QuarantineList,
+    QuarantineQuery,
+)
+from rulesvc.web.views.base import json_response, query_of, read_body
 
 log = structlog.get_logger(__name__)
 
@@ -33,11 +39,10 @@ def quarantined_from_doc(doc: Doc) -> QuarantinedEvent:
 
 
 async def get_quarantine(request: web.Request) -> web.Response:
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = query_time(request, "before")
-    docs = await request.app[STORE].quarantined(limit + 1, before)
-    events = [quarantined_from_doc(d) for d in docs[:limit]]
-    next_before = events[-1].quarantined_at if len(docs) > limit else None
+    query = query_of(request, QuarantineQuery)
+    docs = await request.app[STORE].quarantined(query.limit + 1, query.before)
+    events = [quarantined_from_doc(d) for d in docs[: query.limit]]
+    next_before = events[-1].quarantined_at if len(docs) > query.limit else None
     return json_response(QuarantineList(events, next_before))
 
 

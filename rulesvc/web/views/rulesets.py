@@ -7,8 +7,15 @@ from aiohttp import web
 from rulesvc.core.ruleformat import InvalidRuleset, RulesetError, listened_events
 from rulesvc.runtime.rulesets import RULESET_NAME, Rulesets, RulesetStatus, write_source
 from rulesvc.web.keys import RULESETS
-from rulesvc.web.schemas import RulesetChecked, RulesetErrorBody, RulesetInfo, RulesetList, RulesetRejected
-from rulesvc.web.views.base import JSON_TYPES, error_response, json_response, query_bool, read_body
+from rulesvc.web.schemas import (
+    RulesetChecked,
+    RulesetErrorBody,
+    RulesetInfo,
+    RulesetList,
+    RulesetPutQuery,
+    RulesetRejected,
+)
+from rulesvc.web.views.base import JSON_TYPES, error_response, json_response, query_of, read_body
 
 NAME_RULE = "ruleset name must be lower case letters, digits and _, starting with a letter (at most 64)"
 
@@ -47,7 +54,7 @@ async def put_ruleset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not RULESET_NAME.match(name):
         return error_response(400, NAME_RULE)
-    dry_run = query_bool(request, "dry_run")
+    dry_run = query_of(request, RulesetPutQuery).dry_run
     if request.content_type not in JSON_TYPES:
         return error_response(415, f"unsupported content type `{request.content_type}`; use application/json")
     body = await read_body(request)
