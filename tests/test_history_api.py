@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from rulesvc.core.messages import Message
 from rulesvc.store.db import Store
 
@@ -36,7 +38,7 @@ async def fill(db: Any, settings: Any, messages: list[Message]) -> None:
 async def test_empty_history(client: Any) -> None:
     resp = await client.get("/v1/contacts/c1/messages")
     assert resp.status == 200
-    assert await resp.json() == {"messages": [], "next_before": None}
+    assert await resp.json() == {"messages": [], "next_before": None, "next_before_id": None}
 
 
 async def test_newest_first_paged_and_filtered(client: Any, db: Any, settings: Any) -> None:
@@ -55,6 +57,23 @@ async def test_newest_first_paged_and_filtered(client: Any, db: Any, settings: A
     assert rest["next_before"] is None
     suppressed = await (await client.get("/v1/contacts/c1/messages", params={"status": "suppressed"})).json()
     assert [m["message_id"] for m in suppressed["messages"]] == ["m3"]
+
+
+async def test_paging_through_one_batch_skips_nothing(client: Any, db: Any, settings: Any) -> None:
+    """Messages decided in one inbox batch share their `created_at`: a page ending inside such a batch
+    must continue with the rest of it, on both lists."""
+    batch = [msgspec.structs.replace(message(n, status="dead"), created_at=T0) for n in range(7)]
+    await fill(db, settings, [*batch, message(30, status="dead")])
+    for path, extra in (("/v1/contacts/c1/messages", {}), ("/v1/messages", {"status": "dead"})):
+        seen: list[str] = []
+        params: dict[str, str] = {"limit": "3", **extra}
+        while True:
+            page = await (await client.get(path, params=params)).json()
+            seen += [m["message_id"] for m in page["messages"]]
+            if page["next_before"] is None:
+                break
+            params |= {"before": page["next_before"], "before_id": page["next_before_id"]}
+        assert sorted(seen) == sorted(f"m{n}" for n in [*range(7), 30]) and len(seen) == 8, path
 
 
 async def test_history_query_uses_its_index(db: Any, settings: Any, client: Any) -> None:

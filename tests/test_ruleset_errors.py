@@ -437,3 +437,34 @@ async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> N
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ingest}"}
     assert (await client.put("/v1/rulesets/other", data=good, headers=headers)).status == 403
     assert not (folder / "other.json").exists()
+
+
+async def test_put_refuses_overlong_durations_and_reserved_names(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """A duration no date can hold once added to an event's time, `schema` (the editor's JSON Schema) and
+    a name with a final newline (`$` in a pattern lets one in) are refused in words, never a 500."""
+    folder = Path(settings.rulesets_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    client = await make_client(create_app(settings))
+    huge = "99999999999999999999w"
+    send = {"channel": "log", "template": "a/../../x", "after": huge}
+    rule = {"name": "a", "once": {"per": huge}, "when": {"event": "t"}, "then": [{"send": send}]}
+    text = json.dumps({"timeout": huge, "rules": [rule]})
+    headers = {"Content-Type": "application/json"}
+    response = await client.put("/v1/rulesets/long", data=text, headers=headers)
+    assert response.status == 422
+    paths = {e["path"]: e["message"] for e in (await response.json())["errors"]}
+    too_long = f'expected a duration of at most 100 years, got "{huge}"'
+    assert paths == {
+        "$.timeout": too_long,
+        "$.rules[0].once.per": too_long,
+        "$.rules[0].then[0].send.after": too_long,
+        "$.rules[0].then[0].send.template": "a template name may not contain a `..` part",
+    }
+    valid = json.dumps({"rules": [{"name": "a", "when": {"event": "t"}, "then": [{"set_flag": "f"}]}]})
+    for name in ("schema", "abc%0A"):
+        response = await client.put(f"/v1/rulesets/{name}", data=valid, headers=headers)
+        assert response.status == 400, name
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".json") == []
+    assert (await client.post("/v1/rulesets/reload")).status == 200

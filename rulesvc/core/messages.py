@@ -58,8 +58,17 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class MessageList(msgspec.Struct):
+    """`next_before` and `next_before_id` together ask for the next page (`before`, `before_id`)."""
+
     messages: list[Message]
     next_before: datetime | None = None
+    next_before_id: str | None = None
+
+    @classmethod
+    def page(cls, messages: list[Message], more: bool) -> MessageList:
+        if not more or not messages:
+            return cls(messages)
+        return cls(messages, messages[-1].created_at, messages[-1].message_id)
 
 
 @dataclass(frozen=True)

@@ -256,12 +256,48 @@ def _semantic_errors(
         if rule.once and rule.once.per not in ("session", "ever"):
             _check_duration(rule.once.per, f"{where}.once.per", errors)
         errors.extend(_action_errors(rule.then, f"{where}.then", channels, template_problem))
+        errors.extend(_duration_errors(rule, where))
     return errors
 
 
 def _check_duration(text: str, path: str, errors: list[tuple[str, str]]) -> None:
-    if parse_duration(text) <= timedelta(0):
-        errors.append((path, "duration must be more than zero"))
+    try:
+        if parse_duration(text) <= timedelta(0):
+            errors.append((path, "duration must be more than zero"))
+    except ValueError:
+        pass  # too long: said by `_duration_errors`
+
+
+def _timeout_errors(timeout: str | None) -> list[tuple[str, str]]:
+    try:
+        parse_duration(timeout) if timeout is not None else None
+    except ValueError as exc:
+        return [("$.timeout", str(exc))]
+    return []
+
+
+# Fields that hold a duration (`per` only in `once`: elsewhere it is a path, which never looks like one).
+_DURATION_FIELDS = frozenset({"after", "before", "within", "for", "timeout", "window", "per"})
+_DURATION = re.compile(DURATION_PATTERN)
+
+
+def _duration_errors(value: Any, path: str) -> list[tuple[str, str]]:
+    """Durations too long to add to a time (`99999999999w`): refused here, not overflowing per event."""
+    found: list[tuple[str, str]] = []
+    if isinstance(value, msgspec.Struct):
+        for info in msgspec.structs.fields(value):
+            child, where = getattr(value, info.name), f"{path}.{info.encode_name}"
+            if info.encode_name in _DURATION_FIELDS and isinstance(child, str) and _DURATION.match(child):
+                try:
+                    parse_duration(child)
+                except ValueError as exc:
+                    found.append((where, str(exc)))
+            else:
+                found.extend(_duration_errors(child, where))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found.extend(_duration_errors(item, f"{path}[{i}]"))
+    return found
 
 
 def _action_errors(
@@ -286,7 +322,13 @@ def _action_errors(
                     errors.append(
                         (cpath, f"unknown channel `{channel}` (known: {', '.join(sorted(channels))})")
                     )
-            problem = template_problem(action.send.template) if template_problem else None
+            problem = (
+                "a template name may not contain a `..` part"
+                if ".." in action.send.template.split("/")
+                else template_problem(action.send.template)
+                if template_problem
+                else None
+            )
             if problem is not None:
                 errors.append((f"{apath}.send.template", problem))
         if action.audience is not None and (action.audience.add is None) == (action.audience.remove is None):
@@ -321,6 +363,7 @@ def parse_ruleset(
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:  # junk decoders choke on too
         raise InvalidRuleset(_every_error(file, data, channels, template_problem, exc)) from exc
     problems = _semantic_errors(enumerate(parsed.rules), channels, template_problem)
+    problems.extend(_timeout_errors(parsed.timeout))
     if problems:
         raise InvalidRuleset(locate_errors(file, data, problems))
     return parsed

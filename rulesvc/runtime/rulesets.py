@@ -39,7 +39,7 @@ from rulesvc.runtime.waiting import wait_any
 
 log = structlog.get_logger(__name__)
 
-RULESET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+RULESET_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # use with fullmatch: `$` lets a final newline in
 NOT_RULESETS = frozenset({"schema.json"})
 
 
@@ -115,8 +115,22 @@ def compile_source(
     path: Path, data: bytes, channels: frozenset[str], templates: Templates | None = None
 ) -> CompiledRuleset:
     """Parse, validate and compile one file: the one validation `check`, the loader, `simulate` and
-    `PUT /v1/rulesets/{name}` share. Every problem comes out as InvalidRuleset."""
-    if not RULESET_NAME.match(path.stem):
+    `PUT /v1/rulesets/{name}` share. Every problem comes out as InvalidRuleset, even one the checks
+    missed and the compiler chokes on: a bug there must cost one ruleset, never the watcher or a request."""
+    try:
+        return _compile(path, data, channels, templates)
+    except InvalidRuleset:
+        raise
+    except Exception as exc:
+        log.exception("ruleset.compile_failed", file=path.name)
+        error = RulesetError(path.name, "$", f"cannot be compiled: {type(exc).__name__}: {exc}")
+        raise InvalidRuleset([error]) from exc
+
+
+def _compile(
+    path: Path, data: bytes, channels: frozenset[str], templates: Templates | None
+) -> CompiledRuleset:
+    if not RULESET_NAME.fullmatch(path.stem) or path.name in NOT_RULESETS:
         raise InvalidRuleset(
             [RulesetError(path.name, "$", "file name must be lower case letters, digits and _")]
         )

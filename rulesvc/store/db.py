@@ -87,6 +87,17 @@ class _Waiting:
     result: asyncio.Future[InsertResult]
 
 
+def older_than(before: datetime | None, before_id: str | None = None) -> Doc:
+    """Messages after the last one of a page, newest first: the messages of one batch share their
+    `created_at`, so the time alone would skip the rest of a batch cut by the page's end; the id breaks
+    the tie (`next_before` and `next_before_id` of the previous page)."""
+    if before is None:
+        return {}
+    if before_id is None:
+        return {"created_at": {"$lt": before}}
+    return {"$or": [{"created_at": {"$lt": before}}, {"created_at": before, "_id": {"$lt": before_id}}]}
+
+
 class Store:
     def __init__(self, client: AsyncMongoClient[Doc], database: str, event_retention: timedelta) -> None:
         self.client = client
@@ -383,23 +394,20 @@ class Store:
     # --- messages -----------------------------------------------------------------------------------
 
     async def contact_messages(
-        self, contact_id: str, limit: int, before: datetime | None = None, status: str | None = None
+        self,
+        contact_id: str,
+        limit: int,
+        before: datetime | None = None,
+        status: str | None = None,
+        before_id: str | None = None,
     ) -> list[Doc]:
-        query: Doc = {"contact_id": contact_id}
-        if before is not None:
-            query["created_at"] = {"$lt": before}
+        query: Doc = {"contact_id": contact_id, **older_than(before, before_id)}
         if status is not None:
             query["status"] = status
         cursor = (
             self.messages.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         )
         return await cursor.to_list()
-
-    async def messages_by_status(self, status: str, limit: int, before: datetime | None = None) -> list[Doc]:
-        query: Doc = {"status": status}
-        if before is not None:
-            query["created_at"] = {"$lt": before}
-        return await self.messages.find(query).sort([("created_at", DESCENDING)]).limit(limit).to_list()
 
     async def inapp_messages(self, contact_id: str, limit: int) -> list[Doc]:
         """What the shop's page shows now: delivered in-app messages not dismissed, newest first."""

@@ -8,7 +8,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import Doc, Store, older_than
 
 
 class Messages:
@@ -86,6 +86,7 @@ class Messages:
         limit: int,
         *,
         before: datetime | None = None,
+        before_id: str | None = None,
         status: str | None = None,
         channel: str | None = None,
         contact_id: str | None = None,
@@ -94,15 +95,13 @@ class Messages:
     ) -> list[Doc]:
         """Messages across contacts, newest first, filtered by any of these fields (`channel`: the one the
         rule named or the one used)."""
-        query: Doc = {}
-        if before is not None:
-            query["created_at"] = {"$lt": before}
+        query: Doc = older_than(before, before_id)
         for name, value in (("status", status), ("contact_id", contact_id), ("ruleset", ruleset),
                             ("reason", reason)):  # fmt: skip
             if value is not None:
                 query[name] = value
         if channel is not None:
-            query["$or"] = [{"channel": channel}, {"sent_channel": channel}]
+            query = {"$and": [query, {"$or": [{"channel": channel}, {"sent_channel": channel}]}]}
         cursor = self.store.messages.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)])
         return await cursor.limit(limit).to_list()
 

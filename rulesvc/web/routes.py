@@ -437,7 +437,11 @@ ROUTES: list[Route] = [
                 "name": "name",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": RULESET_NAME.pattern},
+                "schema": {
+                    "type": "string",
+                    "pattern": f"^{RULESET_NAME.pattern}$",
+                    "not": {"const": "schema"},
+                },
                 "description": "the ruleset's name; its file is `<rulesets_dir>/<name>.json`",
             }
         ],

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import types
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
 from rulesvc.core.durations import DURATION_PATTERN
 from rulesvc.core.messages import MessageStatus
+from rulesvc.core.reasons import REASONS
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -231,14 +232,26 @@ Before = Annotated[
 ]
 
 
+BeforeId = Annotated[
+    str, msgspec.Meta(description="with `before`: the `next_before_id` of the previous page (ties)")
+]
+if TYPE_CHECKING:
+    ReasonCode = str
+else:  # the closed set of core/reasons.py, so an unknown code gets a 422 listing them
+    ReasonCode = Literal[tuple(REASONS)]
+
+
 class NoQuery(msgspec.Struct, forbid_unknown_fields=True):
     """A route that takes no query parameters: any given is a typo worth a 422, not silence."""
 
 
 class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    status: Annotated[MessageStatus, msgspec.Meta(description="messages in this status, e.g. dead")]
+    status: (
+        Annotated[MessageStatus, msgspec.Meta(description="messages in this status, e.g. dead")] | None
+    ) = None
     limit: Limit = 50
     before: Before | None = None
+    before_id: BeforeId | None = None
     channel: (
         Annotated[str, msgspec.Meta(description="only messages the rule named or sent on this channel")]
         | None
@@ -246,7 +259,9 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     contact_id: Annotated[str, msgspec.Meta(description="only this contact's messages")] | None = None
     ruleset: Annotated[str, msgspec.Meta(description="only messages of this ruleset")] | None = None
     reason: (
-        Annotated[str, msgspec.Meta(description="only messages with this reason code, e.g. no_consent")]
+        Annotated[
+            ReasonCode, msgspec.Meta(description="only messages with this reason code, e.g. no_consent")
+        ]
         | None
     ) = None
 
@@ -254,6 +269,7 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ContactMessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limit: Limit = 50
     before: Before | None = None
+    before_id: BeforeId | None = None
     status: Annotated[MessageStatus, msgspec.Meta(description="only messages in this status")] | None = None
 
 

@@ -47,11 +47,10 @@ async def get_contact(request: web.Request) -> web.Response:
 async def get_contact_messages(request: web.Request) -> web.Response:
     query = query_of(request, ContactMessagesQuery)
     docs = await request.app[STORE].contact_messages(
-        contact_id_of(request), query.limit + 1, query.before, query.status
+        contact_id_of(request), query.limit + 1, query.before, query.status, query.before_id
     )
     messages = [message_from_doc(d) for d in docs[: query.limit]]
-    next_before = messages[-1].created_at if len(docs) > query.limit else None
-    return json_response(MessageList(messages, next_before))
+    return json_response(MessageList.page(messages, len(docs) > query.limit))
 
 
 async def get_contact_events(request: web.Request) -> web.Response:

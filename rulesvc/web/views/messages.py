@@ -21,11 +21,10 @@ async def get_messages(request: web.Request) -> web.Response:
     query = query_of(request, MessagesQuery)
     filters = {name: getattr(query, name) for name in FILTERS if getattr(query, name) is not None}
     docs = await Messages(request.app[STORE]).find(
-        query.limit + 1, before=query.before, status=query.status, **filters
+        query.limit + 1, before=query.before, before_id=query.before_id, status=query.status, **filters
     )
     messages = [message_from_doc(d) for d in docs[: query.limit]]
-    next_before = messages[-1].created_at if len(docs) > query.limit else None
-    return json_response(MessageList(messages, next_before))
+    return json_response(MessageList.page(messages, len(docs) > query.limit))
 
 
 async def get_message(request: web.Request) -> web.Response:

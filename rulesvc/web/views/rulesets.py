@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from rulesvc.core.ruleformat import InvalidRuleset, RulesetError, listened_events
-from rulesvc.runtime.rulesets import RULESET_NAME, Rulesets, RulesetStatus, write_source
+from rulesvc.runtime.rulesets import NOT_RULESETS, RULESET_NAME, Rulesets, RulesetStatus, write_source
 from rulesvc.web.keys import RULESETS
 from rulesvc.web.schemas import (
     RulesetChecked,
@@ -17,7 +17,10 @@ from rulesvc.web.schemas import (
 )
 from rulesvc.web.views.base import JSON_TYPES, error_response, json_response, query_of, read_body
 
-NAME_RULE = "ruleset name must be lower case letters, digits and _, starting with a letter (at most 64)"
+NAME_RULE = (
+    "ruleset name must be lower case letters, digits and _, starting with a letter (at most 64), and not"
+    " `schema`"
+)
 
 
 def _error_body(e: RulesetError) -> RulesetErrorBody:
@@ -52,7 +55,7 @@ async def put_ruleset(request: web.Request) -> web.Response:
     """Validated with the loader's own checks (its channels, its templates) before anything is written;
     then written to `<rulesets_dir>/<name>.json` and loaded at once."""
     name = request.match_info["name"]
-    if not RULESET_NAME.match(name):
+    if not RULESET_NAME.fullmatch(name) or f"{name}.json" in NOT_RULESETS:
         return error_response(400, NAME_RULE)
     dry_run = query_of(request, RulesetPutQuery).dry_run
     if request.content_type not in JSON_TYPES:
