@@ -46,7 +46,24 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 # Settings every channel takes besides its own: read by the dispatcher, not the plugin.
 COMMON_SETTINGS = frozenset({"quiet_hours"})
 _SECRET_WORDS = ("password", "token", "secret", "key")
-_FLAGS = {"yes": True, "on": True, "no": False, "off": False}
+_FLAGS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
+def as_flag(value: Any) -> bool | None:
+    """A yes-or-no setting as TOML (a boolean) or the environment (`true`, `yes`, `on`, `1`, ...) gives
+    it; None if it is neither. The one reading of switches, for plugins' settings and the dispatcher's."""
+    if isinstance(value, bool):
+        return value
+    return _FLAGS.get(value.strip().lower()) if isinstance(value, str) else None
 
 
 class PluginSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -182,7 +199,8 @@ def read_settings(
             )
             continue
         if isinstance(value, str) and bool in _options(info.type):
-            value = _FLAGS.get(value.strip().lower(), value)
+            flag = as_flag(value)
+            value = value if flag is None else flag
         try:
             values[info.name] = msgspec.convert(value, info.type, strict=False)
         except msgspec.ValidationError:
@@ -361,14 +379,16 @@ class Misconfigured:
     configured, with every problem; its sends are suppressed as on any channel not configured, and as a
     job it never runs."""
 
-    local = True
-    deduplicates = True
+    local = True  # never sends: nothing to mark
     interval = 3600.0
 
-    def __init__(self, name: str, problems: list[str], kind: str = MESSAGE_CHANNEL) -> None:
+    def __init__(
+        self, name: str, problems: list[str], kind: str = MESSAGE_CHANNEL, deduplicates: bool = False
+    ) -> None:
         self.name = name
         self.problems = problems
         self.kind = kind
+        self.deduplicates = deduplicates  # the real channel's, for listings
 
     def status(self) -> tuple[bool, str]:
         return False, "settings: " + "; ".join(self.problems)

@@ -579,14 +579,15 @@ def schema() -> int:
 def check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rulesvc.channels import status_of
     from rulesvc.core.ruleformat import RulesetError
+    from rulesvc.plugins import settings_problems
     from rulesvc.runtime.rulesets import check_file, ruleset_files
     from rulesvc.web.lifecycle import load_channels, templates_of
 
     settings = load_settings()
-    from rulesvc.plugins import settings_problems
-
-    channel_problems = settings_problems(settings)  # wrong channel settings fail the check too
+    registry = load_channels(settings)[0]
+    channel_problems = settings_problems(registry)  # wrong channel settings fail the check too
     for problem in channel_problems:
         print(problem)
     settings_failed = any(not p.startswith("warning: ") for p in channel_problems)
@@ -594,10 +595,10 @@ def check(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
         return 1
-    registry = load_channels(settings)[0]
     channels = registry.names()
     # A send on a channel without its settings is suppressed, silently in the service: said here.
-    unconfigured = {c.name: c.status()[1] for c in registry.all() if not c.status()[0]}
+    states = {c.name: status_of(c) for c in registry.all()}
+    unconfigured = {name: detail for name, (configured, detail) in states.items() if not configured}
     templates = templates_of(settings, args.dir)
     files = ruleset_files(directory)
     failed = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 import structlog
@@ -24,9 +24,6 @@ from rulesvc.channels import (
     settings_table,
 )
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
-
-if TYPE_CHECKING:
-    from rulesvc.config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -148,9 +145,8 @@ def current_parts(report: PluginReport, registry: ChannelRegistry) -> list[Provi
 def _placeholder(exc: ChannelSettingsError, hook_kind: str) -> Misconfigured:
     """Stands for the channel or job whose settings are wrong, under its own name and kind."""
     name = str(getattr(exc.owner, "name", exc.channel))
-    return Misconfigured(
-        name, exc.problems, kind_of(exc.owner, JOB if hook_kind == "jobs" else MESSAGE_CHANNEL)
-    )
+    kind = kind_of(exc.owner, JOB if hook_kind == "jobs" else MESSAGE_CHANNEL)
+    return Misconfigured(name, exc.problems, kind, bool(getattr(exc.owner, "deduplicates", False)))
 
 
 def _did_you_mean(name: str, known: set[str]) -> str:
@@ -177,10 +173,9 @@ def unknown_channel_settings(
     return warnings
 
 
-def settings_problems(settings: Settings, environ: dict[str, str] | None = None) -> list[str]:
+def settings_problems(registry: ChannelRegistry) -> list[str]:
     """Every wrong channel setting (`channels.email.port: expected an integer, got "abc"`), then a
     `warning: ` line for each section no plugin reads. `rulesvc check` fails on the first kind only."""
-    registry, _ = load_plugins(BUILTIN_PLUGINS, settings.channels, settings.plugins, environ)
     return [p for _, p in registry.settings_errors] + [f"warning: {w}" for _, w in registry.settings_warnings]
 
 

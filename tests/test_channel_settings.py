@@ -85,6 +85,15 @@ def test_check_reads_the_environment_too(workdir: Path) -> None:
     )
 
 
+def test_a_typo_in_a_built_in_channel_section_is_an_error(workdir: Path) -> None:
+    (workdir / "rulesvc.toml").write_text("[channels.inapp]\nquiet_hour = true\n")
+    check = rulesvc("check", "rulesets", cwd=workdir, env={"RULESVC_CONFIG": str(workdir / "rulesvc.toml")})
+    assert (check.returncode, check.stdout.splitlines()) == (
+        1,
+        ["channels.inapp.quiet_hour: unknown setting; did you mean `quiet_hours`? (known: quiet_hours)"],
+    )
+
+
 def test_settings_for_an_unknown_channel_are_a_warning(workdir: Path) -> None:
     (workdir / "rulesvc.toml").write_text('[channels.emial]\nhost = "smtp.example"\n')
     env = {"RULESVC_CONFIG": str(workdir / "rulesvc.toml"), "RULESVC_CHANNEL_WEBHOK_URL": "https://x.example"}

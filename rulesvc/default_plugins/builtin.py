@@ -10,7 +10,17 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from rulesvc.channels import STANDARD_CHANNELS, Channel, Delivery, LogChannel, OutboundMessage, Unconfigured
+from rulesvc.channels import (
+    STANDARD_CHANNELS,
+    Channel,
+    ChannelSettings,
+    ChannelSettingsError,
+    Delivery,
+    LogChannel,
+    OutboundMessage,
+    Unconfigured,
+    read_settings,
+)
 from rulesvc.hookspecs import hookimpl
 
 SAFE_URL = re.compile(r"^(https?://|/(?![/\\]))", re.IGNORECASE)  # not //host or /\host: another site
@@ -45,12 +55,21 @@ class BuiltinChannels:
     def register_channels(
         self, register: Callable[[Channel], None], config: Callable[[str], dict[str, Any]]
     ) -> None:
-        """The channels that need no provider, then a placeholder for every other standard channel."""
-        register(LogChannel())
-        register(InAppChannel())
+        """The channels that need no provider, then a placeholder for every other standard channel. Their
+        sections take only the common settings (`quiet_hours`): a typo there is an error like anywhere."""
+        wrong: list[ChannelSettingsError] = []
+        for channel in (LogChannel(), InAppChannel()):
+            try:
+                read_settings(channel.name, config(channel.name), ChannelSettings, owner=type(channel))
+            except ChannelSettingsError as exc:
+                wrong.append(exc)
+                continue
+            register(channel)
         for name in STANDARD_CHANNELS:
             if name != "inapp":
                 register(Unconfigured(name))
+        if wrong:  # the loader lists it as not configured, with its problems
+            raise wrong[0]
 
 
 BUILTIN_PLUGINS: list[tuple[str, object]] = [("builtin", BuiltinChannels())]

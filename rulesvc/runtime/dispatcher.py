@@ -27,7 +27,15 @@ from typing import Any, Literal
 import bson
 import structlog
 
-from rulesvc.channels import Channel, ChannelRegistry, Delivery, OutboundMessage, deduplicates, is_local
+from rulesvc.channels import (
+    Channel,
+    ChannelRegistry,
+    Delivery,
+    OutboundMessage,
+    as_flag,
+    deduplicates,
+    is_local,
+)
 from rulesvc.core import reasons
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.sendpolicy import (
@@ -64,7 +72,6 @@ def interrupted_reason(why: str) -> str:
 
 
 QUIET_BY_DEFAULT = SendPolicy.quiet_channels
-_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def quiet_channels(channel_settings: dict[str, dict[str, Any]], environ: dict[str, str]) -> frozenset[str]:
@@ -79,7 +86,7 @@ def quiet_channels(channel_settings: dict[str, dict[str, Any]], environ: dict[st
         value = channel_config(name, channel_settings, environ).get("quiet_hours")
         if value is None:
             continue
-        flag = value if isinstance(value, bool) else _FLAGS.get(str(value).strip().lower())
+        flag = as_flag(value)
         if flag is None:
             raise ValueError(f"channels.{name}.quiet_hours must be true or false, got {value!r}")
         if flag:

@@ -190,8 +190,8 @@ def send_policy(settings: Settings) -> SendPolicy:
 
 def templates_of(settings: Settings, rulesets_dir: str | None = None) -> Templates:
     """RULESVC_TEMPLATES_DIR, else the rulesets folder's `templates` (of `rulesets_dir` when a command
-    is given another folder)."""
-    if settings.templates_dir and rulesets_dir is None:
+    is given another folder): the setting wins, so `check` judges with the templates the service uses."""
+    if settings.templates_dir:
         return Templates(Path(settings.templates_dir))
     return Templates(Path(rulesets_dir or settings.rulesets_dir) / "templates")
 
