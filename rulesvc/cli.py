@@ -7,10 +7,12 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from rulesvc import __version__
 from rulesvc.config import CONFIG_FILE_ENV, SETTINGS_DOC, ConfigError, Settings, load_settings
+from rulesvc.core.messages import MessageStatus
+from rulesvc.core.reasons import REASONS
 
 if TYPE_CHECKING:
     from pymongo.asynchronous.database import AsyncDatabase
@@ -123,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m_commands = messages.add_subparsers(dest="messages_command", required=True, metavar="ACTION")
     m_list = m_commands.add_parser("list", help="newest first, with filters")
-    m_list.add_argument("--status", help="e.g. dead, failed, uncertain, suppressed, scheduled")
+    m_list.add_argument("--status", choices=get_args(MessageStatus), metavar="STATUS",
+                        help="e.g. dead, failed, uncertain, suppressed, scheduled")  # fmt: skip
     m_list.add_argument("--channel", help="the channel the rule named or the one used")
     m_list.add_argument("--ruleset", help="the ruleset that sent it")
-    m_list.add_argument("--reason", help="a reason code, e.g. no_consent (docs/channels.md)")
+    m_list.add_argument("--reason", choices=sorted(REASONS), metavar="CODE",
+                        help="a reason code, e.g. no_consent (docs/channels.md)")  # fmt: skip
     m_list.add_argument("--contact", help="one contact's messages")
     m_list.add_argument("--limit", type=int, default=50, help="most messages to list (default 50)")
     m_list.add_argument("--json", action="store_true", help="print JSON instead of text")
