@@ -290,6 +290,11 @@ def test_dkim_settings_are_all_or_nothing(tmp_path: Path) -> None:
                             "dkim_private_key": escaped})  # fmt: skip
     assert channel.status()[1].endswith("DKIM d=mail.shop.example s=s1")
     assert EmailChannel(base).status() == (True, "SMTP h:587 (starttls)")  # no DKIM unless asked
+    with pytest.raises(ChannelSettingsError) as wrong:
+        EmailChannel({"host": "h", "from": "news", "dkim_selector": "s1", "dkim_private_key": escaped})
+    assert wrong.value.problems == [
+        "channels.email.dkim_domain: required, as `from` has no domain to sign for"
+    ]
 
 
 async def test_starttls_and_auth(make_client: Any, settings: Settings, tmp_path: Path) -> None:
