@@ -1,4 +1,6 @@
-# rulesvc against an external MongoDB (MONGODB_URI is required; no embedded mongod in the image).
+# rulesvc against an external MongoDB (MONGODB_URI is required; no embedded mongod in the image), with
+# every plugin of plugins/ (the folders `make install` installs too) and any EXTRA_PLUGINS:
+#   docker build --build-arg EXTRA_PLUGINS="rulesvc-whatsapp==1.2" .
 FROM python:3.12-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -6,8 +8,12 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY rulesvc ./rulesvc
+COPY plugins ./plugins
+ARG EXTRA_PLUGINS=""
 # durable-rules ships only as an sdist: build every wheel here, so the final image needs no compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The plugins are each folder of plugins/ with a pyproject.toml, as in the Makefile's PLUGINS.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    $(for f in plugins/*/pyproject.toml; do echo "./${f%/pyproject.toml}/"; done) $EXTRA_PLUGINS
 
 FROM python:3.12-slim
 RUN useradd --create-home --uid 10001 rulesvc

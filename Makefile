@@ -6,16 +6,19 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The plugins: every folder of plugins/ with a pyproject.toml. The Dockerfile installs the same ones, so
+# adding a plugin is adding its folder (tests/test_image.py checks both against plugins/).
+PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
 .PHONY: install run test lint clean bench bench-engine docs
 
-$(STAMP): pyproject.toml requirements/embedded.txt $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml requirements/embedded.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/embedded.txt
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
-	$(BIN)/python -m pip install --quiet $(foreach p,$(wildcard plugins/*/pyproject.toml),-e '$(dir $(p))[test]')
+	$(BIN)/python -m pip install --quiet $(foreach p,$(PLUGINS),-e '$(p)/[test]')
 	@touch $@
 
 install: $(STAMP)

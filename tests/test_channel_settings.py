@@ -28,8 +28,8 @@ from tests.test_live_engine import eventually
 
 DOCS = Path(__file__).parent.parent / "docs" / "channels.md"
 KNOWN_EMAIL = (
-    "known: ca_file, from, host, password, port, quiet_hours, reply_to, security, timeout, "
-    "unsubscribe_mailto, unsubscribe_url, username"
+    "known: ca_file, dkim_domain, dkim_private_key, dkim_private_key_file, dkim_selector, from, host, "
+    "password, port, quiet_hours, reply_to, security, timeout, unsubscribe_mailto, unsubscribe_url, username"
 )
 TYPO = f"channels.email.smtp_prot: unknown setting; did you mean `port`? ({KNOWN_EMAIL})"
 PORT = 'channels.email.port: expected an integer from 1 to 65535, got "abc"'
@@ -250,7 +250,7 @@ def test_a_settings_struct_takes_environment_strings_and_reports_everything() ->
         'channels.ads.interval: expected a number > 0, got "-1"',
         'channels.ads.batch_size: expected an integer >= 1, got "0"',
         "channels.ads.tokn: unknown setting; did you mean `token`? "
-        "(known: base_url, batch_size, interval, timeout, token)",
+        "(known: base_url, batch_size, interval, platform, timeout, token)",
         "channels.ads.base_url: required (the provider's API; changes go to "
         "`{base_url}/audiences/{audience}/members`)",
         "channels.ads.token: required (the bearer token the provider gave)",

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from rulesvc_email import EmailChannel
 
 from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome
 from rulesvc.config import Settings
@@ -17,6 +18,7 @@ from rulesvc.plugins import builtin_channels
 from rulesvc.runtime.templates import FRESH_SECONDS
 from rulesvc.web.app import create_app
 from tests.rulesets_helpers import write_ruleset
+from tests.smtp_server import smtp_server
 from tests.test_live_engine import eventually
 
 TEMPLATES = {
@@ -312,36 +314,50 @@ async def _mid_send(client: Any, provider: Provider) -> bool:
 
 
 async def test_bounce_marks_email_invalid_and_block_suppresses(make_client: Any, settings: Settings) -> None:
-    email = Provider("email", needs="email")
+    """The real email channel, against a real SMTP server: after a bounce its own `reachable` keeps the
+    next mail from being sent at all, judged by what the server receives."""
     sms = Provider("sms", needs="phone")
-    app = create_app(setup(settings, [send("email", transactional=True), send("sms", transactional=True)]),
-                     registry(email, sms))  # fmt: skip
-    client = await make_client(app)
-    await client.put("/v1/contacts/c1", json={**PROFILE, "phone": "+4915112345678"})
-    await go(client)
-    first_email, first_sms = await settled(client, count=2)
-    outcomes = [
-        {"id": "b1", "type": "message_bounced", "contact_id": "c1",
-         "attributes": {"message_id": first_email["message_id"]}},
-        {"id": "b2", "type": "message_blocked", "contact_id": "c1",
-         "attributes": {"message_id": first_sms["message_id"]}},
-    ]  # fmt: skip
-    assert (await client.post("/v1/events", json=outcomes)).status == 202
+    with smtp_server() as (mailbox, port):
+        channels = registry(sms)
+        channels.register(EmailChannel({"host": "127.0.0.1", "port": port, "security": "none",
+                                        "from": "news@shop.example"}))  # fmt: skip
+        sends = [send("email", transactional=True), send("sms", transactional=True)]
+        client = await make_client(create_app(setup(settings, sends), channels))
+        await client.put("/v1/contacts/c1", json={**PROFILE, "phone": "+4915112345678"})
+        await go(client)
+        first_email, first_sms = await settled(client, count=2)
+        assert (first_email["status"], first_sms["status"]) == ("sent", "sent")
+        assert [(sender, rcpts) for sender, rcpts, _ in mailbox.messages] == [
+            ("news@shop.example", ["ann@example.com"])
+        ]
+        outcomes = [
+            {"id": "b1", "type": "message_bounced", "contact_id": "c1",
+             "attributes": {"message_id": first_email["message_id"]}},
+            {"id": "b2", "type": "message_blocked", "contact_id": "c1",
+             "attributes": {"message_id": first_sms["message_id"]}},
+        ]  # fmt: skip
+        assert (await client.post("/v1/events", json=outcomes)).status == 202
 
-    async def invalid() -> bool:
-        return bool((await (await client.get("/v1/contacts/c1")).json())["email_invalid"])
+        async def invalid() -> bool:
+            return bool((await (await client.get("/v1/contacts/c1")).json())["email_invalid"])
 
-    await eventually(invalid, 10)
-    statuses = {m["message_id"]: m["status"] for m in await history(client)}
-    assert statuses[first_email["message_id"]] == "bounced"
-    assert statuses[first_sms["message_id"]] == "blocked"
-    await go(client)
-    msgs = await settled(client, count=4)
-    assert [(m["status"], m["reason"], m["detail"]) for m in msgs[2:]] == [
-        ("suppressed", "unreachable", "email: no valid email address"),
-        ("suppressed", "suppression_list", "sms: contact is on the suppression list"),
-    ]
-    assert len(email.delivered) == 1 and len(sms.delivered) == 1
+        await eventually(invalid, 10)
+        statuses = {m["message_id"]: m["status"] for m in await history(client)}
+        assert statuses[first_email["message_id"]] == "bounced"
+        assert statuses[first_sms["message_id"]] == "blocked"
+        await go(client)
+        msgs = await settled(client, count=4)
+        assert [(m["status"], m["reason"], m["detail"]) for m in msgs[2:]] == [
+            ("suppressed", "unreachable", "email: email address marked invalid (bounced)"),
+            ("suppressed", "suppression_list", "sms: contact is on the suppression list"),
+        ]
+        assert len(mailbox.raw) == 1 and len(sms.delivered) == 1  # nothing more reached the SMTP server
+        # A new address clears the mark (the contacts API's rule) and mail flows again.
+        await client.put("/v1/contacts/c1", json={**PROFILE, "email": "ann@new.example"})
+        await go(client)
+        msgs = await settled(client, count=6)
+        assert msgs[4]["status"] == "sent", msgs[4]
+        assert [rcpts for _, rcpts, _ in mailbox.messages] == [["ann@example.com"], ["ann@new.example"]]
 
 
 async def test_provider_callbacks_are_authenticated(make_client: Any, settings: Settings) -> None:

@@ -4,9 +4,11 @@ Settings ([channels.ads] or RULESVC_CHANNEL_ADS_*): see `AdsSettings`.
 
 Each run collapses the queued changes (the last change of a contact in an audience wins), and sends
 `POST {base_url}/audiences/{audience}/members` with `{"add": [...], "remove": [...]}`, each member as
-SHA-256 hex digests of identifiers normalised the way the big ad platforms match them: email trimmed and
-lower-cased; phone as E.164 (`+` and digits). No plain identifier leaves the service. Changes stay queued
-when the provider fails and go with the next run.
+SHA-256 hex digests of identifiers normalised the way the `platform` setting's ad platform matches them
+(a digest of any other spelling never matches): email trimmed and lower-cased everywhere; phone as E.164
+(`+` and digits) for Google Customer Match and `generic`, digits only with the country code for Meta.
+No plain identifier leaves the service. Changes stay queued when the provider fails and go with the
+next run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import aiohttp
 import structlog
@@ -36,18 +38,26 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
-def normalise_phone(phone: str) -> str | None:
+Platform = Literal["generic", "meta", "google"]
+
+
+def normalise_phone(phone: str, platform: Platform = "generic") -> str | None:
+    """E.164 (`+4915112345678`), or for Meta its digits alone (`4915112345678`: "remove symbols, letters
+    and any leading zeros", country code included); None without a country code, which no platform
+    can match."""
     digits = re.sub(r"[^\d+]", "", phone.strip())
     if digits.startswith("00"):
         digits = "+" + digits[2:]
-    return digits if re.fullmatch(r"\+[1-9]\d{6,14}", digits) else None
+    if not re.fullmatch(r"\+[1-9]\d{6,14}", digits):
+        return None
+    return digits[1:] if platform == "meta" else digits
 
 
-def member(contact: dict[str, Any]) -> dict[str, str] | None:
+def member(contact: dict[str, Any], platform: Platform = "generic") -> dict[str, str] | None:
     out: dict[str, str] = {}
     if contact.get("email") and not contact.get("email_invalid"):
         out["email_sha256"] = sha256(normalise_email(contact["email"]))
-    if contact.get("phone") and (phone := normalise_phone(contact["phone"])):
+    if contact.get("phone") and (phone := normalise_phone(contact["phone"], platform)):
         out["phone_sha256"] = sha256(phone)
     return out or None
 
@@ -64,6 +74,14 @@ class AdsSettings(PluginSettings):
     interval: Annotated[float, Meta(gt=0, description="seconds between syncs")] = 3600.0
     batch_size: Annotated[int, Meta(ge=1, description="members per request")] = 10_000
     timeout: Annotated[float, Meta(gt=0, description="seconds a sync's requests may take in all")] = 60.0
+    platform: Annotated[
+        Platform,
+        Meta(
+            description="whose matching rules the hashed phone numbers follow: `meta` (digits with the "
+            "country code, no `+`), `google` (E.164: `+` and digits), `generic` (E.164); email is trimmed "
+            "and lower-cased for all"
+        ),
+    ] = "generic"
 
 
 class AudienceSync:
@@ -79,6 +97,7 @@ class AudienceSync:
         self.interval = settings.interval
         self.batch_size = settings.batch_size
         self.timeout = settings.timeout
+        self.platform = settings.platform
         self.synced_members = 0
 
     def configured(self) -> bool:
@@ -88,7 +107,7 @@ class AudienceSync:
         missing = [k for k in ("base_url", "token") if not getattr(self, k)]
         if missing:
             return False, f"missing setting(s): {', '.join(missing)}"
-        return True, f"syncs to {self.base_url} every {self.interval:g} s"
+        return True, f"syncs to {self.base_url} every {self.interval:g} s ({self.platform} matching)"
 
     async def run(self, data: JobData) -> None:
         if not self.configured():
@@ -103,7 +122,7 @@ class AudienceSync:
         contacts = await data.contacts(ids)
         plan: dict[str, dict[str, list[dict[str, str]]]] = {}
         for (audience, contact_id), change in latest.items():
-            entry = member(contacts.get(contact_id, {}))
+            entry = member(contacts.get(contact_id, {}), self.platform)
             if entry is not None:
                 plan.setdefault(audience, {"add": [], "remove": []})[change["op"]].append(entry)
         done: list[Any] = [c["_id"] for c in changes if c["audience"] not in plan]

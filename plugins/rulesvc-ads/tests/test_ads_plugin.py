@@ -1,4 +1,5 @@
-"""The ads audience sync against a local provider peer that checks auth and hashed identifiers."""
+"""The ads audience sync against a local provider peer that checks auth and hashed identifiers; the
+digests judged by Meta's published examples and by hashlib over values normalised by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
-from rulesvc_ads import AudienceSync, normalise_phone
+from rulesvc_ads import AudienceSync, member, normalise_phone
 
+from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
@@ -32,9 +35,9 @@ class AdsPeer:
         if "@" in raw or "+49" in raw:
             return web.json_response({"error": "plain identifiers are not accepted"}, status=400)
         body = json.loads(raw)
-        for member in body["add"] + body["remove"]:
-            keys_ok = all(k in ("email_sha256", "phone_sha256") and HEX64.match(v) for k, v in member.items())
-            if not member or not keys_ok:
+        for entry in body["add"] + body["remove"]:
+            keys_ok = all(k in ("email_sha256", "phone_sha256") and HEX64.match(v) for k, v in entry.items())
+            if not entry or not keys_ok:
                 return web.json_response({"error": "bad member"}, status=400)
         if self.fail_next:
             self.fail_next -= 1
@@ -98,3 +101,66 @@ def test_phone_normalisation() -> None:
     assert normalise_phone("+49 151 1234-5678") == "+4915112345678"
     assert normalise_phone("0049 151 12345678") == "+4915112345678"
     assert normalise_phone("0151 12345678") is None  # no country code: cannot be matched reliably
+    assert normalise_phone("0049 (151) 1234-5678", "meta") == "4915112345678"
+    assert normalise_phone("0151 12345678", "meta") is None
+
+
+# Meta's own examples (Conversions API, customer information parameters: `em` and `ph`): the input, and
+# the SHA-256 Meta expects. Its phone example is "US phone number (650)555-1212", normalised 16505551212.
+META_EMAIL = ("John_Smith@gmail.com", "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f")
+META_PHONE = ("+1 (650) 555-1212", "e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176")
+
+
+def test_meta_hashes_match_metas_published_examples() -> None:
+    """Found: phones were hashed with their `+`, a digest Meta never matches."""
+    contact = {"email": f"  {META_EMAIL[0]} ", "phone": META_PHONE[0]}
+    assert member(contact, "meta") == {"email_sha256": META_EMAIL[1], "phone_sha256": META_PHONE[1]}
+
+
+def test_google_and_generic_hash_e164() -> None:
+    """Google Customer Match: E.164 with the `+`, email trimmed and lower-cased."""
+    contact = {"email": META_EMAIL[0], "phone": "+1 (650) 555-1212"}
+    e164 = {"email_sha256": h("john_smith@gmail.com"), "phone_sha256": h("+16505551212")}
+    assert member(contact, "google") == e164
+    assert member(contact, "generic") == e164
+    assert member(contact) == e164  # generic is the default
+
+
+def test_platform_setting_is_checked() -> None:
+    config = {"base_url": "https://ads.example", "token": "t"}
+    assert AudienceSync({**config, "platform": "meta"}).status()[1].endswith("(meta matching)")
+    with pytest.raises(ChannelSettingsError) as wrong:
+        AudienceSync({**config, "platform": "facebook"})
+    assert wrong.value.problems == [
+        'channels.ads.platform: expected one of `generic`, `meta`, `google`, got "facebook"'
+    ]
+
+
+async def test_meta_platform_sends_digits_only_phone_digests(
+    make_client: Any, aiohttp_server: Any, settings: Settings, db: Any
+) -> None:
+    peer = AdsPeer()
+    app = web.Application()
+    app.router.add_post("/audiences/{audience}/members", peer.members)
+    server = await aiohttp_server(app)
+    join = {"name": "join", "when": {"event": "cart_updated"}, "then": [{"audience": {"add": "buyers"}}]}
+    write_ruleset(Path(settings.rulesets_dir), "ads", {"rules": [join]})
+    channels = builtin_channels()
+    job = AudienceSync({"base_url": str(server.make_url("")), "token": "ads-token", "interval": 0.3,
+                        "platform": "meta"})  # fmt: skip
+    channels.jobs.append(job)
+    client = await make_client(create_app(settings, channels))
+    profile = {"email": "Ann@Example.COM", "phone": "+4915112345678"}  # the API takes E.164 only
+    assert (await client.put("/v1/contacts/c1", json=profile)).status == 201
+    assert (
+        await client.post("/v1/events", json=[{"id": "a", "type": "cart_updated", "contact_id": "c1"}])
+    ).status == 202
+
+    async def synced() -> bool:
+        return bool(peer.calls) and await db.audience_changes.count_documents({"synced": False}) == 0
+
+    await eventually(synced, 10)
+    assert peer.calls == [
+        ("buyers", {"add": [{"email_sha256": h("ann@example.com"), "phone_sha256": h("4915112345678")}],
+                    "remove": []})
+    ]  # fmt: skip
