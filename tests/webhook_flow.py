@@ -8,9 +8,9 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 from standardwebhooks import Webhook, WebhookVerificationError

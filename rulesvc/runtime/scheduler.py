@@ -245,8 +245,12 @@ class Scheduler:
                 fields |= {k: v for k, v in r.record.items() if k not in fields}
             elif r.channel:
                 fields["sent_channel"] = r.channel
-            if r.kind == "blocked" and r.channel:  # as a callback's report: the channel is suppressed for the contact
-                outcome = Outcome("blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True})
+            if (
+                r.kind == "blocked" and r.channel
+            ):  # as a callback's report: the channel is suppressed for the contact
+                outcome = Outcome(
+                    "blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True}
+                )
                 blocked.setdefault(r.channel, []).append(outcome)
             update(mid, r.guard, fields)
             for path, value in r.unreachable:

@@ -43,9 +43,11 @@ class FakeGoogle:
         self.answers: dict[str, tuple[int, Any]] = {
             "dead-token": fcm_error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED"),
             "malformed-token": fcm_error(
-                400, "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token",
+                400,
                 "INVALID_ARGUMENT",
-            ),  # fmt: skip
+                "The registration token is not a valid FCM registration token",
+                "INVALID_ARGUMENT",
+            ),
             "wrong-project-token": fcm_error(404, "NOT_FOUND", "Requested entity was not found.", None),
             "behind-a-proxy-token": (404, "<html>Not Found</html>"),
         }
@@ -62,9 +64,14 @@ class FakeGoogle:
         try:
             header = jwt.get_unverified_header(assertion)
             claims = jwt.decode(
-                assertion, self.public_key, algorithms=["RS256"], audience=self.token_uri, issuer=CLIENT_EMAIL,
-                options={"require": ["iss", "aud", "iat", "exp"]}, leeway=300,
-            )  # fmt: skip
+                assertion,
+                self.public_key,
+                algorithms=["RS256"],
+                audience=self.token_uri,
+                issuer=CLIENT_EMAIL,
+                options={"require": ["iss", "aud", "iat", "exp"]},
+                leeway=300,
+            )
         except jwt.InvalidTokenError as exc:
             return self.refuse(f"{type(exc).__name__}: {exc}")
         if header.get("kid") != KEY_ID:
@@ -93,7 +100,9 @@ class FakeGoogle:
         assert set(message) <= {"token", "notification", "data", "webpush"}
         assert all(isinstance(v, str) for v in message["data"].values())  # FCM data values are strings
         link = message.get("webpush", {}).get("fcm_options", {}).get("link")
-        if link is not None and not link.startswith("https://"):  # FCM: "For all URL values, HTTPS is required"
+        if link is not None and not link.startswith(
+            "https://"
+        ):  # FCM: "For all URL values, HTTPS is required"
             return web.json_response(fcm_error(400, "INVALID_ARGUMENT", "link", None)[1], status=400)
         self.messages.append(message)
         return web.json_response({"name": f"projects/shop-app/messages/{len(self.messages)}"})
@@ -139,7 +148,9 @@ async def test_push_end_to_end_removes_only_unregistered_tokens(
 ) -> None:
     peer, account, base = await google(aiohttp_server)
     client = await push_client(make_client, settings, tmp_path, account, base)
-    (Path(settings.rulesets_dir) / "templates" / "hello.url").write_text("https://shop.example/cart?c={{ params.code }}")
+    (Path(settings.rulesets_dir) / "templates" / "hello.url").write_text(
+        "https://shop.example/cart?c={{ params.code }}"
+    )
     tokens = ["dead-token", "malformed-token", "wrong-project-token", "behind-a-proxy-token", "live-token"]
     await client.put("/v1/contacts/c1", json={"push_tokens": tokens, "consent": {"push": True}})
     await go(client, code="P-3")
@@ -164,7 +175,7 @@ async def test_push_end_to_end_removes_only_unregistered_tokens(
 async def test_no_token_left_fails_and_keeps_them(
     make_client: Any, aiohttp_server: Any, settings: Settings, tmp_path: Path, db: Any
 ) -> None:
-    peer, account, base = await google(aiohttp_server)
+    _, account, base = await google(aiohttp_server)
     client = await push_client(make_client, settings, tmp_path, account, base)
     tokens = ["malformed-token", "behind-a-proxy-token"]
     await client.put("/v1/contacts/c1", json={"push_tokens": tokens, "consent": {"push": True}})
@@ -182,7 +193,9 @@ async def test_the_token_endpoint_refuses_an_assertion_google_would_refuse(
     make_client: Any, aiohttp_server: Any, settings: Settings, tmp_path: Path
 ) -> None:
     """The fake is a judge that can say no: a key file whose client_email is not the key's account."""
-    peer, account, base = await google(aiohttp_server, client_email="someone-else@shop-app.iam.gserviceaccount.com")
+    peer, account, base = await google(
+        aiohttp_server, client_email="someone-else@shop-app.iam.gserviceaccount.com"
+    )
     client = await push_client(make_client, settings, tmp_path, account, base)
     await client.put("/v1/contacts/c1", json={"push_tokens": ["live-token"], "consent": {"push": True}})
     await go(client)

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-
 import pytest
 from aiohttp import web
 from rulesvc_sms import SmsChannel, segments, twilio_signature
@@ -41,8 +40,17 @@ class Captured(HttpClient):
         super().__init__(logging.getLogger(__name__), is_async=False)
         self.requests: list[tuple[str, str, dict[str, Any], Any]] = []
 
-    def request(self, method: str, uri: str, params: Any = None, data: Any = None, headers: Any = None,
-                auth: Any = None, timeout: Any = None, allow_redirects: bool = False) -> Response:  # fmt: skip
+    def request(
+        self,
+        method: str,
+        uri: str,
+        params: Any = None,
+        data: Any = None,
+        headers: Any = None,
+        auth: Any = None,
+        timeout: Any = None,
+        allow_redirects: bool = False,
+    ) -> Response:
         self.requests.append((method, uri, dict(data or {}), auth))
         return Response(201, json.dumps({"sid": "SM" + "0" * 32, "status": "queued"}))
 
@@ -221,7 +229,9 @@ async def test_callbacks_are_accepted_with_and_without_the_default_port(
     make_client: Any, settings: Settings, configured: str, signed: str
 ) -> None:
     """As twilio's RequestValidator.validate does: Twilio signs the URL with or without :443 / :80."""
-    assert RequestValidator(TOKEN).validate(signed, REPORT, twilio_signs(configured, REPORT)["X-Twilio-Signature"])
+    assert RequestValidator(TOKEN).validate(
+        signed, REPORT, twilio_signs(configured, REPORT)["X-Twilio-Signature"]
+    )
     client = await callback_client(make_client, settings, callback_channel(status_callback_url=configured))
     resp = await client.post(CALLBACKS, data=REPORT, headers=twilio_signs(signed, REPORT))
     assert resp.status == 200 and await resp.json() == {"accepted": 0}
@@ -229,7 +239,9 @@ async def test_callbacks_are_accepted_with_and_without_the_default_port(
     assert (await client.post(CALLBACKS, data=REPORT, headers=twilio_signs(other_port, REPORT))).status == 401
 
 
-async def test_behind_a_proxy_the_public_url_is_what_twilio_signed(make_client: Any, settings: Settings) -> None:
+async def test_behind_a_proxy_the_public_url_is_what_twilio_signed(
+    make_client: Any, settings: Settings
+) -> None:
     channel = callback_channel(public_url="https://rulesvc.shop.example/")
     assert channel.callback_url == "https://rulesvc.shop.example/v1/channels/sms/callbacks"  # StatusCallback
     client = await callback_client(make_client, settings, channel)

@@ -71,11 +71,13 @@ class WebhookSettings(ChannelSettings):
     url: Annotated[str, Meta(description="where each message is POSTed")] = ""
     secret: Annotated[
         str,
-        Meta(description="the signing secret shared with the receiver: `whsec_` followed by base64 of 24-64 bytes"),
+        Meta(description="the signing secret shared with the receiver: `whsec_` and base64 of 24-64 bytes"),
     ] = ""
     previous_secret: Annotated[
         str,
-        Meta(description="while rotating: the old `whsec_` secret, whose signature is sent beside the new one"),
+        Meta(
+            description="while rotating: the old `whsec_` secret, whose signature is sent beside the new one"
+        ),
     ] = ""
     timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
 

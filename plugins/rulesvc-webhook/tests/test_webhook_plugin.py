@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,3 +133,31 @@ def test_a_secret_the_receivers_libraries_cannot_use_is_a_settings_error(secret:
 
 def test_unconfigured_is_reported() -> None:
     assert WebhookChannel({}).status() == (False, "missing setting(s): url, secret")
+
+
+def docs_receiver() -> str:
+    """The Python receiver example of docs/channels.md, as printed there."""
+    text = (Path(__file__).parents[3] / "docs" / "channels.md").read_text()
+    section = text[text.index("### Webhook\n") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
+
+
+async def test_the_documented_receiver_accepts_our_messages_once(
+    make_client: Any, aiohttp_server: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("RULESVC_WEBHOOK_SECRET", SECRET)
+    example: dict[str, Any] = {}
+    exec(compile(docs_receiver(), "docs/channels.md", "exec"), example)  # the docs' own code
+    app = web.Application()
+    app.router.add_post("/hooks", example["rulesvc_message"])
+    server = await aiohttp_server(app)
+    channels = builtin_channels()
+    channels.register(WebhookChannel({"url": str(server.make_url("/hooks")), "secret": SECRET}))
+    client = await make_client(create_app(setup(settings, [send("webhook", transactional=True)]), channels))
+    await go(client, code="D-1")
+    [msg] = await settled(client)
+    assert msg["status"] == "sent"
+    assert example["handled"] == {msg["message_id"]}
+    [printed] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hello {")]
+    assert "'body': 'Code D-1'" in printed  # the example printed the verified message's template and content
