@@ -283,6 +283,10 @@ async def test_a_callback_body_that_is_not_a_form_is_415(make_client: Any, setti
         answer = await resp.json()
         assert resp.status == 415, answer
         assert answer["error"].startswith("expected a form-encoded body (application/x-www-form-urlencoded)")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    resp = await client.post(CALLBACKS, data=b"\xff\xfe=1", headers=form)  # not UTF-8
+    assert resp.status == 400
+    assert (await resp.json())["error"].startswith("the form-encoded body cannot be read: 'utf-8' codec")
 
 
 @pytest.mark.parametrize(
