@@ -245,13 +245,11 @@ class Scheduler:
                 fields |= {k: v for k, v in r.record.items() if k not in fields}
             elif r.channel:
                 fields["sent_channel"] = r.channel
-            if (
-                r.kind == "blocked" and r.channel
-            ):  # as a callback's report: the channel is suppressed for the contact
-                outcome = Outcome(
+            if r.kind == "blocked" and r.channel:  # recorded as a callback's: the channel gets suppressed
+                refusal = Outcome(
                     "blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True}
                 )
-                blocked.setdefault(r.channel, []).append(outcome)
+                blocked.setdefault(r.channel, []).append(refusal)
             update(mid, r.guard, fields)
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
@@ -280,7 +278,7 @@ class Scheduler:
                 fate(e, "failed", reasons.PROCESSING_ERROR)
         for ids, guard, fields in message_ops.values():
             await self._update_messages(ids, guard, fields)
-        for channel, outcomes in blocked.items():  # after the message is `blocked`, so the event finds it so
+        for channel, outcomes in blocked.items():  # once the message says `blocked`, before the entry is done
             await self.store.record_outcomes(channel, outcomes, now)
         errors = await self.contacts.forget_unreachable(unreachable)
         if errors is not None:

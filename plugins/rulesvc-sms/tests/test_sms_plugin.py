@@ -195,6 +195,12 @@ async def test_an_opted_out_recipient_is_blocked_at_once_and_the_number_suppress
         return bool(contact and contact.get("state", {}).get("suppressed", {}).get("sms"))
 
     await eventually(suppressed_in_the_database, 10)
+    # Rules hear of it as of a callback's block: a message_blocked event for that message.
+    [event] = await db.events.find({"type": "message_blocked"}).to_list()
+    assert (event["attributes"]["message_id"], event["attributes"]["synchronous"]) == (
+        msg["message_id"],
+        True,
+    )
     await go(client)
     msgs = await settled(client, count=2)
     assert (msgs[1]["status"], msgs[1]["reason"]) == ("suppressed", "suppression_list")
