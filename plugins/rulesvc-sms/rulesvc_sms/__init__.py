@@ -28,6 +28,7 @@ from rulesvc import hookimpl
 from rulesvc.channels import (
     Channel,
     ChannelSettings,
+    ChannelSettingsError,
     Delivery,
     HttpChannel,
     OutboundMessage,
@@ -65,6 +66,20 @@ def twilio_signature(token: str, url: str, params: Mapping[str, list[str]]) -> s
     """The URL, then each parameter name (sorted) followed by each of its values (sorted)."""
     data = url + "".join(k + v for k in sorted(params) for v in sorted(set(params[k])))
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be the one Twilio calls (None if it can, or if it is not given)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        return f"the port is not a number, in {url!r}"
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return f"expected an http or https URL such as https://rulesvc.shop.example, got {url!r}"
+    return None
 
 
 def port_variants(url: str) -> list[str]:
@@ -125,6 +140,13 @@ class SmsChannel(HttpChannel):
 
     def __init__(self, config: Mapping[str, Any] | SmsSettings) -> None:
         settings = read_settings("sms", config, SmsSettings, type(self))
+        problems = [
+            f"channels.sms.{name}: {problem}"
+            for name in ("public_url", "status_callback_url")
+            if (problem := url_problem(getattr(settings, name) or ""))
+        ]
+        if problems:
+            raise ChannelSettingsError("sms", problems, type(self))
         self.account_sid = settings.account_sid
         self.auth_token = settings.auth_token
         self.sender = settings.sender

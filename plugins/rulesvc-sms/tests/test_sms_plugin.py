@@ -18,6 +18,7 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
@@ -293,6 +294,24 @@ async def test_a_callback_body_that_is_not_a_form_is_415(make_client: Any, setti
     resp = await client.post(CALLBACKS, data=b"\xff\xfe=1", headers=form)  # not UTF-8
     assert resp.status == 400
     assert (await resp.json())["error"].startswith("the form-encoded body cannot be read: 'utf-8' codec")
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ({"public_url": "rulesvc.shop.example"},
+         "channels.sms.public_url: expected an http or https URL such as https://rulesvc.shop.example, "
+         "got 'rulesvc.shop.example'"),
+        ({"status_callback_url": "https://rulesvc.shop.example:44x/cb"},
+         "channels.sms.status_callback_url: the port is not a number, in 'https://rulesvc.shop.example:44x/cb'"),
+    ],
+)  # fmt: skip
+def test_a_callback_url_twilio_could_not_call_is_a_settings_error(
+    given: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ChannelSettingsError) as caught:
+        callback_channel(**given)
+    assert caught.value.problems == [problem]
 
 
 @pytest.mark.parametrize(
