@@ -259,9 +259,11 @@ class OutboundMessage:
 
 @dataclass
 class Delivery:
-    """`retry` is for timeouts, 5xx and 429; `failed` is permanent (the provider said no)."""
+    """`retry` is for timeouts, 5xx and 429; `failed` is permanent (the provider said no); `blocked` is a
+    refusal of the recipient (opted out, the carrier blocks us): as a callback's `blocked` outcome, the
+    channel is then suppressed for the contact."""
 
-    status: Literal["sent", "failed", "retry"]
+    status: Literal["sent", "failed", "retry", "blocked"]
     reason: str | None = None  # the detail; may start with a reason code and ": " (`template_error: ...`)
     retry_after: float | None = None  # seconds, from the provider's Retry-After
     provider_id: str | None = None

@@ -50,7 +50,7 @@ def test_channel_settings_from_toml_and_environment() -> None:
     registry, _ = load_plugins(
         BUILTIN_PLUGINS,
         channel_settings={"webhook": {"url": "https://hooks.example/x"}},
-        environ={"RULESVC_CHANNEL_WEBHOOK_SECRET": "s"},
+        environ={"RULESVC_CHANNEL_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
     )
     assert registry.get("webhook").status() == (True, "POST https://hooks.example/x")
 

@@ -26,6 +26,7 @@ PROVIDER_ERROR: Final = "provider_error"
 TIMEOUT: Final = "timeout"
 INTERRUPTED: Final = "interrupted"
 DELIVERY_FAILED: Final = "delivery_failed"
+RECIPIENT_BLOCKED: Final = "recipient_blocked"
 PROCESSING_ERROR: Final = "processing_error"
 # Cancellations: by the rules (core/engine.py), the scheduler, an operator.
 CANCELLED_BY_EVENT: Final = "cancelled_by_event"
@@ -51,6 +52,10 @@ REASONS: Final[dict[str, tuple[str, str]]] = {
     TIMEOUT: ("scheduled, dead, uncertain", "no answer from the provider within the send timeout"),
     INTERRUPTED: ("uncertain", "the send was cut short (a crash) and may have arrived; not repeated"),
     DELIVERY_FAILED: ("failed", "the provider reported later that the message could not be delivered"),
+    RECIPIENT_BLOCKED: (
+        "blocked",
+        "the provider refused at once: the recipient opted out (SMS error 21610); the channel is suppressed",
+    ),
     PROCESSING_ERROR: ("failed", "the message's record could not be processed (damaged document)"),
     CANCELLED_BY_EVENT: ("cancelled", "an event named in the send's `cancel_on` arrived"),
     CANCELLED_BY_RULE: ("cancelled", "a rule's `cancel` action cancelled it"),

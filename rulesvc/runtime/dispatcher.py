@@ -113,7 +113,9 @@ class Result:
     """`wait`: look at the message again at `at` and leave it as it is (a call may be in flight).
     `reason`: a code of `core.reasons` (for a result that is not `sent`); `detail`: the sentence."""
 
-    kind: Literal["sent", "failed", "suppressed", "postponed", "retry", "dead", "skip", "uncertain", "wait"]
+    kind: Literal[
+        "sent", "failed", "blocked", "suppressed", "postponed", "retry", "dead", "skip", "uncertain", "wait"
+    ]
     channel: str | None = None
     reason: str | None = None
     detail: str | None = None
@@ -335,8 +337,8 @@ class Dispatcher:
         if not isinstance(delivery, Delivery):
             error = f"channel error: send returned {type(delivery).__name__}, not a Delivery"
             return Delivery("failed", error), False, reasons.CHANNEL_ERROR
-        code = reasons.PROVIDER_REJECTED if delivery.status == "failed" else reasons.PROVIDER_ERROR
-        return delivery, False, code
+        codes = {"failed": reasons.PROVIDER_REJECTED, "blocked": reasons.RECIPIENT_BLOCKED}
+        return delivery, False, codes.get(delivery.status, reasons.PROVIDER_ERROR)
 
     def _result(self, delivery: Delivery, code: str, channel: str, attempt: int, now: datetime) -> Result:
         if delivery.status == "sent":
@@ -349,8 +351,9 @@ class Dispatcher:
             return Result("sent", channel, None, delivery.reason, provider_id=delivery.provider_id,
                           attempt=attempt, unreachable=delivery.unreachable, record=record)  # fmt: skip
         code, detail = reasons.split_code(delivery.reason, code)
-        if delivery.status == "failed":
-            return Result("failed", channel, code, detail, attempt=attempt, unreachable=delivery.unreachable)
+        if delivery.status in ("failed", "blocked"):
+            kind: Literal["failed", "blocked"] = "blocked" if delivery.status == "blocked" else "failed"
+            return Result(kind, channel, code, detail, attempt=attempt, unreachable=delivery.unreachable)
         if attempt >= self.policy.max_attempts:
             return Result(
                 "dead", channel, code, f"gave up after {attempt} attempts: {detail}", attempt=attempt

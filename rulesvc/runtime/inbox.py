@@ -79,7 +79,7 @@ def apply_outcome(
             update["$set"]["status"] = outcome
             message["status"] = outcome
         ops.append(UpdateOne({"_id": message["_id"]}, update))
-        if told is not None:
+        if told is not None and not attributes.get("synchronous"):  # a refusal at send time was told then
             told.append(fate_of({**message, "sent_channel": channel}, outcome))
     profile, suppressed = outcome_changes(outcome, channel, doc["time"].timestamp())
     view.profile.update(profile)

@@ -19,6 +19,7 @@ from typing import Any
 import bson
 import structlog
 
+from rulesvc.channels import Outcome
 from rulesvc.core import reasons
 from rulesvc.core.engine import timer_event
 from rulesvc.core.messages import Fate
@@ -202,6 +203,7 @@ class Scheduler:
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
         unreachable: list[tuple[str, str, Any]] = []
+        blocked: dict[str, list[Outcome]] = {}  # per channel: refusals to record as its callbacks would
         fates: list[Fate] = []
 
         def fate(entry: Doc, status: str, reason: str | None, r: Result | None = None) -> None:
@@ -243,6 +245,11 @@ class Scheduler:
                 fields |= {k: v for k, v in r.record.items() if k not in fields}
             elif r.channel:
                 fields["sent_channel"] = r.channel
+            if r.kind == "blocked" and r.channel:  # recorded as a callback's: the channel gets suppressed
+                refusal = Outcome(
+                    "blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True}
+                )
+                blocked.setdefault(r.channel, []).append(refusal)
             update(mid, r.guard, fields)
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
@@ -271,6 +278,8 @@ class Scheduler:
                 fate(e, "failed", reasons.PROCESSING_ERROR)
         for ids, guard, fields in message_ops.values():
             await self._update_messages(ids, guard, fields)
+        for channel, outcomes in blocked.items():  # once the message says `blocked`, before the entry is done
+            await self.store.record_outcomes(channel, outcomes, now)
         errors = await self.contacts.forget_unreachable(unreachable)
         if errors is not None:
             log.warning("scheduler.unreachable_not_removed", errors=errors[:3])

@@ -396,8 +396,10 @@ ROUTES: list[Route] = [
             "operationId": "channelCallback",
             "responses": {
                 "200": json_body(ref("CallbacksAccepted"), "outcomes queued as message_* events"),
+                "400": error("the report lacks what the provider always sends (e.g. MessageSid)"),
                 "401": error("the provider's signature did not verify"),
                 "404": error("no such channel, or it takes no callbacks"),
+                "415": error("the body is not in the provider's format (SMS: form-encoded)"),
             },
         },
     ),

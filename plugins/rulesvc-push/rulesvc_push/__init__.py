@@ -2,7 +2,10 @@
 
 Settings ([channels.push] or RULESVC_CHANNEL_PUSH_*): see `PushSettings`. The access token comes from
 the key's `token_uri` with a signed JWT (RS256, OAuth2 JWT bearer grant) and is renewed before it expires
-or when FCM answers 401. A token FCM calls UNREGISTERED is removed from the contact.
+or when FCM answers 401. Only a token FCM calls UNREGISTERED (the `errorCode` in the error's details) is
+removed from the contact; any other 404 or 400 fails the send and keeps it. A template's `.url` goes as FCM
+documents it: `webpush.fcm_options.link` for browsers (an https URL only; FCM refuses others) and `data.url`
+for the apps, whose code opens it (Android's `click_action` names an intent, not a URL).
 """
 
 from __future__ import annotations
@@ -151,19 +154,29 @@ class PushChannel(HttpChannel):
         data = {"message_id": message.message_id} | {
             k: v if isinstance(v, str) else json.dumps(v) for k, v in message.params.items() if v is not None
         }
-        payload = {"message": {"token": device, "notification": notification, "data": data}}
+        fcm: dict[str, Any] = {"token": device, "notification": notification, "data": data}
+        link = message.content.get("url")
+        if link:
+            data["url"] = link
+            if link.startswith("https://"):
+                fcm["webpush"] = {"fcm_options": {"link": link}}
+        payload = {"message": fcm}
         url = f"{self.base_url}/v1/projects/{self.account['project_id']}/messages:send"
         async with http.post(url, json=payload, headers={"Authorization": f"Bearer {token}"}) as resp:
-            answer = await resp.json(content_type=None) if resp.content_length != 0 else {}
+            try:
+                answer = await resp.json(content_type=None) if resp.content_length != 0 else {}
+            except ValueError:  # a proxy's or a load balancer's page, not FCM's JSON
+                answer = {}
             if resp.status == 200:
                 return str(answer.get("name", ""))
             error = answer.get("error", {}) if isinstance(answer, dict) else {}
             codes = {d.get("errorCode") for d in error.get("details", []) if isinstance(d, dict)}
             if resp.status == 401:
                 return "renew"
-            if resp.status == 404 or "UNREGISTERED" in codes:
+            if "UNREGISTERED" in codes:  # the app was uninstalled or the token expired: never valid again
                 return "unregistered"
-            detail = f"HTTP {resp.status}: {error.get('status', '')} {error.get('message', '')}".strip()
+            said = f"{error.get('status', '')} {error.get('message', '')}".strip() if error else resp.reason
+            detail = f"HTTP {resp.status}: {said}"
             if resp.status == 429 or resp.status >= 500:
                 return Delivery("retry", detail, retry_after=retry_after(resp.headers))
             return Delivery("failed", detail)

@@ -1,14 +1,19 @@
-"""The `webhook` channel: each message is a JSON POST, signed so the receiver can trust it.
+"""The `webhook` channel: each message is a JSON POST, signed per Standard Webhooks (standardwebhooks.com).
 
 Settings ([channels.webhook] or RULESVC_CHANNEL_WEBHOOK_*): see `WebhookSettings`. Every request carries
-`X-Rulesvc-Timestamp` (Unix seconds) and
-`X-Rulesvc-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>" with the secret>`, and the message id as
-`Idempotency-Key`: a receiver verifies the signature, rejects old timestamps and ignores a key it has seen,
-so a retried delivery is never acted on twice.
+`webhook-id` (the message id: stable across retries, so also the idempotency key, repeated as
+`Idempotency-Key`), `webhook-timestamp` (Unix seconds) and
+`webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed with the base64 part of the
+`whsec_` secret. While a secret is being rotated, `previous_secret` adds a second signature (space
+separated), so a receiver holding either key accepts the request. A receiver verifies with any Standard
+Webhooks library, rejects timestamps more than 5 minutes away and ignores an id it has seen, so a retried
+delivery is never acted on twice.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -22,6 +27,7 @@ from rulesvc import hookimpl
 from rulesvc.channels import (
     Channel,
     ChannelSettings,
+    ChannelSettingsError,
     Delivery,
     HttpChannel,
     OutboundMessage,
@@ -29,20 +35,49 @@ from rulesvc.channels import (
     retry_after,
 )
 
+PREFIX = "whsec_"
+MIN_KEY_BYTES = 24  # the standard: "secret keys SHOULD be between 24 bytes and 64 bytes"
+NEW_SECRET = "python -c \"import base64,os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"v1={digest}"
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret; ValueError says what is wrong. A plain string is refused,
+    not used as is: the receivers' libraries would base64-decode it and never agree."""
+    if not secret.startswith(PREFIX):
+        raise ValueError(f"expected `{PREFIX}` followed by base64 (make one with: {NEW_SECRET})")
+    text = secret[len(PREFIX) :]
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"the part after `{PREFIX}` is not base64 (make one with: {NEW_SECRET})") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the key is {len(key)} bytes; Standard Webhooks asks for 24 to 64 ({NEW_SECRET})")
+    return key
+
+
+def sign(keys: list[bytes], message_id: str, timestamp: str, body: bytes) -> str:
+    """The `webhook-signature` value: one `v1,<base64>` per key, separated by spaces."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys
+    )
 
 
 class WebhookSettings(ChannelSettings):
-    """A JSON POST per message, signed with HMAC-SHA256 over the timestamp and the body."""
+    """A JSON POST per message, signed per Standard Webhooks (HMAC-SHA256 over id, timestamp and body)."""
 
     required: ClassVar[tuple[str | tuple[str, ...], ...]] = ("url", "secret")
 
     url: Annotated[str, Meta(description="where each message is POSTed")] = ""
     secret: Annotated[
-        str, Meta(description="the key of the `X-Rulesvc-Signature` HMAC, shared with the receiver")
+        str,
+        Meta(description="the signing secret shared with the receiver: `whsec_` and base64 of 24-64 bytes"),
+    ] = ""
+    previous_secret: Annotated[
+        str,
+        Meta(
+            description="while rotating: the old `whsec_` secret, whose signature is sent beside the new one"
+        ),
     ] = ""
     timeout: Annotated[float, Meta(gt=0, description="seconds a send may take")] = 10.0
 
@@ -57,6 +92,17 @@ class WebhookChannel(HttpChannel):
         self.url = settings.url
         self.secret = settings.secret
         self.timeout = settings.timeout
+        self.keys: list[bytes] = []
+        problems = []
+        for name in ("secret", "previous_secret"):
+            value = getattr(settings, name)
+            if value:
+                try:
+                    self.keys.append(secret_key(value))
+                except ValueError as exc:
+                    problems.append(f"channels.webhook.{name}: {exc}")
+        if problems:
+            raise ChannelSettingsError("webhook", problems, type(self))
 
     def status(self) -> tuple[bool, str]:
         missing = [k for k in ("url", "secret") if not getattr(self, k)]
@@ -84,8 +130,9 @@ class WebhookChannel(HttpChannel):
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
-            "X-Rulesvc-Timestamp": timestamp,
-            "X-Rulesvc-Signature": sign(self.secret, timestamp, body),
+            "webhook-id": message.message_id,
+            "webhook-timestamp": timestamp,
+            "webhook-signature": sign(self.keys, message.message_id, timestamp, body),
             "Idempotency-Key": message.message_id,
         }
         http = await self.http()

@@ -67,13 +67,21 @@ def derive(
     return cek, nonce
 
 
-def encrypt(plaintext: bytes, p256dh: str, auth: str) -> bytes:
-    """One aes128gcm record (RFC 8188) with the sender's one-time public key as the key id."""
+def encrypt(
+    plaintext: bytes,
+    p256dh: str,
+    auth: str,
+    *,
+    sender_key: ec.EllipticCurvePrivateKey | None = None,
+    salt: bytes | None = None,
+) -> bytes:
+    """One aes128gcm record (RFC 8188) with the sender's one-time public key as the key id. `sender_key` and
+    `salt` are fresh for every message; they are parameters only so a test can replay RFC 8291 Appendix A."""
     ua_public = unb64url(p256dh)
     ua_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ua_public)
-    as_private = ec.generate_private_key(ec.SECP256R1())
+    as_private = sender_key or ec.generate_private_key(ec.SECP256R1())
     as_public = _point(as_private.public_key())
-    salt = os.urandom(16)
+    salt = salt or os.urandom(16)
     cek, nonce = derive(unb64url(auth), as_private.exchange(ec.ECDH(), ua_key), ua_public, as_public, salt)
     if len(plaintext) + 17 > RECORD_SIZE:
         raise ValueError(f"payload of {len(plaintext)} bytes does not fit one {RECORD_SIZE}-byte record")

@@ -1,5 +1,6 @@
 """Web Push against a local push service that checks VAPID and decrypts the payload with the
-subscription's keys, as a browser would (RFC 8291 / RFC 8292)."""
+subscription's keys, as a browser would (RFC 8291 / RFC 8292): decrypted by `http_ece` (the library
+pywebpush builds on), and the encryption replayed against RFC 8291 Appendix A byte for byte."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import http_ece
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from rulesvc_webpush import WebPushChannel, derive
+from rulesvc_webpush import WebPushChannel, encrypt
 
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
@@ -43,14 +44,13 @@ class Browser:
         )
 
     def decrypt(self, body: bytes) -> bytes:
-        salt, (rs, idlen) = body[:16], struct.unpack("!IB", body[16:21])
-        as_public, ciphertext = body[21 : 21 + idlen], body[21 + idlen :]
-        assert rs == 4096 and idlen == 65 and len(ciphertext) <= rs
-        sender = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), as_public)
-        cek, nonce = derive(self.auth, self.key.exchange(ec.ECDH(), sender), self.public, as_public, salt)
-        record = AESGCM(cek).decrypt(nonce, ciphertext, None)
-        assert record.endswith(b"\x02")  # the last record's padding delimiter
-        return record[:-1]
+        """As a browser reads it: http_ece, with the subscription's private key and auth secret."""
+        rs, idlen = struct.unpack("!IB", body[16:21])
+        assert rs == 4096 and idlen == 65 and len(body) - 21 - idlen <= rs  # one record, the key as its id
+        plaintext: bytes = http_ece.decrypt(
+            body, private_key=self.key, auth_secret=self.auth, version="aes128gcm"
+        )
+        return plaintext
 
 
 class PushService:
@@ -128,3 +128,28 @@ def test_raw_base64url_vapid_key_and_settings() -> None:
     assert WebPushChannel({"vapid_private_key": raw, "subject": "https://shop.example"}).status()[0] is True
     assert WebPushChannel({"vapid_private_key": raw, "subject": "ops"}).status()[0] is False
     assert WebPushChannel({"vapid_private_key": "%%%", "subject": "mailto:a@b.c"}).status()[0] is False
+
+
+# RFC 8291 Appendix A, "Intermediate Values for Encryption" (https://www.rfc-editor.org/rfc/rfc8291#appendix-A):
+# the inputs it fixes and the message it publishes, base64url as printed there.
+RFC_PLAINTEXT = b"When I grow up, I want to be a watermelon"
+RFC_AS_PRIVATE = "yfWPiYE-n46HLnH0KqZOF1fJJU3MYrct3AELtAQ-oRw"
+RFC_UA_PRIVATE = "q1dXpw3UpT5VOmu_cf_v6ih07Aems3njxI-JWgLcM94"
+RFC_UA_PUBLIC = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+RFC_SALT = "DGv6ra1nlYgDCS1FRnbzlw"
+RFC_AUTH = "BTBZMqHH6r4Tts7J_aSIgg"
+RFC_MESSAGE = (
+    "DGv6ra1nlYgDCS1FRnbzlwAAEABBBP4z9KsN6nGRTbVYI_c7VJSPQTBtkgcy27ml"
+    "mlMoZIIgDll6e3vCYLocInmYWAmS6TlzAC8wEqKK6PBru3jl7A_yl95bQpu6cVPT"
+    "pK4Mqgkf1CXztLVBSt2Ks3oZwbuwXPXLWyouBWLVWGNWQexSgSxsj_Qulcy4a-fN"
+)
+
+
+def test_rfc_8291_appendix_a_test_vector() -> None:
+    """The RFC's fixed sender key and salt through the plugin's encryption give the RFC's message exactly."""
+    sender = ec.derive_private_key(int.from_bytes(unb64(RFC_AS_PRIVATE), "big"), ec.SECP256R1())
+    body = encrypt(RFC_PLAINTEXT, RFC_UA_PUBLIC, RFC_AUTH, sender_key=sender, salt=unb64(RFC_SALT))
+    assert b64(body) == RFC_MESSAGE
+    # And the RFC's receiver reads it with http_ece.
+    receiver = ec.derive_private_key(int.from_bytes(unb64(RFC_UA_PRIVATE), "big"), ec.SECP256R1())
+    assert http_ece.decrypt(body, private_key=receiver, auth_secret=unb64(RFC_AUTH)) == RFC_PLAINTEXT
