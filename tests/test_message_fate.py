@@ -229,9 +229,10 @@ def test_counters_and_the_send_histogram_move_by_the_sends_made(service: Service
         post(service, "order", f"count{i}")
     for i in range(sends):
         one_message(service, f"count{i}", "sent")
-    after = wait_for(lambda: metrics(service))
     sent = series("rulesvc_messages_total", channel="webhook", status="sent", reason="")
     count = series("rulesvc_send_duration_seconds_count", channel="webhook")
+    # Counted just after the message is written: wait for the count, then check it went no further.
+    after = wait_for(lambda: (m := metrics(service)).get(sent, 0) - before.get(sent, 0) >= sends and m, 60)
     assert after[sent] - before.get(sent, 0) == sends
     assert after[count] - before.get(count, 0) == sends
     # Every provider call is in a bucket no larger than +Inf, and the sum grew by positive durations.
@@ -256,9 +257,9 @@ def test_a_dead_letter_is_retried_over_http_and_from_the_shell(service: ServiceP
         assert (dead["reason"], dead["attempt"]) == ("provider_error", 2)  # RULESVC_MAX_ATTEMPTS
         assert dead["detail"].startswith("gave up after 2 attempts: HTTP 500")
         assert shop.received(dead["message_id"]) == [500, 500]
-    now = metrics(service)
-    assert now["rulesvc_dead_letters{}"] == before.get("rulesvc_dead_letters{}", 0) + 2
     dead_key = series("rulesvc_messages_total", channel="webhook", status="dead", reason="provider_error")
+    now = wait_for(lambda: (m := metrics(service)).get(dead_key, 0) - before.get(dead_key, 0) >= 2 and m, 60)
+    assert now["rulesvc_dead_letters{}"] == before.get("rulesvc_dead_letters{}", 0) + 2
     retry_key = series("rulesvc_messages_total", channel="webhook", status="retry", reason="provider_error")
     assert now[dead_key] - before.get(dead_key, 0) == 2
     assert now[retry_key] - before.get(retry_key, 0) == 2
