@@ -15,8 +15,7 @@ from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import FANOUT
-from tests.rulesets_helpers import write_ruleset
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, write_ruleset
 
 
 async def test_fanout_is_batched_resumable_and_exactly_once(db: Any, settings: Settings) -> None:

@@ -19,8 +19,7 @@ from zoneinfo import ZoneInfo
 from rulesvc.config import Settings
 from rulesvc.core.sendpolicy import QUIET_REASON
 from rulesvc.web.app import create_app
-from tests.test_delivery import Provider, history, registry, send, setup
-from tests.test_live_engine import eventually
+from tests.helpers import Provider, eventually, history, registry, send, setup
 
 SENDS = [
     send("push", "promo", fallback=["email"]),

@@ -19,7 +19,7 @@ from rulesvc.store.leases import ContactLeases
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import STORE
-from tests.rulesets_helpers import write_ruleset
+from tests.helpers import write_ruleset
 from tests.service import ServiceProcess
 
 Client = Any

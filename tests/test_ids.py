@@ -11,7 +11,7 @@ import pytest
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.test_live_engine import eventually
+from tests.helpers import eventually
 
 BAD_IDS = ["a b", "a/b", "a\x00b", "a\rb", "a\nb", "ab\n", "a\tb", "a\x7fb", "x" * 129, ""]
 

@@ -14,8 +14,7 @@ import msgspec
 from rulesvc.channels import Delivery, OutboundMessage
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.test_delivery import PROFILE, Provider, go, registry, send, settled, setup
-from tests.test_schedule_bad_items import entry_doc, message_doc
+from tests.helpers import PROFILE, Provider, entry_doc, go, message_doc, registry, send, settled, setup
 
 
 class Timed(Provider):

@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import eventually
 from tests.service import ServiceProcess
-from tests.test_live_engine import eventually
 
 EVENT = b'{"id": "e-1", "type": "product_viewed", "contact_id": "c-1"'
 DEEP = 5000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import INBOX, SCHEDULER
-from tests.rulesets_helpers import write_ruleset
+from tests.helpers import eventually, write_ruleset
 
 
 class RecordingChannel:
@@ -76,14 +75,6 @@ def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "3s") 
             ]
         },
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def statuses(client: Any, contact: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,7 @@ from urllib.parse import quote
 import pytest
 
 from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import wait_for
 from tests.service import ServiceProcess
 
 SECRET = "fate-secret"
@@ -112,16 +113,6 @@ def service(
     svc.key = created.stdout.strip().splitlines()[-1]
     yield svc
     svc.stop()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s")
 
 
 def post(service: ServiceProcess, kind: str, contact: str, at: datetime | None = None, n: int = 1) -> None:
@@ -374,9 +365,8 @@ async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: 
     from structlog.testing import capture_logs
 
     from rulesvc.web.app import create_app
-    from tests.test_delivery import PROFILE, Provider, go, registry, settled, setup
-    from tests.test_delivery import send as send_on
-    from tests.test_live_engine import eventually
+    from tests.helpers import PROFILE, Provider, eventually, go, registry, settled, setup
+    from tests.helpers import send as send_on
 
     push = Provider("push", needs="push_tokens")
     client = await make_client(

@@ -17,7 +17,7 @@ from rulesvc.config import Settings
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import load_plugins
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 PACKAGE = Path(__file__).parent / "plugin_package"
 

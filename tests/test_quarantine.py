@@ -22,8 +22,7 @@ from rulesvc.store.db import MAX_ATTEMPTS
 from rulesvc.store.mongod import free_port
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import FANOUT, KEYS
-from tests.rulesets_helpers import write_ruleset
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, write_ruleset
 
 Client = TestClient[Any, Any]
 

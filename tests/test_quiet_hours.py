@@ -11,8 +11,7 @@ import pytest
 
 from rulesvc.config import ConfigError, Settings, load_settings
 from rulesvc.web.app import create_app
-from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
-from tests.test_live_engine import eventually
+from tests.helpers import PROFILE, Provider, eventually, go, history, registry, send, setup
 
 QUIET_REASON = "quiet_hours"
 

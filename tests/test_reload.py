@@ -3,48 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from rulesvc.config import Settings
-from rulesvc.web.app import create_app
-from tests.test_live_engine import eventually
-
-
-def ruleset(template: str, event: str = "t") -> dict[str, Any]:
-    return {
-        "rules": [
-            {
-                "name": "say",
-                "when": {"event": event},
-                "then": [{"send": {"channel": "log", "template": template}}],
-            }
-        ]
-    }
-
-
-def write(path: Path, body: dict[str, Any] | str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(body if isinstance(body, str) else json.dumps(body))
-    tmp.replace(path)  # as editors save: the watcher sees one complete file
-
-
-def write_templates(folder: Path) -> None:
-    (folder / "templates").mkdir()
-    for n in range(11):
-        (folder / "templates" / f"v{n}.body").write_text(f"version {n}")
-
-
-async def serve_greet(make_client: Any, settings: Settings, template: str) -> tuple[Path, Any]:
-    """The service with one ruleset, `greet.json`, sending `template`; returns its path and a client."""
-    folder = Path(settings.rulesets_dir)
-    folder.mkdir(parents=True)
-    write_templates(folder)
-    path = folder / "greet.json"
-    write(path, ruleset(template))
-    return path, await make_client(create_app(settings))
+from tests.helpers import eventually, ruleset, serve_greet, write
 
 
 async def listing(client: Any) -> dict[str, Any]:

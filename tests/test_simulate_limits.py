@@ -16,9 +16,7 @@ import pytest
 from rulesvc.config import Settings
 from rulesvc.replay.simulate import SimulateRequest, simulate
 from rulesvc.web.keys import SIMULATOR
-from tests.rulesets_helpers import at, load
-from tests.test_live_engine import eventually
-from tests.test_reload import serve_greet
+from tests.helpers import at, eventually, load, serve_greet
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
 N = 10_000

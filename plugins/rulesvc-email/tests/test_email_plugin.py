@@ -25,7 +25,7 @@ from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.store.mongod import free_port
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 
 class Mailbox:

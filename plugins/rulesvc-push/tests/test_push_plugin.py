@@ -16,7 +16,7 @@ from rulesvc_push import SCOPE, PushChannel
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 
 def unb64(text: str) -> bytes:

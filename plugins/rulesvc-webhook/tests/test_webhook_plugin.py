@@ -14,7 +14,7 @@ from rulesvc_webhook import WebhookChannel
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 SECRET = "whsec_test_123"
 
