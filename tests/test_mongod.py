@@ -44,7 +44,6 @@ def gone(pid: int) -> bool:
 def test_start_is_a_writable_replica_set_and_stop_is_clean(tmp_path: Path) -> None:
     server = EmbeddedMongod(tmp_path)
     server.start()
-    assert server.started_in < 10
     pid = server.process.pid if server.process else 0
     with MongoClient(server.uri) as client:
         hello = client.admin.command("hello")
