@@ -98,7 +98,7 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window(make_client: Any, s
         msgs = await history(client)
         return len(msgs) == 2 and msgs[0].get("reason") == "quiet_hours"
 
-    await eventually(postponed, 10)
+    await eventually(postponed)
     marketing, transactional = await history(client)
     assert marketing["status"] == "scheduled"  # postponed, never dropped
     due = datetime.fromisoformat(marketing["due_at"])
@@ -231,7 +231,7 @@ async def test_bounce_marks_email_invalid_and_block_suppresses(make_client: Any,
     async def invalid() -> bool:
         return bool((await (await client.get("/v1/contacts/c1")).json())["email_invalid"])
 
-    await eventually(invalid, 10)
+    await eventually(invalid)
     statuses = {m["message_id"]: m["status"] for m in await history(client)}
     assert statuses[first_email["message_id"]] == "bounced"
     assert statuses[first_sms["message_id"]] == "blocked"
@@ -262,7 +262,7 @@ async def test_provider_callbacks_are_authenticated(make_client: Any, settings: 
     async def delivered() -> bool:
         return (await history(client))[0]["status"] == "delivered"
 
-    await eventually(delivered, 10)
+    await eventually(delivered)
     assert (await client.post("/v1/channels/log/callbacks", json=report)).status == 404
     channels = await (await client.get("/v1/channels")).json()
     by_name = {c["name"]: c for c in channels["channels"]}
@@ -282,7 +282,7 @@ async def test_inapp_inbox(make_client: Any, settings: Settings) -> None:
     async def opened() -> bool:
         return (await history(client))[0]["status"] == "opened"
 
-    await eventually(opened, 10)
+    await eventually(opened)
     assert (await client.post(f"/v1/contacts/c1/inbox/{mid}", json={"action": "dismissed"})).status == 204
     assert (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"] == []
     assert (await client.post(f"/v1/contacts/c2/inbox/{mid}", json={"action": "shown"})).status == 404

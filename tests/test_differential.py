@@ -118,7 +118,7 @@ async def test_live_and_simulated_sends_are_the_same(make_client: Any, settings:
                     return False
             return True
 
-        await eventually(settled, 20)
+        await eventually(settled)
 
     body = {
         "events": events,
@@ -178,7 +178,7 @@ async def test_live_and_simulated_quiet_hours_postpone_to_the_same_moment(
         msgs = [m for cid in zones for m in await history(client, cid)]
         return len(msgs) == 2 and all(m["status"] == "sent" or m.get("reason") for m in msgs)
 
-    await eventually(decided, 20)
+    await eventually(decided)
     [ann] = await history(client, "ann")
     [bob] = await history(client, "bob")
     assert (ann["status"], ann["reason"], ann["detail"], bob["status"]) == (

@@ -69,7 +69,7 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     async def copied() -> bool:
         return bool((await db.events.find_one({"_id": "pc"}))["state"] == "done")
 
-    await eventually(copied, 15)
+    await eventually(copied)
     copies = await db.events.find({"fanout_of": "pc"}).to_list()
     assert sorted(c["contact_id"] for c in copies) == ["c1", "c2"]  # both got their copy, none was lost
 

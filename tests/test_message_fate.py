@@ -397,7 +397,7 @@ async def test_a_providers_callback_is_an_outcome_line_and_a_count(make_client: 
         async def both_told() -> bool:
             return len([x for x in logs if x["event"] == "message.outcome"]) == 2
 
-        await eventually(both_told, 10)
+        await eventually(both_told)
     lines = [x for x in logs if x["event"] == "message.outcome"]
     assert sorted(
         (x["message_id"], x["status"], x["reason"], x["channel"], x["contact_id"]) for x in lines

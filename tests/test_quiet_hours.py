@@ -28,7 +28,7 @@ async def outcomes(client: Any) -> dict[str, tuple[str, str | None]]:
         msgs = await history(client)
         return len(msgs) == 3 and all(m["status"] != "scheduled" or m.get("reason") for m in msgs)
 
-    await eventually(decided, 10)
+    await eventually(decided)
     return {m["channel"]: (m["status"], m.get("reason")) for m in await history(client)}
 
 

@@ -402,7 +402,7 @@ async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> N
         doc = await db.messages.find_one({"ruleset": "welcome", "status": "sent"})
         return doc is not None and doc["template"] == "hi"
 
-    await eventually(sent, 5)
+    await eventually(sent)
 
     refused = await client.put(
         "/v1/rulesets/Bad-Name", data=good, headers={"Content-Type": "application/json"}

@@ -79,13 +79,13 @@ async def test_a_bad_scheduled_entry_is_set_aside_and_the_rest_of_its_batch_is_s
         docs = await db.messages.find({"_id": {"$in": [*messages, "no-contact"]}}).to_list()
         return all(d["status"] not in ("scheduled", "sending") for d in docs)
 
-    await eventually(settled, 10)
+    await eventually(settled)
     await go(client, contact="c1")  # and the schedule still runs: a new message goes out
 
     async def new_one_sent() -> bool:
         return any(m["status"] == "sent" and m["message_id"] not in messages for m in await history(client))
 
-    await eventually(new_one_sent, 10)
+    await eventually(new_one_sent)
 
     by_id = {m["message_id"]: m for c in ("c1", "c2", "c3", "c4") for m in await history(client, c)}
     assert {mid: by_id[mid]["status"] for mid in fine} == dict.fromkeys(fine, "sent")
