@@ -104,6 +104,24 @@ def wait_for(check: Callable[[], Any], timeout: float = WAIT_SECONDS, what: str 
     return found
 
 
+# Orders, for process-level tests that count what reaches a provider: one message per order.
+
+
+def order_flow(folder: Path, channel: str, templates: dict[str, str], count: bool = False) -> Path:
+    """A ruleset folder in `folder`: each `order` event sends `order` on `channel` a second later, one
+    message per `attributes.n`; `count` also counts the orders per contact (`state.counters.orders`)."""
+    rulesets = folder / "rulesets"
+    (rulesets / "templates").mkdir(parents=True)
+    for name, text in templates.items():
+        (rulesets / "templates" / name).write_text(text)
+    send = {"channel": channel, "template": "order", "after": "1s", "transactional": True,
+            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
+    then: list[dict[str, Any]] = [{"count": "orders"}] if count else []
+    rule = {"name": "on_order", "when": {"event": "order"}, "then": [*then, {"send": send}]}
+    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
+    return rulesets
+
+
 # The send pipeline, live: a scripted provider, a one-rule ruleset on `go` events, waiting for messages.
 
 TEMPLATES = {

@@ -19,7 +19,7 @@ import pytest
 from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod
-from tests.helpers import wait_for
+from tests.helpers import order_flow, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import settle
 
@@ -80,15 +80,7 @@ def api() -> Iterator[MessagesApi]:
 
 
 def sms_flow(folder: Path) -> Path:
-    """One SMS per order, a second after it."""
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.text").write_text("order {{ params.n }}")
-    send = {"channel": "sms", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
+    return order_flow(folder, "sms", {"order.text": "order {{ params.n }}"})
 
 
 def post(service: ServiceProcess, numbers: range) -> list[int]:

@@ -11,7 +11,6 @@ import contextlib
 import email
 import email.policy
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -27,6 +26,7 @@ from pymongo import MongoClient
 
 from rulesvc.runtime import workers as supervisor
 from rulesvc.store.mongod import EmbeddedMongod, free_port, live_children, pid_alive
+from tests.helpers import order_flow
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, post_orders
 
@@ -267,15 +267,8 @@ def test_a_stalled_worker_loses_its_claim_and_its_messages_still_go_out_at_most_
 
 
 def email_flow(folder: Path) -> Path:
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.subject").write_text("Order {{ params.n }}")
-    (rulesets / "templates" / "order.text").write_text("Thank you for order {{ params.n }}.")
-    send = {"channel": "email", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
+    texts = {"order.subject": "Order {{ params.n }}", "order.text": "Thank you for order {{ params.n }}."}
+    return order_flow(folder, "email", texts)
 
 
 def test_a_slow_smtp_server_gets_an_interrupted_message_once_and_it_is_uncertain(tmp_path: Path) -> None:

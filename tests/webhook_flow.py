@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import threading
 import time
 from collections import Counter, defaultdict
@@ -13,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import order_flow
 from tests.service import ServiceProcess
 
 SECRET = "reliability-secret"
@@ -61,14 +61,7 @@ class Receiver:
 
 
 def flow(folder: Path) -> Path:
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.body").write_text("order {{ params.n }}")
-    send = {"channel": "webhook", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"count": "orders"}, {"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
+    return order_flow(folder, "webhook", {"order.body": "order {{ params.n }}"}, count=True)
 
 
 def env_for(rulesets: Path, receiver: Receiver, **extra: str) -> dict[str, str]:
