@@ -17,19 +17,15 @@ import pytest
 from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
+from tests.helpers import wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
 pytestmark = pytest.mark.slow
 
 
-def gone_within(pids: set[int], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not any(pid_alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
+def all_gone(pids: set[int]) -> None:
+    wait_for(lambda: not any(pid_alive(p) for p in pids), what=f"processes {sorted(pids)} gone")
 
 
 def accepted_by_the_worker_reached(service: ServiceProcess) -> float:
@@ -80,16 +76,17 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
             assert service.proc is not None
             return live_children(service.proc.pid) - {service.mongod_pid()}
 
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (killed in replaced() or len(replaced()) < 3):
-            time.sleep(0.1)
-        now_serving = replaced()
+        def serving_again() -> set[int] | None:
+            found = replaced()
+            return found if killed not in found and len(found) >= 3 else None
+
+        now_serving = wait_for(serving_again, what="the killed worker replaced")
         assert len(now_serving) == 3 and killed not in now_serving
         assert post_concurrently(service, range(420, 490)) == 70
 
         mongod = service.mongod_pid()
         assert service.signal(signal.SIGTERM) == 0
-        assert gone_within(now_serving | {mongod}, 5)
+        all_gone(now_serving | {mongod})
     finally:
         service.stop()
 
@@ -104,7 +101,7 @@ def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
     assert len(family) == 3  # two workers and mongod
     assert post_concurrently(service, range(50)) == 50
     service.signal(signal.SIGKILL)
-    assert gone_within(family, 10)
+    all_gone(family)
     service.start()  # a fresh start on the same data: nothing acknowledged is lost
     try:
         with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
@@ -159,7 +156,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_pauses_while_the_ot
         for _ in range(4):  # it used to take the whole service down at the third quick death
             pids = started_pids(service, 0)
             os.kill(pids[-1], signal.SIGKILL)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while len(started_pids(service, 0)) == len(pids):
                 assert time.monotonic() < deadline, "worker 0 was not started again"
                 # Meanwhile the other worker serves (a connection the dying one held may be reset).
