@@ -3,22 +3,19 @@ a real mongod of the test's own (never the shared session one), real signals."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from rulesvc.runtime.waiting import in_transaction
@@ -55,18 +52,6 @@ def slow_requests(service: ServiceProcess, seconds: str = "5.0") -> dict[tuple[s
                 total[where] = sample.value
     assert total, "no latency histogram in /metrics"
     return {where: n - within.get(where, 0.0) for where, n in total.items() if n > within.get(where, 0.0)}
-
-
-@contextlib.contextmanager
-def service_db(workdir: Path) -> Iterator[Database[dict[str, Any]]]:
-    """The database of the service running in `workdir`, through its embedded mongod."""
-    uri = EmbeddedMongod(workdir / ".rulesvc").running_uri()
-    assert uri is not None
-    client: MongoClient[dict[str, Any]] = MongoClient(uri)
-    try:
-        yield client["rulesvc"]
-    finally:
-        client.close()
 
 
 def counted_orders(db: Any) -> Counter[str]:
@@ -107,7 +92,7 @@ def test_a_paused_mongod_costs_a_request_a_quick_503_and_loses_nothing(
         assert sum(body["accepted"] + body["duplicates"] for _, body in retried) == 3
         for n in range(23, 30):
             assert service.request("POST", "/v1/events", order(n))[0] == 202
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             settle(db, 30)
             assert counted_orders(db) == Counter(order(n)["contact_id"] for n in range(30))  # each once
     finally:
@@ -213,7 +198,7 @@ def test_kill_9_of_the_embedded_mongod_heals_by_itself_and_loses_no_acknowledged
         for n in range(30, 40):  # new events are accepted
             assert service.request("POST", "/v1/events", order(n))[0] == 202
         acked = [n for n in range(40)] + [int(i[1:]) for i, status in answers.items() if status == 202]
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             settle(db, len(acked))
             stored = {d["_id"] for d in db.events.find({}, {"_id": 1})}
             assert {f"o{n}" for n in acked} <= stored  # every acknowledged event is there

@@ -16,9 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from pymongo import MongoClient
 
-from rulesvc.store.mongod import EmbeddedMongod
 from tests.helpers import order_flow, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import settle
@@ -100,11 +98,10 @@ def test_kill_9_before_during_and_after_a_call_never_sends_an_sms_twice(
            "RULESVC_CHANNEL_SMS_FROM": "+15550100000", "RULESVC_LEASE_SECONDS": "6",
            "RULESVC_RATE_LIMIT": "0", "RULESVC_QUIET_HOURS": ""}  # fmt: skip
     service = ServiceProcess(tmp_path, env=env)
-    home = EmbeddedMongod(tmp_path / ".rulesvc")
 
     def decided(count: int) -> bool:
-        with MongoClient(home.running_uri()) as client:
-            return bool(client["rulesvc"].messages.count_documents({}) >= count)
+        with service.db() as db:
+            return bool(db.messages.count_documents({}) >= count)
 
     service.start()
     for c in range(5):
@@ -133,8 +130,7 @@ def test_kill_9_before_during_and_after_a_call_never_sends_an_sms_twice(
 
     service.start()
     try:
-        with MongoClient(home.running_uri()) as client:
-            db = client["rulesvc"]
+        with service.db() as db:
             settle(db, len(acked))
             statuses = {m["params"]["n"]: (m["status"], m.get("reason")) for m in db.messages.find({})}
     finally:

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from pymongo import MongoClient
 
-from rulesvc.store.mongod import EmbeddedMongod, free_port
+from rulesvc.store.mongod import free_port
 from tests.helpers import wait_for
 from tests.service import ServiceProcess
 
@@ -66,8 +65,7 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
         ])[0] == 202  # fmt: skip
         purchase = {"id": "buy", "type": "purchased", "contact_id": "bob", "attributes": {"order_id": "o-1"}}
         assert service.request("POST", "/v1/events", purchase)[0] == 202
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            db = client["rulesvc"]
+        with service.db() as db:
             wait_for(lambda: db.events.count_documents({"state": "pending"}) == 0, what="all events decided")
             db.schedule.update_many({"status": "pending"}, {"$set": {"due_at": datetime.now(UTC)}})
             busy = {"status": {"$in": ["pending", "running"]}}

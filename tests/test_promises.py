@@ -17,10 +17,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from pymongo import MongoClient
 
 from rulesvc.config import Settings
-from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from tests.helpers import (
     PROFILE,
@@ -79,18 +77,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     svc.stop()
 
 
-def service_db(service: ServiceProcess) -> Any:
-    uri = EmbeddedMongod(service.workdir / ".rulesvc").running_uri()
-    assert uri is not None
-    return MongoClient(uri)
-
-
 def test_api_keys_are_stored_only_as_digests(service: ServiceProcess) -> None:
     created = service.cli("keys", "create", "--scope", "ingest", "--name", "shop backend")
     assert created.returncode == 0, created.stderr
     keys = [service.key, created.stdout.split()[-1]]
-    with service_db(service) as client:
-        stored = {d["_id"]: d for d in client["rulesvc"]["api_keys"].find({})}
+    with service.db() as db:
+        stored = {d["_id"]: d for d in db["api_keys"].find({})}
     for key in keys:
         assert key is not None
         match = re.fullmatch(r"rsk_([0-9a-f]{12})_(\S+)", key)

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from tests.helpers import wait_for
@@ -58,8 +57,7 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
         workers = live_children(service.proc.pid) - {service.mongod_pid()}
         assert len(workers) == 3
         assert post_concurrently(service, range(420)) == 420
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            db = client["rulesvc"]
+        with service.db() as db:
             settle(db, 420)
             assert {c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})} == {60}
             assert Counter(m["status"] for m in db.messages.find({})) == Counter({"sent": 420})
@@ -104,11 +102,9 @@ def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
     all_gone(family)
     service.start()  # a fresh start on the same data: nothing acknowledged is lost
     try:
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            settle(client["rulesvc"], 50)
-            assert (
-                sum(c["state"]["counters"]["orders"]["n"] for c in client["rulesvc"].contacts.find({})) == 50
-            )
+        with service.db() as db:
+            settle(db, 50)
+            assert sum(c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})) == 50
         assert len(receiver.raw) == 50
     finally:
         service.stop()
