@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ Doc = dict[str, Any]
 
 @pytest.fixture(scope="session")
 def mongod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMongod]:
-    server = EmbeddedMongod(tmp_path_factory.mktemp("mongod"))
+    # The embedded binary, or MONGOD_BIN's: never a mongod that happens to be on PATH (see find_mongod).
+    server = EmbeddedMongod(tmp_path_factory.mktemp("mongod"), os.environ.get("MONGOD_BIN") or None)
     server.start()
     yield server
     server.stop()

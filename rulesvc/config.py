@@ -90,7 +90,9 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "the embedded mongod's data, log and pid file; relative to the folder the service starts in",
     ),
     SettingDoc(
-        "mongod_bin", "MONGOD_BIN", "mongod binary for the embedded mode; unset = the [embedded] extra's"
+        "mongod_bin",
+        "MONGOD_BIN",
+        "mongod binary for the embedded mode; unset = the [embedded] extra's, never one on PATH",
     ),
     SettingDoc(
         "mongod_cache_gb",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rulesvc.store.mongod import free_port
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from rulesvc.store.mongod import EmbeddedMongod, free_port
 
 
 class ServiceProcess:
@@ -101,6 +106,15 @@ class ServiceProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+    @contextlib.contextmanager
+    def db(self) -> Iterator[Database[dict[str, Any]]]:
+        """The running service's database (its embedded mongod's, or MONGODB_URI's), to check what it
+        stored; closed before the service stops."""
+        uri = self.env.get("MONGODB_URI") or EmbeddedMongod(self.workdir / ".rulesvc").running_uri()
+        assert uri is not None, f"no mongod serves {self.workdir / '.rulesvc'}"
+        with MongoClient(uri) as client:
+            yield client[self.env.get("RULESVC_DATABASE", "rulesvc")]
 
     def mongod_pid(self) -> int:
         return int((self.workdir / ".rulesvc" / "mongod.pid").read_text())

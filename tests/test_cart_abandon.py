@@ -9,8 +9,7 @@ import msgspec
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.rulesets_helpers import at, event, load, run, sent
-from tests.test_delivery import Provider, registry
+from tests.helpers import Provider, at, event, load, registry, run, sent
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
 

@@ -23,8 +23,8 @@ from rulesvc.config import Settings
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import channel_settings_reference, load_plugins
 from rulesvc.web.app import create_app
+from tests.helpers import eventually
 from tests.service import ServiceProcess
-from tests.test_live_engine import eventually
 
 DOCS = Path(__file__).parent.parent / "docs" / "channels.md"
 KNOWN_EMAIL = (

@@ -3,24 +3,24 @@ a real mongod of the test's own (never the shared session one), real signals."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, MongoClient
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.mongod import EmbeddedMongod, pid_alive
+from tests.helpers import wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
@@ -34,22 +34,24 @@ def order(n: int) -> dict[str, Any]:
     return {"id": f"o{n}", "type": "order", "contact_id": f"c{n % 7}", "attributes": {"n": n}}
 
 
-def timed(service: ServiceProcess, method: str, path: str, body: Any = None) -> tuple[int, float]:
-    t0 = time.monotonic()
-    status, _ = service.request(method, path, body)
-    return status, time.monotonic() - t0
-
-
-@contextlib.contextmanager
-def service_db(workdir: Path) -> Iterator[Database[dict[str, Any]]]:
-    """The database of the service running in `workdir`, through its embedded mongod."""
-    uri = EmbeddedMongod(workdir / ".rulesvc").running_uri()
-    assert uri is not None
-    client: MongoClient[dict[str, Any]] = MongoClient(uri)
-    try:
-        yield client["rulesvc"]
-    finally:
-        client.close()
+def slow_requests(service: ServiceProcess, seconds: str = "5.0") -> dict[tuple[str, str], float]:
+    """(method, route) -> how many requests took over `seconds`, by the service's latency histogram."""
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    within: dict[tuple[str, str], float] = {}
+    total: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            where = (sample.labels.get("method", ""), sample.labels.get("route", ""))
+            if (
+                sample.name == "rulesvc_http_request_duration_seconds_bucket"
+                and sample.labels["le"] == seconds
+            ):
+                within[where] = sample.value
+            elif sample.name == "rulesvc_http_request_duration_seconds_count":
+                total[where] = sample.value
+    assert total, "no latency histogram in /metrics"
+    return {where: n - within.get(where, 0.0) for where, n in total.items() if n > within.get(where, 0.0)}
 
 
 def counted_orders(db: Any) -> Counter[str]:
@@ -71,21 +73,18 @@ def test_a_paused_mongod_costs_a_request_a_quick_503_and_loses_nothing(
         paused_at = time.monotonic()
         try:
             # While paused: every answer is a prompt 503 with Retry-After (the report: a 30 s hang).
+            # How prompt is judged below by the service's own latency histogram, not this test's clock.
             for n in range(20, 23):
-                t0 = time.monotonic()
                 status, body = service.request("POST", "/v1/events", order(n))
-                assert (status, time.monotonic() - t0 < 5) == (503, True), body
+                assert status == 503, body
                 assert body == {"error": "storage unavailable, retry later"}
             for path in ("/v1/contacts/c1", "/v1/contacts/c1/events", "/readyz"):
-                status, seconds = timed(service, "GET", path)
-                assert status == 503 and seconds < 5, (path, status, seconds)
+                assert service.request("GET", path)[0] == 503, path
             time.sleep(max(0.0, PAUSE_SECONDS - (time.monotonic() - paused_at)))  # the outage goes on
         finally:
             os.kill(mongod, signal.SIGCONT)
-        deadline = time.monotonic() + 20
-        while service.request("GET", "/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "not ready again after the pause"
-            time.sleep(0.1)
+        wait_for(lambda: service.request("GET", "/readyz")[0] == 200, what="ready again after the pause")
+        assert slow_requests(service) == {}  # none took over 5 s (the deadline is 1.5 s), by the service
         # The client does what the 503 asks: posts those events again. A write the paused server held
         # may have landed meanwhile: then the retry is a duplicate (same id), never a second event.
         retried = [service.request("POST", "/v1/events", order(n)) for n in range(20, 23)]
@@ -93,7 +92,7 @@ def test_a_paused_mongod_costs_a_request_a_quick_503_and_loses_nothing(
         assert sum(body["accepted"] + body["duplicates"] for _, body in retried) == 3
         for n in range(23, 30):
             assert service.request("POST", "/v1/events", order(n))[0] == 202
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             settle(db, 30)
             assert counted_orders(db) == Counter(order(n)["contact_id"] for n in range(30))  # each once
     finally:
@@ -130,16 +129,16 @@ async def test_a_transaction_against_a_paused_mongod_gives_up_at_the_deadline_an
                 return "committed"
 
             assert await in_transaction(client, write) == "committed"
-            t0 = time.monotonic()
             try:
                 with pytest.raises(PyMongoError) as raised:
                     await in_transaction(client, paused_midway)
-                assert raised.value.timeout and time.monotonic() - t0 < 5
+                assert raised.value.timeout  # it gave up at the deadline, not after PyMongo's 120 s
             finally:
                 mongod.send_signal(signal.SIGCONT)
             t0 = time.monotonic()
             assert await in_transaction(client, write) == "committed"  # document 1 again
-            assert time.monotonic() - t0 < 5
+            # Not held for mongod's 60 s transaction lifetime; half of it is a wide margin for a slow machine.
+            assert time.monotonic() - t0 < 30
             assert (await client.t.items.find_one({"_id": 1}) or {}).get("n") == 2
         finally:
             await client.close()
@@ -183,12 +182,13 @@ def test_kill_9_of_the_embedded_mongod_heals_by_itself_and_loses_no_acknowledged
         poster = threading.Thread(target=post_until, args=(service, stop, answers))
         poster.start()
         try:
-            time.sleep(0.5)
+            wait_for(lambda: list(answers.values()).count(202) >= 5, what="traffic flowing")
             killed = service.mongod_pid()
             os.kill(killed, signal.SIGKILL)  # mid-traffic, mid-batch: the worst moment there is
-            assert wait_ready(service, 20) < 20  # by itself
+            wait_ready(service, 60)  # by itself
             assert service.mongod_pid() != killed and pid_alive(service.mongod_pid())
-            time.sleep(0.5)  # steady traffic on the healed service too
+            healed = len(answers)
+            wait_for(lambda: 202 in list(answers.values())[healed:], what="traffic on the healed service")
         finally:
             stop.set()
             poster.join()
@@ -198,7 +198,7 @@ def test_kill_9_of_the_embedded_mongod_heals_by_itself_and_loses_no_acknowledged
         for n in range(30, 40):  # new events are accepted
             assert service.request("POST", "/v1/events", order(n))[0] == 202
         acked = [n for n in range(40)] + [int(i[1:]) for i, status in answers.items() if status == 202]
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             settle(db, len(acked))
             stored = {d["_id"] for d in db.events.find({}, {"_id": 1})}
             assert {f"o{n}" for n in acked} <= stored  # every acknowledged event is there

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.rulesets_helpers import at, event
+from tests.helpers import at, event
 
 ROOT = Path(__file__).parent.parent
 

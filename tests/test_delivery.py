@@ -9,114 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from aiohttp import web
 from rulesvc_email import EmailChannel
 
-from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome
+from rulesvc.channels import Delivery
 from rulesvc.config import Settings
-from rulesvc.plugins import builtin_channels
 from rulesvc.runtime.templates import FRESH_SECONDS
 from rulesvc.web.app import create_app
-from tests.rulesets_helpers import write_ruleset
+from tests.helpers import PROFILE, Provider, eventually, go, history, registry, send, settled, setup
 from tests.smtp_server import smtp_server
-from tests.test_live_engine import eventually
-
-TEMPLATES = {
-    "hello.subject": "Hello {{ contact.attributes.first_name | default('there') }}",
-    "hello.text": "Your code is {{ params.code }}.",
-    "hello.title": "Hello",
-    "hello.body": "Code {{ params.code }}",
-    "evil.body": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "broken.body": "{{ params.missing.deeper }}",
-}
-
-
-class Provider:
-    """A channel plugin as a test installs it: reachability like the real ones, scripted answers."""
-
-    def __init__(self, name: str, needs: str | None = None, deduplicates: bool = False) -> None:
-        self.name = name
-        self.needs = needs
-        self.deduplicates = deduplicates
-        self.delivered: list[OutboundMessage] = []
-        self.keys_seen: list[str] = []
-        self.script: list[Delivery] = []  # answers to give, in order; then "sent"
-        self.hang = asyncio.Event()
-        self.hanging = False
-
-    def status(self) -> tuple[bool, str]:
-        return True, "test provider"
-
-    def reachable(self, contact: dict[str, Any]) -> str | None:
-        if self.needs == "email" and (not contact.get("email") or contact.get("email_invalid")):
-            return "no valid email address"
-        if self.needs and self.needs != "email" and not contact.get(self.needs):
-            return f"no {self.needs}"
-        return None
-
-    async def send(self, message: OutboundMessage) -> Delivery:
-        self.keys_seen.append(message.message_id)
-        if self.hanging:
-            self.delivered.append(message)  # the provider got it ...
-            await self.hang.wait()  # ... and the process dies before it hears back
-        if self.deduplicates and message.message_id in {m.message_id for m in self.delivered}:
-            return Delivery("sent", provider_id=f"p-{message.message_id}")  # de-duplicated by the key
-        answer = (
-            self.script.pop(0) if self.script else Delivery("sent", provider_id=f"p-{message.message_id}")
-        )
-        if answer.status == "sent":
-            self.delivered.append(message)
-        return answer
-
-    async def callback(self, request: web.Request) -> list[Outcome]:
-        if request.headers.get("X-Provider-Token") != "s3cret":
-            raise web.HTTPUnauthorized(text="bad provider signature")
-        body = await request.json()
-        return [Outcome(status=body["status"], provider_id=body["id"])]
-
-
-def registry(*providers: Provider) -> ChannelRegistry:
-    channels = builtin_channels()
-    for p in providers:
-        channels.register(p)
-    return channels
-
-
-def setup(settings: Settings, sends: list[dict[str, Any]], **changes: Any) -> Settings:
-    folder = Path(settings.rulesets_dir)
-    (folder / "templates").mkdir(parents=True, exist_ok=True)
-    for name, text in TEMPLATES.items():
-        (folder / "templates" / name).write_text(text)
-    write_ruleset(folder, "flow", {"rules": [{"name": "go", "when": {"event": "go"}, "then": sends}]})
-    return msgspec.structs.replace(settings, **changes)
-
-
-def send(channel: str, template: str = "hello", **extra: Any) -> dict[str, Any]:
-    return {
-        "send": {"channel": channel, "template": template, "params": {"code": "$attributes.code"}, **extra}
-    }
-
-
-async def go(client: Any, contact: str = "c1", n: int = 1, **attributes: Any) -> None:
-    events = [{"id": f"go-{contact}-{i}-{datetime.now().timestamp()}", "type": "go", "contact_id": contact,
-               "attributes": {"code": "X1", **attributes}} for i in range(n)]  # fmt: skip
-    assert (await client.post("/v1/events", json=events)).status == 202
-
-
-async def history(client: Any, contact: str = "c1") -> list[dict[str, Any]]:
-    return list(reversed((await (await client.get(f"/v1/contacts/{contact}/messages")).json())["messages"]))
-
-
-async def settled(client: Any, contact: str = "c1", count: int = 1) -> list[dict[str, Any]]:
-    async def done() -> bool:
-        msgs = await history(client, contact)
-        return len(msgs) >= count and all(m["status"] not in ("scheduled", "sending") for m in msgs)
-
-    await eventually(done, 10)
-    return await history(client, contact)
-
-
-PROFILE = {"email": "ann@example.com", "push_tokens": ["tok-1"], "attributes": {"first_name": "Ann"}}
 
 
 async def test_consent_is_needed_for_marketing_not_for_transactional(
@@ -200,7 +100,7 @@ async def test_quiet_hours_postpone_to_the_end_of_the_window(make_client: Any, s
         msgs = await history(client)
         return len(msgs) == 2 and msgs[0].get("reason") == "quiet_hours"
 
-    await eventually(postponed, 10)
+    await eventually(postponed)
     marketing, transactional = await history(client)
     assert marketing["status"] == "scheduled"  # postponed, never dropped
     due = datetime.fromisoformat(marketing["due_at"])
@@ -341,7 +241,7 @@ async def test_bounce_marks_email_invalid_and_block_suppresses(make_client: Any,
         async def invalid() -> bool:
             return bool((await (await client.get("/v1/contacts/c1")).json())["email_invalid"])
 
-        await eventually(invalid, 10)
+        await eventually(invalid)
         statuses = {m["message_id"]: m["status"] for m in await history(client)}
         assert statuses[first_email["message_id"]] == "bounced"
         assert statuses[first_sms["message_id"]] == "blocked"
@@ -378,7 +278,7 @@ async def test_provider_callbacks_are_authenticated(make_client: Any, settings: 
     async def delivered() -> bool:
         return (await history(client))[0]["status"] == "delivered"
 
-    await eventually(delivered, 10)
+    await eventually(delivered)
     assert (await client.post("/v1/channels/log/callbacks", json=report)).status == 404
     channels = await (await client.get("/v1/channels")).json()
     by_name = {c["name"]: c for c in channels["channels"]}
@@ -398,7 +298,7 @@ async def test_inapp_inbox(make_client: Any, settings: Settings) -> None:
     async def opened() -> bool:
         return (await history(client))[0]["status"] == "opened"
 
-    await eventually(opened, 10)
+    await eventually(opened)
     assert (await client.post(f"/v1/contacts/c1/inbox/{mid}", json={"action": "dismissed"})).status == 204
     assert (await (await client.get("/v1/contacts/c1/inbox")).json())["messages"] == []
     assert (await client.post(f"/v1/contacts/c2/inbox/{mid}", json={"action": "shown"})).status == 404

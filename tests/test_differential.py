@@ -19,8 +19,7 @@ from zoneinfo import ZoneInfo
 from rulesvc.config import Settings
 from rulesvc.core.sendpolicy import QUIET_REASON
 from rulesvc.web.app import create_app
-from tests.test_delivery import Provider, history, registry, send, setup
-from tests.test_live_engine import eventually
+from tests.helpers import Provider, eventually, history, registry, send, setup
 
 SENDS = [
     send("push", "promo", fallback=["email"]),
@@ -119,7 +118,7 @@ async def test_live_and_simulated_sends_are_the_same(make_client: Any, settings:
                     return False
             return True
 
-        await eventually(settled, 20)
+        await eventually(settled)
 
     body = {
         "events": events,
@@ -179,7 +178,7 @@ async def test_live_and_simulated_quiet_hours_postpone_to_the_same_moment(
         msgs = [m for cid in zones for m in await history(client, cid)]
         return len(msgs) == 2 and all(m["status"] == "sent" or m.get("reason") for m in msgs)
 
-    await eventually(decided, 20)
+    await eventually(decided)
     [ann] = await history(client, "ann")
     [bob] = await history(client, "bob")
     assert (ann["status"], ann["reason"], ann["detail"], bob["status"]) == (

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rulesvc.core.engine import ContactView, EngineEvent
-from tests.rulesets_helpers import T0, at, event, load, run, sent, write_ruleset
+from tests.helpers import T0, at, event, load, run, sent, write_ruleset
 
 
 def send_now(template: str) -> dict[str, Any]:

@@ -5,7 +5,6 @@ and `rulesvc serve` as a process."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,7 @@ from rulesvc.store.leases import ContactLeases
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import STORE
-from tests.rulesets_helpers import write_ruleset
+from tests.helpers import eventually, write_ruleset
 from tests.service import ServiceProcess
 
 Client = Any
@@ -125,7 +124,12 @@ async def test_inbox_lag_over_the_threshold_is_a_reason(make_client: Any, settin
     posted = time.monotonic()
     event = {"id": "e1", "type": "t", "contact_id": "c-lag"}
     assert (await client.post("/v1/events", json=event)).status == 202
-    await asyncio.sleep(2.5)
+
+    async def waited_two_seconds() -> bool:
+        inbox = (await ready(client))[1]["checks"]["inbox"]
+        return inbox.startswith("oldest unprocessed event waited") and int(inbox.split()[4]) >= 2
+
+    await eventually(waited_two_seconds)
     status, body = await ready(client)
     waited = int(body["checks"]["inbox"].split()[4])
     assert 2 <= waited <= time.monotonic() - posted + 1, body

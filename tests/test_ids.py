@@ -11,7 +11,7 @@ import pytest
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.test_live_engine import eventually
+from tests.helpers import eventually
 
 BAD_IDS = ["a b", "a/b", "a\x00b", "a\rb", "a\nb", "ab\n", "a\tb", "a\x7fb", "x" * 129, ""]
 
@@ -69,7 +69,7 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     async def copied() -> bool:
         return bool((await db.events.find_one({"_id": "pc"}))["state"] == "done")
 
-    await eventually(copied, 15)
+    await eventually(copied)
     copies = await db.events.find({"fanout_of": "pc"}).to_list()
     assert sorted(c["contact_id"] for c in copies) == ["c1", "c2"]  # both got their copy, none was lost
 

@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import eventually
 from tests.service import ServiceProcess
-from tests.test_live_engine import eventually
 
 EVENT = b'{"id": "e-1", "type": "product_viewed", "contact_id": "c-1"'
 DEEP = 5000
@@ -261,7 +261,7 @@ async def test_a_client_that_disconnects_mid_body_is_no_error(mongod: EmbeddedMo
         async def all_seen() -> bool:
             return sum(e["event"] == "http.client_gone" for e in service.log_lines()) == 3
 
-        await eventually(all_seen, timeout=10)
+        await eventually(all_seen)
         async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics") as resp:
             metrics = await resp.text()
     finally:

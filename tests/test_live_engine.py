@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import INBOX, SCHEDULER
-from tests.rulesets_helpers import write_ruleset
+from tests.helpers import eventually, write_ruleset
 
 
 class RecordingChannel:
@@ -49,7 +47,7 @@ def recording(log: list[tuple[str, str]]) -> ChannelRegistry:
     return registry
 
 
-def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "3s") -> None:
+def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "1h") -> None:
     (directory / "templates").mkdir(parents=True, exist_ok=True)
     (directory / "templates" / "cart.title").write_text("Your cart")
     (directory / "templates" / "cart.body").write_text("Still thinking about it? {{ params.value }}")
@@ -78,39 +76,43 @@ def fast_cart(directory: Path, push_after: str = "1s", email_after: str = "3s") 
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
+async def messages(client: Any, contact: str) -> list[dict[str, Any]]:
+    return list((await (await client.get(f"/v1/contacts/{contact}/messages")).json())["messages"])
 
 
 async def statuses(client: Any, contact: str) -> dict[str, str]:
-    body = await (await client.get(f"/v1/contacts/{contact}/messages")).json()
-    return {m["channel"]: m["status"] for m in body["messages"]}
+    return {m["channel"]: m["status"] for m in await messages(client, contact)}
+
+
+async def due_now(db: Any, query: dict[str, Any], when: datetime | None = None) -> None:
+    """Time passes: the scheduled entries matching `query` fall due (the messages show it too). Tests
+    schedule far ahead and then do this, so that no step races a due time on a slow machine."""
+    when = when or datetime.now(UTC)
+    ids = [e["_id"] async for e in db.schedule.find(query, {"_id": 1})]
+    assert ids, f"nothing scheduled matches {query}"
+    await db.schedule.update_many({"_id": {"$in": ids}}, {"$set": {"due_at": when}})
+    await db.messages.update_many({"_id": {"$in": ids}}, {"$set": {"due_at": when}})
 
 
 async def test_cart_event_to_sent_push_and_purchase_cancels_email(
-    make_client: Any, settings: Settings, tmp_path: Path
+    make_client: Any, settings: Settings, db: Any
 ) -> None:
-    fast_cart(Path(settings.rulesets_dir))
+    fast_cart(Path(settings.rulesets_dir))  # push after 1 s, email after an hour
     log: list[tuple[str, str]] = []
     client = await make_client(create_app(settings, recording(log)))
-    posted = time.monotonic()
-    assert (await client.post("/v1/events", json={"id": "e1", "type": "cart_updated", "contact_id": "c1",
-                                                    "attributes": {"value": 42}})).status == 202  # fmt: skip
-
-    async def scheduled() -> bool:
-        return await statuses(client, "c1") == {"push": "scheduled", "email": "scheduled"}
-
-    await eventually(scheduled, 2)
+    at = datetime.now(UTC).replace(microsecond=0)
+    event = {"id": "e1", "type": "cart_updated", "contact_id": "c1", "time": at.isoformat(),
+             "attributes": {"value": 42}}  # fmt: skip
+    assert (await client.post("/v1/events", json=event)).status == 202
 
     async def push_sent() -> bool:
-        return (await statuses(client, "c1")).get("push") == "sent"
+        return await statuses(client, "c1") == {"push": "sent", "email": "scheduled"}
 
-    await eventually(push_sent, 5)
-    assert time.monotonic() - posted < 1 + 1.5  # due at +1 s, fired within a second of it
+    await eventually(push_sent)
+    push = next(m for m in await messages(client, "c1") if m["channel"] == "push")
+    # Due a second after the event, and sent then, not before: the service's own record, not our clock.
+    assert datetime.fromisoformat(push["due_at"]) == at + timedelta(seconds=1)
+    assert datetime.fromisoformat(push["sent_at"]) >= datetime.fromisoformat(push["due_at"])
     assert (
         await client.post("/v1/events", json={"id": "p1", "type": "purchased", "contact_id": "c1"})
     ).status == 202
@@ -118,21 +120,30 @@ async def test_cart_event_to_sent_push_and_purchase_cancels_email(
     async def email_cancelled() -> bool:
         return (await statuses(client, "c1")).get("email") == "cancelled"
 
-    await eventually(email_cancelled, 5)
-    await asyncio.sleep(3)  # past the email's due time: it must stay cancelled
+    await eventually(email_cancelled)
+    # Past the email's due time it stays cancelled: its entry falls due, then a later send (c2's) goes
+    # out; the scheduler takes entries in due order, so it has passed the cancelled one by then.
+    await due_now(db, {"contact_id": "c1", "status": "cancelled"}, datetime.now(UTC) - timedelta(seconds=1))
+    later = {"id": "e2", "type": "cart_updated", "contact_id": "c2", "attributes": {"value": 1}}
+    assert (await client.post("/v1/events", json=later)).status == 202
+
+    async def later_push_sent() -> bool:
+        return (await statuses(client, "c2")).get("push") == "sent"
+
+    await eventually(later_push_sent)
     assert await statuses(client, "c1") == {"push": "sent", "email": "cancelled"}
-    assert log == [("push", "c1")]
-    messages = (await (await client.get("/v1/contacts/c1/messages")).json())["messages"]
-    push = next(m for m in messages if m["channel"] == "push")
+    assert log == [("push", "c1"), ("push", "c2")]
+    history = await messages(client, "c1")
+    push = next(m for m in history if m["channel"] == "push")
     assert push["params"] == {"value": 42} and push["ruleset"] == "cart" and push["rule"] == "remind"
-    email = next(m for m in messages if m["channel"] == "email")
+    email = next(m for m in history if m["channel"] == "email")
     assert (email["reason"], email["detail"]) == ("cancelled_by_event", "cancelled by purchased")
 
 
 async def test_restart_between_decision_and_due_time_sends_once(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
+    fast_cart(Path(settings.rulesets_dir), push_after="1h", email_after="1h")
     log: list[tuple[str, str]] = []
     first = await make_client(create_app(settings, recording(log)))
     event = {"id": "r1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 5}}
@@ -141,26 +152,28 @@ async def test_restart_between_decision_and_due_time_sends_once(
     async def decided() -> bool:
         return await db.schedule.count_documents({"status": "pending"}) == 2
 
-    await eventually(decided, 3)
+    await eventually(decided)
     await first.close()  # the service stops before anything is due
     assert log == []
+    await due_now(db, {"status": "pending"})  # ... and the time comes while it is down
 
     second = await make_client(create_app(settings, recording(log)))
 
-    async def both_sent() -> bool:
-        return await statuses(second, "c1") == {"push": "sent", "email": "sent"}
+    async def both_done() -> bool:
+        return await statuses(second, "c1") == {"push": "sent", "email": "sent"} and (
+            await db.schedule.count_documents({"status": "done"}) == 2
+        )
 
-    await eventually(both_sent, 10)
-    await asyncio.sleep(1.5)
+    await eventually(both_done)
     assert sorted(log) == [("email", "c1"), ("push", "c1")]
-    assert await db.schedule.count_documents({"status": "done"}) == 2
+    assert await db.schedule.count_documents({"status": {"$ne": "done"}}) == 0
     assert await db.events.count_documents({"state": "pending"}) == 0
 
 
 async def test_two_processes_share_the_work_and_never_send_twice(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    fast_cart(Path(settings.rulesets_dir), push_after="1s", email_after="2s")
+    fast_cart(Path(settings.rulesets_dir), push_after="1h", email_after="1h")
     log: list[tuple[str, str]] = []
     apps = [await make_client(create_app(settings, recording(log))) for _ in range(2)]
     contacts = [f"c{i}" for i in range(60)]
@@ -171,16 +184,24 @@ async def test_two_processes_share_the_work_and_never_send_twice(
         posts.append(apps[n % 2].post("/v1/events", json=batch))
     assert [r.status for r in await asyncio.gather(*posts)] == [202] * 5
 
-    async def all_done() -> bool:
-        return len(log) >= 2 * len(contacts) and await db.schedule.count_documents({"status": "pending"}) == 0
+    async def all_decided() -> bool:
+        return await db.events.count_documents({"state": "pending"}) == 0
 
-    await eventually(all_done, 30)
-    await asyncio.sleep(1)
+    await eventually(all_decided)
+    # Re-armed four times, the last one waits: all fall due at once, for both processes to take.
+    assert await db.schedule.count_documents({"status": "pending"}) == 2 * len(contacts)
+    await due_now(db, {"status": "pending"})
+
+    async def all_done() -> bool:
+        return await db.schedule.count_documents({"status": "done"}) == 2 * len(contacts) and (
+            await db.messages.count_documents({"status": "sent"}) == 2 * len(contacts)
+        )
+
+    await eventually(all_done)
     assert Counter(log) == Counter({(ch, c): 1 for c in contacts for ch in ("push", "email")})
     # Every event evaluated exactly once: the counter each cart update bumps equals the updates posted.
     async for contact in db.contacts.find({}):
         assert contact["state"]["counters"]["carts"]["n"] == 5, contact["_id"]
-    assert await db.events.count_documents({"state": "pending"}) == 0
     # Re-armed four times, sent once: the history shows the four cancelled ones.
     assert await db.messages.count_documents({"status": "cancelled"}) == 4 * 2 * len(contacts)
     workers = [app.server.app for app in apps]
@@ -264,7 +285,7 @@ async def test_the_contacts_that_waited_longest_go_first(settings: Settings, db:
 async def test_schedule_survives_and_ruleset_removed_cancels(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    fast_cart(Path(settings.rulesets_dir), push_after="2s", email_after="2s")
+    fast_cart(Path(settings.rulesets_dir), push_after="1h", email_after="1h")
     client = await make_client(create_app(settings))
     event = {"id": "x1", "type": "cart_updated", "contact_id": "c1", "attributes": {"value": 1}}
     await client.post("/v1/events", json=event)
@@ -272,13 +293,14 @@ async def test_schedule_survives_and_ruleset_removed_cancels(
     async def decided() -> bool:
         return await db.schedule.count_documents({"status": "pending"}) == 2
 
-    await eventually(decided, 3)
+    await eventually(decided)
     (Path(settings.rulesets_dir) / "cart.json").unlink()
     resp = await client.post("/v1/rulesets/reload")
     assert (await resp.json())["rulesets"] == []
+    await due_now(db, {"status": "pending"})  # the entries outlive the ruleset; they are dropped when due
 
     async def cancelled() -> bool:
         return await statuses(client, "c1") == {"push": "cancelled", "email": "cancelled"}
 
-    await eventually(cancelled, 6)
+    await eventually(cancelled)
     assert {m["reason"] async for m in db.messages.find({})} == {"ruleset_removed"}

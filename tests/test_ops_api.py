@@ -11,6 +11,7 @@ from openapi_spec_validator import validate
 from rulesvc.config import Settings
 from rulesvc.store.mongod import EmbeddedMongod, free_port
 from rulesvc.web.app import create_app
+from tests.helpers import eventually
 
 
 async def test_healthz_and_readyz(client: Any) -> None:
@@ -104,21 +105,35 @@ async def test_mongodb_stopped_mid_load_acknowledges_nothing_falsely(
         client = await make_client(app)
         outcomes: dict[str, int] = {}
         retry_after: set[str] = set()
+        stop = asyncio.Event()
+        answers: list[int] = []  # in the order they came
 
         async def load(worker: int) -> None:
-            for n in range(60):
+            n = 0
+            while not stop.is_set() and n < 400:  # listed back below, 500 at most
                 event = {"id": f"w{worker}-{n}", "type": "cart_updated", "contact_id": f"c{worker}"}
                 resp = await client.post("/v1/events", json=event)
                 outcomes[event["id"]] = resp.status
+                answers.append(resp.status)
                 if resp.status == 503:
                     retry_after.add(resp.headers["Retry-After"])
+                n += 1
                 await asyncio.sleep(0.05)
 
+        async def answered(status: int, after: int) -> None:
+            async def seen() -> bool:
+                return status in answers[after:]
+
+            await eventually(seen)
+
         async def outage() -> None:
-            await asyncio.sleep(0.6)
+            # Each step waits for what the load saw, not for a time: up, then down, then up again.
+            await answered(202, 0)
             own.stop()
-            await asyncio.sleep(2.5)
+            await answered(503, len(answers))
             own.start()  # in this thread: mongod's parent-death signal is tied to the starting thread
+            await answered(202, len(answers))
+            stop.set()
 
         await asyncio.gather(outage(), *(load(w) for w in range(3)))
         assert set(outcomes.values()) <= {202, 503}  # never a 500

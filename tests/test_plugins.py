@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from rulesvc.config import Settings
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import load_plugins
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 PACKAGE = Path(__file__).parent / "plugin_package"
 
@@ -55,24 +57,44 @@ def test_channel_settings_from_toml_and_environment() -> None:
     assert registry.get("webhook").status() == (True, "POST https://hooks.example/x")
 
 
+DIST = "rulesvc-echo-test-plugin"
+
+
+def installed(env: dict[str, str] | None = None) -> bool:
+    """Whether a fresh interpreter (with `env`) finds the echo plugin's distribution."""
+    probe = f"import importlib.metadata as m, sys; m.distribution({DIST!r})"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
+
+
 @pytest.fixture
-def echo_installed() -> Iterator[None]:
+def echo_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The plugin pip-installed into a throw-away folder on the path, as `pip install` would make it
+    importable, without touching the environment the suite runs in."""
+    site, source = tmp_path / "site", tmp_path / "plugin_package"
+    shutil.copytree(PACKAGE, source)  # the build writes next to the sources: not into the repository
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "install", "--no-deps", str(PACKAGE)], check=True, timeout=300)
-    importlib.invalidate_caches()
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(source)], check=True, timeout=300
+    )
+    monkeypatch.syspath_prepend(str(site))  # this process finds its entry point too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     try:
-        yield
+        yield site
     finally:
-        subprocess.run([*pip, "uninstall", "--yes", "rulesvc-echo-test-plugin"], check=True, timeout=120)
+        sys.modules.pop("rulesvc_echo", None)
         importlib.invalidate_caches()
 
 
-@pytest.mark.usefixtures("echo_installed")
 async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
-    make_client: Any, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, echo_site: Path
 ) -> None:
     listing = subprocess.run([sys.executable, "-m", "rulesvc", "plugins"], capture_output=True, text=True)
-    assert "rulesvc-echo-test-plugin 0.0.1" in listing.stdout and "echo" in listing.stdout
+    assert f"{DIST} 0.0.1" in listing.stdout and "echo" in listing.stdout
+    outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    outside["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and p != str(echo_site))
+    assert installed() and not installed(
+        outside
+    )  # the suite's environment is as it was: nothing installed into it
 
     outbox = tmp_path / "outbox.ndjson"
     monkeypatch.setenv("RULESVC_CHANNEL_ECHO_OUTBOX", str(outbox))

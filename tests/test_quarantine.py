@@ -22,8 +22,7 @@ from rulesvc.store.db import MAX_ATTEMPTS
 from rulesvc.store.mongod import free_port
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import FANOUT, KEYS
-from tests.rulesets_helpers import write_ruleset
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, write_ruleset
 
 Client = TestClient[Any, Any]
 
@@ -148,7 +147,7 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
         found = await states(db, ids)
         return found.get("bad") == "quarantined" and all(found.get(i) == "done" for i in ids[1:])
 
-    await eventually(settled, timeout=15)
+    await eventually(settled)
     bad = await db.events.find_one({"_id": "bad"})
     assert bad["attempts"] == MAX_ATTEMPTS
     assert "OverflowError" in bad["error"]

@@ -11,8 +11,7 @@ import pytest
 
 from rulesvc.config import ConfigError, Settings, load_settings
 from rulesvc.web.app import create_app
-from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
-from tests.test_live_engine import eventually
+from tests.helpers import PROFILE, Provider, eventually, go, history, registry, send, setup
 
 QUIET_REASON = "quiet_hours"
 
@@ -29,7 +28,7 @@ async def outcomes(client: Any) -> dict[str, tuple[str, str | None]]:
         msgs = await history(client)
         return len(msgs) == 3 and all(m["status"] != "scheduled" or m.get("reason") for m in msgs)
 
-    await eventually(decided, 10)
+    await eventually(decided)
     return {m["channel"]: (m["status"], m.get("reason")) for m in await history(client)}
 
 

@@ -14,6 +14,7 @@ import pytest
 from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, post_orders, settle
 
@@ -36,8 +37,7 @@ def test_kill_9_again_and_again_loses_nothing_and_sends_nothing_twice(
         kills += 1
     service.start()
     try:
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            db = client["rulesvc"]
+        with service.db() as db:
             settle(db, len(acked))
             counts = {c["_id"]: c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})}
             expected = Counter(e["contact_id"] for e in acked)
@@ -105,7 +105,9 @@ def test_sigterm_lets_the_send_in_flight_finish(tmp_path: Path) -> None:
         service.start()  # nothing is repeated after a clean stop
         _, history = service.request("GET", "/v1/contacts/c1/messages")
         assert [m["status"] for m in history["messages"]] == ["sent"]
-        time.sleep(2.5)
+        with service.db() as db:
+            busy = {"status": {"$in": ["pending", "running"]}}  # what could still send
+            wait_for(lambda: db.schedule.count_documents(busy) == 0, what="nothing left to send")
         assert sum(slow.raw.values()) == 1
         service.stop()
     finally:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from rulesvc.core.ruleformat import SENTENCES, InvalidRuleset, RulesetFile, pars
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import KEYS
+from tests.helpers import eventually, wait_for
 from tests.service import ServiceProcess
-from tests.test_live_engine import eventually
 
 CHANNELS = frozenset({"log", "inapp", "webhook", "email"})
 
@@ -315,7 +314,7 @@ def test_live_service_refuses_a_missing_template_until_it_is_added(
             listed = service.request("GET", "/v1/rulesets")[1]["rulesets"][0]
             return listed if listed["status"] == "error" else None
 
-        listed = wait_for(refused, 5)
+        listed = wait_for(refused)
         assert listed["version"] == first["version"]  # the previous version stays live
         assert listed["errors"] == [
             {"file": "greet.json", "line": line, "column": column,
@@ -337,20 +336,10 @@ def test_live_service_refuses_a_missing_template_until_it_is_added(
             listed = service.request("GET", "/v1/rulesets")[1]["rulesets"][0]
             return listed if listed["status"] == "loaded" else None
 
-        now = wait_for(loaded, 5)
+        now = wait_for(loaded)
         assert now["version"] == hashlib.sha256(text.encode()).hexdigest()[:12] and now["errors"] == []
     finally:
         service.stop()
-
-
-def wait_for(probe: Any, seconds: float) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = probe()
-        if found is not None:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"not within {seconds}s")
 
 
 async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> None:
@@ -413,7 +402,7 @@ async def test_put_a_ruleset(make_client: Any, settings: Settings, db: Any) -> N
         doc = await db.messages.find_one({"ruleset": "welcome", "status": "sent"})
         return doc is not None and doc["template"] == "hi"
 
-    await eventually(sent, 5)
+    await eventually(sent)
 
     refused = await client.put(
         "/v1/rulesets/Bad-Name", data=good, headers={"Content-Type": "application/json"}

@@ -13,8 +13,18 @@ import msgspec
 from rulesvc.channels import Delivery, OutboundMessage
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.test_delivery import PROFILE, Provider, go, history, registry, send, setup
-from tests.test_live_engine import eventually
+from tests.helpers import (
+    PROFILE,
+    Provider,
+    entry_doc,
+    eventually,
+    go,
+    history,
+    message_doc,
+    registry,
+    send,
+    setup,
+)
 
 
 class Fickle(Provider):
@@ -31,20 +41,6 @@ class Fickle(Provider):
             return Delivery("sent", record={"when": object()})  # nothing a database can store
         self.delivered.append(message)
         return Delivery("sent")
-
-
-def message_doc(mid: str, contact: str, channel: str, due: datetime, **fields: Any) -> dict[str, Any]:
-    return {"_id": mid, "contact_id": contact, "ruleset": "flow", "rule": "go", "channel": channel,
-            "template": "hello", "status": "scheduled", "created_at": due, "due_at": due,
-            "params": {"code": "X1"}, "transactional": True, "fallback": [], **fields}  # fmt: skip
-
-
-def entry_doc(message: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    keep = ("channel", "template", "params", "transactional", "fallback")
-    return {"_id": message["_id"], "contact_id": message["contact_id"], "ruleset": "flow", "rule": "go",
-            "key": message["_id"], "due_at": message["due_at"], "created_at": message["due_at"],
-            "cancel_on": [], "status": "pending", "message": {k: message.get(k) for k in keep},
-            **fields}  # fmt: skip
 
 
 async def test_a_bad_scheduled_entry_is_set_aside_and_the_rest_of_its_batch_is_sent(
@@ -83,13 +79,13 @@ async def test_a_bad_scheduled_entry_is_set_aside_and_the_rest_of_its_batch_is_s
         docs = await db.messages.find({"_id": {"$in": [*messages, "no-contact"]}}).to_list()
         return all(d["status"] not in ("scheduled", "sending") for d in docs)
 
-    await eventually(settled, 10)
+    await eventually(settled)
     await go(client, contact="c1")  # and the schedule still runs: a new message goes out
 
     async def new_one_sent() -> bool:
         return any(m["status"] == "sent" and m["message_id"] not in messages for m in await history(client))
 
-    await eventually(new_one_sent, 10)
+    await eventually(new_one_sent)
 
     by_id = {m["message_id"]: m for c in ("c1", "c2", "c3", "c4") for m in await history(client, c)}
     assert {mid: by_id[mid]["status"] for mid in fine} == dict.fromkeys(fine, "sent")

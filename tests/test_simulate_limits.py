@@ -16,9 +16,7 @@ import pytest
 from rulesvc.config import Settings
 from rulesvc.replay.simulate import SimulateRequest, simulate
 from rulesvc.web.keys import SIMULATOR
-from tests.rulesets_helpers import at, load
-from tests.test_live_engine import eventually
-from tests.test_reload import serve_greet
+from tests.helpers import at, eventually, load, serve_greet
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
 N = 10_000
@@ -59,14 +57,15 @@ def views_then_price_drops(n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("shape", [vouchers_for_one_contact, views_then_price_drops])
 def test_hostile_shapes_simulate_in_linear_time(shape: Any) -> None:
-    """10,000 events in well under the seconds they took when quadratic (vouchers: 17 s, catalog: 7 s)."""
+    """10,000 events in well under the seconds they took when quadratic (vouchers: 17 s, catalog: 7 s).
+    Measured in this process's CPU time: other work on the machine does not count against it."""
     engine = load(SHIPPED).engine()
     request = msgspec.convert({"events": shape(N)}, SimulateRequest)
-    started = time.perf_counter()
+    started = time.process_time()
     actions = simulate(engine, request).actions
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert actions  # it did simulate something: reminders cancelled, price drops sent
-    assert elapsed < 4.0, f"{shape.__name__}: {elapsed:.1f} s for {N} events"
+    assert elapsed < 4.0, f"{shape.__name__}: {elapsed:.1f} s of CPU for {N} events"
 
 
 def test_cancellations_by_same_values_still_pick_the_right_entries() -> None:
@@ -104,7 +103,8 @@ def heavy_simulation(contacts: int) -> dict[str, Any]:
 async def test_a_live_event_is_decided_while_a_large_simulation_runs(
     make_client: Any, settings: Settings, tmp_path: Path
 ) -> None:
-    settings = msgspec.structs.replace(settings, simulate_budget_seconds=5.0)
+    # The budget is the simulator's own clock; the live event is decided in a fraction of it.
+    settings = msgspec.structs.replace(settings, simulate_budget_seconds=10.0)
     _, client = await serve_greet(make_client, settings, "v0")
     async with asyncio.timeout(60):
         started = time.monotonic()
@@ -116,17 +116,17 @@ async def test_a_live_event_is_decided_while_a_large_simulation_runs(
             body = await (await client.get("/v1/contacts/c-live/messages")).json()
             return [m["status"] for m in body["messages"]] == ["sent"]
 
-        await eventually(decided, timeout=10)
+        await eventually(decided)
         decided_after = time.monotonic() - started
         assert not simulation.done(), "the simulation ended before the live event was decided"
         answer = await simulation
         body = await answer.json()
         assert answer.status == 422, body
         assert body == {
-            "error": "simulation over its time budget of 5 s; simulate fewer events",
+            "error": "simulation over its time budget of 10 s; simulate fewer events",
             "path": "$.events",
         }
-        assert decided_after < time.monotonic() - started >= 5.0
+        assert decided_after < time.monotonic() - started >= 10.0
         # The simulator was stopped; the next simulation gets a new one and an answer.
         small = {"events": [{"id": "s1", "type": "t", "contact_id": "c1", "time": at()}]}
         answer = await client.post("/v1/simulate", json=small)

@@ -17,8 +17,7 @@ import msgspec
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.rulesets_helpers import at
-from tests.test_delivery import send, setup
+from tests.helpers import at, send, setup
 
 ACCOUNT = {"project_id": "shop", "client_email": "push@shop.example", "private_key": "unused in a simulation",
            "token_uri": "http://127.0.0.1:9/token"}  # fmt: skip

@@ -7,26 +7,24 @@ went out once. (The report: 84 deliveries of one message, one per lease expiry.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import email.policy
 import hashlib
-import json
 import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from pymongo import MongoClient
 
 from rulesvc.runtime import workers as supervisor
-from rulesvc.store.mongod import EmbeddedMongod, free_port, live_children, pid_alive
+from rulesvc.store.mongod import free_port, live_children, pid_alive
+from tests.helpers import order_flow
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, post_orders
 
@@ -171,15 +169,6 @@ def assert_never_overlapping(requests: Requests) -> None:
             assert second_arrived >= first_answered, key
 
 
-@contextlib.contextmanager
-def service_db(workdir: Path) -> Iterator[Any]:
-    """The service's database through its embedded mongod; closed before the service stops it."""
-    uri = EmbeddedMongod(workdir / ".rulesvc").running_uri()
-    assert uri is not None
-    with MongoClient(uri) as client:
-        yield client["rulesvc"]
-
-
 Wave = dict[str, dict[str, Any]]
 
 
@@ -209,7 +198,7 @@ def test_a_slow_webhook_receiver_gets_a_message_at_most_twice_never_while_the_fi
                              workers=2)  # fmt: skip
     service.start()
     try:
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             wave1, wave2, first, again, once = waves(service, db, requests)
         twice = first & again
         assert twice
@@ -242,7 +231,7 @@ def test_a_stalled_worker_loses_its_claim_and_its_messages_still_go_out_at_most_
     service.start()
     stalled: list[int] = []
     try:
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             wait_for_workers(service, count=3)
             assert len(post_orders(service, 0, 6)) == 6
             pid, first = signal_a_sender(service, requests, lambda key: True, signal.SIGSTOP)
@@ -267,15 +256,8 @@ def test_a_stalled_worker_loses_its_claim_and_its_messages_still_go_out_at_most_
 
 
 def email_flow(folder: Path) -> Path:
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.subject").write_text("Order {{ params.n }}")
-    (rulesets / "templates" / "order.text").write_text("Thank you for order {{ params.n }}.")
-    send = {"channel": "email", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
+    texts = {"order.subject": "Order {{ params.n }}", "order.text": "Thank you for order {{ params.n }}."}
+    return order_flow(folder, "email", texts)
 
 
 def test_a_slow_smtp_server_gets_an_interrupted_message_once_and_it_is_uncertain(tmp_path: Path) -> None:
@@ -292,7 +274,7 @@ def test_a_slow_smtp_server_gets_an_interrupted_message_once_and_it_is_uncertain
         for c in range(6):
             status, _ = service.request("PUT", f"/v1/contacts/c{c}", {"email": f"c{c}@example.com"})
             assert status == 201
-        with service_db(tmp_path) as db:
+        with service.db() as db:
             wait_for_workers(service)
             assert len(post_orders(service, 0, 6)) == 6
             held = kill_a_sender(service, mailbox, lambda key: True)

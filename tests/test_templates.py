@@ -15,8 +15,7 @@ import pytest
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.rulesets_helpers import write_ruleset
-from tests.test_delivery import PROFILE, Provider, registry, settled
+from tests.helpers import PROFILE, Provider, registry, settled, write_ruleset
 
 TEMPLATES = {
     "offer.title": "{{ params.name }} is back",

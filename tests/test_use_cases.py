@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rulesvc.runtime.rulesets import Rulesets
-from tests.rulesets_helpers import at, event, load, run
+from tests.helpers import at, event, load, run
 
 SHIPPED = Path(__file__).parent.parent / "rulesets"
 
@@ -175,7 +175,7 @@ def test_uc13_14_email_opened_discount_not_opened_push(shipped: Rulesets) -> Non
 def test_uc15_bounce_flags_for_cleanup(shipped: Rulesets) -> None:
     engine = shipped.engine()
     from rulesvc.core.engine import ContactView, EngineEvent
-    from tests.rulesets_helpers import T0
+    from tests.helpers import T0
 
     contact = ContactView("c1", {"email": "a@b.c"}, {})
     engine.evaluate(
@@ -264,7 +264,7 @@ def test_uc11_price_drop_reaches_viewers_and_wishlisters_only(shipped: Rulesets)
 
 
 def at_dt(**delta: float) -> Any:
-    from tests.rulesets_helpers import T0
+    from tests.helpers import T0
 
     return T0 + __import__("datetime").timedelta(**delta)
 
@@ -341,7 +341,7 @@ def test_stale_events_start_nothing_in_the_shipped_flows(shipped: Rulesets) -> N
     from datetime import timedelta
 
     from rulesvc.core.engine import ContactView, EngineEvent
-    from tests.rulesets_helpers import T0
+    from tests.helpers import T0
 
     engine = shipped.engine()
     for event_type in ("cart_updated", "checkout_started"):

@@ -14,22 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
+from tests.helpers import wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
 pytestmark = pytest.mark.slow
 
 
-def gone_within(pids: set[int], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not any(pid_alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
+def all_gone(pids: set[int]) -> None:
+    wait_for(lambda: not any(pid_alive(p) for p in pids), what=f"processes {sorted(pids)} gone")
 
 
 def accepted_by_the_worker_reached(service: ServiceProcess) -> float:
@@ -62,8 +57,7 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
         workers = live_children(service.proc.pid) - {service.mongod_pid()}
         assert len(workers) == 3
         assert post_concurrently(service, range(420)) == 420
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            db = client["rulesvc"]
+        with service.db() as db:
             settle(db, 420)
             assert {c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})} == {60}
             assert Counter(m["status"] for m in db.messages.find({})) == Counter({"sent": 420})
@@ -80,16 +74,17 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
             assert service.proc is not None
             return live_children(service.proc.pid) - {service.mongod_pid()}
 
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (killed in replaced() or len(replaced()) < 3):
-            time.sleep(0.1)
-        now_serving = replaced()
+        def serving_again() -> set[int] | None:
+            found = replaced()
+            return found if killed not in found and len(found) >= 3 else None
+
+        now_serving = wait_for(serving_again, what="the killed worker replaced")
         assert len(now_serving) == 3 and killed not in now_serving
         assert post_concurrently(service, range(420, 490)) == 70
 
         mongod = service.mongod_pid()
         assert service.signal(signal.SIGTERM) == 0
-        assert gone_within(now_serving | {mongod}, 5)
+        all_gone(now_serving | {mongod})
     finally:
         service.stop()
 
@@ -104,14 +99,12 @@ def test_killing_the_supervisor_takes_its_workers_and_mongod_with_it(
     assert len(family) == 3  # two workers and mongod
     assert post_concurrently(service, range(50)) == 50
     service.signal(signal.SIGKILL)
-    assert gone_within(family, 10)
+    all_gone(family)
     service.start()  # a fresh start on the same data: nothing acknowledged is lost
     try:
-        with MongoClient(EmbeddedMongod(tmp_path / ".rulesvc").running_uri()) as client:
-            settle(client["rulesvc"], 50)
-            assert (
-                sum(c["state"]["counters"]["orders"]["n"] for c in client["rulesvc"].contacts.find({})) == 50
-            )
+        with service.db() as db:
+            settle(db, 50)
+            assert sum(c["state"]["counters"]["orders"]["n"] for c in db.contacts.find({})) == 50
         assert len(receiver.raw) == 50
     finally:
         service.stop()
@@ -124,9 +117,8 @@ def test_a_taken_port_is_named_at_once_and_no_second_service_shares_it(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        t0 = time.monotonic()
         refused = ServiceProcess(tmp_path).cli("serve", "--port", str(port), "--workers", "2")
-    assert refused.returncode == 1 and time.monotonic() - t0 < 15
+    assert refused.returncode == 1
     assert f"port {port} on 127.0.0.1 is in use by another program" in refused.stderr
     assert not (tmp_path / ".rulesvc" / "mongod.pid").exists()  # refused before starting anything
 
@@ -160,7 +152,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_pauses_while_the_ot
         for _ in range(4):  # it used to take the whole service down at the third quick death
             pids = started_pids(service, 0)
             os.kill(pids[-1], signal.SIGKILL)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while len(started_pids(service, 0)) == len(pids):
                 assert time.monotonic() < deadline, "worker 0 was not started again"
                 # Meanwhile the other worker serves (a connection the dying one held may be reset).

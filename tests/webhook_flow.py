@@ -4,7 +4,6 @@ test uses: the Standard Webhooks library a receiver would use, not our own compu
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter, defaultdict
@@ -15,6 +14,7 @@ from typing import Any
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from tests.helpers import order_flow
 from tests.service import ServiceProcess
 
 # A Standard Webhooks secret: `whsec_` and 24 random bytes in base64, as the libraries make them.
@@ -70,14 +70,7 @@ class Receiver:
 
 
 def flow(folder: Path) -> Path:
-    rulesets = folder / "rulesets"
-    (rulesets / "templates").mkdir(parents=True)
-    (rulesets / "templates" / "order.body").write_text("order {{ params.n }}")
-    send = {"channel": "webhook", "template": "order", "after": "1s", "transactional": True,
-            "per": "attributes.n", "params": {"n": "$attributes.n"}}  # fmt: skip
-    rule = {"name": "on_order", "when": {"event": "order"}, "then": [{"count": "orders"}, {"send": send}]}
-    (rulesets / "orders.json").write_text(json.dumps({"rules": [rule]}))
-    return rulesets
+    return order_flow(folder, "webhook", {"order.body": "order {{ params.n }}"}, count=True)
 
 
 def env_for(rulesets: Path, receiver: Receiver, **extra: str) -> dict[str, str]:

@@ -52,9 +52,10 @@ log = structlog.get_logger(__name__)
 
 
 # How far a message has come; an outcome moves it forward only (a late `delivered` after `opened`
-# is recorded but does not move the status back).
+# is recorded but does not move the status back). Bad news is final: a provider's `failed` report
+# (set by the callback, store.record_outcomes) ranks with bounced and blocked.
 OUTCOME_RANK = {"scheduled": 0, "sending": 0, "sent": 1, "delivered": 2, "opened": 3, "clicked": 4,
-                "replied": 4, "bounced": 5, "blocked": 5}  # fmt: skip
+                "replied": 4, "bounced": 5, "blocked": 5, "failed": 5}  # fmt: skip
 
 
 def apply_outcome(

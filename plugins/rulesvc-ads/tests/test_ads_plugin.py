@@ -17,8 +17,7 @@ from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.rulesets_helpers import write_ruleset
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, write_ruleset
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -27,8 +27,8 @@ from rulesvc.channels import ChannelSettingsError, OutboundMessage
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
+from tests.helpers import go, send, settled, setup
 from tests.smtp_server import Mailbox, raw_header, smtp_server
-from tests.test_delivery import go, send, settled, setup
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from rulesvc_push import PushChannel
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, go, send, settled, setup
 
 CLIENT_EMAIL = "rulesvc@shop-app.iam.gserviceaccount.com"
 KEY_ID = "5f1c0a2b9d"

@@ -22,8 +22,7 @@ from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, history, send, settled, setup
-from tests.test_live_engine import eventually
+from tests.helpers import eventually, go, history, send, settled, setup
 
 SID, TOKEN = "AC" + "1" * 32, "auth-token-xyz"
 CALLBACKS = "/v1/channels/sms/callbacks"

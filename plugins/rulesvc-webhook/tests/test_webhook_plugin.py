@@ -16,7 +16,7 @@ from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 from tests.webhook_flow import SECRET, verified
 
 OLD_SECRET = "whsec_" + base64.b64encode(b"the secret before rotation!!").decode()

@@ -22,7 +22,7 @@ from rulesvc_webpush import WebPushChannel, encrypt
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.test_delivery import go, send, settled, setup
+from tests.helpers import go, send, settled, setup
 
 
 def b64(data: bytes) -> str:
