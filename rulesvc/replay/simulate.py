@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 import msgspec
 import structlog
@@ -83,7 +83,7 @@ class SimContact(ContactIn, kw_only=True):
 class SimulateRequest(msgspec.Struct, forbid_unknown_fields=True):
     events: list[Event]
     contacts: list[SimContact] = msgspec.field(default_factory=list)
-    until: datetime | None = None
+    until: Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset")] | None = None
 
 
 class SimAction(msgspec.Struct, omit_defaults=True):
