@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,9 @@ pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("RULESVC_FUZZ_EXAMPLES", "60"))
 DOCUMENT = msgspec.json.decode(openapi_document())
 # A schema-valid body may still break a rule no JSON schema states (an IANA time zone, a contact id for a
-# customer event type, a ttl over 30d, a ruleset's references, `ids` or `all`): those bodies get 422 with the field's path,
-# which positive_data_acceptance is told to accept for these operations only. Query parameters and every
-# other operation are held to the strict default.
+# customer event type, a ttl over 30d, a ruleset's references, `ids` or `all`): those bodies get 422 with
+# the field's path, which positive_data_acceptance is told to accept for these operations only. Query
+# parameters and every other operation are held to the strict default.
 SEMANTIC_BODIES = ["postEvents", "putContact", "postInboxToken", "putRuleset", "simulate", "actOnQuarantine"]
 CONFIG = SchemathesisConfig.from_dict(
     {
@@ -81,8 +82,29 @@ def service(mongod: EmbeddedMongod, tmp_path_factory: pytest.TempPathFactory) ->
     process.start()
     created = process.cli("keys", "create", "--scope", "admin", "--name", "fuzz")
     process.key = created.stdout.splitlines()[-1]
+    seed(process)
     yield process
     process.stop()
+
+
+def seed(process: ServiceProcess) -> None:
+    """Messages for the links to follow: a scheduled cart reminder (to cancel) and a purchase confirmation
+    that cannot go out (email is not configured here) as a message to read and to retry."""
+    contact = {"email": "seed@example.com", "consent": {"email": True, "push": True}}
+    assert process.request("PUT", "/v1/contacts/seed", contact)[0] in (200, 201)
+    events = [
+        {"id": "seed-cart", "type": "cart_updated", "contact_id": "seed", "attributes": {"value": 50}},
+        {"id": "seed-order", "type": "purchased", "contact_id": "seed",
+         "attributes": {"order_id": "o1", "value": 50, "currency": "EUR", "items": []}},
+    ]  # fmt: skip
+    assert process.request("POST", "/v1/events", events)[0] == 202
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _, body = process.request("GET", "/v1/contacts/seed/messages")
+        if len(body["messages"]) >= 2:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the seed events made no messages: {body}")
 
 
 def test_document_declares_security_and_responses_for_every_operation() -> None:
@@ -141,4 +163,11 @@ def test_stateful_links(service: ServiceProcess) -> None:
             }
 
     assert issubclass(Workflow, OpenAPIStateMachine)
+    # Every link of the document became a transition of the state machine (none dropped as unresolvable).
+    transitions = [name for name in dir(Workflow) if "___" in name]
+    for item in DOCUMENT["paths"].values():
+        for method, operation in item.items():
+            for status, response in operation.get("responses", {}).items() if method != "parameters" else ():
+                for link in response.get("links", {}):
+                    assert any(f"___{status}_{link}__" in t for t in transitions), (method, status, link)
     Workflow.run(settings=settings(FIXED, max_examples=max(10, EXAMPLES // 2), stateful_step_count=6))

@@ -7,6 +7,7 @@ what is read from the workers' metric files directly."""
 
 from __future__ import annotations
 
+import itertools
 import urllib.request
 from pathlib import Path
 
@@ -31,12 +32,15 @@ MONGO_GAUGES = {
 }
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Sample = tuple[str, tuple[tuple[str, str], ...]]  # name and sorted labels
+
+
+def scrape(url: str) -> dict[Sample, float]:
     """One scrape on a new connection (so the kernel may hand it to either worker): sample -> value."""
     request = urllib.request.Request(url + "/metrics", headers={"Connection": "close"})
     with urllib.request.urlopen(request, timeout=30) as response:
         text = response.read().decode()
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    samples: dict[Sample, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -45,7 +49,7 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-def counter_samples(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[object, float]:
+def counter_samples(samples: dict[Sample, float]) -> dict[Sample, float]:
     """The samples that may only grow: counters, and histograms' counts, sums and buckets."""
     return {k: v for k, v in samples.items() if k[0].endswith(("_total", "_count", "_sum", "_bucket"))}
 
@@ -70,7 +74,8 @@ def test_scrapes_add_up_every_worker_and_never_go_back(mongod: EmbeddedMongod, t
     stale.write_value(key, 1000.0, 0.0)
     stale.close()
     env = {"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": "metrics_workers", "RULESVC_RATE_LIMIT": "0",
-           "RULESVC_RULESETS_DIR": str(tmp_path / "rulesets"), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}  # fmt: skip
+           "RULESVC_RULESETS_DIR": str(tmp_path / "rulesets"),
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}  # fmt: skip
     service = ServiceProcess(tmp_path, env=env, workers=2)
     service.start()
     try:
@@ -86,9 +91,9 @@ def test_scrapes_add_up_every_worker_and_never_go_back(mongod: EmbeddedMongod, t
         scrapes = [scrape(service.url) for _ in range(SCRAPES)]
         accepted = ("rulesvc_events_total", (("outcome", "accepted"),))
         assert [s[accepted] for s in scrapes] == [float(EVENTS)] * SCRAPES
-        for before, after in zip(scrapes, scrapes[1:], strict=False):
+        for before, after in itertools.pairwise(scrapes):
             for sample, value in counter_samples(before).items():
-                assert after.get(sample, 0.0) >= value, (sample, value, after.get(sample))  # type: ignore[call-overload]
+                assert after.get(sample, 0.0) >= value, (sample, value, after.get(sample))
         for samples in scrapes:
             gauges = [k for k in samples if k[0] in MONGO_GAUGES]
             assert sorted(name for name, _ in gauges) == sorted(MONGO_GAUGES)  # once each, no `pid` label

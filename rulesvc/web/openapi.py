@@ -177,8 +177,9 @@ def access_responses(
             error("storage unavailable (MongoDB unreachable or too slow); retry after Retry-After seconds"),
             {"Retry-After": _RETRY_AFTER},
         )
-    if has_body:
+    if has_body or access == "signed-by-provider":  # a provider's report is a body in its own format
         responses["413"] = error("the body is over the limit (RULESVC_MAX_BODY_BYTES)")
+    if has_body:
         responses["415"] = error(f"a body whose Content-Type is not {' or '.join(media_types)}")
     return responses
 
