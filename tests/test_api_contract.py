@@ -128,3 +128,16 @@ async def test_authentication_answers_match_the_document(client: Client) -> None
     declared = DOC["paths"]["/v1/contacts/{contact_id}"]["get"]["responses"]["401"]["headers"]
     assert declared["WWW-Authenticate"]["required"] is True
     check_against_document("GET", "/v1/contacts/{contact_id}", 401, await resp.json())
+
+
+async def test_simulate_until_needs_an_offset_as_documented(client: Client) -> None:
+    """`until` is `format: date-time` (RFC 3339: with an offset); a time without one is refused by path."""
+    assert DOC["components"]["schemas"]["SimulateRequest"]["properties"]["until"]["anyOf"][0]["format"] == (
+        "date-time"
+    )
+    resp = await client.post("/v1/simulate", json={"events": [], "until": "2026-11-27T00:00:00"})
+    answer = await resp.json()
+    assert resp.status == 422 and answer["path"] == "$.until", answer
+    check_against_document("POST", "/v1/simulate", 422, answer)
+    resp = await client.post("/v1/simulate", json={"events": [], "until": "2026-11-27T00:00:00Z"})
+    assert resp.status == 200, await resp.text()
