@@ -141,3 +141,23 @@ async def test_simulate_until_needs_an_offset_as_documented(client: Client) -> N
     check_against_document("POST", "/v1/simulate", 422, answer)
     resp = await client.post("/v1/simulate", json={"events": [], "until": "2026-11-27T00:00:00Z"})
     assert resp.status == 200, await resp.text()
+
+
+async def test_a_once_per_beyond_any_time_is_a_ruleset_error(client: Client) -> None:
+    """Found by the fuzz run: a `once.per` of trillions of weeks was a 400 "out of range" (the fallback
+    for an overflow no check caught) where the document promises 422 with every error of the ruleset."""
+    ruleset = {
+        "rules": [
+            {
+                "name": "r",
+                "when": {"event": "page_viewed"},
+                "once": {"per": "99999999999999w"},
+                "then": [{"set_flag": "seen"}],
+            }
+        ]
+    }
+    resp = await client.put("/v1/rulesets/huge", params={"dry_run": "true"}, json=ruleset)
+    answer = await resp.json()
+    assert resp.status == 422, answer
+    assert [e["path"] for e in answer["errors"]] == ["$.rules[0].once.per"], answer
+    check_against_document("PUT", "/v1/rulesets/{name}", 422, answer)

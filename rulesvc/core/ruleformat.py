@@ -260,8 +260,11 @@ def _semantic_errors(
 
 
 def _check_duration(text: str, path: str, errors: list[tuple[str, str]]) -> None:
-    if parse_duration(text) <= timedelta(0):
-        errors.append((path, "duration must be more than zero"))
+    try:
+        if parse_duration(text) <= timedelta(0):
+            errors.append((path, "duration must be more than zero"))
+    except OverflowError:  # beyond what any time can be moved by: a 400 "out of range" otherwise
+        errors.append((path, "duration too long: no time is that far away"))
 
 
 def _action_errors(

@@ -67,7 +67,7 @@ SECURITY_SCHEMES: Schema = {
     "inboxToken": {
         "type": "http",
         "scheme": "bearer",
-        "bearerFormat": "rsi.<contact>.<expiry>.<signature>",
+        "bearerFormat": "rsi.<contact, base64url>.<expiry, Unix seconds>.<signature>",
         "description": "A contact's inbox token (POST /v1/contacts/{contact_id}/inbox-token): opens that "
         "contact's in-app inbox only, until it expires.",
     },
@@ -148,7 +148,10 @@ def access_responses(
     responses: dict[str, Schema] = {}
     bad: list[str] = []
     if has_body:
-        bad.append("malformed JSON (with the byte position), a body that is not UTF-8 or broken compression")
+        bad.append(
+            "malformed JSON (with the byte position), a body that is not UTF-8, broken compression, or a "
+            "number or time too large to compute with"
+        )
     if "contact_id" in path_names:
         bad.append("a contact id in the path that breaks the id rule")
     if bad:
@@ -200,7 +203,7 @@ def _merged(status: str, generated: Schema, declared: Schema) -> Schema:
     return merged
 
 
-def _date_times(kind: mi.Type, schema: Schema, components: dict[str, Schema]) -> None:
+def _date_times(kind: mi.Type, schema: Schema, components: dict[str, Schema], seen: set[str]) -> None:
     """Add `format: date-time` where msgspec's schema has a plain string for a datetime (msgspec says
     so only for `tz=True` ones; every time the API reads or writes is RFC 3339)."""
     if isinstance(kind, mi.Metadata):
@@ -214,22 +217,21 @@ def _date_times(kind: mi.Type, schema: Schema, components: dict[str, Schema]) ->
         if len(others) == 1:
             for branch in branches:
                 if branch.get("type") != "null":
-                    _date_times(others[0], branch, components)
+                    _date_times(others[0], branch, components, seen)
     elif isinstance(kind, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
         if isinstance(schema.get("items"), dict):
-            _date_times(kind.item_type, schema["items"], components)
+            _date_times(kind.item_type, schema["items"], components, seen)
     elif isinstance(kind, mi.DictType):
         if isinstance(schema.get("additionalProperties"), dict):
-            _date_times(kind.value_type, schema["additionalProperties"], components)
+            _date_times(kind.value_type, schema["additionalProperties"], components, seen)
     elif isinstance(kind, mi.StructType):
         name = kind.cls.__name__
-        if name in components and not components[name].get("x-date-times-done"):
-            component = components[name]
-            component["x-date-times-done"] = True
-            properties = component.get("properties", {})
+        if name in components and name not in seen:
+            seen.add(name)
+            properties = components[name].get("properties", {})
             for f in kind.fields:
                 if f.encode_name in properties:
-                    _date_times(f.type, properties[f.encode_name], components)
+                    _date_times(f.type, properties[f.encode_name], components, seen)
 
 
 class Documented(Protocol):
@@ -284,10 +286,9 @@ def document(routes: Iterable[Documented]) -> bytes:
         item[route.method.lower()] = operation
         types += [t for t in route.types if t not in types]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    seen: set[str] = set()
     for t in types:
-        _date_times(mi.type_info(t), {}, components)
-    for component in components.values():
-        component.pop("x-date-times-done", None)
+        _date_times(mi.type_info(t), {}, components, seen)
     doc = {
         "openapi": "3.1.0",
         "info": {
