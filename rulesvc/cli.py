@@ -631,7 +631,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     import msgspec
 
     from rulesvc.core.events import MalformedBody, decode_ndjson_body, split_validation_error
-    from rulesvc.replay.simulate import Refused, SimContact, SimulateRequest, send_rules, simulate
+    from rulesvc.replay.simulate import Refused, SimContact, SimulateRequest, Until, send_rules, simulate
     from rulesvc.runtime.rulesets import Rulesets
     from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
 
@@ -674,9 +674,9 @@ def simulate_command(args: argparse.Namespace) -> int:
                 print(f"rulesvc: {args.contacts}:{number}: {exc}", file=sys.stderr)
                 return 1
     try:
-        until = msgspec.convert(args.until, datetime | None)
+        until = msgspec.convert(args.until, Until | None)
     except msgspec.ValidationError:
-        print(f"rulesvc: --until {args.until!r} is not an RFC 3339 time", file=sys.stderr)
+        print(f"rulesvc: --until {args.until!r} is not an RFC 3339 time with an offset", file=sys.stderr)
         return 1
     try:
         rules = send_rules(channels, send_policy(settings), contacts)

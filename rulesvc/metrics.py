@@ -1,6 +1,13 @@
-"""Prometheus metrics, one registry per app so several apps (tests, workers) never share counters."""
+"""Prometheus metrics, one registry per app so several apps in one process (tests) never share counters.
+
+Under `rulesvc serve --workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR for its workers
+(`runtime/workers.py`): each worker's values go to files there, and a scrape, whichever worker it
+reaches, reads all of them (prometheus_client's multiprocess mode): one view of the service, so counters
+never seem to reset when consecutive scrapes land on different workers."""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CollectorRegistry,
@@ -11,10 +18,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from rulesvc.core.messages import Fate
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable: read when values are created
 
 
 class Metrics:
@@ -40,9 +50,12 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        # Gauges read from MongoDB at each scrape hold for the whole service: across workers the latest
+        # reading is the value (`mostrecent`), never a sum of the workers' readings.
         self.inbox_pending = Gauge(
-            "rulesvc_inbox_pending", "Accepted events not yet evaluated", registry=self.registry
-        )
+            "rulesvc_inbox_pending", "Accepted events not yet evaluated (all processes)",
+            registry=self.registry, multiprocess_mode="mostrecent",
+        )  # fmt: skip
         self.events_quarantined = Counter(
             "rulesvc_events_quarantined",
             "Events set aside after failing evaluation repeatedly, by stage (inbox, fanout)",
@@ -53,12 +66,13 @@ class Metrics:
             "rulesvc_events_quarantine_size",
             "Events in quarantine now (all processes), awaiting retry or drop",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
 
         # Every message's fate (rulesvc.runtime.fate): labels are codes, so the series stay few.
         self.messages = Counter(
             "rulesvc_messages",
-            "Message outcomes recorded by this process, by channel, status and reason code",
+            "Message outcomes recorded, by channel, status and reason code",
             ["channel", "status", "reason"],
             registry=self.registry,
         )
@@ -72,19 +86,20 @@ class Metrics:
         # Read from MongoDB at each scrape, so they hold for every process of the deployment.
         self.due_messages = Gauge(
             "rulesvc_due_messages", "Scheduled sends whose due time has passed (all processes)",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.due_oldest_age = Gauge(
             "rulesvc_due_oldest_age_seconds", "How long the longest-overdue scheduled send has been due",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.inbox_lag = Gauge(
             "rulesvc_inbox_lag_seconds", "How long the oldest unprocessed event has waited",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.dead_letters = Gauge(
-            "rulesvc_dead_letters", "Messages in status dead (retry or cancel them)", registry=self.registry
-        )
+            "rulesvc_dead_letters", "Messages in status dead (retry or cancel them)",
+            registry=self.registry, multiprocess_mode="mostrecent",
+        )  # fmt: skip
 
     def count_fate(self, fate: Fate) -> None:
         """One message outcome: counted, and its provider call timed."""
@@ -94,4 +109,11 @@ class Metrics:
             self.send_duration.labels(channel).observe(fate.latency)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This app's registry; with PROMETHEUS_MULTIPROC_DIR, every worker's values, added up (counters,
+        histograms) or the latest (the gauges read from MongoDB)."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 import msgspec
 import structlog
@@ -80,10 +80,14 @@ class SimContact(ContactIn, kw_only=True):
     contact_id: Id
 
 
+# With an offset, as every time the API takes (`format: date-time` in the document).
+Until = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset")]
+
+
 class SimulateRequest(msgspec.Struct, forbid_unknown_fields=True):
     events: list[Event]
     contacts: list[SimContact] = msgspec.field(default_factory=list)
-    until: datetime | None = None
+    until: Until | None = None
 
 
 class SimAction(msgspec.Struct, omit_defaults=True):

@@ -6,6 +6,11 @@ side on one database (contact leases, claimed schedule entries), so they need no
 The kernel spreads connections over the workers (SO_REUSEPORT). In the embedded mode the supervisor
 runs the one mongod and hands its address to the workers, and starts it again if it dies.
 
+Metrics are one view of the service: the workers write their values to files in a directory the
+supervisor makes fresh at each start (PROMETHEUS_MULTIPROC_DIR, prometheus_client's multiprocess mode), and
+a scrape, whichever worker it reaches, reads them all. A dead worker's counts stay in (counters never go
+back); its files are marked dead.
+
 A worker that dies is started again after a pause that doubles while it keeps dying, and the others
 serve meanwhile. The supervisor gives up only on a fault that no restart cures: every worker failing
 at start-up several times in a row.
@@ -18,20 +23,25 @@ import collections
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 import structlog
+from prometheus_client.multiprocess import mark_process_dead
 
 from rulesvc.config import Settings
+from rulesvc.metrics import MULTIPROC_ENV
 from rulesvc.store.mongod import Backoff, EmbeddedMongod, MongodError, describe_exit, die_with_parent
 
 log = structlog.get_logger(__name__)
@@ -127,6 +137,8 @@ class Supervisor:
         self.config_file = config_file
         self.stopping = False
         self.env: dict[str, str] = {}
+        self.metrics_dir: Path | None = None
+        self._own_metrics_dir = False
         self._write_lock = threading.Lock()
         if settings.log_format == "auto" and sys.stderr.isatty():
             # Workers write through the supervisor's pipe: keep the terminal's readable format.
@@ -138,6 +150,21 @@ class Supervisor:
         if self.config_file:
             command += ["--config", self.config_file]
         return command
+
+    def _metrics_dir(self) -> None:
+        """A directory for the workers' metric files, empty at each start: a directory of your own
+        (PROMETHEUS_MULTIPROC_DIR set) is emptied of its metric files; else a new temporary one, removed
+        at the end. Files of an earlier run would add its counts to this one's."""
+        given = os.environ.get(MULTIPROC_ENV)
+        if given:
+            self.metrics_dir = Path(given)
+            self.metrics_dir.mkdir(parents=True, exist_ok=True)
+            for old in self.metrics_dir.glob("*.db"):
+                old.unlink()
+        else:
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix="rulesvc-metrics-"))
+            self._own_metrics_dir = True
+        self.env[MULTIPROC_ENV] = str(self.metrics_dir)
 
     def _spawn(self, worker: Worker) -> None:
         env = {**os.environ, **self.env, "RULESVC_WORKER_INDEX": str(worker.index)}
@@ -177,6 +204,7 @@ class Supervisor:
         mongod: EmbeddedMongod | None = None
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self._metrics_dir()
         try:
             if not self.settings.mongodb_uri:
                 mongod = EmbeddedMongod(
@@ -189,6 +217,8 @@ class Supervisor:
         finally:
             if mongod is not None:
                 mongod.stop()
+            if self._own_metrics_dir and self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _supervise(self, mongod: EmbeddedMongod | None) -> int:
         workers = [Worker(i) for i in range(self.count)]
@@ -254,6 +284,9 @@ class Supervisor:
         ran = now - worker.started
         worker.failed_starts = worker.failed_starts + 1 if ran < EARLY_EXIT_SECONDS else 0
         worker.last_error = last_error(worker.stderr)
+        if self.metrics_dir is not None:
+            # Its counters stay in the sum (a restart is no reset); its live-only gauges go.
+            mark_process_dead(worker.proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
         pause = worker.backoff.after(ran)
         log.error(
             "worker.crashed",

@@ -17,7 +17,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 from rulesvc.core.bodies import decoding_problem
 from rulesvc.store.keys import INBOX_TOKEN_PREFIX
 from rulesvc.web.keys import API_KEY, INBOX_TOKENS, KEYS, LIMITER, METRICS, SETTINGS
-from rulesvc.web.routes import access
+from rulesvc.web.routes import access, allowed_methods
 from rulesvc.web.views.base import error_response
 
 log = structlog.get_logger(__name__)
@@ -135,7 +135,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return error_response(exc.status, reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
+        headers = {k: v for k, v in exc.headers.items() if k == "Allow"}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            headers["Allow"] = allowed_methods(request.path) or headers.get("Allow", "")
+        return error_response(exc.status, reason, headers)
     except PyMongoError as exc:
         if not storage_unavailable(exc):
             log.exception("mongodb.error")

@@ -32,11 +32,11 @@ from rulesvc.web import openapi
 from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
-    INBOX_REFUSED,
     Schema,
     contact_id_param,
     error,
     json_body,
+    links,
     ref,
 )
 from rulesvc.web.schemas import (
@@ -67,7 +67,7 @@ from rulesvc.web.schemas import (
     RulesetRejected,
 )
 from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
-from rulesvc.web.views.base import QueryRejected, parse_query
+from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
 Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,10 +100,19 @@ MESSAGE_ID: Schema = {
     "description": "the message's id as the history shows it (it may contain `/`)",
 }
 EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
-BAD_REQUEST = error(
-    "malformed JSON (with the byte position), a body that is not UTF-8, or a contact id in the path that "
-    "breaks the id rule (a bad query parameter is 422)"
-)
+CONTACT_FROM_PATH = {"contact_id": "$request.path.contact_id"}
+CONTACT_LINKS: dict[str, tuple[str, dict[str, str]]] = {
+    "GetContact": ("getContact", CONTACT_FROM_PATH),
+    "GetContactMessages": ("getContactMessages", CONTACT_FROM_PATH),
+    "GetContactEvents": ("getContactEvents", CONTACT_FROM_PATH),
+    "PostInboxToken": ("postInboxToken", CONTACT_FROM_PATH),
+}
+FIRST_MESSAGE = {"message_id": "$response.body#/messages/0/message_id"}
+MESSAGE_LINKS: dict[str, tuple[str, dict[str, str]]] = {
+    "GetMessage": ("getMessage", FIRST_MESSAGE),
+    "RetryMessage": ("actOnMessage", {**FIRST_MESSAGE, "action": "retry"}),
+    "CancelMessage": ("actOnMessage", {**FIRST_MESSAGE, "action": "cancel"}),
+}
 
 ROUTES: list[Route] = [
     Route(
@@ -123,16 +132,15 @@ ROUTES: list[Route] = [
                 },
             },
             "responses": {
-                "202": json_body(
-                    ref("EventsAccepted"), "stored durably; duplicates (same id) changed nothing"
+                "202": links(
+                    json_body(ref("EventsAccepted"), "stored durably; duplicates (same id) changed nothing"),
+                    GetContactEvents=("getContactEvents", {"contact_id": "$request.body#/contact_id"}),
+                    GetContact=("getContact", {"contact_id": "$request.body#/contact_id"}),
                 ),
-                "400": BAD_REQUEST,
-                "413": error("body or batch over the limit"),
-                "415": error("content type is not JSON or NDJSON"),
+                "413": error("more events than RULESVC_MAX_BATCH_EVENTS in one batch"),
                 "422": json_body(
                     ref("EventsRejected"), "at least one invalid event; nothing of the batch stored"
                 ),
-                "503": error("storage unavailable; retry after Retry-After seconds"),
             },
         },
     ),
@@ -151,11 +159,8 @@ ROUTES: list[Route] = [
                 "content": {"application/json": {"schema": ref("ContactIn")}},
             },
             "responses": {
-                "200": json_body(ref("Contact"), "replaced"),
-                "201": json_body(ref("Contact"), "created"),
-                "400": BAD_REQUEST,
-                "413": error("body over the limit"),
-                "415": error("content type is not JSON"),
+                "200": links(json_body(ref("Contact"), "replaced"), **CONTACT_LINKS),
+                "201": links(json_body(ref("Contact"), "created"), **CONTACT_LINKS),
                 "422": json_body(ref("ContactRejected"), "invalid field values; nothing changed"),
             },
         },
@@ -184,7 +189,9 @@ ROUTES: list[Route] = [
         operation={
             "summary": "The contact's message history, newest first",
             "operationId": "getContactMessages",
-            "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
+            "responses": {
+                "200": links(json_body(ref("MessageList"), "messages"), **MESSAGE_LINKS),
+            },
         },
     ),
     Route(
@@ -198,7 +205,7 @@ ROUTES: list[Route] = [
         operation={
             "summary": "The contact's recent events, newest first",
             "operationId": "getContactEvents",
-            "responses": {"200": json_body(ref("EventList"), "events"), "400": BAD_REQUEST},
+            "responses": {"200": json_body(ref("EventList"), "events")},
         },
     ),
     Route(
@@ -217,8 +224,10 @@ ROUTES: list[Route] = [
                 "content": {"application/json": {"schema": ref("InboxTokenRequest")}},
             },
             "responses": {
-                "200": json_body(ref("InboxToken"), "the token and when it expires"),
-                "400": BAD_REQUEST,
+                "200": links(
+                    json_body(ref("InboxToken"), "the token and when it expires"),
+                    GetInbox=("getInbox", {"contact_id": "$response.body#/contact_id"}),
+                ),
                 "422": json_body(ref("SimulateRejected"), "invalid ttl"),
             },
         },
@@ -236,9 +245,16 @@ ROUTES: list[Route] = [
             "description": "Title and body are HTML (parameters escaped)." + INBOX_ACCESS,
             "operationId": "getInbox",
             "responses": {
-                "200": json_body(ref("InboxList"), "messages"),
-                "400": BAD_REQUEST,
-                **INBOX_REFUSED,
+                "200": links(
+                    json_body(ref("InboxList"), "messages"),
+                    MarkInboxMessage=(
+                        "markInboxMessage",
+                        {
+                            "contact_id": "$request.path.contact_id",
+                            "message_id": "$response.body#/messages/0/message_id",
+                        },
+                    ),
+                ),
             },
         },
     ),
@@ -263,10 +279,8 @@ ROUTES: list[Route] = [
             },
             "responses": {
                 "204": {"description": "recorded"},
-                "400": BAD_REQUEST,
                 "404": error("no such in-app message for this contact"),
                 "422": json_body(ref("SimulateRejected"), "invalid action"),
-                **INBOX_REFUSED,
             },
         },
     ),
@@ -281,7 +295,9 @@ ROUTES: list[Route] = [
             "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
             "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words.",
             "operationId": "getMessages",
-            "responses": {"200": json_body(ref("MessageList"), "messages"), "400": BAD_REQUEST},
+            "responses": {
+                "200": links(json_body(ref("MessageList"), "messages"), **MESSAGE_LINKS),
+            },
         },
     ),
     Route(
@@ -294,7 +310,20 @@ ROUTES: list[Route] = [
         operation={
             "summary": "One message: its status, reason code and detail, attempts and retries",
             "operationId": "getMessage",
-            "responses": {"200": json_body(ref("Message"), "the message"), "404": error("no such message")},
+            "responses": {
+                "200": links(
+                    json_body(ref("Message"), "the message"),
+                    RetryMessage=(
+                        "actOnMessage",
+                        {"message_id": "$response.body#/message_id", "action": "retry"},
+                    ),
+                    CancelMessage=(
+                        "actOnMessage",
+                        {"message_id": "$response.body#/message_id", "action": "cancel"},
+                    ),
+                ),
+                "404": error("no such message"),
+            },
         },
     ),
     Route(
@@ -321,6 +350,13 @@ ROUTES: list[Route] = [
             "responses": {
                 "200": json_body(ref("Message"), "the message after the action"),
                 "404": error("no such message"),
+                "405": {
+                    **error(
+                        "an action other than retry or cancel: the path is then a message id's (GET only), "
+                        "as `Allow` says"
+                    ),
+                    "headers": {"Allow": {"required": True, "schema": {"type": "string"}}},
+                },
                 "409": json_body(
                     ref("MessageConflict"), "its status does not allow it (the status, and those allowed)"
                 ),
@@ -339,7 +375,7 @@ ROUTES: list[Route] = [
             "description": "Every other event went on meanwhile. Each has its error, the stage that "
             "failed (`inbox`: the contact's rules; `fanout`: copying a catalog event) and its attempts.",
             "operationId": "getQuarantine",
-            "responses": {"200": json_body(ref("QuarantineList"), "quarantined events"), "400": BAD_REQUEST},
+            "responses": {"200": json_body(ref("QuarantineList"), "quarantined events")},
         },
     ),
     Route(
@@ -366,7 +402,6 @@ ROUTES: list[Route] = [
             },
             "responses": {
                 "200": json_body(ref("QuarantineActed"), "how many events were retried or dropped"),
-                "400": BAD_REQUEST,
                 "422": error("neither or both of `ids` and `all`"),
             },
         },
@@ -412,7 +447,12 @@ ROUTES: list[Route] = [
         operation={
             "summary": "The rulesets: live version, events they listen to, and errors of refused edits",
             "operationId": "getRulesets",
-            "responses": {"200": json_body(ref("RulesetList"), "rulesets")},
+            "responses": {
+                "200": links(
+                    json_body(ref("RulesetList"), "rulesets"),
+                    PutRuleset=("putRuleset", {"name": "$response.body#/rulesets/0/name"}),
+                )
+            },
         },
     ),
     Route(
@@ -463,8 +503,6 @@ ROUTES: list[Route] = [
                     "written and live (RulesetInfo), or with `dry_run=true` valid (RulesetChecked)",
                 ),
                 "400": error("a name not of lower case letters, digits and _"),
-                "413": error("body over the limit"),
-                "415": error("content type is not JSON"),
                 "422": json_body(ref("RulesetRejected"), "invalid ruleset, every error; nothing changed"),
                 "503": error("the rulesets folder cannot be written"),
             },
@@ -485,12 +523,10 @@ ROUTES: list[Route] = [
             },
             "responses": {
                 "200": json_body(ref("SimulateResult"), "every action in time order"),
-                "400": BAD_REQUEST,
                 "413": error(
-                    "body over the limit, or more events or contacts than RULESVC_SIMULATE_MAX_EVENTS "
-                    "or RULESVC_SIMULATE_MAX_CONTACTS"
+                    "more events or contacts than RULESVC_SIMULATE_MAX_EVENTS or "
+                    "RULESVC_SIMULATE_MAX_CONTACTS"
                 ),
-                "415": error("content type is not JSON"),
                 "422": json_body(
                     ref("SimulateRejected"),
                     "invalid request, with the field path; or an event the engine could not evaluate; "
@@ -558,20 +594,71 @@ ROUTES: list[Route] = [
 _ACCESS = {(r.method, r.documented_path): r.access for r in ROUTES}
 
 
+def _pattern(path: str) -> re.Pattern[str]:
+    """The route's path as aiohttp matches it: `{name}` one segment, `{name:regex}` the regex."""
+    parts = re.split(r"(\{\w+(?::[^}]*)?\})", path)
+    regex = "".join(
+        ("(?:" + (p[1:-1].split(":", 1)[1] if ":" in p else "[^{}/]+") + ")")
+        if p.startswith("{")
+        else re.escape(p)
+        for p in parts
+    )
+    return re.compile(regex + "$")
+
+
+# Most specific first: more segments, then fewer placeholders (`/v1/rulesets/reload` before `/{name}`).
+_SPECIFIC = sorted(
+    {r.documented_path: r.path for r in ROUTES}.items(),
+    key=lambda item: (-item[0].count("/"), item[0].count("{")),
+)
+_PATTERNS = [(documented, _pattern(path)) for documented, path in _SPECIFIC]
+_METHODS: dict[str, list[str]] = {}
+for _route in ROUTES:
+    _METHODS.setdefault(_route.documented_path, []).extend(
+        ["GET", "HEAD"] if _route.method == "GET" else [_route.method]
+    )
+
+
+def allowed_methods(path: str) -> str | None:
+    """The `Allow` of a 405: the methods of the most specific route the path matches, as the document
+    lists them. (aiohttp would add those of every matching route: `POST /v1/messages/x/retry` is also the
+    path of a message `x/retry`.)"""
+    for documented, pattern in _PATTERNS:
+        if pattern.match(path):
+            return ",".join(sorted(_METHODS[documented]))
+    return None
+
+
 def access(method: str, canonical: str) -> Access:
     """Who may call a route (`HEAD` as its `GET`); a route missing from the table is admin's."""
     return _ACCESS.get(("GET" if method == "HEAD" else method, canonical), "admin")
 
 
+def media_types(route: Route) -> frozenset[str] | None:
+    """The Content-Types the route's body may have (None: it takes no body, or the provider's own):
+    those its `requestBody` declares, and the other names of NDJSON."""
+    body = route.operation.get("requestBody")
+    if body is None:
+        return None
+    declared = frozenset(body["content"])
+    return declared | NDJSON_TYPES if declared & NDJSON_TYPES else declared
+
+
 def checking_query(route: Route) -> Handler:
-    """The route's handler behind its query check: the view reads the parsed struct (`query_of`)."""
+    """The route's handler behind its query check (the view reads the parsed struct: `query_of`) and,
+    for a route with a body, the body's Content-Type check (415): as the document declares them."""
     spec = route.query
-    if spec is None:
+    accepted = media_types(route)
+    listed = " or ".join(sorted(accepted)) if accepted else ""
+    if spec is None and accepted is None:
         return route.handler
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if accepted is not None and request.body_exists and request.content_type not in accepted:
+            return error_response(415, f"unsupported content type `{request.content_type}`; use {listed}")
         try:
-            request[QUERY] = parse_query(request, spec)
+            if spec is not None:
+                request[QUERY] = parse_query(request, spec)
             return await route.handler(request)
         except QueryRejected as exc:  # the view may refuse a combination the struct cannot express
             return exc.response()

@@ -145,10 +145,14 @@ def parse_query(request: web.Request, spec: type[Q]) -> Q:
         if len(raws) > 1:
             raise QueryRejected(f"query parameter `{name}` is given {len(raws)} times; give it once", name)
         raw = raws[0]
+        kind = _plain_type(field.type)
+        # Lax for numbers and booleans written as text; strict for times, which lax mode would also read
+        # from a number of seconds (`before=0.5`), where the document promises RFC 3339.
+        strict = isinstance(kind, mi.DateTimeType)
         try:  # as the type without its `None`: in lax mode the text "null" would pass for an absent value
-            value = msgspec.convert(raw, _present(hints[field.name]), strict=False)
+            value = msgspec.convert(raw, _present(hints[field.name]), strict=strict)
         except msgspec.ValidationError:
-            raise _refusal(name, raw, _plain_type(field.type), hints[field.name]) from None
+            raise _refusal(name, raw, kind, hints[field.name]) from None
         if isinstance(value, datetime):
             try:
                 value = value.astimezone(UTC)  # 9999-12-31T23:59:59-23:59 is in no year a datetime can hold

@@ -64,8 +64,8 @@ async def post_events(request: web.Request) -> web.Response:
         return error_response(400, f"malformed JSON: {exc}")
     except TooManyEvents as exc:
         return error_response(413, str(exc))
-    if not events and not errors:
-        return error_response(422, "no events in the request body")
+    if not events and not errors:  # `[]`, or NDJSON of blank lines: the same body as any refused batch
+        return json_response(EventsRejected("no events in the request body", []), 422)
     key = request.get(API_KEY)
     if not errors and key is not None and key.scope != "admin":
         errors = await foreign_outcomes(request.app[STORE], events)

@@ -27,7 +27,7 @@ async def post_inbox_token(request: web.Request) -> web.Response:
     contact_id = contact_id_of(request)
     body = await read_body(request)
     ttl = DEFAULT_INBOX_TOKEN_TTL
-    if body.strip():
+    if body:  # a body, even of blanks, is JSON as declared; none at all takes the default
         if request.content_type not in JSON_TYPES:
             return error_response(
                 415, f"unsupported content type `{request.content_type}`; use application/json"
