@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -787,8 +788,18 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+GIVEN_METRICS_DIR = "RULESVC_GIVEN_METRICS_DIR"  # PROMETHEUS_MULTIPROC_DIR as the user set it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (args.command == "serve" and args.reuse_port):
+        # Only a supervisor's workers share metric files (it sets the variable for them); anywhere else
+        # prometheus_client, once imported, would keep values in a directory another run or app adds its
+        # counts to. Moved aside before that import: a supervisor still gives its workers the directory.
+        given = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if given:
+            os.environ[GIVEN_METRICS_DIR] = given
     if args.command != "serve":
         from rulesvc import logs
 

@@ -24,6 +24,7 @@ from rulesvc.core.messages import Fate
 
 __all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics"]
 
+WORKER_ENV = "RULESVC_WORKER_INDEX"  # set by the supervisor for its workers, the only ones sharing files
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable: read when values are created
 
 
@@ -111,7 +112,7 @@ class Metrics:
     def render(self) -> bytes:
         """This app's registry; with PROMETHEUS_MULTIPROC_DIR, every worker's values, added up (counters,
         histograms) or the latest (the gauges read from MongoDB)."""
-        directory = os.environ.get(MULTIPROC_ENV)
+        directory = os.environ.get(MULTIPROC_ENV) if WORKER_ENV in os.environ else None
         if not directory:
             return generate_latest(self.registry)
         registry = CollectorRegistry()

@@ -41,8 +41,15 @@ import structlog
 from prometheus_client.multiprocess import mark_process_dead
 
 from rulesvc.config import Settings
-from rulesvc.metrics import MULTIPROC_ENV
-from rulesvc.store.mongod import Backoff, EmbeddedMongod, MongodError, describe_exit, die_with_parent
+from rulesvc.metrics import MULTIPROC_ENV, WORKER_ENV
+from rulesvc.store.mongod import (
+    Backoff,
+    EmbeddedMongod,
+    MongodError,
+    describe_exit,
+    die_with_parent,
+    pid_alive,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -155,19 +162,26 @@ class Supervisor:
         """A directory for the workers' metric files, empty at each start: a directory of your own
         (PROMETHEUS_MULTIPROC_DIR set) is emptied of its metric files; else a new temporary one, removed
         at the end. Files of an earlier run would add its counts to this one's."""
-        given = os.environ.get(MULTIPROC_ENV)
+        given = os.environ.get("RULESVC_GIVEN_METRICS_DIR") or os.environ.get(MULTIPROC_ENV)
         if given:
             self.metrics_dir = Path(given)
             self.metrics_dir.mkdir(parents=True, exist_ok=True)
             for old in self.metrics_dir.glob("*.db"):
                 old.unlink()
-        else:
-            self.metrics_dir = Path(tempfile.mkdtemp(prefix="rulesvc-metrics-"))
+        else:  # of this supervisor's pid; those of supervisors killed before they removed theirs go now
+            base = Path(tempfile.gettempdir())
+            for old in base.glob("rulesvc-metrics-*"):
+                owner = old.name.rpartition("-")[2]
+                if owner.isdigit() and not pid_alive(int(owner)):
+                    shutil.rmtree(old, ignore_errors=True)
+            self.metrics_dir = base / f"rulesvc-metrics-{os.getpid()}"
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir()
             self._own_metrics_dir = True
         self.env[MULTIPROC_ENV] = str(self.metrics_dir)
 
     def _spawn(self, worker: Worker) -> None:
-        env = {**os.environ, **self.env, "RULESVC_WORKER_INDEX": str(worker.index)}
+        env = {**os.environ, **self.env, WORKER_ENV: str(worker.index)}
         # Started from the main thread, whose exit the parent-death signal is tied to. A worker whose
         # supervisor was killed goes at once, as after a crash: its leases run out and others take over
         # (a graceful stop is pointless with the embedded mongod going down beside it).
