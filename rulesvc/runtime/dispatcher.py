@@ -217,6 +217,11 @@ class Dispatcher:
         """Decide and, if everything allows, deliver one due message. `owner` is the caller's claim,
         written with the `sending` mark."""
         if message["status"] not in ("scheduled", "sending"):
+            if message["status"] == "blocked" and message.get("reason") == reasons.RECIPIENT_BLOCKED:
+                # Refused at the send: its `message_blocked` may not be queued yet (a crash right after the
+                # message was written); the scheduler queues it again, which a repeat leaves unchanged.
+                return Result("skip", message.get("sent_channel") or message["channel"],
+                              reasons.RECIPIENT_BLOCKED, detail=message.get("detail"))  # fmt: skip
             return Result("skip", detail=f"already {message['status']}")
         contact = contact or {"_id": message["contact_id"]}
         attempt = int(message.get("attempt", 0)) + 1

@@ -236,6 +236,11 @@ class Scheduler:
                 continue
             entry_done.append(mid)
             if r.kind == "skip":
+                if r.reason == reasons.RECIPIENT_BLOCKED and r.channel:  # its refusal, queued once more
+                    again = Outcome(
+                        "blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True}
+                    )
+                    blocked.setdefault(r.channel, []).append(again)
                 continue
             fields = {"status": r.kind, "reason": r.reason, "detail": r.detail}
             if r.kind == "sent":

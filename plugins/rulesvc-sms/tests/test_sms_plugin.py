@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +23,7 @@ from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
-from tests.helpers import eventually, go, history, send, settled, setup
+from tests.helpers import entry_doc, eventually, go, history, message_doc, send, settled, setup
 
 SID, TOKEN = "AC" + "1" * 32, "auth-token-xyz"
 CALLBACKS = "/v1/channels/sms/callbacks"
@@ -205,6 +206,31 @@ async def test_an_opted_out_recipient_is_blocked_at_once_and_the_number_suppress
     msgs = await settled(client, count=2)
     assert (msgs[1]["status"], msgs[1]["reason"]) == ("suppressed", "suppression_list")
     assert len(peer.paths) == 1 and peer.messages == []  # the second message never reached the provider
+
+
+async def test_a_block_written_just_before_a_crash_still_suppresses_the_number(
+    make_client: Any, aiohttp_server: Any, settings: Settings, db: Any
+) -> None:
+    """The message said `blocked` but the process died before its `message_blocked` was queued: the
+    entry, run again, queues it then (and calls the provider no more)."""
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    planted = message_doc("m-blocked", "c1", "sms", due, status="blocked", reason="recipient_blocked",
+                          detail="HTTP 400: 21610 Attempt to send to unsubscribed recipient",
+                          sent_channel="sms", attempt=1)  # fmt: skip
+    await db.messages.insert_one(planted)
+    await db.schedule.insert_one(entry_doc({**planted, "status": "scheduled"}))
+    peer, base = await fake(aiohttp_server)
+    await sms_client(make_client, settings, base)
+
+    async def suppressed_in_the_database() -> bool:
+        contact = await db.contacts.find_one({"_id": "c1"})
+        return bool(contact and contact.get("state", {}).get("suppressed", {}).get("sms"))
+
+    await eventually(suppressed_in_the_database)
+    [event] = await db.events.find({"type": "message_blocked"}).to_list()
+    assert event["attributes"]["message_id"] == "m-blocked"
+    assert peer.paths == []  # the provider was not asked again
+    assert (await db.messages.find_one({"_id": "m-blocked"}))["status"] == "blocked"
 
 
 def callback_channel(**settings: str) -> SmsChannel:
