@@ -62,6 +62,13 @@ async def test_a_minted_token_opens_its_contacts_inbox_and_no_other(
     assert (await client.get(f"/v1/contacts/c1/inbox?token={minted['token']}")).status == 200
     resp = await client.post("/v1/contacts/c1/inbox/m-1", json={"action": "shown"}, headers=page)
     assert resp.status == 404  # let in; there is just no such message
+    # A page that cannot set headers (sendBeacon, a plain fetch) sends text/plain and the query token.
+    resp = await client.post(f"/v1/contacts/c1/inbox/m-1?token={minted['token']}", data='{"action": "shown"}',
+                             headers={"Content-Type": "text/plain;charset=UTF-8"})  # fmt: skip
+    assert resp.status == 404, await resp.text()  # let in and read; there is just no such message
+    resp = await client.post(f"/v1/contacts/c1/inbox/m-1?token={minted['token']}", data="<xml/>",
+                             headers={"Content-Type": "application/xml"})  # fmt: skip
+    assert resp.status == 415
 
     # Another contact's inbox: refused, in the read and the action.
     for resp in [

@@ -273,9 +273,13 @@ ROUTES: list[Route] = [
             "summary": "Mark an in-app message shown, clicked or dismissed (rules see shown, clicked)",
             "description": INBOX_ACCESS.strip(),
             "operationId": "markInboxMessage",
+            # text/plain too: what `navigator.sendBeacon` and a `fetch` without headers send from a page
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ref("InboxAction")}},
+                "content": {
+                    "application/json": {"schema": ref("InboxAction")},
+                    "text/plain": {"schema": ref("InboxAction")},
+                },
             },
             "responses": {
                 "204": {"description": "recorded"},
