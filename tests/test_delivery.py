@@ -181,7 +181,7 @@ async def test_crash_between_provider_call_and_status_write(
         )
         await first.put("/v1/contacts/c1", json=PROFILE)
         await go(first)
-        await eventually(lambda client=first, p=push: _mid_send(client, p), 10)
+        await eventually(lambda client=first, p=push: _mid_send(client, p))
         await first.close()  # the process goes away mid-call; the provider already has the message
         push.hanging = False
         second = await make_client(

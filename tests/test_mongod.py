@@ -124,7 +124,7 @@ def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_mongod_on_path_is_never_used_unless_mongod_bin_names_it(tmp_path: Path) -> None:
     """Without the embedded binary the service stops with a clear error; a `mongod` on PATH (another
     version, which could upgrade the data files) is used only when MONGOD_BIN names it."""
-    real = find_mongod()
+    real = find_mongod(os.environ.get("MONGOD_BIN"))
     hidden = tmp_path / "hidden" / "fiftyone"  # the embedded extra, absent for the service's process
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('not installed here')\n")

@@ -87,7 +87,7 @@ async def test_audience_changes_are_batched_hashed_and_retried(
     async def synced() -> bool:
         return bool(peer.calls) and await db.audience_changes.count_documents({"synced": False}) == 0
 
-    await eventually(synced, 10)
+    await eventually(synced)
     adds = [m for audience, body in peer.calls for m in body["add"] if audience == "cart_abandoners"]
     removes = [m for audience, body in peer.calls for m in body["remove"] if audience == "cart_abandoners"]
     assert adds == [{"email_sha256": h("ann@example.com"), "phone_sha256": h("+4915112345678")}]
@@ -158,7 +158,7 @@ async def test_meta_platform_sends_digits_only_phone_digests(
     async def synced() -> bool:
         return bool(peer.calls) and await db.audience_changes.count_documents({"synced": False}) == 0
 
-    await eventually(synced, 10)
+    await eventually(synced)
     assert peer.calls == [
         ("buyers", {"add": [{"email_sha256": h("ann@example.com"), "phone_sha256": h("4915112345678")}],
                     "remove": []})

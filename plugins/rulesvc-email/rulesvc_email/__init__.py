@@ -273,7 +273,9 @@ class EmailChannel:
             mail = self.build(message)
             # Signing takes ~10 ms of pure-Python RSA: off the event loop, which other sends share.
             raw, utf8 = await asyncio.to_thread(self.render, mail) if self.dkim else self.render(mail)
-        except (ValueError, dkim.DKIMException) as exc:
+        except dkim.DKIMException as exc:  # our signing, not the provider: said as the channel's error
+            return Delivery("failed", f"channel_error: DKIM signing failed: {exc}")
+        except ValueError as exc:
             return Delivery("failed", str(exc))
         try:
             await aiosmtplib.send(

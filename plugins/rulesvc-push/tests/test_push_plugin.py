@@ -202,7 +202,7 @@ async def test_the_token_endpoint_refuses_an_assertion_google_would_refuse(
     async def refused() -> bool:
         return bool(peer.refused)
 
-    await eventually(refused, 10)
+    await eventually(refused)
     assert peer.refused[0] == "InvalidIssuerError: Invalid issuer" and peer.messages == []
 
 

@@ -73,12 +73,13 @@ def url_problem(url: str) -> str | None:
     if not url:
         return None
     parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never a user:password in it
     try:
         parts.port  # noqa: B018 (raises for a port that is not a number)
     except ValueError:
-        return f"the port is not a number, in {url!r}"
+        return f"the port is not a number, in {shown!r}"
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return f"expected an http or https URL such as https://rulesvc.shop.example, got {url!r}"
+        return f"expected an http or https URL such as https://rulesvc.shop.example, got {shown!r}"
     return None
 
 

@@ -142,7 +142,7 @@ async def test_sms_end_to_end_with_retry_and_status_callback(
     async def delivered() -> bool:
         return (await history(client))[0]["status"] == "delivered"
 
-    await eventually(delivered, 10)
+    await eventually(delivered)
 
 
 async def test_carrier_block_suppresses_the_number(
@@ -162,7 +162,7 @@ async def test_carrier_block_suppresses_the_number(
         msgs = await history(client)
         return len(msgs) == 2 and msgs[1]["status"] == "suppressed"
 
-    await eventually(suppressed, 10)
+    await eventually(suppressed)
     assert (await history(client))[0]["status"] == "blocked"
     assert len(peer.messages) == 1
 
@@ -195,7 +195,7 @@ async def test_an_opted_out_recipient_is_blocked_at_once_and_the_number_suppress
         contact = await db.contacts.find_one({"_id": "c1"})
         return bool(contact and contact.get("state", {}).get("suppressed", {}).get("sms"))
 
-    await eventually(suppressed_in_the_database, 10)
+    await eventually(suppressed_in_the_database)
     # Rules hear of it as of a callback's block: a message_blocked event for that message.
     [event] = await db.events.find({"type": "message_blocked"}).to_list()
     assert (event["attributes"]["message_id"], event["attributes"]["synchronous"]) == (
@@ -328,6 +328,8 @@ async def test_a_callback_body_that_is_not_a_form_is_415(make_client: Any, setti
          "channels.sms.public_url: expected an http or https URL such as https://rulesvc.shop.example, "
          "got 'rulesvc.shop.example'"),
         ({"status_callback_url": "https://rulesvc.shop.example:44x/cb"},
+         "channels.sms.status_callback_url: the port is not a number, in 'https://rulesvc.shop.example:44x/cb'"),
+        ({"status_callback_url": "https://twilio:s3cr3t@rulesvc.shop.example:44x/cb"},  # no credentials shown
          "channels.sms.status_callback_url: the port is not a number, in 'https://rulesvc.shop.example:44x/cb'"),
     ],
 )  # fmt: skip
