@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,46 +23,9 @@ from pymongo import MongoClient
 from rulesvc.store.mongod import EmbeddedMongod
 from tests.helpers import wait_for
 from tests.service import ServiceProcess
-from tests.webhook_flow import SECRET, verified
+from tests.webhook_flow import SECRET, Receiver
 
 ANN = {"email": "ann.private@example.com", "phone": "+4915199887766", "consent": {"sms": True}}
-
-
-class Shop:
-    """The shop's webhook endpoint: verifies the signature, answers `status` (after `delay` seconds) and
-    counts every request per message id, with the status it answered."""
-
-    def __init__(self) -> None:
-        self.status = 204
-        self.delay = 0.0
-        self.got: list[tuple[str, int]] = []  # (message id, status answered), in order
-        self.lock = threading.Lock()
-        shop = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if verified(body, self.headers) is None:
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                time.sleep(shop.delay)
-                status = shop.status
-                with shop.lock:
-                    shop.got.append((json.loads(body)["message_id"], status))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def received(self, message_id: str) -> list[int]:
-        with self.lock:
-            return [status for mid, status in self.got if mid == message_id]
 
 
 def ruleset(folder: Path) -> Path:
@@ -90,15 +50,15 @@ def ruleset(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shop() -> Iterator[Shop]:
-    s = Shop()
+def shop() -> Iterator[Receiver]:
+    s = Receiver()
     yield s
     s.server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def service(
-    mongod: EmbeddedMongod, tmp_path_factory: pytest.TempPathFactory, shop: Shop
+    mongod: EmbeddedMongod, tmp_path_factory: pytest.TempPathFactory, shop: Receiver
 ) -> Iterator[ServiceProcess]:
     folder = tmp_path_factory.mktemp("fate")
     env = {"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": f"fate_{uuid.uuid4().hex[:10]}",
@@ -184,7 +144,7 @@ def test_a_send_on_a_channel_not_configured_is_suppressed_with_its_code(service:
 
 
 def test_the_outcome_line_of_a_sent_message_has_ids_and_codes_and_no_personal_data(
-    service: ServiceProcess, shop: Shop
+    service: ServiceProcess, shop: Receiver
 ) -> None:
     assert service.request("PUT", "/v1/contacts/ann", ANN)[0] in (200, 201)
     shop.delay = 0.05
@@ -214,7 +174,9 @@ def test_the_outcome_line_of_a_sent_message_has_ids_and_codes_and_no_personal_da
     assert ANN["email"] not in text and ANN["phone"] not in text  # type: ignore[operator]
 
 
-def test_counters_and_the_send_histogram_move_by_the_sends_made(service: ServiceProcess, shop: Shop) -> None:
+def test_counters_and_the_send_histogram_move_by_the_sends_made(
+    service: ServiceProcess, shop: Receiver
+) -> None:
     before = metrics(service)
     sends = 3
     for i in range(sends):
@@ -235,7 +197,9 @@ def test_counters_and_the_send_histogram_move_by_the_sends_made(service: Service
         assert f"{gauge}{{}}" in after
 
 
-def test_a_dead_letter_is_retried_over_http_and_from_the_shell(service: ServiceProcess, shop: Shop) -> None:
+def test_a_dead_letter_is_retried_over_http_and_from_the_shell(
+    service: ServiceProcess, shop: Receiver
+) -> None:
     before = metrics(service)
     shop.status = 500
     try:
@@ -287,7 +251,7 @@ def test_a_dead_letter_is_retried_over_http_and_from_the_shell(service: ServiceP
 
 
 def test_a_cancelled_send_never_reaches_the_receiver(
-    service: ServiceProcess, shop: Shop, mongod: EmbeddedMongod
+    service: ServiceProcess, shop: Receiver, mongod: EmbeddedMongod
 ) -> None:
     post(service, "later", "cx1")  # due in two hours: no race with the cancels on a slow machine
     post(service, "later", "cx2")

@@ -4,6 +4,7 @@ test uses: the Standard Webhooks library a receiver would use, not our own compu
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter, defaultdict
@@ -30,9 +31,12 @@ def verified(body: bytes, headers: Mapping[str, str], secret: str = SECRET) -> A
 
 
 class Receiver:
-    """A shop's webhook endpoint: checks the signature and counts every delivery it is handed."""
+    """A shop's webhook endpoint: checks the signature, answers `status` after `delay` seconds, and
+    counts every delivery it is handed (per message, with the status it answered, in `got`)."""
 
     def __init__(self, delay: float = 0.0) -> None:
+        self.status = 204
+        self.got: list[tuple[str, int]] = []  # (message id, status answered), in order
         self.raw: Counter[str] = Counter()  # deliveries per Idempotency-Key, repeats included
         # Per Idempotency-Key, each request's (arrived, answered) on the monotonic clock.
         self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -54,11 +58,13 @@ class Receiver:
                     receiver.open[port] = key
                 receiver.started.set()
                 time.sleep(receiver.delay)  # a slow provider
+                status = receiver.status
                 with receiver.lock:
                     receiver.raw[key] += 1
                     receiver.spans[key].append((arrived, time.monotonic()))
+                    receiver.got.append((json.loads(body)["message_id"], status))
                     del receiver.open[port]
-                self.send_response(204)
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -67,6 +73,11 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def received(self, message_id: str) -> list[int]:
+        """The statuses answered to each delivery of this message, in order."""
+        with self.lock:
+            return [status for mid, status in self.got if mid == message_id]
 
 
 def flow(folder: Path) -> Path:
