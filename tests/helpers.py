@@ -272,3 +272,11 @@ async def serve_greet(make_client: Any, settings: Settings, template: str) -> tu
     path = folder / "greet.json"
     write(path, ruleset(template))
     return path, await make_client(create_app(settings))
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped (state T): SIGSTOP reaches a busy multi-threaded process's
+    threads one by one, and on a loaded machine the last may still answer a request for a moment."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(task / "stat").read_text().rpartition(")")[2].split()[0] for task in tasks.iterdir()]
+    return bool(states) and all(state in ("T", "t") for state in states)

@@ -3,6 +3,7 @@ a real mongod of the test's own (never the shared session one), real signals."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -20,7 +21,7 @@ from pymongo.errors import PyMongoError
 
 from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.mongod import EmbeddedMongod, pid_alive
-from tests.helpers import wait_for
+from tests.helpers import stopped, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
@@ -71,6 +72,7 @@ def test_a_paused_mongod_costs_a_request_a_quick_503_and_loses_nothing(
             assert service.request("POST", "/v1/events", order(n))[0] == 202
         slow_before = slow_requests(service)  # start-up on a loaded machine may have had slow ones
         os.kill(mongod, signal.SIGSTOP)
+        wait_for(lambda: stopped(mongod), what="every mongod thread stopped")
         paused_at = time.monotonic()
         try:
             # While paused: every answer is a prompt 503 with Retry-After (the report: a 30 s hang).
@@ -129,6 +131,10 @@ async def test_a_transaction_against_a_paused_mongod_gives_up_at_the_deadline_an
             async def paused_midway(session: AsyncClientSession) -> str:
                 await client.t.items.update_one({"_id": 1}, {"$inc": {"n": 1}}, session=session)
                 mongod.send_signal(signal.SIGSTOP)  # the server holds document 1 for this transaction
+                for _ in range(3000):  # every thread stopped, before the next write is sent
+                    if stopped(mongod.pid):
+                        break
+                    await asyncio.sleep(0.01)
                 await client.t.others.insert_one({"n": 1}, session=session)
                 return "committed"
 
