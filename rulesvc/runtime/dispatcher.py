@@ -295,13 +295,14 @@ class Dispatcher:
             contact=profile,
             attempt=attempt,
         )
-        seconds = (deadline - self.clock()).total_seconds()
+        seconds = (deadline - self.clock()).total_seconds()  # what is left of it after the mark
+        limit = send_timeout(channel, self.policy.lease)  # what the sentences name: the same every time
         called = monotonic()
-        delivery, cut, code = await self._call(channel, outbound, seconds)
+        delivery, cut, code = await self._call(channel, outbound, seconds, limit)
         latency = monotonic() - called
         if cut and not deduplicates(channel) and not is_local(channel):
             # Cut off mid-call: as after a crash, it may have arrived, and a repeat could not be told apart.
-            why = f"cut off after {seconds:.2g}s without an answer, so it may have arrived; not sent again: "
+            why = f"cut off after {limit:.3g}s without an answer, so it may have arrived; not sent again: "
             why += f"`{channel.name}` cannot recognise a repeat"
             return Result("uncertain", channel.name, reasons.TIMEOUT, why, attempt=attempt, guard=guard,
                           latency=latency)  # fmt: skip
@@ -314,7 +315,7 @@ class Dispatcher:
         return result
 
     async def _call(
-        self, channel: Channel, outbound: OutboundMessage, seconds: float
+        self, channel: Channel, outbound: OutboundMessage, seconds: float, limit: float
     ) -> tuple[Delivery, bool, str]:
         """The plugin's send, whether it was cut off after `seconds`, and the reason code should it not be
         sent; whatever a plugin raises fails only its message."""
@@ -325,7 +326,7 @@ class Dispatcher:
         except TimeoutError as exc:
             if timer.expired():
                 return (
-                    Delivery("retry", f"no answer within {max(seconds, 0.0):.2g}s (the send timeout)"),
+                    Delivery("retry", f"no answer within {limit:.3g}s (the send timeout)"),
                     True,
                     reasons.TIMEOUT,
                 )
