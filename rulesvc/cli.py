@@ -11,7 +11,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, get_args
 
 from rulesvc import __version__
-from rulesvc.config import CONFIG_FILE_ENV, SETTINGS_DOC, ConfigError, Settings, load_settings
+from rulesvc.config import (
+    CONFIG_FILE_ENV,
+    GIVEN_METRICS_DIR,
+    SETTINGS_DOC,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from rulesvc.core.messages import MessageStatus
 from rulesvc.core.reasons import REASONS
 
@@ -726,7 +733,6 @@ def start_up_warnings(settings: Settings, embedded: bool) -> list[tuple[str, str
 
 def serve(args: argparse.Namespace) -> int:
     import errno
-    import os
 
     from aiohttp import web
 
@@ -786,9 +792,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"rulesvc: {taken}", file=sys.stderr)
         return 1
     return 0
-
-
-GIVEN_METRICS_DIR = "RULESVC_GIVEN_METRICS_DIR"  # PROMETHEUS_MULTIPROC_DIR as the user set it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

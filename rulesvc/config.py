@@ -196,6 +196,9 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
 )
 
 CONFIG_FILE_ENV = "RULESVC_CONFIG"
+# PROMETHEUS_MULTIPROC_DIR as the user set it, moved aside by the CLI before prometheus_client is imported;
+# only a supervisor uses it (for its workers).
+GIVEN_METRICS_DIR = "RULESVC_GIVEN_METRICS_DIR"
 
 
 def _validation_error(source: str, exc: msgspec.ValidationError) -> ConfigError:

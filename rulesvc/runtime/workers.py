@@ -40,7 +40,7 @@ from typing import IO, Any
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
 
-from rulesvc.config import Settings
+from rulesvc.config import GIVEN_METRICS_DIR, Settings
 from rulesvc.metrics import MULTIPROC_ENV, WORKER_ENV
 from rulesvc.store.mongod import (
     Backoff,
@@ -162,7 +162,7 @@ class Supervisor:
         """A directory for the workers' metric files, empty at each start: a directory of your own
         (PROMETHEUS_MULTIPROC_DIR set) is emptied of its metric files; else a new temporary one, removed
         at the end. Files of an earlier run would add its counts to this one's."""
-        given = os.environ.get("RULESVC_GIVEN_METRICS_DIR") or os.environ.get(MULTIPROC_ENV)
+        given = os.environ.get(GIVEN_METRICS_DIR) or os.environ.get(MULTIPROC_ENV)
         if given:
             self.metrics_dir = Path(given)
             self.metrics_dir.mkdir(parents=True, exist_ok=True)
