@@ -1,0 +1,235 @@
+"""Backtest: a stored two-week history replayed through the live rulesets and a candidate. The expected
+numbers are computed here from the history's own construction (which cart was bought how soon), never
+by the simulator; and the replay writes nothing and calls no channel."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from pymongo import AsyncMongoClient
+
+from rulesvc.core.contacts import ContactIn
+from rulesvc.core.engine import CompiledRuleset
+from rulesvc.core.events import Event
+from rulesvc.core.ruleformat import RulesetFile
+from rulesvc.core.sendpolicy import SendPolicy
+from rulesvc.replay.backtest import Options, Report, Version, Window, report_text, run_backtest, window_of
+from rulesvc.store.db import Store
+from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import Provider, registry
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+WINDOW = Window(NOW - timedelta(days=14), NOW)
+BOUGHT_AFTER = [None, 5, 30, 50, 90]  # minutes from a cart to its purchase; None: never bought
+
+
+def remind(after: str) -> dict[str, Any]:
+    return {
+        "name": "remind",
+        "when": {"event": "cart_updated", "conditions": {"attributes.value": {"gt": 0}}},
+        "then": [{"send": {"channel": "email", "template": "cart", "after": after, "on_repeat": "rearm",
+                           "cancel_on": ["purchased"], "params": {"value": "$attributes.value"}}}],
+    }  # fmt: skip
+
+
+THANKS = {
+    "name": "thanks",
+    "when": {"event": "purchased"},
+    "then": [{"send": {"channel": "email", "template": "thanks"}}],
+}
+NOTE = {
+    "name": "note",
+    "when": {"event": "purchased"},
+    "then": [{"remember": {"name": "bought", "from": "attributes.value", "for": "30d"}}],
+}
+
+
+def version(label: str, rules: list[dict[str, Any]]) -> Version:
+    source = msgspec.convert({"rules": rules}, RulesetFile)
+    return Version(label, [CompiledRuleset.compile("cart", label, source)])
+
+
+@dataclass
+class Cart:
+    contact_id: str
+    at: datetime
+    bought_after: int | None  # minutes
+    consent: bool
+
+    def outcome(self, delay: int) -> tuple[str, datetime]:
+        """What a reminder `delay` minutes after this cart becomes, and when: written from the rule's text."""
+        due = self.at + timedelta(minutes=delay)
+        if self.bought_after is not None and self.bought_after < delay:
+            return "cancelled", self.at + timedelta(minutes=self.bought_after)
+        if due > WINDOW.end:
+            return "scheduled", due
+        return ("sent" if self.consent else "suppressed"), due
+
+
+def history(seed: int = 7, contacts: int = 40) -> tuple[list[Cart], list[Event], dict[str, bool]]:
+    """Carts at least a day apart per contact (so reminders never re-arm each other), each bought after
+    one of BOUGHT_AFTER; a few carts in the window's last hour, still due at its end."""
+    rng = random.Random(seed)
+    carts: list[Cart] = []
+    consent = {f"c{i:03d}": rng.random() < 0.75 for i in range(contacts)}
+    for cid in consent:
+        day = rng.randrange(0, 3)
+        while day < 14:
+            at = WINDOW.start + timedelta(days=day, minutes=rng.randrange(60, 20 * 60))
+            carts.append(Cart(cid, at, rng.choice(BOUGHT_AFTER), consent[cid]))
+            day += rng.randrange(1, 5)
+    for cid in list(consent)[:3]:  # reminders still due when the window ends
+        carts.append(Cart(cid, WINDOW.end - timedelta(minutes=10), None, consent[cid]))
+    events: list[Event] = []
+    for n, cart in enumerate(carts):
+        events.append(Event(f"cart-{n}", "cart_updated", cart.contact_id, cart.at, {"value": 40 + n}))
+        if cart.bought_after is not None:
+            at = cart.at + timedelta(minutes=cart.bought_after)
+            if at < WINDOW.end:
+                events.append(Event(f"buy-{n}", "purchased", cart.contact_id, at, {"value": 40 + n}))
+    # Outside the window: never replayed.
+    events.append(Event("before", "cart_updated", "c000", WINDOW.start - timedelta(hours=1), {"value": 9}))
+    events.append(Event("after", "cart_updated", "c000", WINDOW.end + timedelta(hours=1), {"value": 9}))
+    return carts, events, consent
+
+
+@pytest.fixture
+async def store(mongod: EmbeddedMongod, settings: Any) -> AsyncIterator[Store]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongod.uri, tz_aware=True)
+    store = Store(client, settings.database, timedelta(days=90))
+    await store.ensure_schema()
+    yield store
+    await client.drop_database(settings.database)
+    await client.close()
+
+
+async def stored(store: Store, seed: int = 7) -> tuple[list[Cart], dict[str, bool]]:
+    carts, events, consent = history(seed)
+    for cid, ok in consent.items():
+        await store.put_contact(cid, ContactIn(email=f"{cid}@example.com", consent={"email": ok}))
+    assert (await store.insert_events(events, NOW)).accepted == len(events)
+    return carts, consent
+
+
+async def dump(store: Store) -> dict[str, list[Any]]:
+    names = sorted(await store.db.list_collection_names())
+    return {n: await store.db[n].find({}).sort("_id", 1).to_list() for n in names}
+
+
+async def backtest(
+    store: Store, baseline: Version, candidate: Version, **options: Any
+) -> tuple[Report, Provider]:
+    email = Provider("email", needs="email")
+    report = await run_backtest(
+        store, baseline, candidate, registry(email), SendPolicy(), Options(WINDOW, **options)
+    )
+    return report, email
+
+
+def tally(report: Report, rule: str, side: str) -> dict[str, Any]:
+    [row] = [r for r in report.rows if r.rule == rule]
+    return msgspec.to_builtins(getattr(row, side))  # type: ignore[no-any-return]
+
+
+def expected(carts: list[Cart], delay: int) -> dict[str, Any]:
+    found: dict[str, Any] = {"decided": len(carts), "sent": 0, "suppressed": {}, "cancelled": 0,
+                             "failed": 0, "scheduled": 0, "postponed": 0}  # fmt: skip
+    for cart in carts:
+        status, _ = cart.outcome(delay)
+        if status == "suppressed":
+            found["suppressed"]["no_consent"] = found["suppressed"].get("no_consent", 0) + 1
+        else:
+            found[status] += 1
+    return found
+
+
+async def test_a_longer_delay_loses_the_carts_bought_in_between(store: Store) -> None:
+    carts, _ = await stored(store)
+    before = await dump(store)
+    report, email = await backtest(store, version("live", [remind("20m")]), version("45m", [remind("45m")]))
+
+    assert tally(report, "remind", "baseline") == expected(carts, 20)
+    assert tally(report, "remind", "candidate") == expected(carts, 45)
+    [row] = report.rows
+    assert row.sent_change == expected(carts, 45)["sent"] - expected(carts, 20)["sent"] < 0
+    # A contact changes when one of its carts ends otherwise or at another time; it loses a message
+    # when a cart bought between 20 and 45 minutes (with consent) is no longer reminded.
+    changed = {c.contact_id for c in carts if c.outcome(20) != c.outcome(45)}
+    losing = {c.contact_id for c in carts if c.outcome(20)[0] == "sent" and c.outcome(45)[0] != "sent"}
+    assert (report.changes.changed, report.changes.losing, report.changes.gaining) == (
+        len(changed),
+        len(losing),
+        0,
+    )
+    assert report.changes.lost_messages == sum(
+        c.outcome(20)[0] == "sent" and c.outcome(45)[0] != "sent" for c in carts
+    )
+    assert report.events == sum(1 for _ in history()[1]) - 2  # all but the two outside the window
+    assert report.contacts == 40
+    example = report.changes.lost_examples[0]
+    assert example.contact_id in losing and example.lost and not example.gained
+    assert {e.type for e in example.events} <= {"cart_updated", "purchased"}
+    # Nothing was recorded by a service: every replayed message is a finding of its own.
+    assert report.recorded.recorded == 0
+    assert report.recorded.only_replayed == len(carts)
+    assert not email.delivered and await dump(store) == before
+
+    text = report_text(report)
+    sent = (expected(carts, 20)["sent"], expected(carts, 45)["sent"], row.sent_change)
+    assert re.search(r"cart/remind\s+email\s+{}\s+{}\s+{:+d}".format(*sent), text), text
+    assert f"{len(changed)} ({0} gain 0 message(s), {len(losing)} lose" in text
+
+
+async def test_an_added_rule_gains_a_message_per_purchase_with_consent(store: Store) -> None:
+    carts, consent = await stored(store)
+    report, email = await backtest(
+        store, version("live", [remind("20m")]), version("thanks", [remind("20m"), THANKS])
+    )
+    purchases = [
+        c for c in carts if c.bought_after is not None and c.at + timedelta(minutes=c.bought_after) < NOW
+    ]
+    assert tally(report, "remind", "baseline") == tally(report, "remind", "candidate") == expected(carts, 20)
+    thanks = tally(report, "thanks", "candidate")
+    assert thanks["sent"] == sum(consent[c.contact_id] for c in purchases)
+    assert thanks["suppressed"] == {"no_consent": sum(not consent[c.contact_id] for c in purchases)}
+    assert tally(report, "thanks", "baseline")["decided"] == 0
+    gaining = {c.contact_id for c in purchases if consent[c.contact_id]}
+    assert (report.changes.gaining, report.changes.losing) == (len(gaining), 0)
+    assert report.changes.gained_messages == thanks["sent"]
+    assert not email.delivered
+
+
+async def test_a_removed_rule_loses_every_reminder(store: Store) -> None:
+    carts, _ = await stored(store)
+    report, _ = await backtest(store, version("live", [remind("20m"), NOTE]), version("none", [NOTE]))
+    assert tally(report, "remind", "candidate")["decided"] == 0
+    assert report.rows[0].sent_change == -expected(carts, 20)["sent"]
+    losing = {c.contact_id for c in carts if c.outcome(20)[0] == "sent"}
+    assert report.changes.losing == len(losing)
+
+
+async def test_only_the_contacts_asked_for(store: Store) -> None:
+    carts, _ = await stored(store)
+    report, _ = await backtest(
+        store, version("live", [remind("20m")]), version("45m", [remind("45m")]), contacts=["c001", "c002"]
+    )
+    mine = [c for c in carts if c.contact_id in ("c001", "c002")]
+    assert report.contacts == 2
+    assert tally(report, "remind", "baseline") == expected(mine, 20)
+
+
+def test_the_window() -> None:
+    now = datetime(2026, 11, 26, tzinfo=UTC)
+    assert window_of(None, None, None, now) == Window(now - timedelta(days=14), now)
+    assert window_of("2d", None, None, now).start == now - timedelta(days=2)
+    with pytest.raises(ValueError, match="not both"):
+        window_of("2d", now - timedelta(days=1), None, now)
+    with pytest.raises(ValueError, match="empty"):
+        window_of(None, now, now - timedelta(days=1), now)
