@@ -317,3 +317,35 @@ async def _decided(client: Any, contacts: list[str]) -> bool:
 
 async def _fanned_out(store: Store) -> bool:
     return await store.events.count_documents({"contact_id": None, "state": "pending"}) == 0
+
+
+async def test_interest_from_before_the_window_counts_for_a_price_drop(store: Store) -> None:
+    """A view 5 days before the window makes a contact interested in a drop inside it (a view counts for
+    30 days); one 40 days before does not; a wishlist entry counts however old."""
+    drop = {"name": "drop",
+            "when": {"event": "price_changed", "conditions": {"attributes.drop_percent": {"gte": 10}}},
+            "then": [{"send": {"channel": "email", "template": "cart"}}]}  # fmt: skip
+    first = WINDOW.start + timedelta(days=1)
+    events = [
+        Event("v1", "product_viewed", "recent", WINDOW.start - timedelta(days=5), {"product_id": "p1"}),
+        Event("v2", "product_viewed", "old", first - timedelta(days=40), {"product_id": "p1"}),
+        Event("w1", "wishlist_added", "wished", WINDOW.start - timedelta(days=60), {"product_id": "p1"}),
+        Event("x1", "page_viewed", "recent", WINDOW.start + timedelta(hours=1), {}),
+        Event("pa", "price_changed", None, first, {"product_id": "p1", "price": 100}),
+        Event("pb", "price_changed", None, first + timedelta(hours=1), {"product_id": "p1", "price": 80}),
+    ]
+    for cid in ("recent", "old", "wished"):
+        await store.put_contact(cid, ContactIn(email=f"{cid}@example.com", consent={"email": True}))
+    await store.insert_events(events, NOW)
+    # The interest index as the live inbox wrote it when it processed the views; `old` and `wished` did
+    # nothing in the window and are replayed because of it.
+    for e in events[:3]:
+        assert e.contact_id is not None and e.time is not None
+        field = "wishlisted_at" if e.type == "wishlist_added" else "viewed_at"
+        await store.interests.insert_one({"_id": f"{e.contact_id}|p1", "contact_id": e.contact_id,
+                                          "product_id": "p1", field: e.time})  # fmt: skip
+    report, email = await backtest(store, version("none", [NOTE]), version("drop", [NOTE, drop]))
+    assert report.contacts == 3
+    assert tally(report, "drop", "candidate")["sent"] == 2
+    assert {ex.contact_id for ex in report.changes.gained_examples} == {"recent", "wished"}
+    assert not email.delivered
