@@ -22,7 +22,7 @@ import json
 import math
 import re
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 Doc = dict[str, Any]
 
@@ -48,14 +48,14 @@ ALIASES = {
 }
 
 
-def is_price(value: Any) -> bool:
+def is_price(value: Any) -> TypeGuard[float]:
     """A price the engine can compare and compute a drop with: a finite number, 0 or more."""
     return (
         isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     )
 
 
-def is_previous_price(value: Any) -> bool:
+def is_previous_price(value: Any) -> TypeGuard[float]:
     """A price to compute a drop from: above 0, as a drop in percent divides by it."""
     return is_price(value) and value > 0
 
