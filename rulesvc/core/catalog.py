@@ -94,8 +94,9 @@ def _near_misses(attributes: Doc, field: str) -> list[str]:
             continue
         if key in ALIASES.get(field, ()) or _squash(key) == squashed:
             found.append(key)
-        elif difflib.SequenceMatcher(None, key.lower(), field).ratio() >= 0.8:
-            found.append(key)
+        elif len(key) <= 1.5 * len(field):  # a longer key cannot reach the ratio: no time on a huge one
+            if difflib.SequenceMatcher(None, key.lower(), field).ratio() >= 0.8:
+                found.append(key)
     return found
 
 
