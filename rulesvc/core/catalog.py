@@ -10,28 +10,168 @@ contact's own event (same type, with `previous_price`, `drop_percent`, `back_in_
 `interest`), where the rulesets decide as for any other event. The copies are written in batches, the
 position is saved after each, and each copy has a fixed id: a crash resumes the fan-out without a
 duplicate, and ingestion goes on meanwhile because the inbox processes the copies like other events.
+
+What a catalog event must carry (`catalog_problems`, documented in docs/rulesets.md "Catalog events") is
+checked at the door by the one event validator, so the copies hold what the shipped rulesets read.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
+import re
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 Doc = dict[str, Any]
 
 VIEW_WINDOW = timedelta(days=30)  # who viewed a product this recently counts as interested in its price
 
 
+# --- the contract: what a catalog event's attributes must hold ----------------------------------------
+# Only the contract's own fields are checked; anything else a shop sends is kept and readable by rules.
+# An optional field that is null counts as absent.
+
+DESCRIPTIVE = ("name", "url", "image_url")  # optional strings, for the messages (`product_name` etc.)
+CURRENCY = re.compile(r"^[A-Z]{3}\Z")
+
+# Keys that shops send for a contract field under another name: named in the error so it says what to do.
+ALIASES = {
+    "product_id": ("productId", "product", "productID", "item_id", "itemId"),
+    "price": ("new_price", "newPrice", "current_price", "currentPrice", "price_new", "sale_price", "amount"),
+    "previous_price": (
+        *("old_price", "oldPrice", "previousPrice", "was_price", "price_before", "price_old"),
+        *("compare_at_price", "regular_price"),
+    ),
+    "in_stock": ("inStock", "instock", "is_in_stock", "isInStock", "available", "availability", "stock"),
+}
+
+
+def is_price(value: Any) -> TypeGuard[float]:
+    """A price the engine can compare and compute a drop with: a finite number, 0 or more."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
+
+
+def is_previous_price(value: Any) -> TypeGuard[float]:
+    """A price to compute a drop from: above 0, as a drop in percent divides by it."""
+    return is_price(value) and value > 0
+
+
+def is_quantity(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _got(attributes: Doc, key: str) -> str:
+    """What was sent, in the error's words."""
+    if key not in attributes:
+        return "got none"
+    value = attributes[key]
+    if value is None:
+        return "got null"
+    if isinstance(value, bool):
+        return f"got {str(value).lower()}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"got the string {json.dumps(shown)}"
+    if isinstance(value, int | float):
+        return f"got {value}"
+    return f"got {'a list' if isinstance(value, list) else 'an object'}"
+
+
+def _squash(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+def _near_misses(attributes: Doc, field: str) -> list[str]:
+    """Keys sent that were probably meant as `field`: known aliases, another spelling, or a typo."""
+    squashed = _squash(field)
+    found = []
+    for key in attributes:
+        if key == field:
+            continue
+        if key in ALIASES.get(field, ()) or _squash(key) == squashed:
+            found.append(key)
+        elif len(key) <= 1.5 * len(field):  # a longer key cannot reach the ratio: no time on a huge one
+            if difflib.SequenceMatcher(None, key.lower(), field).ratio() >= 0.8:
+                found.append(key)
+    return found
+
+
+def _hint(attributes: Doc, *fields: str) -> str:
+    """` ... is not read: ...` for the near misses of a missing `fields[0]` (and of those it goes with)."""
+    near = {key for field in fields for key in _near_misses(attributes, field)}
+    misses = [key for key in attributes if key in near]  # in the order sent
+    if not misses:
+        return ""
+    named = "/".join(f"`{key}`" for key in misses)
+    verb = "is" if len(misses) == 1 else "are"
+    if len(fields) == 1:
+        return f". {named} {verb} not read: did you mean `{fields[0]}`?"
+    return f". {named} {verb} not read: send `{fields[0]}`" + "".join(
+        f" and optionally `{field}`" for field in fields[1:]
+    )
+
+
+def catalog_problems(event_type: str, attributes: Doc) -> list[tuple[str, str]]:
+    """Every way a catalog event's attributes break the contract, as (path, message); empty if none.
+    Ingest and the simulator refuse such an event with these messages (core/events.py)."""
+    problems: list[tuple[str, str]] = []
+
+    def refuse(field: str, message: str) -> None:
+        problems.append((f"$.attributes.{field}", message))
+
+    product_id = attributes.get("product_id")
+    if not isinstance(product_id, str | int) or isinstance(product_id, bool):
+        example = 'e.g. "lamp-42"'
+        got = _got(attributes, "product_id") + _hint(attributes, "product_id")
+        refuse("product_id", f"{event_type} needs a `product_id`, a string or an integer, {example}; {got}")
+    if event_type == "price_changed":
+        price = attributes.get("price")
+        if isinstance(price, int | float) and not isinstance(price, bool) and not is_price(price):
+            refuse("price", f"`price` must be 0 or more; {_got(attributes, 'price')}")
+        elif not is_price(price):
+            got = _got(attributes, "price") + _hint(attributes, "price", "previous_price")
+            if isinstance(price, str):
+                got += ". Send it as a JSON number, without quotes"
+            refuse("price", f"price_changed needs a numeric `price`, e.g. 79.9; {got}")
+        previous = attributes.get("previous_price")
+        if previous is not None and not is_previous_price(previous):
+            what = "`previous_price`, the price before this change, must be a number above 0 if sent"
+            refuse("previous_price", f"{what}, e.g. 99.9; {_got(attributes, 'previous_price')}")
+        currency = attributes.get("currency")
+        if currency is not None and not (isinstance(currency, str) and CURRENCY.match(currency)):
+            what = "`currency` must be an ISO 4217 code if sent, three upper-case letters such as EUR"
+            refuse("currency", f"{what}; {_got(attributes, 'currency')}")
+    if event_type == "stock_changed":
+        if not isinstance(attributes.get("in_stock"), bool):
+            got = _got(attributes, "in_stock") + _hint(attributes, "in_stock")
+            refuse("in_stock", f"stock_changed needs a boolean `in_stock`, true or false; {got}")
+        quantity = attributes.get("quantity")
+        if quantity is not None and not is_quantity(quantity):
+            what = "`quantity`, the number in stock, must be a whole number, 0 or more, if sent"
+            refuse("quantity", f"{what}, e.g. 12; {_got(attributes, 'quantity')}")
+    for field in DESCRIPTIVE:
+        if attributes.get(field) is not None and not isinstance(attributes[field], str):
+            refuse(field, f"`{field}` must be a string if sent; {_got(attributes, field)}")
+    return problems
+
+
 def catalog_change(event_type: str, attributes: Doc, before: Doc) -> tuple[Doc, Doc]:
     """(the product's new fields, what the copies learn) for one catalog event. Pure: the live fan-out
-    and the simulator share it."""
+    and the simulator share it. A value the contract refuses counts as absent: ingest refuses it, but an
+    event stored by an older version may still hold one, and its fan-out or replay must not fail."""
     change: Doc = {"product_id": str(attributes["product_id"])}
     fields: Doc = {}
-    if event_type == "price_changed" and isinstance(attributes.get("price"), int | float):
+    if event_type == "price_changed" and is_price(attributes.get("price")):
         price = float(attributes["price"])
-        previous = attributes.get("previous_price", before.get("price"))
+        previous = attributes.get("previous_price")
+        if not is_previous_price(previous):
+            previous = before.get("price")
         fields["price"] = price
-        if isinstance(previous, int | float) and previous > 0:
+        if is_previous_price(previous):
             change["previous_price"] = float(previous)
             change["drop_percent"] = round((float(previous) - price) / float(previous) * 100, 2)
     if event_type == "stock_changed":
@@ -39,7 +179,7 @@ def catalog_change(event_type: str, attributes: Doc, before: Doc) -> tuple[Doc, 
         if isinstance(in_stock, bool):
             fields["in_stock"] = in_stock
             change["back_in_stock"] = in_stock and before.get("in_stock") is not True
-        if isinstance(attributes.get("quantity"), int):
+        if is_quantity(attributes.get("quantity")):
             fields["quantity"] = attributes["quantity"]
     return fields, change
 

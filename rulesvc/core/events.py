@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from rulesvc.core.catalog import catalog_problems
 from rulesvc.core.ids import Id
 
 # Events without a contact: they describe the catalog and fan out to interested contacts.
@@ -59,6 +60,18 @@ EventType = Annotated[
     ),
 ]
 ContactId = Id
+EventAttributes = Annotated[
+    dict[str, Any],
+    msgspec.Meta(
+        description=(
+            "Free-form JSON object. The catalog events have a contract (docs/rulesets.md, Catalog events):"
+            " `price_changed` needs `product_id` (string or integer) and `price` (number >= 0), optionally"
+            " `previous_price` (number > 0), `currency` (ISO 4217, e.g. EUR), `name`, `url`, `image_url`"
+            " (strings); `stock_changed` needs `product_id` and `in_stock` (boolean), optionally `quantity`"
+            " (integer >= 0) and the same strings. Other attributes are kept; a broken contract is a 422."
+        )
+    ),
+]
 EventTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with offset; default: now")]
 
 
@@ -69,7 +82,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     type: EventType
     contact_id: ContactId | None = None
     time: EventTime | None = None
-    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+    attributes: EventAttributes = msgspec.field(default_factory=dict)
 
 
 class EventError(msgspec.Struct):
@@ -212,11 +225,9 @@ def event_problems(event: Event) -> list[tuple[str, str]]:
         if message_id is not None and not isinstance(message_id, str):
             return [("$.attributes.message_id", "must be a string, the id of the message")]
     if event.type in CATALOG_EVENT_TYPES:
-        if event.contact_id is not None:
+        if event.contact_id is not None:  # the fan-out names the contacts; a shop cannot pick one
             return [("$.contact_id", f"must be absent for the catalog event type `{event.type}`")]
-        if not isinstance(event.attributes.get("product_id"), str | int):
-            return [("$.attributes.product_id", f"required for the catalog event type `{event.type}`")]
-        return []
+        return catalog_problems(event.type, event.attributes)
     if event.contact_id is None:
         return [("$.contact_id", f"required for event type `{event.type}`")]
     return []
