@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
@@ -201,9 +201,18 @@ class Simulation:
     """Without `rules`, every due message counts as sent unless its guard fails: the rules alone, as
     the engine's own tests use it. The service and the CLI always give the send rules."""
 
-    def __init__(self, engine: Engine, contacts: list[SimContact], rules: SendRules | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        contacts: list[SimContact],
+        rules: SendRules | None = None,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_error(event id, message)`: an event the engine cannot evaluate is skipped and reported
+        there (a backtest goes on); without it, the simulation stops with `Refused` (the request's error)."""
         self.engine = engine
         self.rules = rules
+        self.on_error = on_error
         self.contacts: dict[str, ContactView] = {}
         for c in contacts:
             self.contacts[c.contact_id] = ContactView(c.contact_id, sim_profile(c), {})
@@ -252,7 +261,9 @@ class Simulation:
             except Refused:
                 raise
             except Exception as exc:  # the live inbox would quarantine it; here the caller learns which
-                raise _unevaluable(f"$.events[{i}]", "this event", exc) from exc
+                if self.on_error is None:
+                    raise _unevaluable(f"$.events[{i}]", "this event", exc) from exc
+                self.on_error(event.id, f"{type(exc).__name__}: {exc}")
         end = until or ((timed[-1][0] if timed else start) + DEFAULT_HORIZON)
         self._fire_until(end, inclusive=True)
         return self.actions
@@ -329,6 +340,9 @@ class Simulation:
                     self._evaluate(timer_event(entry), due.due_at)
                 except Exception as exc:
                     trigger = str((entry.trigger or {}).get("id"))
+                    if self.on_error is not None:
+                        self.on_error(trigger, f"its `else`: {type(exc).__name__}: {exc}")
+                        continue
                     path = f"$.events[{self._index_of[trigger]}]" if trigger in self._index_of else "$.events"
                     what = f"the `else` of {entry.ruleset}/{entry.rule} that it armed"
                     raise _unevaluable(path, what, exc) from exc
