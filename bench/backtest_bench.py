@@ -389,20 +389,20 @@ async def store_history(history: History, uri: str, database: str) -> Doc:
     own = copies = 0
     events: list[Doc] = history.catalog_docs()
     contacts: list[Doc] = []
+    interests: list[Doc] = []
     for contact, docs in history.per_contact():
         contacts.append(contact)
         events.extend(docs)
+        interests.extend(interest_docs(contact["_id"], docs))
         copies += sum("fanout_of" in d for d in docs)
         own += sum("fanout_of" not in d for d in docs)
-        if len(events) >= BATCH:
-            await insert("events", events)
-            events = []
-        if len(contacts) >= BATCH:
-            await insert("contacts", contacts)
-            contacts = []
-    for name, docs in (("events", events), ("contacts", contacts)):
-        if docs:
-            await insert(name, docs)
+        for name, pending in (("events", events), ("contacts", contacts), ("interests", interests)):
+            if len(pending) >= BATCH:
+                await insert(name, pending[:])
+                pending.clear()
+    for name, pending in (("events", events), ("contacts", contacts), ("interests", interests)):
+        if pending:
+            await insert(name, pending)
     for task in in_flight:
         await task
     inserted = time.perf_counter() - t0
@@ -413,22 +413,43 @@ async def store_history(history: History, uri: str, database: str) -> Doc:
     indexed = time.perf_counter() - t0
     # Counted in the database, not taken from the generator: what a replay of the window must see.
     window = {"time": {"$gte": at(history.start), "$lt": at(history.end)}}
+    own_query = {**window, "contact_id": {"$ne": None}, "fanout_of": {"$exists": False}}
     stored = {
-        "contact_events": await db.events.count_documents({**window, "contact_id": {"$ne": None}}),
-        "own_events": own,
-        "catalog_copies": copies,
+        "contact_events": await db.events.count_documents(own_query),
+        "catalog_copies": await db.events.count_documents({**window, "fanout_of": {"$exists": True}}),
         "catalog_events": await db.events.count_documents({**window, "contact_id": None}),
         "contacts": await db.contacts.count_documents({}),
-        "contacts_with_events": len(await db.events.distinct("contact_id", {"contact_id": {"$ne": None}})),
+        "contacts_with_events": len(await db.events.distinct("contact_id", own_query)),
+        "interests": await db.interests.count_documents({}),
     }
+    # What a replay of the window reads: each contact's own events and each catalog event once (the
+    # copies are the service's own, and the replay makes them again).
+    stored["replayable_events"] = stored["contact_events"] + stored["catalog_events"]
+    assert (stored["contact_events"], stored["catalog_copies"]) == (own, copies), "stored != generated"
     await client.close()
-    total = stored["contact_events"] + stored["catalog_events"] + stored["contacts"]
+    total = sum(
+        stored[k] for k in ("contact_events", "catalog_copies", "catalog_events", "contacts", "interests")
+    )
     return {
         "stored": stored,
         "insert_seconds": inserted,
         "docs_per_s": total / inserted,
         "index_seconds": indexed,
     }
+
+
+def interest_docs(contact_id: str, docs: list[Doc]) -> list[Doc]:
+    """The interest index as the inbox leaves it after these events (runtime.fanout.interest_updates)."""
+    found: dict[str, Doc] = {}
+    for doc in docs:
+        fields = interest_fields(doc)
+        if fields and "fanout_of" not in doc:
+            product = str(doc["attributes"]["product_id"])
+            entry = found.setdefault(product, {"_id": f"{contact_id}|{product}", "contact_id": contact_id,
+                                               "product_id": product})  # fmt: skip
+            for name, moment in fields.items():
+                entry[name] = max(moment, entry.get(name, moment))
+    return list(found.values())
 
 
 # --- the engine alone ---------------------------------------------------------------------------------
@@ -516,7 +537,7 @@ def child_compile(args: argparse.Namespace) -> Doc:
     """The floor under the backtest's memory: its imports, the channels and both versions compiled."""
     import pymongo  # noqa: F401
 
-    import rulesvc.replay.backtest  # noqa: F401
+    import rulesvc.replay.backtest
     import rulesvc.store.db  # noqa: F401
 
     versions(args)
@@ -556,7 +577,15 @@ def summary_of(report: Any) -> Doc:
     import msgspec
 
     rows = msgspec.to_builtins(report.rows)
-    return {"rows": len(rows)}
+    changes = report.changes
+    return {
+        "rows": len(rows),
+        "sent": {side: sum(r[side]["sent"] for r in rows) for side in ("baseline", "candidate")},
+        "decided": {side: sum(r[side]["decided"] for r in rows) for side in ("baseline", "candidate")},
+        "contacts_changed": changes.changed,
+        "gained_messages": changes.gained_messages,
+        "lost_messages": changes.lost_messages,
+    }
 
 
 def run_child(kind: str, args: argparse.Namespace, extra: list[str]) -> Doc:
@@ -647,7 +676,7 @@ async def bench(args: argparse.Namespace) -> Doc:
         "backtest_per_version / engine_alone": ">= 0.5",
         "backtest peak RSS (MB)": "<= 500",
     }
-    results["all_events_replayed"] = results["backtest"]["events"] == stored["contact_events"]
+    results["all_events_replayed"] = results["backtest"]["events"] == stored["replayable_events"]
     return results
 
 
@@ -655,10 +684,11 @@ def summary(r: Doc) -> str:
     g, e, b, q = r["generate"], r["engine_alone"], r["backtest"], r["backtest_quarter"]
     s = g["stored"]
     ratio = r["ratios"]["backtest_per_version / engine_alone"]
+    sent = b["summary"]["sent"]
     during = ", ".join(f"{k}: {v:.0f}" for k, v in b["rss_mb_at_replayed"].items())
     rows = [
-        ("history", f"{s['contact_events']:,} contact events ({s['catalog_copies']:,} of them catalog copies)"
-                    f" + {s['catalog_events']:,} catalog events, {s['contacts']:,} contacts, "
+        ("history", f"{s['contact_events']:,} contact events + {s['catalog_events']:,} catalog events "
+                    f"(and {s['catalog_copies']:,} fan-out copies), {s['contacts']:,} contacts, "
                     f"{r['sizes']['days']} days"),
         ("stored in", f"{g['insert_seconds']:.1f} s ({g['docs_per_s']:,.0f} docs/s), "
                       f"indexes {g['index_seconds']:.1f} s"),
@@ -674,7 +704,9 @@ def summary(r: Doc) -> str:
                                              f"{q['events_per_s_per_version']:,.0f}/s per version)"),
         ("peak RSS: backtest, whole window", f"{b['peak_rss_mb']:.0f} MB  (target <= 500)"),
         ("RSS (MB) at replayed share", during),
-        ("every stored contact event replayed", "yes" if r["all_events_replayed"] else "NO"),
+        ("sent, baseline -> candidate", f"{sent['baseline']:,} -> {sent['candidate']:,} "
+                                        f"({b['summary']['contacts_changed']:,} contacts changed)"),
+        ("every stored event of the window replayed", "yes" if r["all_events_replayed"] else "NO"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
