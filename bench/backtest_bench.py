@@ -476,7 +476,7 @@ def engine_alone(history: History, channels: frozenset[str], chunk: int = 2000) 
     from rulesvc.core.engine import ContactView, Engine, EngineEvent, RuleIndex
 
     engine = Engine(RuleIndex(compile_folder(ROOT / "rulesets", channels)))
-    seconds, events, fired, scheduled = 0.0, 0, 0, 0
+    seconds, cpu, events, fired, scheduled = 0.0, 0.0, 0, 0, 0
     for first in range(0, history.contacts, chunk):
         work = []
         for contact, docs in history.per_contact(first, min(first + chunk, history.contacts)):
@@ -484,15 +484,17 @@ def engine_alone(history: History, channels: frozenset[str], chunk: int = 2000) 
             view = ContactView(contact["_id"], profile, {})
             work.append((view, [EngineEvent(d["_id"], d["type"], d["contact_id"], d["time"], d["attributes"])
                                 for d in docs]))  # fmt: skip
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for view, evs in work:
             for event in evs:
                 decisions = engine.evaluate(event, view, event.time)
                 fired += len(decisions.fired)
                 scheduled += len(decisions.schedule)
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         events += sum(len(evs) for _, evs in work)
-    return {"events": events, "seconds": seconds, "events_per_s": events / seconds, "rules_fired": fired,
+    return {"events": events, "seconds": seconds, "events_per_s": events / seconds, "cpu_seconds": cpu,
+            "events_per_cpu_s": events / cpu, "rules_fired": fired,
             "entries_scheduled": scheduled}  # fmt: skip
 
 
@@ -556,20 +558,23 @@ async def child_backtest(args: argparse.Namespace) -> Doc:
     store = Store(client, args.database, timedelta(days=365))
     window = Window(datetime.fromisoformat(args.start), datetime.fromisoformat(args.end))
     samples: dict[str, float] = {}  # RSS as the replay goes: flat if memory is bounded
+    elapsed: dict[str, float] = {}  # and when: a replay slowing down as it goes shows here
     marks = [0.25, 0.5, 0.75, 1.0]
 
     def progress(p: Progress) -> None:
         while marks and p.total and p.replayed >= marks[0] * p.total:
-            samples[f"{marks.pop(0):.2f}"] = memory_mb()[1]
+            mark = f"{marks.pop(0):.2f}"
+            samples[mark], elapsed[mark] = memory_mb()[1], p.elapsed_seconds
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = await run_backtest(store, baseline, candidate, channels, policy, Options(window), progress)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     await client.close()
     peak, now = memory_mb()
-    return {"events": report.events, "contacts": report.contacts, "seconds": seconds,
+    return {"events": report.events, "contacts": report.contacts, "seconds": seconds, "cpu_seconds": cpu,
             "report_seconds": report.seconds, "skipped": report.skipped, "summary": summary_of(report),
-            "peak_rss_mb": peak, "rss_mb": now, "rss_mb_at_replayed": samples}  # fmt: skip
+            "peak_rss_mb": peak, "rss_mb": now, "rss_mb_at_replayed": samples,
+            "seconds_at_replayed": elapsed}  # fmt: skip
 
 
 def summary_of(report: Any) -> Doc:
@@ -660,15 +665,21 @@ async def bench(args: argparse.Namespace) -> Doc:
         results["compile_only"] = run_child("compile", args, [])
         where = ["--uri", mongod.uri, "--database", database, "--start", start.isoformat()]
         results["backtest_quarter"] = run_child("backtest", args, [*where, "--end", quarter_end.isoformat()])
-        results["backtest"] = run_child("backtest", args, [*where, "--end", end.isoformat()])
+        profile = ["--profile", args.profile] if args.profile else []
+        results["backtest"] = run_child("backtest", args, [*where, "--end", end.isoformat(), *profile])
     for key in ("backtest", "backtest_quarter"):
         b = results[key]
         # Every event goes through both versions: 2 x events evaluations in `seconds`.
         b["events_per_s_per_version"] = rate(2 * b["events"], b["seconds"])
         b["events_per_s_both_versions"] = rate(b["events"], b["seconds"])
+        b["events_per_cpu_s_per_version"] = rate(2 * b["events"], b["cpu_seconds"])
     engine_rate = results["engine_alone"]["events_per_s"]
     results["ratios"] = {
         "backtest_per_version / engine_alone": results["backtest"]["events_per_s_per_version"] / engine_rate,
+        # The same on CPU time (the replay's own process; the engine's loop): less moved by other
+        # processes on a shared machine, and without the replay's waits for MongoDB.
+        "backtest_per_version / engine_alone, CPU time": results["backtest"]["events_per_cpu_s_per_version"]
+        / results["engine_alone"]["events_per_cpu_s"],
         "peak_rss backtest / quarter window": results["backtest"]["peak_rss_mb"]
         / results["backtest_quarter"]["peak_rss_mb"],
     }
@@ -684,6 +695,7 @@ def summary(r: Doc) -> str:
     g, e, b, q = r["generate"], r["engine_alone"], r["backtest"], r["backtest_quarter"]
     s = g["stored"]
     ratio = r["ratios"]["backtest_per_version / engine_alone"]
+    cpu_ratio = r["ratios"]["backtest_per_version / engine_alone, CPU time"]
     sent = b["summary"]["sent"]
     during = ", ".join(f"{k}: {v:.0f}" for k, v in b["rss_mb_at_replayed"].items())
     rows = [
@@ -699,11 +711,15 @@ def summary(r: Doc) -> str:
          f"in {b['seconds']:.1f} s)"),
         ("backtest per version (2 x events / s)", f"{b['events_per_s_per_version']:,.0f}"),
         ("ratio: per version / engine alone", f"{ratio:.2f}  (target >= 0.5)"),
+        ("the same on CPU time", f"{cpu_ratio:.2f}  (engine {e['events_per_cpu_s']:,.0f}/CPU s, backtest "
+                                 f"{b['events_per_cpu_s_per_version']:,.0f}/CPU s per version)"),
         ("peak RSS: imports + both versions compiled", f"{r['compile_only']['peak_rss_mb']:.0f} MB"),
         ("peak RSS: backtest, first quarter", f"{q['peak_rss_mb']:.0f} MB  ({q['events']:,} events, "
                                              f"{q['events_per_s_per_version']:,.0f}/s per version)"),
         ("peak RSS: backtest, whole window", f"{b['peak_rss_mb']:.0f} MB  (target <= 500)"),
         ("RSS (MB) at replayed share", during),
+        ("seconds at replayed share",
+         ", ".join(f"{k}: {v:.1f}" for k, v in b["seconds_at_replayed"].items())),
         ("sent, baseline -> candidate", f"{sent['baseline']:,} -> {sent['candidate']:,} "
                                         f"({b['summary']['contacts_changed']:,} contacts changed)"),
         ("every stored event of the window replayed", "yes" if r["all_events_replayed"] else "NO"),
@@ -722,6 +738,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cache-gb", type=float, default=2.0, help="the embedded mongod's WiredTiger cache")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "backtest.json"))
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the whole-window backtest into FILE")
     # The child processes' own arguments (the parent passes them).
     parser.add_argument("--child", choices=["compile", "backtest"], help=argparse.SUPPRESS)
     for name in ("--config", "--candidate", "--uri", "--database", "--start", "--end"):
@@ -731,7 +748,15 @@ def main() -> None:
         print(json.dumps(child_compile(args)))
         return
     if args.child == "backtest":
-        print(json.dumps(asyncio.run(child_backtest(args))))
+        if args.profile:  # the replay's own costs: `python -m pstats FILE`, then `sort cumtime`, `stats 30`
+            import cProfile
+
+            with cProfile.Profile() as profile:
+                result = asyncio.run(child_backtest(args))
+            profile.dump_stats(args.profile)
+        else:
+            result = asyncio.run(child_backtest(args))
+        print(json.dumps(result))
         return
     results = asyncio.run(bench(args))
     out = Path(args.out)
