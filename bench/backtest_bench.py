@@ -633,7 +633,9 @@ def rate(n: int, seconds: float) -> float:
 async def bench(args: argparse.Namespace) -> Doc:
     from rulesvc.store.mongod import EmbeddedMongod
 
-    end = datetime.now(UTC).replace(microsecond=0)
+    # The window ends at midnight UTC: the same history falls on the same clock times (quiet hours, local
+    # days) in every run, so runs on different days decide the same messages.
+    end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     start = end - timedelta(days=args.days)
     history = History(args.events, args.contacts, start, end, args.seed)
     quarter_end = start + (end - start) / 4
@@ -734,7 +736,7 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=1_000_000, help="contact events stored (default 1M)")
     parser.add_argument("--contacts", type=int, default=100_000)
-    parser.add_argument("--days", type=int, default=14, help="the window, ending now")
+    parser.add_argument("--days", type=int, default=14, help="the window, ending at the last midnight UTC")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cache-gb", type=float, default=2.0, help="the embedded mongod's WiredTiger cache")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "backtest.json"))
