@@ -9,12 +9,14 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from pymongo import AsyncMongoClient
 
+from rulesvc.config import Settings
 from rulesvc.core.contacts import ContactIn
 from rulesvc.core.engine import CompiledRuleset
 from rulesvc.core.events import Event
@@ -23,7 +25,9 @@ from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.replay.backtest import Options, Report, Version, Window, report_text, run_backtest, window_of
 from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod
-from tests.helpers import Provider, registry
+from rulesvc.web.app import create_app
+from rulesvc.web.keys import RULESETS
+from tests.helpers import Provider, eventually, history, registry, write_ruleset
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 WINDOW = Window(NOW - timedelta(days=14), NOW)
@@ -73,7 +77,7 @@ class Cart:
         return ("sent" if self.consent else "suppressed"), due
 
 
-def history(seed: int = 7, contacts: int = 40) -> tuple[list[Cart], list[Event], dict[str, bool]]:
+def cart_history(seed: int = 7, contacts: int = 40) -> tuple[list[Cart], list[Event], dict[str, bool]]:
     """Carts at least a day apart per contact (so reminders never re-arm each other), each bought after
     one of BOUGHT_AFTER; a few carts in the window's last hour, still due at its end."""
     rng = random.Random(seed)
@@ -111,7 +115,7 @@ async def store(mongod: EmbeddedMongod, settings: Any) -> AsyncIterator[Store]:
 
 
 async def stored(store: Store, seed: int = 7) -> tuple[list[Cart], dict[str, bool]]:
-    carts, events, consent = history(seed)
+    carts, events, consent = cart_history(seed)
     for cid, ok in consent.items():
         await store.put_contact(cid, ContactIn(email=f"{cid}@example.com", consent={"email": ok}))
     assert (await store.insert_events(events, NOW)).accepted == len(events)
@@ -171,7 +175,7 @@ async def test_a_longer_delay_loses_the_carts_bought_in_between(store: Store) ->
     assert report.changes.lost_messages == sum(
         c.outcome(20)[0] == "sent" and c.outcome(45)[0] != "sent" for c in carts
     )
-    assert report.events == sum(1 for _ in history()[1]) - 2  # all but the two outside the window
+    assert report.events == sum(1 for _ in cart_history()[1]) - 2  # all but the two outside the window
     assert report.contacts == 40
     example = report.changes.lost_examples[0]
     assert example.contact_id in losing and example.lost and not example.gained
@@ -233,3 +237,115 @@ def test_the_window() -> None:
         window_of("2d", now - timedelta(days=1), None, now)
     with pytest.raises(ValueError, match="empty"):
         window_of(None, now, now - timedelta(days=1), now)
+
+
+async def test_the_live_rulesets_replayed_decide_what_the_service_recorded(
+    make_client: Any, settings: Settings, store: Store
+) -> None:
+    """Events the live service processed, then a backtest of the same window through the live rulesets:
+    every message the service recorded is replayed with the same fate (sent, suppressed with its reason,
+    cancelled), a price drop's fan-out included; a candidate without the price rule loses exactly those."""
+    folder = Path(settings.rulesets_dir)
+    rules = [remind("1s"), {
+        "name": "drop",
+        "when": {"event": "price_changed", "conditions": {"attributes.drop_percent": {"gte": 10}}},
+        "then": [{"send": {"channel": "email", "template": "cart",
+                           "params": {"price": "$attributes.price"}}}],
+    }]  # fmt: skip
+    write_ruleset(folder, "cart", {"rules": rules})
+    (folder / "templates").mkdir(exist_ok=True)
+    for name in ("cart.subject", "cart.text"):
+        (folder / "templates" / name).write_text("Hi")
+    email = Provider("email", needs="email")
+    app = create_app(msgspec.structs.replace(settings, quiet_hours="", frequency_caps={}), registry(email))
+    client = await make_client(app)
+    profiles = {"yes": {"email": "y@example.com", "consent": {"email": True}},
+                "no": {"email": "n@example.com"},
+                "buyer": {"email": "b@example.com", "consent": {"email": True}},
+                "viewer": {"email": "v@example.com", "consent": {"email": True}}}  # fmt: skip
+    for cid, profile in profiles.items():
+        assert (await client.put(f"/v1/contacts/{cid}", json=profile)).status in (200, 201)
+    start = datetime.now(UTC)
+    t = [(start + timedelta(milliseconds=10 * i)).isoformat() for i in range(8)]
+    events = [
+        {"id": "e1", "type": "cart_updated", "contact_id": "yes", "time": t[0], "attributes": {"value": 5}},
+        {"id": "e2", "type": "cart_updated", "contact_id": "no", "time": t[0], "attributes": {"value": 5}},
+        {"id": "e3", "type": "cart_updated", "contact_id": "buyer", "time": t[0], "attributes": {"value": 5}},
+        {"id": "e4", "type": "purchased", "contact_id": "buyer", "time": t[1], "attributes": {"value": 5}},
+        {"id": "e5", "type": "product_viewed", "contact_id": "viewer", "time": t[1],
+         "attributes": {"product_id": "p1"}},
+    ]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+    await eventually(lambda: _decided(client, ["yes", "no", "buyer"]))
+    price = [{"id": f"p1-{n}", "type": "price_changed", "time": t[2 + n],
+              "attributes": {"product_id": "p1", "price": value}}
+             for n, value in enumerate((100, 80))]  # fmt: skip
+    for e in price:  # one after the other: the second one's drop is measured against the first
+        assert (await client.post("/v1/events", json=e)).status == 202
+        await eventually(lambda: _fanned_out(store))
+    await eventually(lambda: _decided(client, ["viewer"]))
+
+    live = Version("live", list(app[RULESETS].live.values()))
+    source = msgspec.convert({"rules": [remind("1s")]}, RulesetFile)
+    candidate = Version("no drop", [CompiledRuleset.compile("cart", "c", source)])
+    window = Window(start - timedelta(minutes=1), datetime.now(UTC) + timedelta(seconds=5))
+    before = len(email.delivered)
+    report = await run_backtest(store, live, candidate, registry(Provider("email", needs="email")),
+                                SendPolicy(), Options(window))  # fmt: skip
+    recorded = [m for cid in profiles for m in await history(client, cid)]
+    assert sorted((m["contact_id"], m["rule"], m["status"]) for m in recorded) == [
+        ("buyer", "remind", "cancelled"),
+        ("no", "remind", "suppressed"),
+        ("viewer", "drop", "sent"),
+        ("yes", "remind", "sent"),
+    ]
+    assert report.recorded.recorded == 4
+    assert (report.recorded.same, report.recorded.different, report.recorded.only_recorded,
+            report.recorded.only_replayed) == (4, 0, 0, 0), report.recorded.examples  # fmt: skip
+    assert (report.changes.losing, report.changes.lost_messages) == (1, 1)
+    assert report.changes.lost_examples[0].contact_id == "viewer"
+    assert len(email.delivered) == before  # the live channel was not called by the replay
+
+
+async def _decided(client: Any, contacts: list[str]) -> bool:
+    for cid in contacts:
+        msgs = await history(client, cid)
+        if not msgs or any(m["status"] in ("scheduled", "sending") for m in msgs):
+            return False
+    return True
+
+
+async def _fanned_out(store: Store) -> bool:
+    return await store.events.count_documents({"contact_id": None, "state": "pending"}) == 0
+
+
+async def test_interest_from_before_the_window_counts_for_a_price_drop(store: Store) -> None:
+    """A view 5 days before the window makes a contact interested in a drop inside it (a view counts for
+    30 days); one 40 days before does not; a wishlist entry counts however old."""
+    drop = {"name": "drop",
+            "when": {"event": "price_changed", "conditions": {"attributes.drop_percent": {"gte": 10}}},
+            "then": [{"send": {"channel": "email", "template": "cart"}}]}  # fmt: skip
+    first = WINDOW.start + timedelta(days=1)
+    events = [
+        Event("v1", "product_viewed", "recent", WINDOW.start - timedelta(days=5), {"product_id": "p1"}),
+        Event("v2", "product_viewed", "old", first - timedelta(days=40), {"product_id": "p1"}),
+        Event("w1", "wishlist_added", "wished", WINDOW.start - timedelta(days=60), {"product_id": "p1"}),
+        Event("x1", "page_viewed", "recent", WINDOW.start + timedelta(hours=1), {}),
+        Event("pa", "price_changed", None, first, {"product_id": "p1", "price": 100}),
+        Event("pb", "price_changed", None, first + timedelta(hours=1), {"product_id": "p1", "price": 80}),
+    ]
+    for cid in ("recent", "old", "wished"):
+        await store.put_contact(cid, ContactIn(email=f"{cid}@example.com", consent={"email": True}))
+    await store.insert_events(events, NOW)
+    # The interest index as the live inbox wrote it when it processed the views; `old` and `wished` did
+    # nothing in the window and are replayed because of it.
+    for e in events[:3]:
+        assert e.contact_id is not None and e.time is not None
+        field = "wishlisted_at" if e.type == "wishlist_added" else "viewed_at"
+        await store.interests.insert_one({"_id": f"{e.contact_id}|p1", "contact_id": e.contact_id,
+                                          "product_id": "p1", field: e.time})  # fmt: skip
+    report, email = await backtest(store, version("none", [NOTE]), version("drop", [NOTE, drop]))
+    assert report.contacts == 3
+    assert tally(report, "drop", "candidate")["sent"] == 2
+    assert {ex.contact_id for ex in report.changes.gained_examples} == {"recent", "wished"}
+    assert not email.delivered

@@ -64,6 +64,9 @@ def guard_fails(guard: str | None, params: Doc, product: Doc) -> str | None:
     return None
 
 
+INTEREST_EVENTS = ("product_viewed", "wishlist_added", "subscribed")  # the types `interest_fields` reads
+
+
 def interest_fields(doc: Doc) -> Doc:
     """What one contact event says about interest in its product (empty if nothing)."""
     attributes = doc.get("attributes") or {}

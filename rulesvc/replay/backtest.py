@@ -9,8 +9,8 @@ reaches the contacts whose own events in the window showed interest, as the live
 
 What a replay cannot know, it assumes, and the report says so (`notes`):
 - profiles are today's (addresses, consent, time zone, attributes);
-- each contact's state (`once`, counters, flags, waits) starts empty at the window's start, and product
-  interest comes from the window's own events;
+- each contact's state (`once`, counters, flags, waits) starts empty at the window's start; product
+  interest (views, wishlists, subscriptions) counts from up to 90 days before it, as the live fan-out's;
 - bounces and blocks are those of the window's outcome events; providers never fail.
 
 The baseline's replay is also held against the messages the service recorded in the window: a difference
@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -43,11 +43,14 @@ if TYPE_CHECKING:
 DEFAULT_SINCE = "14d"
 BATCH_CONTACTS = 500  # contacts whose profiles and recorded messages are read in one query each
 PROGRESS_EVERY = 0.5  # seconds between progress reports
+# How far before the window a product view or wishlist entry still counts as interest (a view counts for
+# 30 days, a wishlist entry for good: as far back as events are kept by default).
+INTEREST_LOOKBACK = timedelta(days=90)
 
 NOTES = [
     "Profiles are today's: addresses, consent, time zone and attributes as stored now.",
     "Each contact's state (once, counters, flags, waits) starts empty at the window's start; product "
-    "interest comes from the window's own events.",
+    "interest counts from up to 90 days before it, as far as events are kept.",
     "Bounces and blocks are those reported in the window; providers never fail in a replay.",
     "A message still due at the window's end counts as scheduled.",
 ]
@@ -466,12 +469,19 @@ class _Replay:
                 self.catalog.setdefault(str(product), []).append(_event(doc))
         self.catalog_events = len(catalog)
 
-    def contact(self, contact_id: str, docs: list[Doc], profile: Doc | None, recorded: list[Doc]) -> None:
+    def contact(
+        self,
+        contact_id: str,
+        docs: list[Doc],
+        profile: Doc | None,
+        recorded: list[Doc],
+        prior: dict[str, Doc] | None = None,
+    ) -> None:
+        """`prior`: the contact's interest per product from before the window."""
         docs.sort(key=lambda d: (d["time"], str(d["_id"])))
         events = [_event(d) for d in docs]
-        products = {
-            str(d["attributes"]["product_id"]) for d in docs if interest_fields(d) and d["attributes"]
-        }
+        prior = prior or {}
+        products = {str(d["attributes"]["product_id"]) for d in docs if interest_fields(d)} | prior.keys()
         extra = [e for p in sorted(products) for e in self.catalog.get(p, ())]
         contact = _sim_contact(contact_id, profile)
         self.reach.enter(contact)
@@ -483,6 +493,8 @@ class _Replay:
                     self.builder.skip(contact_id, event_id, side, error)
 
                 sim = Simulation(engine, [contact] if contact else [], self.reach.rules, on_error=skip)
+                for product, fields in prior.items():
+                    sim.interests[product] = {contact_id: dict(fields)}
                 actions = sim.run([*events, *extra], self.window.end)
                 found.append(replayed_messages(actions, sim.entries.values()))
         finally:
@@ -530,12 +542,33 @@ async def run_backtest(
         recorded: dict[str, list[Doc]] = {}
         for doc in await reads.recorded_messages(ids, window.start, window.end):
             recorded.setdefault(doc["contact_id"], []).append(doc)
+        prior: dict[str, dict[str, Doc]] = {}
+        if replay.catalog:  # only a price or stock change in the window needs to know
+            since = window.start - INTEREST_LOOKBACK
+            for doc in await reads.prior_interest(ids, since, window.start):
+                fields = interest_fields(doc)
+                product = prior.setdefault(doc["contact_id"], {}).setdefault(
+                    str(doc["attributes"]["product_id"]), {}
+                )
+                for name, at in fields.items():
+                    product[name] = max(at, product.get(name, at))
         for contact_id, docs in batch.items():
-            replay.contact(contact_id, docs, profiles.get(contact_id), recorded.get(contact_id, []))
+            replay.contact(
+                contact_id,
+                docs,
+                profiles.get(contact_id),
+                recorded.get(contact_id, []),
+                prior.get(contact_id),
+            )
             replayed += len(docs)
             report_progress()
 
     report_progress(force=True)
+    # Contacts interested in a product whose price or stock changed in the window, from their events
+    # before it, are replayed even if they did nothing in the window: the live fan-out reached them.
+    quiet = set(await reads.interested_contacts(sorted(replay.catalog))) if replay.catalog else set()
+    if options.contacts is not None:
+        quiet &= set(options.contacts)
     batch: dict[str, list[Doc]] = {}
     current: str | None = None
     async for doc in reads.contact_events(window.start, window.end, options.contacts):
@@ -544,7 +577,13 @@ async def run_backtest(
             await flush(batch)
             batch = {}
         current = contact_id
+        quiet.discard(contact_id)
         batch.setdefault(contact_id, []).append(doc)
+    for contact_id in sorted(quiet):
+        if len(batch) >= BATCH_CONTACTS:
+            await flush(batch)
+            batch = {}
+        batch[contact_id] = []
     if batch:
         await flush(batch)
     report_progress(force=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 
+from rulesvc.core.catalog import INTEREST_EVENTS
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.engine import TIMER_EVENT
 from rulesvc.store.db import Doc, Store
@@ -63,6 +64,26 @@ class BacktestReads:
             EVENT_FIELDS,
             sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
         ).to_list()
+
+    async def prior_interest(self, contact_ids: list[str], since: datetime, start: datetime) -> list[Doc]:
+        """These contacts' events before the window that show interest in a product (a view, a wishlist
+        entry, a subscription): the live fan-out counts them for the window's price and stock changes."""
+        return await self.store.events.find(
+            {
+                "contact_id": {"$in": contact_ids},
+                "time": {"$gte": since, "$lt": start},
+                "type": {"$in": list(INTEREST_EVENTS)},
+                "attributes.product_id": {"$exists": True},
+                "fanout_of": {"$exists": False},
+            },
+            {"type": 1, "contact_id": 1, "time": 1, "attributes.product_id": 1, "attributes.in_stock": 1},
+            hint="events_by_contact",
+        ).to_list()
+
+    async def interested_contacts(self, products: list[str]) -> list[str]:
+        """The contacts the interest index links to these products (whenever their interest began)."""
+        found = await self.store.interests.distinct("contact_id", {"product_id": {"$in": products}})
+        return [str(c) for c in found]
 
     async def profiles(self, contact_ids: list[str]) -> dict[str, Doc]:
         """Today's profiles of these contacts: what a channel and a rule see (not the service's state)."""
