@@ -54,7 +54,7 @@ class Reporter:
         self.latest: Progress | None = None
         self.cancelled = False
         self.gone = False
-        self._written = time.monotonic()
+        self._written = float("-inf")  # the first progress is written at once
         self._writing: asyncio.Task[None] | None = None
 
     def __call__(self, progress: Progress) -> None:
