@@ -26,6 +26,7 @@ from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from rulesvc.web.app import create_app
 from tests.helpers import eventually, wait_for
 from tests.service import ServiceProcess
+from tests.test_api_contract import check_against_document
 from tests.webhook_flow import SECRET, Receiver
 
 Client = Any
@@ -148,6 +149,7 @@ async def test_a_backtest_job_reports_what_the_candidate_would_change_and_touche
     resp = await client.post("/v1/backtests", json={"since": "14d", "rulesets": candidate})
     job = await resp.json()
     assert resp.status == 202, job
+    check_against_document("POST", "/v1/backtests", 202, job)
     assert resp.headers["Location"] == f"/v1/backtests/{job['id']}" == job["links"]["get"]
     assert job["status"] == "queued"
     assert job["request"]["candidate"] == "the baseline with cart replaced"
@@ -155,6 +157,7 @@ async def test_a_backtest_job_reports_what_the_candidate_would_change_and_touche
 
     done = await finished(client, job["id"])
     assert done["status"] == "done", done
+    check_against_document("GET", "/v1/backtests/{job_id}", 200, done)  # the report as documented
     report = done["report"]
     in_window = [d for d in events() if d["_id"] != "old"]
     assert report["events"] == len(in_window) == done["progress"]["replayed"] == done["progress"]["total"]
@@ -184,6 +187,7 @@ async def test_a_backtest_job_reports_what_the_candidate_would_change_and_touche
     assert await dump(db) == before
     assert receiver.got == [] and not receiver.raw
     listed = await (await client.get("/v1/backtests")).json()
+    check_against_document("GET", "/v1/backtests", 200, listed)
     assert [j["id"] for j in listed["backtests"]] == [job["id"]]
     assert listed["backtests"][0]["report"] is None and listed["backtests"][0]["status"] == "done"
 
@@ -203,6 +207,7 @@ async def refused(client: Client, body: Any) -> list[dict[str, Any]]:
     resp = await client.post("/v1/backtests", json=body)
     answer = await resp.json()
     assert resp.status == 422, answer
+    check_against_document("POST", "/v1/backtests", 422, answer)
     return answer["errors"]  # type: ignore[no-any-return]
 
 
@@ -299,6 +304,7 @@ async def test_one_backtest_at_a_time_and_a_running_one_is_cancelled(
     resp = await client.post("/v1/backtests", json={})
     conflict = await resp.json()
     assert resp.status == 409
+    check_against_document("POST", "/v1/backtests", 409, conflict)
     progress = conflict["running"]["progress"]
     assert progress["total"] == total and 0 < progress["replayed"] <= total
     assert 0 < progress["percent"] <= 100
@@ -316,7 +322,9 @@ async def test_one_backtest_at_a_time_and_a_running_one_is_cancelled(
     done = await finished(client, second["id"])
     assert (done["status"], done["report"]["events"], done["report"]["contacts"]) == ("done", 20, 2)
     resp = await client.post(f"/v1/backtests/{second['id']}/cancel")
-    assert resp.status == 409 and (await resp.json())["status"] == "done"
+    ended = await resp.json()
+    assert resp.status == 409 and ended["status"] == "done"
+    check_against_document("POST", "/v1/backtests/{job_id}/cancel", 409, ended)
 
 
 async def test_stopping_the_service_cancels_its_running_backtest(

@@ -51,9 +51,16 @@ def href(job_id: str) -> str:
 
 
 def job_body(doc: dict[str, Any], with_report: bool = True) -> BacktestJob:
-    """A stored job as the API shows it."""
+    """A stored job as the API shows it. A report another version of rulesvc wrote in another shape is
+    left out with a sentence, rather than failing the read."""
     progress = doc.get("progress")
-    report = doc.get("report") if with_report else None
+    error = doc.get("error")
+    report = None
+    if with_report and doc.get("report"):
+        try:
+            report = msgspec.convert(doc["report"], Report)
+        except msgspec.ValidationError:
+            error = "the report was written by another version of rulesvc and cannot be shown; run it again"
     return BacktestJob(
         id=doc["_id"],
         status=doc["status"],
@@ -65,9 +72,9 @@ def job_body(doc: dict[str, Any], with_report: bool = True) -> BacktestJob:
         owner=doc.get("owner", ""),
         progress=msgspec.convert(progress, BacktestProgress) if progress else None,
         cancel_requested=bool(doc.get("cancel_requested")),
-        error=doc.get("error"),
+        error=error,
         links=BacktestLinks(href(doc["_id"]), href(doc["_id"]) + "/cancel"),
-        report=msgspec.convert(report, Report) if report else None,
+        report=report,
     )
 
 
