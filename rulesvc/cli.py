@@ -776,8 +776,7 @@ def backtest_command(args: argparse.Namespace) -> int:
     from rulesvc.core.engine import CompiledRuleset
     from rulesvc.replay.backtest import Options, Progress, Version, report_text, run_backtest
     from rulesvc.replay.simulate import Until
-    from rulesvc.runtime.backtests import WindowProblem, backtest_window, compile_folder
-    from rulesvc.runtime.rulesets import folder_problem
+    from rulesvc.runtime.backtests import WindowProblem, backtest_window, compile_folder, usable_folder
     from rulesvc.store.db import Store
     from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
 
@@ -804,7 +803,7 @@ def backtest_command(args: argparse.Namespace) -> int:
 
     def version(given: str | None) -> Version | None:
         directory = Path(given or settings.rulesets_dir)
-        problem = folder_problem(directory)
+        problem = usable_folder(directory)
         if problem is not None:
             print(f"rulesvc: {problem}", file=sys.stderr)
             return None

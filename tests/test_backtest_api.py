@@ -255,6 +255,8 @@ async def test_bad_requests_are_422_with_the_path_of_every_problem(
     assert paths(both) == ["$.rulesets_dir"]
     assert paths(await refused(client, {"rulesets_dir": "relative/folder"})) == ["$.rulesets_dir"]
     assert paths(await refused(client, {"baseline_dir": str(tmp_path / "none")})) == ["$.baseline_dir"]
+    for odd in ("/tmp/a\x00b", "/" + "x" * 300, "/etc/passwd"):  # refused by the system, or a file
+        assert paths(await refused(client, {"rulesets_dir": odd})) == ["$.rulesets_dir"], odd
     folder = write_rulesets(tmp_path / "candidate", {"cart": {"rules": [remind("45m")]}})
     (folder / "broken.json").write_text('{"rules": [')
     [broken] = await refused(client, {"rulesets_dir": str(folder)})

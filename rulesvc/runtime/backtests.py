@@ -30,7 +30,7 @@ from rulesvc.core.engine import CompiledRuleset
 from rulesvc.core.ruleformat import InvalidRuleset, RulesetError
 from rulesvc.replay.backtest import Options, Window, window_of
 from rulesvc.replay.simulate import LiveRuleset
-from rulesvc.runtime.rulesets import compile_source, read_source, ruleset_files
+from rulesvc.runtime.rulesets import compile_source, folder_problem, read_source, ruleset_files
 from rulesvc.runtime.templates import Templates
 from rulesvc.store.backtest_jobs import BacktestJobs
 
@@ -109,6 +109,16 @@ def backtest_window(
             "days (RULESVC_EVENT_RETENTION_DAYS): older events are deleted",
         )
     return window
+
+
+def usable_folder(directory: Path) -> str | None:
+    """Why a folder gives no rulesets (`folder_problem`), a path the system refuses (a NUL byte, a name
+    too long) included, as a sentence."""
+    try:
+        return folder_problem(directory)
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        return f"cannot read the folder `{str(directory)[:200]}`: {why}"
 
 
 def compile_folder(

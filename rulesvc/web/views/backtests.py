@@ -23,8 +23,9 @@ from rulesvc.runtime.backtests import (
     backtest_window,
     compile_folder,
     owner,
+    usable_folder,
 )
-from rulesvc.runtime.rulesets import NOT_RULESETS, RULESET_NAME, Rulesets, compile_source, folder_problem
+from rulesvc.runtime.rulesets import NOT_RULESETS, RULESET_NAME, Rulesets, compile_source
 from rulesvc.store.backtest_jobs import KEEP
 from rulesvc.web.backtest_schemas import (
     BacktestAsked,
@@ -100,7 +101,7 @@ class _Asked:
         if not path.is_absolute():
             problem = f"give an absolute path (a folder on the server), got `{given[:200]}`"
         else:
-            problem = folder_problem(path)
+            problem = usable_folder(path)
         if problem is not None:
             self.problems.append(BacktestProblem(field, problem))
             return None
