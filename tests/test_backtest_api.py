@@ -231,6 +231,8 @@ async def test_bad_requests_are_422_with_the_path_of_every_problem(
     future = await refused(client, {"since": "1d", "until": iso(NOW + timedelta(days=1))})
     assert paths(future) == ["$.until"] and "future" in future[0]["message"]
     assert paths(await refused(client, {"since": "2 days"})) == ["$.since"]
+    assert paths(await refused(client, {"from": "0001-01-01T00:00:00+23:59"})) == ["$.from"]
+    assert paths(await refused(client, {"until": "0001-01-01T00:00:00Z"})) == ["$.until"]
     assert paths(await refused(client, {"from": "2026-11-01T10:00:00"})) == ["$.from"]  # no offset
     assert paths(await refused(client, {"examples": 51})) == ["$.examples"]
     assert paths(await refused(client, {"contacts": [f"c{i}" for i in range(10_001)]})) == ["$.contacts"]

@@ -64,10 +64,6 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def live_sources(rulesets: list[CompiledRuleset]) -> list[LiveRuleset]:
-    return [LiveRuleset(r.name, r.version, r.source) for r in sorted(rulesets, key=lambda r: r.name)]
-
-
 # --- what is asked ---------------------------------------------------------------------------------------
 
 
@@ -94,8 +90,9 @@ def backtest_window(
         return WindowProblem("until", "is in the future: a backtest replays events that happened")
     try:
         window = window_of(since, start, min(until, now) if until is not None else None, now)
-    except OverflowError:
-        return WindowProblem("since", "reaches back before any date")
+    except OverflowError:  # the year 1, less a duration or an offset
+        field = "from" if start is not None else "until" if until is not None else "since"
+        return WindowProblem(field, "reaches back before the first date a window can hold")
     except ValueError as exc:
         text = str(exc)
         if text.startswith("since: "):
