@@ -78,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rulesets", metavar="DIR", help="rulesets folder (default: RULESVC_RULESETS_DIR)")
     sim.add_argument("--json", action="store_true", help="print the actions as JSON instead of a table")
 
+    bt = commands.add_parser(
+        "backtest",
+        help="replay stored events through the live rulesets and a candidate, side by side",
+        description="Replay the stored events of a window through two ruleset versions (the live "
+        "folder, or --baseline, and the candidate --rulesets) with the service's channels and send rules, "
+        "and print per rule and channel what each would have sent, suppressed, cancelled or postponed, "
+        "the contacts that gain or lose a message, and the baseline against what the service recorded. "
+        "Sends and writes nothing. Uses MONGODB_URI, or the embedded data dir's mongod.",
+    )
+    window = bt.add_mutually_exclusive_group()
+    window.add_argument("--since", metavar="DURATION", help="how far back, e.g. 14d, 36h (default 14d)")
+    window.add_argument("--from", dest="start", metavar="TIME", help="RFC 3339 start of the window")
+    bt.add_argument("--until", metavar="TIME", help="RFC 3339 end of the window (default now)")
+    bt.add_argument("--rulesets", metavar="DIR",
+                    help="the candidate folder (default: the live folder, RULESVC_RULESETS_DIR)")  # fmt: skip
+    bt.add_argument("--baseline", metavar="DIR",
+                    help="the baseline folder (default: the live folder, RULESVC_RULESETS_DIR)")  # fmt: skip
+    bt.add_argument("--contacts", metavar="ID[,ID...]", help="only these contacts")
+    bt.add_argument("--examples", type=int, default=5, metavar="N",
+                    help="contacts shown each way (gain, lose) and mismatches, 0-50 (default 5)")  # fmt: skip
+    bt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
     keys = commands.add_parser(
         "keys",
         help="create, list and revoke API keys",
@@ -704,6 +726,128 @@ def simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressLine:
+    """`rulesvc backtest`'s progress on stderr: a line rewritten in place on a terminal, else a plain line
+    every few seconds (and the last one)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.tty = sys.stderr.isatty()
+        self.every = every
+        self.last = float("-inf")
+        self.shown: Any = None
+
+    def __call__(self, p: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        if not self.tty and now - self.last < self.every:
+            self.shown = p
+            return
+        self.last = now
+        self._show(p)
+
+    def _show(self, p: Any) -> None:
+        percent = 100.0 if p.total == 0 else min(p.replayed / p.total, 1.0) * 100
+        rate = p.replayed / p.elapsed_seconds if p.elapsed_seconds > 0 else 0.0
+        eta = f", {p.eta_seconds:.0f} s left" if p.eta_seconds is not None and p.replayed < p.total else ""
+        line = (f"replayed {p.replayed} of {p.total} events ({percent:.0f}%), {p.contacts} contacts, "
+                f"{rate:.0f} events/s{eta}")  # fmt: skip
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.shown = None
+
+    def end(self, p: Any) -> None:
+        if p is not None and (self.shown is not None or self.last == float("-inf")):
+            self._show(p)
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def backtest_command(args: argparse.Namespace) -> int:
+    """The backtest in this process, on the service's database: nothing is sent or written."""
+    from datetime import UTC, timedelta
+    from pathlib import Path
+
+    import msgspec
+
+    from rulesvc.core.engine import CompiledRuleset
+    from rulesvc.replay.backtest import Options, Progress, Version, report_text, run_backtest
+    from rulesvc.replay.simulate import Until
+    from rulesvc.runtime.backtests import WindowProblem, backtest_window, compile_folder, usable_folder
+    from rulesvc.store.db import Store
+    from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
+
+    settings = load_settings()
+    times: dict[str, datetime | None] = {}
+    for option, value in (("--from", args.start), ("--until", args.until)):
+        try:
+            times[option] = msgspec.convert(value, Until | None)
+        except msgspec.ValidationError:
+            print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
+            return 1
+    if not 0 <= args.examples <= 50:
+        print("rulesvc: --examples must be between 0 and 50", file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    retention = timedelta(days=settings.event_retention_days)
+    window = backtest_window(args.since, times["--from"], times["--until"], now, retention)
+    if isinstance(window, WindowProblem):
+        print(f"rulesvc: --{window.field}: {window.message}", file=sys.stderr)
+        return 1
+    contacts = [c for c in (args.contacts or "").split(",") if c] or None
+    channels = load_channels(settings)[0]  # the send rules apply as in the service, with its channels
+    compiled: list[CompiledRuleset] = []
+
+    def version(given: str | None) -> Version | None:
+        directory = Path(given or settings.rulesets_dir)
+        problem = usable_folder(directory)
+        if problem is not None:
+            print(f"rulesvc: {problem}", file=sys.stderr)
+            return None
+        found, errors = compile_folder(directory, channels.names(), templates_of(settings, given))
+        compiled.extend(found)
+        for error in errors:  # the lines `rulesvc check` prints
+            print(error, file=sys.stderr)
+        if errors:
+            return None
+        where = directory.absolute()
+        return Version(str(where) if given else f"live rulesets ({where})", found)
+
+    try:
+        baseline = version(args.baseline)
+        candidate = version(args.rulesets) if baseline is not None else None
+        if baseline is None or candidate is None:
+            return 1
+        options = Options(window, contacts, args.examples)
+        shown = _ProgressLine()
+        latest: list[Progress] = []
+
+        def progress(p: Progress) -> None:
+            latest[:] = [p]
+            shown(p)
+
+        async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+            store = Store(db.client, db.name, retention)
+            await store.ensure_schema()  # its reads use the service's indexes, even on a fresh database
+            report = await run_backtest(
+                store, baseline, candidate, channels, send_policy(settings), options, progress
+            )
+            shown.end(latest[0] if latest else None)
+            if args.json:
+                sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
+            else:
+                sys.stdout.write(report_text(report))
+            return 0
+
+        return _with_database(act, settings)
+    finally:
+        for c in compiled:
+            c.free()
+
+
 def start_up_warnings(settings: Settings, embedded: bool) -> list[tuple[str, str]]:
     """What an operator should hear before the service runs (event name, sentence): no rulesets (it will
     accept events and send nothing), a new data directory (a fresh, empty database). Said once by the
@@ -814,6 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args)
         if args.command == "simulate":
             return simulate_command(args)
+        if args.command == "backtest":
+            return backtest_command(args)
         if args.command == "schema":
             return schema()
         if args.command == "plugins":

@@ -62,6 +62,7 @@ def test_routes_with_bodies_are_the_expected_ones() -> None:
         ("POST", "/v1/events/quarantine/{action}"),
         ("PUT", "/v1/rulesets/{name}"),
         ("POST", "/v1/simulate"),
+        ("POST", "/v1/backtests"),
     }
 
 

@@ -42,7 +42,10 @@ DOCUMENT = msgspec.json.decode(openapi_document())
 # customer event type, a ttl over 30d, a ruleset's references, `ids` or `all`): those bodies get 422 with
 # the field's path, which positive_data_acceptance is told to accept for these operations only. Query
 # parameters and every other operation are held to the strict default.
-SEMANTIC_BODIES = ["postEvents", "putContact", "postInboxToken", "putRuleset", "simulate", "actOnQuarantine"]
+# A backtest's window (not empty, not in the future, within the event retention) and its folders (on the
+# server) are such rules too.
+SEMANTIC_BODIES = ["postEvents", "putContact", "postInboxToken", "putRuleset", "simulate", "actOnQuarantine",
+                   "postBacktest"]  # fmt: skip
 CONFIG = SchemathesisConfig.from_dict(
     {
         "operations": [
@@ -183,10 +186,17 @@ def test_every_check(case: Any, service: ServiceProcess) -> None:
     with_key(case, service).call_and_validate(base_url=service.url, timeout=30)
 
 
+# Their answers depend on time, not only on the requests before: a POST is 202, or 409 while the backtest
+# an earlier step started still runs. A derandomized state machine replays a sequence expecting the same
+# answers (else hypothesis reports a flaky strategy), so they are left to the stateless run above and to
+# tests/test_backtest_api.py.
+TIMED = ["postBacktest", "getBacktests", "getBacktest", "cancelBacktest"]
+
+
 def test_stateful_links(service: ServiceProcess) -> None:
     """Sequences along the document's links, every check on every step."""
 
-    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    class Workflow(schema.exclude(operation_id=TIMED).as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"base_url": service.url, "timeout": 30}
 
@@ -198,6 +208,8 @@ def test_stateful_links(service: ServiceProcess) -> None:
     transitions = [name for name in dir(Workflow) if "___" in name]
     for item in DOCUMENT["paths"].values():
         for method, operation in item.items():
+            if method != "parameters" and operation["operationId"] in TIMED:
+                continue
             for status, response in operation.get("responses", {}).items() if method != "parameters" else ():
                 for link in response.get("links", {}):
                     assert any(f"___{status}_{link}__" in t for t in transitions), (method, status, link)

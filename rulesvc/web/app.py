@@ -10,6 +10,7 @@ from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport, log_settings_problems
 from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
 from rulesvc.web.lifecycle import (
+    backtests_ctx,
     embedded_mongod_ctx,
     engine_ctx,
     load_channels,
@@ -42,6 +43,7 @@ def create_app(
     app.cleanup_ctx.append(mongo_ctx)
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(simulator_ctx)
+    app.cleanup_ctx.append(backtests_ctx)
     setup_routes(app)
     app[OPENAPI] = openapi_document()
     return app

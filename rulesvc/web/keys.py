@@ -11,6 +11,7 @@ from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport
 from rulesvc.replay.simulate import Simulator
+from rulesvc.runtime.backtests import BacktestRunner
 from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.runtime.inbox import Inbox
 from rulesvc.runtime.rulesets import Rulesets
@@ -38,6 +39,7 @@ INBOX = web.AppKey("inbox", Inbox)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 FANOUT = web.AppKey("fanout", CatalogFanout)
 SIMULATOR = web.AppKey("simulator", Simulator)
+BACKTESTS = web.AppKey("backtests", BacktestRunner)  # this worker's backtest processes, and the job documents
 
 API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if it came with one
 QUERY = web.RequestKey("query", msgspec.Struct)  # the route's query parameters, parsed (web/views/base.py)

@@ -21,6 +21,7 @@ from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import PluginReport, load_plugins
 from rulesvc.replay.simulate import Simulator
+from rulesvc.runtime.backtests import BacktestRunner
 from rulesvc.runtime.dispatcher import Dispatcher, parse_quiet_hours, quiet_channels
 from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.runtime.inbox import Inbox
@@ -28,10 +29,12 @@ from rulesvc.runtime.jobs import run_job
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.scheduler import Scheduler
 from rulesvc.runtime.templates import Templates
+from rulesvc.store.backtest_jobs import BacktestJobs
 from rulesvc.store.db import Store
 from rulesvc.store.keys import hand_out_first_key
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.keys import (
+    BACKTESTS,
     CHANNELS,
     EMBEDDED_MONGOD,
     FANOUT,
@@ -63,6 +66,19 @@ async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[SIMULATOR].close()
+
+
+async def backtests_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Backtest jobs run in processes of their own; the app's stop kills those this worker started and
+    cancels their jobs (a restart drops a running backtest)."""
+    jobs = BacktestJobs(app[STORE])
+    with pymongo.timeout(max(START_UP_SECONDS, app[SETTINGS].mongodb_timeout_seconds)):
+        await jobs.ensure_indexes()
+    app[BACKTESTS] = BacktestRunner(jobs)
+    try:
+        yield
+    finally:
+        await app[BACKTESTS].close()
 
 
 async def embedded_mongod_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -29,6 +29,14 @@ from rulesvc.core.ruleformat import RulesetFile
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.runtime.rulesets import RULESET_NAME
 from rulesvc.web import openapi
+from rulesvc.web.backtest_schemas import (
+    BacktestConflict,
+    BacktestEnded,
+    BacktestJob,
+    BacktestList,
+    BacktestRejected,
+    BacktestRequest,
+)
 from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
@@ -66,7 +74,18 @@ from rulesvc.web.schemas import (
     RulesetPutQuery,
     RulesetRejected,
 )
-from rulesvc.web.views import channels, contacts, events, inbox, messages, ops, quarantine, rulesets, simulate
+from rulesvc.web.views import (
+    backtests,
+    channels,
+    contacts,
+    events,
+    inbox,
+    messages,
+    ops,
+    quarantine,
+    rulesets,
+    simulate,
+)
 from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
 Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
@@ -98,6 +117,13 @@ MESSAGE_ID: Schema = {
     "required": True,
     "schema": {"type": "string"},
     "description": "the message's id as the history shows it (it may contain `/`)",
+}
+JOB_ID: Schema = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "the backtest job's id (`id` of the job)",
 }
 EVENT_BATCH = {"oneOf": [ref("Event"), {"type": "array", "items": ref("Event")}]}
 CONTACT_FROM_PATH = {"contact_id": "$request.path.contact_id"}
@@ -537,6 +563,105 @@ ROUTES: list[Route] = [
                     "or over the time budget (RULESVC_SIMULATE_BUDGET_SECONDS)",
                 ),
                 "429": error("a simulation runs and another waits in this process; retry after Retry-After"),
+            },
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/backtests",
+        backtests.post_backtest,
+        "admin",
+        types=(BacktestRequest, RulesetFile, BacktestJob, BacktestRejected, BacktestConflict, ErrorBody),
+        operation={
+            "summary": "Start a backtest: the window's stored events replayed through the baseline and a "
+            "candidate; sends and writes nothing",
+            "description": "The baseline is the live rulesets (or `baseline_dir`); the candidate is the "
+            "baseline with `rulesets` replacing or adding rulesets by name and `remove` dropping some, or "
+            "the folder `rulesets_dir`. Every ruleset is checked as `PUT /v1/rulesets/{name}` checks it. "
+            "The job runs in a process of its own; follow it with `GET /v1/backtests/{job_id}` (the "
+            "`Location`). One backtest runs at a time per service, whichever worker a request reaches: "
+            "another request meanwhile gets 409 with the running job and its progress. A job lives only "
+            "as long as the process that runs it: a restart of the service drops a running backtest (it "
+            "shows as `cancelled`, or `lost` if its worker died).",
+            "operationId": "postBacktest",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("BacktestRequest")}},
+            },
+            "responses": {
+                "202": {
+                    **links(
+                        json_body(ref("BacktestJob"), "started: the job (queued), to follow at `Location`"),
+                        GetBacktest=("getBacktest", {"job_id": "$response.body#/id"}),
+                        CancelBacktest=("cancelBacktest", {"job_id": "$response.body#/id"}),
+                    ),
+                    "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+                },
+                "409": json_body(
+                    ref("BacktestConflict"), "a backtest runs already: the running job, with its progress"
+                ),
+                "422": json_body(
+                    ref("BacktestRejected"),
+                    "every problem with its path: a bad window (empty, in the future, beyond the event "
+                    "retention), a folder that is not one, every error of every ruleset "
+                    "(`$.rulesets.<name>...`)",
+                ),
+                "503": error("the backtest process could not be started"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/backtests",
+        backtests.get_backtests,
+        "admin",
+        types=(BacktestList, ErrorBody),
+        operation={
+            "summary": "The recent backtest jobs (the last 50), newest first, without their reports",
+            "operationId": "getBacktests",
+            "responses": {
+                "200": links(
+                    json_body(ref("BacktestList"), "jobs"),
+                    GetBacktest=("getBacktest", {"job_id": "$response.body#/backtests/0/id"}),
+                )
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/backtests/{job_id}",
+        backtests.get_backtest,
+        "admin",
+        types=(BacktestJob, ErrorBody),
+        parameters=[JOB_ID],
+        operation={
+            "summary": "A backtest job: its status, progress (events replayed of the total, ETA), the "
+            "report when done, the error when failed",
+            "description": "`lost`: the job's process stopped answering (its worker died); it no longer "
+            "blocks a new backtest.",
+            "operationId": "getBacktest",
+            "responses": {
+                "200": json_body(ref("BacktestJob"), "the job"),
+                "404": error("no such backtest (the last 50 are kept)"),
+            },
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/backtests/{job_id}/cancel",
+        backtests.cancel_backtest,
+        "admin",
+        types=(BacktestJob, BacktestEnded, ErrorBody),
+        parameters=[JOB_ID],
+        operation={
+            "summary": "Cancel a queued or running backtest",
+            "description": "A running job stops at its next progress write (within about a second): "
+            "`cancel_requested` is true until its status is `cancelled`.",
+            "operationId": "cancelBacktest",
+            "responses": {
+                "200": json_body(ref("BacktestJob"), "the job, cancelled or to be cancelled"),
+                "404": error("no such backtest"),
+                "409": json_body(ref("BacktestEnded"), "the job has ended (done, failed or lost)"),
             },
         },
     ),
