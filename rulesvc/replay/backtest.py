@@ -237,22 +237,25 @@ class Report(msgspec.Struct):
 
 def replayed_messages(actions: Iterable[SimAction], pending: Iterable[Any]) -> dict[str, ReplayedMessage]:
     """What became of each message, from a simulation's actions in order; `pending`: schedule entries
-    still due at the end."""
+    still due at the end (when: the end of the quiet hours that postponed one, else its due time)."""
     found: dict[str, ReplayedMessage] = {}
     postponed: Counter[str] = Counter()
+    postponed_to: dict[str, datetime] = {}
     for a in actions:
-        if a.message_id is None or a.status == "fired":
-            continue
+        if a.message_id is None or a.status == "fired" or a.template is None:
+            continue  # a wait's entry: not a message
         if a.status == "postponed":
             postponed[a.message_id] += 1
+            if a.postponed_to is not None:
+                postponed_to[a.message_id] = a.postponed_to
             continue
         found[a.message_id] = ReplayedMessage(a.message_id, a.at, a.ruleset, a.rule, a.channel, a.template,
                                               a.status, a.reason, a.detail)  # fmt: skip
     for entry in pending:
         if entry.message is not None:
-            message = entry.message
+            message, due = entry.message, postponed_to.get(entry.entry_id, entry.due_at)
             found[entry.entry_id] = ReplayedMessage(
-                entry.entry_id, entry.due_at, entry.ruleset, entry.rule, message.get("channel"),
+                entry.entry_id, due, entry.ruleset, entry.rule, message.get("channel"),
                 message.get("template"), "scheduled",
             )  # fmt: skip
     for message_id, times in postponed.items():
@@ -610,8 +613,24 @@ def _when(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _suppressed(t: Tally) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(t.suppressed.items())) or "-"
+def _outcomes(b: Tally, c: Tally) -> str:
+    """Everything but `sent`, each as `name n`, or `name n->m` where the candidate differs."""
+    parts = []
+    for reason in sorted(b.suppressed.keys() | c.suppressed.keys()):
+        parts.append((reason, b.suppressed.get(reason, 0), c.suppressed.get(reason, 0)))
+    for name in ("cancelled", "failed", "scheduled", "postponed"):
+        parts.append((name, getattr(b, name), getattr(c, name)))
+    return ", ".join(f"{name} {bv}" + (f"->{cv}" if cv != bv else "") for name, bv, cv in parts if bv or cv)
+
+
+def _listed(items: list[str], most: int = 6) -> str:
+    more = f" (+{len(items) - most} more)" if len(items) > most else ""
+    return (", ".join(items[:most]) or "none") + more
+
+
+def _fate(m: ReplayedMessage) -> str:
+    why = f" ({m.reason})" if m.reason else ""
+    return f"{_when(m.at)} {m.rule} {m.channel} {m.status}{why}"
 
 
 def report_text(report: Report) -> str:
@@ -629,51 +648,46 @@ def report_text(report: Report) -> str:
     )
     out.append(f"  rulesets that differ: {', '.join(changed) or 'none'}")
     out.append("")
-    header = ("ruleset/rule", "channel", "sent", "candidate", "change", "suppressed (baseline -> candidate)")
-    rows = [header]
+    header = ("", "", "sent by", "", "", "")
+    header2 = ("ruleset/rule", "channel", "baseline", "candidate", "change",
+               "not sent (suppressed by reason, cancelled, still due) and postponed")  # fmt: skip
+    rows = [header, header2]
     for r in report.rows:
         b, c = r.baseline, r.candidate
-        supp = _suppressed(b) if b.suppressed == c.suppressed else f"{_suppressed(b)} -> {_suppressed(c)}"
-        extra = []
-        for name in ("cancelled", "scheduled", "postponed"):
-            bv, cv = getattr(b, name), getattr(c, name)
-            if bv or cv:
-                extra.append(f"{name} {bv}" + (f"->{cv}" if cv != bv else ""))
-        if extra:
-            supp += "; " + ", ".join(extra)
-        rows.append(
-            (f"{r.ruleset}/{r.rule}", r.channel or "-", str(b.sent), str(c.sent), f"{r.sent_change:+d}", supp)
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [
-            row[i].rjust(widths[i]) for i in (2, 3, 4)
-        ]
-        out.append("  ".join([*cells, row[5]]).rstrip())
+        rows.append((f"{r.ruleset}/{r.rule}", r.channel or "-", str(b.sent), str(c.sent),
+                     f"{r.sent_change:+d}", _outcomes(b, c)))  # fmt: skip
     total_b = sum(r.baseline.sent for r in report.rows)
     total_c = sum(r.candidate.sent for r in report.rows)
-    out.append(f"{'total'.ljust(widths[0])}  {''.ljust(widths[1])}  {str(total_b).rjust(widths[2])}  "
-               f"{str(total_c).rjust(widths[3])}  {f'{total_c - total_b:+d}'.rjust(widths[4])}")  # fmt: skip
+    rows.append(("total", "", str(total_b), str(total_c), f"{total_c - total_b:+d}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [row[i].rjust(widths[i]) for i in (2, 3, 4)]
+        out.append("  ".join([*cells, row[5]]).rstrip())
     ch = report.changes
     out.append("")
-    out.append(f"Contacts whose messages change: {ch.changed} ({ch.gaining} gain "
-               f"{ch.gained_messages} message(s), {ch.losing} lose {ch.lost_messages})")  # fmt: skip
+    out.append(f"Contacts whose messages change (in time or fate): {ch.changed}; "
+               f"{ch.gaining} get more ({ch.gained_messages} message(s) in all), "
+               f"{ch.losing} get fewer ({ch.lost_messages} in all)")  # fmt: skip
     for title, examples in (("gains", ch.gained_examples), ("loses", ch.lost_examples)):
         for ex in examples:
             which = ex.gained if title == "gains" else ex.lost
             names = ", ".join(f"{m.ruleset}/{m.rule} on {m.channel} at {_when(m.at)}" for m in which)
             out.append(f"  {ex.contact_id} {title}: {names}")
-            events = ", ".join(f"{_when(e.at)} {e.type}" for e in ex.events[:8])
-            more = f" (+{len(ex.events) - 8} more)" if len(ex.events) > 8 else ""
-            out.append(f"    events: {events}{more}")
+            out.append(f"    events:    {_listed([f'{_when(e.at)} {e.type}' for e in ex.events])}")
+            for side, messages in (("baseline", ex.baseline), ("candidate", ex.candidate)):
+                out.append(f"    {side + ':':<10} {_listed([_fate(m) for m in messages])}")
     rec = report.recorded
     out.append("")
-    out.append(f"Baseline replay vs what the service recorded: {rec.same} same, {rec.different} different, "
-               f"{rec.only_recorded} only recorded, {rec.only_replayed} only replayed "
-               f"(of {rec.recorded} recorded)")  # fmt: skip
-    for m in rec.examples:
-        out.append(f"  {m.contact_id} {m.ruleset}/{m.rule}: recorded {m.recorded or 'nothing'}, "
-                   f"replay {m.replayed or 'nothing'}")  # fmt: skip
+    if rec.recorded == 0:
+        out.append("The service recorded no message in this window: nothing to hold the baseline against.")
+    else:
+        out.append(f"The baseline's replay against the {rec.recorded} message(s) the service recorded: "
+                   f"{rec.same} the same, {rec.different} with another fate, {rec.only_recorded} only "
+                   f"recorded, {rec.only_replayed} only replayed")  # fmt: skip
+        for m in rec.examples:
+            out.append(f"  {m.contact_id} {m.ruleset}/{m.rule}: recorded {m.recorded or 'nothing'}, "
+                       f"replayed {m.replayed or 'nothing'}")  # fmt: skip
     if report.skipped:
         out.append("")
         out.append(f"Events the engine could not evaluate (skipped): {report.skipped}")
