@@ -351,3 +351,111 @@ async def test_interest_from_before_the_window_counts_for_a_price_drop(store: St
     assert tally(report, "drop", "candidate")["sent"] == 2
     assert {ex.contact_id for ex in report.changes.gained_examples} == {"recent", "wished"}
     assert not email.delivered
+
+
+def stock_rule() -> dict[str, Any]:
+    return {"name": "back",
+            "when": {"event": "stock_changed", "conditions": {"attributes.back_in_stock": True}},
+            "then": [{"send": {"channel": "email", "template": "cart"}}]}  # fmt: skip
+
+
+def drop_rule() -> dict[str, Any]:
+    return {"name": "drop", "when": {"event": "price_changed",
+                                     "conditions": {"attributes.drop_percent": {"gte": 10}}},
+            "then": [{"send": {"channel": "email", "template": "cart"}}]}  # fmt: skip
+
+
+async def test_the_catalog_as_the_window_found_it(store: Store) -> None:
+    """A product already in stock before the window is not back in stock when it is re-posted in stock;
+    one out of stock before is. A price known before the window is what the first drop in it is measured
+    against (no `previous_price` in the event)."""
+    before, inside = WINDOW.start - timedelta(days=2), WINDOW.start + timedelta(days=1)
+    events = [
+        Event("s-a0", "stock_changed", None, before, {"product_id": "a", "in_stock": True}),
+        Event("s-b0", "stock_changed", None, before, {"product_id": "b", "in_stock": False}),
+        Event("p-c0", "price_changed", None, before, {"product_id": "c", "price": 100}),
+        Event("sub-a", "subscribed", "ann", WINDOW.start + timedelta(hours=1), {"product_id": "a"}),
+        Event("sub-b", "subscribed", "bob", WINDOW.start + timedelta(hours=1), {"product_id": "b"}),
+        Event("view-c", "product_viewed", "cid", WINDOW.start + timedelta(hours=1), {"product_id": "c"}),
+        Event("s-a1", "stock_changed", None, inside, {"product_id": "a", "in_stock": True}),
+        Event("s-b1", "stock_changed", None, inside, {"product_id": "b", "in_stock": True}),
+        Event("p-c1", "price_changed", None, inside, {"product_id": "c", "price": 80}),
+    ]
+    for cid in ("ann", "bob", "cid"):
+        await store.put_contact(cid, ContactIn(email=f"{cid}@example.com", consent={"email": True}))
+    await store.insert_events(events, NOW)
+    report, _ = await backtest(
+        store, version("none", [NOTE]), version("cat", [NOTE, stock_rule(), drop_rule()])
+    )
+    assert tally(report, "back", "candidate")["sent"] == 1  # bob's product b; ann's a never left stock
+    assert tally(report, "drop", "candidate")["sent"] == 1  # 100 -> 80 is a 20 % drop
+    assert {ex.contact_id for ex in report.changes.gained_examples} == {"bob", "cid"}
+
+
+async def test_events_the_service_set_aside_or_dropped_are_not_replayed(store: Store) -> None:
+    await store.put_contact("c1", ContactIn(email="c1@example.com", consent={"email": True}))
+    at = WINDOW.start + timedelta(days=1)
+    events = [Event(f"e{i}", "cart_updated", "c1", at + timedelta(days=i), {"value": 10}) for i in range(3)]
+    await store.insert_events(events, NOW)
+    await store.events.update_one({"_id": "e1"}, {"$set": {"state": "quarantined"}})
+    await store.events.update_one({"_id": "e2"}, {"$set": {"state": "dropped"}})
+    report, _ = await backtest(store, version("live", [remind("20m")]), version("same", [remind("20m")]))
+    assert report.events == 1 and tally(report, "remind", "baseline")["sent"] == 1
+
+
+async def test_a_message_due_after_a_past_window_is_the_same_as_recorded(store: Store) -> None:
+    """The window ended yesterday; the service sent the message after that: still due, as replayed."""
+    await store.put_contact("c1", ContactIn(email="c1@example.com", consent={"email": True}))
+    at = WINDOW.end - timedelta(minutes=10)
+    await store.insert_events([Event("late", "cart_updated", "c1", at, {"value": 10})], NOW)
+    await store.messages.insert_one(
+        {"_id": "late/cart/remind/0", "contact_id": "c1", "ruleset": "cart", "rule": "remind",
+         "channel": "email", "template": "cart", "status": "delivered", "created_at": at,
+         "due_at": at + timedelta(minutes=20), "sent_at": at + timedelta(minutes=20)}
+    )  # fmt: skip
+    report, _ = await backtest(store, version("live", [remind("20m")]), version("same", [remind("20m")]))
+    assert tally(report, "remind", "baseline")["scheduled"] == 1
+    assert (report.recorded.recorded, report.recorded.same, report.recorded.different) == (1, 1, 0)
+
+
+async def test_a_message_due_exactly_at_the_window_end_is_still_due(store: Store) -> None:
+    await store.put_contact("c1", ContactIn(email="c1@example.com", consent={"email": True}))
+    at = WINDOW.end - timedelta(minutes=20)
+    await store.insert_events([Event("edge", "cart_updated", "c1", at, {"value": 10})], NOW)
+    report, _ = await backtest(store, version("live", [remind("20m")]), version("same", [remind("20m")]))
+    assert (
+        tally(report, "remind", "baseline")["sent"],
+        tally(report, "remind", "baseline")["scheduled"],
+    ) == (0, 1)
+
+
+async def test_the_candidate_hears_nothing_of_a_message_it_does_not_send(store: Store) -> None:
+    """Live, the reminder was opened and a follow-up push went out. A candidate without the reminder loses
+    both: the open of a message it never sent is not replayed to it."""
+    await store.put_contact("c1", ContactIn(email="c1@example.com", push_tokens=["t"],
+                                            consent={"email": True, "push": True}))  # fmt: skip
+    at = WINDOW.start + timedelta(days=1)
+    follow = {"name": "follow", "when": {"event": "message_opened"},
+              "then": [{"send": {"channel": "push", "template": "cart"}}]}  # fmt: skip
+    opened = Event("open", "message_opened", "c1", at + timedelta(hours=1),
+                   {"message_id": "cart-1/cart/remind/0", "channel": "email"})  # fmt: skip
+    await store.insert_events([Event("cart-1", "cart_updated", "c1", at, {"value": 10}), opened], NOW)
+    push = Provider("push", needs="push_tokens")
+    report = await run_backtest(store, version("live", [remind("20m"), follow]), version("none", [follow]),
+                                registry(Provider("email", needs="email"), push), SendPolicy(),
+                                Options(WINDOW))  # fmt: skip
+    assert tally(report, "follow", "baseline")["sent"] == 1
+    assert tally(report, "follow", "candidate")["decided"] == 0
+    assert report.changes.lost_messages == 2 and not push.delivered
+
+
+async def test_an_example_of_a_busy_contact_keeps_fifty_events_around_the_change(store: Store) -> None:
+    await store.put_contact("bot", ContactIn(email="b@example.com", consent={"email": True}))
+    start = WINDOW.start + timedelta(days=1)
+    views = [Event(f"v{i}", "page_viewed", "bot", start + timedelta(minutes=i), {}) for i in range(300)]
+    cart = Event("cart", "cart_updated", "bot", start + timedelta(minutes=150, seconds=30), {"value": 5})
+    await store.insert_events([*views, cart], NOW)
+    report, _ = await backtest(store, version("live", [remind("20m")]), version("none", [NOTE]))
+    [example] = report.changes.lost_examples
+    assert len(example.events) == 50 and example.omitted == 301 - 50
+    assert "cart" in [e.event_id for e in example.events]

@@ -19,6 +19,7 @@ is a finding to show (a ruleset edited meanwhile, a profile changed since, state
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from rulesvc.core.catalog import interest_fields
+from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.durations import parse_duration
 from rulesvc.core.engine import CompiledRuleset, Engine, RuleIndex
 from rulesvc.core.events import Event
@@ -50,10 +51,17 @@ INTEREST_LOOKBACK = timedelta(days=90)
 NOTES = [
     "Profiles are today's: addresses, consent, time zone and attributes as stored now.",
     "Each contact's state (once, counters, flags, waits) starts empty at the window's start; product "
-    "interest counts from up to 90 days before it, as far as events are kept.",
-    "Bounces and blocks are those reported in the window; providers never fail in a replay.",
+    "interest counts from up to 90 days before it, and each product's price and stock are those its "
+    "last catalog events before the window set, as far as events are kept.",
+    "An event is judged by its own time: one that arrived late (sent hours after it happened) can start "
+    "a flow here that the live service ignored as stale.",
+    "Provider reports (delivered, opened, clicked, bounced, blocked) are those of the window: one about "
+    "a message the candidate does not send is skipped in its replay, and the candidate's new messages "
+    "get none. Providers never fail in a replay.",
+    "Events the service set aside (quarantined) or an operator dropped are not replayed.",
     "A message still due at the window's end counts as scheduled.",
 ]
+EXAMPLE_ITEMS = 50  # events and messages shown per example contact (the latest, around the change)
 
 
 # --- what a backtest is asked -----------------------------------------------------------------------------
@@ -131,13 +139,15 @@ class Tally(msgspec.Struct):
             self.suppressed[reason] = self.suppressed.get(reason, 0) + 1
         elif message.status in ("sent", "cancelled", "failed", "scheduled"):
             setattr(self, message.status, getattr(self, message.status) + 1)
-        self.postponed += message.postponed
+        self.postponed += bool(message.postponed)
 
 
 class Row(msgspec.Struct):
     ruleset: str
     rule: str
-    channel: str | None  # for a sent message the channel used (a fallback), else the rule's own
+    # For a sent message the channel used (a fallback); for one suppressed after a channel was chosen (a
+    # cap, a guard, quiet hours) that channel; else the rule's own.
+    channel: str | None
     baseline: Tally
     candidate: Tally
     sent_change: int  # candidate sent minus baseline sent
@@ -174,6 +184,9 @@ class ContactExample(msgspec.Struct):
     events: list[TimelineEvent]
     baseline: list[ReplayedMessage]
     candidate: list[ReplayedMessage]
+    # Events and messages left out: each list keeps at most 50, around the first change (a contact with
+    # thousands of events would make the report too large to store).
+    omitted: int = 0
 
 
 class ContactChanges(msgspec.Struct):
@@ -230,6 +243,9 @@ class Report(msgspec.Struct):
     skipped_examples: list[Skipped]
     notes: list[str]
     seconds: float
+    # Stored profiles that no longer decode (written by hand, or by an older version): replayed as
+    # contacts without a profile, so their marketing sends show up as `no_consent`.
+    unreadable_profiles: int = 0
 
 
 # --- one contact through one version -----------------------------------------------------------------------
@@ -314,13 +330,14 @@ def _event(doc: Doc) -> Event:
 
 def _recorded_outcome(doc: Doc) -> str:
     status = doc.get("status")
-    if status in ("scheduled", "sending"):
+    if status == "scheduled":
         return "scheduled"
     if status == "suppressed":
         return f"suppressed: {doc.get('reason') or 'unknown'}"
     if status == "cancelled":
         return "cancelled"
-    return f"sent on {doc.get('sent_channel') or doc.get('channel')}"  # attempted: what the rules decided
+    # Sending, sent or with an outcome since, failed or dead: the rules decided to send it.
+    return f"sent on {doc.get('sent_channel') or doc.get('channel')}"
 
 
 def _replayed_outcome(message: ReplayedMessage) -> str:
@@ -332,8 +349,10 @@ def _replayed_outcome(message: ReplayedMessage) -> str:
 
 
 class _Builder:
-    def __init__(self, examples: int) -> None:
+    def __init__(self, examples: int, window: Window) -> None:
         self.examples = examples
+        self.window = window
+        self.unreadable_profiles = 0
         self.tallies: dict[tuple[str, str, str | None], tuple[Tally, Tally]] = {}
         self.changes = ContactChanges()
         self.recorded = RecordedComparison()
@@ -391,11 +410,7 @@ class _Builder:
         c.lost_messages += len(lost)
         for found, examples in ((gained, c.gained_examples), (lost, c.lost_examples)):
             if found and len(examples) < self.examples:
-                timeline = [
-                    TimelineEvent(e.time or datetime.min.replace(tzinfo=UTC), e.id, e.type) for e in events
-                ]
-                examples.append(ContactExample(contact_id, gained, lost, timeline, _in_order(baseline),
-                                               _in_order(candidate)))  # fmt: skip
+                examples.append(_example(contact_id, gained, lost, events, baseline, candidate))
 
     def _against_recorded(
         self, contact_id: str, baseline: dict[str, ReplayedMessage], recorded: list[Doc]
@@ -410,6 +425,8 @@ class _Builder:
             replay = baseline.get(message_id)
             was = _recorded_outcome(doc)
             now = _replayed_outcome(replay) if replay is not None else None
+            if now == "scheduled" and self._due_after_window(doc):
+                was = now  # due after the window: what became of it since is not the window's
             if now == was:
                 r.same += 1
                 continue
@@ -427,6 +444,10 @@ class _Builder:
                     Mismatch(message_id, contact_id, m.ruleset, m.rule, None, _replayed_outcome(m))
                 )
 
+    def _due_after_window(self, doc: Doc) -> bool:
+        due = doc.get("due_at")
+        return doc.get("status") == "scheduled" or (isinstance(due, datetime) and due >= self.window.end)
+
     def _mismatch(self, mismatch: Mismatch) -> None:
         if len(self.recorded.examples) < self.examples:
             self.recorded.examples.append(mismatch)
@@ -438,6 +459,36 @@ class _Builder:
                 self.tallies.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")
             )
         ]
+
+
+def _around(items: list[Any], moments: list[datetime], pivot: datetime) -> tuple[list[Any], int]:
+    """At most EXAMPLE_ITEMS of `items` (in time order): mostly those before `pivot`, some after."""
+    if len(items) <= EXAMPLE_ITEMS:
+        return items, 0
+    at = bisect.bisect_left(moments, pivot)
+    start = max(0, min(at - EXAMPLE_ITEMS * 4 // 5, len(items) - EXAMPLE_ITEMS))
+    return items[start : start + EXAMPLE_ITEMS], len(items) - EXAMPLE_ITEMS
+
+
+def _example(
+    contact_id: str,
+    gained: list[ReplayedMessage],
+    lost: list[ReplayedMessage],
+    events: list[Event],
+    baseline: dict[str, ReplayedMessage],
+    candidate: dict[str, ReplayedMessage],
+) -> ContactExample:
+    pivot = min(m.at for m in (*gained, *lost))
+    moments = [e.time or pivot for e in events]
+    kept_events, omitted = _around(events, moments, pivot)
+    timeline = [TimelineEvent(e.time or pivot, e.id, e.type) for e in kept_events]
+    lists = []
+    for messages in (_in_order(baseline), _in_order(candidate)):
+        kept, left = _around(messages, [m.at for m in messages], pivot)
+        lists.append(kept)
+        omitted += left
+    return ContactExample(contact_id, gained[:EXAMPLE_ITEMS], lost[:EXAMPLE_ITEMS], timeline, *lists,
+                          omitted=omitted)  # fmt: skip
 
 
 def _in_order(messages: dict[str, ReplayedMessage]) -> list[ReplayedMessage]:
@@ -461,6 +512,7 @@ class _Replay:
     def __init__(self, baseline: Engine, candidate: Engine, reach: _Reach, catalog: list[Doc], window: Window,
                  builder: _Builder) -> None:  # fmt: skip
         self.engines = (baseline, candidate)
+        self.products_before: dict[str, Doc] = {}  # the catalog as the window found it (`seed_catalog`)
         self.reach = reach
         self.window = window
         self.builder = builder
@@ -471,6 +523,17 @@ class _Replay:
             if product is not None:
                 self.catalog.setdefault(str(product), []).append(_event(doc))
         self.catalog_events = len(catalog)
+
+    def seed_catalog(self, last_changes: list[Doc]) -> None:
+        """Each product's price and stock before the window, from its last catalog events there, so that
+        the first change in the window is measured against them as the live catalog measured it."""
+        for doc in last_changes:
+            attributes = doc.get("attributes") or {}
+            if attributes.get("product_id") is None:
+                continue
+            product = self.products_before.setdefault(str(attributes["product_id"]), {})
+            fields, _ = catalog_change(doc["type"], attributes, product)
+            product.update(fields)
 
     def contact(
         self,
@@ -486,19 +549,31 @@ class _Replay:
         prior = prior or {}
         products = {str(d["attributes"]["product_id"]) for d in docs if interest_fields(d)} | prior.keys()
         extra = [e for p in sorted(products) for e in self.catalog.get(p, ())]
+        if not events and not extra:
+            return  # in the interest index, but for products whose price and stock stayed put
         contact = _sim_contact(contact_id, profile)
+        if profile is not None and contact is None:
+            self.builder.unreadable_profiles += 1
         self.reach.enter(contact)
+        # The window's end is not part of it: a message due exactly then is still due.
+        until = self.window.end - timedelta(microseconds=1)
         try:
-            found = []
+            found: list[dict[str, ReplayedMessage]] = []
             for side, engine in zip(("baseline", "candidate"), self.engines, strict=True):
 
                 def skip(event_id: str, error: str, side: str = side) -> None:
                     self.builder.skip(contact_id, event_id, side, error)
 
-                sim = Simulation(engine, [contact] if contact else [], self.reach.rules, on_error=skip)
+                # The candidate hears of no outcome of a message of the baseline that it did not send.
+                known = set(found[0]) if found else None
+                sim = Simulation(engine, [contact] if contact else [], self.reach.rules, on_error=skip,
+                                 known_messages=known)  # fmt: skip
                 for product, fields in prior.items():
                     sim.interests[product] = {contact_id: dict(fields)}
-                actions = sim.run([*events, *extra], self.window.end)
+                for product in products:
+                    if product in self.products_before:
+                        sim.products[product] = dict(self.products_before[product])
+                actions = sim.run([*events, *extra], until)
                 found.append(replayed_messages(actions, sim.entries.values()))
         finally:
             self.reach.leave(contact_id)
@@ -521,11 +596,14 @@ async def run_backtest(
     reads = BacktestReads(store)
     total = await reads.count_events(window.start, window.end, options.contacts)
     catalog = await reads.catalog_events(window.start, window.end)
-    builder = _Builder(options.examples)
+    builder = _Builder(options.examples, window)
     replay = _Replay(
         _engine(baseline), _engine(candidate), _Reach(channels, policy), catalog, window, builder
     )
-    replayed = len(catalog)  # each one replayed for its interested contacts
+    if replay.catalog:
+        since = window.start - INTEREST_LOOKBACK
+        replay.seed_catalog(await reads.catalog_before(sorted(replay.catalog), since, window.start))
+    replayed = 0
     last_report = 0.0
 
     def report_progress(force: bool = False) -> None:
@@ -569,7 +647,7 @@ async def run_backtest(
     report_progress(force=True)
     # Contacts interested in a product whose price or stock changed in the window, from their events
     # before it, are replayed even if they did nothing in the window: the live fan-out reached them.
-    quiet = set(await reads.interested_contacts(sorted(replay.catalog))) if replay.catalog else set()
+    quiet = await reads.interested_contacts(sorted(replay.catalog)) if replay.catalog else set()
     if options.contacts is not None:
         quiet &= set(options.contacts)
     batch: dict[str, list[Doc]] = {}
@@ -589,6 +667,7 @@ async def run_backtest(
         batch[contact_id] = []
     if batch:
         await flush(batch)
+    replayed += len(catalog)  # each one replayed for the contacts it reached
     report_progress(force=True)
     return Report(
         window=window,
@@ -603,6 +682,7 @@ async def run_backtest(
         skipped_examples=builder.skipped,
         notes=NOTES,
         seconds=round(time.monotonic() - started, 3),
+        unreadable_profiles=builder.unreadable_profiles,
     )
 
 
@@ -682,12 +762,17 @@ def report_text(report: Report) -> str:
     if rec.recorded == 0:
         out.append("The service recorded no message in this window: nothing to hold the baseline against.")
     else:
-        out.append(f"The baseline's replay against the {rec.recorded} message(s) the service recorded: "
+        out.append(f"The baseline's replay against the {rec.recorded} message(s) the service recorded for "
+                   f"these contacts: "
                    f"{rec.same} the same, {rec.different} with another fate, {rec.only_recorded} only "
                    f"recorded, {rec.only_replayed} only replayed")  # fmt: skip
         for m in rec.examples:
             out.append(f"  {m.contact_id} {m.ruleset}/{m.rule}: recorded {m.recorded or 'nothing'}, "
                        f"replayed {m.replayed or 'nothing'}")  # fmt: skip
+    if report.unreadable_profiles:
+        out.append("")
+        out.append(f"Stored profiles that no longer decode, replayed as contacts without a profile: "
+                   f"{report.unreadable_profiles}")  # fmt: skip
     if report.skipped:
         out.append("")
         out.append(f"Events the engine could not evaluate (skipped): {report.skipped}")

@@ -207,12 +207,18 @@ class Simulation:
         contacts: list[SimContact],
         rules: SendRules | None = None,
         on_error: Callable[[str, str], None] | None = None,
+        known_messages: set[str] | None = None,
     ) -> None:
         """`on_error(event id, message)`: an event the engine cannot evaluate is skipped and reported
-        there (a backtest goes on); without it, the simulation stops with `Refused` (the request's error)."""
+        there (a backtest goes on); without it, the simulation stops with `Refused` (the request's error).
+        `known_messages`: ids of messages that exist in this replay's world (a backtest's baseline): an
+        outcome event naming one of them that this simulation did not send is skipped, as a provider
+        reports nothing about a message it never got."""
         self.engine = engine
         self.rules = rules
         self.on_error = on_error
+        self.known_messages = known_messages
+        self.sent_ids: set[str] = set()
         self.contacts: dict[str, ContactView] = {}
         for c in contacts:
             self.contacts[c.contact_id] = ContactView(c.contact_id, sim_profile(c), {})
@@ -250,6 +256,8 @@ class Simulation:
                     self._fan_out(event, at)
                     continue
                 attributes = event.attributes
+                if event.type in MESSAGE_EVENT_TYPES and self._never_sent(attributes.get("message_id")):
+                    continue
                 if event.type in MESSAGE_EVENT_TYPES:
                     attributes = self._outcome(event.type, event.contact_id, dict(attributes), at)
                 engine_event = EngineEvent(event.id, event.type, event.contact_id, at, attributes)
@@ -267,6 +275,10 @@ class Simulation:
         end = until or ((timed[-1][0] if timed else start) + DEFAULT_HORIZON)
         self._fire_until(end, inclusive=True)
         return self.actions
+
+    def _never_sent(self, message_id: Any) -> bool:
+        known = self.known_messages
+        return known is not None and message_id in known and message_id not in self.sent_ids
 
     def _outcome(
         self, event_type: str, contact_id: str, attributes: dict[str, Any], at: datetime
@@ -398,6 +410,8 @@ class Simulation:
     ) -> None:
         """`channel`: the one used or chosen (a fallback), else the message's own; `reason` a code."""
         message = entry.message or {}
+        if status == "sent":
+            self.sent_ids.add(entry.entry_id)
         self.actions.append(
             SimAction(
                 at=at,

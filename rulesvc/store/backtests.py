@@ -12,9 +12,16 @@ from pymongo import ASCENDING, DESCENDING
 from rulesvc.core.catalog import INTEREST_EVENTS
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.engine import TIMER_EVENT
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import DROPPED, QUARANTINED, Doc, Store
 
 EVENT_FIELDS = {"_id": 1, "type": 1, "contact_id": 1, "time": 1, "attributes": 1}
+# Events the live service never evaluated: set aside (quarantined) or dropped by an operator.
+NEVER_EVALUATED = {"$nin": [QUARANTINED, DROPPED]}
+
+
+def _products(products: list[str]) -> list[Any]:
+    """A product id as stored in events: a string, or the integer a shop may have sent."""
+    return [*products, *(int(p) for p in products if p.isdigit() and len(p) < 19)]
 
 
 def _contact_events(start: datetime, end: datetime, contacts: list[str] | None) -> Doc:
@@ -25,7 +32,12 @@ def _contact_events(start: datetime, end: datetime, contacts: list[str] | None) 
         "time": {"$gte": start, "$lt": end},
         "type": {"$ne": TIMER_EVENT},
         "fanout_of": {"$exists": False},
+        "state": NEVER_EVALUATED,
     }
+
+
+def _catalog_events(start: datetime, end: datetime) -> Doc:
+    return {"contact_id": None, "time": {"$gte": start, "$lt": end}, "state": NEVER_EVALUATED}
 
 
 class BacktestReads:
@@ -38,7 +50,7 @@ class BacktestReads:
             _contact_events(start, end, contacts), hint="events_by_contact"
         )
         return own + await self.store.events.count_documents(
-            {"contact_id": None, "time": {"$gte": start, "$lt": end}}, hint="events_by_contact"
+            _catalog_events(start, end), hint="events_by_contact"
         )
 
     async def contact_events(
@@ -60,7 +72,7 @@ class BacktestReads:
     async def catalog_events(self, start: datetime, end: datetime) -> list[Doc]:
         """The window's price and stock changes (no contact), in time order."""
         return await self.store.events.find(
-            {"contact_id": None, "time": {"$gte": start, "$lt": end}},
+            _catalog_events(start, end),
             EVENT_FIELDS,
             sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
         ).to_list()
@@ -75,15 +87,30 @@ class BacktestReads:
                 "type": {"$in": list(INTEREST_EVENTS)},
                 "attributes.product_id": {"$exists": True},
                 "fanout_of": {"$exists": False},
+                "state": NEVER_EVALUATED,
             },
             {"type": 1, "contact_id": 1, "time": 1, "attributes.product_id": 1, "attributes.in_stock": 1},
             hint="events_by_contact",
         ).to_list()
 
-    async def interested_contacts(self, products: list[str]) -> list[str]:
-        """The contacts the interest index links to these products (whenever their interest began)."""
-        found = await self.store.interests.distinct("contact_id", {"product_id": {"$in": products}})
-        return [str(c) for c in found]
+    async def interested_contacts(self, products: list[str]) -> set[str]:
+        """The contacts the interest index links to these products (whenever their interest began); a
+        cursor, not `distinct`, whose answer is one document of at most 16 MB."""
+        cursor = await self.store.interests.aggregate(
+            [{"$match": {"product_id": {"$in": products}}}, {"$group": {"_id": "$contact_id"}}]
+        )
+        return {str(doc["_id"]) async for doc in cursor}
+
+    async def catalog_before(self, products: list[str], since: datetime, start: datetime) -> list[Doc]:
+        """Per product, its last price change and its last stock change before the window (`type`,
+        `attributes`): the catalog as the window found it."""
+        match = {"contact_id": None, "time": {"$gte": since, "$lt": start},
+                 "attributes.product_id": {"$in": _products(products)}, "state": NEVER_EVALUATED}  # fmt: skip
+        last = {"_id": {"product": "$attributes.product_id", "type": "$type"},
+                "attributes": {"$last": "$attributes"}}  # fmt: skip
+        pipeline = [{"$match": match}, {"$sort": {"time": ASCENDING, "_id": ASCENDING}}, {"$group": last}]
+        cursor = await self.store.events.aggregate(pipeline, hint="events_by_contact")
+        return [{"type": doc["_id"]["type"], "attributes": doc["attributes"]} async for doc in cursor]
 
     async def profiles(self, contact_ids: list[str]) -> dict[str, Doc]:
         """Today's profiles of these contacts: what a channel and a rule see (not the service's state)."""
@@ -96,7 +123,7 @@ class BacktestReads:
     async def recorded_messages(self, contact_ids: list[str], start: datetime, end: datetime) -> list[Doc]:
         """The messages the service decided for these contacts in the window."""
         fields = {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "sent_channel": 1, "status": 1,
-                  "reason": 1, "created_at": 1}  # fmt: skip
+                  "reason": 1, "created_at": 1, "due_at": 1}  # fmt: skip
         return await self.store.messages.find(
             {"contact_id": {"$in": contact_ids}, "created_at": {"$gte": start, "$lt": end}},
             fields,
