@@ -482,13 +482,13 @@ def _example(
     moments = [e.time or pivot for e in events]
     kept_events, omitted = _around(events, moments, pivot)
     timeline = [TimelineEvent(e.time or pivot, e.id, e.type) for e in kept_events]
-    lists = []
+    sides: list[list[ReplayedMessage]] = []
     for messages in (_in_order(baseline), _in_order(candidate)):
         kept, left = _around(messages, [m.at for m in messages], pivot)
-        lists.append(kept)
+        sides.append(kept)
         omitted += left
-    return ContactExample(contact_id, gained[:EXAMPLE_ITEMS], lost[:EXAMPLE_ITEMS], timeline, *lists,
-                          omitted=omitted)  # fmt: skip
+    return ContactExample(contact_id, gained[:EXAMPLE_ITEMS], lost[:EXAMPLE_ITEMS], timeline, sides[0],
+                          sides[1], omitted)  # fmt: skip
 
 
 def _in_order(messages: dict[str, ReplayedMessage]) -> list[ReplayedMessage]:

@@ -104,9 +104,9 @@ class BacktestReads:
     async def catalog_before(self, products: list[str], since: datetime, start: datetime) -> list[Doc]:
         """Per product, its last price change and its last stock change before the window (`type`,
         `attributes`): the catalog as the window found it."""
-        match = {"contact_id": None, "time": {"$gte": since, "$lt": start},
+        match: Doc = {"contact_id": None, "time": {"$gte": since, "$lt": start},
                  "attributes.product_id": {"$in": _products(products)}, "state": NEVER_EVALUATED}  # fmt: skip
-        last = {"_id": {"product": "$attributes.product_id", "type": "$type"},
+        last: Doc = {"_id": {"product": "$attributes.product_id", "type": "$type"},
                 "attributes": {"$last": "$attributes"}}  # fmt: skip
         pipeline = [{"$match": match}, {"$sort": {"time": ASCENDING, "_id": ASCENDING}}, {"$group": last}]
         cursor = await self.store.events.aggregate(pipeline, hint="events_by_contact")
