@@ -28,11 +28,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 from aiosmtpd.controller import Controller
 
+from rulesvc.channels import Delivery
+from rulesvc.config import Settings
 from rulesvc.core.sendpolicy import QUIET_REASON
 from rulesvc.store.mongod import free_port
-from tests.helpers import wait_for
+from rulesvc.web.app import create_app
+from tests.helpers import Provider, eventually, go, registry, send, settled, setup, wait_for
 from tests.service import ServiceProcess
 from tests.smtp_server import Mailbox
 
@@ -360,7 +364,7 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
 SEED = 2026
 CONTACTS = 200
 SPAN = 25.0  # seconds of contact activity
-HORIZON = 30.0  # after the last event: every wait and delay of the shortened rulesets has run out
+HORIZON = 12.0  # after the last event: every wait and delay of the shortened rulesets has run out
 
 
 @dataclass
@@ -493,3 +497,44 @@ def test_fixed_cases_decide_the_same_live_and_simulated(tmp_path: Path) -> None:
     for cart, checkout in (("remind/1", "remind/0"), ("remind/2", "remind/1")):  # log, then email
         pair = [fates[f"tw-1/cart_abandon/{cart}"], fates[f"tw-2/checkout_abandon/{checkout}"]]
         assert sorted(pair) == [("sent", None), ("suppressed", "frequency_cap")]
+
+
+async def test_an_event_during_a_send_that_is_retried_still_cancels_it(
+    make_client: Any, settings: Settings
+) -> None:
+    """Found by the corpus as a postponement that outlived a purchase: an event that cancels a message,
+    taken by the inbox while the scheduler held the message's entry (here: a provider call that ends in
+    a retry), did not see the entry, and the retry sent it anyway. A simulation decides the due entry
+    first, then the event, which cancels it: the live inbox now waits for the entry's decision too."""
+    push = Provider("push", needs="push_tokens")
+    push.hanging = True
+    push.script = [Delivery("retry", "busy, try again")]
+    quick = msgspec.structs.replace(settings, retry_base_seconds=4)
+    app = create_app(setup(quick, [send("push", cancel_on=["stop"])]), registry(push))
+    client = await make_client(app)
+    await client.put("/v1/contacts/c1", json={"push_tokens": ["t"], "consent": {"push": True}})
+    await go(client)
+
+    async def calling() -> bool:
+        return len(push.keys_seen) == 1
+
+    await eventually(calling)
+    events = [
+        {"id": "stop-1", "type": "stop", "contact_id": "c1"},
+        {"id": "x-1", "type": "x", "contact_id": "c2"},
+    ]
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def state(contact: str, event_id: str) -> str:
+        found = (await (await client.get(f"/v1/contacts/{contact}/events")).json())["events"]
+        return str(next(e["state"] for e in found if e["id"] == event_id))
+
+    async def other_decided() -> bool:
+        return await state("c2", "x-1") == "done"
+
+    await eventually(other_decided)  # the inbox went past the event ...
+    assert await state("c1", "stop-1") == "pending"  # ... and left it for after the call
+    push.hang.set()
+    [message] = await settled(client)
+    assert (message["status"], message.get("reason")) == ("cancelled", "cancelled_by_event"), message
+    assert len(push.keys_seen) == 1  # the retry never called the provider again
