@@ -174,9 +174,6 @@ class Dispatcher:
                 facts[name] = ask(channel, contact, failed)
         return facts
 
-    def capped(self, channel: str | None) -> bool:
-        return channel is not None and channel in self.policy.frequency_caps
-
     async def _facts(
         self, message: Doc, contact: Doc, now: datetime, sent_now: Mapping[str, int] | None = None
     ) -> Facts:
