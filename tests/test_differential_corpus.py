@@ -459,6 +459,7 @@ FIXED_CONTACTS: list[dict[str, Any]] = [
     {"contact_id": "reader", "timezone": "UTC", "email": "reader@example.com", "consent": {"email": True}},
     {"contact_id": "twice", "timezone": "UTC", "email": "twice@example.com", "consent": {"email": True}},
     {"contact_id": "quick", "timezone": "UTC", "email": "quick@example.com", "consent": {"email": True}},
+    {"contact_id": "tie", "timezone": "UTC", "email": "tie@example.com", "consent": {"email": True}},
 ]
 FIXED_EVENTS: list[tuple[float, dict[str, Any]]] = [
     # Live, a report naming a message that was never sent (suppressed: no address) made it `opened`.
@@ -482,18 +483,27 @@ FIXED_EVENTS: list[tuple[float, dict[str, Any]]] = [
     (0.0, {"id": "qk-1", "type": "purchased", "contact_id": "quick", "attributes": {"order_id": "o2"}}),
     (0.0, {"id": "qk-2", "type": "message_opened", "contact_id": "quick",
            "attributes": {"message_id": "qk-1/confirmations/order/0"}}),
+    # Two events of one moment, where the first wins (`once`): live takes them in id order, the
+    # simulator took them in the request's order.
+    (0.0, {"id": "tie-b", "type": "address_changed", "contact_id": "tie", "attributes": {}}),
+    (0.0, {"id": "tie-a", "type": "address_changed", "contact_id": "tie", "attributes": {}}),
 ]  # fmt: skip
 
 
 def test_fixed_cases_decide_the_same_live_and_simulated(tmp_path: Path) -> None:
     start = datetime.now(UTC) + timedelta(seconds=15)
-    run = run_both(tmp_path, Corpus(FIXED_CONTACTS, FIXED_EVENTS), start, "email=1,log=1", horizon=12)
+    events = sorted(FIXED_EVENTS, key=lambda t: t[0])  # stable: the same moment's events as listed
+    run = run_both(tmp_path, Corpus(FIXED_CONTACTS, events), start, "email=1,log=1", horizon=12)
     run.assert_same()
     fates = {mid: key[4:6] for mid, (key, _, _) in run.live.items()}
     assert fates["nm-1/confirmations/order/0"] == ("suppressed", "unreachable")
     assert fates["rd-2/engagement/email_opened/0"] == ("sent", None)
     assert fates["rd-1/cart_abandon/remind/2"] == ("suppressed", "frequency_cap")  # the nudge went first
     assert fates["qk-2/engagement/email_opened/0"] == ("sent", None)
+    assert (
+        fates["tie-a/lifecycle/new_address/0"] == ("sent", None)
+        and "tie-b/lifecycle/new_address/0" not in fates
+    )
     for cart, checkout in (("remind/1", "remind/0"), ("remind/2", "remind/1")):  # log, then email
         pair = [fates[f"tw-1/cart_abandon/{cart}"], fates[f"tw-2/checkout_abandon/{checkout}"]]
         assert sorted(pair) == [("sent", None), ("suppressed", "frequency_cap")]

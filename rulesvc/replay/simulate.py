@@ -227,8 +227,9 @@ class Simulation:
 
     def run(self, events: list[Event], until: datetime | None) -> list[SimAction]:
         start = datetime.now(UTC)
+        # Events of the same moment in id order, as the live inbox takes a contact's events.
         timed = sorted(
-            ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
+            ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[2].id, t[1])
         )
         for i, event in enumerate(events):
             self._index_of.setdefault(event.id, i)
