@@ -242,8 +242,9 @@ class Simulation:
 
     def run(self, events: list[Event], until: datetime | None) -> list[SimAction]:
         start = datetime.now(UTC)
+        # Events of the same moment in id order, as the live inbox takes a contact's events.
         timed = sorted(
-            ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
+            ((event_time(e, start), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[2].id, t[1])
         )
         for i, event in enumerate(events):
             self._index_of.setdefault(event.id, i)
@@ -325,6 +326,8 @@ class Simulation:
         for entry in decisions.schedule:
             self.entries[entry.entry_id] = entry
             heapq.heappush(self.queue, _Due(entry.due_at, next(self._seq), entry))
+            if entry.message is not None:  # an outcome event may name it from now on, as a live message
+                self._named(entry, entry.message["channel"])
         for cancel in decisions.cancel:
             cancelled = self.entries.pop(cancel.entry_id, None)
             if cancelled is not None:
@@ -376,11 +379,9 @@ class Simulation:
         }
         channels = self.rules.channels(entry.contact_id, bool(contact.profile.get("email_invalid")))
         verdict = check(message, seen, channels, Facts(product, sent_today), now, policy)
-        # An outcome event may name it: its channel is the one used, else its own (as `sent_channel`).
-        used = verdict.channel if verdict.kind == "send" else message["channel"]
-        self.messages[entry.entry_id] = {"contact_id": entry.contact_id, "channel": used,
-                                         "template": message.get("template"), "ruleset": entry.ruleset,
-                                         "rule": entry.rule}  # fmt: skip
+        # An outcome event names the channel chosen (live: `sent_channel`, kept on a suppression too),
+        # else the message's own.
+        self._named(entry, verdict.channel if verdict.kind != "postpone" and verdict.channel else None)
         if verdict.kind == "postpone":
             assert verdict.at is not None
             self._record(entry, now, "postponed", verdict.reason, verdict.channel, postponed_to=verdict.at,
@@ -397,6 +398,14 @@ class Simulation:
         if not message.get("transactional"):
             self.sent_at.setdefault((entry.contact_id, verdict.channel), []).append(now)
         self._record(entry, now, "sent", None, verdict.channel)
+
+    def _named(self, entry: ScheduleEntry, channel: str | None) -> None:
+        """What an outcome event naming this message learns of it (`_outcome`)."""
+        assert entry.message is not None
+        self.messages[entry.entry_id] = {"contact_id": entry.contact_id,
+                                         "channel": channel or entry.message["channel"],
+                                         "template": entry.message.get("template"),
+                                         "ruleset": entry.ruleset, "rule": entry.rule}  # fmt: skip
 
     def _record(
         self,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from time import monotonic
@@ -174,11 +174,11 @@ class Dispatcher:
                 facts[name] = ask(channel, contact, failed)
         return facts
 
-    def capped(self, channel: str | None) -> bool:
-        return channel is not None and channel in self.policy.frequency_caps
-
-    async def _facts(self, message: Doc, contact: Doc, now: datetime) -> Facts:
-        """The facts `check` decides on, from MongoDB: the product of a guard, today's capped sends."""
+    async def _facts(
+        self, message: Doc, contact: Doc, now: datetime, sent_now: Mapping[str, int] | None = None
+    ) -> Facts:
+        """The facts `check` decides on, from MongoDB: the product of a guard, today's capped sends (and
+        `sent_now`: those of the caller's batch, not written yet)."""
         product: Doc = {}
         if message.get("guard"):
             params = message.get("params") or {}
@@ -187,6 +187,7 @@ class Dispatcher:
         since = day_start(contact, now, self.policy)
         for channel in capped_candidates(message, self.policy):
             sent_today[channel] = await self.messages.sent_since(message["contact_id"], channel, since)
+            sent_today[channel] += (sent_now or {}).get(channel, 0)
         return Facts(product, sent_today)
 
     def _not_again(self, message: Doc, channel: Channel | None, why_not: str | None) -> str | None:
@@ -213,9 +214,17 @@ class Dispatcher:
         return Result("wait", detail="sending in another process",
                       at=until if isinstance(until, datetime) and until > now else now)  # fmt: skip
 
-    async def dispatch(self, message: Doc, contact: Doc | None, now: datetime, owner: str = "") -> Result:
+    async def dispatch(
+        self,
+        message: Doc,
+        contact: Doc | None,
+        now: datetime,
+        owner: str = "",
+        sent_now: Mapping[str, int] | None = None,
+    ) -> Result:
         """Decide and, if everything allows, deliver one due message. `owner` is the caller's claim,
-        written with the `sending` mark."""
+        written with the `sending` mark; `sent_now`: the contact's marketing sends per channel that the
+        caller made but has not written yet (a cap counts them)."""
         if message["status"] not in ("scheduled", "sending"):
             if message["status"] == "blocked" and message.get("reason") == reasons.RECIPIENT_BLOCKED:
                 # Refused at the send: its `message_blocked` may not be queued yet (a crash right after the
@@ -234,7 +243,7 @@ class Dispatcher:
             guard = {"status": "sending", "send_owner": message.get("send_owner")}
             attempt -= 1  # the same attempt, made again
         # The interrupted call passed the guard, quiet hours and cap; it is only being completed.
-        facts = Facts() if interrupted else await self._facts(message, contact, now)
+        facts = Facts() if interrupted else await self._facts(message, contact, now, sent_now)
         verdict = check(message, contact, self._channel_facts(message, contact), facts, now, self.policy,
                         interrupted=interrupted)  # fmt: skip
         channel = self.channels.get(verdict.channel) if verdict.kind == "send" and verdict.channel else None

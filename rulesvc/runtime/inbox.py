@@ -58,6 +58,13 @@ OUTCOME_RANK = {"scheduled": 0, "sending": 0, "sent": 1, "delivered": 2, "opened
                 "replied": 4, "bounced": 5, "blocked": 5, "failed": 5}  # fmt: skip
 
 
+def never_sent(message: Doc) -> bool:
+    """No provider was ever handed it (suppressed, cancelled, or scheduled before its first attempt): a
+    report naming it is recorded, but cannot make it delivered, opened or bounced, nor stop its send."""
+    status = message["status"]
+    return status in ("suppressed", "cancelled") or (status == "scheduled" and not message.get("attempt"))
+
+
 def apply_outcome(
     doc: Doc, messages: dict[str, Doc], view: ContactView, told: list[Fate] | None = None
 ) -> list[Any]:
@@ -76,7 +83,7 @@ def apply_outcome(
         for key in ("channel", "template", "ruleset", "rule"):
             attributes.setdefault(key, channel if key == "channel" else message.get(key))
         update: Doc = {"$set": {f"outcomes.{outcome}": doc["time"]}}
-        if OUTCOME_RANK.get(outcome, 0) > OUTCOME_RANK.get(message["status"], 0):
+        if not never_sent(message) and OUTCOME_RANK.get(outcome, 0) > OUTCOME_RANK.get(message["status"], 0):
             update["$set"]["status"] = outcome
             message["status"] = outcome
         ops.append(UpdateOne({"_id": message["_id"]}, update))
@@ -177,7 +184,13 @@ class Inbox:
     async def _leasable_keys(self, now: datetime) -> list[str]:
         if self._expired_look.due(now):
             await self.contact_leases.release_expired(now)
-        return await self.inbox_events.contacts_waiting(await self.contact_leases.held(), self.batch_size)
+        # A contact whose due entry the scheduler is deciding waits for that decision, as in a simulation
+        # (an entry due before an event is decided first): evaluated meanwhile, an event that cancels the
+        # entry would not see it (claimed, not pending), and a postponement or retry would outlive it.
+        busy = await self.schedule.running_contacts()
+        return await self.inbox_events.contacts_waiting(
+            [*await self.contact_leases.held(), *busy], self.batch_size
+        )
 
     async def _acquire(self, keys: list[str], now: datetime) -> tuple[str, list[str]]:
         """One lease document for the whole batch; the unique index on `contacts` keeps any contact in at
@@ -253,7 +266,11 @@ class Inbox:
             try:
                 if doc["type"] in MESSAGE_EVENT_TYPES:
                     outcome_ops[cid].extend(apply_outcome(doc, messages, view, outcome_fates[cid]))
-                found_by[cid].append(engine.evaluate(engine_event(doc), view, now))
+                found = engine.evaluate(engine_event(doc), view, now)
+                found_by[cid].append(found)
+                for entry in found.schedule:  # a later event of this batch may name its message
+                    if entry.message is not None:
+                        messages[entry.entry_id] = message_doc(entry)
             except Exception as exc:  # one event's fault: the other contacts of the batch go on
                 failed[cid] = (doc, exc)
 

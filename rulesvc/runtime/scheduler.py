@@ -12,6 +12,7 @@ batch goes on: one bad entry never holds the schedule up.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -164,6 +165,9 @@ class Scheduler:
         async def contact_in_order(mine: list[Doc]) -> list[tuple[Doc, Result]]:
             """One contact's messages one after another, so a cap counts the one just sent."""
             done: list[tuple[Doc, Result]] = []
+            # Counted here, not from MongoDB: the batch writes its results only at the end (a `log` or
+            # in-app send is still `scheduled` until then, which a cap's count leaves out).
+            sent_now: Counter[str] = Counter()
             for entry in mine:
                 message = messages.get(entry["_id"])
                 if message is None:
@@ -172,7 +176,7 @@ class Scheduler:
                 async with limit:
                     try:
                         result = await self.dispatcher.dispatch(
-                            message, contacts.get(entry["contact_id"]), now, owner
+                            message, contacts.get(entry["contact_id"]), now, owner, sent_now
                         )
                     except Exception as exc:
                         if transient(exc):
@@ -180,9 +184,8 @@ class Scheduler:
                         log.exception("scheduler.entry_failed", entry=entry["_id"])
                         aside.append((entry, error_reason(exc)))  # the others go on
                         continue
-                if result.kind == "sent" and entry is not mine[-1] and self.dispatcher.capped(result.channel):
-                    # The contact has more messages in this batch: the next cap check must see this one.
-                    await self.messages.note_sent(entry["_id"], now, result.channel)
+                if result.kind == "sent" and result.channel and not message.get("transactional"):
+                    sent_now[result.channel] += 1  # the contact's next cap check in this batch sees it
                 done.append((entry, result))
             return done
 

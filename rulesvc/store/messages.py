@@ -31,12 +31,6 @@ class Messages:
     async def update_one(self, message_id: str, guard: Doc, fields: Doc) -> None:
         await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
 
-    async def note_sent(self, message_id: str, now: datetime, channel: str | None) -> None:
-        """Sent, ahead of the batch's record: the contact's next cap check counts it."""
-        await self.store.messages.update_one(
-            {"_id": message_id}, {"$set": {"sent_at": now, "sent_channel": channel}}
-        )
-
     async def insert(self, messages: list[Doc], session: AsyncClientSession) -> None:
         await self.store.messages.insert_many(messages, session=session)
 

@@ -62,6 +62,10 @@ class Schedule:
             pending.setdefault(entry["contact_id"], []).append(entry)
         return pending
 
+    async def running_contacts(self) -> list[str]:
+        """The contacts of the entries a scheduler is deciding now (claimed, not yet written back)."""
+        return list(await self.store.schedule.distinct("contact_id", {"status": "running"}))
+
     async def run_again(self, entry_id: str, owner: str, at: datetime) -> None:
         """The entry (still claimed by `owner`) is pending again, due at `at`."""
         await self.store.schedule.update_one(
