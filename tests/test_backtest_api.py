@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from rulesvc.config import Settings
+from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from rulesvc.web.app import create_app
 from tests.helpers import eventually, wait_for
@@ -363,6 +364,10 @@ def rulesvc(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_command_prints_the_table_or_json(shop: Settings, db: Any, tmp_path: Path) -> None:
+    result = rulesvc(shop, "--since", "14d")  # no service has run on it: nothing to replay, nothing built
+    assert result.returncode == 1 and "no service has run on the database" in result.stderr, result.stderr
+    assert await db.list_collection_names() == []
+    await Store(db.client, db.name, timedelta(days=shop.event_retention_days)).ensure_schema()
     for s in SHOPPERS:
         if s.consent is not None:
             await db.contacts.insert_one({"_id": s.contact_id, "consent": {"webhook": s.consent}})
