@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -274,6 +275,36 @@ async def test_bad_requests_are_422_with_the_path_of_every_problem(
     assert (await client.get("/v1/backtests/nope")).status == 404
     assert (await client.post("/v1/backtests/nope/cancel")).status == 404
     assert (await (await client.get("/v1/backtests")).json()) == {"backtests": []}  # nothing started
+
+
+async def test_a_fifo_in_a_folder_is_refused_without_blocking(
+    make_client: Any, shop: Settings, tmp_path: Path
+) -> None:
+    """A folder is read off the worker's loop, and only its regular files: a FIFO named `x.json` would
+    block its reader until something wrote to it."""
+    client = await make_client(create_app(shop))
+    folder = write_rulesets(tmp_path / "candidate", {"cart": {"rules": [remind("45m")]}})
+    fifo = folder / "x.json"
+    os.mkfifo(fifo)
+
+    released = threading.Event()
+
+    def release() -> None:  # a reader stuck on it (the bug) gets its end of file: the test ends, failed
+        released.set()
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader: nothing to release
+
+    watchdog = threading.Timer(10, release)
+    watchdog.start()
+    try:
+        [problem] = await refused(client, {"rulesets_dir": str(folder)})
+    finally:
+        watchdog.cancel()
+    assert not released.is_set(), "the request waited on the FIFO"
+    assert (problem["path"], problem["file"]) == ("$.rulesets_dir", str(fifo)), problem
+    assert "not a regular file" in problem["message"]
 
 
 # A history that takes a backtest several seconds (about 15,000 events/s here), so it is still running
