@@ -299,7 +299,9 @@ def events_command(args: argparse.Namespace) -> int:
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await store.ensure_schema()  # its queries use the service's indexes, even on a fresh database
+        # Its queries use the service's indexes, even on a fresh database; an existing TTL stays the
+        # service's (this shell's RULESVC_EVENT_RETENTION_DAYS may differ).
+        await store.ensure_schema(change_ttl=False)
         if args.quarantine_command == "list":
             docs = await store.quarantined(args.limit)
             if args.json:
@@ -374,7 +376,7 @@ def messages_command(args: argparse.Namespace) -> int:
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await store.ensure_schema()
+        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
         messages = Messages(store)
         if args.messages_command == "list":
             docs = await messages.find(max(1, args.limit), status=args.status, channel=args.channel,
@@ -437,7 +439,7 @@ def contacts_command(args: argparse.Namespace) -> int:
         import msgspec
 
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await store.ensure_schema()
+        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
         limit = max(1, args.limit)
         doc = await store.get_contact(args.contact)
         events = await store.contact_events(args.contact, limit)
@@ -766,6 +768,10 @@ class _ProgressLine:
             sys.stderr.write("\n")
 
 
+# The indexes the backtest's reads name as hints (store/backtests.py); the service builds them as it starts.
+BACKTEST_INDEXES = {"events": "events_by_contact", "messages": "messages_by_contact"}
+
+
 def backtest_command(args: argparse.Namespace) -> int:
     """The backtest in this process, on the service's database: nothing is sent or written."""
     from datetime import UTC, timedelta
@@ -831,7 +837,13 @@ def backtest_command(args: argparse.Namespace) -> int:
 
         async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
             store = Store(db.client, db.name, retention)
-            await store.ensure_schema()  # its reads use the service's indexes, even on a fresh database
+            # Read-only: it builds no index (a build on a live database is a load, and it is not the
+            # CLI's to set the retention). Its reads need the service's indexes: no service, no history.
+            missing = await store.missing_indexes(BACKTEST_INDEXES)
+            if missing:
+                print(f"rulesvc: no service has run on the database {db.name} (no index "
+                      f"{', '.join(missing)}): there is no history to replay", file=sys.stderr)  # fmt: skip
+                return 1
             report = await run_backtest(
                 store, baseline, candidate, channels, send_policy(settings), options, progress
             )

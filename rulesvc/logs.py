@@ -48,8 +48,13 @@ def mask_personal_data(_: Any, __: str, event_dict: MutableMapping[str, Any]) ->
 def configure(log_format: str = "auto", level: str = "info", file: TextIO | None = None) -> None:
     file = file or sys.stderr
     use_json = log_format == "json" or (log_format == "auto" and not file.isatty())
+    # Tracebacks without the frames' locals, whichever formatter is installed: rich's and
+    # better-exceptions' show them by default, and a frame holding the settings would print the channel
+    # secrets and the MongoDB password (a failing backtest job did).
     renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=True)
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from rulesvc.config import Settings
+from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from rulesvc.web.app import create_app
 from tests.helpers import eventually, wait_for
@@ -275,6 +277,36 @@ async def test_bad_requests_are_422_with_the_path_of_every_problem(
     assert (await (await client.get("/v1/backtests")).json()) == {"backtests": []}  # nothing started
 
 
+async def test_a_fifo_in_a_folder_is_refused_without_blocking(
+    make_client: Any, shop: Settings, tmp_path: Path
+) -> None:
+    """A folder is read off the worker's loop, and only its regular files: a FIFO named `x.json` would
+    block its reader until something wrote to it."""
+    client = await make_client(create_app(shop))
+    folder = write_rulesets(tmp_path / "candidate", {"cart": {"rules": [remind("45m")]}})
+    fifo = folder / "x.json"
+    os.mkfifo(fifo)
+
+    released = threading.Event()
+
+    def release() -> None:  # a reader stuck on it (the bug) gets its end of file: the test ends, failed
+        released.set()
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader: nothing to release
+
+    watchdog = threading.Timer(10, release)
+    watchdog.start()
+    try:
+        [problem] = await refused(client, {"rulesets_dir": str(folder)})
+    finally:
+        watchdog.cancel()
+    assert not released.is_set(), "the request waited on the FIFO"
+    assert (problem["path"], problem["file"]) == ("$.rulesets_dir", str(fifo)), problem
+    assert "not a regular file" in problem["message"]
+
+
 # A history that takes a backtest several seconds (about 15,000 events/s here), so it is still running
 # when a test acts on it.
 MANY = (15_000, 10)
@@ -363,6 +395,10 @@ def rulesvc(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_command_prints_the_table_or_json(shop: Settings, db: Any, tmp_path: Path) -> None:
+    result = rulesvc(shop, "--since", "14d")  # no service has run on it: nothing to replay, nothing built
+    assert result.returncode == 1 and "no service has run on the database" in result.stderr, result.stderr
+    assert await db.list_collection_names() == []
+    await Store(db.client, db.name, timedelta(days=shop.event_retention_days)).ensure_schema()
     for s in SHOPPERS:
         if s.consent is not None:
             await db.contacts.insert_one({"_id": s.contact_id, "consent": {"webhook": s.consent}})

@@ -85,24 +85,37 @@ def _squash(key: str) -> str:
     return key.replace("_", "").replace("-", "").lower()
 
 
-def _near_misses(attributes: Doc, field: str) -> list[str]:
-    """Keys sent that were probably meant as `field`: known aliases, another spelling, or a typo."""
+# The typo hints (difflib) cost the most: they are looked for only in an event with few keys, and only by
+# callers that bound how many events they ask them for (ingest: the first refused ones of a batch). On
+# every key of a 5 MB body of refused events they held the event loop for seconds.
+FUZZY_KEYS = 32
+HINTS = 3  # near misses named at most, per missing field
+
+
+def _near_misses(attributes: Doc, field: str, fuzzy: bool) -> list[str]:
+    """Keys sent that were probably meant as `field`: known aliases, another spelling, or (if `fuzzy`)
+    a typo."""
     squashed = _squash(field)
-    found = []
+    aliases = ALIASES.get(field, ())
+    fuzzy = fuzzy and len(attributes) <= FUZZY_KEYS
+    found: list[str] = []
     for key in attributes:
         if key == field:
             continue
-        if key in ALIASES.get(field, ()) or _squash(key) == squashed:
+        if key in aliases or (len(key) >= len(squashed) and _squash(key) == squashed):
             found.append(key)
-        elif len(key) <= 1.5 * len(field):  # a longer key cannot reach the ratio: no time on a huge one
-            if difflib.SequenceMatcher(None, key.lower(), field).ratio() >= 0.8:
+        elif fuzzy and len(key) <= 1.5 * len(field):  # a longer key cannot reach the ratio
+            matcher = difflib.SequenceMatcher(None, key.lower(), field)
+            if matcher.real_quick_ratio() >= 0.8 and matcher.quick_ratio() >= 0.8 and matcher.ratio() >= 0.8:
                 found.append(key)
+        if len(found) >= HINTS:
+            break
     return found
 
 
-def _hint(attributes: Doc, *fields: str) -> str:
+def _hint(attributes: Doc, fuzzy: bool, *fields: str) -> str:
     """` ... is not read: ...` for the near misses of a missing `fields[0]` (and of those it goes with)."""
-    near = {key for field in fields for key in _near_misses(attributes, field)}
+    near = {key for field in fields for key in _near_misses(attributes, field, fuzzy)}
     misses = [key for key in attributes if key in near]  # in the order sent
     if not misses:
         return ""
@@ -115,9 +128,10 @@ def _hint(attributes: Doc, *fields: str) -> str:
     )
 
 
-def catalog_problems(event_type: str, attributes: Doc) -> list[tuple[str, str]]:
+def catalog_problems(event_type: str, attributes: Doc, fuzzy: bool = True) -> list[tuple[str, str]]:
     """Every way a catalog event's attributes break the contract, as (path, message); empty if none.
-    Ingest and the simulator refuse such an event with these messages (core/events.py)."""
+    Ingest and the simulator refuse such an event with these messages (core/events.py). `fuzzy`: the
+    hints name typos too (see FUZZY_KEYS)."""
     problems: list[tuple[str, str]] = []
 
     def refuse(field: str, message: str) -> None:
@@ -126,14 +140,14 @@ def catalog_problems(event_type: str, attributes: Doc) -> list[tuple[str, str]]:
     product_id = attributes.get("product_id")
     if not isinstance(product_id, str | int) or isinstance(product_id, bool):
         example = 'e.g. "lamp-42"'
-        got = _got(attributes, "product_id") + _hint(attributes, "product_id")
+        got = _got(attributes, "product_id") + _hint(attributes, fuzzy, "product_id")
         refuse("product_id", f"{event_type} needs a `product_id`, a string or an integer, {example}; {got}")
     if event_type == "price_changed":
         price = attributes.get("price")
         if isinstance(price, int | float) and not isinstance(price, bool) and not is_price(price):
             refuse("price", f"`price` must be 0 or more; {_got(attributes, 'price')}")
         elif not is_price(price):
-            got = _got(attributes, "price") + _hint(attributes, "price", "previous_price")
+            got = _got(attributes, "price") + _hint(attributes, fuzzy, "price", "previous_price")
             if isinstance(price, str):
                 got += ". Send it as a JSON number, without quotes"
             refuse("price", f"price_changed needs a numeric `price`, e.g. 79.9; {got}")
@@ -147,7 +161,7 @@ def catalog_problems(event_type: str, attributes: Doc) -> list[tuple[str, str]]:
             refuse("currency", f"{what}; {_got(attributes, 'currency')}")
     if event_type == "stock_changed":
         if not isinstance(attributes.get("in_stock"), bool):
-            got = _got(attributes, "in_stock") + _hint(attributes, "in_stock")
+            got = _got(attributes, "in_stock") + _hint(attributes, fuzzy, "in_stock")
             refuse("in_stock", f"stock_changed needs a boolean `in_stock`, true or false; {got}")
         quantity = attributes.get("quantity")
         if quantity is not None and not is_quantity(quantity):

@@ -207,8 +207,9 @@ def document_errors(value: Any, path: str, depth: int = 0) -> list[tuple[str, st
     return []
 
 
-def event_problems(event: Event) -> list[tuple[str, str]]:
-    """What ingest refuses in a decoded event, as (path, message): the API and the simulator share it."""
+def event_problems(event: Event, fuzzy: bool = True) -> list[tuple[str, str]]:
+    """What ingest refuses in a decoded event, as (path, message): the API and the simulator share it.
+    `fuzzy`: a catalog event's hints name typos too, the costly part (core/catalog.py FUZZY_KEYS)."""
     if event.time is not None and not time_in_range(event.time):
         return [("$.time", f"must be {TIME_RANGE}")]
     if event.attributes:
@@ -227,10 +228,13 @@ def event_problems(event: Event) -> list[tuple[str, str]]:
     if event.type in CATALOG_EVENT_TYPES:
         if event.contact_id is not None:  # the fan-out names the contacts; a shop cannot pick one
             return [("$.contact_id", f"must be absent for the catalog event type `{event.type}`")]
-        return catalog_problems(event.type, event.attributes)
+        return catalog_problems(event.type, event.attributes, fuzzy)
     if event.contact_id is None:
         return [("$.contact_id", f"required for event type `{event.type}`")]
     return []
+
+
+FUZZY_ERRORS = 50  # typos are looked for until a batch has this many errors: the rest get cheap hints
 
 
 def _malformed(
@@ -254,10 +258,18 @@ def _decode_items(items: Sequence[bytes | msgspec.Raw]) -> tuple[list[Event], li
             continue
         except msgspec.DecodeError as exc:
             raise _malformed(exc, raw, index) from exc
-        problems = event_problems(event)
+        problems = event_problems(event, fuzzy=len(errors) < FUZZY_ERRORS)
         errors.extend(EventError(index, path, message) for path, message in problems)
         events.append(event)
     return events, errors
+
+
+def _problems(events: list[Event]) -> list[EventError]:
+    errors: list[EventError] = []
+    for index, event in enumerate(events):
+        problems = event_problems(event, fuzzy=len(errors) < FUZZY_ERRORS)
+        errors.extend(EventError(index, path, message) for path, message in problems)
+    return errors
 
 
 _EVENT_DECODER = msgspec.json.Decoder(Event)
@@ -277,8 +289,7 @@ def decode_json_body(body: bytes, max_events: int) -> tuple[list[Event], list[Ev
         events = decoded if isinstance(decoded, list) else [decoded]
         if len(events) > max_events:
             raise TooManyEvents(f"{len(events)} events in one request; the limit is {max_events}")
-        errors = [EventError(i, p, m) for i, ev in enumerate(events) for p, m in event_problems(ev)]
-        return events, errors
+        return events, _problems(events)
     if body.lstrip()[:1] != b"[":
         return _decode_items([msgspec.Raw(body)])
     try:

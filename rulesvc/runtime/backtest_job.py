@@ -9,20 +9,23 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import structlog
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import DocumentTooLarge, PyMongoError
 
+from rulesvc.channels import ChannelRegistry
+from rulesvc.config import Settings
 from rulesvc.core.engine import CompiledRuleset
+from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.replay.backtest import Progress, Version, run_backtest
 from rulesvc.replay.simulate import LiveRuleset
-from rulesvc.runtime.backtests import BEAT_EVERY, HANDOFF_DECODER, WRITE_EVERY, Handoff
-from rulesvc.store.backtest_jobs import BacktestJobs
+from rulesvc.runtime.backtests import HANDOFF_DECODER, WRITE_EVERY, Handoff
+from rulesvc.store.backtest_jobs import BacktestJobs, Heartbeats
 from rulesvc.store.db import Store
 
 log = structlog.get_logger(__name__)
@@ -43,19 +46,21 @@ def progress_doc(p: Progress) -> dict[str, Any]:
             "elapsed_seconds": round(p.elapsed_seconds, 1), "eta_seconds": eta}  # fmt: skip
 
 
-class Reporter:
-    """`run_backtest`'s progress callback: records the latest progress and writes it (with a heartbeat)
-    at most once a second, reading back the cancel flag; raises at the next call once the job is to stop.
-    `beat` writes a heartbeat every few seconds even when no progress comes (a slow read)."""
+class Reporter(threading.Thread):
+    """`run_backtest`'s progress callback, and the thread that writes the latest progress with a
+    heartbeat every WRITE_EVERY seconds, reading back the cancel flag; the callback raises at its next
+    call once the job is to stop. A thread with a synchronous client, not an asyncio task: the replay
+    of a batch never awaits, and a task would not beat until it ended (a batch over LOST_AFTER got the
+    job taken as lost, and a second job admitted beside it)."""
 
-    def __init__(self, jobs: BacktestJobs, job_id: str) -> None:
-        self.jobs = jobs
+    def __init__(self, heartbeats: Heartbeats, job_id: str) -> None:
+        super().__init__(name="backtest-heartbeat", daemon=True)
+        self.heartbeats = heartbeats
         self.job_id = job_id
-        self.latest: Progress | None = None
+        self.latest: Progress | None = None  # set by the loop's thread, read by this one
         self.cancelled = False
         self.gone = False
-        self._written = float("-inf")  # the first progress is written at once
-        self._writing: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()
 
     def __call__(self, progress: Progress) -> None:
         if self.cancelled:
@@ -63,16 +68,16 @@ class Reporter:
         if self.gone:
             raise Gone
         self.latest = progress
-        if time.monotonic() - self._written >= WRITE_EVERY and (
-            self._writing is None or self._writing.done()
-        ):
-            self._written = time.monotonic()
-            self._writing = asyncio.get_running_loop().create_task(self.write())
 
-    async def write(self) -> None:
+    def run(self) -> None:
+        while not self._stopping.wait(WRITE_EVERY):
+            self.write()
+
+    def write(self) -> None:
+        latest = self.latest
         try:
-            doc = await self.jobs.beat(
-                self.job_id, datetime.now(UTC), progress_doc(self.latest) if self.latest else None
+            doc = self.heartbeats.beat(
+                self.job_id, datetime.now(UTC), progress_doc(latest) if latest else None
             )
         except PyMongoError as exc:  # the next write may get through; the heartbeat's age tells
             log.warning("backtest.progress_not_written", job=self.job_id, error=repr(exc))
@@ -82,12 +87,10 @@ class Reporter:
         elif doc.get("cancel_requested"):
             self.cancelled = True
 
-    async def beat(self) -> None:
-        while True:
-            await asyncio.sleep(BEAT_EVERY / 5)
-            if time.monotonic() - self._written >= BEAT_EVERY:
-                self._written = time.monotonic()
-                await self.write()
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join()
 
 
 def _version(label: str, sources: list[LiveRuleset], compiled: list[CompiledRuleset]) -> Version:
@@ -99,9 +102,14 @@ def _version(label: str, sources: list[LiveRuleset], compiled: list[CompiledRule
     return Version(label, mine)
 
 
-async def run(handoff: Handoff) -> int:
+def _send_rules(settings: Settings) -> tuple[ChannelRegistry, SendPolicy]:
     from rulesvc.web.lifecycle import load_channels, send_policy
 
+    return load_channels(settings)[0], send_policy(settings)
+
+
+def _connect(handoff: Handoff) -> tuple[Store, Reporter]:
+    """The clients, made in a frame of their own: the URI holds the MongoDB password."""
     settings = handoff.settings
     selection_ms = int(settings.mongodb_timeout_seconds * 1000)
     # No overall deadline per operation: the window's cursor lives as long as the replay.
@@ -109,22 +117,32 @@ async def run(handoff: Handoff) -> int:
         handoff.mongo_uri, tz_aware=True, serverSelectionTimeoutMS=selection_ms, appname="rulesvc-backtest"
     )
     store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+    # Each heartbeat has a deadline: a paused server must not hold the thread (nor the job's end) long.
+    beating: MongoClient[dict[str, Any]] = MongoClient(
+        handoff.mongo_uri, tz_aware=True, serverSelectionTimeoutMS=selection_ms, timeoutMS=selection_ms,
+        appname="rulesvc-backtest-heartbeat",
+    )  # fmt: skip
+    return store, Reporter(Heartbeats(beating, settings.database), handoff.job_id)
+
+
+async def run(handoff: Handoff) -> int:
+    """The settings (channel secrets) and the URI live in `handoff` only until the work starts."""
+    store, reporter = _connect(handoff)
     jobs = BacktestJobs(store)
     job_id = handoff.job_id
     compiled: list[CompiledRuleset] = []
-    reporter = Reporter(jobs, job_id)
-    beating: asyncio.Task[None] | None = None
     try:
         if not await jobs.started(job_id, datetime.now(UTC), os.getpid()):
             log.info("backtest.not_started", job=job_id, reason="cancelled or lost before it started")
             return 0
-        beating = asyncio.create_task(reporter.beat())
+        reporter.start()
         baseline = _version(handoff.baseline_label, handoff.baseline, compiled)
         candidate = _version(handoff.candidate_label, handoff.candidate, compiled)
-        channels, _ = load_channels(settings)
-        report = await run_backtest(
-            store, baseline, candidate, channels, send_policy(settings), handoff.options, reporter
-        )
+        channels, policy = _send_rules(handoff.settings)
+        options = handoff.options
+        del handoff
+        report = await run_backtest(store, baseline, candidate, channels, policy, options, reporter)
+        reporter.stop()  # no heartbeat after the end
         final = progress_doc(reporter.latest) if reporter.latest else None
         fields: dict[str, Any] = {"report": msgspec.to_builtins(report, builtin_types=(datetime,))}
         if final is not None:
@@ -140,15 +158,15 @@ async def run(handoff: Handoff) -> int:
         log.info("backtest.cancelled", job=job_id)
     except Gone:
         log.warning("backtest.gone", job=job_id, reason="the job was taken as lost or ended elsewhere")
-    except Exception as exc:  # a plain message on the job; the traceback to the service log only
+    except Exception as exc:  # a plain message on the job; the traceback (never with locals) to the log
         log.exception("backtest.failed", job=job_id)
         await jobs.finish(job_id, "failed", datetime.now(UTC), error=f"{type(exc).__name__}: {exc}"[:2000])
     finally:
-        if beating is not None:
-            beating.cancel()
+        reporter.stop()
+        reporter.heartbeats.close()
         for c in compiled:
             c.free()
-        await client.close()
+        await store.client.close()
     return 0
 
 
@@ -162,7 +180,9 @@ def main(parent_pid: int) -> int:
     handoff = HANDOFF_DECODER.decode(sys.stdin.buffer.read())
     logs.configure(handoff.settings.log_format, handoff.settings.log_level)
     structlog.contextvars.bind_contextvars(backtest=handoff.job_id)
-    return asyncio.run(run(handoff))
+    job = run(handoff)
+    del handoff  # `run` drops it once read: no frame keeps the secrets for the replay's length
+    return asyncio.run(job)
 
 
 if __name__ == "__main__":

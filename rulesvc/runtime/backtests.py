@@ -37,8 +37,7 @@ from rulesvc.store.backtest_jobs import BacktestJobs
 log = structlog.get_logger(__name__)
 
 LOST_AFTER = timedelta(seconds=30)  # a job without a heartbeat this long is lost: its process died
-WRITE_EVERY = 1.0  # seconds: progress (with a heartbeat) is written at most this often
-BEAT_EVERY = 5.0  # seconds: a heartbeat at least this often, progress or not
+WRITE_EVERY = 1.0  # seconds: the job's thread writes its heartbeat (with the progress) this often
 FUTURE_SLACK = timedelta(minutes=1)  # clocks differ: `until` a little ahead of now is now
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,8 +95,14 @@ def write_source(directory: Path, name: str, data: bytes) -> Path:
 
 
 def read_source(path: Path) -> bytes:
+    """A regular file's bytes only: a FIFO (or a device) named `x.json` would block the reader forever,
+    and the API reads folders an admin names. Opened without blocking, then checked, then read."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise InvalidRuleset([RulesetError(path.name, "$", "cannot read: not a regular file")])
+            return file.read()
     except OSError as exc:
         raise InvalidRuleset([RulesetError(path.name, "$", f"cannot read: {exc.strerror}")]) from exc
 

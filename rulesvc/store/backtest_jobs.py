@@ -14,8 +14,9 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
 from rulesvc.store.db import Doc, Store
@@ -27,6 +28,32 @@ LOST = "its process stopped answering (a restart of the service drops a running 
 
 def new_job_id() -> str:
     return secrets.token_hex(6)
+
+
+def _beat(job_id: str, now: datetime, progress: Doc | None) -> tuple[Doc, Doc]:
+    fields: Doc = {"heartbeat_at": now}
+    if progress is not None:
+        fields["progress"] = progress
+    return {"_id": job_id, "status": "running", "active": True}, {"$set": fields}
+
+
+class Heartbeats:
+    """`BacktestJobs.beat` with a synchronous client, for the job process's heartbeat thread: a replay
+    holds its event loop for as long as a batch takes, so no asyncio task could beat meanwhile."""
+
+    def __init__(self, client: MongoClient[Doc], database: str) -> None:
+        self.client = client
+        self.collection: Collection[Doc] = client[database]["backtests"]
+
+    def close(self) -> None:
+        self.client.close()
+
+    def beat(self, job_id: str, now: datetime, progress: Doc | None) -> Doc | None:
+        return self.collection.find_one_and_update(
+            *_beat(job_id, now, progress),
+            projection={"cancel_requested": 1},
+            return_document=ReturnDocument.AFTER,
+        )
 
 
 class BacktestJobs:
@@ -103,12 +130,8 @@ class BacktestJobs:
     async def beat(self, job_id: str, now: datetime, progress: Doc | None) -> Doc | None:
         """Heartbeat (and progress, if given) of a running job; returns the job's `cancel_requested`
         as {"cancel_requested": bool}, or None when the job no longer runs (lost, cancelled)."""
-        fields: Doc = {"heartbeat_at": now}
-        if progress is not None:
-            fields["progress"] = progress
         return await self.collection.find_one_and_update(
-            {"_id": job_id, "status": "running", "active": True},
-            {"$set": fields},
+            *_beat(job_id, now, progress),
             projection={"cancel_requested": 1},
             return_document=ReturnDocument.AFTER,
         )

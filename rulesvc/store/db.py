@@ -130,10 +130,13 @@ class Store:
     async def ping(self) -> None:
         await self.client.admin.command("ping")
 
-    async def ensure_schema(self) -> None:
-        """Idempotent: safe on every start, and on every process of a multi-process deployment."""
+    async def ensure_schema(self, change_ttl: bool = False) -> None:
+        """Idempotent: safe on every start, and on every process of a multi-process deployment.
+        Only the service passes `change_ttl`: a CLI run from a shell without the service's
+        RULESVC_EVENT_RETENTION_DAYS would otherwise cut the retention, and MongoDB then deletes the
+        older events within a minute. Without it an existing TTL is left as it is."""
         ttl = int(self.event_retention.total_seconds())
-        await self._ensure_ttl(self.events, "received_at", ttl, "events_ttl")
+        await self._ensure_ttl(self.events, "received_at", ttl, "events_ttl", change_ttl)
         await self.events.create_indexes(
             [
                 IndexModel([("contact_id", ASCENDING), ("time", DESCENDING)], name="events_by_contact"),
@@ -199,12 +202,25 @@ class Store:
             ]
         )
 
-    async def _ensure_ttl(self, coll: AsyncCollection[Doc], field: str, seconds: int, name: str) -> None:
+    async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
+        """Which of the indexes named by collection (`{"events": "events_by_contact"}`) do not exist,
+        as `collection.index`: read without creating anything (a missing collection has none)."""
+        missing = []
+        for collection, index in wanted.items():
+            if index not in await self.db[collection].index_information():
+                missing.append(f"{collection}.{index}")
+        return missing
+
+    async def _ensure_ttl(
+        self, coll: AsyncCollection[Doc], field: str, seconds: int, name: str, change: bool
+    ) -> None:
         try:
             await coll.create_index([(field, ASCENDING)], name=name, expireAfterSeconds=seconds)
         except OperationFailure as exc:
             if exc.code not in (85, 86):  # IndexOptionsConflict / IndexKeySpecsConflict
                 raise
+            if not change:  # the service's retention stands
+                return
             # The retention setting changed: update the TTL in place instead of rebuilding the index.
             await self.db.command("collMod", coll.name, index={"name": name, "expireAfterSeconds": seconds})
             log.info("store.ttl_changed", collection=coll.name, seconds=seconds)

@@ -116,7 +116,9 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
-        await store.ensure_schema()  # an index build on a large collection takes longer than a request
+        # An index build on a large collection takes longer than a request. Only the service sets the
+        # events' TTL to its retention: a CLI process leaves it as it is.
+        await store.ensure_schema(change_ttl=True)
     app[STORE] = store
     app[KEYS] = store.keys()
     app[INBOX_TOKENS] = store.inbox_tokens()

@@ -4,6 +4,7 @@ process a request reaches: the job documents in MongoDB decide (`store.backtest_
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from rulesvc.config import Settings
 from rulesvc.core.bodies import TOO_DEEP
 from rulesvc.core.events import split_validation_error
 from rulesvc.core.ruleformat import InvalidRuleset
@@ -85,12 +87,18 @@ def _rejected(problems: list[BacktestProblem]) -> web.Response:
 
 
 class _Asked:
-    """The request checked: both versions as the job's process compiles them, or every problem."""
+    """The request checked: both versions as the job's process compiles them, or every problem. Built
+    in a thread (`asyncio.to_thread`): it reads folders and compiles rulesets, seconds of work that
+    would stop the worker's loop; `live` is the live rulesets as the loop saw them (a reload changes
+    `rulesets.live` meanwhile)."""
 
-    def __init__(self, asked: BacktestRequest, rulesets: Rulesets, request: web.Request) -> None:
+    def __init__(
+        self, asked: BacktestRequest, rulesets: Rulesets, live: dict[str, LiveRuleset], settings: Settings
+    ) -> None:
         self.asked = asked
         self.rulesets = rulesets
-        self.settings = request.app[SETTINGS]
+        self.live = live
+        self.settings = settings
         self.problems: list[BacktestProblem] = []
         self.baseline_label, self.baseline = self._baseline()
         self.candidate_label, self.candidate = self._candidate()
@@ -126,8 +134,7 @@ class _Asked:
     def _baseline(self) -> tuple[str, dict[str, LiveRuleset]]:
         if self.asked.baseline_dir is not None:
             return self._from_folder(self.asked.baseline_dir, "$.baseline_dir")
-        live = {name: LiveRuleset(name, c.version, c.source) for name, c in self.rulesets.live.items()}
-        return f"live rulesets ({self.rulesets.directory.absolute()})", live
+        return f"live rulesets ({self.rulesets.directory.absolute()})", dict(self.live)
 
     def _candidate(self) -> tuple[str, dict[str, LiveRuleset]]:
         asked = self.asked
@@ -191,7 +198,9 @@ async def post_backtest(request: web.Request) -> web.Response:
     now = datetime.now(UTC)
     retention = timedelta(days=settings.event_retention_days)
     window = backtest_window(asked.since, asked.from_, asked.until, now, retention)
-    checked = _Asked(asked, app[RULESETS], request)
+    rulesets = app[RULESETS]
+    live = {name: LiveRuleset(name, c.version, c.source) for name, c in rulesets.live.items()}
+    checked = await asyncio.to_thread(_Asked, asked, rulesets, live, settings)
     problems = checked.problems
     if isinstance(window, WindowProblem):
         problems.insert(0, BacktestProblem(f"$.{window.field}", window.message))
