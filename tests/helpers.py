@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client.mmap_dict import MmapedDict
 
 from rulesvc.channels import ChannelRegistry, Delivery, OutboundMessage, Outcome
 from rulesvc.config import Settings
@@ -280,3 +281,16 @@ def stopped(pid: int) -> bool:
     tasks = Path(f"/proc/{pid}/task")
     states = [(task / "stat").read_text().rpartition(")")[2].split()[0] for task in tasks.iterdir()]
     return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def counts_per_worker(metrics_dir: Path, metric: str, *needles: str) -> dict[str, float]:
+    """Each worker's own count of a counter, from the file it writes its metrics to.
+
+    Summed over the label sets whose key contains every needle, so a test sees which worker did the work.
+    """
+    counts: dict[str, float] = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            if f'"{metric}"' in key and all(needle in key for needle in needles):
+                counts[path.stem] = counts.get(path.stem, 0.0) + value
+    return counts

@@ -20,13 +20,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from prometheus_client.mmap_dict import MmapedDict
 
 from rulesvc.config import Settings
 from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
 from rulesvc.web.app import create_app
-from tests.helpers import eventually, wait_for
+from tests.helpers import counts_per_worker, eventually, wait_for
 from tests.service import ServiceProcess
 from tests.test_api_contract import check_against_document
 from tests.webhook_flow import SECRET, Receiver
@@ -441,16 +440,6 @@ async def test_the_command_prints_the_table_or_json(shop: Settings, db: Any, tmp
 # --- a real service with two workers ---------------------------------------------------------------------
 
 
-def backtest_requests_per_worker(metrics_dir: Path) -> dict[str, float]:
-    """Each worker's own count of requests to /v1/backtests..., from the file it writes its metrics to."""
-    counts: dict[str, float] = {}
-    for path in metrics_dir.glob("counter_*.db"):
-        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
-            if '"rulesvc_http_requests_total"' in key and "/v1/backtests" in key:
-                counts[path.stem] = counts.get(path.stem, 0.0) + value
-    return counts
-
-
 @pytest.mark.slow
 def test_two_workers_share_one_job_and_a_dead_one_is_failed_or_lost(
     mongod: EmbeddedMongod, tmp_path: Path, receiver: Receiver
@@ -485,7 +474,7 @@ def test_two_workers_share_one_job_and_a_dead_one_is_failed_or_lost(
         assert all(job_of(first["id"])["id"] == first["id"] for _ in range(8))
         assert service.proc is not None
         assert int(first["owner"].rsplit(":", 1)[1]) in live_children(service.proc.pid)
-        answered = backtest_requests_per_worker(metrics_dir)
+        answered = counts_per_worker(metrics_dir, "rulesvc_http_requests_total", "/v1/backtests")
         assert len([n for n in answered.values() if n]) == 2, answered  # both workers answered some
 
         # Its process killed: the worker that watched it fails the job with the exit code.

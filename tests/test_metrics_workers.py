@@ -16,6 +16,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from rulesvc.store.mongod import EmbeddedMongod
+from tests.helpers import counts_per_worker
 from tests.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -54,15 +55,9 @@ def counter_samples(samples: dict[Sample, float]) -> dict[Sample, float]:
     return {k: v for k, v in samples.items() if k[0].endswith(("_total", "_count", "_sum", "_bucket"))}
 
 
-def accepted_per_worker(directory: Path) -> dict[str, float]:
-    """`rulesvc_events_total{outcome="accepted"}` as each worker wrote it to its own file."""
-    found: dict[str, float] = {}
-    for path in directory.glob("counter_*.db"):
-        pid = path.stem.rsplit("_", 1)[1]
-        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
-            if '"rulesvc_events_total"' in key and '"accepted"' in key:
-                found[pid] = found.get(pid, 0.0) + value
-    return found
+def accepted_per_worker(metrics_dir: Path) -> dict[str, float]:
+    """Keyed by file name: `counter_<pid>`."""
+    return counts_per_worker(metrics_dir, "rulesvc_events_total", '"accepted"')
 
 
 def test_scrapes_add_up_every_worker_and_never_go_back(mongod: EmbeddedMongod, tmp_path: Path) -> None:
@@ -90,7 +85,7 @@ def test_scrapes_add_up_every_worker_and_never_go_back(mongod: EmbeddedMongod, t
             assert service.request("POST", "/v1/events", event) == (202, {"accepted": 1, "duplicates": 0})
             posted += 1
         per_worker = accepted_per_worker(metrics_dir)
-        assert "999999" not in per_worker, "the earlier run's file was not cleaned at start"
+        assert "counter_999999" not in per_worker, "the earlier run's file was not cleaned at start"
         assert len([pid for pid, n in per_worker.items() if n > 0]) == 2, per_worker  # both counted
         assert sum(per_worker.values()) == posted
 

@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.mmap_dict import MmapedDict
 
 from rulesvc.store.mongod import EmbeddedMongod, live_children, pid_alive
-from tests.helpers import wait_for
+from tests.helpers import counts_per_worker, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle
 
@@ -35,16 +34,6 @@ def accepted_by_the_worker_reached(service: ServiceProcess) -> float:
     found = re.search(r'^rulesvc_events_total\{outcome="accepted"\} (\S+)$', text, re.M)
     assert found is not None, text
     return float(found.group(1))
-
-
-def accepted_per_worker(metrics_dir: Path) -> dict[str, float]:
-    """Each worker's own count, from the file it writes its metrics to."""
-    counts: dict[str, float] = {}
-    for path in metrics_dir.glob("counter_*.db"):
-        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
-            if '"rulesvc_events_total"' in key and '"accepted"' in key:
-                counts[path.stem] = counts.get(path.stem, 0.0) + value
-    return counts
 
 
 def post_concurrently(service: ServiceProcess, ids: range) -> int:
@@ -77,7 +66,7 @@ def test_workers_share_the_port_and_decide_and_send_each_event_once(
             assert Counter(m["status"] for m in db.messages.find({})) == Counter({"sent": 420})
         assert len(receiver.raw) == 420 and set(receiver.raw.values()) == {1}  # none twice
         # Each worker counts the events it accepted in its own file: the requests were spread over them.
-        counts = accepted_per_worker(metrics_dir)
+        counts = counts_per_worker(metrics_dir, "rulesvc_events_total", '"accepted"')
         assert len([n for n in counts.values() if n]) > 1 and max(counts.values()) < 420, counts
         assert {accepted_by_the_worker_reached(service) for _ in range(10)} == {420.0}  # one view
 
