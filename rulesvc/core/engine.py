@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,9 +33,11 @@ import msgspec
 import structlog
 
 from rulesvc.core import reasons
+from rulesvc.core.assign import group_of
 from rulesvc.core.durations import parse_duration
-from rulesvc.core.events import read_time, time_in_range
+from rulesvc.core.events import MESSAGE_EVENT_TYPES, read_time, time_in_range
 from rulesvc.core.ruleformat import (
+    HOLDOUT_GROUP,
     UNSET,
     Action,
     Conditions,
@@ -42,6 +45,7 @@ from rulesvc.core.ruleformat import (
     Rule,
     RulesetFile,
     Send,
+    When,
     event_list,
 )
 
@@ -211,6 +215,7 @@ class CompiledRuleset:
     source: RulesetFile
     rules: list[CompiledRule]
     timeout: timedelta | None
+    goal: CompiledRule | None = None  # the goal's event and conditions, matched as a rule is
 
     @classmethod
     def compile(cls, name: str, version: str, source: RulesetFile) -> CompiledRuleset:
@@ -222,16 +227,26 @@ class CompiledRuleset:
                 except CompileError as exc:
                     exc.path = exc.path.replace("$.when", f"$.rules[{i}].when", 1)
                     raise
+            goal = None
+            if source.goal is not None:
+                when = When(source.goal.event, source.goal.conditions)
+                try:
+                    goal = CompiledRule(name, version, -1, Rule("goal", when, []))
+                except CompileError as exc:
+                    exc.path = "$.goal"
+                    raise
         except BaseException:
             for c in compiled:
                 c.free()
             raise
         timeout = parse_duration(source.timeout) if source.timeout else None
-        return cls(name, version, source, compiled, timeout)
+        return cls(name, version, source, compiled, timeout, goal)
 
     def free(self) -> None:
         for rule in self.rules:
             rule.free()
+        if self.goal is not None:
+            self.goal.free()
 
 
 class RuleIndex:
@@ -240,10 +255,14 @@ class RuleIndex:
     def __init__(self, rulesets: list[CompiledRuleset]) -> None:
         self.rulesets = {r.name: r for r in rulesets}
         self.by_event: dict[str, list[CompiledRule]] = {}
+        self.goals_by_event: dict[str, list[CompiledRuleset]] = {}
         for rs in sorted(rulesets, key=lambda r: r.name):
             for rule in rs.rules:
                 for event in rule.events:
                     self.by_event.setdefault(event, []).append(rule)
+            if rs.goal is not None:
+                for event in rs.goal.events:
+                    self.goals_by_event.setdefault(event, []).append(rs)
 
 
 # --- contact state and context -------------------------------------------------------------------------
@@ -542,11 +561,39 @@ class Fired:
 
 
 @dataclass
+class Entered:
+    """A contact entered a ruleset: a rule fired while it was not in it (the funnel's first step)."""
+
+    ruleset: str
+    rule: str
+    group: str  # `holdout`, an A/B arm, or ""
+    at: datetime
+    contact_id: str
+
+
+@dataclass
+class Converted:
+    """A goal event within the window after an entry: one per entry; attributed once the messages the
+    contact got are known (core.attribution)."""
+
+    ruleset: str
+    contact_id: str
+    group: str
+    entered_at: datetime
+    entry_rule: str
+    at: datetime
+    value: float
+    event_id: str
+
+
+@dataclass
 class Decisions:
     schedule: list[ScheduleEntry] = field(default_factory=list)
     cancel: list[Cancellation] = field(default_factory=list)
     fired: list[Fired] = field(default_factory=list)
     audience: list[AudienceChange] = field(default_factory=list)
+    entered: list[Entered] = field(default_factory=list)
+    converted: list[Converted] = field(default_factory=list)
 
 
 @dataclass
@@ -557,6 +604,13 @@ class AudienceChange:
     audience: str
     op: Literal["add", "remove"]
     at: datetime
+
+
+def _amount(value: Any) -> float:
+    """A conversion's value: a finite number, else 0 (a missing or malformed value counts no revenue)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0
 
 
 def _actions_to_builtins(actions: list[Action]) -> list[dict[str, Any]]:
@@ -578,6 +632,9 @@ class Engine:
             return decisions
         self._track_session(event, contact)
         ctx = Context(event, contact)
+        outcome = event.type in MESSAGE_EVENT_TYPES
+        if not outcome:
+            self._convert(event, ctx, decisions)
         for compiled in self.index.by_event.get(event.type, ()):
             ruleset = self.index.rulesets[compiled.ruleset]
             if ruleset.timeout is not None and now - event.time > ruleset.timeout:
@@ -592,8 +649,59 @@ class Engine:
                 session = contact.state.get("session", {}).get("n", 0)
                 contact.state.setdefault("once", {})[once_key] = {"at": ts(event.time), "session": session}
             decisions.fired.append(Fired(compiled.ruleset, rule.name, event.id))
+            if not outcome and (ruleset.goal is None or event.type not in ruleset.goal.events):
+                self._enter(ruleset, rule.name, event, contact, decisions)
             self._run_actions(rule.then, compiled.ruleset, rule.name, f"{event.id}", ctx, now, decisions)
         return decisions
+
+    # the funnel: entries and conversions
+
+    @staticmethod
+    def _enter(
+        ruleset: CompiledRuleset, rule: str, event: EngineEvent, contact: ContactView, decisions: Decisions
+    ) -> None:
+        """A rule fired: an entry unless the contact is in the ruleset already (with a goal: within the
+        window of its entry; without: while the ruleset has something pending for it)."""
+        journeys = contact.state.get("journeys", {})
+        journey = journeys.get(ruleset.name)
+        at = ts(event.time)
+        if ruleset.source.goal is not None:
+            if journey is not None and journey["at"] <= at < journey["until"]:
+                return
+        elif contact.pending.of_ruleset(ruleset.name):
+            return
+        group = group_of(ruleset.name, ruleset.source, contact.contact_id, contact.state)
+        decisions.entered.append(Entered(ruleset.name, rule, group, event.time, contact.contact_id))
+        if ruleset.source.goal is not None:
+            until = at + parse_duration(ruleset.source.goal.within).total_seconds()
+            contact.state.setdefault("journeys", {})[ruleset.name] = {
+                "at": at,
+                "until": until,
+                "group": group,
+                "rule": rule,
+            }
+
+    def _convert(self, event: EngineEvent, ctx: Context, decisions: Decisions) -> None:
+        """A goal event of a contact within its entry's window: a conversion, and the entry is closed."""
+        journeys = ctx.contact.state.get("journeys")
+        if not journeys:
+            return
+        at = ts(event.time)
+        for ruleset in self.index.goals_by_event.get(event.type, ()):
+            journey = journeys.get(ruleset.name)
+            if journey is None or not journey["at"] <= at < journey["until"]:
+                continue
+            assert ruleset.goal is not None and ruleset.source.goal is not None
+            if not ruleset.goal.matches(event.type, ctx):
+                continue
+            path = ruleset.source.goal.value
+            value = ctx.resolve(path) if path else None
+            amount = _amount(value)
+            decisions.converted.append(
+                Converted(ruleset.name, ctx.contact.contact_id, str(journey["group"]),
+                          from_ts(journey["at"]), str(journey["rule"]), event.time, amount, event.id)
+            )  # fmt: skip
+            del journeys[ruleset.name]
 
     # entry rules
 
@@ -761,13 +869,20 @@ class Engine:
         key = f"{ruleset}/{rule}/{index}/{send.channel}/{send.template}"
         if send.per:
             key += f"/{ctx.resolve(send.per)}"
-        due = ctx.event.time + parse_duration(send.after) if send.after else now
+        source = self.index.rulesets[ruleset].source
+        group = group_of(ruleset, source, ctx.contact.contact_id, ctx.contact.state)
+        channel, template, after, params = send.channel, send.template, send.after, send.params
+        arm = next((v for v in send.variants if v.name == group), None)
+        if arm is not None:  # the contact's A/B arm changes what it says
+            channel, template = arm.channel or channel, arm.template or template
+            after, params = arm.after or after, {**params, **arm.params}
+        due = ctx.event.time + parse_duration(after) if after else now
         if send.at:
             moment = _moment(ctx.resolve(send.at))
             if moment is None:
                 return  # no such time in this event: nothing to remind of
             due = max(moment - (parse_duration(send.before) if send.before else timedelta(0)), now)
-        if send.after or send.at:  # a repeat trigger re-arms or keeps a waiting send; an immediate one goes
+        if after or send.at:  # a repeat trigger re-arms or keeps a waiting send; an immediate one goes
             if send.on_repeat == "keep" and ctx.contact.pending.with_key(key):
                 return
             self._replace_pending(ctx.contact, key, decisions)
@@ -777,13 +892,17 @@ class Engine:
         ]
         entry = _entry(ctx, entry_id, ruleset, rule, key, due, now, cancel_on)
         entry.message = {
-            "channel": send.channel,
-            "template": send.template,
-            "params": ctx.render(send.params),
+            "channel": channel,
+            "template": template,
+            "params": ctx.render(params),
             "transactional": send.transactional,
             "fallback": list(send.fallback),
             "guard": send.guard,
         }
+        if arm is not None:
+            entry.message["variant"] = arm.name
+        if group == HOLDOUT_GROUP and not send.transactional:  # a receipt is never held back
+            entry.message["held_out"] = True
         self._add(ctx.contact, entry, decisions)
 
     @staticmethod

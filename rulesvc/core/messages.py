@@ -20,6 +20,7 @@ MessageStatus = Literal[
     "sent",
     "failed",
     "suppressed",
+    "held_out",  # the contact is in the ruleset's holdout group: decided as sent, not sent
     "cancelled",
     "dead",
     "delivered",
@@ -44,6 +45,8 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     reason: Annotated[str, msgspec.Meta(description=REASON_DOC, examples=sorted(REASONS))] | None = None
     detail: Annotated[str, msgspec.Meta(description=DETAIL_DOC)] | None = None
     transactional: bool = False
+    variant: str | None = None  # the contact's A/B arm in the ruleset
+    held_out: bool = False  # the contact is in the ruleset's holdout group: this message is never sent
     created_at: datetime
     due_at: datetime | None = None
     sent_at: datetime | None = None

@@ -19,6 +19,7 @@ UNREACHABLE: Final = "unreachable"
 GUARD_FAILED: Final = "guard_failed"
 QUIET_HOURS: Final = "quiet_hours"
 FREQUENCY_CAP: Final = "frequency_cap"
+HELD_OUT: Final = "held_out"
 # The delivery (runtime/dispatcher.py): failed, retried, dead, uncertain.
 TEMPLATE_ERROR: Final = "template_error"
 PROVIDER_REJECTED: Final = "provider_rejected"
@@ -46,6 +47,7 @@ REASONS: Final[dict[str, tuple[str, str]]] = {
     GUARD_FAILED: ("suppressed", "the send's guard no longer holds (price changed, out of stock again)"),
     QUIET_HOURS: ("scheduled", "postponed to the end of quiet hours in the contact's time zone"),
     FREQUENCY_CAP: ("suppressed", "the channel's daily cap of marketing messages is reached"),
+    HELD_OUT: ("held_out", "the contact is in the ruleset's holdout group: it would have been sent"),
     TEMPLATE_ERROR: ("failed", "the template is missing or could not be rendered"),
     PROVIDER_REJECTED: ("failed", "the provider refused the message for good (4xx, SMTP 5xx)"),
     PROVIDER_ERROR: ("scheduled, dead", "the provider failed for now (5xx, 429, connection error)"),

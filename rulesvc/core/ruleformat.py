@@ -31,6 +31,9 @@ RULE_OR_ALL_PATTERN = r"^(\*|[a-z][a-z0-9_]{0,63})$"
 CHANNEL_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 TEMPLATE_PATTERN = r"^[a-z0-9_][a-z0-9_./-]{0,127}$"
 PATH_PATTERN = r"^(attributes|contact|flags|counters|values|event|session)(\.[A-Za-z0-9_-]+)+$"
+# A share of contacts: 0.5% to 50%, at most two decimals.
+SHARE_PATTERN = r"^(50|[1-4]?[0-9])(\.[0-9]{1,2})?%$"
+SALT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN, description=DURATION_DESCRIPTION)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
@@ -45,6 +48,9 @@ RuleOrAll = Annotated[str, msgspec.Meta(pattern=RULE_OR_ALL_PATTERN, description
 ChannelName = Annotated[str, msgspec.Meta(pattern=CHANNEL_PATTERN)]
 TemplateName = Annotated[str, msgspec.Meta(pattern=TEMPLATE_PATTERN)]
 Path_ = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, description=PATH_DESCRIPTION)]
+Share = Annotated[str, msgspec.Meta(pattern=SHARE_PATTERN, description="a share of contacts, e.g. 5%")]
+Salt = Annotated[str, msgspec.Meta(pattern=SALT_PATTERN)]
+Weight = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 
 # What each pattern allows, as an error message says it ("expected <this>, got ...").
 SENTENCES = {
@@ -59,8 +65,11 @@ SENTENCES = {
     TEMPLATE_PATTERN: "a template name such as `cart_abandon/email`: lower case letters, digits, `_`, "
     "`.`, `/` and `-` (at most 128 characters)",
     PATH_PATTERN: f"a path such as `attributes.price`: {PATH_DESCRIPTION}, session.*",
+    SHARE_PATTERN: "a share of contacts from `0.5%` to `50%`, such as `5%`",
+    SALT_PATTERN: "letters, digits, `_`, `.`, `:` and `-` (at most 64 characters)",
 }
 Scalar = str | int | float | bool
+HOLDOUT_GROUP = "holdout"  # the group of held-out contacts, in counts and reports
 UNSET: Any = msgspec.UNSET
 
 
@@ -93,6 +102,17 @@ class CancelOn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     same: list[Path_] = msgspec.field(default_factory=list)  # values equal in trigger and cancelling event
 
 
+class Variant(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One arm of an A/B test on a send: what it changes (nothing: the send as written)."""
+
+    name: Name
+    weight: Weight
+    channel: ChannelName | None = None
+    template: TemplateName | None = None
+    after: Duration | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)  # merged over the send's params
+
+
 class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     channel: ChannelName
     template: TemplateName
@@ -107,6 +127,8 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     # Re-checked against the catalog when the send comes due (params must carry product_id, and price):
     guard: Literal["price_still_lower", "still_in_stock"] | None = None
     fallback: list[ChannelName] = msgspec.field(default_factory=list)
+    # An A/B test: each contact gets one arm per ruleset (the same names and weights on every send).
+    variants: list[Variant] = msgspec.field(default_factory=list)
 
 
 class SetFlag(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -182,10 +204,23 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     description: str = ""
 
 
+class Goal(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What counts as a conversion: this event within `within` of the contact entering the ruleset."""
+
+    event: EventTypes
+    within: Duration
+    conditions: Conditions = msgspec.field(default_factory=dict)
+    value: Path_ | None = None  # the revenue of a conversion (e.g. attributes.value)
+
+
 class RulesetFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     rules: Annotated[list[Rule], msgspec.Meta(min_length=1)]
     description: str = ""
     timeout: Duration | None = None  # stale-event guard: older events start nothing in this ruleset
+    # A random, stable share of contacts that go through every decision but get no message.
+    holdout: Share | None = None
+    salt: Salt | None = None  # changes every contact's holdout and arm; default: the ruleset's name
+    goal: Goal | None = None
     schema: str | None = msgspec.field(default=None, name="$schema")
 
 
@@ -322,15 +357,10 @@ def _action_errors(
                     errors.append(
                         (cpath, f"unknown channel `{channel}` (known: {', '.join(sorted(channels))})")
                     )
-            problem = (
-                "a template name may not contain a `..` part"
-                if ".." in action.send.template.split("/")
-                else template_problem(action.send.template)
-                if template_problem
-                else None
-            )
+            problem = _template_problem(action.send.template, template_problem)
             if problem is not None:
                 errors.append((f"{apath}.send.template", problem))
+            errors.extend(_variant_errors(action.send, f"{apath}.send", channels, template_problem))
         if action.audience is not None and (action.audience.add is None) == (action.audience.remove is None):
             errors.append((f"{apath}.audience", "give exactly one of `add` or `remove`"))
         if action.send is not None:
@@ -344,6 +374,79 @@ def _action_errors(
         if action.wait is not None:
             errors.extend(_event_errors(action.wait.event, f"{apath}.wait.event"))
             errors.extend(_action_errors(action.wait.else_, f"{apath}.wait.else", channels, template_problem))
+    return errors
+
+
+def _template_problem(template: str, template_problem: Callable[[str], str | None] | None) -> str | None:
+    if ".." in template.split("/"):
+        return "a template name may not contain a `..` part"
+    return template_problem(template) if template_problem else None
+
+
+def _variant_errors(
+    send: Send,
+    where: str,
+    channels: frozenset[str],
+    template_problem: Callable[[str], str | None] | None,
+) -> list[tuple[str, str]]:
+    """One send's arms: at least two, named once each, each channel and template usable."""
+    errors: list[tuple[str, str]] = []
+    if not send.variants:
+        return errors
+    if len(send.variants) < 2:
+        errors.append((f"{where}.variants", "an A/B test needs at least two variants"))
+    names: set[str] = set()
+    for k, variant in enumerate(send.variants):
+        vpath = f"{where}.variants[{k}]"
+        if variant.name == HOLDOUT_GROUP:
+            errors.append((f"{vpath}.name", "`holdout` names the held-out group: choose another name"))
+        if variant.name in names:
+            errors.append((f"{vpath}.name", f"duplicate variant name `{variant.name}`"))
+        names.add(variant.name)
+        if variant.channel is not None and variant.channel not in channels:
+            known = ", ".join(sorted(channels))
+            errors.append((f"{vpath}.channel", f"unknown channel `{variant.channel}` (known: {known})"))
+        if variant.template is not None:
+            problem = _template_problem(variant.template, template_problem)
+            if problem is not None:
+                errors.append((f"{vpath}.template", problem))
+        if variant.after is not None and send.at is not None:
+            errors.append((f"{vpath}.after", "this send is timed by `at`: a variant cannot change `after`"))
+    return errors
+
+
+def arms(rs: RulesetFile) -> list[Variant]:
+    """The ruleset's A/B arms (those of its first send with variants; every such send has the same)."""
+    for _, send, _ in send_actions(rs):
+        if send.variants:
+            return send.variants
+    return []
+
+
+def _ruleset_errors(rs: RulesetFile) -> list[tuple[str, str]]:
+    """Problems of the whole file: the arms agree across sends (a contact has one arm per ruleset), the
+    goal is well formed."""
+    errors = _timeout_errors(rs.timeout)
+    first: tuple[str, list[tuple[str, int]]] | None = None
+    for where, send, _ in send_actions(rs):
+        if not send.variants:
+            continue
+        shape = [(v.name, v.weight) for v in send.variants]
+        if first is None:
+            first = (where, shape)
+        elif shape != first[1]:
+            errors.append((f"{where}.variants", f"every send of a ruleset has the same variants (names and "
+                           f"weights, in order) as the first one, {first[0]}: a contact has one arm per "
+                           "ruleset"))  # fmt: skip
+    if rs.goal is not None:
+        errors.extend(_event_errors(rs.goal.event, "$.goal.event"))
+        _check_duration(rs.goal.within, "$.goal.within", errors)
+        errors.extend(_duration_errors(rs.goal, "$.goal"))
+        for path, cond in rs.goal.conditions.items():
+            if isinstance(cond, Ops) and not any(
+                getattr(cond, f) is not UNSET for f in cond.__struct_fields__
+            ):
+                errors.append((f"$.goal.conditions.{path}", "no comparison given"))
     return errors
 
 
@@ -363,7 +466,7 @@ def parse_ruleset(
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:  # junk decoders choke on too
         raise InvalidRuleset(_every_error(file, data, channels, template_problem, exc)) from exc
     problems = _semantic_errors(enumerate(parsed.rules), channels, template_problem)
-    problems.extend(_timeout_errors(parsed.timeout))
+    problems.extend(_ruleset_errors(parsed))
     if problems:
         raise InvalidRuleset(locate_errors(file, data, problems))
     return parsed

@@ -18,6 +18,7 @@ from rulesvc.core import reasons
 from rulesvc.core.catalog import guard_fails
 
 QUIET_REASON = "quiet hours in the contact's time zone"  # the detail of a `quiet_hours` postponement
+HELD_OUT_DETAIL = "in the ruleset's holdout group: decided as sent, not sent"
 # Channels that never interrupt anybody and that the shop owns: no marketing consent needed.
 NO_CONSENT_NEEDED = frozenset({"log", "inapp"})
 
@@ -59,10 +60,11 @@ class Facts:
 
 @dataclass(frozen=True)
 class Verdict:
-    """`send` on `channel`; `postpone` to `at`; `suppress` with `reason` (channel None: none was usable).
-    `reason` is a code of `core.reasons`, `detail` the sentence a person reads."""
+    """`send` on `channel`; `postpone` to `at`; `suppress` with `reason` (channel None: none was usable);
+    `hold`: it would be sent on `channel`, but the contact is held out. `reason` is a code of
+    `core.reasons`, `detail` the sentence a person reads."""
 
-    kind: Literal["send", "postpone", "suppress"]
+    kind: Literal["send", "postpone", "suppress", "hold"]
     channel: str | None = None
     reason: str | None = None
     at: datetime | None = None
@@ -184,6 +186,8 @@ def check(
     if cap is not None and facts.sent_today.get(chosen, 0) >= cap:
         why = f"frequency cap: {cap} {chosen} message(s) a day reached"
         return Verdict("suppress", chosen, reasons.FREQUENCY_CAP, detail=why)
+    if message.get("held_out"):  # every rule above applied: what the funnel compares is a real send
+        return Verdict("hold", chosen, reasons.HELD_OUT, detail=HELD_OUT_DETAIL)
     return Verdict("send", chosen)
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from rulesvc.core.assign import message_group
 from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.durations import parse_duration
 from rulesvc.core.engine import CompiledRuleset, Engine, RuleIndex
@@ -131,13 +132,14 @@ class Tally(msgspec.Struct):
     failed: int = 0
     scheduled: int = 0
     postponed: int = 0
+    held_out: int = 0  # decided as sent to a contact of the ruleset's holdout group: not sent
 
     def add(self, message: ReplayedMessage) -> None:
         self.decided += 1
         if message.status == "suppressed":
             reason = message.reason or "unknown"
             self.suppressed[reason] = self.suppressed.get(reason, 0) + 1
-        elif message.status in ("sent", "cancelled", "failed", "scheduled"):
+        elif message.status in ("sent", "cancelled", "failed", "scheduled", "held_out"):
             setattr(self, message.status, getattr(self, message.status) + 1)
         self.postponed += bool(message.postponed)
 
@@ -151,6 +153,7 @@ class Row(msgspec.Struct):
     baseline: Tally
     candidate: Tally
     sent_change: int  # candidate sent minus baseline sent
+    variant: str | None = None  # the A/B arm, `holdout`, or None (no test in the ruleset)
 
 
 class ReplayedMessage(msgspec.Struct, omit_defaults=True):
@@ -160,10 +163,11 @@ class ReplayedMessage(msgspec.Struct, omit_defaults=True):
     rule: str
     channel: str | None
     template: str | None
-    status: str  # sent, suppressed, cancelled, failed, scheduled
+    status: str  # sent, suppressed, cancelled, failed, scheduled, held_out
     reason: str | None = None
     detail: str | None = None
     postponed: int = 0  # times quiet hours held it back
+    variant: str | None = None  # the contact's A/B arm, or `holdout`
 
     def outcome(self) -> tuple[Any, ...]:
         return (self.status, self.reason, self.channel, self.at)
@@ -266,13 +270,13 @@ def replayed_messages(actions: Iterable[SimAction], pending: Iterable[Any]) -> d
                 postponed_to[a.message_id] = a.postponed_to
             continue
         found[a.message_id] = ReplayedMessage(a.message_id, a.at, a.ruleset, a.rule, a.channel, a.template,
-                                              a.status, a.reason, a.detail)  # fmt: skip
+                                              a.status, a.reason, a.detail, variant=a.variant)  # fmt: skip
     for entry in pending:
         if entry.message is not None:
             message, due = entry.message, postponed_to.get(entry.entry_id, entry.due_at)
             found[entry.entry_id] = ReplayedMessage(
                 entry.entry_id, due, entry.ruleset, entry.rule, message.get("channel"),
-                message.get("template"), "scheduled",
+                message.get("template"), "scheduled", variant=message_group(message),
             )  # fmt: skip
     for message_id, times in postponed.items():
         if message_id in found:
@@ -336,6 +340,8 @@ def _recorded_outcome(doc: Doc) -> str:
         return f"suppressed: {doc.get('reason') or 'unknown'}"
     if status == "cancelled":
         return "cancelled"
+    if status == "held_out":
+        return f"held out on {doc.get('sent_channel') or doc.get('channel')}"
     # Sending, sent or with an outcome since, failed or dead: the rules decided to send it.
     return f"sent on {doc.get('sent_channel') or doc.get('channel')}"
 
@@ -345,6 +351,8 @@ def _replayed_outcome(message: ReplayedMessage) -> str:
         return f"suppressed: {message.reason or 'unknown'}"
     if message.status in ("sent", "failed"):
         return f"sent on {message.channel}"
+    if message.status == "held_out":
+        return f"held out on {message.channel}"
     return message.status
 
 
@@ -353,7 +361,7 @@ class _Builder:
         self.examples = examples
         self.window = window
         self.unreadable_profiles = 0
-        self.tallies: dict[tuple[str, str, str | None], tuple[Tally, Tally]] = {}
+        self.tallies: dict[tuple[str, str, str | None, str | None], tuple[Tally, Tally]] = {}
         self.changes = ContactChanges()
         self.recorded = RecordedComparison()
         self.skipped: list[Skipped] = []
@@ -376,7 +384,7 @@ class _Builder:
         self.contacts += 1
         for side, messages in ((0, baseline), (1, candidate)):
             for m in messages.values():
-                key = (m.ruleset, m.rule, m.channel)
+                key = (m.ruleset, m.rule, m.channel, m.variant)
                 if key not in self.tallies:
                     self.tallies[key] = (Tally(), Tally())
                 self.tallies[key][side].add(m)
@@ -454,9 +462,9 @@ class _Builder:
 
     def rows(self) -> list[Row]:
         return [
-            Row(ruleset, rule, channel, base, cand, cand.sent - base.sent)
-            for (ruleset, rule, channel), (base, cand) in sorted(
-                self.tallies.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")
+            Row(ruleset, rule, channel, base, cand, cand.sent - base.sent, variant)
+            for (ruleset, rule, channel, variant), (base, cand) in sorted(
+                self.tallies.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "", kv[0][3] or "")
             )
         ]
 
@@ -698,7 +706,7 @@ def _outcomes(b: Tally, c: Tally) -> str:
     parts = []
     for reason in sorted(b.suppressed.keys() | c.suppressed.keys()):
         parts.append((reason, b.suppressed.get(reason, 0), c.suppressed.get(reason, 0)))
-    for name in ("cancelled", "failed", "scheduled", "postponed"):
+    for name in ("held_out", "cancelled", "failed", "scheduled", "postponed"):
         parts.append((name, getattr(b, name), getattr(c, name)))
     return ", ".join(f"{name} {bv}" + (f"->{cv}" if cv != bv else "") for name, bv, cv in parts if bv or cv)
 
@@ -734,7 +742,8 @@ def report_text(report: Report) -> str:
     rows = [header, header2]
     for r in report.rows:
         b, c = r.baseline, r.candidate
-        rows.append((f"{r.ruleset}/{r.rule}", r.channel or "-", str(b.sent), str(c.sent),
+        arm = f" [{r.variant}]" if r.variant else ""
+        rows.append((f"{r.ruleset}/{r.rule}{arm}", r.channel or "-", str(b.sent), str(c.sent),
                      f"{r.sent_change:+d}", _outcomes(b, c)))  # fmt: skip
     total_b = sum(r.baseline.sent for r in report.rows)
     total_c = sum(r.candidate.sent for r in report.rows)

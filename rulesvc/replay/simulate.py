@@ -30,6 +30,7 @@ import msgspec
 import structlog
 
 from rulesvc.core import reasons
+from rulesvc.core.assign import message_group
 from rulesvc.core.bodies import TOO_DEEP
 from rulesvc.core.catalog import catalog_change, guard_fails, interest_fields, interested
 from rulesvc.core.contacts import ContactIn
@@ -97,12 +98,13 @@ class SimAction(msgspec.Struct, omit_defaults=True):
     rule: str
     channel: str | None
     template: str | None
-    status: Literal["sent", "cancelled", "failed", "suppressed", "postponed", "fired"]
+    status: Literal["sent", "cancelled", "failed", "suppressed", "postponed", "fired", "held_out"]
     reason: str | None = None  # a reason code, as on a live message (docs/channels.md)
     detail: str | None = None  # the sentence for a person
     message_id: str | None = None
     params: dict[str, Any] | None = None
     postponed_to: datetime | None = None  # `postponed`: when it is due again (end of quiet hours)
+    variant: str | None = None  # the contact's A/B arm in the ruleset, or `holdout`
 
 
 class SimulateResult(msgspec.Struct):
@@ -347,8 +349,10 @@ class Simulation:
                 params = entry.message.get("params") or {}
                 product = self.products.get(str(params.get("product_id")), {})
                 stale = guard_fails(entry.message.get("guard"), params, product)
-                code = reasons.GUARD_FAILED if stale else None
-                self._record(entry, due.due_at, "suppressed" if stale else "sent", code, detail=stale)
+                held = not stale and bool(entry.message.get("held_out"))
+                code = reasons.GUARD_FAILED if stale else reasons.HELD_OUT if held else None
+                status = "suppressed" if stale else "held_out" if held else "sent"
+                self._record(entry, due.due_at, status, code, detail=stale)
             else:
                 self._record(entry, due.due_at, "fired", None, detail="waited in vain: running `else`")
                 try:
@@ -394,6 +398,9 @@ class Simulation:
         if verdict.kind == "suppress":
             self._record(entry, now, "suppressed", verdict.reason, verdict.channel, detail=verdict.detail)
             return
+        if verdict.kind == "hold":  # as the live dispatcher: decided, not sent, not counted by a cap
+            self._record(entry, now, "held_out", verdict.reason, verdict.channel, detail=verdict.detail)
+            return
         assert verdict.channel is not None
         if not message.get("transactional"):
             self.sent_at.setdefault((entry.contact_id, verdict.channel), []).append(now)
@@ -435,6 +442,7 @@ class Simulation:
                 message_id=entry.entry_id,
                 params=message.get("params") or None,
                 postponed_to=postponed_to,
+                variant=message_group(message),
             )
         )
 

@@ -114,7 +114,17 @@ class Result:
     `reason`: a code of `core.reasons` (for a result that is not `sent`); `detail`: the sentence."""
 
     kind: Literal[
-        "sent", "failed", "blocked", "suppressed", "postponed", "retry", "dead", "skip", "uncertain", "wait"
+        "sent",
+        "failed",
+        "blocked",
+        "suppressed",
+        "postponed",
+        "retry",
+        "dead",
+        "skip",
+        "uncertain",
+        "wait",
+        "held_out",
     ]
     channel: str | None = None
     reason: str | None = None
@@ -256,6 +266,8 @@ class Dispatcher:
             return Result("suppressed", verdict.channel, verdict.reason, verdict.detail)
         if verdict.kind == "postpone":
             return Result("postponed", verdict.channel, verdict.reason, verdict.detail, at=verdict.at)
+        if verdict.kind == "hold":  # no provider, no template: the contact is held out
+            return Result("held_out", verdict.channel, verdict.reason, verdict.detail)
         assert channel is not None
         transactional = bool(message.get("transactional"))
         profile = {k: contact.get(k) for k in PROFILE_FIELDS if contact.get(k) is not None}

@@ -62,7 +62,9 @@ def never_sent(message: Doc) -> bool:
     """No provider was ever handed it (suppressed, cancelled, or scheduled before its first attempt): a
     report naming it is recorded, but cannot make it delivered, opened or bounced, nor stop its send."""
     status = message["status"]
-    return status in ("suppressed", "cancelled") or (status == "scheduled" and not message.get("attempt"))
+    return status in ("suppressed", "held_out", "cancelled") or (
+        status == "scheduled" and not message.get("attempt")
+    )
 
 
 def apply_outcome(
@@ -129,6 +131,7 @@ def message_doc(entry: ScheduleEntry) -> Doc:
         "transactional": entry.message["transactional"],
         "fallback": entry.message["fallback"],
         "guard": entry.message.get("guard"),
+        **{k: entry.message[k] for k in ("variant", "held_out") if k in entry.message},
         "status": "scheduled",
         "created_at": entry.created_at,
         "due_at": entry.due_at,

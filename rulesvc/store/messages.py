@@ -60,7 +60,7 @@ class Messages:
         return await self.store.messages.count_documents(
             {"contact_id": contact_id, "sent_channel": channel, "sent_at": {"$gte": since},
              "transactional": {"$ne": True}, "status": {"$nin": ["scheduled", "failed", "dead",
-                                                                 "suppressed", "cancelled"]}},
+                                                                 "suppressed", "held_out", "cancelled"]}},
         )  # fmt: skip
 
     async def sending_state(self, message_id: str) -> Doc | None:
