@@ -144,7 +144,7 @@ def tally(report: Report, rule: str, side: str) -> dict[str, Any]:
 
 def expected(carts: list[Cart], delay: int) -> dict[str, Any]:
     found: dict[str, Any] = {"decided": len(carts), "sent": 0, "suppressed": {}, "cancelled": 0,
-                             "failed": 0, "scheduled": 0, "postponed": 0}  # fmt: skip
+                             "failed": 0, "scheduled": 0, "postponed": 0, "held_out": 0}  # fmt: skip
     for cart in carts:
         status, _ = cart.outcome(delay)
         if status == "suppressed":
