@@ -12,11 +12,23 @@ from typing import Any
 
 import msgspec
 
+from rulesvc.channels import Delivery, OutboundMessage
 from rulesvc.config import Settings
 from rulesvc.store.stats import Stats
 from rulesvc.web.app import create_app
-from rulesvc.web.lifecycle import STORE
-from tests.helpers import TEMPLATES, Provider, eventually, registry, write_ruleset
+from rulesvc.web.keys import STORE
+from tests.helpers import (
+    PROFILE,
+    TEMPLATES,
+    Provider,
+    entry_doc,
+    eventually,
+    message_doc,
+    registry,
+    send,
+    setup,
+    write_ruleset,
+)
 
 Count = Counter[tuple[str, str, str, str]]  # (rule, variant, channel, status) -> n
 KOLKATA = "Asia/Kolkata"
@@ -75,14 +87,22 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
     }
     for cid, body in contacts.items():
         assert (await client.put(f"/v1/contacts/{cid}", json=body)).status in (200, 201)
-    go = [{"id": f"go-{cid}", "type": "go", "contact_id": cid, "attributes": {"code": "X"}} for cid in contacts]
+    go = [
+        {"id": f"go-{cid}", "type": "go", "contact_id": cid, "attributes": {"code": "X"}} for cid in contacts
+    ]
     assert (await client.post("/v1/events", json=go)).status == 202
 
     async def decided() -> bool:
         pushes = {m["contact_id"]: m async for m in db.messages.find({"channel": "push"})}
-        return len(pushes) == 3 and pushes["buyer"]["status"] == "sent" and (
-            pushes["no-consent"]["status"] == "suppressed" and pushes["night"].get("reason") == "quiet_hours"
-        ) and await db.messages.count_documents({"channel": "log", "status": "sent"}) == 3
+        return (
+            len(pushes) == 3
+            and pushes["buyer"]["status"] == "sent"
+            and (
+                pushes["no-consent"]["status"] == "suppressed"
+                and pushes["night"].get("reason") == "quiet_hours"
+            )
+            and await db.messages.count_documents({"channel": "log", "status": "sent"}) == 3
+        )
 
     await eventually(decided)
     ids = {(m["contact_id"], m["channel"]): m["_id"] async for m in db.messages.find({})}
@@ -101,9 +121,8 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
     assert (await client.post("/v1/events", json=events)).status == 202
 
     async def recorded() -> bool:
-        return await db.events.count_documents({"state": "pending"}) == 0 and (
-            await db.messages.count_documents({"status": "cancelled"}) == 1
-        )
+        pending = await db.events.count_documents({"state": "pending"})
+        return bool(pending == 0 and await db.messages.count_documents({"status": "cancelled"}) == 1)
 
     await eventually(recorded)
 
@@ -143,7 +162,9 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
     assert all(d["hour"] <= now and d["hour"].minute == 0 and d["shard"] for d in docs)
 
     # The read adds shards and hours up to the same numbers.
-    rows = await Stats(app[STORE]).totals("flow", since=now - timedelta(days=1), until=now + timedelta(hours=1))
+    rows = await Stats(app[STORE]).totals(
+        "flow", since=now - timedelta(days=1), until=now + timedelta(hours=1)
+    )
     read: Count = Counter()
     for row in rows:
         for status, n in row["counts"].items():
@@ -157,8 +178,10 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
     scraped: Count = Counter()
     for line in flow_lines:
         labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
-        key = tuple(labels[k].strip('"') for k in ("rule", "variant", "channel", "status"))
-        scraped[key] += int(float(line.rsplit(" ", 1)[1]))  # type: ignore[index]
+        rule, variant, channel, status = (
+            labels[k].strip('"') for k in ("rule", "variant", "channel", "status")
+        )
+        scraped[rule, variant, channel, status] += int(float(line.rsplit(" ", 1)[1]))
     assert scraped == expected
 
 
@@ -172,18 +195,55 @@ async def test_stats_off_writes_nothing(make_client: Any, settings: Settings, db
     assert (await client.post("/v1/events", json=[go])).status == 202
 
     async def sent() -> bool:
-        return await db.messages.count_documents({"status": "sent"}) == 2
+        return bool(await db.messages.count_documents({"status": "sent"}) == 2)
 
     await eventually(sent)
     email_id = (await db.messages.find_one({"channel": "email"}))["_id"]
     assert (await client.post(f"/v1/messages/{email_id}/cancel")).status == 200
-    opened = {"id": "o-1", "type": "message_opened", "contact_id": "c1",
-              "attributes": {"message_id": (await db.messages.find_one({"channel": "push"}))["_id"]}}  # fmt: skip
+    push_id = (await db.messages.find_one({"channel": "push"}))["_id"]
+    opened = {
+        "id": "o-1",
+        "type": "message_opened",
+        "contact_id": "c1",
+        "attributes": {"message_id": push_id},
+    }
     assert (await client.post("/v1/events", json=[opened])).status == 202
 
     async def recorded() -> bool:
-        return await db.events.count_documents({"state": "pending"}) == 0
+        return bool(await db.events.count_documents({"state": "pending"}) == 0)
 
     await eventually(recorded)
     assert await db.messages.count_documents({"outcomes.opened": {"$exists": True}}) == 1
     assert await db.stats.count_documents({}) == 0
+
+
+class Unstorable(Provider):
+    """Answers `sent` with a record no database can store for the message whose `code` says so."""
+
+    async def send(self, message: OutboundMessage) -> Delivery:
+        if message.params.get("code") == "unstorable":
+            return Delivery("sent", record={"when": object()})
+        return await super().send(message)
+
+
+async def test_a_batch_the_database_refuses_is_counted_message_by_message(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """The batch's transaction aborts on the value it cannot store; each message is then written, and
+    counted, alone: every one once."""
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    planted = [message_doc(f"m{i}", f"c{i}", "push", due, params={"code": code})
+               for i, code in enumerate(["fine", "unstorable", "fine"])]  # fmt: skip
+    await db.messages.insert_many(planted)
+    await db.schedule.insert_many([entry_doc(m) for m in planted])
+    await db.contacts.insert_many([{"_id": m["contact_id"], **PROFILE} for m in planted])
+    push = Unstorable("push", needs="push_tokens")
+    await make_client(create_app(setup(settings, [send("push", transactional=True)]), registry(push)))
+
+    async def settled() -> bool:
+        return bool(await db.messages.count_documents({"status": "sent"}) == 3)
+
+    await eventually(settled)
+    assert "when" not in await db.messages.find_one({"_id": "m1"})  # written alone, without the record
+    docs = await db.stats.find({}).to_list()
+    assert stored_counts(docs)[0] == {("go", "", "push", "sent"): 3}
