@@ -170,6 +170,16 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
         for status, n in row["counts"].items():
             read[row["rule"], row["variant"], row["channel"], status] += n
     assert read == expected
+    per_day: dict[datetime, Counter[str]] = {}
+    for d in docs:
+        if d["rule"] == "later":
+            per_day.setdefault(d["hour"].replace(hour=0), Counter()).update(d["counts"])
+    days = await Stats(app[STORE]).totals("flow", rule="later", since=now - timedelta(days=1), by="day")
+    assert {row["at"]: row["counts"] for row in days} == per_day
+    assert sum(per_day.values(), Counter()) == {"scheduled": 3, "cancelled": 1}
+    assert [row["reasons"] for row in days if "cancelled" in row["counts"]] == [
+        {"cancelled": {"cancelled_by_event": 1}}
+    ]
     assert await Stats(app[STORE]).totals("flow", since=now + timedelta(hours=2)) == []
 
     # Prometheus counts the same, once each.
