@@ -375,7 +375,8 @@ def messages_command(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
-        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        retention = timedelta(days=settings.event_retention_days)
+        store = Store(db.client, db.name, retention, count_stats=settings.stats)
         await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
         messages = Messages(store)
         if args.messages_command == "list":
