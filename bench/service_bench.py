@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -315,9 +317,10 @@ class Bench:
     def db(self, name: str = "bench") -> Any:
         return self.client[name]
 
-    def service(self, database: str) -> Server:
+    def service(self, database: str, **extra: str) -> Server:
         env = {
             **os.environ,
+            **extra,
             "MONGODB_URI": self.mongod.uri,
             "RULESVC_DATABASE": database,
             "RULESVC_RULESETS_DIR": str(ROOT / "rulesets"),
@@ -615,6 +618,45 @@ class Bench:
             finally:
                 service.stop()
 
+    async def counting(self) -> dict[str, Any]:
+        """Decisions with the funnel counts written in their transactions, against the same decisions with
+        counting off (`RULESVC_STATS=0`): a backlog of stored events decided from a cold start, rounds
+        alternated so that the machine's drift falls on both sides alike."""
+        a = self.args
+        rounds: dict[str, list[float]] = {"off": [], "on": []}
+        stats_docs: dict[str, int] = {}
+        for n, mode in enumerate(["off", "on"] * a.count_rounds):
+            database = f"bench_count_{n}"
+            await self.prepare(database, a.count_contacts)
+            now = datetime.now(UTC)
+            events = [stored(e, now) for e in Mix(a.count_contacts, f"k{n}-").events(a.count_events)]
+            for i in range(0, len(events), 5000):
+                await self.db(database).events.insert_many(events[i : i + 5000], ordered=False)
+            service = self.service(database, RULESVC_STATS="1" if mode == "on" else "0")
+            await service.start("/readyz")
+            try:
+                await until(functools.partial(self._none_pending, database), 900)
+            finally:
+                service.stop()
+            # From the first decision to the last, as the service stamped them: start-up is not counted.
+            span_of = {"_id": None, "first": {"$min": "$processed_at"}, "last": {"$max": "$processed_at"}}
+            [span] = await (await self.db(database).events.aggregate([{"$group": span_of}])).to_list()
+            rounds[mode].append(len(events) / max((span["last"] - span["first"]).total_seconds(), 1e-3))
+            stats_docs[mode] = stats_docs.get(mode, 0) + await self.db(database).stats.count_documents({})
+            await self.client.drop_database(database)
+        if stats_docs.get("off") or not stats_docs.get("on"):
+            raise RuntimeError(f"counting on should write stats documents and off none: {stats_docs}")
+        median = {mode: statistics.median(rates) for mode, rates in rounds.items()}
+        return {
+            "events": a.count_events,
+            "contacts": a.count_contacts,
+            "rounds": rounds,
+            "decide_per_s_off": median["off"],
+            "decide_per_s_on": median["on"],
+            "on_vs_off": median["on"] / median["off"],
+            "stats_documents_written": stats_docs["on"],
+        }
+
     def mongod_pid(self) -> int:
         return int((self.tmp / "mongod" / "mongod.pid").read_text())
 
@@ -654,12 +696,14 @@ class Bench:
         finally:
             service.stop()
         await self.phase("memory", self.memory("m"), "rss_mb")
+        await self.phase("counting on / off", self.counting(), "counting")
         r = self.results
         r["ratios"] = {
             "batch_vs_insert_many": r["batch"]["decide_per_s"] / r["insert_many_per_s"],
             "batch_accept_vs_insert_many": r["batch"]["accept_per_s"] / r["insert_many_per_s"],
             "single_vs_aiohttp": r["single"]["accept_per_s"] / r["aiohttp_baseline_per_s"],
             "drain_vs_insert_many": r["drain"]["per_s"] / r["drain"]["insert_many_per_s"],
+            "decide_counting_on_vs_off": r["counting"]["on_vs_off"],
         }
         r["bench_seconds"] = time.perf_counter() - started
         await self.client.close()
@@ -740,6 +784,12 @@ def table(r: dict[str, Any]) -> str:
         ("ratio: batches accepted / insert_many", f"{r['ratios']['batch_accept_vs_insert_many']:.2f}", ""),
         ("ratio: single requests / aiohttp handler", f"{r['ratios']['single_vs_aiohttp']:.2f}", ""),
         ("ratio: drain / insert_many", f"{r['ratios']['drain_vs_insert_many']:.2f}", ""),
+        (
+            "decisions from a backlog, funnel counting off / on",
+            "{decide_per_s_off:,.0f} / {decide_per_s_on:,.0f} events/s".format(**r["counting"]),
+            f"median of {len(r['counting']['rounds']['on'])} alternated rounds",
+        ),
+        ("ratio: decisions with counting / without", f"{r['ratios']['decide_counting_on_vs_off']:.2f}", ""),
     ]
     width = max(len(a) for a, _, _ in rows)
     value = max(len(b) for _, b, _ in rows)
@@ -765,12 +815,16 @@ def main() -> None:
         "--fanout-ingest-rate", type=int, default=1000, help="events/s posted during the fan-out"
     )
     parser.add_argument("--mongod-cache-gb", type=float, default=2.0, help="the mongod's WiredTiger cache")
+    parser.add_argument("--count-events", type=int, default=40_000, help="backlog decided per counting round")
+    parser.add_argument("--count-contacts", type=int, default=20_000, help="contacts of the counting rounds")
+    parser.add_argument("--count-rounds", type=int, default=3, help="rounds with counting off and on each")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the benchmark runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
     args = parser.parse_args()
     if args.quick:
         args.contacts, args.events, args.singles, args.entries, args.interested = 2000, 2000, 500, 1000, 1000
         args.latency_seconds, args.rss_levels, args.rss_events = 1.0, [1000, 3000], 500
+        args.count_events, args.count_contacts, args.count_rounds = 1000, 500, 1
     with tempfile.TemporaryDirectory(prefix="rulesvc-bench-") as tmp:
         mongod = EmbeddedMongod(Path(tmp) / "mongod", cache_gb=args.mongod_cache_gb)
         mongod.start()

@@ -44,7 +44,7 @@ from tests.smtp_server import Mailbox
 SHIPPED = Path(__file__).resolve().parent.parent / "rulesets"
 # The shipped delays, cut to seconds; the logic (what waits for what, what cancels what) is kept.
 DELAYS = {"5m": "3s", "20m": "4s", "30m": "5s", "2h": "6s", "12h": "8s", "24h": "7s", "48h": "9s",
-          "90d": "10s"}  # fmt: skip
+          "90d": "10s", "3d": "60s", "5d": "60s", "7d": "60s"}  # fmt: skip
 TO_LOG = {"push", "webpush"}  # channels rewritten to `log`; email goes to SMTP, sms stays not configured
 CAPS = "email=2,log=2"
 LAG = 15.0  # seconds an immediate send may come due late live (the inbox's lag on a loaded machine)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from rulesvc.core.sendpolicy import (
+    HELD_OUT_DETAIL,
     QUIET_REASON,
     ChannelFacts,
     Facts,
@@ -319,3 +320,18 @@ def test_asking_a_channel() -> None:
     seen: list[Exception] = []
     assert ask(_Channel(fail=True), {}, seen.append) == ChannelFacts(error="channel error: KeyError")
     assert isinstance(seen[0], KeyError)
+
+
+# --- holdout -----------------------------------------------------------------------------------------------
+
+
+def test_a_held_out_message_meets_every_rule_first_and_is_then_held_not_sent() -> None:
+    held = message(held_out=True, fallback=["email"])
+    assert decide(held) == Verdict("hold", "push", "held_out", detail=HELD_OUT_DETAIL)
+    # What would not have gone out is not "held out": the funnel compares real would-be sends.
+    assert decide(held, contact(consent={})).kind == "suppress"
+    assert decide(held, now=NOW.replace(hour=22), policy=QUIET).kind == "postpone"
+    capped = SendPolicy(frequency_caps={"push": 1})
+    assert decide(held, facts=Facts(sent_today={"push": 1}), policy=capped).reason == "frequency_cap"
+    # The fallback it would have used is the channel it is held out on.
+    assert decide(held, channels={**ALL, "push": ChannelFacts(unreachable="no token")}).channel == "email"

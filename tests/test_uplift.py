@@ -307,8 +307,8 @@ group_numbers = st.builds(
     st.sampled_from(["", "a", "b", "holdout"]),
     st.one_of(st.integers(0, 3), st.integers(0, 10**7)),
     st.one_of(st.integers(0, 3), st.integers(0, 10**7)),
-    st.floats(-1e6, 1e12),
-    st.floats(0, 1e18),
+    st.one_of(st.floats(-1e6, 1e12), st.floats(-1e308, 1e308)),
+    st.one_of(st.floats(0, 1e18), st.floats(0, 1e308)),
 )
 
 

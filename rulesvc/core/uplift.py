@@ -283,7 +283,7 @@ def welch_difference(
         return Welch(difference, None, None, "a group has fewer than 2 entries: no variance to estimate")
     w1, w2 = var1 / n1, var2 / n2
     se2 = w1 + w2
-    if not math.isfinite(se2):
+    if not (math.isfinite(se2) and math.isfinite(difference)):
         return Welch(difference, None, None, "revenue too large to compute an interval")
     if se2 <= 0.0:
         return Welch(difference, None, None, "every entry has the same revenue: no variation to measure")
