@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print RULESET's counts over a window (entered, scheduled, sent, suppressed by reason, "
         "held out, delivered... converted, revenue), per rule, group and channel, and for a ruleset with "
         "a holdout or variants each group's conversion rate and the uplift between groups; the same as "
-        "GET /v1/stats. Counts are hourly: the window takes the hours that start in it. Uses MONGODB_URI, "
+        "GET /v1/stats. Counts are hourly: the window takes every hour it overlaps. Uses MONGODB_URI, "
         "or the embedded data dir's mongod; reads the ruleset's file for its holdout and arms.",
     )
     st.add_argument("ruleset", help="the ruleset's name")
@@ -395,7 +395,8 @@ def messages_command(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
-        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        retention = timedelta(days=settings.event_retention_days)
+        store = Store(db.client, db.name, retention, count_stats=settings.stats)
         await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
         messages = Messages(store)
         if args.messages_command == "list":
@@ -898,7 +899,7 @@ def stats_command(args: argparse.Namespace) -> int:
     )
     from rulesvc.replay.simulate import Until
     from rulesvc.store.db import Store
-    from rulesvc.store.stats import StatsReads
+    from rulesvc.store.stats import Stats
     from rulesvc.web.views.stats import read_report
 
     settings = load_settings()
@@ -937,7 +938,7 @@ def stats_command(args: argparse.Namespace) -> int:
         source = None
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
-        reads = StatsReads(Store(db.client, db.name, timedelta(days=settings.event_retention_days)))
+        reads = Stats(Store(db.client, db.name, timedelta(days=settings.event_retention_days)))
         if source is None and not await reads.exists(args.ruleset):
             print(f"rulesvc: no ruleset {args.ruleset}: no usable file {args.ruleset}.json in "
                   f"{rulesets_dir} and none was ever counted", file=sys.stderr)  # fmt: skip

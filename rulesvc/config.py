@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_max_seconds: float = 3600.0
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    stats: bool = True
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -193,6 +194,12 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "log_format", "RULESVC_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
     ),
     SettingDoc("log_level", "RULESVC_LOG_LEVEL", "debug, info, warning or error"),
+    SettingDoc(
+        "stats",
+        "RULESVC_STATS",
+        "count every decision and outcome per hour, ruleset, rule, variant and channel in `stats` (the "
+        "funnel), in the transaction of the decision; false = nothing written there",
+    ),
 )
 
 CONFIG_FILE_ENV = "RULESVC_CONFIG"

@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from rulesvc.core.funnel import Increment
 from rulesvc.core.messages import Fate
 
 __all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics"]
@@ -84,6 +85,20 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        # The funnel (rulesvc.core.funnel), as the `stats` collection counts it, once committed. Labels are
+        # names from ruleset files, channel names and status codes: bounded by what is deployed.
+        self.flow = Counter(
+            "rulesvc_flow",
+            "Funnel counts: contacts entered and converted, messages by status, once per message",
+            ["ruleset", "rule", "variant", "channel", "status"],
+            registry=self.registry,
+        )
+        self.flow_revenue = Counter(
+            "rulesvc_flow_revenue",
+            "Goal value of the conversions counted",
+            ["ruleset", "rule", "variant", "channel"],
+            registry=self.registry,
+        )
         # Read from MongoDB at each scrape, so they hold for every process of the deployment.
         self.due_messages = Gauge(
             "rulesvc_due_messages", "Scheduled sends whose due time has passed (all processes)",
@@ -108,6 +123,13 @@ class Metrics:
         self.messages.labels(channel, fate.status, fate.reason or "").inc()
         if fate.latency is not None:
             self.send_duration.labels(channel).observe(fate.latency)
+
+    def count_flow(self, increments: list[Increment]) -> None:
+        """Funnel counts, once the transaction that wrote them committed."""
+        for inc in increments:
+            self.flow.labels(*inc.key, inc.status).inc(inc.n)
+            if inc.revenue > 0:  # a counter only goes up: a negative goal value is in `stats` only
+                self.flow_revenue.labels(*inc.key).inc(inc.revenue)
 
     def render(self) -> bytes:
         """This app's registry; with PROMETHEUS_MULTIPROC_DIR, every worker's values, added up (counters,

@@ -196,10 +196,10 @@ async def test_totals_rows_and_series_add_up_every_shard_and_hour(promo: tuple[C
 
 async def test_the_window_and_the_rule_filter(promo: tuple[Client, Seed]) -> None:
     client, seed = promo
-    start, end = START + timedelta(hours=5), START + timedelta(hours=9)
+    start, end = START + timedelta(hours=4), START + timedelta(hours=9)
     status, body = await get(client, ruleset="promo", **{"from": "2026-11-25T15:30:00+01:00",
                                                           "to": "2026-11-25T19:00:00Z"})  # fmt: skip
-    # 15:30+01:00 is 14:30Z: the hours starting in [14:30, 19:00) are 15:00 to 18:00.
+    # 15:30+01:00 is 14:30Z: the hours overlapping [14:30, 19:00) are 14:00 to 18:00, counted whole.
     assert body["window"] == {"from": "2026-11-25T14:30:00Z", "to": "2026-11-25T19:00:00Z"}
     assert body["funnel"] == expected_funnel(seed, "promo", hour=lambda h: start <= h < end)
     status, body = await get(client, ruleset="promo", rule="remind", **WINDOW)

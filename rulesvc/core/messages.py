@@ -88,10 +88,13 @@ class Fate:
     reason: str | None = None
     attempt: int = 0
     latency: float | None = None  # seconds of the provider call, for a send
+    variant: str | None = None  # the contact's arm in the ruleset, if it has variants
+    held_out: bool = False  # the contact is in the ruleset's holdout
 
 
 def fate_of(doc: dict[str, Any], status: str, reason: str | None = None) -> Fate:
     """The fate of a stored message (its document, or the part of it with these fields)."""
     return Fate(str(doc["_id"]), str(doc.get("contact_id")), str(doc.get("ruleset")), str(doc.get("rule")),
                 doc.get("sent_channel") or doc.get("channel"), status, reason,
-                int(doc.get("attempt") or 0))  # fmt: skip
+                int(doc.get("attempt") or 0), variant=doc.get("variant"),
+                held_out=bool(doc.get("held_out")))  # fmt: skip

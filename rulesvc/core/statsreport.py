@@ -9,10 +9,10 @@ say the same numbers in the same words.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -73,6 +73,28 @@ class Cell:
     tally: Tally
 
 
+def tally_of(row: Mapping[str, Any]) -> Tally:
+    """A row of `store.stats.Stats.totals` (`counts`, `reasons`, `revenue`, `revenue_sq`)."""
+    return Tally(
+        {s: int(n) for s, n in row.get("counts", {}).items()},
+        {s: {r: int(n) for r, n in by.items()} for s, by in row.get("reasons", {}).items()},
+        float(row.get("revenue", 0.0)),
+        float(row.get("revenue_sq", 0.0)),
+    )
+
+
+def cells_of(rows: Iterable[Mapping[str, Any]]) -> list[Cell]:
+    return [Cell(str(r["rule"]), str(r["variant"]), str(r["channel"]), tally_of(r)) for r in rows]
+
+
+def buckets_of(rows: Iterable[Mapping[str, Any]]) -> list[tuple[datetime, Tally]]:
+    """Rows that carry their bucket (`at`), added up per bucket, in time order."""
+    buckets: dict[datetime, Tally] = {}
+    for row in rows:
+        buckets.setdefault(row["at"], Tally()).add(tally_of(row))
+    return sorted(buckets.items(), key=lambda item: item[0])
+
+
 class Funnel(msgspec.Struct, kw_only=True):
     """Counts by status. Messages count in the hour their fate was decided (outcomes: when reported),
     entries and conversions in the hour of the event. `reasons`: status -> reason code -> count (why
@@ -106,7 +128,7 @@ def funnel_of(tally: Tally) -> Funnel:
 
 
 class StatsWindow(msgspec.Struct):
-    """[from, to): the hours counted are those starting in it (counts are hourly)."""
+    """[from, to): counts are hourly, so every hour that overlaps it is counted whole."""
 
     from_: datetime = msgspec.field(name="from")
     to: datetime

@@ -13,9 +13,10 @@ import structlog
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.core import reasons
+from rulesvc.core.funnel import Increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.runtime.waiting import in_transaction
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import PROCESS_SHARD, Doc, OnCounts, Store
 from rulesvc.store.messages import RETRYABLE, Messages
 from rulesvc.store.schedule import Schedule
 
@@ -74,22 +75,33 @@ async def retry_message(store: Store, message_id: str, now: datetime) -> Doc | R
 
 
 async def cancel_message(
-    store: Store, message_id: str, now: datetime, on_fate: OnFate | None = None
+    store: Store,
+    message_id: str,
+    now: datetime,
+    on_fate: OnFate | None = None,
+    on_counts: OnCounts | None = None,
 ) -> Doc | Refusal | None:
-    """A scheduled message `cancelled` (reason `cancelled_by_operator`), its schedule entry with it."""
+    """A scheduled message `cancelled` (reason `cancelled_by_operator`), its schedule entry with it,
+    and counted (rulesvc.store.stats) in the same transaction."""
     messages, schedule = Messages(store), Schedule(store)
     detail = "cancelled by an operator"
+    counted: list[Increment] = []
 
     async def write(session: AsyncClientSession) -> Doc | None:
+        counted.clear()  # a transaction that is retried runs this again from the start
         doc = await messages.cancel_scheduled(message_id, reasons.CANCELLED_BY_OPERATOR, detail, now, session)
         if doc is not None:
             await schedule.cancel([message_id], reasons.CANCELLED_BY_OPERATOR, now, session)
+            counted.append(message_increment(doc, "cancelled", now, reasons.CANCELLED_BY_OPERATOR))
+            await store.add_counts(counted, PROCESS_SHARD, session)
         return doc
 
     doc = await in_transaction(store.client, write)
     if doc is None:
         return await _refusal(messages, message_id, ("scheduled",))
     tell([fate_of(doc, "cancelled", reasons.CANCELLED_BY_OPERATOR)], on_fate)
+    if on_counts is not None:
+        on_counts(counted)
     return doc
 
 

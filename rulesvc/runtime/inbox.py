@@ -33,6 +33,7 @@ from rulesvc.core.engine import (
     pending_from_doc,
 )
 from rulesvc.core.events import MESSAGE_EVENT_TYPES
+from rulesvc.core.funnel import OUTCOMES, Increment, fate_increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.core.sendpolicy import outcome_changes
 from rulesvc.runtime.fanout import interest_updates
@@ -42,11 +43,12 @@ from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
 from rulesvc.store.audiences import Audiences
 from rulesvc.store.catalog import Catalog
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import Doc, Store, failure_text, transient
+from rulesvc.store.db import Doc, OnCounts, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.leases import ContactLeases
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
+from rulesvc.store.stats import Stats
 
 log = structlog.get_logger(__name__)
 
@@ -68,10 +70,16 @@ def never_sent(message: Doc) -> bool:
 
 
 def apply_outcome(
-    doc: Doc, messages: dict[str, Doc], view: ContactView, told: list[Fate] | None = None
+    doc: Doc,
+    messages: dict[str, Doc],
+    view: ContactView,
+    told: list[Fate] | None = None,
+    counted: list[Increment] | None = None,
 ) -> list[Any]:
     """A message_* event: record it on the message, give rules its channel/template, act on bad news;
-    its fate (delivered, opened, ...) goes to `told`, for the outcome log once committed."""
+    its fate (delivered, opened, ...) goes to `told`, for the outcome log once committed, and to
+    `counted` the first time this outcome is recorded on a message that was sent (the funnel counts
+    each outcome once per message; a refusal at send time was counted by the scheduler)."""
     attributes = doc.setdefault("attributes", {})
     outcome = doc["type"].removeprefix("message_")
     message_id = attributes.get("message_id")
@@ -85,6 +93,12 @@ def apply_outcome(
         for key in ("channel", "template", "ruleset", "rule"):
             attributes.setdefault(key, channel if key == "channel" else message.get(key))
         update: Doc = {"$set": {f"outcomes.{outcome}": doc["time"]}}
+        recorded = message.setdefault("outcomes", {})
+        first = outcome not in recorded
+        recorded.setdefault(outcome, doc["time"])  # a later event of the batch finds it recorded
+        if (counted is not None and first and outcome in OUTCOMES and not never_sent(message)
+                and not attributes.get("synchronous")):  # fmt: skip
+            counted.append(message_increment({**message, "sent_channel": channel}, outcome, doc["time"]))
         if not never_sent(message) and OUTCOME_RANK.get(outcome, 0) > OUTCOME_RANK.get(message["status"], 0):
             update["$set"]["status"] = outcome
             message["status"] = outcome
@@ -151,8 +165,10 @@ class Inbox:
         on_scheduled: Callable[[datetime], None] | None = None,
         on_quarantined: Callable[[str], None] | None = None,
         on_fate: OnFate | None = None,
+        on_counts: OnCounts | None = None,
     ) -> None:
         self.store = store
+        self.stats = Stats(store)
         self.contact_leases = ContactLeases(store)
         self.inbox_events = InboxEvents(store)
         self.contacts = Contacts(store)
@@ -169,6 +185,8 @@ class Inbox:
         self.on_quarantined = on_quarantined
         self.on_fate = on_fate  # each cancelled message, once the cancellation committed
         self.owner = uuid.uuid4().hex
+        self.shard = f"inbox:{self.owner}"  # this loop's funnel counters (rulesvc.store.stats)
+        self.on_counts = on_counts  # the funnel counts of each batch, once committed
         self.wake = asyncio.Event()
         self.processed = 0
         self._expired_look = Every(lease / 4)
@@ -248,6 +266,7 @@ class Inbox:
         found_by: dict[str, list[Decisions]] = defaultdict(list)
         outcome_ops: dict[str, list[Any]] = defaultdict(list)
         outcome_fates: dict[str, list[Fate]] = defaultdict(list)
+        outcome_counts: dict[str, list[Increment]] = defaultdict(list)
         failed: dict[str, tuple[Doc, BaseException]] = {}
         outcome_ids = [
             d["attributes"]["message_id"]
@@ -268,7 +287,9 @@ class Inbox:
                 view = views[cid] = contact_view(cid, contacts.get(cid), pending.get(cid, []))
             try:
                 if doc["type"] in MESSAGE_EVENT_TYPES:
-                    outcome_ops[cid].extend(apply_outcome(doc, messages, view, outcome_fates[cid]))
+                    outcome_ops[cid].extend(
+                        apply_outcome(doc, messages, view, outcome_fates[cid], outcome_counts[cid])
+                    )
                 found = engine.evaluate(engine_event(doc), view, now)
                 found_by[cid].append(found)
                 for entry in found.schedule:  # a later event of this batch may name its message
@@ -282,6 +303,7 @@ class Inbox:
             found_by.pop(cid, None)
             outcome_ops.pop(cid, None)
             outcome_fates.pop(cid, None)
+            outcome_counts.pop(cid, None)
         decisions = Decisions()
         for found in (f for per in found_by.values() for f in per):
             decisions.schedule.extend(found.schedule)
@@ -292,7 +314,8 @@ class Inbox:
         message_ops = [op for ops in outcome_ops.values() for op in ops]
         failures = [(doc, exc) for doc, exc in failed.values()]
         told = [f for fates in outcome_fates.values() for f in fates]
-        await self._commit(decided, views, contacts, decisions, now, message_ops, failures, told)
+        counts = [c for per in outcome_counts.values() for c in per]
+        await self._commit(decided, views, contacts, decisions, now, message_ops, failures, told, counts)
         self.processed += len(decided)
         log.debug("inbox.batch", events=len(decided), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
@@ -309,8 +332,12 @@ class Inbox:
         message_ops: list[Any],
         failures: list[tuple[Doc, BaseException]],
         told: list[Fate] | None = None,
+        counts: list[Increment] | None = None,
     ) -> None:
-        """`told`: the outcomes the batch's message_* events recorded, logged once committed."""
+        """`told`: the outcomes the batch's message_* events recorded, logged once committed. `counts`:
+        funnel counts decided by the batch beyond what is counted here (outcomes; entries and
+        conversions), written with it. Counted here: each new message `scheduled` (and `cancelled` if
+        born cancelled), and each message a cancellation cancelled."""
         contact_ops: list[Any] = []
         for cid, view in views.items():
             version = (contacts.get(cid) or {}).get("version")
@@ -331,6 +358,7 @@ class Inbox:
         entries: list[Doc] = []
         messages: list[Doc] = []
         born_cancelled: list[Fate] = []
+        decided_counts: list[Increment] = [*(counts or [])]
         for decided in decisions.schedule:
             entry = entry_doc(decided)
             message = message_doc(decided) if decided.message is not None else None
@@ -340,14 +368,17 @@ class Inbox:
                 if message is not None:
                     message.update(status="cancelled", reason=why[0], detail=why[1], cancelled_at=now)
                     born_cancelled.append(fate_of(message, "cancelled", why[0]))
+                    decided_counts.append(message_increment(message, "cancelled", now, why[0]))
             entries.append(entry)
             if message is not None:
                 messages.append(message)
+                decided_counts.append(message_increment(message, "scheduled", now))
         cancels = [Cancellation(entry_id, *why) for entry_id, why in cancelled_now.items()]
 
         async def write(session: AsyncClientSession) -> None:
             quarantined.clear()  # a transaction that is retried runs this again from the start
             cancelled.clear()
+            counted.clear()
             if contact_ops and not await self.contacts.write_states(contact_ops, session):
                 raise VersionConflict()
             if entries:
@@ -356,6 +387,8 @@ class Inbox:
                 await self.messages.insert(messages, session)
             if cancels:
                 cancelled.extend(await self._cancel(cancels, now, session))
+            counted.extend([*decided_counts, *(fate_increment(f, now) for f in cancelled)])
+            await self.stats.add(counted, self.shard, session)
             if message_ops:
                 await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)
@@ -373,12 +406,15 @@ class Inbox:
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         quarantined: list[bool] = []
         cancelled: list[Fate] = []
+        counted: list[Increment] = []
         try:
             await in_transaction(self.store.client, write)  # within the client's deadline
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc
         tell([*born_cancelled, *cancelled, *(told or [])], self.on_fate)  # told once committed
+        if counted and self.on_counts is not None:
+            self.on_counts(counted)
         # Counted once the transaction that quarantined them committed.
         for _ in range(sum(quarantined)):
             if self.on_quarantined is not None:

@@ -12,6 +12,7 @@ batch goes on: one bad entry never holds the schedule up.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,19 +20,23 @@ from typing import Any
 
 import bson
 import structlog
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from rulesvc.channels import Outcome
 from rulesvc.core import reasons
 from rulesvc.core.engine import timer_event
+from rulesvc.core.funnel import KIND_STATUS, Increment, message_increment
 from rulesvc.core.messages import Fate
 from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.fate import OnFate, tell
-from rulesvc.runtime.waiting import Every, renewing, work_loop
+from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
+from rulesvc.store.db import PENDING, Doc, OnCounts, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
+from rulesvc.store.stats import Stats, shard_of
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +53,19 @@ def malformed(entry: Doc) -> str | None:
 
 def error_reason(exc: BaseException) -> str:
     return f"could not be processed: {failure_text(exc)}"[:500]
+
+
+def refused(exc: BaseException) -> bool:
+    """The database refused the data (a value it cannot store), rather than failed: a retry cannot cure
+    it. A bulk write reports such a refusal per document, which `transient` cannot see."""
+    if isinstance(exc, BulkWriteError):
+        errors = exc.details.get("writeErrors") or []
+        return (
+            bool(errors)
+            and not exc.details.get("writeConcernErrors")
+            and not any(transient(OperationFailure(e.get("errmsg", ""), e.get("code"))) for e in errors)
+        )
+    return not transient(exc)
 
 
 def storable(value: Any) -> bool:
@@ -71,8 +89,12 @@ class Scheduler:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_timer_event: Callable[[], None] | None = None,
         on_fate: OnFate | None = None,
+        on_counts: OnCounts | None = None,
     ) -> None:
         self.store = store
+        self.stats = Stats(store)
+        self.shard = shard_of("scheduler")  # this loop's funnel counters (rulesvc.store.stats)
+        self.on_counts = on_counts  # the funnel counts of each batch, once committed
         self.schedule = Schedule(store)
         self.messages = Messages(store)
         self.contacts = Contacts(store)
@@ -203,6 +225,7 @@ class Scheduler:
     ) -> None:
         """Message first, entry last: a crash in between re-runs the entry, which finds the message done."""
         message_ops: dict[str, tuple[list[str], Doc, Doc]] = {}  # identical updates go as one update_many
+        counts: dict[str, tuple[str, str | None]] = {}  # per message: the status and reason it counts as
         entry_done: list[str] = [e["_id"] for e in timers]
         entry_again: list[tuple[str, datetime]] = []
         unreachable: list[tuple[str, str, Any]] = []
@@ -217,7 +240,8 @@ class Scheduler:
             fates.append(Fate(str(entry["_id"]), str(entry.get("contact_id")), str(entry.get("ruleset")),
                               str(entry.get("rule")), channel, status, reason, attempt, latency))  # fmt: skip
 
-        def update(message_id: str, guard: Doc, fields: Doc) -> None:
+        def update(message_id: str, guard: Doc, fields: Doc, count: str, reason: str | None) -> None:
+            counts[message_id] = (count, reason)
             key = repr((guard, sorted(fields.items())))
             message_ops.setdefault(key, ([], guard, fields))[0].append(message_id)
 
@@ -233,7 +257,7 @@ class Scheduler:
                 fields: Doc = {"status": "scheduled", "due_at": r.at, "reason": r.reason, "detail": r.detail}
                 if r.kind == "retry":
                     fields |= {"attempt": r.attempt}
-                update(mid, r.guard, fields)
+                update(mid, r.guard, fields, KIND_STATUS.get(r.kind, r.kind), r.reason)
                 assert r.at is not None
                 entry_again.append((mid, r.at))
                 continue
@@ -258,7 +282,7 @@ class Scheduler:
                     "blocked", message_id=mid, reason=r.detail, attributes={"synchronous": True}
                 )
                 blocked.setdefault(r.channel, []).append(refusal)
-            update(mid, r.guard, fields)
+            update(mid, r.guard, fields, KIND_STATUS.get(r.kind, r.kind), r.reason)
             for path, value in r.unreachable:
                 if isinstance(path, str) and path and not path.startswith("$") and storable(value):
                     unreachable.append((entry["contact_id"], path, value))
@@ -273,6 +297,8 @@ class Scheduler:
                     "detail": gone,
                     "cancelled_at": now,
                 },
+                "cancelled",
+                reasons.RULESET_REMOVED,
             )
             if "message" in e:
                 fate(e, "cancelled", reasons.RULESET_REMOVED)
@@ -282,17 +308,16 @@ class Scheduler:
                     e["_id"],
                     {"status": {"$in": ["scheduled", "sending"]}},
                     {"status": "failed", "reason": reasons.PROCESSING_ERROR, "detail": why},
+                    "failed",
+                    reasons.PROCESSING_ERROR,
                 )
                 fate(e, "failed", reasons.PROCESSING_ERROR)
-        for ids, guard, fields in message_ops.values():
-            await self._update_messages(ids, guard, fields)
+        counted = await self._update_messages(list(message_ops.values()), counts, entry_again, owner, now)
         for channel, outcomes in blocked.items():  # once the message says `blocked`, before the entry is done
             await self.store.record_outcomes(channel, outcomes, now)
         errors = await self.contacts.forget_unreachable(unreachable)
         if errors is not None:
             log.warning("scheduler.unreachable_not_removed", errors=errors[:3])
-        for mid, at in entry_again:
-            await self.schedule.run_again(mid, owner, at)
         finished = [(entry_done, "done", None), ([e["_id"] for e in removed], "cancelled", "ruleset removed")]
         for ids, status, reason in finished:
             if ids:
@@ -300,26 +325,95 @@ class Scheduler:
         for e, why in aside:
             await self.schedule.fail(e["_id"], owner, why, now)
         tell(fates, self.on_fate)
+        if counted and self.on_counts is not None:
+            self.on_counts(counted)
 
-    async def _update_messages(self, ids: list[str], guard: Doc, fields: Doc) -> None:
-        """One write for many messages; if the database refuses it (a value it cannot store), one by one,
-        and a message whose result cannot be stored gets at least its status and the error."""
+    async def _update_messages(
+        self,
+        updates: list[tuple[list[str], Doc, Doc]],
+        counts: dict[str, tuple[str, str | None]],
+        again: list[tuple[str, datetime]],
+        owner: str,
+        now: datetime,
+    ) -> list[Increment]:
+        """The batch's message updates, the entries that run again, and the funnel counts, in one
+        transaction. A message is counted only if its guarded update matched it (another run may have
+        recorded it already) and, if its entry runs again (postponed, retried), only if the entry was
+        still this batch's: a batch run again after a crash never counts twice. If the database refuses
+        the batch (a value it cannot store), each message alone, and one whose result cannot be stored
+        gets at least its status and the error. Returns the counts written."""
+        token = uuid.uuid4().hex  # marks the messages this write matched, to read back and count
+
+        async def write(session: AsyncClientSession) -> list[Increment]:
+            matched = await self.messages.record(updates, token, session) if updates else []
+            moved = await self.schedule.run_again_many(again, owner, session) if again else set()
+            return await self._count(matched, counts, {mid for mid, _ in again} - moved, now, session)
+
         try:
-            await self.messages.update(ids, guard, fields)
-            return
+            return await in_transaction(self.store.client, write)
         except Exception as exc:
-            if transient(exc):
+            if not refused(exc):
                 raise
             log.warning("scheduler.record_refused", error=f"{type(exc).__name__}: {exc}"[:300])
-        for mid in ids:
-            try:
-                await self.messages.update_one(mid, guard, fields)
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                minimal = {"status": fields["status"], "reason": reasons.PROCESSING_ERROR,
-                           "detail": error_reason(exc)}  # fmt: skip
-                await self.messages.update_one(mid, guard, minimal)
+        at = dict(again)
+        counted: list[Increment] = []
+        for ids, guard, fields in updates:
+            for mid in ids:
+                try:
+                    counted += await self._update_one(
+                        mid, guard, fields, counts, at.pop(mid, None), owner, now
+                    )
+                except Exception as exc:
+                    if not refused(exc):
+                        raise
+                    minimal = {"status": fields["status"], "reason": reasons.PROCESSING_ERROR,
+                               "detail": error_reason(exc)}  # fmt: skip
+                    counted += await self._update_one(
+                        mid, guard, minimal, counts, at.pop(mid, None), owner, now
+                    )
+        for mid, when in at.items():  # entries without a message update (a send in flight, looked at later)
+            await self.schedule.run_again(mid, owner, when)
+        return counted
+
+    async def _update_one(
+        self,
+        mid: str,
+        guard: Doc,
+        fields: Doc,
+        counts: dict[str, tuple[str, str | None]],
+        again: datetime | None,
+        owner: str,
+        now: datetime,
+    ) -> list[Increment]:
+        """One message's update, its entry if it runs again, and its count, in a transaction of their own."""
+        token = uuid.uuid4().hex
+
+        async def write(session: AsyncClientSession) -> list[Increment]:
+            matched = await self.messages.record([([mid], guard, fields)], token, session)
+            lost: set[str] = set()
+            if again is not None:
+                lost = {mid} - await self.schedule.run_again_many([(mid, again)], owner, session)
+            return await self._count(matched, counts, lost, now, session)
+
+        return await in_transaction(self.store.client, write)
+
+    async def _count(
+        self,
+        matched: list[Doc],
+        counts: dict[str, tuple[str, str | None]],
+        lost: set[str],
+        now: datetime,
+        session: AsyncClientSession,
+    ) -> list[Increment]:
+        """The counts of the messages a write matched, but those whose entry another process took over
+        (it decides, and counts, them); written in the write's transaction."""
+        counted = [
+            message_increment(m, counts[m["_id"]][0], now, counts[m["_id"]][1])
+            for m in matched
+            if m["_id"] not in lost
+        ]
+        await self.stats.add(counted, self.shard, session)
+        return counted
 
     async def _insert_timer_events(
         self, timers: list[Doc], now: datetime, aside: list[tuple[Doc, str]]

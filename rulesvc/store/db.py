@@ -4,6 +4,9 @@ the sibling modules hold the named queries of each collection group (schedule, l
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import msgspec
 import structlog
 from bson.errors import InvalidBSON, InvalidDocument
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -21,7 +24,9 @@ from pymongo.write_concern import WriteConcern
 from rulesvc.core import reasons
 from rulesvc.core.contacts import Contact, ContactIn
 from rulesvc.core.events import Event, event_time
+from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
+from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.keys import InboxTokens, Keys
 
 log = structlog.get_logger(__name__)
@@ -41,6 +46,11 @@ MAX_ATTEMPTS = 3
 
 # Errors of the data rather than of the database: retrying the same event cannot cure them.
 _DATA_ERROR_CODES = frozenset({2, 9, 14, 52, 55, 10334, 17280, 17419})
+
+# The funnel counters' shard of this process for writes outside the inbox and scheduler loops (an API
+# request, a CLI command): its own documents, so it never conflicts with another process's.
+PROCESS_SHARD = f"api:{os.getpid()}-{uuid.uuid4().hex[:8]}"
+OnCounts = Callable[[list[Increment]], None]
 
 
 def transient(exc: BaseException) -> bool:
@@ -99,8 +109,16 @@ def older_than(before: datetime | None, before_id: str | None = None) -> Doc:
 
 
 class Store:
-    def __init__(self, client: AsyncMongoClient[Doc], database: str, event_retention: timedelta) -> None:
+    def __init__(
+        self,
+        client: AsyncMongoClient[Doc],
+        database: str,
+        event_retention: timedelta,
+        *,
+        count_stats: bool = True,
+    ) -> None:
         self.client = client
+        self.count_stats = count_stats  # RULESVC_STATS: off, nothing is written to `stats`
         self.db: AsyncDatabase[Doc] = client.get_database(database, write_concern=DURABLE)
         self.event_retention = event_retention
         self.events: AsyncCollection[Doc] = self.db["events"]
@@ -120,6 +138,7 @@ class Store:
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
         self.products: AsyncCollection[Doc] = self.db["products"]
+        self.stats: AsyncCollection[Doc] = self.db["stats"]
 
     def keys(self) -> Keys:
         return Keys(self.api_keys)
@@ -200,6 +219,9 @@ class Store:
                 # `GET /v1/messages` and `rulesvc messages list` without a status: newest first.
                 IndexModel([("created_at", DESCENDING)], name="messages_by_time"),
             ]
+        )
+        await self.stats.create_indexes(
+            [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
@@ -453,12 +475,31 @@ class Store:
             await self._insert_outcome_events([event], now)
         return True
 
+    # --- funnel counters (rulesvc.store.stats reads them) ---------------------------------------------
+
+    async def add_counts(
+        self, increments: Iterable[Increment], shard: str, session: AsyncClientSession | None
+    ) -> None:
+        """One upsert per counter document the increments fall in, in the caller's transaction (its
+        `session`), so the counts commit or abort with the decision they count. Nothing with
+        RULESVC_STATS off."""
+        if not self.count_stats:
+            return
+        ops = [UpdateOne(*upsert_of(t, shard), upsert=True) for t in tally(increments)]
+        if ops:
+            await self.stats.bulk_write(ops, ordered=True, session=session)
+
     async def record_outcomes(
-        self, channel: str, outcomes: list[Any], now: datetime | None = None
+        self,
+        channel: str,
+        outcomes: list[Any],
+        now: datetime | None = None,
+        on_counts: OnCounts | None = None,
     ) -> tuple[int, list[Fate]]:
         """Provider callbacks: find each message (by our id or the provider's) and queue its outcome event.
         Returns how many were queued, and the fates of the messages a `failed` report failed (the others
-        are told when the inbox records their event)."""
+        are told when the inbox records their event); a failure is counted with its write (`on_counts`:
+        each count once committed)."""
         now = now or datetime.now(UTC)
         events = []
         fates: list[Fate] = []
@@ -466,22 +507,13 @@ class Store:
             query: Doc = (
                 {"_id": outcome.message_id} if outcome.message_id else {"provider_id": outcome.provider_id}
             )
-            fields = {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "sent_channel": 1, "attempt": 1}
+            fields = {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "sent_channel": 1, "attempt": 1,
+                      "variant": 1, "held_out": 1}  # fmt: skip
             message = await self.messages.find_one(query, fields)
             if message is None:
                 continue
             if outcome.status == "failed":
-                result = await self.messages.update_one(
-                    {"_id": message["_id"], "status": {"$in": ["sent", "delivered"]}},
-                    {
-                        "$set": {
-                            "status": "failed",
-                            "reason": reasons.DELIVERY_FAILED,
-                            "detail": outcome.reason,
-                        }
-                    },
-                )
-                if result.modified_count:
+                if await self._delivery_failed(message, outcome.reason, now, on_counts):
                     fates.append(fate_of(message, "failed", reasons.DELIVERY_FAILED))
                 continue
             attributes = {"message_id": message["_id"], "channel": channel, **outcome.attributes}
@@ -491,6 +523,27 @@ class Store:
             events.append((event_id, f"message_{outcome.status}", message["contact_id"], attributes))
         await self._insert_outcome_events(events, now)
         return len(events), fates
+
+    async def _delivery_failed(
+        self, message: Doc, detail: str | None, now: datetime, on_counts: OnCounts | None
+    ) -> bool:
+        """A sent message `failed` on the provider's report, and counted, in one transaction."""
+        count = [message_increment(message, "failed", now, reasons.DELIVERY_FAILED)]
+
+        async def write(session: AsyncClientSession) -> bool:
+            result = await self.messages.update_one(
+                {"_id": message["_id"], "status": {"$in": ["sent", "delivered"]}},
+                {"$set": {"status": "failed", "reason": reasons.DELIVERY_FAILED, "detail": detail}},
+                session=session,
+            )
+            if result.modified_count:
+                await self.add_counts(count, PROCESS_SHARD, session)
+            return bool(result.modified_count)
+
+        failed = await in_transaction(self.client, write)
+        if failed and on_counts is not None:
+            on_counts(count)
+        return failed
 
     async def _insert_outcome_events(self, events: list[tuple[str, str, str, Doc]], now: datetime) -> None:
         if not events:

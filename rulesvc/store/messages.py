@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateMany
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import Doc, Store, older_than
@@ -31,6 +31,20 @@ class Messages:
     async def update_one(self, message_id: str, guard: Doc, fields: Doc) -> None:
         await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
 
+    async def record(
+        self, updates: list[tuple[list[str], Doc, Doc]], token: str, session: AsyncClientSession
+    ) -> list[Doc]:
+        """Each `(ids, guard, fields)`: set `fields` on these messages, those still matching `guard`, in one
+        write; returns the messages it changed (their counter key fields), found by `token`, which marks
+        them (`recorded_by`): what a write matched, read back inside the same transaction."""
+        ops = [UpdateMany({"_id": {"$in": ids}, **guard}, {"$set": {**fields, "recorded_by": token}})
+               for ids, guard, fields in updates]  # fmt: skip
+        await self.store.messages.bulk_write(ops, ordered=True, session=session)
+        ids = [i for group, _, _ in updates for i in group]
+        return await self.store.messages.find(
+            {"_id": {"$in": ids}, "recorded_by": token}, KEY_FIELDS, session=session
+        ).to_list()
+
     async def insert(self, messages: list[Doc], session: AsyncClientSession) -> None:
         await self.store.messages.insert_many(messages, session=session)
 
@@ -42,10 +56,18 @@ class Messages:
         self, ids: list[str], reason: str, detail: str, now: datetime, session: AsyncClientSession
     ) -> list[Doc]:
         """These messages, those still scheduled, are cancelled with the reason; returns those it
-        cancelled (id, contact, ruleset, rule, channel), for the outcome log."""
+        cancelled (id, contact, ruleset, rule, channel, group), for the outcome log and the funnel."""
         found = await self.store.messages.find(
             {"_id": {"$in": ids}, "status": "scheduled"},
-            {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "attempt": 1},
+            {
+                "contact_id": 1,
+                "ruleset": 1,
+                "rule": 1,
+                "channel": 1,
+                "attempt": 1,
+                "variant": 1,
+                "held_out": 1,
+            },
             session=session,
         ).to_list()
         await self.store.messages.update_many(
@@ -134,6 +156,8 @@ class Messages:
         return await self.store.messages.find(query).sort([("due_at", ASCENDING)]).limit(limit).to_list()
 
 
+# What a message's funnel count needs (rulesvc.core.funnel.message_key).
+KEY_FIELDS = {"ruleset": 1, "rule": 1, "variant": 1, "held_out": 1, "channel": 1, "sent_channel": 1}
 # The statuses an operator may send again from: given up on, refused, or in doubt.
 RETRYABLE = ("dead", "failed", "uncertain")
 # What a retried message forgets: the last attempt's result and its outbox mark.

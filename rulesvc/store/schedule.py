@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import Doc, Store
@@ -72,6 +72,29 @@ class Schedule:
             {"_id": entry_id, "owner": owner},
             {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
         )
+
+    async def run_again_many(
+        self, entries: list[tuple[str, datetime]], owner: str, session: AsyncClientSession
+    ) -> set[str]:
+        """Each entry still claimed by `owner` pending again, due at its time; returns those it moved
+        (inside a transaction, what is read is what is written)."""
+        ids = [entry_id for entry_id, _ in entries]
+        owned = {
+            d["_id"]
+            async for d in self.store.schedule.find({"_id": {"$in": ids}, "owner": owner}, {"_id": 1},
+                                                    session=session)
+        }  # fmt: skip
+        ops = [
+            UpdateOne(
+                {"_id": entry_id, "owner": owner},
+                {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+            )
+            for entry_id, at in entries
+            if entry_id in owned
+        ]
+        if ops:
+            await self.store.schedule.bulk_write(ops, ordered=False, session=session)
+        return owned
 
     async def finish(
         self, ids: list[str], owner: str, status: str, now: datetime, reason: str | None

@@ -1,111 +1,123 @@
-"""The reads of the `stats` collection: its hourly, per-shard counts added up in MongoDB."""
+"""The funnel's hourly counters, `stats`: one document per (hour, ruleset, rule, variant, channel, shard).
+
+Counts are written in the transaction of the decision they count, so a retried or crashed batch never
+counts twice nor loses a count. `shard` names the writing loop and process (`inbox:<id>`,
+`scheduler:<id>`, `api:<id>`): two processes' transactions never touch the same document, so counting
+adds no write conflicts under `--workers N`; a read adds the shards up."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Literal
 
-from rulesvc.core.statsreport import Cell, Tally, Unit
-from rulesvc.store.db import Doc, Store
+from pymongo.asynchronous.client_session import AsyncClientSession
 
-# Each document's numbers as a list of {k: kind, s: status, r: reason, n: value}, so one `$group` adds
-# up counts, reasons and revenue whatever statuses and reasons the documents have.
-_PAIRS: Doc = {
-    "$concatArrays": [
-        {
-            "$map": {
-                "input": {"$objectToArray": {"$ifNull": ["$counts", {}]}},
-                "in": {"k": "c", "s": "$$this.k", "r": "", "n": "$$this.v"},
-            }
-        },
-        {
-            "$reduce": {
-                "input": {"$objectToArray": {"$ifNull": ["$reasons", {}]}},
-                "initialValue": [],
-                "in": {
-                    "$concatArrays": [
-                        "$$value",
-                        {
-                            "$map": {
-                                "input": {"$objectToArray": "$$this.v"},
-                                "as": "reason",
-                                "in": {"k": "r", "s": "$$this.k", "r": "$$reason.k", "n": "$$reason.v"},
-                            }
-                        },
-                    ]
-                },
-            }
-        },
-        [
-            {"k": "m", "s": "revenue", "r": "", "n": {"$ifNull": ["$revenue", 0]}},
-            {"k": "m", "s": "revenue_sq", "r": "", "n": {"$ifNull": ["$revenue_sq", 0]}},
-        ],
-    ]
-}
+from rulesvc.core.funnel import Increment
+from rulesvc.store.db import PROCESS_SHARD, Doc, Store
+
+__all__ = ["PROCESS_SHARD", "By", "Stats", "shard_of"]
+
+By = Literal["hour", "day"]
 
 
-def _fold(tally: Tally, row: Doc) -> None:
-    kind, status, reason, n = row["_id"]["k"], row["_id"]["s"], row["_id"]["r"], row["n"]
-    if kind == "c":
-        tally.counts[status] = tally.counts.get(status, 0) + int(n)
-    elif kind == "r":
-        by = tally.reasons.setdefault(status, {})
-        by[reason] = by.get(reason, 0) + int(n)
-    elif status == "revenue":
-        tally.revenue += float(n)
-    else:
-        tally.revenue_sq += float(n)
+def shard_of(loop: str) -> str:
+    """A new shard for one loop of this process: `inbox:<id>`."""
+    return f"{loop}:{uuid.uuid4().hex}"
 
 
-class StatsReads:
-    """What `GET /v1/stats` and `rulesvc stats` read: a ruleset's counts in [start, end) by `hour`,
-    every shard (writing loop and process) added up."""
-
+class Stats:
     def __init__(self, store: Store) -> None:
-        self.stats = store.db["stats"]
+        self.store = store
 
-    def _match(self, ruleset: str, start: datetime, end: datetime, rule: str | None) -> Doc:
-        match: Doc = {"ruleset": ruleset, "hour": {"$gte": start, "$lt": end}}
+    @property
+    def enabled(self) -> bool:
+        return self.store.count_stats
+
+    async def add(
+        self, increments: Iterable[Increment], shard: str, session: AsyncClientSession | None
+    ) -> None:
+        """One upsert per document the increments fall in; give the session of the decision's
+        transaction, so the counts commit (or not) with it."""
+        await self.store.add_counts(increments, shard, session)
+
+    async def totals(
+        self,
+        ruleset: str,
+        rule: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        by: By | None = None,
+    ) -> list[Doc]:
+        """The counts of a ruleset per (rule, variant, channel), shards added up; with `by`, per hour or
+        UTC day too (`at`: the bucket's start). Hours from `since`'s hour up to `until` (exclusive).
+        Each row: `rule, variant, channel, counts {status: n}, reasons {status: {reason: n}}, revenue,
+        revenue_sq` (and `at`), sorted by `at`, rule, variant, channel."""
+        match: Doc = {"ruleset": ruleset}
         if rule is not None:
             match["rule"] = rule
-        return match
-
-    async def _sums(self, match: Doc, key: Doc) -> list[Doc]:
-        """Each (key, kind, status, reason)'s sum; `key`: output name -> expression on a document."""
+        hours: Doc = {}
+        if since is not None:
+            hours["$gte"] = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        if until is not None:
+            hours["$lt"] = until
+        if hours:
+            match["hour"] = hours
+        key: Doc = {"rule": "$rule", "variant": "$variant", "channel": "$channel"}
+        if by is not None:
+            key["at"] = "$hour"
+        # Each document as items (status, reason, n, revenue): unwound and summed per key and item.
+        counts = {"$map": {"input": {"$objectToArray": {"$ifNull": ["$counts", {}]}}, "as": "c",
+                           "in": {"s": "$$c.k", "r": None, "n": "$$c.v"}}}  # fmt: skip
+        per_reason = {"$map": {"input": {"$objectToArray": "$$this.v"}, "as": "x",
+                               "in": {"s": "$$this.k", "r": "$$x.k", "n": "$$x.v"}}}  # fmt: skip
+        reasons = {"$reduce": {"input": {"$objectToArray": {"$ifNull": ["$reasons", {}]}}, "initialValue": [],
+                               "in": {"$concatArrays": ["$$value", per_reason]}}}  # fmt: skip
+        money = [{"s": None, "r": None, "n": 0, "v": {"$ifNull": ["$revenue", 0]},
+                  "v2": {"$ifNull": ["$revenue_sq", 0]}}]  # fmt: skip
         pipeline: list[Doc] = [
             {"$match": match},
-            {"$project": {"rule": 1, "variant": 1, "channel": 1, "hour": 1, "pairs": _PAIRS}},
-            {"$unwind": "$pairs"},
+            {"$project": {"_id": 0, "key": key, "items": {"$concatArrays": [counts, reasons, money]}}},
+            {"$unwind": "$items"},
             {
                 "$group": {
-                    "_id": {**key, "k": "$pairs.k", "s": "$pairs.s", "r": "$pairs.r"},
-                    "n": {"$sum": "$pairs.n"},
+                    "_id": {"key": "$key", "s": "$items.s", "r": "$items.r"},
+                    "n": {"$sum": "$items.n"},
+                    "v": {"$sum": {"$ifNull": ["$items.v", 0]}},
+                    "v2": {"$sum": {"$ifNull": ["$items.v2", 0]}},
                 }
             },
         ]
-        return await (await self.stats.aggregate(pipeline)).to_list()
-
-    async def cells(
-        self, ruleset: str, start: datetime, end: datetime, rule: str | None = None
-    ) -> list[Cell]:
-        """One `Cell` per rule, group (`variant`) and channel with counts in the window."""
-        key = {"rule": "$rule", "variant": "$variant", "channel": "$channel"}
-        tallies: dict[tuple[str, str, str], Tally] = {}
-        for row in await self._sums(self._match(ruleset, start, end, rule), key):
-            ident = row["_id"]
-            found = (str(ident.get("rule", "")), str(ident.get("variant", "")), str(ident.get("channel", "")))
-            _fold(tallies.setdefault(found, Tally()), row)
-        return [Cell(rule_, variant, channel, t) for (rule_, variant, channel), t in tallies.items()]
-
-    async def series(
-        self, ruleset: str, start: datetime, end: datetime, unit: Unit, rule: str | None = None
-    ) -> list[tuple[datetime, Tally]]:
-        """The totals per UTC hour or day that has counts, in time order."""
-        key = {"at": {"$dateTrunc": {"date": "$hour", "unit": unit, "timezone": "UTC"}}}
-        tallies: dict[datetime, Tally] = {}
-        for row in await self._sums(self._match(ruleset, start, end, rule), key):
-            _fold(tallies.setdefault(row["_id"]["at"], Tally()), row)
-        return sorted(tallies.items(), key=lambda item: item[0])
+        rows: dict[tuple[Any, ...], Doc] = {}
+        async for item in await self.store.stats.aggregate(pipeline):
+            k = item["_id"]["key"]
+            at = k.get("at")
+            if at is not None and at.tzinfo is None:
+                at = at.replace(tzinfo=UTC)
+            if by == "day" and at is not None:
+                at = at.replace(hour=0)
+            ident = (at, k["rule"], k["variant"], k["channel"])
+            row = rows.get(ident)
+            if row is None:
+                row = rows[ident] = {"rule": k["rule"], "variant": k["variant"], "channel": k["channel"],
+                                     "counts": {}, "reasons": {}, "revenue": 0.0,
+                                     "revenue_sq": 0.0}  # fmt: skip
+                if by is not None:
+                    row["at"] = at
+            status, reason = item["_id"]["s"], item["_id"]["r"]
+            if status is None:
+                row["revenue"] += float(item["v"])
+                row["revenue_sq"] += float(item["v2"])
+            elif reason is None:
+                row["counts"][status] = row["counts"].get(status, 0) + int(item["n"])
+            else:
+                per = row["reasons"].setdefault(status, {})
+                per[reason] = per.get(reason, 0) + int(item["n"])
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0] or epoch, *k[1:]))]
 
     async def exists(self, ruleset: str) -> bool:
-        """Whether the ruleset has ever been counted (a removed ruleset's counts stay)."""
-        return await self.stats.find_one({"ruleset": ruleset}, {"_id": 1}) is not None
+        """Whether the ruleset was ever counted: a removed ruleset's counts stay readable, a name never
+        counted (nor loaded) is unknown."""
+        return await self.store.stats.find_one({"ruleset": ruleset}, {"_id": 1}) is not None

@@ -114,7 +114,9 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         # Every operation has a deadline: a paused or lost server costs a request a 503, never a hang.
         timeoutMS=settings.mongodb_timeout_seconds * 1000,
     )
-    store = Store(client, settings.database, timedelta(days=settings.event_retention_days))
+    store = Store(
+        client, settings.database, timedelta(days=settings.event_retention_days), count_stats=settings.stats
+    )
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
         # An index build on a large collection takes longer than a request. Only the service sets the
         # events' TTL to its retention: a CLI process leaves it as it is.
@@ -144,7 +146,15 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
             await channel.start()
     lease = timedelta(seconds=settings.lease_seconds)
     count_fate = app[METRICS].count_fate  # each message outcome, as the log line tells it
-    scheduler = Scheduler(app[STORE], dispatcher, lambda: set(rulesets.live), lease=lease, on_fate=count_fate)
+    count_flow = app[METRICS].count_flow  # the funnel's counts, once committed
+    scheduler = Scheduler(
+        app[STORE],
+        dispatcher,
+        lambda: set(rulesets.live),
+        lease=lease,
+        on_fate=count_fate,
+        on_counts=count_flow,
+    )
     quarantined = app[METRICS].events_quarantined
 
     def count_quarantined(stage: str) -> None:
@@ -157,6 +167,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         on_scheduled=scheduler.due_soon,
         on_quarantined=count_quarantined,
         on_fate=count_fate,
+        on_counts=count_flow,
     )
     scheduler.on_timer_event = inbox.wake.set
     fanout = CatalogFanout(

@@ -678,7 +678,7 @@ ROUTES: list[Route] = [
         operation={
             "summary": "A ruleset's funnel, and for a holdout or an A/B test each group's conversion rate "
             "and the uplift between groups, with 95 % intervals",
-            "description": "Counts are hourly: the window [`from`, `to`) takes the hours that start in it "
+            "description": "Counts are hourly: the window [`from`, `to`) takes every hour it overlaps "
             "(default: the 7 days up to the end of the current hour). `funnel` adds up every rule, group "
             "and channel; `rows` has each; `series` each UTC hour or day with counts (with `by`). For a "
             "ruleset with a holdout or variants, `groups` has `treatment` (every contact not held out), "

@@ -81,7 +81,7 @@ async def channel_callback(request: web.Request) -> web.Response:
         return error_response(404, f"channel `{name}` takes no callbacks")
     outcomes = await channel.callback(request)
     store = request.app[STORE]
-    accepted, fates = await store.record_outcomes(name, outcomes)
+    accepted, fates = await store.record_outcomes(name, outcomes, on_counts=request.app[METRICS].count_flow)
     tell(fates, request.app[METRICS].count_fate)
     if accepted:
         request.app[INBOX].wake.set()

@@ -41,7 +41,8 @@ async def post_message_action(request: web.Request) -> web.Response:
     if action == "retry":
         result = await retry_message(store, message_id, now)
     else:
-        result = await cancel_message(store, message_id, now, request.app[METRICS].count_fate)
+        metrics = request.app[METRICS]
+        result = await cancel_message(store, message_id, now, metrics.count_fate, metrics.count_flow)
     if result is None:
         return error_response(404, "no such message")
     if isinstance(result, Refusal):

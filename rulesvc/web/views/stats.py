@@ -13,19 +13,21 @@ from rulesvc.core.statsreport import (
     StatsWindow,
     Unit,
     WindowProblem,
+    buckets_of,
     build,
+    cells_of,
     design_of_source,
     name_problem,
     stats_window,
 )
-from rulesvc.store.stats import StatsReads
+from rulesvc.store.stats import Stats
 from rulesvc.web.keys import RULESETS, STORE
 from rulesvc.web.stats_schemas import StatsQuery
 from rulesvc.web.views.base import QueryRejected, error_response, json_response, query_of
 
 
 async def read_report(
-    reads: StatsReads,
+    reads: Stats,
     ruleset: str,
     rule: str | None,
     window: StatsWindow,
@@ -33,8 +35,10 @@ async def read_report(
     configured: Design | None,
 ) -> StatsReport:
     """The report from the store's sums: what the view and `rulesvc stats` both answer."""
-    cells = await reads.cells(ruleset, window.from_, window.to, rule)
-    buckets = await reads.series(ruleset, window.from_, window.to, by, rule) if by is not None else None
+    cells = cells_of(await reads.totals(ruleset, rule, window.from_, window.to))
+    buckets = None
+    if by is not None:
+        buckets = buckets_of(await reads.totals(ruleset, rule, window.from_, window.to, by))
     return build(ruleset, rule, window, by, cells, buckets, configured)
 
 
@@ -48,7 +52,7 @@ async def get_stats(request: web.Request) -> web.Response:
     if isinstance(window, WindowProblem):
         raise QueryRejected(f"query parameter `{window.field}`: {window.message}", window.field)
     live = request.app[RULESETS].live.get(query.ruleset)
-    reads = StatsReads(request.app[STORE])
+    reads = Stats(request.app[STORE])
     if live is None and not await reads.exists(query.ruleset):
         return error_response(404, f"no ruleset `{query.ruleset}`: none is loaded and none was ever counted")
     configured = design_of_source(live.source) if live is not None else None
