@@ -21,6 +21,8 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 from rulesvc.config import Settings
+from rulesvc.core.funnel import COUNTED, Increment
+from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
 from tests.test_api_contract import check_against_document
 from tests.test_backtest_api import write_rulesets
@@ -147,8 +149,8 @@ async def get(client: Client, **params: str) -> tuple[int, Any]:
     return resp.status, body
 
 
-STATUSES = ["entered", "scheduled", "sent", "suppressed", "held_out", "cancelled", "postponed", "failed",
-            "dead", "uncertain", "delivered", "opened", "clicked", "replied", "bounced", "blocked",
+STATUSES = ["entered", "scheduled", "sent", "suppressed", "held_out", "cancelled", "postponed", "retried",
+            "failed", "dead", "uncertain", "delivered", "opened", "clicked", "replied", "bounced", "blocked",
             "converted"]  # fmt: skip
 
 
@@ -408,3 +410,29 @@ async def test_the_command_reads_the_same_numbers(settings: Settings, promo: tup
     assert done.returncode == 2  # argparse: one or the other
     done = cli(settings, "stats", "promo", "--from", "2026-11-25")
     assert done.returncode == 1 and "--from" in done.stderr
+
+
+async def test_counts_written_by_the_service_read_back(settings: Settings, db: Any, make_client: Any) -> None:
+    """What the counting code writes (two shards, reasons, revenue) is what the read adds up; and every
+    status it may write has its place in the funnel, so none is dropped unseen."""
+    store = Store(db.client, db.name, timedelta(days=30))
+    hour = START + timedelta(minutes=17)
+    values = [12.5, 40.0, 7.25]
+    for n, shard in enumerate(("inbox:one", "scheduler:two")):
+        increments = [Increment(hour, "promo", "remind", "a", "", "entered", n=10),
+                      Increment(hour, "promo", "remind", "a", "log", "suppressed", "no_consent", n=2),
+                      Increment(hour, "promo", "remind", "a", "log", "retried",
+                                "provider_error")]  # fmt: skip
+        increments += [
+            Increment(hour, "promo", "remind", "a", "log", "converted", revenue=v) for v in values[n:]
+        ]
+        await store.add_counts(increments, shard, None)
+    client = await make_client(app_with(settings, {"promo": PROMO}))
+    _, body = await get(client, ruleset="promo", **WINDOW)
+    funnel = body["funnel"]
+    assert (funnel["entered"], funnel["suppressed"], funnel["retried"], funnel["converted"]) == (20, 4, 2, 5)
+    assert funnel["reasons"] == {"suppressed": {"no_consent": 4}, "retried": {"provider_error": 2}}
+    assert funnel["revenue"] == pytest.approx(sum(values) + sum(values[1:]))
+    a = next(g for g in body["groups"] if g["group"] == "a")
+    assert (a["entries"], a["conversions"]) == (20, 5)
+    assert set(COUNTED) <= set(funnel), set(COUNTED) - set(funnel)

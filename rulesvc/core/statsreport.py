@@ -19,7 +19,7 @@ import msgspec
 from rulesvc.core import uplift
 from rulesvc.core.ruleformat import HOLDOUT_GROUP, NAME_PATTERN, RulesetFile, arms
 
-# The statuses a count may have, in funnel order (design §4): what a reader sees, zeros included.
+# The statuses a count may have (core/funnel.py COUNTED), in funnel order: a reader sees each, zeros too.
 STATUSES = (
     "entered",
     "scheduled",
@@ -28,6 +28,7 @@ STATUSES = (
     "held_out",
     "cancelled",
     "postponed",
+    "retried",
     "failed",
     "dead",
     "uncertain",
@@ -107,6 +108,7 @@ class Funnel(msgspec.Struct, kw_only=True):
     held_out: int = 0
     cancelled: int = 0
     postponed: int = 0
+    retried: int = 0  # a provider's temporary error: tried again later (once per retry)
     failed: int = 0
     dead: int = 0
     uncertain: int = 0
