@@ -5,6 +5,7 @@ the sums by plain Python, the intervals by statsmodels and scipy."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from rulesvc.config import Settings
 from rulesvc.core.funnel import COUNTED, Increment
 from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
+from tests.helpers import eventually
 from tests.test_api_contract import check_against_document
 from tests.test_backtest_api import write_rulesets
 
@@ -436,3 +438,78 @@ async def test_counts_written_by_the_service_read_back(settings: Settings, db: A
     a = next(g for g in body["groups"] if g["group"] == "a")
     assert (a["entries"], a["conversions"]) == (20, 5)
     assert set(COUNTED) <= set(funnel), set(COUNTED) - set(funnel)
+
+
+def fraction(salt: str, contact: str, purpose: str) -> float:
+    """The documented group formula (docs/rulesets.md), computed here."""
+    digest = hashlib.sha256(f"{salt}\x00{contact}\x00{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+FLOW = {**PROMO, "holdout": "20%", "rules": [{"name": "remind", "when": {"event": "cart_updated"},
+        "then": [{"send": {"channel": "log", "template": "cart"}}]}]}  # fmt: skip
+CONTACTS = [f"c{n}" for n in range(300)]
+HELD = {c for c in CONTACTS if fraction("flow", c, "holdout") < 0.20}
+BUYERS = {c: float(n % 50 + 1) for n, c in enumerate(CONTACTS) if n % 4 == 0}
+
+
+async def live_flow(settings: Settings, make_client: Any) -> tuple[Client, datetime]:
+    """The service with `flow` (a 20 % holdout, a goal), and a cart from each contact a minute ago."""
+    app = app_with(settings, {"flow": FLOW})
+    (Path(settings.rulesets_dir) / "templates" / "cart.body").write_text("Still thinking about it?")
+    client = await make_client(app)
+    now = datetime.now(UTC).replace(microsecond=0)
+    carts = [{"id": f"cart-{c}", "type": "cart_updated", "contact_id": c, "time": stamp(now, 2),
+              "attributes": {"value": 30}} for c in CONTACTS]  # fmt: skip
+    resp = await client.post("/v1/events", json=carts)
+    assert resp.status == 202, await resp.text()
+    return client, now
+
+
+def stamp(now: datetime, minutes_ago: int) -> str:
+    return (now - timedelta(minutes=minutes_ago)).isoformat().replace("+00:00", "Z")
+
+
+async def test_live_sends_are_counted_per_group(settings: Settings, make_client: Any) -> None:
+    """Events through the running service: the held-out contacts (predicted from their hashes) are
+    counted `held_out` in the holdout group, the others' messages in the treatment's rows."""
+    client, _ = await live_flow(settings, make_client)
+
+    async def decided() -> bool:
+        funnel = (await get(client, ruleset="flow"))[1]["funnel"]
+        return bool(funnel["held_out"] + funnel["sent"] + funnel["suppressed"] == len(CONTACTS))
+
+    await eventually(decided)
+    _, body = await get(client, ruleset="flow")
+    rows = {(r["variant"], r["channel"]): r["funnel"] for r in body["rows"]}
+    assert rows["holdout", "log"]["held_out"] == len(HELD) and rows["holdout", "log"]["sent"] == 0
+    treated = rows["", "log"]
+    assert treated["held_out"] == 0
+    assert treated["sent"] + treated["suppressed"] == treated["scheduled"] == len(CONTACTS) - len(HELD)
+    assert [g["group"] for g in body["groups"]] == ["treatment", "holdout"]
+
+
+@pytest.mark.xfail(strict=True, reason="entries and conversions are not counted yet (f16-count, 00:27 UTC)")
+async def test_live_entries_and_conversions_per_group(settings: Settings, make_client: Any) -> None:
+    """Entries and conversions by group as the test predicts them from the contacts' hashes and the
+    purchases it makes."""
+    client, now = await live_flow(settings, make_client)
+
+    async def entered() -> bool:
+        return bool((await get(client, ruleset="flow"))[1]["funnel"]["entered"] == len(CONTACTS))
+
+    await eventually(entered, 15)
+    purchases = [{"id": f"buy-{c}", "type": "purchased", "contact_id": c, "time": stamp(now, 1),
+                  "attributes": {"value": v}} for c, v in BUYERS.items()]  # fmt: skip
+    assert (await client.post("/v1/events", json=purchases)).status == 202
+
+    async def converted() -> bool:
+        return bool((await get(client, ruleset="flow"))[1]["funnel"]["converted"] == len(BUYERS))
+
+    await eventually(converted)
+    _, body = await get(client, ruleset="flow")
+    groups = {g["group"]: g for g in body["groups"]}
+    for name, members in (("holdout", HELD), ("treatment", set(CONTACTS) - HELD)):
+        bought = [BUYERS[c] for c in members if c in BUYERS]
+        assert (groups[name]["entries"], groups[name]["conversions"]) == (len(members), len(bought)), name
+        assert groups[name]["revenue"] == pytest.approx(sum(bought)), name
