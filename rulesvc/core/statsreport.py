@@ -447,7 +447,7 @@ def report_text(report: StatsReport) -> str:
     out.append("funnel")
     for status in STATUSES:
         n = getattr(f, status)
-        why = f.reasons.get(status, {})
+        why = {r: k for r, k in f.reasons.get(status, {}).items() if r != status}  # held_out: held_out
         said = ", ".join(f"{reason} {k}" for reason, k in sorted(why.items(), key=lambda i: (-i[1], i[0])))
         out.append(f"  {status:<11} {n:>9}" + (f"   ({said})" if said else ""))
     out.append(f"  {'revenue':<11} {_money(f.revenue):>9}")
