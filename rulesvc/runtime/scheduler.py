@@ -359,18 +359,15 @@ class Scheduler:
         counted: list[Increment] = []
         for ids, guard, fields in updates:
             for mid in ids:
+                when = at.pop(mid, None)
                 try:
-                    counted += await self._update_one(
-                        mid, guard, fields, counts, at.pop(mid, None), owner, now
-                    )
+                    counted += await self._update_one(mid, guard, fields, counts, when, owner, now)
                 except Exception as exc:
                     if not refused(exc):
                         raise
                     minimal = {"status": fields["status"], "reason": reasons.PROCESSING_ERROR,
                                "detail": error_reason(exc)}  # fmt: skip
-                    counted += await self._update_one(
-                        mid, guard, minimal, counts, at.pop(mid, None), owner, now
-                    )
+                    counted += await self._update_one(mid, guard, minimal, counts, when, owner, now)
         for mid, when in at.items():  # entries without a message update (a send in flight, looked at later)
             await self.schedule.run_again(mid, owner, when)
         return counted

@@ -24,13 +24,6 @@ class Messages:
         """These messages (those that exist), by id."""
         return {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
 
-    async def update(self, ids: list[str], guard: Doc, fields: Doc) -> None:
-        """Set `fields` on these messages, those still matching `guard` (e.g. their status)."""
-        await self.store.messages.update_many({"_id": {"$in": ids}, **guard}, {"$set": fields})
-
-    async def update_one(self, message_id: str, guard: Doc, fields: Doc) -> None:
-        await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
-
     async def record(
         self, updates: list[tuple[list[str], Doc, Doc]], token: str, session: AsyncClientSession
     ) -> list[Doc]:
