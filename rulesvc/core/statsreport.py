@@ -1,13 +1,14 @@
 """What `GET /v1/stats` and `rulesvc stats` show: the funnel of a ruleset added up from its hourly counts,
 and, for a ruleset with a holdout or A/B arms, each group's conversion rate and the uplift between groups.
 
-Pure: the store adds the shards up (`store.stats.StatsReads`) and hands over one `Tally` per rule,
-group and channel; the statistics are `core.uplift`'s. The view and the command share this, so both
-say the same numbers in the same words.
+Pure: the store adds the shards up (`store.stats.Stats.totals`), one row per rule, group and channel
+(and bucket), read here as `Tally`s; the statistics are `core.uplift`'s. The view and the command share
+this, so both say the same numbers in the same words.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ STATUSES = (
     "converted",
 )
 TREATMENT = "treatment"  # every contact not held out, whatever its arm: what the holdout is compared with
+TREATMENT_BESIDE_ARM = "treatment_all"  # its name when an arm is called `treatment`
 Unit = Literal["hour", "day"]
 
 
@@ -119,14 +121,18 @@ class Funnel(msgspec.Struct, kw_only=True):
     bounced: int = 0
     blocked: int = 0
     converted: int = 0
-    revenue: float = 0.0
+    revenue: float | None = 0.0  # null only beyond what a float holds (values of 1e308 added up)
     reasons: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
 
 
 def funnel_of(tally: Tally) -> Funnel:
     counts = {s: int(tally.counts.get(s, 0)) for s in STATUSES}
     reasons = {s: dict(sorted(by.items())) for s, by in sorted(tally.reasons.items()) if by}
-    return Funnel(**counts, revenue=round(tally.revenue, 6), reasons=reasons)
+    return Funnel(**counts, revenue=_finite(round(tally.revenue, 6)), reasons=reasons)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class StatsWindow(msgspec.Struct):
@@ -174,7 +180,7 @@ class GroupStats(msgspec.Struct, kw_only=True):
     conversions: int
     conversion_rate: float | None  # None without entries
     conversion_rate_ci: Interval | None  # Wilson score, 95 %
-    revenue: float
+    revenue: float | None  # null only beyond what a float holds
     revenue_per_entry: float | None
 
 
@@ -227,6 +233,10 @@ def design_of(configured: Design | None, cells: Iterable[Cell]) -> Design:
     declared = list(configured.arms) if configured is not None else []
     extra = sorted(seen - set(declared) - {HOLDOUT_GROUP})
     return Design(holdout, tuple(declared + extra))
+
+
+def treatment_name(design: Design) -> str:
+    return TREATMENT_BESIDE_ARM if TREATMENT in design.arms else TREATMENT
 
 
 def _group_tally(cells: Iterable[Cell], variants: set[str]) -> Tally:
@@ -284,14 +294,24 @@ def design_of_source(source: RulesetFile) -> Design:
     return Design(source.holdout is not None, tuple(v.name for v in arms(source)))
 
 
-def _group(name: str, tally: Tally) -> uplift.Group:
-    return uplift.Group(
-        name,
-        int(tally.counts.get("entered", 0)),
-        int(tally.counts.get("converted", 0)),
-        tally.revenue,
-        max(0.0, tally.revenue_sq),
-    )
+TOO_LARGE = "revenue too large to compute with"
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A group's totals for `core.uplift`. Revenue beyond a float's range (values near 1e308 added up)
+    is not known: the rates are still compared, revenue is not."""
+
+    group: uplift.Group
+    revenue_known: bool
+
+
+def totals_of(name: str, tally: Tally) -> Totals:
+    known = math.isfinite(tally.revenue) and math.isfinite(tally.revenue_sq)
+    entries, conversions = (max(0, int(tally.counts.get(s, 0))) for s in ("entered", "converted"))
+    if not known:
+        return Totals(uplift.Group(name, entries, conversions), False)
+    return Totals(uplift.Group(name, entries, conversions, tally.revenue, max(0.0, tally.revenue_sq)), True)
 
 
 def _interval(found: uplift.Interval | None) -> Interval | None:
@@ -302,54 +322,59 @@ def _estimate(found: uplift.Estimate) -> Estimate:
     return Estimate(found.value, _interval(found.interval), found.why or None)
 
 
-def group_stats(group: uplift.Group) -> GroupStats:
+def group_stats(totals: Totals) -> GroupStats:
+    group = totals.group
     rated = 0 < group.entries and group.conversions <= group.entries
+    known = totals.revenue_known
     return GroupStats(
         group=group.name,
         entries=group.entries,
         conversions=group.conversions,
         conversion_rate=group.conversions / group.entries if rated else None,
         conversion_rate_ci=_interval(uplift.wilson(group.conversions, group.entries)) if rated else None,
-        revenue=round(group.revenue, 6),
-        revenue_per_entry=group.revenue / group.entries if group.entries else None,
+        revenue=_finite(round(group.revenue, 6)) if known else None,
+        revenue_per_entry=_finite(group.revenue / group.entries) if known and group.entries else None,
     )
 
 
-def comparison(group: uplift.Group, baseline: uplift.Group) -> Comparison:
-    found = uplift.compare(group, baseline)
+def comparison(totals: Totals, baseline: Totals) -> Comparison:
+    found = uplift.compare(totals.group, baseline.group)
+    revenue = _estimate(found.revenue_per_entry_difference)
+    if not (totals.revenue_known and baseline.revenue_known):
+        revenue = Estimate(None, None, TOO_LARGE)
     return Comparison(
-        group=group.name,
-        baseline=baseline.name,
+        group=totals.group.name,
+        baseline=baseline.group.name,
         enough_data=found.enough_data,
         significant=found.significant,
         absolute_uplift=_estimate(found.absolute_uplift),
         relative_uplift=_estimate(found.relative_uplift),
-        revenue_per_entry_difference=_estimate(found.revenue_per_entry_difference),
+        revenue_per_entry_difference=revenue,
         note=found.note or None,
     )
 
 
-def groups_of(design: Design, cells: Sequence[Cell]) -> list[uplift.Group]:
+def groups_of(design: Design, cells: Sequence[Cell]) -> list[Totals]:
     """The groups a test compares, in reading order: `treatment` (every contact not held out: with a
     holdout), each arm as declared, `holdout`."""
     groups = []
     if design.holdout:
         others = {c.variant for c in cells} - {HOLDOUT_GROUP}
-        groups.append(_group(TREATMENT, _group_tally(cells, others)))
-    groups.extend(_group(arm, _group_tally(cells, {arm})) for arm in design.arms)
+        groups.append(totals_of(treatment_name(design), _group_tally(cells, others)))
+    groups.extend(totals_of(arm, _group_tally(cells, {arm})) for arm in design.arms)
     if design.holdout:
-        groups.append(_group(HOLDOUT_GROUP, _group_tally(cells, {HOLDOUT_GROUP})))
+        groups.append(totals_of(HOLDOUT_GROUP, _group_tally(cells, {HOLDOUT_GROUP})))
     return groups
 
 
-def comparisons_of(design: Design, groups: Sequence[uplift.Group]) -> list[Comparison]:
+def comparisons_of(design: Design, groups: Sequence[Totals]) -> list[Comparison]:
     """With a holdout: the treatment, then each arm, against it (what the flow causes); with two arms or
     more: each arm against the first (which arm wins)."""
-    by_name = {g.name: g for g in groups}
+    by_name = {g.group.name: g for g in groups}
     found = []
     if design.holdout:
         holdout = by_name[HOLDOUT_GROUP]
-        found.append(comparison(by_name[TREATMENT], holdout))
+        found.append(comparison(by_name[treatment_name(design)], holdout))
         found.extend(comparison(by_name[arm], holdout) for arm in design.arms)
     if len(design.arms) > 1:
         first = by_name[design.arms[0]]
@@ -433,8 +458,8 @@ def _table(header: list[str], lines: list[list[str]], left: int) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in row) for row in cells]
 
 
-def _money(value: float) -> str:
-    return f"{value:.2f}"
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def report_text(report: StatsReport) -> str:
