@@ -100,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="contacts shown each way (gain, lose) and mismatches, 0-50 (default 5)")  # fmt: skip
     bt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
+    st = commands.add_parser(
+        "stats",
+        help="a ruleset's funnel, and its holdout or A/B uplift with 95 % intervals",
+        description="Print RULESET's counts over a window (entered, scheduled, sent, suppressed by reason, "
+        "held out, delivered... converted, revenue), per rule, group and channel, and for a ruleset with "
+        "a holdout or variants each group's conversion rate and the uplift between groups; the same as "
+        "GET /v1/stats. Counts are hourly: the window takes every hour it overlaps. Uses MONGODB_URI, "
+        "or the embedded data dir's mongod; reads the ruleset's file for its holdout and arms.",
+    )
+    st.add_argument("ruleset", help="the ruleset's name")
+    st_window = st.add_mutually_exclusive_group()
+    st_window.add_argument("--since", metavar="DURATION",
+                           help="how far back from --until, e.g. 7d, 36h (default 7d)")  # fmt: skip
+    st_window.add_argument("--from", dest="start", metavar="TIME", help="RFC 3339 start of the window")
+    st.add_argument("--until", metavar="TIME",
+                    help="RFC 3339 end of the window, exclusive (default: the end of this hour)")  # fmt: skip
+    st.add_argument("--rule", help="only this rule's counts")
+    st.add_argument("--by", choices=["hour", "day"], help="also the funnel per UTC hour or day")
+    st.add_argument("--json", action="store_true", help="print the report as JSON (as the API answers)")
+
     keys = commands.add_parser(
         "keys",
         help="create, list and revoke API keys",
@@ -861,6 +881,79 @@ def backtest_command(args: argparse.Namespace) -> int:
             c.free()
 
 
+def stats_command(args: argparse.Namespace) -> int:
+    """The report of GET /v1/stats, read in this process from the service's database."""
+    from datetime import UTC, timedelta
+    from pathlib import Path
+
+    import msgspec
+
+    from rulesvc.core.durations import parse_duration
+    from rulesvc.core.ruleformat import RulesetFile
+    from rulesvc.core.statsreport import (
+        WindowProblem,
+        design_of_source,
+        name_problem,
+        report_text,
+        stats_window,
+    )
+    from rulesvc.replay.simulate import Until
+    from rulesvc.store.db import Store
+    from rulesvc.store.stats import Stats
+    from rulesvc.web.views.stats import read_report
+
+    settings = load_settings()
+    for value, what in ((args.ruleset, "ruleset"), (args.rule, "rule")):
+        problem = name_problem(value, what) if value is not None else None
+        if problem is not None:
+            print(f"rulesvc: {'RULESET' if what == 'ruleset' else '--rule'} {problem}", file=sys.stderr)
+            return 1
+    times: dict[str, datetime | None] = {}
+    for option, value in (("--from", args.start), ("--until", args.until)):
+        try:
+            times[option] = msgspec.convert(value, Until | None)
+        except msgspec.ValidationError:
+            print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
+            return 1
+    now = datetime.now(UTC)
+    start, end = times["--from"], times["--until"]
+    if args.since is not None:
+        try:
+            length = parse_duration(args.since)
+            end = end or now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+            start = end - length
+        except (ValueError, OverflowError) as exc:
+            problem = str(exc) if isinstance(exc, ValueError) else "reaches back before the year 1"
+            print(f"rulesvc: --since: {problem}", file=sys.stderr)
+            return 1
+    window = stats_window(start, end, args.by, now)
+    if isinstance(window, WindowProblem):
+        option = {"from": "--since" if args.since else "--from", "to": "--until"}.get(window.field, "--by")
+        print(f"rulesvc: {option}: {window.message}", file=sys.stderr)
+        return 1
+    rulesets_dir = Path(settings.rulesets_dir).absolute()
+    try:  # the holdout and arms as the file declares them (the service loads it the same way)
+        source = msgspec.json.decode((rulesets_dir / f"{args.ruleset}.json").read_bytes(), type=RulesetFile)
+    except (OSError, msgspec.MsgspecError):
+        source = None
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        reads = Stats(Store(db.client, db.name, timedelta(days=settings.event_retention_days)))
+        if source is None and not await reads.exists(args.ruleset):
+            print(f"rulesvc: no ruleset {args.ruleset}: no usable file {args.ruleset}.json in "
+                  f"{rulesets_dir} and none was ever counted", file=sys.stderr)  # fmt: skip
+            return 1
+        configured = design_of_source(source) if source is not None else None
+        report = await read_report(reads, args.ruleset, args.rule, window, args.by, configured)
+        if args.json:
+            sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
+        else:
+            sys.stdout.write(report_text(report))
+        return 0
+
+    return _with_database(act, settings)
+
+
 def start_up_warnings(settings: Settings, embedded: bool) -> list[tuple[str, str]]:
     """What an operator should hear before the service runs (event name, sentence): no rulesets (it will
     accept events and send nothing), a new data directory (a fresh, empty database). Said once by the
@@ -973,6 +1066,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return simulate_command(args)
         if args.command == "backtest":
             return backtest_command(args)
+        if args.command == "stats":
+            return stats_command(args)
         if args.command == "schema":
             return schema()
         if args.command == "plugins":

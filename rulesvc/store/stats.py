@@ -116,3 +116,8 @@ class Stats:
                 per[reason] = per.get(reason, 0) + int(item["n"])
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         return [rows[k] for k in sorted(rows, key=lambda k: (k[0] or epoch, *k[1:]))]
+
+    async def exists(self, ruleset: str) -> bool:
+        """Whether the ruleset was ever counted: a removed ruleset's counts stay readable, a name never
+        counted (nor loaded) is unknown."""
+        return await self.store.stats.find_one({"ruleset": ruleset}, {"_id": 1}) is not None

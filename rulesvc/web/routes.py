@@ -26,6 +26,7 @@ from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.core.events import Event, EventsAccepted, EventsRejected
 from rulesvc.core.messages import Message, MessageList
 from rulesvc.core.ruleformat import RulesetFile
+from rulesvc.core.statsreport import StatsReport
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.runtime.rulesets import RULESET_NAME
 from rulesvc.web import openapi
@@ -74,6 +75,7 @@ from rulesvc.web.schemas import (
     RulesetPutQuery,
     RulesetRejected,
 )
+from rulesvc.web.stats_schemas import StatsQuery
 from rulesvc.web.views import (
     backtests,
     channels,
@@ -85,6 +87,7 @@ from rulesvc.web.views import (
     quarantine,
     rulesets,
     simulate,
+    stats,
 )
 from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
@@ -662,6 +665,35 @@ ROUTES: list[Route] = [
                 "200": json_body(ref("BacktestJob"), "the job, cancelled or to be cancelled"),
                 "404": error("no such backtest"),
                 "409": json_body(ref("BacktestEnded"), "the job has ended (done, failed or lost)"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/stats",
+        stats.get_stats,
+        "admin",
+        query=StatsQuery,
+        types=(StatsReport, ErrorBody),
+        operation={
+            "summary": "A ruleset's funnel, and for a holdout or an A/B test each group's conversion rate "
+            "and the uplift between groups, with 95 % intervals",
+            "description": "Counts are hourly: the window [`from`, `to`) takes every hour it overlaps "
+            "(default: the 7 days up to the end of the current hour). `funnel` adds up every rule, group "
+            "and channel; `rows` has each; `series` each UTC hour or day with counts (with `by`). For a "
+            "ruleset with a holdout or variants, `groups` has `treatment` (every contact not held out), "
+            "each arm and `holdout`, with conversions per entry, and `comparisons` the treatment and each "
+            "arm against the holdout, and each arm against the first: absolute uplift (Newcombe), relative "
+            "uplift (Katz log), revenue per entry (Welch), `enough_data` false with a note below the "
+            "minimum sample; `method` says how. A conversion is credited to the last message of the "
+            'ruleset the contact got after entering, else to the entry\'s rule (channel "").',
+            "operationId": "getStats",
+            "responses": {
+                "200": json_body(ref("StatsReport"), "the counts and, for a test, the comparisons"),
+                "404": error(
+                    "no such ruleset: none is loaded under this name and none was ever counted (a "
+                    "removed ruleset with counts answers)"
+                ),
             },
         },
     ),
