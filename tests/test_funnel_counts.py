@@ -147,6 +147,8 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
         m = by_id[mid]
         if m.get("sent_at") is not None:
             expected[m["rule"], "", m.get("sent_channel") or m["channel"], kind.removeprefix("message_")] += 1
+    # Each contact's `go` made it enter the ruleset once (the rule `go` fired with nothing pending).
+    expected["go", "", "", "entered"] += len(contacts)
     assert expected[("go", "", "push", "opened")] == 1 and expected[("later", "", "email", "cancelled")] == 1
     assert expected_reasons == {
         ("push", "suppressed", "no_consent"): 1,

@@ -14,9 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from rulesvc.core.engine import Converted
-
-# A provider was handed it and did not refuse it: the statuses a message may have after a real send.
-SENT_STATUSES = frozenset({"sent", "delivered", "opened", "clicked", "replied"})
+from rulesvc.core.messages import SENT_STATUSES
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ MessageStatus = Literal[
     "replied",
 ]
 
+# A provider was handed it and did not refuse it: the statuses a message may have after a real send.
+SENT_STATUSES = frozenset({"sent", "delivered", "opened", "clicked", "replied"})
+
 
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     message_id: str

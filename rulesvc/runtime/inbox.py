@@ -22,6 +22,7 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
+from rulesvc.core.attribution import attribute
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.engine import (
     Cancellation,
@@ -315,12 +316,33 @@ class Inbox:
         failures = [(doc, exc) for doc, exc in failed.values()]
         told = [f for fates in outcome_fates.values() for f in fates]
         counts = [c for per in outcome_counts.values() for c in per]
+        counts.extend(await self._entries_and_conversions([f for per in found_by.values() for f in per]))
         await self._commit(decided, views, contacts, decisions, now, message_ops, failures, told, counts)
         self.processed += len(decided)
         log.debug("inbox.batch", events=len(decided), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
             self.on_scheduled(min(e.due_at for e in decisions.schedule))
         return len(events)
+
+    async def _entries_and_conversions(self, found: list[Decisions]) -> list[Increment]:
+        """The funnel's first and last steps: each entry, and each conversion credited to the last message
+        of its ruleset the contact was sent (read here, before the commit that counts it)."""
+        entered = (e for f in found for e in f.entered)
+        counts = [Increment(e.at, e.ruleset, e.rule, e.group, "", "entered") for e in entered]
+        converted = [c for f in found for c in f.converted]
+        if not converted:
+            return counts
+        sent = await self.messages.sent_to(
+            sorted({c.contact_id for c in converted}),
+            sorted({c.ruleset for c in converted}),
+            min(c.entered_at for c in converted),
+        )
+        for c in converted:
+            to = attribute(c, sent)
+            counts.append(
+                Increment(c.at, c.ruleset, to.rule, to.group, to.channel, "converted", revenue=c.value)
+            )
+        return counts
 
     async def _commit(
         self,

@@ -8,6 +8,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateMany
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from rulesvc.core.messages import SENT_STATUSES
 from rulesvc.store.db import Doc, Store, older_than
 
 
@@ -23,6 +24,15 @@ class Messages:
     async def by_id(self, ids: list[str]) -> dict[str, Doc]:
         """These messages (those that exist), by id."""
         return {m["_id"]: m async for m in self.store.messages.find({"_id": {"$in": ids}})}
+
+    async def sent_to(self, contact_ids: list[str], rulesets: list[str], since: datetime) -> list[Doc]:
+        """The messages of these rulesets sent to these contacts since `since`: what a conversion may be
+        credited to (core.attribution)."""
+        query = {"contact_id": {"$in": contact_ids}, "ruleset": {"$in": rulesets},
+                 "status": {"$in": sorted(SENT_STATUSES)}, "sent_at": {"$gte": since}}  # fmt: skip
+        fields = {"contact_id": 1, "ruleset": 1, "rule": 1, "channel": 1, "sent_channel": 1, "status": 1,
+                  "sent_at": 1}  # fmt: skip
+        return await self.store.messages.find(query, fields, hint="messages_by_contact").to_list()
 
     async def record(
         self, updates: list[tuple[list[str], Doc, Doc]], token: str, session: AsyncClientSession
