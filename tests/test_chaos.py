@@ -19,8 +19,8 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import PyMongoError
 
-from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.mongod import EmbeddedMongod, pid_alive
+from rulesvc.store.transactions import in_transaction
 from tests.helpers import stopped, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import Receiver, env_for, flow, settle

@@ -15,10 +15,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from rulesvc.core import reasons
 from rulesvc.core.funnel import Increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
-from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.db import PROCESS_SHARD, Doc, OnCounts, Store
 from rulesvc.store.messages import RETRYABLE, Messages
 from rulesvc.store.schedule import Schedule
+from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger("rulesvc.messages")
 

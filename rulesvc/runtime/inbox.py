@@ -40,7 +40,7 @@ from rulesvc.core.sendpolicy import outcome_changes
 from rulesvc.runtime.fanout import interest_updates
 from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.rulesets import Rulesets
-from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.audiences import Audiences
 from rulesvc.store.catalog import Catalog
 from rulesvc.store.contacts import Contacts
@@ -50,6 +50,7 @@ from rulesvc.store.leases import ContactLeases
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.stats import Stats
+from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
 

@@ -30,13 +30,14 @@ from rulesvc.core.funnel import KIND_STATUS, Increment, message_increment
 from rulesvc.core.messages import Fate
 from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.fate import OnFate, tell
-from rulesvc.runtime.waiting import Every, in_transaction, renewing, work_loop
+from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import PENDING, Doc, OnCounts, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.stats import Stats, shard_of
+from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
 

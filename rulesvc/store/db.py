@@ -26,8 +26,8 @@ from rulesvc.core.contacts import Contact, ContactIn
 from rulesvc.core.events import Event, event_time
 from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
-from rulesvc.runtime.waiting import in_transaction
 from rulesvc.store.keys import InboxTokens, Keys
+from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
 
