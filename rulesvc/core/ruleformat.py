@@ -70,6 +70,7 @@ SENTENCES = {
 }
 Scalar = str | int | float | bool
 HOLDOUT_GROUP = "holdout"  # the group of held-out contacts, in counts and reports
+RESERVED_GROUPS = frozenset({HOLDOUT_GROUP, "treatment"})  # `treatment`: every contact not held out
 UNSET: Any = msgspec.UNSET
 
 
@@ -398,8 +399,10 @@ def _variant_errors(
     names: set[str] = set()
     for k, variant in enumerate(send.variants):
         vpath = f"{where}.variants[{k}]"
-        if variant.name == HOLDOUT_GROUP:
-            errors.append((f"{vpath}.name", "`holdout` names the held-out group: choose another name"))
+        if variant.name in RESERVED_GROUPS:
+            errors.append((f"{vpath}.name", f"`{variant.name}` names a group of every test's report "
+                           "(`holdout`: the held-out contacts, `treatment`: all the others): choose another "
+                           "name"))  # fmt: skip
         if variant.name in names:
             errors.append((f"{vpath}.name", f"duplicate variant name `{variant.name}`"))
         names.add(variant.name)

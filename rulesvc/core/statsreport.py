@@ -42,7 +42,6 @@ STATUSES = (
     "converted",
 )
 TREATMENT = "treatment"  # every contact not held out, whatever its arm: what the holdout is compared with
-TREATMENT_BESIDE_ARM = "treatment_all"  # its name when an arm is called `treatment`
 Unit = Literal["hour", "day"]
 
 
@@ -235,10 +234,6 @@ def design_of(configured: Design | None, cells: Iterable[Cell]) -> Design:
     return Design(holdout, tuple(declared + extra))
 
 
-def treatment_name(design: Design) -> str:
-    return TREATMENT_BESIDE_ARM if TREATMENT in design.arms else TREATMENT
-
-
 def _group_tally(cells: Iterable[Cell], variants: set[str]) -> Tally:
     total = Tally()
     for c in cells:
@@ -360,7 +355,7 @@ def groups_of(design: Design, cells: Sequence[Cell]) -> list[Totals]:
     groups = []
     if design.holdout:
         others = {c.variant for c in cells} - {HOLDOUT_GROUP}
-        groups.append(totals_of(treatment_name(design), _group_tally(cells, others)))
+        groups.append(totals_of(TREATMENT, _group_tally(cells, others)))
     groups.extend(totals_of(arm, _group_tally(cells, {arm})) for arm in design.arms)
     if design.holdout:
         groups.append(totals_of(HOLDOUT_GROUP, _group_tally(cells, {HOLDOUT_GROUP})))
@@ -374,7 +369,7 @@ def comparisons_of(design: Design, groups: Sequence[Totals]) -> list[Comparison]
     found = []
     if design.holdout:
         holdout = by_name[HOLDOUT_GROUP]
-        found.append(comparison(by_name[treatment_name(design)], holdout))
+        found.append(comparison(by_name[TREATMENT], holdout))
         found.extend(comparison(by_name[arm], holdout) for arm in design.arms)
     if len(design.arms) > 1:
         first = by_name[design.arms[0]]
