@@ -48,7 +48,12 @@ def test_kill_9_mid_traffic_counts_every_message_once(tmp_path: Path, receiver: 
                 return found
 
             assert len(acked) == expected["on_order", "webhook", "scheduled"]
-            assert counted() == expected
+            found = counted()
+            # An order enters the ruleset when none of the contact's is pending: its first one always, at
+            # most every one; each counted in the commit that marks the order done.
+            entered = found.pop(("on_order", "", "entered"))
+            assert len({e["contact_id"] for e in acked}) <= entered <= len(acked)
+            assert found == expected
             shards = {d["shard"].split(":")[0] for d in db.stats.find({})}
             assert shards == {"inbox", "scheduler"}
             restarts = len({d["shard"] for d in db.stats.find({"shard": {"$regex": "^inbox:"}})})

@@ -8,11 +8,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
-# Checked by the view (a plain sentence rather than a pattern in the 422), documented here.
+# Checked by the view (a plain sentence rather than a pattern in the 422); the document declares the
+# pattern, so that a client (and a schema-driven fuzzer) knows what the view accepts.
+NAME = {"pattern": "^[a-z][a-z0-9_]{0,63}$"}
 RulesetParam = Annotated[
-    str, msgspec.Meta(description="the ruleset (required): lower case letters, digits and _")
+    str,
+    msgspec.Meta(
+        description="the ruleset (required): lower case letters, digits and _", extra_json_schema=NAME
+    ),
 ]
-RuleParam = Annotated[str, msgspec.Meta(description="only this rule's counts")]
+RuleParam = Annotated[str, msgspec.Meta(description="only this rule's counts", extra_json_schema=NAME)]
 FromParam = Annotated[
     datetime,
     msgspec.Meta(tz=True, description="the window's start, RFC 3339 with offset (default: `to` less 7 days)"),
