@@ -100,13 +100,13 @@ def apply_outcome(
         recorded.setdefault(outcome, doc["time"])  # a later event of the batch finds it recorded
         if (counted is not None and first and outcome in OUTCOMES and not never_sent(message)
                 and not attributes.get("synchronous")):  # fmt: skip
-            counted.append(message_increment({**message, "sent_channel": channel}, outcome, doc["time"]))
+            counted.append(message_increment(message, outcome, doc["time"]))  # as stored, never the payload's
         if not never_sent(message) and OUTCOME_RANK.get(outcome, 0) > OUTCOME_RANK.get(message["status"], 0):
             update["$set"]["status"] = outcome
             message["status"] = outcome
         ops.append(UpdateOne({"_id": message["_id"]}, update))
         if told is not None and not attributes.get("synchronous"):  # a refusal at send time was told then
-            told.append(fate_of({**message, "sent_channel": channel}, outcome))
+            told.append(fate_of(message, outcome))  # labels from the stored message: a bounded set
     profile, suppressed = outcome_changes(outcome, channel, doc["time"].timestamp())
     view.profile.update(profile)
     view.profile_set.update(profile)
@@ -327,7 +327,9 @@ class Inbox:
 
     async def _entries_and_conversions(self, found: list[Decisions]) -> list[Increment]:
         """The funnel's first and last steps: each entry, and each conversion credited to the last message
-        of its ruleset the contact was sent (read here, before the commit that counts it)."""
+        of its ruleset the contact was sent (read here, just before the commit that counts it: a message
+        the scheduler marks sent in that very moment is not seen, and the conversion goes to the message
+        before it, or to the entry; the group, which the uplift compares, is the entry's either way)."""
         entered = (e for f in found for e in f.entered)
         counts = [Increment(e.at, e.ruleset, e.rule, e.group, "", "entered") for e in entered]
         converted = [c for f in found for c in f.converted]

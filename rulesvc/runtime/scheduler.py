@@ -315,7 +315,7 @@ class Scheduler:
                 fate(e, "failed", reasons.PROCESSING_ERROR)
         counted = await self._update_messages(list(message_ops.values()), counts, entry_again, owner, now)
         for channel, outcomes in blocked.items():  # once the message says `blocked`, before the entry is done
-            await self.store.record_outcomes(channel, outcomes, now)
+            await self.store.record_outcomes(channel, outcomes, now, self.on_counts)
         errors = await self.contacts.forget_unreachable(unreachable)
         if errors is not None:
             log.warning("scheduler.unreachable_not_removed", errors=errors[:3])
@@ -340,15 +340,21 @@ class Scheduler:
         """The batch's message updates, the entries that run again, and the funnel counts, in one
         transaction. A message is counted only if its guarded update matched it (another run may have
         recorded it already) and, if its entry runs again (postponed, retried), only if the entry was
-        still this batch's: a batch run again after a crash never counts twice. If the database refuses
+        still this batch's (else its message is left to the new owner): a batch run again after a crash
+        never counts twice, and a message's state and its count are written together. If the database refuses
         the batch (a value it cannot store), each message alone, and one whose result cannot be stored
         gets at least its status and the error. Returns the counts written."""
         token = uuid.uuid4().hex  # marks the messages this write matched, to read back and count
 
         async def write(session: AsyncClientSession) -> list[Increment]:
-            matched = await self.messages.record(updates, token, session) if updates else []
             moved = await self.schedule.run_again_many(again, owner, session) if again else set()
-            return await self._count(matched, counts, {mid for mid, _ in again} - moved, now, session)
+            # An entry another process took over meanwhile is its to decide: its message is left as it
+            # is (state and count stay together: the new owner writes and counts both).
+            lost = {mid for mid, _ in again} - moved
+            kept = [([i for i in ids if i not in lost], guard, fields) for ids, guard, fields in updates]
+            kept = [update for update in kept if update[0]]
+            matched = await self.messages.record(kept, token, session) if kept else []
+            return await self._count(matched, counts, now, session)
 
         try:
             return await in_transaction(self.store.client, write)
@@ -387,11 +393,10 @@ class Scheduler:
         token = uuid.uuid4().hex
 
         async def write(session: AsyncClientSession) -> list[Increment]:
+            if again is not None and not await self.schedule.run_again_many([(mid, again)], owner, session):
+                return []  # taken over: the new owner decides, writes and counts it
             matched = await self.messages.record([([mid], guard, fields)], token, session)
-            lost: set[str] = set()
-            if again is not None:
-                lost = {mid} - await self.schedule.run_again_many([(mid, again)], owner, session)
-            return await self._count(matched, counts, lost, now, session)
+            return await self._count(matched, counts, now, session)
 
         return await in_transaction(self.store.client, write)
 
@@ -399,17 +404,11 @@ class Scheduler:
         self,
         matched: list[Doc],
         counts: dict[str, tuple[str, str | None]],
-        lost: set[str],
         now: datetime,
         session: AsyncClientSession,
     ) -> list[Increment]:
-        """The counts of the messages a write matched, but those whose entry another process took over
-        (it decides, and counts, them); written in the write's transaction."""
-        counted = [
-            message_increment(m, counts[m["_id"]][0], now, counts[m["_id"]][1])
-            for m in matched
-            if m["_id"] not in lost
-        ]
+        """The counts of the messages a write matched, written in the write's transaction."""
+        counted = [message_increment(m, counts[m["_id"]][0], now, counts[m["_id"]][1]) for m in matched]
         await self.stats.add(counted, self.shard, session)
         return counted
 
