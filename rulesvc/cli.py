@@ -793,6 +793,22 @@ class _ProgressLine:
 BACKTEST_INDEXES = {"events": "events_by_contact", "messages": "messages_by_contact"}
 
 
+def _window_times(args: argparse.Namespace) -> dict[str, datetime | None] | None:
+    """`--from` and `--until` as times with an offset (None: given but not one; the error is printed)."""
+    import msgspec
+
+    from rulesvc.replay.simulate import Until
+
+    times: dict[str, datetime | None] = {}
+    for option, value in (("--from", args.start), ("--until", args.until)):
+        try:
+            times[option] = msgspec.convert(value, Until | None)
+        except msgspec.ValidationError:
+            print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
+            return None
+    return times
+
+
 def backtest_command(args: argparse.Namespace) -> int:
     """The backtest in this process, on the service's database: nothing is sent or written."""
     from datetime import UTC, timedelta
@@ -802,19 +818,14 @@ def backtest_command(args: argparse.Namespace) -> int:
 
     from rulesvc.core.engine import CompiledRuleset
     from rulesvc.replay.backtest import Options, Progress, Version, report_text, run_backtest
-    from rulesvc.replay.simulate import Until
     from rulesvc.runtime.backtests import WindowProblem, backtest_window, compile_folder, usable_folder
     from rulesvc.store.db import Store
     from rulesvc.web.lifecycle import load_channels, send_policy, templates_of
 
     settings = load_settings()
-    times: dict[str, datetime | None] = {}
-    for option, value in (("--from", args.start), ("--until", args.until)):
-        try:
-            times[option] = msgspec.convert(value, Until | None)
-        except msgspec.ValidationError:
-            print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
-            return 1
+    times = _window_times(args)
+    if times is None:
+        return 1
     if not 0 <= args.examples <= 50:
         print("rulesvc: --examples must be between 0 and 50", file=sys.stderr)
         return 1
@@ -897,7 +908,6 @@ def stats_command(args: argparse.Namespace) -> int:
         report_text,
         stats_window,
     )
-    from rulesvc.replay.simulate import Until
     from rulesvc.store.db import Store
     from rulesvc.store.stats import Stats
     from rulesvc.web.views.stats import read_report
@@ -908,13 +918,9 @@ def stats_command(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"rulesvc: {'RULESET' if what == 'ruleset' else '--rule'} {problem}", file=sys.stderr)
             return 1
-    times: dict[str, datetime | None] = {}
-    for option, value in (("--from", args.start), ("--until", args.until)):
-        try:
-            times[option] = msgspec.convert(value, Until | None)
-        except msgspec.ValidationError:
-            print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
-            return 1
+    times = _window_times(args)
+    if times is None:
+        return 1
     now = datetime.now(UTC)
     start, end = times["--from"], times["--until"]
     if args.since is not None:
