@@ -165,3 +165,22 @@ def test_a_conversion_goes_to_the_last_message_sent_in_the_entry() -> None:
     assert (found.rule, found.channel, found.group, found.message_id) == ("r_m2", "sms", "b", "m2")
     assert attribute(conversion, []).message_id is None
     assert (attribute(conversion, []).rule, attribute(conversion, []).channel) == ("remind", "")
+
+
+def test_only_a_firing_that_starts_something_is_an_entry_and_old_journeys_are_dropped(tmp_path: Path) -> None:
+    emptied = {"name": "emptied", "when": {"event": "cart_emptied"}, "then": [{"cancel": ["*"]}]}
+    plain = {**remind(), "name": "plain", "when": {"event": "wishlist"}}
+    body = {"goal": GOAL, "rules": [remind(variants=ARMS), emptied, plain]}
+    engine = load(write_ruleset(tmp_path, "cart", body).parent).engine()
+    contact = view()
+    contact.state["journeys"] = {"gone": {"at": 0.0, "until": 9e9, "group": "a", "rule": "r"}}
+    contact.state["arms"] = {"gone": "a"}
+    now = T0 + timedelta(days=1)
+    assert not engine.evaluate(engine_event("x1", "cart_emptied", 0), contact, now).entered  # cancels only
+    found = engine.evaluate(engine_event("w1", "wishlist", 1), contact, now)
+    assert [e.rule for e in found.entered] == ["plain"]
+    # A removed ruleset's journey and arm are dropped with the next entry; this one's are kept.
+    assert set(contact.state["journeys"]) == {"cart"} and set(contact.state["arms"]) == {"cart"}
+    # The contact's arm labels every message of the ruleset, those of sends without variants too.
+    [message] = [e.message for e in found.schedule]
+    assert message is not None and message["variant"] == contact.state["arms"]["cart"]

@@ -649,37 +649,54 @@ class Engine:
                 session = contact.state.get("session", {}).get("n", 0)
                 contact.state.setdefault("once", {})[once_key] = {"at": ts(event.time), "session": session}
             decisions.fired.append(Fired(compiled.ruleset, rule.name, event.id))
-            if not outcome and (ruleset.goal is None or event.type not in ruleset.goal.events):
-                self._enter(ruleset, rule.name, event, contact, decisions)
+            entering = (
+                not outcome
+                and (ruleset.goal is None or event.type not in ruleset.goal.events)
+                and not self._inside(ruleset, event, contact)
+            )
+            scheduled = len(decisions.schedule)
             self._run_actions(rule.then, compiled.ruleset, rule.name, f"{event.id}", ctx, now, decisions)
+            if entering and len(decisions.schedule) > scheduled:  # it started something: an entry
+                self._enter(ruleset, rule.name, event, contact, decisions)
         return decisions
 
     # the funnel: entries and conversions
 
     @staticmethod
+    def _inside(ruleset: CompiledRuleset, event: EngineEvent, contact: ContactView) -> bool:
+        """Whether the contact is in the ruleset already: with a goal, within the window of its entry;
+        without, while the ruleset has a send or a wait pending for it."""
+        if ruleset.source.goal is None:
+            return bool(contact.pending.of_ruleset(ruleset.name))
+        journey = contact.state.get("journeys", {}).get(ruleset.name)
+        return journey is not None and journey["at"] <= ts(event.time) < journey["until"]
+
     def _enter(
-        ruleset: CompiledRuleset, rule: str, event: EngineEvent, contact: ContactView, decisions: Decisions
+        self,
+        ruleset: CompiledRuleset,
+        rule: str,
+        event: EngineEvent,
+        contact: ContactView,
+        decisions: Decisions,
     ) -> None:
-        """A rule fired: an entry unless the contact is in the ruleset already (with a goal: within the
-        window of its entry; without: while the ruleset has something pending for it)."""
-        journeys = contact.state.get("journeys", {})
-        journey = journeys.get(ruleset.name)
-        at = ts(event.time)
-        if ruleset.source.goal is not None:
-            if journey is not None and journey["at"] <= at < journey["until"]:
-                return
-        elif contact.pending.of_ruleset(ruleset.name):
-            return
-        group = group_of(ruleset.name, ruleset.source, contact.contact_id, contact.state)
+        """A rule fired and scheduled a send or a wait for a contact not in the ruleset: an entry. The
+        state keeps only what still matters: journeys of loaded rulesets not yet over, their arms."""
+        state, at = contact.state, ts(event.time)
+        group = group_of(ruleset.name, ruleset.source, contact.contact_id, state)
         decisions.entered.append(Entered(ruleset.name, rule, group, event.time, contact.contact_id))
+        loaded = self.index.rulesets
+        if state.get("arms"):
+            state["arms"] = {name: arm for name, arm in state["arms"].items() if name in loaded}
+        journeys = {
+            name: j for name, j in state.get("journeys", {}).items() if name in loaded and j["until"] > at
+        }
         if ruleset.source.goal is not None:
             until = at + parse_duration(ruleset.source.goal.within).total_seconds()
-            contact.state.setdefault("journeys", {})[ruleset.name] = {
-                "at": at,
-                "until": until,
-                "group": group,
-                "rule": rule,
-            }
+            journeys[ruleset.name] = {"at": at, "until": until, "group": group, "rule": rule}
+        if journeys:
+            state["journeys"] = journeys
+        else:
+            state.pop("journeys", None)
 
     def _convert(self, event: EngineEvent, ctx: Context, decisions: Decisions) -> None:
         """A goal event of a contact within its entry's window: a conversion, and the entry is closed."""
@@ -899,8 +916,8 @@ class Engine:
             "fallback": list(send.fallback),
             "guard": send.guard,
         }
-        if arm is not None:
-            entry.message["variant"] = arm.name
+        if group and group != HOLDOUT_GROUP:  # the contact's arm, whether or not this send varies by it
+            entry.message["variant"] = group
         if group == HOLDOUT_GROUP and not send.transactional:  # a receipt is never held back
             entry.message["held_out"] = True
         self._add(ctx.contact, entry, decisions)
