@@ -795,16 +795,22 @@ BACKTEST_INDEXES = {"events": "events_by_contact", "messages": "messages_by_cont
 
 def _window_times(args: argparse.Namespace) -> dict[str, datetime | None] | None:
     """`--from` and `--until` as times with an offset (None: given but not one; the error is printed)."""
+    from datetime import UTC
+
     import msgspec
 
     from rulesvc.replay.simulate import Until
 
-    times: dict[str, datetime | None] = {}
+    times: dict[str, datetime | None] = {}  # in UTC, as the API reads them
     for option, value in (("--from", args.start), ("--until", args.until)):
         try:
-            times[option] = msgspec.convert(value, Until | None)
+            moment = msgspec.convert(value, Until | None)
+            times[option] = None if moment is None else moment.astimezone(UTC)
         except msgspec.ValidationError:
             print(f"rulesvc: {option} {value!r} is not an RFC 3339 time with an offset", file=sys.stderr)
+            return None
+        except OverflowError:
+            print(f"rulesvc: {option} {value!r} is out of range", file=sys.stderr)
             return None
     return times
 

@@ -17,7 +17,7 @@ import pytest
 
 from rulesvc.core.attribution import attribute
 from rulesvc.core.engine import ContactView, Converted, EngineEvent
-from rulesvc.core.ruleformat import InvalidRuleset, parse_ruleset
+from rulesvc.core.ruleformat import InvalidRuleset, channels_used, parse_ruleset
 from rulesvc.plugins import builtin_channels
 from tests.helpers import T0, event, load, run, write_ruleset
 
@@ -64,6 +64,14 @@ def test_the_format_refuses_what_would_make_groups_ambiguous() -> None:
     assert "0.5%" in found["$.holdout"] and "50%" in found["$.holdout"]
     found = errors({"goal": {**GOAL, "within": "0m"}, "rules": [remind()]})
     assert found == {"$.goal.within": "duration must be more than zero"}
+    for share in ("0%", "0.1%", "50.5%"):
+        assert "0.5%" in errors({"holdout": share, "rules": [remind()]})["$.holdout"], share
+    thanks = {**remind(), "when": {"event": "purchased"}}  # the goal's own event: nobody could enter
+    assert "no contact can enter" in errors({"goal": GOAL, "rules": [thanks]})["$.goal.event"]
+    arm = {"name": "b", "weight": 1, "channel": "sms"}  # an arm's channel is one `check` and /readyz look at
+    body = json.dumps({"rules": [remind(variants=[ARMS[0], arm])]}).encode()
+    parsed = parse_ruleset("v.json", body, CHANNELS)
+    assert channels_used(parsed)["sms"] == ["$.rules[0].then[0].send.variants[1]"]
     parse_ruleset("ok.json", json.dumps({"holdout": "0.5%", "salt": "q4", "goal": GOAL,
                                           "rules": [remind(variants=ARMS)]}).encode(), CHANNELS)  # fmt: skip
 

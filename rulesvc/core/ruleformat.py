@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -32,7 +33,7 @@ CHANNEL_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 TEMPLATE_PATTERN = r"^[a-z0-9_][a-z0-9_./-]{0,127}$"
 PATH_PATTERN = r"^(attributes|contact|flags|counters|values|event|session)(\.[A-Za-z0-9_-]+)+$"
 # A share of contacts: 0.5% to 50%, at most two decimals.
-SHARE_PATTERN = r"^(50|[1-4]?[0-9])(\.[0-9]{1,2})?%$"
+SHARE_PATTERN = r"^(50(\.00?)?|[1-4]?[0-9](\.[0-9]{1,2})?)%$"
 SALT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN, description=DURATION_DESCRIPTION)]
@@ -441,7 +442,16 @@ def _ruleset_errors(rs: RulesetFile) -> list[tuple[str, str]]:
             errors.append((f"{where}.variants", f"every send of a ruleset has the same variants (names and "
                            f"weights, in order) as the first one, {first[0]}: a contact has one arm per "
                            "ruleset"))  # fmt: skip
+    if rs.holdout is not None and not Decimal("0.5") <= Decimal(rs.holdout.removesuffix("%")) <= 50:
+        errors.append(("$.holdout", "a holdout is from `0.5%` to `50%`"))
     if rs.goal is not None:
+        goal_events = set(event_list(rs.goal.event))
+        if all(set(event_list(rule.when.event)) <= goal_events for rule in rs.rules):
+            why = (
+                "every rule listens to the goal's event only, so no contact can enter the ruleset and "
+                "none can convert: a goal is what follows an entry"
+            )
+            errors.append(("$.goal.event", why))
         errors.extend(_event_errors(rs.goal.event, "$.goal.event"))
         _check_duration(rs.goal.within, "$.goal.within", errors)
         errors.extend(_duration_errors(rs.goal, "$.goal"))
@@ -610,4 +620,7 @@ def channels_used(rs: RulesetFile) -> dict[str, list[str]]:
     for where, send, _ in send_actions(rs):
         for name in (send.channel, *send.fallback):
             used.setdefault(name, []).append(where)
+        for k, variant in enumerate(send.variants):
+            if variant.channel is not None:
+                used.setdefault(variant.channel, []).append(f"{where}.variants[{k}]")
     return used

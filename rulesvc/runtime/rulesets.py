@@ -182,13 +182,18 @@ def param_warnings(file: str, source: RulesetFile, templates: Templates) -> list
     gives from a path the rule's conditions do not require: such messages fail with template_error."""
     found: list[RulesetError] = []
     for where, send, rule in send_actions(source):
-        for part, names in templates.used_params(send.template).items():
-            for name in names:
-                problem = _param_problem(send.params, name, rule)
-                if problem is not None:
-                    path = f"{where}.params" + (f".{name}" if name in send.params else "")
-                    shown = f"template `{send.template}.{part}` prints `params.{name}`"
-                    found.append(RulesetError(file, path, f"{shown}, {problem}"))
+        # The send as written, and each A/B arm with its own template and its params over the send's.
+        versions = [(where, send.template, send.params)]
+        versions += [(f"{where}.variants[{k}]", v.template or send.template, {**send.params, **v.params})
+                     for k, v in enumerate(send.variants) if v.template or v.params]  # fmt: skip
+        for at, template, params in versions:
+            for part, names in templates.used_params(template).items():
+                for name in names:
+                    problem = _param_problem(params, name, rule)
+                    if problem is not None:
+                        path = f"{at}.params" + (f".{name}" if name in params else "")
+                        shown = f"template `{template}.{part}` prints `params.{name}`"
+                        found.append(RulesetError(file, path, f"{shown}, {problem}"))
     return found
 
 
