@@ -208,6 +208,7 @@ async def test_the_window_and_the_rule_filter(promo: tuple[Client, Seed]) -> Non
     assert body["funnel"] == expected_funnel(seed, "promo", hour=lambda h: start <= h < end)
     status, body = await get(client, ruleset="promo", rule="remind", **WINDOW)
     assert body["rule"] == "remind" and body["funnel"]["entered"] == sum(SIZES.values())
+    assert body["groups"] and body["comparisons"] == []  # one rule's groups are not compared
     status, body = await get(client, ruleset="promo", rule="other", **WINDOW)
     assert status == 200 and body["funnel"]["entered"] == 0 and body["rows"] == []
     # The default window is the 7 days up to the end of this hour: the seeded hours are in the past.

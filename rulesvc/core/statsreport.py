@@ -406,7 +406,9 @@ def build(
         rows=rows,
         series=None if buckets is None else [SeriesPoint(at, funnel_of(t)) for at, t in buckets],
         groups=[group_stats(g) for g in groups],
-        comparisons=comparisons_of(design, groups),
+        # One rule's entries and the conversions credited to it are not two groups' outcomes (a holdout's
+        # conversions go to the entry rule, a messaged contact's to its last message's): whole ruleset only.
+        comparisons=[] if rule is not None else comparisons_of(design, groups),
         method=uplift.METHOD if groups else None,
         minimum_entries=uplift.MIN_ENTRIES,
         minimum_conversions=uplift.MIN_CONVERSIONS,
