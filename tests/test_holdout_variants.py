@@ -19,6 +19,7 @@ from rulesvc.core.attribution import attribute
 from rulesvc.core.engine import ContactView, Converted, EngineEvent
 from rulesvc.core.ruleformat import InvalidRuleset, channels_used, parse_ruleset
 from rulesvc.plugins import builtin_channels
+from rulesvc.runtime.rulesets import Rulesets
 from tests.helpers import T0, event, load, run, write_ruleset
 
 CHANNELS = builtin_channels().names()
@@ -48,7 +49,7 @@ def errors(body: dict[str, Any]) -> dict[str, str]:
     return {e.path: e.message for e in caught.value.errors}
 
 
-def test_the_format_refuses_what_would_make_groups_ambiguous() -> None:
+def test_the_format_refuses_what_would_make_groups_ambiguous(tmp_path: Path) -> None:
     two_sends = {"rules": [remind(variants=ARMS), {**remind(variants=[ARMS[1], ARMS[0]]), "name": "again"}]}
     found = errors(two_sends)
     assert list(found) == ["$.rules[1].then[0].send.variants"]
@@ -66,6 +67,11 @@ def test_the_format_refuses_what_would_make_groups_ambiguous() -> None:
     assert found == {"$.goal.within": "duration must be more than zero"}
     for share in ("0%", "0.1%", "50.5%"):
         assert "0.5%" in errors({"holdout": share, "rules": [remind()]})["$.holdout"], share
+    empty_in = {**GOAL, "conditions": {"attributes.sku": {"in": []}}}
+    folder = write_ruleset(tmp_path, "g", {"goal": empty_in, "rules": [remind()]}).parent
+    rulesets = Rulesets(folder, CHANNELS)
+    rulesets.reload()  # refused by the compiler, at the goal's own path
+    assert [e.path for e in rulesets.errors()] == ["$.goal.conditions.attributes.sku.in"]
     thanks = {**remind(), "when": {"event": "purchased"}}  # the goal's own event: nobody could enter
     assert "no contact can enter" in errors({"goal": GOAL, "rules": [thanks]})["$.goal.event"]
     arm = {"name": "b", "weight": 1, "channel": "sms"}  # an arm's channel is one `check` and /readyz look at

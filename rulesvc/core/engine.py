@@ -232,8 +232,9 @@ class CompiledRuleset:
                 when = When(source.goal.event, source.goal.conditions)
                 try:
                     goal = CompiledRule(name, version, -1, Rule("goal", when, []))
-                except CompileError as exc:
-                    exc.path = "$.goal"
+                except CompileError as exc:  # its paths as the goal's, not as a rule's
+                    path = exc.path.replace("$.rules[-1].when", "$.goal", 1)
+                    exc.path = path.replace("$.when", "$.goal", 1)
                     raise
         except BaseException:
             for c in compiled:
