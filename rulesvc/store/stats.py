@@ -7,6 +7,7 @@ adds no write conflicts under `--workers N`; a read adds the shards up."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -97,10 +98,12 @@ class Stats:
                 at = at.replace(tzinfo=UTC)
             if by == "day" and at is not None:
                 at = at.replace(hour=0)
-            ident = (at, k["rule"], k["variant"], k["channel"])
+            # Written by the service only; read defensively all the same (a key missing reads as "").
+            rule, variant, channel = (str(k.get(name) or "") for name in ("rule", "variant", "channel"))
+            ident = (at, rule, variant, channel)
             row = rows.get(ident)
             if row is None:
-                row = rows[ident] = {"rule": k["rule"], "variant": k["variant"], "channel": k["channel"],
+                row = rows[ident] = {"rule": rule, "variant": variant, "channel": channel,
                                      "counts": {}, "reasons": {}, "revenue": 0.0,
                                      "revenue_sq": 0.0}  # fmt: skip
                 if by is not None:
@@ -110,10 +113,10 @@ class Stats:
                 row["revenue"] += float(item["v"])
                 row["revenue_sq"] += float(item["v2"])
             elif reason is None:
-                row["counts"][status] = row["counts"].get(status, 0) + int(item["n"])
+                row["counts"][status] = row["counts"].get(status, 0) + _whole(item["n"])
             else:
                 per = row["reasons"].setdefault(status, {})
-                per[reason] = per.get(reason, 0) + int(item["n"])
+                per[reason] = per.get(reason, 0) + _whole(item["n"])
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         return [rows[k] for k in sorted(rows, key=lambda k: (k[0] or epoch, *k[1:]))]
 
@@ -121,3 +124,10 @@ class Stats:
         """Whether the ruleset was ever counted: a removed ruleset's counts stay readable, a name never
         counted (nor loaded) is unknown."""
         return await self.store.stats.find_one({"ruleset": ruleset}, {"_id": 1}) is not None
+
+
+def _whole(value: Any) -> int:
+    """A stored count as an int; anything but a finite number counts 0 (never a failed read)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    return 0
