@@ -793,6 +793,15 @@ class _ProgressLine:
 BACKTEST_INDEXES = {"events": "events_by_contact", "messages": "messages_by_contact"}
 
 
+def _print_report(encoded: bytes, text: str, as_json: bool) -> int:
+    """A report as JSON (what the API answers) or as its table."""
+    if as_json:
+        sys.stdout.buffer.write(encoded + b"\n")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _window_times(args: argparse.Namespace) -> dict[str, datetime | None] | None:
     """`--from` and `--until` as times with an offset (None: given but not one; the error is printed)."""
     from datetime import UTC
@@ -886,11 +895,7 @@ def backtest_command(args: argparse.Namespace) -> int:
                 store, baseline, candidate, channels, send_policy(settings), options, progress
             )
             shown.end(latest[0] if latest else None)
-            if args.json:
-                sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
-            else:
-                sys.stdout.write(report_text(report))
-            return 0
+            return _print_report(msgspec.json.encode(report), report_text(report), args.json)
 
         return _with_database(act, settings)
     finally:
@@ -957,11 +962,7 @@ def stats_command(args: argparse.Namespace) -> int:
             return 1
         configured = design_of_source(source) if source is not None else None
         report = await read_report(reads, args.ruleset, args.rule, window, args.by, configured)
-        if args.json:
-            sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
-        else:
-            sys.stdout.write(report_text(report))
-        return 0
+        return _print_report(msgspec.json.encode(report), report_text(report), args.json)
 
     return _with_database(act, settings)
 
