@@ -793,12 +793,14 @@ class _ProgressLine:
 BACKTEST_INDEXES = {"events": "events_by_contact", "messages": "messages_by_contact"}
 
 
-def _print_report(encoded: bytes, text: str, as_json: bool) -> int:
-    """A report as JSON (what the API answers) or as its table."""
+def _print_report(report: Any, table: Callable[[Any], str], as_json: bool) -> int:
+    """A report as JSON (what the API answers) or as its table (made only when asked for)."""
+    import msgspec
+
     if as_json:
-        sys.stdout.buffer.write(encoded + b"\n")
+        sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(table(report))
     return 0
 
 
@@ -828,8 +830,6 @@ def backtest_command(args: argparse.Namespace) -> int:
     """The backtest in this process, on the service's database: nothing is sent or written."""
     from datetime import UTC, timedelta
     from pathlib import Path
-
-    import msgspec
 
     from rulesvc.core.engine import CompiledRuleset
     from rulesvc.replay.backtest import Options, Progress, Version, report_text, run_backtest
@@ -895,7 +895,7 @@ def backtest_command(args: argparse.Namespace) -> int:
                 store, baseline, candidate, channels, send_policy(settings), options, progress
             )
             shown.end(latest[0] if latest else None)
-            return _print_report(msgspec.json.encode(report), report_text(report), args.json)
+            return _print_report(report, report_text, args.json)
 
         return _with_database(act, settings)
     finally:
@@ -962,7 +962,7 @@ def stats_command(args: argparse.Namespace) -> int:
             return 1
         configured = design_of_source(source) if source is not None else None
         report = await read_report(reads, args.ruleset, args.rule, window, args.by, configured)
-        return _print_report(msgspec.json.encode(report), report_text(report), args.json)
+        return _print_report(report, report_text, args.json)
 
     return _with_database(act, settings)
 

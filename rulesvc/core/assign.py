@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from rulesvc.core.funnel import group_label
 from rulesvc.core.ruleformat import HOLDOUT_GROUP, RulesetFile, Variant, arms
 
 
@@ -28,14 +30,41 @@ def share(text: str) -> float:
     return float(Decimal(text.removesuffix("%")) / 100)
 
 
-def salt_of(name: str, source: RulesetFile) -> str:
-    return source.salt or name
+@dataclass(frozen=True)
+class Groups:
+    """A ruleset's holdout and arms, read once when it is compiled: the engine asks for a contact's
+    group at every send and entry, so nothing here is parsed or searched again per event."""
 
+    name: str
+    salt: str
+    holdout: float | None
+    arms: tuple[Variant, ...]
 
-def held_out(name: str, source: RulesetFile, contact_id: str) -> bool:
-    if source.holdout is None:
-        return False
-    return unit(salt_of(name, source), contact_id, "holdout") < share(source.holdout)
+    @classmethod
+    def of(cls, name: str, source: RulesetFile) -> Groups:
+        holdout = share(source.holdout) if source.holdout is not None else None
+        return cls(name, source.salt or name, holdout, tuple(arms(source)))
+
+    def held_out(self, contact_id: str) -> bool:
+        return self.holdout is not None and unit(self.salt, contact_id, "holdout") < self.holdout
+
+    def arm_of(self, contact_id: str, state: dict[str, Any]) -> str | None:
+        """The contact's arm: the one kept in its state if the ruleset still has it, else drawn by weight
+        (and kept, as the state is saved with the decision)."""
+        if not self.arms:
+            return None
+        kept = state.get("arms", {}).get(self.name)
+        if isinstance(kept, str) and any(v.name == kept for v in self.arms):
+            return kept
+        chosen = pick_arm(self.arms, unit(self.salt, contact_id, "variant")).name
+        state.setdefault("arms", {})[self.name] = chosen
+        return chosen
+
+    def group_of(self, contact_id: str, state: dict[str, Any]) -> str:
+        """`holdout`, the arm's name, or "" (a ruleset without variants): what every count is split by."""
+        if self.held_out(contact_id):
+            return HOLDOUT_GROUP
+        return self.arm_of(contact_id, state) or ""
 
 
 def pick_arm(variants: Sequence[Variant], u: float) -> Variant:
@@ -48,30 +77,7 @@ def pick_arm(variants: Sequence[Variant], u: float) -> Variant:
     return variants[-1]  # u * total rounded up to total
 
 
-def arm_of(name: str, source: RulesetFile, contact_id: str, state: dict[str, Any]) -> str | None:
-    """The contact's arm in this ruleset: the one kept in its state if the ruleset still has it, else
-    drawn by weight (and kept, as the state is saved with the decision)."""
-    variants = arms(source)
-    if not variants:
-        return None
-    kept = state.get("arms", {}).get(name)
-    if isinstance(kept, str) and any(v.name == kept for v in variants):
-        return kept
-    chosen = pick_arm(variants, unit(salt_of(name, source), contact_id, "variant")).name
-    state.setdefault("arms", {})[name] = chosen
-    return chosen
-
-
-def group_of(name: str, source: RulesetFile, contact_id: str, state: dict[str, Any]) -> str:
-    """`holdout`, the arm's name, or "" (a ruleset without variants): what every count is split by."""
-    if held_out(name, source, contact_id):
-        return HOLDOUT_GROUP
-    return arm_of(name, source, contact_id, state) or ""
-
-
 def message_group(message: Mapping[str, Any]) -> str | None:
     """A message's group as reports show it: `holdout`, its arm, or None (no test in its ruleset)."""
-    if message.get("held_out"):
-        return HOLDOUT_GROUP
     variant = message.get("variant")
-    return variant if isinstance(variant, str) else None
+    return group_label(variant if isinstance(variant, str) else None, bool(message.get("held_out"))) or None

@@ -33,7 +33,7 @@ import msgspec
 import structlog
 
 from rulesvc.core import reasons
-from rulesvc.core.assign import group_of
+from rulesvc.core.assign import Groups
 from rulesvc.core.durations import parse_duration
 from rulesvc.core.events import MESSAGE_EVENT_TYPES, read_time, time_in_range
 from rulesvc.core.ruleformat import (
@@ -215,6 +215,7 @@ class CompiledRuleset:
     source: RulesetFile
     rules: list[CompiledRule]
     timeout: timedelta | None
+    groups: Groups  # its holdout and arms
     goal: CompiledRule | None = None  # the goal's event and conditions, matched as a rule is
 
     @classmethod
@@ -241,7 +242,7 @@ class CompiledRuleset:
                 c.free()
             raise
         timeout = parse_duration(source.timeout) if source.timeout else None
-        return cls(name, version, source, compiled, timeout, goal)
+        return cls(name, version, source, compiled, timeout, Groups.of(name, source), goal)
 
     def free(self) -> None:
         for rule in self.rules:
@@ -683,7 +684,7 @@ class Engine:
         """A rule fired and scheduled a send or a wait for a contact not in the ruleset: an entry. The
         state keeps only what still matters: journeys of loaded rulesets not yet over, their arms."""
         state, at = contact.state, ts(event.time)
-        group = group_of(ruleset.name, ruleset.source, contact.contact_id, state)
+        group = ruleset.groups.group_of(contact.contact_id, state)
         decisions.entered.append(Entered(ruleset.name, rule, group, event.time, contact.contact_id))
         loaded = self.index.rulesets
         if state.get("arms"):
@@ -887,8 +888,7 @@ class Engine:
         key = f"{ruleset}/{rule}/{index}/{send.channel}/{send.template}"
         if send.per:
             key += f"/{ctx.resolve(send.per)}"
-        source = self.index.rulesets[ruleset].source
-        group = group_of(ruleset, source, ctx.contact.contact_id, ctx.contact.state)
+        group = self.index.rulesets[ruleset].groups.group_of(ctx.contact.contact_id, ctx.contact.state)
         channel, template, after, params = send.channel, send.template, send.after, send.params
         arm = next((v for v in send.variants if v.name == group), None)
         if arm is not None:  # the contact's A/B arm changes what it says

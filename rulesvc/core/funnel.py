@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from rulesvc.core.messages import Fate
+from rulesvc.core.ruleformat import HOLDOUT_GROUP
 
 # Every status a count may have. `postponed` and `retried` count a decision to try again later (quiet
 # hours or a cap; a provider's temporary error): a message postponed, then sent, counts once in each.
@@ -23,8 +24,6 @@ COUNTED: Final = (
 
 # A dispatcher result's kind to the status it counts as (any other kind counts as itself).
 KIND_STATUS: Final = {"retry": "retried"}
-
-HOLDOUT: Final = "holdout"
 
 Key = tuple[str, str, str, str]  # ruleset, rule, variant, channel
 
@@ -55,9 +54,9 @@ def hour_of(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def group_of(variant: str | None, held_out: bool) -> str:
+def group_label(variant: str | None, held_out: bool) -> str:
     """The `variant` dimension: `holdout` for a held-out contact, else its arm, else ""."""
-    return HOLDOUT if held_out else (variant or "")
+    return HOLDOUT_GROUP if held_out else (variant or "")
 
 
 def message_key(message: Mapping[str, Any]) -> Key:
@@ -65,7 +64,7 @@ def message_key(message: Mapping[str, Any]) -> Key:
     return (
         str(message.get("ruleset") or ""),
         str(message.get("rule") or ""),
-        group_of(message.get("variant"), bool(message.get("held_out"))),
+        group_label(message.get("variant"), bool(message.get("held_out"))),
         str(message.get("sent_channel") or message.get("channel") or ""),
     )
 
@@ -76,13 +75,9 @@ def message_increment(
     return Increment(at, *message_key(message), status=status, reason=reason)
 
 
-def fate_increment(
-    fate: Fate, at: datetime, variant: str | None = None, held_out: bool | None = None
-) -> Increment:
-    """A told fate as a count; `variant`/`held_out` override the fate's own (a fate made without them).
-    A dispatcher kind (`retry`) becomes its counted status (`retried`)."""
-    group = group_of(fate.variant if variant is None else variant,
-                     fate.held_out if held_out is None else held_out)  # fmt: skip
+def fate_increment(fate: Fate, at: datetime) -> Increment:
+    """A told fate as a count; a dispatcher kind (`retry`) becomes its counted status (`retried`)."""
+    group = group_label(fate.variant, fate.held_out)
     status = KIND_STATUS.get(fate.status, fate.status)
     return Increment(at, fate.ruleset, fate.rule, group, fate.channel or "", status, fate.reason)
 

@@ -71,7 +71,8 @@ SENTENCES = {
 }
 Scalar = str | int | float | bool
 HOLDOUT_GROUP = "holdout"  # the group of held-out contacts, in counts and reports
-RESERVED_GROUPS = frozenset({HOLDOUT_GROUP, "treatment"})  # `treatment`: every contact not held out
+TREATMENT_GROUP = "treatment"  # every contact not held out, whatever its arm, in reports
+RESERVED_GROUPS = frozenset({HOLDOUT_GROUP, TREATMENT_GROUP})
 UNSET: Any = msgspec.UNSET
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from rulesvc.core import uplift
-from rulesvc.core.ruleformat import HOLDOUT_GROUP, NAME_PATTERN, RulesetFile, arms
+from rulesvc.core.ruleformat import HOLDOUT_GROUP, NAME_PATTERN, TREATMENT_GROUP, RulesetFile, arms
 
 # The statuses a count may have (core/funnel.py COUNTED), in funnel order: a reader sees each, zeros too.
 STATUSES = (
@@ -41,7 +41,6 @@ STATUSES = (
     "blocked",
     "converted",
 )
-TREATMENT = "treatment"  # every contact not held out, whatever its arm: what the holdout is compared with
 Unit = Literal["hour", "day"]
 
 
@@ -355,7 +354,7 @@ def groups_of(design: Design, cells: Sequence[Cell]) -> list[Totals]:
     groups = []
     if design.holdout:
         others = {c.variant for c in cells} - {HOLDOUT_GROUP}
-        groups.append(totals_of(TREATMENT, _group_tally(cells, others)))
+        groups.append(totals_of(TREATMENT_GROUP, _group_tally(cells, others)))
     groups.extend(totals_of(arm, _group_tally(cells, {arm})) for arm in design.arms)
     if design.holdout:
         groups.append(totals_of(HOLDOUT_GROUP, _group_tally(cells, {HOLDOUT_GROUP})))
@@ -369,7 +368,7 @@ def comparisons_of(design: Design, groups: Sequence[Totals]) -> list[Comparison]
     found = []
     if design.holdout:
         holdout = by_name[HOLDOUT_GROUP]
-        found.append(comparison(by_name[TREATMENT], holdout))
+        found.append(comparison(by_name[TREATMENT_GROUP], holdout))
         found.extend(comparison(by_name[arm], holdout) for arm in design.arms)
     if len(design.arms) > 1:
         first = by_name[design.arms[0]]

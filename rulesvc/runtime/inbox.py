@@ -49,7 +49,6 @@ from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.leases import ContactLeases
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
-from rulesvc.store.stats import Stats
 from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
@@ -170,7 +169,6 @@ class Inbox:
         on_counts: OnCounts | None = None,
     ) -> None:
         self.store = store
-        self.stats = Stats(store)
         self.contact_leases = ContactLeases(store)
         self.inbox_events = InboxEvents(store)
         self.contacts = Contacts(store)
@@ -413,7 +411,7 @@ class Inbox:
             if cancels:
                 cancelled.extend(await self._cancel(cancels, now, session))
             counted.extend([*decided_counts, *(fate_increment(f, now) for f in cancelled)])
-            await self.stats.add(counted, self.shard, session)
+            await self.store.add_counts(counted, self.shard, session)
             if message_ops:
                 await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)

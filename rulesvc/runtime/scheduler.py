@@ -36,7 +36,7 @@ from rulesvc.store.db import PENDING, Doc, OnCounts, Store, failure_text, transi
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
-from rulesvc.store.stats import Stats, shard_of
+from rulesvc.store.stats import shard_of
 from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,6 @@ class Scheduler:
         on_counts: OnCounts | None = None,
     ) -> None:
         self.store = store
-        self.stats = Stats(store)
         self.shard = shard_of("scheduler")  # this loop's funnel counters (rulesvc.store.stats)
         self.on_counts = on_counts  # the funnel counts of each batch, once committed
         self.schedule = Schedule(store)
@@ -409,7 +408,7 @@ class Scheduler:
     ) -> list[Increment]:
         """The counts of the messages a write matched, written in the write's transaction."""
         counted = [message_increment(m, counts[m["_id"]][0], now, counts[m["_id"]][1]) for m in matched]
-        await self.stats.add(counted, self.shard, session)
+        await self.store.add_counts(counted, self.shard, session)
         return counted
 
     async def _insert_timer_events(

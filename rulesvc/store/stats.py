@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
-from rulesvc.core.funnel import Increment
 from rulesvc.store.db import PROCESS_SHARD, Doc, Store
 
 __all__ = ["PROCESS_SHARD", "By", "Stats", "shard_of"]
@@ -35,13 +31,6 @@ class Stats:
     @property
     def enabled(self) -> bool:
         return self.store.count_stats
-
-    async def add(
-        self, increments: Iterable[Increment], shard: str, session: AsyncClientSession | None
-    ) -> None:
-        """One upsert per document the increments fall in; give the session of the decision's
-        transaction, so the counts commit (or not) with it."""
-        await self.store.add_counts(increments, shard, session)
 
     async def totals(
         self,
