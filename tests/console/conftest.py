@@ -39,6 +39,7 @@ def console_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consol
             "RULESVC_QUIET_HOURS": "",
             "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1",
             "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
+            "RULESVC_CHANNEL_EMAIL_SECURITY": "none",
             "RULESVC_CHANNEL_EMAIL_FROM": "shop@example.test",
         }
         service = ConsoleService(workdir, env=env)
