@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from rulesvc.core.contacts import WebPushKeys, WebPushSubscription
+from rulesvc.core.masking import mask_credentials
 from rulesvc.core.overview import bucket_start, by_channel, send_health, series
 from rulesvc.core.testsend import message_content, recipient
 
@@ -108,3 +109,17 @@ def test_the_test_message_names_the_channel_in_every_block() -> None:
     content = message_content("sms", NOW)
     assert set(content) == {"subject", "text", "html", "title", "body"}
     assert "2026-11-27 14:37:30 UTC" in content["text"] and "`sms` channel" in content["body"]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("POST https://hook:s3cr3t@hooks.example/in", "POST https://***@hooks.example/in"),
+        ("POST https://hooks.example/in?token=abc123&team=7", "POST https://hooks.example/in?token=***&team=7"),
+        ("GET http://x.example/?a=1&api_key=zz#f", "GET http://x.example/?a=1&api_key=***#f"),
+        ("SMTP mail.example:587 (starttls)", "SMTP mail.example:587 (starttls)"),
+        ("mailto:ops@example.com", "mailto:ops@example.com"),  # no `//`: an address, not a login
+    ],
+)
+def test_credentials_in_urls_are_masked(text: str, shown: str) -> None:
+    assert mask_credentials(text) == shown

@@ -46,6 +46,8 @@ async def send_test(channel: Channel, profile: dict[str, Any], now: datetime, se
             delivery = await channel.send(outbound)
     except TimeoutError:
         delivery = Delivery("retry", f"no answer within {seconds:.3g}s (the send timeout)")
+    except OSError as exc:  # as the dispatcher takes it: a connection failure, worth a retry
+        delivery = Delivery("retry", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # the plugin's failure is the answer to the test, not the service's
         log.warning("channel.test_send_error", channel=channel.name, error=f"{type(exc).__name__}: {exc}")
         delivery = Delivery("failed", f"{type(exc).__name__}: {exc}")

@@ -13,6 +13,7 @@ from pymongo.errors import PyMongoError
 from rulesvc.channels import MESSAGE_CHANNEL, CallbackChannel, deduplicates, kind_of, status_of
 from rulesvc.core.bodies import TOO_DEEP
 from rulesvc.core.events import split_validation_error
+from rulesvc.core.masking import mask_credentials
 from rulesvc.core.overview import DAY, by_channel, send_health
 from rulesvc.core.testsend import recipient
 from rulesvc.plugins import PluginReport, current_parts
@@ -56,6 +57,7 @@ def channel_list(
     lease = timedelta(seconds=app[SETTINGS].lease_seconds)
     for channel in app[CHANNELS].all():
         configured, detail = status_of(channel)
+        detail = mask_credentials(detail)
         info = ChannelInfo(channel.name, configured, detail, deduplicates(channel),
                            isinstance(channel, CallbackChannel), round(send_timeout(channel, lease), 3),
                            kind_of(channel, MESSAGE_CHANNEL))  # fmt: skip
@@ -105,6 +107,7 @@ def plugin_info(
     parts = []
     for part in current_parts(report, app[CHANNELS]):
         configured, detail = status_of(part.thing)
+        detail = mask_credentials(detail)
         last_run = last_error = None
         if part.job and runs is None:
             detail = f"{detail}; {RUNS_UNKNOWN}"
@@ -136,7 +139,7 @@ async def test_channel(app: web.Application, name: str, body: ChannelTestRequest
         return 404, ErrorBody(f"no channel `{name}`; the channels are {', '.join(known)}")
     configured, detail = status_of(channel)
     if not configured:
-        return 409, ErrorBody(f"channel `{name}` is not configured: {detail}")
+        return 409, ErrorBody(f"channel `{name}` is not configured: {mask_credentials(detail)}")
     profile, field, problem = recipient(name, body.to, body.webpush_subscription)
     if problem is None:
         try:
@@ -153,9 +156,9 @@ async def test_channel(app: web.Application, name: str, body: ChannelTestRequest
     delivery = sent.delivery
     if delivery.status == "sent":  # as plain strings: a plugin may hand a str subclass (an email header)
         provider_id = None if delivery.provider_id is None else str(delivery.provider_id)
-        reason = None if delivery.reason is None else str(delivery.reason)
+        reason = None if delivery.reason is None else mask_credentials(str(delivery.reason))
         return 200, ChannelTestResult(name, "sent", sent.message_id, sent.seconds, reason, provider_id)
-    said = str(delivery.reason or "(no reason given)")
+    said = mask_credentials(str(delivery.reason or "(no reason given)"))
     error = f"the `{name}` provider did not take the test message ({delivery.status}): {said}"
     status: Literal["failed", "retry", "blocked"] = "failed"
     if delivery.status in ("retry", "blocked"):

@@ -9,6 +9,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from rulesvc.channels import ChannelRegistry, status_of
+from rulesvc.core.masking import mask_credentials
 from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
 from rulesvc.runtime.rulesets import Rulesets, folder_problem
@@ -122,6 +123,7 @@ def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str,
             configured, detail = False, "no installed plugin provides it"
         else:
             configured, detail = status_of(channel)  # as GET /v1/channels says it
+            detail = mask_credentials(detail)
         if configured:
             continue
         unusable.append(f"{channel_name} ({', '.join(users)})")
