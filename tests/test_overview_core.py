@@ -115,7 +115,10 @@ def test_the_test_message_names_the_channel_in_every_block() -> None:
     ("text", "shown"),
     [
         ("POST https://hook:s3cr3t@hooks.example/in", "POST https://***@hooks.example/in"),
-        ("POST https://hooks.example/in?token=abc123&team=7", "POST https://hooks.example/in?token=***&team=7"),
+        (
+            "POST https://hooks.example/in?token=abc123&team=7",
+            "POST https://hooks.example/in?token=***&team=7",
+        ),
         ("GET http://x.example/?a=1&api_key=zz#f", "GET http://x.example/?a=1&api_key=***#f"),
         ("SMTP mail.example:587 (starttls)", "SMTP mail.example:587 (starttls)"),
         ("mailto:ops@example.com", "mailto:ops@example.com"),  # no `//`: an address, not a login

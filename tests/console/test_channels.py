@@ -79,8 +79,10 @@ def test_channel_states_and_test_sends(
     # Two orders: one confirmation arrives, the other's address is refused by the server (550).
     for contact, address in (("c-ann", "ann@example.com"), ("c-nobody", "nobody@example.com")):
         assert console_service.request("PUT", f"/v1/contacts/{contact}", {"email": address})[0] == 201
-        console_service.post_events({"id": f"order-{contact}", "type": "purchased", "contact_id": contact,
-                                     "attributes": {"order_id": "A-1", "value": 59.9, "currency": "EUR"}})  # fmt: skip
+        order = {"order_id": "A-1", "value": 59.9, "currency": "EUR"}
+        console_service.post_events(
+            {"id": f"order-{contact}", "type": "purchased", "contact_id": contact, "attributes": order}
+        )
 
     def email_counted() -> bool:
         email = next(
