@@ -122,3 +122,16 @@ def test_overview_health_numbers_and_plots(browser: Browser, console_service: Co
     assert due.get_attribute("href").endswith("/console/messages?status=scheduled")
     assert due.text == str(api["due"]["due_now"])  # type: ignore[index]
     browser.shot("overview")
+
+
+def test_a_query_parameter_is_refused_as_the_api_refuses_it(
+    browser: Browser, console_service: ConsoleService
+) -> None:
+    for page, api in (
+        ("/console/?limt=5", "/v1/overview?limt=5"),
+        ("/console/channels?x=1", "/v1/channels?x=1"),
+    ):
+        status, refusal = console_service.request("GET", api)
+        assert status == 422
+        browser.open(page)
+        assert refusal["error"] in browser.text(), page  # e.g. unknown query parameter `limt`: ...

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from rulesvc.web.console.base import ConsoleRoute, console_url, error_page, form_of, render, see_other
 from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult
-from rulesvc.web.schemas import ErrorBody
+from rulesvc.web.schemas import ErrorBody, NoQuery
+from rulesvc.web.views.base import QueryRejected, parse_query
 from rulesvc.web.views.channels import channels_of, test_channel
 
 # What a test needs typed in, per channel: (the field's label, an example). Others need nothing.
@@ -40,6 +41,10 @@ async def channels_page(
 
 
 async def channels_get(request: web.Request) -> web.StreamResponse:
+    try:  # as its API route, it takes no query parameters: a typo is said, not ignored
+        parse_query(request, NoQuery)
+    except QueryRejected as exc:
+        return error_page(request, 422, exc.message)
     return await channels_page(request)
 
 
@@ -51,8 +56,8 @@ def _request_of(name: str, form: dict[str, str]) -> ChannelTestRequest | str:
         if to:
             try:
                 body["webpush_subscription"] = msgspec.json.decode(to)
-            except msgspec.DecodeError as exc:
-                return f"the subscription is not JSON: {exc}"
+            except (msgspec.DecodeError, RecursionError) as exc:
+                return f"the subscription is not JSON: {exc or 'nested too deeply'}"
     elif to:
         body["to"] = to
     try:
@@ -77,7 +82,9 @@ async def channel_test(request: web.Request) -> web.StreamResponse:
     if status == 404:
         return error_page(request, 404, answer.error if isinstance(answer, ErrorBody) else "no such channel")
     message = answer.error if isinstance(answer, ErrorBody | ChannelTestFailed) else str(answer)
-    return await channels_page(request, status, message, name)
+    # The provider's failure (the API's 502) is the answer to the test, and the page that says so worked:
+    # 200 with the provider's words in the error box. A refusal of the input keeps the API's status.
+    return await channels_page(request, 200 if status >= 500 else status, message, name)
 
 
 ROUTES = [

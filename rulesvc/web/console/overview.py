@@ -8,8 +8,10 @@ from datetime import datetime
 
 from aiohttp import web
 
-from rulesvc.web.console.base import ConsoleRoute, render
+from rulesvc.web.console.base import ConsoleRoute, error_page, render
 from rulesvc.web.overview_schemas import Overview
+from rulesvc.web.schemas import NoQuery
+from rulesvc.web.views.base import QueryRejected, parse_query
 from rulesvc.web.views.overview import overview as read_overview
 
 # What became of the messages (a message ends in one of these), in the order a bar shows them; the
@@ -62,6 +64,10 @@ def statuses_of(view: Overview) -> list[str]:
 
 
 async def overview_page(request: web.Request) -> web.StreamResponse:
+    try:  # as its API route, it takes no query parameters: a typo is said, not ignored
+        parse_query(request, NoQuery)
+    except QueryRejected as exc:
+        return error_page(request, 422, exc.message)
     view = await read_overview(request.app)
     return render(
         request,
