@@ -11,7 +11,7 @@ from rulesvc.web.console.base import ConsoleRoute, console_url, error_page, form
 from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult
 from rulesvc.web.schemas import ErrorBody, NoQuery
 from rulesvc.web.views.base import QueryRejected, parse_query
-from rulesvc.web.views.channels import channels_of, test_channel
+from rulesvc.web.views.channels import channel_test_send, channels_of
 
 # What a test needs typed in, per channel: (the field's label, an example). Others need nothing.
 ADDRESS_FIELDS = {
@@ -66,13 +66,13 @@ def _request_of(name: str, form: dict[str, str]) -> ChannelTestRequest | str:
         return str(exc)
 
 
-async def channel_test(request: web.Request) -> web.StreamResponse:
+async def post_test_send(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     form = {k: v for k, v in form_of(request).items() if k != "csrf_token"}
     body = _request_of(name, form)
     if isinstance(body, str):
         return await channels_page(request, 422, body, name)
-    status, answer = await test_channel(request.app, name, body)
+    status, answer = await channel_test_send(request.app, name, body)
     if isinstance(answer, ChannelTestResult):
         said = f" The provider said: {answer.detail}." if answer.detail else ""
         ref = f" The provider's message id: {answer.provider_id}." if answer.provider_id else ""
@@ -89,5 +89,5 @@ async def channel_test(request: web.Request) -> web.StreamResponse:
 
 ROUTES = [
     ConsoleRoute("GET", "/channels", channels_get, title="Channels"),
-    ConsoleRoute("POST", "/channels/{name}/test", channel_test, change=True, title="Test send"),
+    ConsoleRoute("POST", "/channels/{name}/test", post_test_send, change=True, title="Test send"),
 ]

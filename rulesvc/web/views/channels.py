@@ -125,10 +125,10 @@ async def get_channels(request: web.Request) -> web.Response:
     return json_response(await channels_of(request.app))
 
 
-TestAnswer = tuple[int, ChannelTestResult | ChannelTestFailed | ErrorBody]
+TrialAnswer = tuple[int, ChannelTestResult | ChannelTestFailed | ErrorBody]
 
 
-async def test_channel(app: web.Application, name: str, body: ChannelTestRequest) -> TestAnswer:
+async def channel_test_send(app: web.Application, name: str, body: ChannelTestRequest) -> TrialAnswer:
     """A test send through the channel's plugin, with the fixed test message, to the address in `body`:
     no contact, rule, history or counter is touched. (status, body): 200 sent; 404 no such channel; 409
     not configured; 422 an address the channel cannot use; 502 the provider did not take it, with its
@@ -182,7 +182,7 @@ async def post_channel_test(request: web.Request) -> web.Response:
             return error_response(400, f"malformed JSON: {exc}")
         except RecursionError:
             return error_response(400, TOO_DEEP)
-    status, answer = await test_channel(request.app, request.match_info["name"], body)
+    status, answer = await channel_test_send(request.app, request.match_info["name"], body)
     return json_response(answer, status)
 
 
