@@ -223,6 +223,28 @@ class Store:
         await self.stats.create_indexes(
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
+        await self._ensure_overview_indexes()
+
+    async def _ensure_overview_indexes(self) -> None:
+        """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
+        most once per document: `processed_at` when an event is decided (one key per event, sparse: the
+        pending ones have none); a counter document's `hour` when it is created (once per hour and key,
+        not per increment); a message's `sent_at` when it is sent (partial: only sent messages). Without
+        them, events decided per quarter hour, messages per channel across rulesets and a channel's last
+        send would each be a collection scan."""
+        await self.events.create_indexes(
+            [IndexModel([("processed_at", ASCENDING)], name="events_decided", sparse=True)]
+        )
+        await self.stats.create_indexes([IndexModel([("hour", ASCENDING)], name="stats_by_hour")])
+        await self.messages.create_indexes(
+            [
+                IndexModel(
+                    [("sent_channel", ASCENDING), ("sent_at", DESCENDING)],
+                    name="messages_last_sent",
+                    partialFilterExpression={"sent_at": {"$type": "date"}},
+                )
+            ]
+        )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
         """Which of the indexes named by collection (`{"events": "events_by_contact"}`) do not exist,

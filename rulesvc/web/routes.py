@@ -48,6 +48,7 @@ from rulesvc.web.openapi import (
     links,
     ref,
 )
+from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult, Overview
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelList,
@@ -84,6 +85,7 @@ from rulesvc.web.views import (
     inbox,
     messages,
     ops,
+    overview,
     quarantine,
     rulesets,
     simulate,
@@ -471,6 +473,57 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # --- the overview and channel test sends (issue 17: the console's Overview and Channels pages) ---
+    Route(
+        "GET",
+        "/v1/overview",
+        overview.get_overview,
+        "admin",
+        types=(Overview, ErrorBody),
+        operation={
+            "summary": "What an on-call person looks at first: readiness, throughput now and over 24 h, "
+            "backlogs, messages by channel and status, quarantine, dead letters, channels and plugins",
+            "description": "`health` is what `/readyz` says. `now`: events accepted (stored) and decided "
+            "(evaluated by the rules) in the last minute; `series`: the same per UTC quarter hour "
+            "(`bucket_seconds` 900) over the last 24 h, 96 points, the last the current quarter so far, "
+            "rates over the part that has passed. `inbox`: events waiting for the rules and the oldest "
+            "one's wait; `due`: scheduled sends due and not yet sent, and due within the hour. "
+            "`messages`: per channel and status since `messages_since` (24 h ago), from the funnel's "
+            "hourly counters (every hour overlapping the window; empty with RULESVC_STATS off). "
+            "`channels` and `plugins` as `GET /v1/channels` gives them. When MongoDB does not answer, "
+            "the parts read from it are null or empty and `health` says so.",
+            "operationId": "getOverview",
+            "responses": {"200": json_body(ref("Overview"), "the overview")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/channels/{name}/test",
+        channels.post_channel_test,
+        "admin",
+        types=(ChannelTestRequest, ChannelTestResult, ChannelTestFailed, ErrorBody),
+        parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        operation={
+            "summary": "Send the built-in test message through a channel's plugin to an address",
+            "description": "The real plugin sends a fixed test message (subject `rulesvc test message`) "
+            "to `to`: an email address for `email`, an E.164 number for `sms`, a device token for "
+            "`push`; `webpush_subscription` for `webpush`; a webhook goes to its configured URL. "
+            "No contact, rule, message history or counter is read or written.",
+            "operationId": "testChannel",
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": ref("ChannelTestRequest")}},
+            },
+            "responses": {
+                "200": json_body(ref("ChannelTestResult"), "the provider took it"),
+                "404": error("no such channel"),
+                "409": error("the channel is not configured: what is missing"),
+                "422": error("an address the channel cannot use, with its path (`$.to`)"),
+                "502": json_body(ref("ChannelTestFailed"), "the provider did not take it, in its words"),
+            },
+        },
+    ),
+    # --- end of the overview block ---
     Route(
         "GET",
         "/v1/rulesets",

@@ -119,6 +119,12 @@ class ChannelInfo(msgspec.Struct):
     callbacks: bool
     send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
     kind: str = "message channel"
+    # Its sends (GET /v1/overview and the console read them too): the last one, and the last 24 h's from
+    # the funnel's hourly counters (null: the database did not answer, or RULESVC_STATS is off).
+    last_sent_at: datetime | None = None
+    sent_24h: int | None = None
+    failed_24h: int | None = None  # failed (the provider said no) or dead (retries ran out)
+    error_rate_24h: float | None = None  # failed / (sent + failed); null when none ended
 
 
 class JobRun(msgspec.Struct):
