@@ -148,7 +148,8 @@ async def test_state_of_a_contact_after_its_events(make_client: Any, settings: S
     assert rulesets["track"]["group"] == "" and rulesets["track"]["held_out"] is False
     assert rulesets["later"]["listens_to"] == [{"type": "purchase", "count": 0, "last_at": None}]
     expected = held_out("later", contact, 0.5)
-    assert rulesets["later"]["held_out"] is expected
+    assert rulesets["later"]["held_out"] is expected and rulesets["later"]["holdout"] == "50%"
+    assert rulesets["track"]["holdout"] is None
     assert rulesets["later"]["group"] == ("holdout" if expected else "")
     assert "version" not in state and "leases" not in str(state)
 

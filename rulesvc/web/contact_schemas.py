@@ -128,6 +128,7 @@ class RulesetState(msgspec.Struct):
     ruleset: str
     group: str
     held_out: bool
+    holdout: str | None  # the ruleset's holdout share, e.g. `5%`; null: none
     listens_to: list[EventSeen]
     once: list[OnceMark]
     entered_at: datetime | None = None
