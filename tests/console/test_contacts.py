@@ -26,14 +26,18 @@ def api(service: ConsoleService, path: str) -> Any:
     return body
 
 
-def test_find_contact_watch_reminders_and_cancel_one(console_service: ConsoleService, browser: Browser) -> None:
+def test_find_contact_watch_reminders_and_cancel_one(
+    console_service: ConsoleService, browser: Browser
+) -> None:
     contact = next(c for c in (f"shopper-{n}" for n in range(100)) if not in_holdout("cart_abandon", c))
     status, _ = console_service.request("PUT", f"/v1/contacts/{contact}", {
         "email": "Shopper.One@Example.com", "consent": {"email": True, "push": True},
         "push_tokens": ["tok-1"], "attributes": {"first_name": "Sam"}})  # fmt: skip
     assert status == 201
-    console_service.post_events({"id": f"{contact}-cart-1", "type": "cart_updated", "contact_id": contact,
-                                 "attributes": {"value": 49.9, "currency": "EUR", "items": ["mug"]}})  # fmt: skip
+    cart = {"value": 49.9, "currency": "EUR", "items": ["mug"]}
+    console_service.post_events(
+        {"id": f"{contact}-cart-1", "type": "cart_updated", "contact_id": contact, "attributes": cart}
+    )
 
     browser.open("/console/contacts")
     browser.field("Contact id, email or phone").send_keys("shopper.one@EXAMPLE.com")
@@ -80,7 +84,11 @@ def test_suppressed_message_says_why(console_service: ConsoleService, browser: B
     browser.open(f"/console/contacts/{contact}")
     browser.wait_for_text("not sent: the contact has no email consent")
     (message,) = api(console_service, f"/v1/contacts/{contact}/messages")["messages"]
-    assert (message["status"], message["reason"], message["ruleset"]) == ("suppressed", "no_consent", "lifecycle")
+    assert (message["status"], message["reason"], message["ruleset"]) == (
+        "suppressed",
+        "no_consent",
+        "lifecycle",
+    )
     why = browser.driver.find_element(By.ID, "ruleset-lifecycle").text
     assert "1 not sent" in why and "no email consent" in why and "no_consent" in why
     # A ruleset that decided nothing says what the contact never did.

@@ -69,8 +69,10 @@ async def contact(request: web.Request) -> web.StreamResponse:
     inbox_list = await inbox.inbox_of(app, contact_id, InboxQuery(limit=20))
     holdouts = {r.ruleset: r.holdout for r in state.rulesets}
     pending = sorted(
-        {m.message_id: m for m in [*pending_page.messages, *history.messages] if m.status in PENDING}.values(),
-        key=lambda m: (m.due_at or m.created_at),
+        {
+            m.message_id: m for m in [*pending_page.messages, *history.messages] if m.status in PENDING
+        }.values(),
+        key=lambda m: m.due_at or m.created_at,
     )
     timeline = [Entry(e.time, "event", event=e) for e in events.events] + [
         Entry(m.created_at, "message", message=m, why=sentence(m, holdouts.get(m.ruleset)))

@@ -71,8 +71,10 @@ def _page_context(filters: dict[str, str], rows: list[Any], next_url: str | None
         "next_url": next_url,
         "statuses": STATUSES,
         "reasons": sorted(REASONS),
-        "tabs": [(label, "/console/messages?" + urlencode(q), q.get("status") == filters.get("status"))
-                 for label, q in TABS],  # fmt: skip
+        "tabs": [
+            (label, "/console/messages?" + urlencode(q), q.get("status") == filters.get("status"))
+            for label, q in TABS
+        ],
         "windows": [(label, "/console/messages?" + urlencode(q)) for label, q in windows],
         "retryable": RETRYABLE,
     }
@@ -97,7 +99,9 @@ async def message_action(request: web.Request) -> web.StreamResponse:
     if isinstance(result, MessageConflict):
         return error_page(request, 409, f"Nothing changed: {result.error}.")
     done = "sent again now" if action == "retry" else "cancelled: it will never be sent"
-    return await see_other(request, back, f"Message {result.ruleset} / {result.rule} to {result.contact_id} {done}.")
+    return await see_other(
+        request, back, f"Message {result.ruleset} / {result.rule} to {result.contact_id} {done}."
+    )
 
 
 def _quoted(message_id: str) -> str:

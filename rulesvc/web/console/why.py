@@ -86,11 +86,16 @@ def sentence(message: Message, holdout: str | None = None) -> str:
     why = reasons.REASONS.get(message.reason or "", ("", message.detail or ""))[1]
     detail = f" ({message.detail})" if message.detail and message.detail != why else ""
     if status == "dead":
+        said = (message.detail or "").strip().rstrip(":").strip()
+        if said.startswith("gave up"):  # the scheduler's own words, with the provider's last answer
+            return f"not sent: {said}; Retry sends it again"
         return f"not sent: gave up after {message.attempt} attempts: {why}{detail}; Retry sends it again"
     if status == "failed":
         return f"failed: {why}{detail}"
     if status == "uncertain":
-        return "may have arrived: the send was interrupted and is not repeated on its own; Retry sends it again"
+        return (
+            "may have arrived: the send was interrupted and is not repeated on its own; Retry sends it again"
+        )
     if status == "bounced":
         return f"bounced on {used}: the address is marked invalid"
     if status == "blocked":
