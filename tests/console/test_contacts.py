@@ -41,11 +41,10 @@ def test_find_contact_watch_reminders_and_cancel_one(
 
     browser.open("/console/contacts")
     browser.field("Contact id, email or phone").send_keys("shopper.one@EXAMPLE.com")
-    browser.button("Search").click()
-    browser.wait(lambda: contact in browser.text(), "the contact in the results")
+    browser.press("Search")
     assert "1 contact found" in browser.text()
     browser.shot("contact-search")
-    browser.link(contact).click()
+    browser.follow(contact)
     assert browser.path == f"/console/contacts/{contact}"
 
     # The event and the two reminders the cart_abandon rules schedule (push after 20 min, email after 12 h).
@@ -60,10 +59,14 @@ def test_find_contact_watch_reminders_and_cancel_one(
     browser.shot("contact")
 
     push = next(m for m in pending if m["channel"] == "push")
-    browser.button("Cancel", within=rows[0]).click()
-    alert = browser.driver.switch_to.alert  # the confirm() of console.js
-    alert.accept()
-    browser.wait(lambda: "cancelled: it will never be sent" in browser.text(), "the notice after cancelling")
+    cancel = browser.button("Cancel", within=rows[0])
+
+    def confirmed() -> None:
+        cancel.click()
+        browser.driver.switch_to.alert.accept()  # the confirm() of console.js
+
+    browser.loads(confirmed)
+    assert "cancelled: it will never be sent" in browser.text()
     assert browser.path == f"/console/contacts/{contact}"
     judged = api(console_service, "/v1/messages/" + urllib.parse.quote(push["message_id"], safe=""))
     assert judged["status"] == "cancelled" and judged["reason"] == "cancelled_by_operator"
