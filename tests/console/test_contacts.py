@@ -56,7 +56,7 @@ def test_find_contact_watch_reminders_and_cancel_one(
     assert len(rows) == 2
     assert "push" in rows[0].text and "email" in rows[1].text  # soonest first
     assert "in 19 min" in rows[0].text or "in 20 min" in rows[0].text
-    browser.shot("contact")
+    browser.shot("contact-pending")
 
     push = next(m for m in pending if m["channel"] == "push")
     cancel = browser.button("Cancel", within=rows[0])
@@ -74,6 +74,22 @@ def test_find_contact_watch_reminders_and_cancel_one(
     assert len(rows) == 1 and "email" in rows[0].text
     timeline = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='timeline-h']").text
     assert "cancelled by an operator" in timeline
+
+    # A purchase cancels the other reminder (its `cancel_on`) and sends the order confirmation.
+    order = {"order_id": "A-1001", "value": 49.9, "currency": "EUR", "items": [{"sku": "mug", "name": "Mug"}]}
+    console_service.post_events(
+        {"id": f"{contact}-order-1", "type": "purchased", "contact_id": contact, "attributes": order}
+    )
+    browser.wait_for_text("cancelled by purchased at")
+    browser.wait_for_text("sent on email at")
+    email = next(m for m in pending if m["channel"] == "email")
+    judged = api(console_service, "/v1/messages/" + urllib.parse.quote(email["message_id"], safe=""))
+    assert (judged["status"], judged["reason"]) == ("cancelled", "cancelled_by_event")
+    sent = api(console_service, f"/v1/contacts/{contact}/messages?status=sent")["messages"]
+    assert [(m["ruleset"], m["rule"]) for m in sent] == [("confirmations", "order")]
+    assert any("A-1001" in str(mail["Subject"]) for _, _, mail in console_service.mailbox.messages)
+    assert "Nothing waiting to be sent" in browser.text()
+    browser.shot("contact")
 
 
 def test_suppressed_message_says_why(console_service: ConsoleService, browser: Browser) -> None:
