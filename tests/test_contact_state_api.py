@@ -88,7 +88,8 @@ async def test_state_of_a_contact_after_its_events(make_client: Any, settings: S
     contact = "c-state"
     profile = {"email": "c@example.com", "consent": {"email": False}}
     assert (await client.put(f"/v1/contacts/{contact}", json=profile)).status == 201
-    before = datetime.now(UTC)
+    now = datetime.now(UTC)
+    before = now.replace(microsecond=now.microsecond // 1000 * 1000)  # MongoDB keeps milliseconds
     events = [{"id": f"go-{i}", "type": "go", "contact_id": contact, "attributes": {"code": code}}
               for i, code in enumerate("ABC")]  # fmt: skip
     assert (await client.post("/v1/events", json=events)).status == 202
@@ -160,3 +161,17 @@ async def test_state_of_nobody_and_bad_id(client: Any) -> None:
     assert "no such contact" in (await resp.json())["error"]
     resp = await client.get("/v1/contacts/a%20b/state")
     assert resp.status == 400
+
+
+async def test_documented_in_openapi(client: Any) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    search = doc["paths"]["/v1/contacts"]["get"]
+    assert search["operationId"] == "searchContacts"
+    assert {p["name"]: p["required"] for p in search["parameters"]} == {"q": True, "limit": False}
+    state = doc["paths"]["/v1/contacts/{contact_id}/state"]["get"]
+    assert state["operationId"] == "getContactState" and "404" in state["responses"]
+    fields = doc["components"]["schemas"]["ContactState"]["properties"]
+    assert {"channels", "suppressions", "flags", "counters", "values", "rulesets"} <= set(fields)
+    assert not {"version", "leases", "state"} & set(fields)
+    names = {p["name"] for p in doc["paths"]["/v1/messages"]["get"]["parameters"]}
+    assert {"ruleset", "rule", "channel", "status", "reason", "from", "to"} <= names

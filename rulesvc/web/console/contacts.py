@@ -13,7 +13,7 @@ from aiohttp import web
 from rulesvc.core.ids import id_problem
 from rulesvc.core.messages import Message
 from rulesvc.web.console.base import ConsoleRoute, error_page, render
-from rulesvc.web.console.why import PENDING, answers, sentence
+from rulesvc.web.console.why import PENDING, answers, as_json, sentence
 from rulesvc.web.contact_schemas import ContactSearchQuery
 from rulesvc.web.schemas import ContactMessagesQuery, EventRecord, InboxQuery, PagingQuery
 from rulesvc.web.views import contacts, inbox
@@ -94,7 +94,11 @@ async def contact(request: web.Request) -> web.StreamResponse:
         answers=answers(state.rulesets, history.messages),
         why=why,
         more_history=history.next_before is not None,
-        attributes=_pairs((profile.attributes if profile else {}) or {}),
+        attributes=[
+            (k, as_json(v) if isinstance(v, dict | list) else v)
+            for k, v in _pairs((profile.attributes if profile else {}) or {})
+        ],
+        as_json=as_json,
     )
 
 

@@ -20,7 +20,7 @@ from rulesvc.web.console.base import (
     safe_next,
     see_other,
 )
-from rulesvc.web.console.why import sentence
+from rulesvc.web.console.why import as_json, sentence
 from rulesvc.web.schemas import MessageConflict, MessagesQuery, enum_values
 from rulesvc.web.views import messages
 from rulesvc.web.views.base import QueryRejected, parse_query
@@ -86,7 +86,7 @@ async def message_detail(request: web.Request) -> web.StreamResponse:
     if message is None:
         return error_page(request, 404, f"No message `{message_id}`.")
     return render(request, "message.html", nav="messages", m=message, why=sentence(message),
-                  retryable=RETRYABLE)  # fmt: skip
+                  retryable=RETRYABLE, as_json=as_json)  # fmt: skip
 
 
 async def message_action(request: web.Request) -> web.StreamResponse:

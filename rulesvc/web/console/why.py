@@ -4,8 +4,10 @@ Pure: from the API's own bodies (Message, ContactState), no I/O."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from rulesvc.core import reasons
 from rulesvc.core.messages import Message
@@ -13,6 +15,12 @@ from rulesvc.web.contact_schemas import RulesetState
 
 PENDING = frozenset({"scheduled", "sending"})
 SENT = frozenset({"sent", "delivered", "opened", "clicked", "replied"})
+
+
+def as_json(value: Any) -> str:
+    """A value from an event or a message, as indented JSON for a page: anything JSON has no word for (a
+    time, a number type of the database) as its text, never an error."""
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str, sort_keys=True)
 
 
 def hm(moment: datetime | None) -> str:
