@@ -124,3 +124,20 @@ def test_unknown_contact_and_bad_search(console_service: ConsoleService, browser
     assert "query parameter `q`" in browser.text()  # the API's own refusal, on the page
     browser.open("/console/contacts?q=ghost%40example.com")
     assert "No contact matches" in browser.text()
+
+
+def test_a_read_only_session_sees_pending_sends_without_cancel(
+    console_service: ConsoleService, new_browser: Browser
+) -> None:
+    contact = next(c for c in (f"looker-{n}" for n in range(100)) if not in_holdout("cart_abandon", c))
+    cart = {"value": 20, "currency": "EUR", "items": ["pen"]}
+    console_service.post_events(
+        {"id": f"{contact}-cart", "type": "cart_updated", "contact_id": contact, "attributes": cart}
+    )
+    new_browser.login(console_service.new_key("read"))
+    new_browser.open(f"/console/contacts/{contact}")
+    new_browser.wait_for_text("cart_abandon / remind")
+    section = new_browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='pending-h']")
+    assert len(section.find_elements(By.XPATH, ".//tbody/tr")) == 2
+    assert section.find_elements(By.XPATH, ".//button") == []
+    assert "read-only" in new_browser.text()

@@ -129,3 +129,25 @@ def test_filters_refuse_what_the_api_refuses(console_service: ConsoleService, br
     browser.press("Filter")
     assert "query parameter `to` must be an RFC 3339 time" in browser.text()
     assert Select(browser.field("Status")).first_selected_option.text == "dead"  # the form keeps its values
+
+
+def test_paging_through_the_list(console_service: ConsoleService, browser: Browser) -> None:
+    for n in (3, 4):
+        console_service.post_events(
+            {"id": f"ping-{n}", "type": "ping", "contact_id": "pager", "attributes": {"n": n}}
+        )
+    until(lambda: len(api(console_service, "/v1/messages?contact_id=pager")["messages"]) == 2, "two messages")
+    newest_first = [
+        m["message_id"] for m in api(console_service, "/v1/messages?contact_id=pager")["messages"]
+    ]
+    browser.open("/console/messages?contact_id=pager&limit=1")
+    seen = []
+    for _ in range(2):
+        (row,) = browser.driver.find_elements(By.XPATH, "//tbody/tr")
+        seen.append(
+            row.find_element(By.XPATH, ".//a[contains(@href, '/console/messages/')]").get_attribute("href")
+        )
+        if len(seen) < 2:
+            browser.follow("Older messages")
+    assert "Older messages" not in browser.text()
+    assert [urllib.parse.unquote(h.rsplit("/console/messages/", 1)[1]) for h in seen] == newest_first
