@@ -116,6 +116,19 @@ def test_suppressed_message_says_why(console_service: ConsoleService, browser: B
     reach = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='reach-h']").text
     assert "no marketing consent" in reach
 
+    # Two product views in a session without a cart: browse_abandon's in-app offer, in the inbox.
+    for n in (1, 2):
+        view = {"product_id": f"p{n}"}
+        console_service.post_events(
+            {"id": f"{contact}-view-{n}", "type": "product_viewed", "contact_id": contact, "attributes": view}
+        )
+    browser.wait_for_text("browse_abandon/free_shipping")
+    inbox = api(console_service, f"/v1/contacts/{contact}/inbox")["messages"]
+    assert [m["template"] for m in inbox] == ["browse_abandon/free_shipping"]
+    shown = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='inbox-h']").text
+    assert "browse_abandon/free_shipping" in shown and "not shown yet" in shown
+    browser.shot("contact-suppressed")
+
 
 def test_unknown_contact_and_bad_search(console_service: ConsoleService, browser: Browser) -> None:
     browser.open("/console/contacts/nobody-at-all")
