@@ -67,3 +67,9 @@ def test_answers_per_ruleset() -> None:
     )
     assert found["lifecycle"].summary.startswith("no message: the contact did some of what it listens to")
     assert found["cart_abandon"].heard == ["cart_updated (2 times, last 2026-11-27 12:03 UTC)"]
+
+
+def test_a_cut_history_does_not_claim_no_message() -> None:
+    states = [RulesetState("price_drop", "", False, None, [EventSeen("price_changed", 4, T)], [])]
+    (answer,) = answers(states, [msg("sent", sent_at=T)] * 3, complete=False)[1:]
+    assert answer.summary.startswith("no message among the newest 3: the contact did some")

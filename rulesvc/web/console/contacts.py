@@ -91,7 +91,7 @@ async def contact(request: web.Request) -> web.StreamResponse:
         pending=pending,
         timeline=timeline,
         inbox=inbox_list.messages,
-        answers=answers(state.rulesets, history.messages),
+        answers=answers(state.rulesets, history.messages, complete=history.next_before is None),
         why=why,
         more_history=history.next_before is not None,
         attributes=[

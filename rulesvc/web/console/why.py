@@ -127,9 +127,11 @@ class RulesetAnswer:
     summary: str = ""
 
 
-def answers(rulesets: list[RulesetState], messages: list[Message]) -> list[RulesetAnswer]:
+def answers(
+    rulesets: list[RulesetState], messages: list[Message], complete: bool = True
+) -> list[RulesetAnswer]:
     """Per loaded ruleset (and any ruleset only the history names), rulesets that decided something
-    for the contact first."""
+    for the contact first. `complete` false: `messages` are only the newest, so "no message" says so."""
     found: list[RulesetAnswer] = []
     by_ruleset: dict[str, list[Message]] = {}
     for m in messages:
@@ -151,6 +153,10 @@ def answers(rulesets: list[RulesetState], messages: list[Message]) -> list[Rules
             else:
                 answer.never.append(seen.type)
         answer.summary = _summary(state, answer, mine)
+        if not mine and not complete:
+            answer.summary = answer.summary.replace(
+                "no message:", f"no message among the newest {len(messages)}:"
+            )
         found.append(answer)
     found.sort(key=lambda a: (not (a.sent or a.pending or a.not_sent), a.ruleset))
     return found
