@@ -38,6 +38,7 @@ from rulesvc.web.backtest_schemas import (
     BacktestRejected,
     BacktestRequest,
 )
+from rulesvc.web.contact_schemas import ContactSearchQuery, ContactSearchResult, ContactState
 from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
@@ -136,6 +137,7 @@ CONTACT_LINKS: dict[str, tuple[str, dict[str, str]]] = {
     "GetContact": ("getContact", CONTACT_FROM_PATH),
     "GetContactMessages": ("getContactMessages", CONTACT_FROM_PATH),
     "GetContactEvents": ("getContactEvents", CONTACT_FROM_PATH),
+    "GetContactState": ("getContactState", CONTACT_FROM_PATH),
     "PostInboxToken": ("postInboxToken", CONTACT_FROM_PATH),
 }
 FIRST_MESSAGE = {"message_id": "$response.body#/messages/0/message_id"}
@@ -175,6 +177,54 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # --- contact search and state (issue 17: the console's contact page) ---
+    Route(
+        "GET",
+        "/v1/contacts",
+        contacts.get_contacts,
+        "admin",
+        query=ContactSearchQuery,
+        types=(ContactSearchResult, ErrorBody),
+        operation={
+            "summary": "Find contacts by id (exact), email (any letter case) or phone (E.164)",
+            "description": "An exact id match comes first; `matched` says what the term was taken as. "
+            "A term with `@` is also looked up as an email, one like `+4915112345678` as a phone.",
+            "operationId": "searchContacts",
+            "responses": {
+                "200": links(
+                    json_body(ref("ContactSearchResult"), "the contacts found (none: an empty list)"),
+                    GetContact=("getContact", {"contact_id": "$response.body#/contacts/0/contact_id"}),
+                    GetContactState=(
+                        "getContactState",
+                        {"contact_id": "$response.body#/contacts/0/contact_id"},
+                    ),
+                ),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/state",
+        contacts.get_contact_state,
+        "admin",
+        types=(ContactState, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "What the service keeps about a contact: flags, counters, remembered values, "
+            "suppressions, each channel's verdict for a marketing message now, the contact in each ruleset",
+            "description": "`channels`: per channel the consent, suppression, reachability and today's "
+            "count against the frequency cap, and `blocked_by` (a reason code) with `why` when a "
+            "marketing message would not go out now. `rulesets`: per loaded ruleset the contact's group "
+            "(holdout or A/B arm), an open entry, the `once` marks of its rules, and the event types its "
+            "rules listen to with how often the contact did each (within the event retention).",
+            "operationId": "getContactState",
+            "responses": {
+                "200": json_body(ref("ContactState"), "the state, judged at `at`"),
+                "404": error("no such contact: no stored contact and no event of it"),
+            },
+        },
+    ),
+    # --- end contact search and state ---
     Route(
         "PUT",
         "/v1/contacts/{contact_id}",
@@ -327,8 +377,11 @@ ROUTES: list[Route] = [
         query=MessagesQuery,
         types=(MessageList, ErrorBody),
         operation={
-            "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
-            "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words.",
+            "summary": "Messages across contacts, newest first, filtered (e.g. status=dead)",
+            "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words. "
+            "`from` and `to` bound when a message was decided (`created_at`); `rule` needs `ruleset`. "
+            "Fast filters (an index each): `status`, `contact_id`, `ruleset`; `channel` and `reason` "
+            "narrow what those (or the time order) give.",
             "operationId": "getMessages",
             "responses": {
                 "200": links(json_body(ref("MessageList"), "messages"), **MESSAGE_LINKS),

@@ -264,10 +264,21 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ) = None
     contact_id: Annotated[str, msgspec.Meta(description="only this contact's messages")] | None = None
     ruleset: Annotated[str, msgspec.Meta(description="only messages of this ruleset")] | None = None
+    rule: (
+        Annotated[str, msgspec.Meta(description="with `ruleset`: only messages of this rule of it")] | None
+    ) = None
     reason: (
         Annotated[
             ReasonCode, msgspec.Meta(description="only messages with this reason code, e.g. no_consent")
         ]
+        | None
+    ) = None
+    from_: (
+        Annotated[datetime, msgspec.Meta(tz=True, description="only messages decided at or after this time")]
+        | None
+    ) = msgspec.field(default=None, name="from")
+    to: (
+        Annotated[datetime, msgspec.Meta(tz=True, description="only messages decided before this time")]
         | None
     ) = None
 
