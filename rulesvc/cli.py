@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = key_commands.add_parser(
         "create", help="create a key; it is printed once, alone on the last line"
     )
-    create.add_argument("--scope", choices=["ingest", "admin"], required=True,
-                        help="ingest: post events and use the in-app inbox; admin: everything")  # fmt: skip
+    create.add_argument("--scope", choices=["ingest", "read", "admin"], required=True,
+                        help="ingest: post events and use the in-app inbox; read: look at everything "
+                        "(admin GETs, the console read-only), change nothing; admin: everything")  # fmt: skip
     create.add_argument("--name", default="", help="what the key is for")
     key_commands.add_parser("list", help="list keys (never their secrets)")
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")

@@ -55,6 +55,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: LogFormat = "auto"
     log_level: str = "info"
     stats: bool = True
+    console: bool = True
+    console_session_hours: float = 12.0
+    console_secure_cookies: bool = False
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -200,6 +203,18 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "count every decision and outcome per hour, ruleset, rule, variant and channel in `stats` (the "
         "funnel), in the transaction of the decision; false = nothing written there",
     ),
+    SettingDoc("console", "RULESVC_CONSOLE", "serve the web console under /console/; false = not at all"),
+    SettingDoc(
+        "console_session_hours",
+        "RULESVC_CONSOLE_SESSION_HOURS",
+        "how long a console login lasts; logging out or revoking its API key ends it sooner",
+    ),
+    SettingDoc(
+        "console_secure_cookies",
+        "RULESVC_CONSOLE_SECURE_COOKIES",
+        "mark the console's cookies Secure even when the service itself sees plain HTTP (behind a proxy "
+        "that terminates TLS); over TLS they always are",
+    ),
 )
 
 CONFIG_FILE_ENV = "RULESVC_CONFIG"
@@ -293,5 +308,9 @@ def check(settings: Settings) -> None:
         )
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if not 0 < settings.console_session_hours <= 24 * 30:
+        raise ConfigError(
+            f"console_session_hours must be in (0, 720], got {settings.console_session_hours}"
+        )
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")

@@ -1,8 +1,9 @@
-"""API keys: `Authorization: Bearer rsk_<id>_<secret>`, stored as a SHA-256 of the secret, two scopes.
+"""API keys: `Authorization: Bearer rsk_<id>_<secret>`, stored as a SHA-256 of the secret, three scopes.
 
-`ingest` may post events and mint in-app inbox tokens (what a shop's backend needs); `admin` may do
-everything. Health and metrics stay open on loopback (and everywhere with RULESVC_OPEN_OPS); provider
-callbacks are authenticated by the provider's own signature instead.
+`ingest` may post events and mint in-app inbox tokens (what a shop's backend needs); `read` may look at
+everything an admin may look at (every admin `GET`, and the console read-only) but change nothing;
+`admin` may do everything. Health and metrics stay open on loopback (and everywhere with
+RULESVC_OPEN_OPS); provider callbacks are authenticated by the provider's own signature instead.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pymongo.errors import DuplicateKeyError
 
 from rulesvc.core.durations import parse_duration
 
-Scope = Literal["ingest", "admin"]
-SCOPES: tuple[Scope, ...] = ("ingest", "admin")
+Scope = Literal["ingest", "read", "admin"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read", "admin")
 KEY_FORMAT = re.compile(r"^rsk_([0-9a-f]{12})_([A-Za-z0-9_-]{32,64})$")
 CACHE_SECONDS = 5.0  # a revoked key stops working within this long in every process
 # Key ids looked up, valid or not, remembered at most this many at a time: random keys presented by a
@@ -86,6 +87,16 @@ class Keys:
         if match is None:
             return None
         key_id, secret = match.groups()
+        doc = await self._active(key_id)
+        if doc is None or not hmac.compare_digest(doc["hash"], _digest(secret)):
+            return None
+        return ApiKey(key_id, doc["scope"], doc.get("name", ""))
+
+    async def still_active(self, key_id: str) -> bool:
+        """For what a key opened (a console session): it ends when the key is revoked."""
+        return await self._active(key_id) is not None
+
+    async def _active(self, key_id: str) -> dict[str, Any] | None:
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > CACHE_SECONDS:
@@ -96,11 +107,7 @@ class Keys:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key_id)
         doc = cached[1]
-        if doc is None or doc.get("revoked_at") is not None:
-            return None
-        if not hmac.compare_digest(doc["hash"], _digest(secret)):
-            return None
-        return ApiKey(key_id, doc["scope"], doc.get("name", ""))
+        return None if doc is None or doc.get("revoked_at") is not None else doc
 
 
 INBOX_TOKEN_PREFIX = "rsi"

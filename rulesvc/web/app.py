@@ -8,6 +8,7 @@ from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport, log_settings_problems
+from rulesvc.web.console import setup_console
 from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
 from rulesvc.web.lifecycle import (
     backtests_ctx,
@@ -45,5 +46,7 @@ def create_app(
     app.cleanup_ctx.append(simulator_ctx)
     app.cleanup_ctx.append(backtests_ctx)
     setup_routes(app)
+    if settings.console:
+        setup_console(app)
     app[OPENAPI] = openapi_document()
     return app

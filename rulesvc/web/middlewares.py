@@ -16,6 +16,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError, WriteConcernError
 
 from rulesvc.core.bodies import decoding_problem
 from rulesvc.store.keys import INBOX_TOKEN_PREFIX
+from rulesvc.web.console.paths import CONSOLE_PREFIX
 from rulesvc.web.keys import API_KEY, INBOX_TOKENS, KEYS, LIMITER, METRICS, SETTINGS
 from rulesvc.web.routes import access, allowed_methods
 from rulesvc.web.views.base import error_response
@@ -69,8 +70,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     key, 403 for the wrong scope."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else None
-    if route is None:
-        return await handler(request)
+    if route is None or route.startswith(CONSOLE_PREFIX):
+        return await handler(request)  # the console checks its own sessions (rulesvc.web.console.base)
     allowed = access(request.method, route)
     if allowed in ("public", "signed-by-provider"):
         return await handler(request)
@@ -105,8 +106,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             f"an `{key.scope}` key opens an inbox only with that contact's inbox token: mint one with "
             "POST /v1/contacts/{contact_id}/inbox-token and send it as `Authorization: Bearer <token>`",
         )
-    if key.scope != "admin" and allowed != "ingest":
+    looking = key.scope == "read" and allowed == "admin" and request.method in ("GET", "HEAD")
+    if key.scope != "admin" and allowed != "ingest" and not looking:
         return error_response(403, f"an `{key.scope}` key may not {request.method} {route}; use an admin key")
+    if key.scope == "read" and allowed == "ingest":
+        return error_response(403, f"a `read` key may not {request.method} {route}; use an ingest key")
     request[API_KEY] = key
     wait = request.app[LIMITER].check(key.key_id)
     if wait is not None:

@@ -1,0 +1,165 @@
+"""Logging in and out of the console in a real Chromium, the cookie's flags, CSRF, and the read scope."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import urllib.parse
+
+from tests.browser import Browser
+from tests.console.conftest import ConsoleService
+
+
+def _raw(
+    service: ConsoleService, method: str, path: str, body: str = "", headers: dict[str, str] | None = None
+):
+    """A request as a script or another site would send it: no browser, no redirects followed."""
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    try:
+        sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        conn.request(method, path, body=body.encode(), headers=sent)
+        response = conn.getresponse()
+        headers = dict(response.getheaders())
+        cookies = [
+            c.split(";")[0]
+            for c in response.msg.get_all("Set-Cookie") or []
+            if "=;" not in c.split(";")[0] + ";"
+        ]
+        headers["Set-Cookie"] = "; ".join(c for c in cookies if not c.endswith('=""'))
+        return response.status, headers, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_nothing_without_login(console_service: ConsoleService) -> None:
+    for path in ("/console/", "/console/contacts", "/console/static/console.css", "/console/no-such-page"):
+        status, headers, _ = _raw(console_service, "GET", path)
+        assert status == 303, path
+        assert headers["Location"].startswith("/console/login?next="), path
+    status, _, page = _raw(console_service, "POST", "/console/logout", "csrf_token=x")
+    assert status == 401 and "session has ended" in page
+    # An API key in the Authorization header is the API's, not a console login.
+    status, headers, _ = _raw(
+        console_service, "GET", "/console/", headers={"Authorization": f"Bearer {console_service.key}"}
+    )
+    assert status == 303
+
+
+def test_login_cookie_flags_and_logout(console_service: ConsoleService, new_browser: Browser) -> None:
+    assert console_service.key is not None
+    new_browser.open("/console/contacts")
+    assert new_browser.path.startswith("/console/login")
+    new_browser.field("API key").send_keys("rsk_000000000000_" + "x" * 40)
+    new_browser.button("Log in").click()
+    assert "not a valid API key" in new_browser.text()
+    new_browser.field("API key").send_keys(console_service.key)
+    new_browser.button("Log in").click()
+    new_browser.wait(lambda: new_browser.path == "/console/contacts", "the page asked for before login")
+    cookie = new_browser.cookies()["rulesvc_console"]
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["path"] == "/console/"
+    assert cookie["secure"] is False  # plain HTTP here; see test_secure_cookie_behind_tls_proxy
+    assert 11 * 3600 < float(cookie["expiry"]) - __import__("time").time() <= 12 * 3600 + 5  # type: ignore[arg-type]
+    assert console_service.key not in new_browser.driver.page_source
+    token = str(cookie["value"])
+    new_browser.shot("login-done")
+    new_browser.button("Log out").click()
+    new_browser.wait(lambda: "You are logged out" in new_browser.text(), "the logged-out notice")
+    new_browser.shot("login")
+    new_browser.open("/console/")
+    assert new_browser.path.startswith("/console/login")
+    # The old cookie, replayed by someone who copied it, opens nothing: the session is gone on the server.
+    status, headers, _ = _raw(
+        console_service, "GET", "/console/", headers={"Cookie": f"rulesvc_console={token}"}
+    )
+    assert status == 303 and headers["Location"].startswith("/console/login")
+
+
+def _session(service: ConsoleService, key: str) -> tuple[str, str]:
+    """Log in as a script would: the login form's token and cookie, then the session cookie and the page's
+    CSRF token."""
+    status, headers, page = _raw(service, "GET", "/console/login")
+    form_token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    login_cookie = headers["Set-Cookie"].split(";")[0]
+    body = urllib.parse.urlencode({"csrf_token": form_token, "api_key": key, "next": "/console/"})
+    status, headers, _ = _raw(service, "POST", "/console/login", body, {"Cookie": login_cookie})
+    assert status == 303, status
+    cookie = headers["Set-Cookie"].split(";")[0]
+    status, _, page = _raw(service, "GET", "/console/", headers={"Cookie": cookie})
+    assert status == 200
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    return cookie, csrf
+
+
+def test_csrf(console_service: ConsoleService) -> None:
+    assert console_service.key is not None
+    cookie, csrf = _session(console_service, console_service.key)
+    other_cookie, other_csrf = _session(console_service, console_service.key)
+    # No token, another session's token, the right token from another site: refused, still logged in.
+    for body, headers in (
+        ("", {"Cookie": cookie}),
+        (f"csrf_token={other_csrf}", {"Cookie": cookie}),
+        (f"csrf_token={csrf}", {"Cookie": cookie, "Origin": "https://evil.example"}),
+        (f"csrf_token={csrf}", {"Cookie": cookie, "Referer": "https://evil.example/page"}),
+    ):
+        status, _, page = _raw(console_service, "POST", "/console/logout", body, headers)
+        assert status == 403 and "came from another site" in page, (body, headers)
+        assert _raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 200
+    # The login form has its own token (double submit): a forged login is refused.
+    status, _, page = _raw(
+        console_service, "POST", "/console/login", f"csrf_token=x&api_key={console_service.key}"
+    )
+    assert status == 403 and "out of date" in page
+    # With its own token from its own origin, the change goes through.
+    host = f"http://127.0.0.1:{console_service.port}"
+    status, headers, _ = _raw(
+        console_service, "POST", "/console/logout", f"csrf_token={csrf}", {"Cookie": cookie, "Origin": host}
+    )
+    assert status == 303 and headers["Location"] == "/console/login?bye=1"
+    assert _raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 303
+    assert _raw(console_service, "GET", "/console/", headers={"Cookie": other_cookie})[0] == 200
+
+
+def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
+    ingest = console_service.new_key("ingest")
+    new_browser.open("/console/login")
+    new_browser.field("API key").send_keys(ingest)
+    new_browser.button("Log in").click()
+    assert "cannot open the console" in new_browser.text()
+    read = console_service.new_key("read")
+    new_browser.field("API key").send_keys(read)
+    new_browser.button("Log in").click()
+    new_browser.wait(lambda: new_browser.path == "/console/", "the overview")
+    assert "read-only" in new_browser.text()
+    # A read key looks at what an admin looks at through the API too, and changes nothing there.
+    key_id = read.split("_")[1]
+    saved, console_service.key = console_service.key, read
+    try:
+        assert console_service.request("GET", "/v1/rulesets")[0] == 200
+        assert console_service.request("POST", "/v1/rulesets/reload")[0] == 403
+        assert (
+            console_service.request("POST", "/v1/events", {"id": "e", "type": "x", "contact_id": "c"})[0]
+            == 403
+        )
+    finally:
+        console_service.key = saved
+    # Revoking the key ends its console session at the next page (within the key cache's 5 seconds).
+    assert console_service.cli("keys", "revoke", key_id).returncode == 0
+    new_browser.wait(
+        lambda: (new_browser.driver.refresh(), new_browser.path.startswith("/console/login"))[1],
+        "the login page after the key was revoked",
+        timeout=15,
+    )
+
+
+def test_security_headers(console_service: ConsoleService) -> None:
+    assert console_service.key is not None
+    cookie, _ = _session(console_service, console_service.key)
+    for path in ("/console/", "/console/login"):
+        status, headers, _ = _raw(console_service, "GET", path, headers={"Cookie": cookie})
+        assert status == 200, path
+        assert "script-src 'self'" in headers["Content-Security-Policy"]
+        assert "unsafe-inline" not in headers["Content-Security-Policy"]
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Cache-Control"] == "no-store"
