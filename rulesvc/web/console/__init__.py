@@ -12,6 +12,8 @@ from aiohttp import web
 
 from rulesvc.store.console_sessions import ConsoleSessions
 from rulesvc.web.console import login, overview
+from rulesvc.web.console import rulesets as rulesets_pages  # console-rulesets
+from rulesvc.web.console import try_it  # console-rulesets
 from rulesvc.web.console.base import (
     SESSIONS,
     TEMPLATES,
@@ -24,6 +26,7 @@ from rulesvc.web.console.paths import CONSOLE_PREFIX
 from rulesvc.web.keys import SETTINGS, STORE
 
 PAGES = [login, overview]
+PAGES += [rulesets_pages, try_it]  # console-rulesets
 
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png"}
 
