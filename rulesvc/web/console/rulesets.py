@@ -99,7 +99,8 @@ def rule_funnels(rows: list[FunnelRow], order: list[str]) -> list[RuleFunnel]:
             ("Clicked", total.get("clicked", 0)),
             ("Converted", total.get("converted", 0)),
         ]
-        found.append(RuleFunnel(name, total, channels, suppressed, others, steps))
+        shown = [(label, n) for label, n in steps if n or label in ("Entered", "Converted")]
+        found.append(RuleFunnel(name, total, channels, suppressed, others, shown))
     return found
 
 
