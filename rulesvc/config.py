@@ -309,8 +309,6 @@ def check(settings: Settings) -> None:
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if not 0 < settings.console_session_hours <= 24 * 30:
-        raise ConfigError(
-            f"console_session_hours must be in (0, 720], got {settings.console_session_hours}"
-        )
+        raise ConfigError(f"console_session_hours must be in (0, 720], got {settings.console_session_hours}")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug, info, warning or error, got {settings.log_level!r}")

@@ -21,7 +21,9 @@ from rulesvc.web.keys import KEYS
 SHIPPED = Path(__file__).resolve().parent.parent / "rulesets"
 
 
-async def test_a_shipped_ruleset_in_words_with_its_text(make_client: Any, settings: Settings, db: Any) -> None:
+async def test_a_shipped_ruleset_in_words_with_its_text(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
     folder = Path(settings.rulesets_dir)
     shutil.copytree(SHIPPED, folder)
     app = create_app(settings)

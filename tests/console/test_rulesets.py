@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
+from tests.console.pages import shows
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -26,14 +26,6 @@ def place(text: str, token: str) -> tuple[int, int]:
     """Line and column (from 1) of `token` in `text`, counted here."""
     at = text.index(token)
     return text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
-
-
-def shows(browser: Browser, text: str) -> bool:
-    """Whether the page shows `text` now; while a form's answer replaces the page, not yet."""
-    try:
-        return text in browser.text()
-    except StaleElementReferenceException:
-        return False
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -56,7 +48,9 @@ def summed(rows: list[dict[str, Any]], rule: str, channel: str | None = None) ->
     return total
 
 
-def test_rulesets_list_with_rules_and_a_refused_file(console_service: ConsoleService, browser: Browser) -> None:
+def test_rulesets_list_with_rules_and_a_refused_file(
+    console_service: ConsoleService, browser: Browser
+) -> None:
     folder = console_service.workdir / "rulesets"
     broken = (SHIPPED / "checkout_abandon.json").read_text().replace('"20m"', '"soon"')
     (folder / "broken_demo.json").write_text(broken)
@@ -66,7 +60,10 @@ def test_rulesets_list_with_rules_and_a_refused_file(console_service: ConsoleSer
     text = browser.text()
     shipped = sorted(p.stem for p in SHIPPED.glob("*.json") if p.name != "schema.json")
     for name in shipped:
-        assert browser.link(name).get_attribute("href", ).endswith(f"/console/rulesets/{name}")  # type: ignore[union-attr]
+        heading = browser.driver.find_element(By.ID, f"rs-{name}")
+        assert heading.find_element(By.TAG_NAME, "a").get_attribute("href") == (
+            f"{console_service.url}/console/rulesets/{name}"
+        )
     assert "$.rules[0].then[0].send.after" in text and "This file was refused; nothing of it runs." in text
     cart = json.loads((SHIPPED / "cart_abandon.json").read_text())
     for rule in cart["rules"]:
@@ -113,7 +110,9 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
     headers = [th.text for th in table.find_elements(By.XPATH, ".//thead//th")]
     for channel in ("push", "email"):
         cells = table.find_element(By.XPATH, f".//tr[th[normalize-space(.)='{channel}']]")
-        shown = dict(zip(headers[1:], [td.text for td in cells.find_elements(By.TAG_NAME, "td")], strict=True))
+        shown = dict(
+            zip(headers[1:], [td.text for td in cells.find_elements(By.TAG_NAME, "td")], strict=True)
+        )
         expected = summed(rows, "remind", channel)
         for label, status in (("Scheduled", "scheduled"), ("Sent", "sent"), ("Suppressed", "suppressed"),
                               ("Held out", "held_out")):  # fmt: skip

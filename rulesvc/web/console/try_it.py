@@ -248,8 +248,8 @@ def change_chart(changes: list[RuleChange], width: int = 720, label_width: int =
     lows = any(c.change < 0 for c in changed)
     highs = any(c.change > 0 for c in changed)
     room = width - label_width - 60
-    zero = label_width + (room / 2 if lows and highs else room if lows else 0) + 10
-    scale = (room / 2 if lows and highs else room) / largest
+    zero = label_width + (room / 2 if lows and highs else room - 40 if lows else 0) + 10
+    scale = (room / 2 if lows and highs else room - 40) / largest
     bars = []
     for i, c in enumerate(changed):
         w = round(abs(c.change) * scale, 1)
