@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +52,37 @@ class Browser:
         return url[len(self.base_url) :] if url.startswith(self.base_url) else url
 
     def text(self) -> str:
-        return self.driver.find_element(By.TAG_NAME, "body").text
+        for _ in range(50):
+            try:
+                return self.driver.find_element(By.TAG_NAME, "body").text
+            except StaleElementReferenceException:  # the page was being replaced
+                continue
+        raise AssertionError("the page kept changing")
+
+    def loads(self, action: Callable[[], object]) -> None:
+        """Do `action` (a click that submits or follows) and wait until the next page replaced this one."""
+        old = self.driver.find_element(By.TAG_NAME, "html")
+        action()
+        WebDriverWait(self.driver, 30, poll_frequency=0.05).until(staleness_of(old))
+        WebDriverWait(self.driver, 30, poll_frequency=0.05).until(
+            lambda d: d.execute_script("return document.readyState") == "complete"
+        )
+
+    def press(self, label: str, within: WebElement | None = None) -> None:
+        """Click the button labelled `label` and wait for the page it leads to."""
+        button = self.button(label, within)
+        self.loads(button.click)
+
+    def follow(self, text: str) -> None:
+        """Click the link `text` and wait for its page."""
+        link = self.link(text)
+        self.loads(link.click)
 
     def login(self, key: str) -> None:
         self.open("/console/login")
         self.field("API key").send_keys(key)
-        self.button("Log in").click()
-        self.wait(lambda: "/console/login" not in self.path, "the console after login")
+        self.press("Log in")
+        assert "/console/login" not in self.path, self.text()
 
     def field(self, label: str) -> WebElement:
         """The input a `<label>` names, as a person finds it."""

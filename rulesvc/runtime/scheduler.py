@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 
 # What the scheduler itself reads from an entry; anything else is the delivery pipeline's or the inbox's.
 ENTRY_FIELDS = {"contact_id": str, "ruleset": str}
+# How soon a send put back for its contact's undecided events is looked at again.
+INBOX_FIRST = timedelta(milliseconds=200)
 
 
 def malformed(entry: Doc) -> str | None:
@@ -109,6 +111,7 @@ class Scheduler:
         self.on_fate = on_fate  # each recorded outcome, once written (the app counts them)
         self.wake = asyncio.Event()
         self.fired = 0
+        self.waited_for_inbox = 0  # sends put back until their contact's earlier events were decided
         self._expired_look = Every(lease / 4)
 
     def due_soon(self, due_at: datetime) -> None:
@@ -152,7 +155,9 @@ class Scheduler:
             else:
                 aside.append((e, why))
         removed = [e for e in entries if e["ruleset"] not in live]
-        sends = [e for e in entries if e["ruleset"] in live and "message" in e]
+        sends = await self._after_earlier_events(
+            [e for e in entries if e["ruleset"] in live and "message" in e], owner, now
+        )
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
 
         # The claim is renewed while the batch runs, from this event loop: a process that dies, or whose
@@ -171,6 +176,26 @@ class Scheduler:
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
         return len(claimed)
+
+    async def _after_earlier_events(self, sends: list[Doc], owner: str, now: datetime) -> list[Doc]:
+        """The sends whose contact has no undecided event from before the send came due; the others go
+        back to wait for the inbox. Such an event may cancel or re-arm the send (a purchase, a new cart),
+        and it happened first: the inbox's lag must not let the reminder out before it, which a simulation
+        of the same events would never do. (A timer needs no such wait: its event joins the contact's
+        events in the inbox, in time order.)"""
+        if not sends:
+            return sends
+        earliest = await self.events.earliest_pending(list({e["contact_id"] for e in sends}))
+        if not earliest:
+            return sends
+        held = [e for e in sends if e["contact_id"] in earliest and earliest[e["contact_id"]] <= e["due_at"]]
+        if not held:
+            return sends
+        await self.schedule.put_back([e["_id"] for e in held], owner, now + INBOX_FIRST)
+        self.waited_for_inbox += len(held)
+        self.fired -= len(held)  # counted when they are claimed again and done
+        held_ids = {e["_id"] for e in held}
+        return [e for e in sends if e["_id"] not in held_ids]
 
     async def _dispatch(
         self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]

@@ -41,6 +41,18 @@ class InboxEvents:
             .to_list()
         )
 
+    async def earliest_pending(self, contact_ids: list[str]) -> dict[str, datetime]:
+        """Each of these contacts' earliest undecided event time, for those that have one."""
+        found: dict[str, datetime] = {}
+        cursor = self.store.events.find(
+            {"state": PENDING, "contact_id": {"$in": contact_ids}},
+            {"_id": 0, "contact_id": 1, "time": 1},
+            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+        ).hint("inbox_pending")
+        async for doc in cursor:
+            found.setdefault(doc["contact_id"], doc["time"])
+        return found
+
     async def insert_internal(self, docs: list[Doc]) -> dict[int, Doc]:
         """Events the service makes itself (a wait's `else`), each under a fixed id: one already there (a
         run that died before marking its entry done) is left as it is. The other refusals, by index."""

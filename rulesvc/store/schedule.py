@@ -46,6 +46,17 @@ class Schedule:
         )
         return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
 
+    async def put_back(self, ids: list[str], owner: str, not_before: datetime) -> None:
+        """Claimed entries handed back unsent, due again no sooner than `not_before` (a send waiting for
+        its contact's earlier events to be decided)."""
+        await self.store.schedule.update_many(
+            {"_id": {"$in": ids}, "owner": owner, "status": "running"},
+            [
+                {"$set": {"status": "pending", "due_at": {"$max": ["$due_at", not_before]}}},
+                {"$unset": ["owner", "lease_until"]},
+            ],
+        )
+
     async def renew(self, owner: str, until: datetime) -> None:
         """The claim of `owner` on its running entries lasts until `until`."""
         await self.store.schedule.update_many(

@@ -8,7 +8,7 @@ from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport, log_settings_problems
-from rulesvc.web.console import setup_console
+from rulesvc.web.console.setup import setup_console
 from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
 from rulesvc.web.lifecycle import (
     backtests_ctx,

@@ -170,7 +170,9 @@ def access_responses(
                 "an inbox token for another contact, or an ingest key without the contact's token"
             )
         elif access != "ingest":  # an ingest route takes both scopes
-            responses["403"] = error(f"an `ingest` key: this operation needs an `admin` key{where}")
+            responses["403"] = error(f"an `ingest` or `read` key: this operation needs an `admin` key{where}")
+        else:
+            responses["403"] = error("a `read` key: posting needs an `ingest` or `admin` key")
         responses["429"] = _with_headers(
             error("the rate limit of this API key or inbox (RULESVC_RATE_LIMIT) is exceeded"),
             {"Retry-After": {**_RETRY_AFTER, "required": True}},
@@ -280,7 +282,10 @@ def document(routes: Iterable[Documented]) -> bytes:
         for status in generated.keys() & declared.keys():
             responses[status] = _merged(status, generated[status], declared[status])
         operation["responses"] = dict(sorted(responses.items()))
-        operation["security"] = _SECURITY[route.access]
+        looking = route.access == "admin" and route.method == "GET"  # a `read` key may look
+        operation["security"] = (
+            [*_SECURITY[route.access], {"apiKey": ["read"]}] if looking else _SECURITY[route.access]
+        )
         if route.access in _ACCESS_NOTE:
             operation["description"] = (operation.get("description", "") + _ACCESS_NOTE[route.access]).strip()
         item[route.method.lower()] = operation

@@ -124,7 +124,7 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
         for code, n in row["funnel"]["reasons"].get("suppressed", {}).items()
     }
     for code, n in reasons.items():
-        assert f"{n} × {code}" in remind.text, (code, remind.text)
+        assert f"{n} \u00d7 {code}" in remind.text, (code, remind.text)
     text = browser.text()
     assert "Does it work? Holdout" in text and "treatment against holdout" in text
     assert "Not enough data yet." in text  # 7 contacts: below the minimum sample

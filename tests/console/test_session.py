@@ -50,10 +50,10 @@ def test_login_cookie_flags_and_logout(console_service: ConsoleService, new_brow
     new_browser.open("/console/contacts")
     assert new_browser.path.startswith("/console/login")
     new_browser.field("API key").send_keys("rsk_000000000000_" + "x" * 40)
-    new_browser.button("Log in").click()
+    new_browser.press("Log in")
     assert "not a valid API key" in new_browser.text()
     new_browser.field("API key").send_keys(console_service.key)
-    new_browser.button("Log in").click()
+    new_browser.press("Log in")
     new_browser.wait(lambda: new_browser.path == "/console/contacts", "the page asked for before login")
     cookie = new_browser.cookies()["rulesvc_console"]
     assert cookie["httpOnly"] is True
@@ -64,7 +64,7 @@ def test_login_cookie_flags_and_logout(console_service: ConsoleService, new_brow
     assert console_service.key not in new_browser.driver.page_source
     token = str(cookie["value"])
     new_browser.shot("login-done")
-    new_browser.button("Log out").click()
+    new_browser.press("Log out")
     new_browser.wait(lambda: "You are logged out" in new_browser.text(), "the logged-out notice")
     new_browser.shot("login")
     new_browser.open("/console/")
@@ -125,11 +125,11 @@ def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
     ingest = console_service.new_key("ingest")
     new_browser.open("/console/login")
     new_browser.field("API key").send_keys(ingest)
-    new_browser.button("Log in").click()
+    new_browser.press("Log in")
     assert "cannot open the console" in new_browser.text()
     read = console_service.new_key("read")
     new_browser.field("API key").send_keys(read)
-    new_browser.button("Log in").click()
+    new_browser.press("Log in")
     new_browser.wait(lambda: new_browser.path == "/console/", "the overview")
     assert "read-only" in new_browser.text()
     # A read key looks at what an admin looks at through the API too, and changes nothing there.

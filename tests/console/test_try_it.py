@@ -11,7 +11,6 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from selenium.webdriver.common.by import By
 
@@ -41,7 +40,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     browser.open("/console/try")
     assert '"type": "cart_updated"' in browser.field(
         "Events (a JSON array, or one JSON object per line)"
-    ).get_attribute("value")  # type: ignore[operator]  # noqa: E501
+    ).get_attribute("value")  # type: ignore[operator]
     event = {"id": "evt-1", "type": "cart_updated", "contact_id": "c-42", "time": "2026-11-20T10:00:00Z",
              "attributes": {"value": 59.90}}  # fmt: skip
     _set(browser, "Events (a JSON array, or one JSON object per line)", json.dumps(event))
@@ -55,7 +54,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
         browser.field(
             "Made-up contact profile (JSON, as PUT /v1/contacts/{id} takes it, with its contact_id)"
         ).get_attribute("value")
-    )  # type: ignore[arg-type]  # noqa: E501
+    )  # type: ignore[arg-type]
     status, answer = console_service.request(
         "POST", "/v1/simulate", {"events": [event], "contacts": [contact]}
     )

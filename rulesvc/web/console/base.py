@@ -21,7 +21,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from rulesvc.core.reasons import REASONS
 from rulesvc.store.console_sessions import ConsoleSession, ConsoleSessions
-from rulesvc.web.console import charts
+from rulesvc.web.console.charts import bar_chart, interval_chart, line_chart, stacked_bars
 from rulesvc.web.console.paths import CONSOLE_PREFIX
 from rulesvc.web.keys import KEYS, SETTINGS
 
@@ -122,10 +122,7 @@ def environment() -> jinja2.Environment:
     env.filters["reason_text"] = reason_text
     env.globals["console"] = console_url
     env.globals.update(
-        line_chart=charts.line_chart,
-        bar_chart=charts.bar_chart,
-        stacked_bars=charts.stacked_bars,
-        interval_chart=charts.interval_chart,
+        line_chart=line_chart, bar_chart=bar_chart, stacked_bars=stacked_bars, interval_chart=interval_chart
     )
     return env
 

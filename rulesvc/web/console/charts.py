@@ -23,18 +23,13 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     if high <= low:
         high = low + 1
     raw = (high - low) / max(1, count)
-    magnitude = 10 ** math.floor(math.log10(raw))
+    exponent = math.floor(math.log10(raw))
+    magnitude = 10.0**exponent
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value < high + step * 0.5:
-        ticks.append(round(value, 10))
-        value += step
-        if len(ticks) > 50:  # guards against float trouble; never reached with a sane step
-            break
-    if ticks[-1] < high:
-        ticks.append(round(ticks[-1] + step, 10))
+    digits = max(0, 1 - exponent)  # enough decimals for the step, no float noise (0.30000000000000004)
+    first = math.floor(low / step)
+    ticks = [round((first + i) * step, digits) for i in range(count * 3)]
+    ticks = [t for i, t in enumerate(ticks) if i == 0 or ticks[i - 1] < high]
     return ticks
 
 

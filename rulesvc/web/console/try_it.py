@@ -16,9 +16,7 @@ import msgspec
 from aiohttp import web
 
 from rulesvc.core.ids import id_problem
-from rulesvc.replay.backtest import Report, Row
-from rulesvc.replay.simulate import SimAction, SimulateRejected
-from rulesvc.web.backtest_schemas import BacktestConflict, BacktestRejected, BacktestRequest
+from rulesvc.web.backtest_schemas import BacktestConflict, BacktestJob, BacktestRejected, BacktestRequest
 from rulesvc.web.console.base import ConsoleRoute, error_page, form_of, render, see_other
 from rulesvc.web.views import contacts as contact_views
 from rulesvc.web.views.backtests import backtest_job, backtest_list, start_backtest
@@ -50,7 +48,7 @@ class Step:
 
     at: datetime
     event: dict[str, Any] | None = None
-    action: SimAction | None = None
+    action: Any = None  # the simulation's action (`SimAction` of `POST /v1/simulate`)
     after: str = ""
     cause: str = ""
 
@@ -106,7 +104,7 @@ def event_moment(event: Any, default: datetime) -> datetime:
     return default
 
 
-def timeline(events: list[dict[str, Any]], actions: list[SimAction], started: datetime) -> list[Step]:
+def timeline(events: list[dict[str, Any]], actions: list[Any], started: datetime) -> list[Step]:
     """Events and actions in time order; each action said relative to the event before it."""
     timed = sorted(
         ((event_moment(e, started), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
@@ -193,8 +191,7 @@ async def run_simulation(request: web.Request) -> web.StreamResponse:
         result = await simulate(request.app, body)
     except ApiError as exc:
         context["problem"] = exc.message
-        if isinstance(exc.body, SimulateRejected):
-            context["problem_path"] = exc.body.path
+        context["problem_path"] = getattr(exc.body, "path", None)  # a SimulateRejected names the field
         return render(request, "try.html", status=exc.status if exc.status < 500 else 422, **context)
     shown = [e for e in events if isinstance(e, dict)]
     context["steps"] = timeline(shown, result.actions, started)
@@ -209,10 +206,10 @@ class RuleChange:
     change: int
 
 
-def rule_changes(report: Report) -> list[RuleChange]:
+def rule_changes(job: BacktestJob) -> list[RuleChange]:
     """Sent per ruleset and rule, baseline against candidate: what the bar chart of changes shows."""
     sums: dict[str, list[int]] = {}
-    for row in report.rows:
+    for row in job.report.rows if job.report is not None else []:
         counts = sums.setdefault(f"{row.ruleset} · {row.rule}", [0, 0])
         counts[0] += row.baseline.sent
         counts[1] += row.candidate.sent
@@ -268,7 +265,8 @@ def change_chart(changes: list[RuleChange], width: int = 720, label_width: int =
     return ChangeChart(width, height, round(zero, 1), label_width, bar_height, bars)
 
 
-def _row_label(row: Row) -> str:
+def _row_label(row: Any) -> str:
+    """A report row (`Row` of the backtest report) as `ruleset · rule · channel · group`."""
     return " · ".join(p for p in (row.ruleset, row.rule, row.channel or "", row.variant or "") if p)
 
 
@@ -339,8 +337,8 @@ async def backtest_page(request: web.Request) -> web.StreamResponse:
         job=job,
         running=job.status in RUNNING,
         report=report,
-        changes=rule_changes(report) if report is not None else [],
-        chart=change_chart(rule_changes(report)) if report is not None else None,
+        changes=rule_changes(job),
+        chart=change_chart(rule_changes(job)),
         row_label=_row_label,
     )
 

@@ -1,0 +1,63 @@
+"""A send waits for its contact's earlier events: the inbox's lag never lets a reminder out before the
+purchase that came first would have cancelled it (as a simulation of the same events decides)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rulesvc.config import Settings
+from rulesvc.web.app import create_app
+from tests.helpers import PROFILE, Provider, eventually, history, registry, send, setup
+
+
+async def test_a_due_send_waits_while_an_earlier_event_of_its_contact_is_undecided(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    push = Provider("push", needs="push_tokens")
+    flow = setup(settings, [send("push", after="2s", cancel_on=["purchased"], transactional=True)])
+    client = await make_client(create_app(flow, registry(push)))
+    for contact in ("c1", "c2"):
+        assert (await client.put(f"/v1/contacts/{contact}", json=PROFILE)).status in (200, 201)
+        body = {"id": f"go-{contact}", "type": "go", "contact_id": contact, "attributes": {"code": "X1"}}
+        assert (await client.post("/v1/events", json=body)).status == 202
+
+    async def both_scheduled() -> bool:
+        statuses = [[m["status"] for m in await history(client, c)] for c in ("c1", "c2")]
+        return statuses == [["scheduled"], ["scheduled"]]
+
+    await eventually(both_scheduled)
+    [scheduled] = await history(client, "c1")
+    due = datetime.fromisoformat(scheduled["due_at"])
+    # Another process is busy with c1 (its lease), so c1's purchase, made before the reminder came due,
+    # stays undecided past the due time.
+    await db.contact_leases.insert_one(
+        {
+            "_id": "busy",
+            "owner": "another-process",
+            "contacts": ["c1"],
+            "until": datetime.now(UTC) + timedelta(minutes=5),
+        }
+    )
+    purchase = {
+        "id": "buy-c1",
+        "type": "purchased",
+        "contact_id": "c1",
+        "time": datetime.now(UTC).isoformat(),
+    }
+    assert (await client.post("/v1/events", json=purchase)).status == 202
+    await asyncio.sleep(max(0.0, (due + timedelta(seconds=1.5) - datetime.now(UTC)).total_seconds()))
+    # c2 had nothing undecided: its reminder went out on time; c1's waits for the purchase.
+    assert [m.contact_id for m in push.delivered] == ["c2"]
+    assert [m["status"] for m in await history(client, "c1")] == ["scheduled"]
+    await db.contact_leases.delete_one({"_id": "busy"})
+
+    async def c1_cancelled() -> bool:
+        return [m["status"] for m in await history(client, "c1")] == ["cancelled"]
+
+    await eventually(c1_cancelled)
+    [cancelled] = await history(client, "c1")
+    assert cancelled["reason"] == "cancelled_by_event"
+    await asyncio.sleep(0.5)
+    assert [m.contact_id for m in push.delivered] == ["c2"]
