@@ -17,7 +17,6 @@ from selenium.webdriver.common.by import By
 from rulesvc.core.durations import parse_duration
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
-from tests.console.pages import shows
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -44,8 +43,8 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     event = {"id": "evt-1", "type": "cart_updated", "contact_id": "c-42", "time": "2026-11-20T10:00:00Z",
              "attributes": {"value": 59.90}}  # fmt: skip
     _set(browser, "Events (a JSON array, or one JSON object per line)", json.dumps(event))
-    browser.button("Simulate").click()
-    browser.wait(lambda: shows(browser, "What would happen"), "the simulated timeline")
+    browser.press("Simulate")
+    browser.wait(lambda: "What would happen" in browser.text(), "the simulated timeline")
     rows = _rows(browser)
     shipped = json.loads((SHIPPED / "cart_abandon.json").read_text())
     remind = next(r for r in shipped["rules"] if r["name"] == "remind")
@@ -76,8 +75,8 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     _set(
         browser, "Events (a JSON array, or one JSON object per line)", '{"id": "x", "type": "cart_updated"\n'
     )
-    browser.button("Simulate").click()
-    browser.wait(lambda: shows(browser, "Not simulated: line 1"), "the refusal of broken JSON")
+    browser.press("Simulate")
+    browser.wait(lambda: "Not simulated: line 1" in browser.text(), "the refusal of broken JSON")
 
 
 def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
@@ -112,10 +111,10 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     browser.open("/console/try/backtests")
     browser.field("Candidate rulesets folder (absolute path on the server)").send_keys(str(candidate))
     browser.driver.find_element(By.CSS_SELECTOR, "#window option[value='24h']").click()
-    browser.button("Start backtest").click()
+    browser.press("Start backtest")
     browser.wait(lambda: "/console/try/backtests/" in browser.path, "the backtest's page")
     job_id = browser.path.rsplit("/", 1)[1]
-    browser.wait(lambda: shows(browser, "Sent per rule"), "the report (the page refreshes itself)", 90)
+    browser.wait(lambda: "Sent per rule" in browser.text(), "the report (the page refreshes itself)", 90)
     status, job = console_service.request("GET", f"/v1/backtests/{job_id}")
     assert status == 200 and job["status"] == "done", job
     sent: dict[str, list[int]] = {}
