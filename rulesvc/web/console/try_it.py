@@ -179,13 +179,16 @@ async def run_simulation(request: web.Request) -> web.StreamResponse:
         elif contact_text.strip():
             profile = json.loads(contact_text)
             contacts = profile if isinstance(profile, list) else [profile]
+        body = json.dumps({"events": events, "contacts": contacts}).encode()
     except json.JSONDecodeError as exc:
         context["problem"] = f"The contact is not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}"
         return render(request, "try.html", status=422, **context)
     except ValueError as exc:
         context["problem"] = str(exc)
         return render(request, "try.html", status=422, **context)
-    body = json.dumps({"events": events, "contacts": contacts}).encode()
+    except RecursionError:
+        context["problem"] = "the JSON is nested too deeply"
+        return render(request, "try.html", status=422, **context)
     started = datetime.now(UTC)
     try:
         result = await simulate(request.app, body)
