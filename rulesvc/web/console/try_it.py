@@ -179,7 +179,12 @@ async def run_simulation(request: web.Request) -> web.StreamResponse:
         elif contact_text.strip():
             profile = json.loads(contact_text)
             contacts = profile if isinstance(profile, list) else [profile]
-        body = json.dumps({"events": events, "contacts": contacts}).encode()
+        try:
+            body = json.dumps({"events": events, "contacts": contacts}, allow_nan=False).encode()
+        except ValueError:
+            raise ValueError(
+                "a number is not finite (NaN, Infinity or beyond 1e308): JSON has none"
+            ) from None
     except json.JSONDecodeError as exc:
         context["problem"] = f"The contact is not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}"
         return render(request, "try.html", status=422, **context)
