@@ -137,3 +137,15 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     browser.shot("backtest")
     browser.open("/console/try/backtests")
     assert job_id in browser.driver.page_source and "done" in browser.text()
+
+
+def test_a_read_session_may_simulate_but_not_start_a_backtest(
+    console_service: ConsoleService, new_browser: Browser
+) -> None:
+    new_browser.login(console_service.new_key("read"))
+    new_browser.open("/console/try")
+    new_browser.press("Simulate")  # README's example, as pre-filled
+    assert "cart_abandon/push" in new_browser.text() and "cart_abandon/email" in new_browser.text()
+    new_browser.open("/console/try/backtests")
+    assert "A read-only session can look at backtests but not start one." in new_browser.text()
+    assert not new_browser.driver.find_elements(By.XPATH, "//button[normalize-space(.)='Start backtest']")
