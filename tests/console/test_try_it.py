@@ -17,6 +17,7 @@ from selenium.webdriver.common.by import By
 from rulesvc.core.durations import parse_duration
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
+from tests.console.pages import submit
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -43,8 +44,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     event = {"id": "evt-1", "type": "cart_updated", "contact_id": "c-42", "time": "2026-11-20T10:00:00Z",
              "attributes": {"value": 59.90}}  # fmt: skip
     _set(browser, "Events (a JSON array, or one JSON object per line)", json.dumps(event))
-    browser.press("Simulate")
-    browser.wait(lambda: "What would happen" in browser.text(), "the simulated timeline")
+    submit(browser, "Simulate", "What would happen")
     rows = _rows(browser)
     shipped = json.loads((SHIPPED / "cart_abandon.json").read_text())
     remind = next(r for r in shipped["rules"] if r["name"] == "remind")
@@ -75,8 +75,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     _set(
         browser, "Events (a JSON array, or one JSON object per line)", '{"id": "x", "type": "cart_updated"\n'
     )
-    browser.press("Simulate")
-    browser.wait(lambda: "Not simulated: line 1" in browser.text(), "the refusal of broken JSON")
+    submit(browser, "Simulate", "Not simulated: line 1")
 
 
 def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
@@ -111,8 +110,8 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     browser.open("/console/try/backtests")
     browser.field("Candidate rulesets folder (absolute path on the server)").send_keys(str(candidate))
     browser.driver.find_element(By.CSS_SELECTOR, "#window option[value='24h']").click()
-    browser.press("Start backtest")
-    browser.wait(lambda: "/console/try/backtests/" in browser.path, "the backtest's page")
+    submit(browser, "Start backtest", "Baseline")
+    assert "/console/try/backtests/" in browser.path
     job_id = browser.path.rsplit("/", 1)[1]
     browser.wait(lambda: "Sent per rule" in browser.text(), "the report (the page refreshes itself)", 90)
     status, job = console_service.request("GET", f"/v1/backtests/{job_id}")
@@ -144,7 +143,7 @@ def test_a_read_session_may_simulate_but_not_start_a_backtest(
 ) -> None:
     new_browser.login(console_service.new_key("read"))
     new_browser.open("/console/try")
-    new_browser.press("Simulate")  # README's example, as pre-filled
+    submit(new_browser, "Simulate", "What would happen")  # README's example, as pre-filled
     assert "cart_abandon/push" in new_browser.text() and "cart_abandon/email" in new_browser.text()
     new_browser.open("/console/try/backtests")
     assert "A read-only session can look at backtests but not start one." in new_browser.text()
