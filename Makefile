@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # adding a plugin is adding its folder (tests/test_image.py checks both against plugins/).
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-.PHONY: install run test lint clean bench bench-engine bench-backtest docs
+.PHONY: install run test lint clean bench bench-engine bench-backtest docs screenshots
 
 $(STAMP): pyproject.toml requirements/embedded.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -33,6 +33,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The console's pictures in docs/console.md: the browser tests take them (build/console/), this keeps them.
+screenshots: $(STAMP)
+	$(BIN)/pytest -q tests/console
+	mkdir -p docs/console && cp build/console/*.png docs/console/
 
 # The configuration reference, generated from rulesvc/config.py (tests/test_config_reference.py checks it).
 docs: $(STAMP)

@@ -63,6 +63,7 @@ def test_routes_with_bodies_are_the_expected_ones() -> None:
         ("PUT", "/v1/rulesets/{name}"),
         ("POST", "/v1/simulate"),
         ("POST", "/v1/backtests"),
+        ("POST", "/v1/channels/{name}/test"),
     }
 
 

@@ -107,7 +107,11 @@ async def test_pip_installed_plugin_is_used_with_no_change_to_the_service(
     channels = await (await client.get("/v1/channels")).json()
     echo_channel = {"name": "echo", "configured": True, "detail": f"writes to {outbox}", "deduplicates": True,
                     "callbacks": False, "send_timeout_seconds": 10.0, "kind": "message channel"}  # fmt: skip
-    assert echo_channel in channels["channels"]
+    [listed] = [c for c in channels["channels"] if c["name"] == "echo"]
+    assert {k: listed[k] for k in echo_channel} == echo_channel
+    # and its sends: the one above
+    assert (listed["sent_24h"], listed["failed_24h"], listed["error_rate_24h"]) == (1, 0, 0.0)
+    assert listed["last_sent_at"] == msg["sent_at"]
     echo = next(p for p in channels["plugins"] if p["name"] == "echo")  # a plugin without settings_type
     assert echo["provides"] == [
         {

@@ -8,7 +8,10 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError
 
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import EMAIL_COLLATION, Doc, Store
+
+# What a search result shows of a contact: never its state, push tokens or lease-era fields.
+SUMMARY_FIELDS = {"email": 1, "phone": 1, "created_at": 1, "updated_at": 1}
 
 
 class Contacts:
@@ -39,3 +42,33 @@ class Contacts:
         except BulkWriteError:
             return False
         return result.matched_count + result.upserted_count == len(ops)
+
+    async def with_email(self, email: str, limit: int) -> list[Doc]:
+        """Contacts whose email is this one in any letter case (index `contacts_by_email`)."""
+        cursor = self.store.contacts.find({"email": email}, SUMMARY_FIELDS, collation=EMAIL_COLLATION)
+        return await cursor.sort([("_id", 1)]).limit(limit).to_list()
+
+    async def with_phone(self, phone: str, limit: int) -> list[Doc]:
+        """Contacts with this E.164 number (index `contacts_by_phone`)."""
+        cursor = self.store.contacts.find({"phone": phone}, SUMMARY_FIELDS)
+        return await cursor.sort([("_id", 1)]).limit(limit).to_list()
+
+    async def summary(self, contact_id: str) -> Doc | None:
+        """The contact's search row, or, for an id with events but no stored contact, a bare one."""
+        doc = await self.store.contacts.find_one({"_id": contact_id}, SUMMARY_FIELDS)
+        if doc is not None:
+            return doc
+        seen = await self.store.events.find_one({"contact_id": contact_id}, {"_id": 1})
+        return None if seen is None else {"_id": contact_id}
+
+    async def events_seen(self, contact_id: str, types: list[str]) -> dict[str, tuple[int, Any]]:
+        """Of these event types, those the contact's stored events have: (how many, the last time). Reads
+        the contact's events of these types only (index `events_by_contact`)."""
+        if not types:
+            return {}
+        pipeline: list[Doc] = [
+            {"$match": {"contact_id": contact_id, "type": {"$in": types}}},
+            {"$group": {"_id": "$type", "n": {"$sum": 1}, "last": {"$max": "$time"}}},
+        ]
+        cursor = await self.store.events.aggregate(pipeline)
+        return {d["_id"]: (int(d["n"]), d["last"]) async for d in cursor}

@@ -47,6 +47,10 @@ MAX_ATTEMPTS = 3
 # Errors of the data rather than of the database: retrying the same event cannot cure them.
 _DATA_ERROR_CODES = frozenset({2, 9, 14, 52, 55, 10334, 17280, 17419})
 
+# How contact search compares emails: case-blind (strength 2), as people type them; the index
+# `contacts_by_email` is built with it, and a query uses that index only when it names the same collation.
+EMAIL_COLLATION: dict[str, Any] = {"locale": "en", "strength": 2}
+
 # The funnel counters' shard of this process for writes outside the inbox and scheduler loops (an API
 # request, a CLI command): its own documents, so it never conflicts with another process's.
 PROCESS_SHARD = f"api:{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -207,6 +211,16 @@ class Store:
                 )
             ]
         )
+        # Contact search (`GET /v1/contacts?q=`) by email, case-insensitively: the store keeps an email as
+        # the contact gave it, so the index compares with a case-blind collation (`EMAIL_COLLATION`, which
+        # the query must name to use it). By phone: E.164 as given. Neither slows the hot write: the
+        # inbox's state writes `$set` other fields, and MongoDB leaves untouched index keys alone.
+        await self.contacts.create_indexes(
+            [
+                IndexModel([("email", ASCENDING)], name="contacts_by_email", collation=EMAIL_COLLATION),
+                IndexModel([("phone", ASCENDING)], name="contacts_by_phone"),
+            ]
+        )
         await self.audience_changes.create_indexes(
             [IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced")]
         )
@@ -218,10 +232,36 @@ class Store:
                 IndexModel([("status", ASCENDING), ("created_at", DESCENDING)], name="messages_by_status"),
                 # `GET /v1/messages` and `rulesvc messages list` without a status: newest first.
                 IndexModel([("created_at", DESCENDING)], name="messages_by_time"),
+                # `GET /v1/messages?ruleset=` (the console's filter): a ruleset's messages newest first,
+                # in index order, without reading every other ruleset's. `rule` is only taken with
+                # `ruleset` and filters these (a ruleset has a few rules), as `from`/`to` bound them.
+                IndexModel([("ruleset", ASCENDING), ("created_at", DESCENDING)], name="messages_by_ruleset"),
             ]
         )
         await self.stats.create_indexes(
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
+        )
+        await self._ensure_overview_indexes()
+
+    async def _ensure_overview_indexes(self) -> None:
+        """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
+        most once per document: `processed_at` when an event is decided (one key per event, sparse: the
+        pending ones have none); a counter document's `hour` when it is created (once per hour and key,
+        not per increment); a message's `sent_at` when it is sent (partial: only sent messages). Without
+        them, events decided per quarter hour, messages per channel across rulesets and a channel's last
+        send would each be a collection scan."""
+        await self.events.create_indexes(
+            [IndexModel([("processed_at", ASCENDING)], name="events_decided", sparse=True)]
+        )
+        await self.stats.create_indexes([IndexModel([("hour", ASCENDING)], name="stats_by_hour")])
+        await self.messages.create_indexes(
+            [
+                IndexModel(
+                    [("sent_channel", ASCENDING), ("sent_at", DESCENDING)],
+                    name="messages_last_sent",
+                    partialFilterExpression={"sent_at": {"$type": "date"}},
+                )
+            ]
         )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:

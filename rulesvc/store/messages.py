@@ -110,15 +110,26 @@ class Messages:
         channel: str | None = None,
         contact_id: str | None = None,
         ruleset: str | None = None,
+        rule: str | None = None,
         reason: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[Doc]:
         """Messages across contacts, newest first, filtered by any of these fields (`channel`: the one the
-        rule named or the one used)."""
+        rule named or the one used), decided (`created_at`) in [`since`, `until`).
+
+        Indexes: `status` → messages_by_status, `contact_id` → messages_by_contact, `ruleset` (and `rule`
+        within it) → messages_by_ruleset, none of these → messages_by_time; the time window bounds the
+        `created_at` key of each. `channel` and `reason` filter what the index gives (reasons come with a
+        few statuses: filter by both to stay on an index)."""
         query: Doc = older_than(before, before_id)
         for name, value in (("status", status), ("contact_id", contact_id), ("ruleset", ruleset),
-                            ("reason", reason)):  # fmt: skip
+                            ("rule", rule), ("reason", reason)):  # fmt: skip
             if value is not None:
                 query[name] = value
+        window = {op: at for op, at in (("$gte", since), ("$lt", until)) if at is not None}
+        if window:
+            query = {"$and": [query, {"created_at": window}]}
         if channel is not None:
             query = {"$and": [query, {"$or": [{"channel": channel}, {"sent_channel": channel}]}]}
         cursor = self.store.messages.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)])

@@ -38,6 +38,7 @@ from rulesvc.web.backtest_schemas import (
     BacktestRejected,
     BacktestRequest,
 )
+from rulesvc.web.contact_schemas import ContactSearchQuery, ContactSearchResult, ContactState
 from rulesvc.web.keys import QUERY
 from rulesvc.web.openapi import (
     INBOX_ACCESS,
@@ -48,6 +49,7 @@ from rulesvc.web.openapi import (
     links,
     ref,
 )
+from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult, Overview
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelList,
@@ -85,6 +87,7 @@ from rulesvc.web.views import (
     inbox,
     messages,
     ops,
+    overview,
     quarantine,
     rulesets,
     simulate,
@@ -135,6 +138,7 @@ CONTACT_LINKS: dict[str, tuple[str, dict[str, str]]] = {
     "GetContact": ("getContact", CONTACT_FROM_PATH),
     "GetContactMessages": ("getContactMessages", CONTACT_FROM_PATH),
     "GetContactEvents": ("getContactEvents", CONTACT_FROM_PATH),
+    "GetContactState": ("getContactState", CONTACT_FROM_PATH),
     "PostInboxToken": ("postInboxToken", CONTACT_FROM_PATH),
 }
 FIRST_MESSAGE = {"message_id": "$response.body#/messages/0/message_id"}
@@ -174,6 +178,54 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # --- contact search and state (issue 17: the console's contact page) ---
+    Route(
+        "GET",
+        "/v1/contacts",
+        contacts.get_contacts,
+        "admin",
+        query=ContactSearchQuery,
+        types=(ContactSearchResult, ErrorBody),
+        operation={
+            "summary": "Find contacts by id (exact), email (any letter case) or phone (E.164)",
+            "description": "An exact id match comes first; `matched` says what the term was taken as. "
+            "A term with `@` is also looked up as an email, one like `+4915112345678` as a phone.",
+            "operationId": "searchContacts",
+            "responses": {
+                "200": links(
+                    json_body(ref("ContactSearchResult"), "the contacts found (none: an empty list)"),
+                    GetContact=("getContact", {"contact_id": "$response.body#/contacts/0/contact_id"}),
+                    GetContactState=(
+                        "getContactState",
+                        {"contact_id": "$response.body#/contacts/0/contact_id"},
+                    ),
+                ),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/state",
+        contacts.get_contact_state,
+        "admin",
+        types=(ContactState, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "What the service keeps about a contact: flags, counters, remembered values, "
+            "suppressions, each channel's verdict for a marketing message now, the contact in each ruleset",
+            "description": "`channels`: per channel the consent, suppression, reachability and today's "
+            "count against the frequency cap, and `blocked_by` (a reason code) with `why` when a "
+            "marketing message would not go out now. `rulesets`: per loaded ruleset the contact's group "
+            "(holdout or A/B arm), an open entry, the `once` marks of its rules, and the event types its "
+            "rules listen to with how often the contact did each (within the event retention).",
+            "operationId": "getContactState",
+            "responses": {
+                "200": json_body(ref("ContactState"), "the state, judged at `at`"),
+                "404": error("no such contact: no stored contact and no event of it"),
+            },
+        },
+    ),
+    # --- end contact search and state ---
     Route(
         "PUT",
         "/v1/contacts/{contact_id}",
@@ -326,8 +378,11 @@ ROUTES: list[Route] = [
         query=MessagesQuery,
         types=(MessageList, ErrorBody),
         operation={
-            "summary": "Messages in one status across contacts, newest first (e.g. status=dead)",
-            "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words.",
+            "summary": "Messages across contacts, newest first, filtered (e.g. status=dead)",
+            "description": "`reason` is a code (docs/channels.md lists them); `detail` says it in words. "
+            "`from` and `to` bound when a message was decided (`created_at`); `rule` needs `ruleset`. "
+            "Fast filters (an index each): `status`, `contact_id`, `ruleset`; `channel` and `reason` "
+            "narrow what those (or the time order) give.",
             "operationId": "getMessages",
             "responses": {
                 "200": links(json_body(ref("MessageList"), "messages"), **MESSAGE_LINKS),
@@ -472,6 +527,57 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # --- the overview and channel test sends (issue 17: the console's Overview and Channels pages) ---
+    Route(
+        "GET",
+        "/v1/overview",
+        overview.get_overview,
+        "admin",
+        types=(Overview, ErrorBody),
+        operation={
+            "summary": "What an on-call person looks at first: readiness, throughput now and over 24 h, "
+            "backlogs, messages by channel and status, quarantine, dead letters, channels and plugins",
+            "description": "`health` is what `/readyz` says. `now`: events accepted (stored) and decided "
+            "(evaluated by the rules) in the last minute; `series`: the same per UTC quarter hour "
+            "(`bucket_seconds` 900) over the last 24 h, 96 points, the last the current quarter so far, "
+            "rates over the part that has passed. `inbox`: events waiting for the rules and the oldest "
+            "one's wait; `due`: scheduled sends due and not yet sent, and due within the hour. "
+            "`messages`: per channel and status since `messages_since` (24 h ago), from the funnel's "
+            "hourly counters (every hour overlapping the window; empty with RULESVC_STATS off). "
+            "`channels` and `plugins` as `GET /v1/channels` gives them. When MongoDB does not answer, "
+            "the parts read from it are null or empty and `health` says so.",
+            "operationId": "getOverview",
+            "responses": {"200": json_body(ref("Overview"), "the overview")},
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/channels/{name}/test",
+        channels.post_channel_test,
+        "admin",
+        types=(ChannelTestRequest, ChannelTestResult, ChannelTestFailed, ErrorBody),
+        parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        operation={
+            "summary": "Send the built-in test message through a channel's plugin to an address",
+            "description": "The real plugin sends a fixed test message (subject `rulesvc test message`) "
+            "to `to`: an email address for `email`, an E.164 number for `sms`, a device token for "
+            "`push`; `webpush_subscription` for `webpush`; a webhook goes to its configured URL. "
+            "No contact, rule, message history or counter is read or written.",
+            "operationId": "testChannel",
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": ref("ChannelTestRequest")}},
+            },
+            "responses": {
+                "200": json_body(ref("ChannelTestResult"), "the provider took it"),
+                "404": error("no such channel"),
+                "409": error("the channel is not configured: what is missing"),
+                "422": error("an address the channel cannot use, with its path (`$.to`)"),
+                "502": json_body(ref("ChannelTestFailed"), "the provider did not take it, in its words"),
+            },
+        },
+    ),
+    # --- end of the overview block ---
     Route(
         "GET",
         "/v1/rulesets",

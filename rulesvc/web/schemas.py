@@ -120,6 +120,12 @@ class ChannelInfo(msgspec.Struct):
     callbacks: bool
     send_timeout_seconds: float  # the channel's timeout, at most two thirds of the lease
     kind: str = "message channel"
+    # Its sends (GET /v1/overview and the console read them too): the last one, and the last 24 h's from
+    # the funnel's hourly counters (null: the database did not answer, or RULESVC_STATS is off).
+    last_sent_at: datetime | None = None
+    sent_24h: int | None = None
+    failed_24h: int | None = None  # failed (the provider said no) or dead (retries ran out)
+    error_rate_24h: float | None = None  # failed / (sent + failed); null when none ended
 
 
 class JobRun(msgspec.Struct):
@@ -259,10 +265,21 @@ class MessagesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ) = None
     contact_id: Annotated[str, msgspec.Meta(description="only this contact's messages")] | None = None
     ruleset: Annotated[str, msgspec.Meta(description="only messages of this ruleset")] | None = None
+    rule: (
+        Annotated[str, msgspec.Meta(description="with `ruleset`: only messages of this rule of it")] | None
+    ) = None
     reason: (
         Annotated[
             ReasonCode, msgspec.Meta(description="only messages with this reason code, e.g. no_consent")
         ]
+        | None
+    ) = None
+    from_: (
+        Annotated[datetime, msgspec.Meta(tz=True, description="only messages decided at or after this time")]
+        | None
+    ) = msgspec.field(default=None, name="from")
+    to: (
+        Annotated[datetime, msgspec.Meta(tz=True, description="only messages decided before this time")]
         | None
     ) = None
 

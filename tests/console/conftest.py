@@ -39,7 +39,9 @@ def console_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consol
             "RULESVC_QUIET_HOURS": "",
             "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1",
             "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
+            "RULESVC_CHANNEL_EMAIL_SECURITY": "none",
             "RULESVC_CHANNEL_EMAIL_FROM": "shop@example.test",
+            "RULESVC_CHANNEL_EMAIL_SECURITY": "none",  # the test SMTP server speaks no TLS
         }
         service = ConsoleService(workdir, env=env)
         service.mailbox = mailbox

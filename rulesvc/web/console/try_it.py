@@ -18,9 +18,9 @@ from aiohttp import web
 from rulesvc.core.ids import id_problem
 from rulesvc.web.backtest_schemas import BacktestConflict, BacktestJob, BacktestRejected, BacktestRequest
 from rulesvc.web.console.base import ConsoleRoute, error_page, form_of, render, see_other
-from rulesvc.web.views import contacts as contact_views
 from rulesvc.web.views.backtests import backtest_job, backtest_list, start_backtest
 from rulesvc.web.views.base import ApiError
+from rulesvc.web.views.contacts import get_contact_op
 from rulesvc.web.views.simulate import simulate
 
 # README's quick start event, and a made-up contact reachable by email, push and SMS, who agreed to all three.
@@ -129,10 +129,7 @@ async def _real_contact(app: web.Application, contact_id: str) -> dict[str, Any]
     problem = id_problem(contact_id, "contact id")
     if problem is not None:
         raise ValueError(problem)
-    operation = getattr(contact_views, "get_contact_op", None)
-    if operation is None:
-        raise ValueError("this service cannot read stored contacts for a simulation")
-    contact = await operation(app, contact_id)
+    contact = await get_contact_op(app, contact_id)
     if contact is None:
         raise ValueError(f"no stored contact `{contact_id}`")
     profile: dict[str, Any] = msgspec.to_builtins(contact)

@@ -46,10 +46,9 @@ async def post_inbox_token(request: web.Request) -> web.Response:
     return json_response(InboxToken(token, contact_id, expires_at))
 
 
-async def get_inbox(request: web.Request) -> web.Response:
-    contact_id = contact_id_of(request)
-    query = query_of(request, InboxQuery)
-    docs = await request.app[STORE].inapp_messages(contact_id, query.limit)
+async def inbox_of(app: web.Application, contact_id: str, query: InboxQuery) -> InboxList:
+    """The operation behind `GET /v1/contacts/{contact_id}/inbox` (the console shows it too)."""
+    docs = await app[STORE].inapp_messages(contact_id, query.limit)
     items = [
         InboxItem(
             d["_id"],
@@ -61,7 +60,11 @@ async def get_inbox(request: web.Request) -> web.Response:
         )
         for d in docs
     ]
-    return json_response(InboxList(items))
+    return InboxList(items)
+
+
+async def get_inbox(request: web.Request) -> web.Response:
+    return json_response(await inbox_of(request.app, contact_id_of(request), query_of(request, InboxQuery)))
 
 
 _INBOX_ACTION = msgspec.json.Decoder(InboxAction)

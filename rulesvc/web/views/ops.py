@@ -9,6 +9,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from rulesvc.channels import ChannelRegistry, status_of
+from rulesvc.core.masking import mask_credentials
 from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
 from rulesvc.runtime.rulesets import Rulesets, folder_problem
@@ -24,15 +25,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """503 when the service cannot do its work (MongoDB away, rulesets not loaded yet); 200 "degraded" when
-    it works but something needs a look (no rulesets, refused rulesets, channels the rulesets send on
-    that are not configured, a backlog, quarantined events), so a load balancer keeps it while an
-    operator is told why: one sentence per problem in `reasons`."""
+    health = await readiness(request.app)
+    return json_response(health, 503 if health.status == "unavailable" else 200)
+
+
+async def readiness(app: web.Application) -> Health:
+    """`unavailable` when the service cannot do its work (MongoDB away, rulesets not loaded yet): /readyz
+    answers 503; `degraded` when it works but something needs a look (no rulesets, refused rulesets,
+    channels the rulesets send on that are not configured, a backlog, quarantined events), so a load
+    balancer keeps it while an operator is told why: one sentence per problem in `reasons`. The
+    overview (`GET /v1/overview`, the console) shows the same."""
     checks: dict[str, str] = {}
     problems: list[str] = []  # the service works, but not as it should
     failures: list[str] = []  # the service cannot work
-    store = request.app[STORE]
-    settings = request.app[SETTINGS]
+    store = app[STORE]
+    settings = app[SETTINGS]
     try:
         await store.ping()
         checks["mongodb"] = "ok"
@@ -64,19 +71,19 @@ async def readyz(request: web.Request) -> web.Response:
     except PyMongoError as exc:
         checks["mongodb"] = f"unreachable: {type(exc).__name__}"
         failures.append(f"MongoDB is unreachable ({type(exc).__name__})")
-    rulesets = request.app.get(RULESETS)
+    rulesets = app.get(RULESETS)
     if rulesets is None or not rulesets.loaded_once:
         checks["rulesets"] = "not loaded yet"
         failures.append("the rulesets are not loaded yet")
     else:
         checks["rulesets"], found = _rulesets_check(rulesets)
         problems += found
-        checks["channels"], found = _channels_check(rulesets, request.app[CHANNELS])
+        checks["channels"], found = _channels_check(rulesets, app[CHANNELS])
         problems += found
     status: Literal["ok", "degraded", "unavailable"] = (
         "unavailable" if failures else "degraded" if problems else "ok"
     )
-    return json_response(Health(status, checks, failures + problems), 503 if failures else 200)
+    return Health(status, checks, failures + problems)
 
 
 def _rulesets_check(rulesets: Rulesets) -> tuple[str, list[str]]:
@@ -116,6 +123,7 @@ def _channels_check(rulesets: Rulesets, registry: ChannelRegistry) -> tuple[str,
             configured, detail = False, "no installed plugin provides it"
         else:
             configured, detail = status_of(channel)  # as GET /v1/channels says it
+            detail = mask_credentials(detail)
         if configured:
             continue
         unusable.append(f"{channel_name} ({', '.join(users)})")

@@ -1,0 +1,156 @@
+"""The contact pages in a real Chromium against a real service with the shipped rulesets: find a contact
+by email, watch its event and reminders appear, cancel a pending send, read why a message was not sent.
+The API (`GET /v1/...` with the admin key) is the judge of what the page claims."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from typing import Any
+
+from selenium.webdriver.common.by import By
+
+from tests.browser import Browser
+from tests.console.conftest import ConsoleService
+
+
+def in_holdout(ruleset: str, contact_id: str, share: float = 0.05) -> bool:
+    """The documented holdout draw (core/assign.py): SHA-256 of salt (the name), id and purpose."""
+    digest = hashlib.sha256(f"{ruleset}\x00{contact_id}\x00holdout".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def api(service: ConsoleService, path: str) -> Any:
+    status, body = service.request("GET", path)
+    assert status == 200, (path, status, body)
+    return body
+
+
+def test_find_contact_watch_reminders_and_cancel_one(
+    console_service: ConsoleService, browser: Browser
+) -> None:
+    contact = next(c for c in (f"shopper-{n}" for n in range(100)) if not in_holdout("cart_abandon", c))
+    status, _ = console_service.request("PUT", f"/v1/contacts/{contact}", {
+        "email": "Shopper.One@Example.com", "consent": {"email": True, "push": True},
+        "push_tokens": ["tok-1"], "attributes": {"first_name": "Sam"}})  # fmt: skip
+    assert status == 201
+    cart = {"value": 49.9, "currency": "EUR", "items": ["mug"]}
+    console_service.post_events(
+        {"id": f"{contact}-cart-1", "type": "cart_updated", "contact_id": contact, "attributes": cart}
+    )
+
+    browser.open("/console/contacts")
+    browser.field("Contact id, email or phone").send_keys("shopper.one@EXAMPLE.com")
+    browser.press("Search")
+    assert "1 contact found" in browser.text()
+    browser.shot("contact-search")
+    browser.follow(contact)
+    assert browser.path == f"/console/contacts/{contact}"
+
+    # The event and the two reminders the cart_abandon rules schedule (push after 20 min, email after 12 h).
+    browser.wait_for_text("event cart_updated")
+    browser.wait_for_text("cart_abandon / remind")
+    pending = api(console_service, f"/v1/contacts/{contact}/messages?status=scheduled")["messages"]
+    assert sorted(m["channel"] for m in pending) == ["email", "push"]
+    rows = browser.driver.find_elements(By.XPATH, "//section[@aria-labelledby='pending-h']//tbody/tr")
+    assert len(rows) == 2
+    assert "push" in rows[0].text and "email" in rows[1].text  # soonest first
+    assert "in 19 min" in rows[0].text or "in 20 min" in rows[0].text
+    browser.shot("contact-pending")
+
+    push = next(m for m in pending if m["channel"] == "push")
+    cancel = browser.button("Cancel", within=rows[0])
+
+    def confirmed() -> None:
+        cancel.click()
+        browser.driver.switch_to.alert.accept()  # the confirm() of console.js
+
+    browser.loads(confirmed)
+    assert "cancelled: it will never be sent" in browser.text()
+    assert browser.path == f"/console/contacts/{contact}"
+    judged = api(console_service, "/v1/messages/" + urllib.parse.quote(push["message_id"], safe=""))
+    assert judged["status"] == "cancelled" and judged["reason"] == "cancelled_by_operator"
+    rows = browser.driver.find_elements(By.XPATH, "//section[@aria-labelledby='pending-h']//tbody/tr")
+    assert len(rows) == 1 and "email" in rows[0].text
+    timeline = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='timeline-h']").text
+    assert "cancelled by an operator" in timeline
+
+    # A purchase cancels the other reminder (its `cancel_on`) and sends the order confirmation.
+    order = {"order_id": "A-1001", "value": 49.9, "currency": "EUR", "items": [{"sku": "mug", "name": "Mug"}]}
+    console_service.post_events(
+        {"id": f"{contact}-order-1", "type": "purchased", "contact_id": contact, "attributes": order}
+    )
+    browser.wait_for_text("cancelled by purchased at")
+    browser.wait_for_text("sent on email at")
+    email = next(m for m in pending if m["channel"] == "email")
+    judged = api(console_service, "/v1/messages/" + urllib.parse.quote(email["message_id"], safe=""))
+    assert (judged["status"], judged["reason"]) == ("cancelled", "cancelled_by_event")
+    sent = api(console_service, f"/v1/contacts/{contact}/messages?status=sent")["messages"]
+    assert [(m["ruleset"], m["rule"]) for m in sent] == [("confirmations", "order")]
+    assert any("A-1001" in str(mail["Subject"]) for _, _, mail in console_service.mailbox.messages)
+    assert "Nothing waiting to be sent" in browser.text()
+    browser.shot("contact")
+
+
+def test_suppressed_message_says_why(console_service: ConsoleService, browser: Browser) -> None:
+    contact = "no-consent-1"
+    status, _ = console_service.request(
+        "PUT", f"/v1/contacts/{contact}", {"email": "quiet@example.com", "consent": {"email": False}}
+    )
+    assert status == 201
+    console_service.post_events({"id": f"{contact}-addr", "type": "address_changed", "contact_id": contact,
+                                 "attributes": {"city": "Berlin"}})  # fmt: skip
+    browser.open(f"/console/contacts/{contact}")
+    browser.wait_for_text("not sent: the contact has no email consent")
+    (message,) = api(console_service, f"/v1/contacts/{contact}/messages")["messages"]
+    assert (message["status"], message["reason"], message["ruleset"]) == (
+        "suppressed",
+        "no_consent",
+        "lifecycle",
+    )
+    why = browser.driver.find_element(By.ID, "ruleset-lifecycle").text
+    assert "1 not sent" in why and "no email consent" in why and "no_consent" in why
+    # A ruleset that decided nothing says what the contact never did.
+    cart = browser.driver.find_element(By.ID, "ruleset-cart_abandon").text
+    assert "never did what it listens to" in cart and "cart_updated" in cart
+    reach = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='reach-h']").text
+    assert "no marketing consent" in reach
+
+    # Two product views in a session without a cart: browse_abandon's in-app offer, in the inbox.
+    for n in (1, 2):
+        view = {"product_id": f"p{n}"}
+        console_service.post_events(
+            {"id": f"{contact}-view-{n}", "type": "product_viewed", "contact_id": contact, "attributes": view}
+        )
+    browser.wait_for_text("browse_abandon/free_shipping")
+    inbox = api(console_service, f"/v1/contacts/{contact}/inbox")["messages"]
+    assert [m["template"] for m in inbox] == ["browse_abandon/free_shipping"]
+    shown = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='inbox-h']").text
+    assert "browse_abandon/free_shipping" in shown and "not shown yet" in shown
+    browser.shot("contact-suppressed")
+
+
+def test_unknown_contact_and_bad_search(console_service: ConsoleService, browser: Browser) -> None:
+    browser.open("/console/contacts/nobody-at-all")
+    assert "No contact `nobody-at-all`" in browser.text()
+    browser.open("/console/contacts?q=" + "x" * 300)
+    assert "query parameter `q`" in browser.text()  # the API's own refusal, on the page
+    browser.open("/console/contacts?q=ghost%40example.com")
+    assert "No contact matches" in browser.text()
+
+
+def test_a_read_only_session_sees_pending_sends_without_cancel(
+    console_service: ConsoleService, new_browser: Browser
+) -> None:
+    contact = next(c for c in (f"looker-{n}" for n in range(100)) if not in_holdout("cart_abandon", c))
+    cart = {"value": 20, "currency": "EUR", "items": ["pen"]}
+    console_service.post_events(
+        {"id": f"{contact}-cart", "type": "cart_updated", "contact_id": contact, "attributes": cart}
+    )
+    new_browser.login(console_service.new_key("read"))
+    new_browser.open(f"/console/contacts/{contact}")
+    new_browser.wait_for_text("cart_abandon / remind")
+    section = new_browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='pending-h']")
+    assert len(section.find_elements(By.XPATH, ".//tbody/tr")) == 2
+    assert section.find_elements(By.XPATH, ".//button") == []
+    assert "read-only" in new_browser.text()
