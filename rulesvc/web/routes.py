@@ -72,6 +72,7 @@ from rulesvc.web.schemas import (
     QuarantineList,
     QuarantineQuery,
     RulesetChecked,
+    RulesetDetail,
     RulesetInfo,
     RulesetList,
     RulesetPutQuery,
@@ -647,6 +648,28 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # -- console-rulesets: one ruleset in detail (the console's ruleset page) --
+    Route(
+        "GET",
+        "/v1/rulesets/{name:(?!reload$)[^/]+}",  # `GET /v1/rulesets/reload` stays a 405 (it is a POST)
+        rulesets.get_ruleset,
+        "admin",
+        types=(RulesetDetail, ErrorBody),
+        operation={
+            "summary": "One ruleset: its status and load errors, each rule in words, its holdout, A/B "
+            "arms and goal, and the current text of its file",
+            "description": "`rules`, `holdout`, `variants` and `goal` describe the live version; `source` "
+            "is the file as it is now, which after a refused edit is not the live version (`status` "
+            "`error`, `errors` say why). Each rule has the events that trigger it, its conditions and a "
+            "sentence per action (a send's channel, template and delay are also given as fields).",
+            "operationId": "getRuleset",
+            "responses": {
+                "200": json_body(ref("RulesetDetail"), "the ruleset"),
+                "404": error("no such ruleset file in the rulesets folder"),
+            },
+        },
+    ),
+    # -- end console-rulesets --
     Route(
         "POST",
         "/v1/simulate",

@@ -11,6 +11,7 @@ import msgspec
 from rulesvc.core.durations import DURATION_PATTERN
 from rulesvc.core.messages import MessageStatus
 from rulesvc.core.reasons import REASONS
+from rulesvc.core.rulesummary import GoalInfo, RuleSummary, VariantInfo
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -319,3 +320,29 @@ class InboxActionQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
 class RulesetPutQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dry_run: Annotated[bool, msgspec.Meta(description="check only; write nothing")] = False
+
+
+# `GET /v1/rulesets/{name}` (the console's ruleset page reads it too).
+
+
+class RulesetDetail(msgspec.Struct, kw_only=True):
+    """A ruleset as its list entry shows it, and what it does: each rule in words (from the live
+    version; none while no version ever loaded), its holdout, A/B arms and goal, and the current text of
+    its file (which differs from the live version after a refused edit: `status` is then `error`).
+    `source` is null, and `source_error` says why, when the file cannot be read."""
+
+    name: str
+    file: str
+    status: Literal["loaded", "error"]
+    version: str | None
+    loaded_at: datetime | None
+    events: list[str]
+    errors: list[RulesetErrorBody]
+    description: str
+    timeout: str | None  # older events start nothing in this ruleset
+    holdout: str | None  # e.g. "5%"
+    variants: list[VariantInfo]
+    goal: GoalInfo | None
+    rules: list[RuleSummary]
+    source: str | None
+    source_error: str | None = None

@@ -10,7 +10,7 @@ import pymongo
 from aiohttp import web
 
 from rulesvc.store.console_sessions import ConsoleSessions
-from rulesvc.web.console import channels, contacts, login, messages, overview
+from rulesvc.web.console import channels, contacts, login, messages, overview, rulesets, try_it
 from rulesvc.web.console.base import (
     SESSIONS,
     TEMPLATES,
@@ -22,7 +22,7 @@ from rulesvc.web.console.base import (
 from rulesvc.web.console.paths import CONSOLE_PREFIX
 from rulesvc.web.keys import SETTINGS, STORE
 
-PAGES = [login, overview, contacts, messages, channels]
+PAGES = [login, overview, rulesets, contacts, messages, try_it, channels]
 
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png"}
 

@@ -43,7 +43,7 @@ from rulesvc.web.backtest_schemas import (
 )
 from rulesvc.web.keys import BACKTESTS, MONGO_URI, RULESETS, SETTINGS
 from rulesvc.web.lifecycle import templates_of
-from rulesvc.web.views.base import error_response, json_response, read_body
+from rulesvc.web.views.base import ApiError, error_response, json_response, read_body, refuse
 from rulesvc.web.views.rulesets import NAME_RULE
 
 _DECODER = msgspec.json.Decoder(BacktestRequest)
@@ -81,9 +81,9 @@ def job_body(doc: dict[str, Any], with_report: bool = True) -> BacktestJob:
     )
 
 
-def _rejected(problems: list[BacktestProblem]) -> web.Response:
+def _rejected(problems: list[BacktestProblem]) -> BacktestRejected:
     said = f"the backtest request has {len(problems)} error(s); nothing started"
-    return json_response(BacktestRejected(said, problems), 422)
+    return BacktestRejected(said, problems)
 
 
 class _Asked:
@@ -181,19 +181,27 @@ class _Asked:
 
 
 async def post_backtest(request: web.Request) -> web.Response:
-    """Checked here (the window, the folders, every ruleset through the one validator), then started as
-    a process of its own; 202 at once with the job to follow."""
     body = await read_body(request)
     try:
         asked = _DECODER.decode(body)
     except msgspec.ValidationError as exc:
         path, message = split_validation_error(exc)
-        return _rejected([BacktestProblem(path, message)])
+        return json_response(_rejected([BacktestProblem(path, message)]), 422)
     except msgspec.DecodeError as exc:
         return error_response(400, f"malformed JSON: {exc}")
     except RecursionError:
         return error_response(400, TOO_DEEP)
-    app = request.app
+    try:
+        job = await start_backtest(request.app, asked)
+    except ApiError as exc:
+        return exc.response()
+    return json_response(job, 202, headers={"Location": href(job.id)})
+
+
+async def start_backtest(app: web.Application, asked: BacktestRequest) -> BacktestJob:
+    """Checked here (the window, the folders, every ruleset through the one validator), then started as
+    a process of its own; the job (queued) at once to follow. ApiError: 422 with every problem, 409 while
+    another runs, 503 when no process could be started."""
     settings, runner = app[SETTINGS], app[BACKTESTS]
     now = datetime.now(UTC)
     retention = timedelta(days=settings.event_retention_days)
@@ -205,7 +213,7 @@ async def post_backtest(request: web.Request) -> web.Response:
     if isinstance(window, WindowProblem):
         problems.insert(0, BacktestProblem(f"$.{window.field}", window.message))
     if problems:
-        return _rejected(problems)
+        raise ApiError(422, _rejected(problems))
     assert isinstance(window, Window)
     said = BacktestAsked(window, checked.baseline_label, checked.candidate_label,
                          None if asked.contacts is None else len(asked.contacts), asked.examples)  # fmt: skip
@@ -216,10 +224,10 @@ async def post_backtest(request: web.Request) -> web.Response:
     if job is None:
         body_ = job_body(running, with_report=False) if running is not None else None
         if body_ is None:
-            return error_response(503, "another backtest was starting; try again")
+            raise refuse(503, "another backtest was starting; try again")
         error = (f"a backtest runs already ({body_.id}, {body_.status}); one runs at a time per service: "
                  "wait for it or cancel it")  # fmt: skip
-        return json_response(BacktestConflict(error, body_), 409, headers={"Location": href(body_.id)})
+        raise ApiError(409, BacktestConflict(error, body_), headers={"Location": href(body_.id)})
     handoff = Handoff(
         job_id=job["_id"],
         settings=settings,
@@ -233,30 +241,48 @@ async def post_backtest(request: web.Request) -> web.Response:
     try:
         await runner.start(handoff)
     except OSError as exc:
-        return error_response(503, f"the backtest process could not be started: {exc}")
-    return json_response(job_body(job), 202, headers={"Location": href(job["_id"])})
+        raise refuse(503, f"the backtest process could not be started: {exc}") from exc
+    return job_body(job)
+
+
+async def backtest_job(app: web.Application, job_id: str) -> BacktestJob:
+    """A job with its progress and, when done, its report; ApiError 404."""
+    doc = await app[BACKTESTS].jobs.get(job_id, datetime.now(UTC), LOST_AFTER)
+    if doc is None:
+        raise refuse(404, "no such backtest")
+    return job_body(doc)
+
+
+async def backtest_list(app: web.Application) -> BacktestList:
+    docs = await app[BACKTESTS].jobs.recent(KEEP, datetime.now(UTC), LOST_AFTER)
+    return BacktestList([job_body(d, with_report=False) for d in docs])
+
+
+async def cancel_job(app: web.Application, job_id: str) -> BacktestJob:
+    """A queued job ends at once; a running one at its next progress write (within about a second).
+    ApiError: 404, or 409 for a job that has ended."""
+    doc = await app[BACKTESTS].jobs.request_cancel(job_id, datetime.now(UTC), LOST_AFTER)
+    if doc is None:
+        raise refuse(404, "no such backtest")
+    if doc["status"] in ("done", "failed", "lost"):
+        error = f"the backtest is {doc['status']}; only a queued or running one can be cancelled"
+        raise ApiError(409, BacktestEnded(error, doc["status"]))
+    return job_body(doc, with_report=False)
 
 
 async def get_backtest(request: web.Request) -> web.Response:
-    jobs = request.app[BACKTESTS].jobs
-    doc = await jobs.get(request.match_info["job_id"], datetime.now(UTC), LOST_AFTER)
-    if doc is None:
-        return error_response(404, "no such backtest")
-    return json_response(job_body(doc))
+    try:
+        return json_response(await backtest_job(request.app, request.match_info["job_id"]))
+    except ApiError as exc:
+        return exc.response()
 
 
 async def get_backtests(request: web.Request) -> web.Response:
-    docs = await request.app[BACKTESTS].jobs.recent(KEEP, datetime.now(UTC), LOST_AFTER)
-    return json_response(BacktestList([job_body(d, with_report=False) for d in docs]))
+    return json_response(await backtest_list(request.app))
 
 
 async def cancel_backtest(request: web.Request) -> web.Response:
-    """A queued job ends at once; a running one at its next progress write (within about a second)."""
-    jobs = request.app[BACKTESTS].jobs
-    doc = await jobs.request_cancel(request.match_info["job_id"], datetime.now(UTC), LOST_AFTER)
-    if doc is None:
-        return error_response(404, "no such backtest")
-    if doc["status"] in ("done", "failed", "lost"):
-        error = f"the backtest is {doc['status']}; only a queued or running one can be cancelled"
-        return json_response(BacktestEnded(error, doc["status"]), 409)
-    return json_response(job_body(doc, with_report=False))
+    try:
+        return json_response(await cancel_job(request.app, request.match_info["job_id"]))
+    except ApiError as exc:
+        return exc.response()

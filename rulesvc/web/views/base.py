@@ -185,3 +185,23 @@ def contact_id_of(request: web.Request) -> str:
     if problem is not None:
         raise web.HTTPBadRequest(text=problem)
     return contact_id
+
+
+class ApiError(Exception):
+    """An operation's refusal (`web/views/<resource>.py`): the status and body its route answers with,
+    which the HTTP adapter sends as JSON and the console shows on a page."""
+
+    def __init__(self, status: int, body: msgspec.Struct, headers: dict[str, str] | None = None) -> None:
+        super().__init__(getattr(body, "error", ""))
+        self.status, self.body, self.headers = status, body, headers
+
+    @property
+    def message(self) -> str:
+        return str(getattr(self.body, "error", ""))
+
+    def response(self) -> web.Response:
+        return json_response(self.body, self.status, self.headers)
+
+
+def refuse(status: int, message: str) -> ApiError:
+    return ApiError(status, ErrorBody(message))

@@ -23,7 +23,7 @@ from rulesvc.core.statsreport import (
 from rulesvc.store.stats import Stats
 from rulesvc.web.keys import RULESETS, STORE
 from rulesvc.web.stats_schemas import StatsQuery
-from rulesvc.web.views.base import QueryRejected, error_response, json_response, query_of
+from rulesvc.web.views.base import ApiError, QueryRejected, json_response, query_of, refuse
 
 
 async def read_report(
@@ -42,8 +42,9 @@ async def read_report(
     return build(ruleset, rule, window, by, cells, buckets, configured)
 
 
-async def get_stats(request: web.Request) -> web.Response:
-    query = query_of(request, StatsQuery)
+async def stats_report(app: web.Application, query: StatsQuery) -> StatsReport:
+    """The operation behind `GET /v1/stats`: QueryRejected for a name or window the route refuses (422),
+    ApiError 404 for a ruleset neither loaded nor ever counted."""
     for value, what in ((query.ruleset, "ruleset"), (query.rule, "rule")):
         problem = name_problem(value, what) if value is not None else None
         if problem is not None:
@@ -51,9 +52,16 @@ async def get_stats(request: web.Request) -> web.Response:
     window = stats_window(query.from_, query.to, query.by, datetime.now(UTC))
     if isinstance(window, WindowProblem):
         raise QueryRejected(f"query parameter `{window.field}`: {window.message}", window.field)
-    live = request.app[RULESETS].live.get(query.ruleset)
-    reads = Stats(request.app[STORE])
+    live = app[RULESETS].live.get(query.ruleset)
+    reads = Stats(app[STORE])
     if live is None and not await reads.exists(query.ruleset):
-        return error_response(404, f"no ruleset `{query.ruleset}`: none is loaded and none was ever counted")
+        raise refuse(404, f"no ruleset `{query.ruleset}`: none is loaded and none was ever counted")
     configured = design_of_source(live.source) if live is not None else None
-    return json_response(await read_report(reads, query.ruleset, query.rule, window, query.by, configured))
+    return await read_report(reads, query.ruleset, query.rule, window, query.by, configured)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    try:
+        return json_response(await stats_report(request.app, query_of(request, StatsQuery)))
+    except ApiError as exc:
+        return exc.response()
