@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,18 +59,31 @@ class Browser:
         raise AssertionError("the page kept changing")
 
     def loads(self, action: Callable[[], object]) -> None:
-        """Do `action` (a click that submits or follows) and wait until the next page replaced this one."""
-        old = self.driver.find_element(By.TAG_NAME, "html")
+        """Do `action` (a click that submits or follows) and wait until the next page replaced this one:
+        a mark left on this page's `window` is gone from the next one's. (Waiting for an element to go
+        stale races with Chromium swapping the document: "Node with given id does not belong to the
+        document".)"""
+        self.driver.execute_script("window.__rulesvcLeft = true;")
         action()
-        WebDriverWait(self.driver, 30, poll_frequency=0.05).until(staleness_of(old))
-        WebDriverWait(self.driver, 30, poll_frequency=0.05).until(
-            lambda d: d.execute_script("return document.readyState") == "complete"
-        )
 
-    def press(self, label: str, within: WebElement | None = None) -> None:
-        """Click the button labelled `label` and wait for the page it leads to."""
+        def arrived() -> bool:
+            try:
+                return bool(
+                    self.driver.execute_script(
+                        "return window.__rulesvcLeft === undefined && document.readyState === 'complete';"
+                    )
+                )
+            except WebDriverException:  # no document to run in, in the middle of the swap
+                return False
+
+        self.wait(arrived, "the next page", timeout=30)
+
+    def press(self, label: str, within: WebElement | None = None, expect: str | None = None) -> None:
+        """Click the button labelled `label`, wait for the page it leads to, and for `expect` on it."""
         button = self.button(label, within)
         self.loads(button.click)
+        if expect is not None:
+            self.wait(lambda: expect in self.text(), f"`{expect}` after pressing {label}")
 
     def follow(self, text: str) -> None:
         """Click the link `text` and wait for its page."""

@@ -16,7 +16,6 @@ from selenium.webdriver.common.by import By
 
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
-from tests.console.pages import submit
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -139,14 +138,14 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
     line, column = place(candidate, '"half a day"')
     area = browser.field("Candidate cart_abandon.json")
     browser.driver.execute_script("arguments[0].value = arguments[1];", area, candidate)
-    submit(browser, "Check", "Not valid")
+    browser.press("Check", expect="Not valid")
     text = browser.text()
     assert f"cart_abandon.json:{line}:{column} $.rules[1].then[2].send.after" in text, text
     assert "expected a duration such as `20m` or `2h`" in text
     browser.shot("ruleset-check")
     area = browser.field("Candidate cart_abandon.json")
     browser.driver.execute_script("arguments[0].value = arguments[1];", area, original.replace("12h", "6h"))
-    submit(browser, "Check", "Valid: would listen to cart_updated")
+    browser.press("Check", expect="Valid: would listen to cart_updated")
     assert "Nothing was written." in browser.text()
     assert files(folder) == before
     status, body = console_service.request("GET", "/v1/rulesets/cart_abandon")
@@ -160,6 +159,6 @@ def test_a_read_session_may_check_but_the_page_refuses_a_bad_window(
     new_browser.open("/console/rulesets/checkout_abandon?window=1y")
     assert "query parameter `window`: `1y` is not one of 24h, 7d, 30d" in new_browser.text()
     new_browser.open("/console/rulesets/checkout_abandon")
-    submit(new_browser, "Check", "Valid: would listen to checkout_started")
+    new_browser.press("Check", expect="Valid: would listen to checkout_started")
     new_browser.open("/console/rulesets/no_such_ruleset")
     assert "no ruleset `no_such_ruleset`" in new_browser.text()

@@ -17,7 +17,6 @@ from selenium.webdriver.common.by import By
 from rulesvc.core.durations import parse_duration
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
-from tests.console.pages import submit
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -44,7 +43,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     event = {"id": "evt-1", "type": "cart_updated", "contact_id": "c-42", "time": "2026-11-20T10:00:00Z",
              "attributes": {"value": 59.90}}  # fmt: skip
     _set(browser, "Events (a JSON array, or one JSON object per line)", json.dumps(event))
-    submit(browser, "Simulate", "What would happen")
+    browser.press("Simulate", expect="What would happen")
     rows = _rows(browser)
     shipped = json.loads((SHIPPED / "cart_abandon.json").read_text())
     remind = next(r for r in shipped["rules"] if r["name"] == "remind")
@@ -75,7 +74,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
     _set(
         browser, "Events (a JSON array, or one JSON object per line)", '{"id": "x", "type": "cart_updated"\n'
     )
-    submit(browser, "Simulate", "Not simulated: line 1")
+    browser.press("Simulate", expect="Not simulated: line 1")
 
 
 def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
@@ -110,7 +109,7 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     browser.open("/console/try/backtests")
     browser.field("Candidate rulesets folder (absolute path on the server)").send_keys(str(candidate))
     browser.driver.find_element(By.CSS_SELECTOR, "#window option[value='24h']").click()
-    submit(browser, "Start backtest", "Baseline")
+    browser.press("Start backtest", expect="Baseline")
     assert "/console/try/backtests/" in browser.path
     job_id = browser.path.rsplit("/", 1)[1]
     browser.wait(lambda: "Sent per rule" in browser.text(), "the report (the page refreshes itself)", 90)
@@ -143,7 +142,7 @@ def test_a_read_session_may_simulate_but_not_start_a_backtest(
 ) -> None:
     new_browser.login(console_service.new_key("read"))
     new_browser.open("/console/try")
-    submit(new_browser, "Simulate", "What would happen")  # README's example, as pre-filled
+    new_browser.press("Simulate", expect="What would happen")  # README's example, as pre-filled
     assert "cart_abandon/push" in new_browser.text() and "cart_abandon/email" in new_browser.text()
     new_browser.open("/console/try/backtests")
     assert "A read-only session can look at backtests but not start one." in new_browser.text()
@@ -177,7 +176,7 @@ def test_a_simulation_for_a_stored_contact(console_service: ConsoleService, brow
         browser.driver.execute_script("arguments[0].value = arguments[1];", field, json.dumps(event))
         browser.driver.find_element(By.ID, "who-real").click()
         browser.field("Stored contact id").send_keys(contact)
-        submit(browser, "Simulate", "What would happen")
+        browser.press("Simulate", expect="What would happen")
         table = browser.driver.find_element(By.CLASS_NAME, "timeline-table")
         row = table.find_element(By.XPATH, f".//tr[td[contains(., '{email['template']}')]]")
         outcomes[contact] = row.text
@@ -198,4 +197,4 @@ def test_a_simulation_for_a_stored_contact(console_service: ConsoleService, brow
     browser.open("/console/try")
     browser.driver.find_element(By.ID, "who-real").click()
     browser.field("Stored contact id").send_keys("nobody-stored")
-    submit(browser, "Simulate", "no stored contact `nobody-stored`")
+    browser.press("Simulate", expect="no stored contact `nobody-stored`")
