@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # adding a plugin is adding its folder (tests/test_image.py checks both against plugins/).
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-.PHONY: install run test lint clean bench bench-engine bench-backtest docs screenshots
+.PHONY: install run test lint clean bench bench-engine bench-backtest docs screenshots browser
 
 $(STAMP): pyproject.toml requirements/embedded.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -31,13 +31,27 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The console's browser tests drive Debian's Chromium through its ChromeDriver (tests/browser.py): installed
+# here when missing, with apt-get (as root, or through sudo).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		command -v apt-get >/dev/null || { echo "the console's tests need chromium and chromedriver (Debian: chromium, chromium-driver)"; exit 1; }; \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver fonts-dejavu-core; \
+	fi
+
+test: lint browser
 	$(BIN)/pytest -q
 
 # The console's pictures in docs/console.md: the browser tests take them (build/console/), this keeps them.
-screenshots: $(STAMP)
+DOC_SCREENSHOTS := login overview rulesets ruleset ruleset-check contact-search contact messages message try backtest channels
+screenshots: $(STAMP) browser
 	$(BIN)/pytest -q tests/console
-	mkdir -p docs/console && cp build/console/*.png docs/console/
+	mkdir -p docs/console
+	for f in $(DOC_SCREENSHOTS); do \
+		if command -v pngquant >/dev/null; then pngquant --quality 60-85 --force --output docs/console/$$f.png build/console/$$f.png; \
+		else cp build/console/$$f.png docs/console/; fi; done
 
 # The configuration reference, generated from rulesvc/config.py (tests/test_config_reference.py checks it).
 docs: $(STAMP)

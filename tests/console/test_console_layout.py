@@ -5,6 +5,7 @@ its own."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 CONSOLE = Path(__file__).resolve().parent.parent.parent / "rulesvc" / "web" / "console"
@@ -41,3 +42,21 @@ def test_templates_have_no_inline_styles_or_scripts() -> None:
         assert "style=" not in text, template.name
         assert "<script>" not in text and "onclick=" not in text.lower(), template.name
         assert "| safe" not in text or template.name == "login.html", template.name
+
+
+def test_the_docs_pictures_are_the_tests_screenshots() -> None:
+    """docs/console.md shows pictures the browser tests take (`make screenshots` copies them)."""
+    root = CONSOLE.parent.parent.parent
+    doc = (root / "docs" / "console.md").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\(console/([\w-]+)\.png\)", doc)
+    assert len(pictures) >= 12
+    taken = set()
+    for test in (root / "tests" / "console").glob("test_*.py"):
+        taken.update(re.findall(r"""\.shot\(\s*["']([\w-]+)["']""", test.read_text()))
+    makefile = (root / "Makefile").read_text()
+    listed = re.search(r"^DOC_SCREENSHOTS := (.*)$", makefile, re.M)
+    assert listed is not None
+    for name in pictures:
+        assert name in taken, f"no browser test takes the screenshot {name}"
+        assert (root / "docs" / "console" / f"{name}.png").is_file(), name
+        assert name in listed.group(1).split(), f"make screenshots does not copy {name}"
