@@ -5,7 +5,6 @@ POST is refused."""
 
 from __future__ import annotations
 
-import shutil
 import urllib.parse
 from collections.abc import Iterator
 
@@ -14,10 +13,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.browser import Browser
-from tests.console.conftest import ROOT, ConsoleService
-from tests.console.test_session import _raw, _session
+from tests.console.conftest import ConsoleService, raw, running_console, script_session
 from tests.helpers import wait_for
-from tests.smtp_server import smtp_server
 from tests.webhook_flow import SECRET, Receiver
 
 SMS_TOKEN = "sms-auth-token-9f8e7d6c5b4a"
@@ -35,31 +32,17 @@ def receiver() -> Iterator[Receiver]:
 def console_service(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[ConsoleService]:
     """The shipped rulesets; email to a real SMTP server; webhooks to a receiver whose URL holds a
     password; sms set up with a token against a provider that is not there (port 9, nothing listens)."""
-    workdir = tmp_path_factory.mktemp("console-channels")
-    shutil.copytree(ROOT / "rulesets", workdir / "rulesets")
     hook_url = receiver.url.replace("http://", f"http://hookuser:{HOOK_PASSWORD}@")
-    with smtp_server() as (mailbox, smtp_port):
-        env = {
-            "RULESVC_RULESETS_DIR": str(workdir / "rulesets"),
-            "RULESVC_QUIET_HOURS": "",
-            "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1",
-            "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
-            "RULESVC_CHANNEL_EMAIL_SECURITY": "none",
-            "RULESVC_CHANNEL_EMAIL_FROM": "shop@example.test",
-            "RULESVC_CHANNEL_WEBHOOK_URL": hook_url,
-            "RULESVC_CHANNEL_WEBHOOK_SECRET": SECRET,
-            "RULESVC_CHANNEL_SMS_ACCOUNT_SID": "AC0123456789",
-            "RULESVC_CHANNEL_SMS_AUTH_TOKEN": SMS_TOKEN,
-            "RULESVC_CHANNEL_SMS_FROM": "+4915100000000",
-            "RULESVC_CHANNEL_SMS_BASE_URL": "http://127.0.0.1:9",
-        }
-        service = ConsoleService(workdir, env=env)
-        service.mailbox = mailbox
-        service.start()
-        try:
-            yield service
-        finally:
-            service.stop()
+    env = {
+        "RULESVC_CHANNEL_WEBHOOK_URL": hook_url,
+        "RULESVC_CHANNEL_WEBHOOK_SECRET": SECRET,
+        "RULESVC_CHANNEL_SMS_ACCOUNT_SID": "AC0123456789",
+        "RULESVC_CHANNEL_SMS_AUTH_TOKEN": SMS_TOKEN,
+        "RULESVC_CHANNEL_SMS_FROM": "+4915100000000",
+        "RULESVC_CHANNEL_SMS_BASE_URL": "http://127.0.0.1:9",
+    }
+    with running_console(tmp_path_factory.mktemp("console-channels"), env) as service:
+        yield service
 
 
 def card(browser: Browser, channel: str) -> WebElement:
@@ -164,11 +147,11 @@ def test_read_only_session_has_no_test_form_and_a_forged_post_is_refused(
     assert new_browser.driver.find_elements(By.XPATH, "//button[normalize-space(.)='Send test']") == []
     assert "A read-only session cannot send a test message." in card(new_browser, "email").text
     # The same POST the admin's form makes, with this read session's cookie and its valid CSRF token.
-    cookie, csrf = _session(console_service, read)
+    cookie, csrf = script_session(console_service, read)
     sent_before = len(console_service.mailbox.messages)
     host = f"http://127.0.0.1:{console_service.port}"
     body = urllib.parse.urlencode({"csrf_token": csrf, "to": "ops@example.com"})
-    status, _, page = _raw(
+    status, _, page = raw(
         console_service, "POST", "/console/channels/email/test", body, {"Cookie": cookie, "Origin": host}
     )
     assert status == 403 and "A read-only session can look but not change anything." in page

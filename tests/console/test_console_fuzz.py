@@ -3,10 +3,8 @@ on every console route, logged in as admin (whose forms change things) and not l
 
 from __future__ import annotations
 
-import http.client
 import re
 import urllib.parse
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 
 from rulesvc.web.console.base import ConsoleRoute
 from rulesvc.web.console.setup import PAGES
-from tests.console.conftest import ConsoleService
+from tests.console.conftest import ConsoleService, raw, script_session
 
 ROUTES: list[ConsoleRoute] = [r for page in PAGES for r in page.ROUTES if r.path != "/logout"]
 NAMES = [
@@ -32,50 +30,11 @@ SEGMENT = st.one_of(
 )
 
 
-def _request(
-    service: ConsoleService, method: str, path: str, body: str = "", cookie: str = ""
-) -> tuple[int, str, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
-    try:
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if cookie:
-            headers["Cookie"] = cookie
-        conn.request(method, path, body=body.encode(), headers=headers)
-        response = conn.getresponse()
-        return (
-            response.status,
-            response.getheader("Content-Type") or "",
-            response.read().decode(errors="replace"),
-        )
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
-def session(console_service: ConsoleService) -> Iterator[tuple[str, str]]:
+def session(console_service: ConsoleService) -> tuple[str, str]:
     """An admin session's cookie and CSRF token, logged in as a script would."""
-    conn = http.client.HTTPConnection("127.0.0.1", console_service.port, timeout=30)
-    conn.request("GET", "/console/login")
-    response = conn.getresponse()
-    page = response.read().decode()
-    login_cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    body = urllib.parse.urlencode({"csrf_token": token, "api_key": console_service.key})
-    conn.request(
-        "POST",
-        "/console/login",
-        body=body,
-        headers={"Cookie": login_cookie, "Content-Type": "application/x-www-form-urlencoded"},
-    )
-    response = conn.getresponse()
-    response.read()
-    cookies = response.msg.get_all("Set-Cookie") or []
-    cookie = next(c for c in cookies if c.startswith("rulesvc_console=")).split(";")[0]
-    conn.close()
-    status, _, page = _request(console_service, "GET", "/console/", cookie=cookie)
-    assert status == 200
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    yield cookie, csrf
+    assert console_service.key is not None
+    return script_session(console_service, console_service.key)
 
 
 def concrete(route: ConsoleRoute, segment: str) -> str:
@@ -89,16 +48,17 @@ def test_junk_never_gets_a_server_error(
     pairs: list[tuple[str, str]], segment: str, logged_in: bool,
 ) -> None:  # fmt: skip
     cookie, csrf = session if logged_in else ("", "")
+    cookie_header = {"Cookie": cookie} if cookie else {}
     path = concrete(route, segment)
     if route.method == "GET":
         query = urllib.parse.urlencode(pairs)
-        status, kind, page = _request(console_service, "GET", f"{path}?{query}", cookie=cookie)
+        status, headers, page = raw(console_service, "GET", f"{path}?{query}", headers=cookie_header)
     else:
         form = urllib.parse.urlencode([("csrf_token", csrf), *pairs])
-        status, kind, page = _request(console_service, route.method, path, form, cookie)
+        status, headers, page = raw(console_service, route.method, path, form, cookie_header)
     assert status < 500, (route.method, path, pairs, status, page[:2000])
     if not logged_in:
         assert status in (303, 401, 403, 404, 405), (path, status)
     if status == 200:
-        assert kind.startswith("text/html"), kind
+        assert headers["Content-Type"].startswith("text/html"), headers
         assert "<script>alert(1)</script>" not in page  # whatever came in is escaped

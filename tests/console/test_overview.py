@@ -4,42 +4,14 @@ against what the SMTP server received."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-
-import pytest
 from selenium.webdriver.common.by import By
 
 from tests.browser import Browser
-from tests.console.conftest import ROOT, ConsoleService
+from tests.console.conftest import ConsoleService
 from tests.helpers import wait_for
-from tests.smtp_server import smtp_server
 
 CONTACTS = ("c-ann", "c-bob", "c-cem")
 THROUGHPUT = "Events per second, by quarter hour (UTC)"
-
-
-@pytest.fixture(scope="module")
-def console_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleService]:
-    """The shipped rulesets, email to a real SMTP server (plain SMTP, as aiosmtpd speaks it)."""
-    workdir = tmp_path_factory.mktemp("console-overview")
-    shutil.copytree(ROOT / "rulesets", workdir / "rulesets")
-    with smtp_server() as (mailbox, smtp_port):
-        env = {
-            "RULESVC_RULESETS_DIR": str(workdir / "rulesets"),
-            "RULESVC_QUIET_HOURS": "",
-            "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1",
-            "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
-            "RULESVC_CHANNEL_EMAIL_SECURITY": "none",
-            "RULESVC_CHANNEL_EMAIL_FROM": "shop@example.test",
-        }
-        service = ConsoleService(workdir, env=env)
-        service.mailbox = mailbox
-        service.start()
-        try:
-            yield service
-        finally:
-            service.stop()
 
 
 def overview(service: ConsoleService) -> dict[str, object]:

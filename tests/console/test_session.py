@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import http.client
-import re
-import urllib.parse
-
 from tests.browser import Browser
-from tests.console.conftest import ConsoleService
-
-
-def _raw(
-    service: ConsoleService, method: str, path: str, body: str = "", headers: dict[str, str] | None = None
-):
-    """A request as a script or another site would send it: no browser, no redirects followed."""
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
-    try:
-        sent = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
-        conn.request(method, path, body=body.encode(), headers=sent)
-        response = conn.getresponse()
-        headers = dict(response.getheaders())
-        cookies = [
-            c.split(";")[0]
-            for c in response.msg.get_all("Set-Cookie") or []
-            if "=;" not in c.split(";")[0] + ";"
-        ]
-        headers["Set-Cookie"] = "; ".join(c for c in cookies if not c.endswith('=""'))
-        return response.status, headers, response.read().decode()
-    finally:
-        conn.close()
+from tests.console.conftest import ConsoleService, raw, script_session
 
 
 def test_nothing_without_login(console_service: ConsoleService) -> None:
     for path in ("/console/", "/console/contacts", "/console/static/console.css", "/console/no-such-page"):
-        status, headers, _ = _raw(console_service, "GET", path)
+        status, headers, _ = raw(console_service, "GET", path)
         assert status == 303, path
         assert headers["Location"].startswith("/console/login?next="), path
-    status, _, page = _raw(console_service, "POST", "/console/logout", "csrf_token=x")
+    status, _, page = raw(console_service, "POST", "/console/logout", "csrf_token=x")
     assert status == 401 and "session has ended" in page
     # An API key in the Authorization header is the API's, not a console login.
-    status, headers, _ = _raw(
+    status, headers, _ = raw(
         console_service, "GET", "/console/", headers={"Authorization": f"Bearer {console_service.key}"}
     )
     assert status == 303
@@ -70,32 +45,16 @@ def test_login_cookie_flags_and_logout(console_service: ConsoleService, new_brow
     new_browser.open("/console/")
     assert new_browser.path.startswith("/console/login")
     # The old cookie, replayed by someone who copied it, opens nothing: the session is gone on the server.
-    status, headers, _ = _raw(
+    status, headers, _ = raw(
         console_service, "GET", "/console/", headers={"Cookie": f"rulesvc_console={token}"}
     )
     assert status == 303 and headers["Location"].startswith("/console/login")
 
 
-def _session(service: ConsoleService, key: str) -> tuple[str, str]:
-    """Log in as a script would: the login form's token and cookie, then the session cookie and the page's
-    CSRF token."""
-    status, headers, page = _raw(service, "GET", "/console/login")
-    form_token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    login_cookie = headers["Set-Cookie"].split(";")[0]
-    body = urllib.parse.urlencode({"csrf_token": form_token, "api_key": key, "next": "/console/"})
-    status, headers, _ = _raw(service, "POST", "/console/login", body, {"Cookie": login_cookie})
-    assert status == 303, status
-    cookie = headers["Set-Cookie"].split(";")[0]
-    status, _, page = _raw(service, "GET", "/console/", headers={"Cookie": cookie})
-    assert status == 200
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
-    return cookie, csrf
-
-
 def test_csrf(console_service: ConsoleService) -> None:
     assert console_service.key is not None
-    cookie, csrf = _session(console_service, console_service.key)
-    other_cookie, other_csrf = _session(console_service, console_service.key)
+    cookie, csrf = script_session(console_service, console_service.key)
+    other_cookie, other_csrf = script_session(console_service, console_service.key)
     # No token, another session's token, the right token from another site: refused, still logged in.
     for body, headers in (
         ("", {"Cookie": cookie}),
@@ -103,22 +62,22 @@ def test_csrf(console_service: ConsoleService) -> None:
         (f"csrf_token={csrf}", {"Cookie": cookie, "Origin": "https://evil.example"}),
         (f"csrf_token={csrf}", {"Cookie": cookie, "Referer": "https://evil.example/page"}),
     ):
-        status, _, page = _raw(console_service, "POST", "/console/logout", body, headers)
+        status, _, page = raw(console_service, "POST", "/console/logout", body, headers)
         assert status == 403 and "came from another site" in page, (body, headers)
-        assert _raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 200
+        assert raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 200
     # The login form has its own token (double submit): a forged login is refused.
-    status, _, page = _raw(
+    status, _, page = raw(
         console_service, "POST", "/console/login", f"csrf_token=x&api_key={console_service.key}"
     )
     assert status == 403 and "out of date" in page
     # With its own token from its own origin, the change goes through.
     host = f"http://127.0.0.1:{console_service.port}"
-    status, headers, _ = _raw(
+    status, headers, _ = raw(
         console_service, "POST", "/console/logout", f"csrf_token={csrf}", {"Cookie": cookie, "Origin": host}
     )
     assert status == 303 and headers["Location"] == "/console/login?bye=1"
-    assert _raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 303
-    assert _raw(console_service, "GET", "/console/", headers={"Cookie": other_cookie})[0] == 200
+    assert raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 303
+    assert raw(console_service, "GET", "/console/", headers={"Cookie": other_cookie})[0] == 200
 
 
 def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
@@ -155,9 +114,9 @@ def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
 
 def test_security_headers(console_service: ConsoleService) -> None:
     assert console_service.key is not None
-    cookie, _ = _session(console_service, console_service.key)
+    cookie, _ = script_session(console_service, console_service.key)
     for path in ("/console/", "/console/login"):
-        status, headers, _ = _raw(console_service, "GET", path, headers={"Cookie": cookie})
+        status, headers, _ = raw(console_service, "GET", path, headers={"Cookie": cookie})
         assert status == 200, path
         assert "script-src 'self'" in headers["Content-Security-Policy"]
         assert "unsafe-inline" not in headers["Content-Security-Policy"]
