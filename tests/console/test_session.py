@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+
+from rulesvc.config import Settings
+from rulesvc.web.app import create_app
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService, raw, script_session
+from tests.helpers import wait_for
 
 
 def test_nothing_without_login(console_service: ConsoleService) -> None:
@@ -122,3 +131,65 @@ def test_security_headers(console_service: ConsoleService) -> None:
         assert "unsafe-inline" not in headers["Content-Security-Policy"]
         assert headers["X-Frame-Options"] == "DENY"
         assert headers["Cache-Control"] == "no-store"
+
+
+async def _login_cookie_header(client: Any) -> str:
+    """Log in to an in-process app with its test key; the session cookie's Set-Cookie header."""
+    key = client.session.headers["Authorization"].split(" ", 1)[1]
+    form = await client.get("/console/login", headers={"Authorization": ""})
+    page = await form.text()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    login_cookie = form.cookies["rulesvc_console_login"].value
+    answer = await client.post(
+        "/console/login",
+        data={"csrf_token": token, "api_key": key},
+        headers={"Cookie": f"rulesvc_console_login={login_cookie}"},
+        allow_redirects=False,
+    )
+    assert answer.status == 303
+    return next(v for v in answer.headers.getall("Set-Cookie") if v.startswith("rulesvc_console="))
+
+
+async def test_secure_cookie_behind_tls_proxy(make_client: Any, settings: Settings) -> None:
+    """Behind a proxy that terminates TLS the service sees plain HTTP: RULESVC_CONSOLE_SECURE_COOKIES marks
+    the cookies Secure all the same, so a browser never sends them over plain HTTP."""
+    plain = await make_client(create_app(settings))
+    assert "secure" not in (await _login_cookie_header(plain)).lower().split("; ")
+    behind_tls = await make_client(create_app(msgspec.structs.replace(settings, console_secure_cookies=True)))
+    flags = [f.strip().lower() for f in (await _login_cookie_header(behind_tls)).split(";")]
+    assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags
+
+
+def test_a_forged_change_changes_nothing(console_service: ConsoleService) -> None:
+    """Another site's form (the right cookie rides along in an old browser, the token it cannot read) posts
+    a cancel: refused, and the API shows the send still waiting."""
+    assert console_service.key is not None
+    console_service.post_events(
+        {"id": "forged-cart", "type": "cart_updated", "contact_id": "c-forged", "attributes": {"value": 20}}
+    )
+
+    def scheduled() -> list[dict[str, Any]]:
+        status, body = console_service.request("GET", "/v1/contacts/c-forged/messages?status=scheduled")
+        assert status == 200, body
+        return body["messages"]  # type: ignore[no-any-return]
+
+    pending = wait_for(scheduled, what="the cart reminders scheduled")
+    message_id = pending[0]["message_id"]
+    cookie, csrf = script_session(console_service, console_service.key)
+    action = f"/console/messages/{quote(message_id, safe='')}/cancel"
+    for body, headers in (
+        ("", {"Cookie": cookie, "Origin": "https://evil.example"}),
+        (f"csrf_token={csrf}", {"Cookie": cookie, "Origin": "https://evil.example"}),
+        ("csrf_token=guessed", {"Cookie": cookie}),
+    ):
+        status, _, page = raw(console_service, "POST", action, body, headers)
+        assert status == 403 and "came from another site" in page
+    assert [m["message_id"] for m in scheduled()].count(message_id) == 1
+    # The same form from the console's own page goes through.
+    origin = {"Cookie": cookie, "Origin": f"http://127.0.0.1:{console_service.port}"}
+    status, _, _ = raw(console_service, "POST", action, f"csrf_token={csrf}", origin)
+    assert status == 303
+    assert (
+        console_service.request("GET", f"/v1/messages/{quote(message_id, safe='')}")[1]["status"]
+        == "cancelled"
+    )
