@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console: bool = True
     console_session_hours: float = 12.0
     console_secure_cookies: bool = False
+    console_origin: str | None = None
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -213,7 +215,13 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "console_secure_cookies",
         "RULESVC_CONSOLE_SECURE_COOKIES",
         "mark the console's cookies Secure even when the service itself sees plain HTTP (behind a proxy "
-        "that terminates TLS); over TLS they always are",
+        "that terminates TLS); over TLS they always are. Forms posted from https:// are then this host's too",
+    ),
+    SettingDoc(
+        "console_origin",
+        "RULESVC_CONSOLE_ORIGIN",
+        "the console's public origin (https://rules.shop.example) when a proxy changes the host: console "
+        "forms are accepted only from it; unset = the host the request names",
     ),
 )
 
@@ -308,6 +316,12 @@ def check(settings: Settings) -> None:
         )
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if settings.console_origin is not None and not re.fullmatch(
+        r"https?://[^/\s]+/?", settings.console_origin
+    ):
+        raise ConfigError(
+            f"console_origin must look like https://host[:port], got {settings.console_origin!r}"
+        )
     if not 0 < settings.console_session_hours <= 24 * 30:
         raise ConfigError(f"console_session_hours must be in (0, 720], got {settings.console_session_hours}")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:

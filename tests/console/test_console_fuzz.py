@@ -19,6 +19,7 @@ ROUTES: list[ConsoleRoute] = [r for page in PAGES for r in page.ROUTES if r.path
 NAMES = [
     *("q", "ruleset", "rule", "channel", "status", "reason", "from", "to", "before", "before_id", "limit"),
     *("window", "since", "next", "contact_id", "email", "address", "events", "folder", "source", "", "x[]"),
+    *("csrf_token", "api_key", "to", "candidate", "contact_mode"),
 ]
 JUNK = ["", "0", "-1", "500", "1e309", "2026-01-01T00:00:00Z", "dead", "9" * 40, "../..", "%00", "[]",
         "<script>alert(1)</script>", '{"a":', "cart_abandon", "email"]  # fmt: skip

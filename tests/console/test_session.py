@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any
 from urllib.parse import quote
 
@@ -193,3 +194,63 @@ def test_a_forged_change_changes_nothing(console_service: ConsoleService) -> Non
         console_service.request("GET", f"/v1/messages/{quote(message_id, safe='')}")[1]["status"]
         == "cancelled"
     )
+
+
+async def test_a_proxy_terminating_tls(make_client: Any, settings: Settings) -> None:
+    """Behind a TLS proxy the browser's forms say `https://host`, the service sees http: accepted with
+    RULESVC_CONSOLE_SECURE_COOKIES; another host is still refused; RULESVC_CONSOLE_ORIGIN names the one."""
+    client = await make_client(create_app(msgspec.structs.replace(settings, console_secure_cookies=True)))
+    cookie = (await _login_cookie_header(client)).split(";")[0]
+    page = await (await client.get("/console/", headers={"Cookie": cookie, "Authorization": ""})).text()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    host = f"{client.host}:{client.port}"
+    headers = {"Cookie": cookie, "Authorization": ""}
+    for origin, status in (("https://evil.example", 403), (f"https://{host}", 303)):
+        answer = await client.post("/console/logout", data={"csrf_token": csrf}, allow_redirects=False,
+                                   headers={**headers, "Origin": origin})  # fmt: skip
+        assert answer.status == status, origin
+    named = await make_client(
+        create_app(msgspec.structs.replace(settings, console_origin="https://rules.shop.example"))
+    )
+    cookie = (await _login_cookie_header(named)).split(";")[0]
+    page = await (await named.get("/console/", headers={"Cookie": cookie, "Authorization": ""})).text()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    headers = {"Cookie": cookie, "Authorization": ""}
+    for origin, status in ((f"http://{named.host}:{named.port}", 403), ("https://rules.shop.example", 303)):
+        answer = await named.post("/console/logout", data={"csrf_token": csrf}, allow_redirects=False,
+                                  headers={**headers, "Origin": origin})  # fmt: skip
+        assert answer.status == status, origin
+
+
+def test_odd_tokens_and_bodies_are_refused_not_errors(console_service: ConsoleService) -> None:
+    assert console_service.key is not None
+    cookie, _ = script_session(console_service, console_service.key)
+    # A token that is not ASCII: compared as bytes, refused (a str compare_digest would raise: a 500).
+    status, _, _ = raw(console_service, "POST", "/console/logout", "csrf_token=%C3%A9", {"Cookie": cookie})
+    assert status == 403
+    status, _, _ = raw(console_service, "POST", "/console/login", "csrf_token=%C3%A9&api_key=x",
+                       {"Cookie": "rulesvc_console_login=abc"})  # fmt: skip
+    assert status == 403
+    # An oversized login form is refused before it is read.
+    status, _, page = raw(console_service, "POST", "/console/login", "api_key=" + "x" * 20_000)
+    assert status == 413 and "too large" in page
+    # Logging in again from the same browser ends the session it had, and only that one.
+    other, _ = script_session(console_service, console_service.key)
+    status, headers, page = raw(console_service, "GET", "/console/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert status == 200 and token is not None
+    form = urllib.parse.urlencode({"csrf_token": token.group(1), "api_key": console_service.key})
+    both = {"Cookie": f"{headers['Set-Cookie']}; {cookie}"}
+    status, headers, _ = raw(console_service, "POST", "/console/login", form, both)
+    assert status == 303
+    assert raw(console_service, "GET", "/console/", headers={"Cookie": cookie})[0] == 303
+    assert raw(console_service, "GET", "/console/", headers={"Cookie": other})[0] == 200
+    assert raw(console_service, "GET", "/console/", headers={"Cookie": headers["Set-Cookie"]})[0] == 200
+
+
+async def test_a_session_has_its_keys_rate_limit(make_client: Any, settings: Settings) -> None:
+    client = await make_client(create_app(msgspec.structs.replace(settings, rate_limit=2.0)))
+    cookie = (await _login_cookie_header(client)).split(";")[0]
+    statuses = [(await client.get("/console/", headers={"Cookie": cookie, "Authorization": ""})).status
+                for _ in range(8)]  # fmt: skip
+    assert statuses[0] == 200 and 429 in statuses

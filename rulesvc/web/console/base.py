@@ -8,6 +8,7 @@ page shows is what the matching `GET /v1/...` returns.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
+import structlog
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
@@ -23,9 +25,10 @@ from rulesvc.core.reasons import REASONS
 from rulesvc.store.console_sessions import ConsoleSession, ConsoleSessions
 from rulesvc.web.console.charts import bar_chart, interval_chart, line_chart, stacked_bars
 from rulesvc.web.console.paths import CONSOLE_PREFIX
-from rulesvc.web.keys import KEYS, SETTINGS
+from rulesvc.web.keys import KEYS, LIMITER, SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger(__name__)
 
 COOKIE = "rulesvc_console"
 LOGIN_COOKIE = "rulesvc_console_login"  # the login form's double-submit token (no session yet)
@@ -45,7 +48,9 @@ class ConsoleRoute:
     method: str
     path: str  # under CONSOLE_PREFIX: "/contacts/{contact_id}"
     handler: Handler
-    change: bool = False  # changes something: an admin session only (a read session gets 403)
+    # Changes something: an admin session only (a read session gets 403). Unset: every method but GET
+    # does, so a new form that forgets to say so is closed to read sessions rather than open.
+    change: bool | None = None
     title: str = ""
 
 
@@ -186,7 +191,9 @@ def safe_next(target: str | None) -> str:
 
 def same_origin(request: web.Request) -> bool:
     """A state change must come from a page of this host: `Origin` (every modern browser sends it on a
-    POST), else `Referer`; a request with neither is a script's, whose CSRF token still has to match."""
+    POST), else `Referer`; a request with neither is a script's, whose CSRF token still has to match.
+    Behind a proxy that terminates TLS the service sees `http`, the browser says `https`: with
+    RULESVC_CONSOLE_SECURE_COOKIES both are this host; RULESVC_CONSOLE_ORIGIN names it outright."""
     origin = request.headers.get("Origin")
     if origin is None:
         referer = request.headers.get("Referer")
@@ -194,7 +201,16 @@ def same_origin(request: web.Request) -> bool:
             return True
         parts = urlsplit(referer)
         origin = f"{parts.scheme}://{parts.netloc}"
-    return origin == f"{request.scheme}://{request.host}"
+    settings = request.app[SETTINGS]
+    if settings.console_origin:
+        return origin == settings.console_origin.rstrip("/")
+    schemes = ("http", "https") if settings.console_secure_cookies else (request.scheme,)
+    return origin in {f"{scheme}://{request.host}" for scheme in schemes}
+
+
+def tokens_match(presented: str, expected: str) -> bool:
+    """Constant-time, and for any text: `compare_digest` refuses a non-ASCII str (a 500, not a 403)."""
+    return hmac.compare_digest(presented.encode(), expected.encode())
 
 
 def secure_cookies(request: web.Request) -> bool:
@@ -219,21 +235,32 @@ def guarded(route: ConsoleRoute) -> Handler:
             if request.method in SAFE_METHODS:
                 return web.HTTPSeeOther(console_url("/login") + "?next=" + quote(request.path_qs, safe=""))
             return error_page(request, 401, "Your session has ended. Log in again, then repeat the change.")
-        request[SESSION], request[TOKEN] = found[0], token
+        session = found[0]
+        request[SESSION], request[TOKEN] = session, token
         if found[1]:
             request[NOTICE] = found[1]
+        # The key's own rate limit, as on the API, and its id on every log line of the request.
+        wait = request.app[LIMITER].check(session.key_id)
+        if wait is not None:
+            limited = error_page(request, 429, "Too many requests from this key. Wait a moment, then reload.")
+            limited.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return limited
+        structlog.contextvars.bind_contextvars(api_key=session.key_id)
         if request.method not in SAFE_METHODS:
             posted = await request.post()
             request[FORM] = MultiDictProxy(MultiDict((k, v) for k, v in posted.items() if isinstance(v, str)))
             presented = request[FORM].get(CSRF_FIELD, "")
-            if not same_origin(request) or not hmac.compare_digest(str(presented), found[0].csrf):
+            if not same_origin(request) or not tokens_match(presented, session.csrf):
                 return error_page(
                     request,
                     403,
                     "This form is out of date or came from another site. Reload the page and try again.",
                 )
-            if route.change and found[0].scope != "admin":
+            change = route.change if route.change is not None else True
+            if change and session.scope != "admin":
                 return error_page(request, 403, "A read-only session can look but not change anything.")
+            if change:  # who changed what, from the console (the API's requests are logged by route)
+                log.info("console.change", method=request.method, path=request.path, api_key=session.key_id)
         response = await route.handler(request)
         _security_headers(response)
         return response

@@ -3,7 +3,6 @@ checks it; only `admin` (may change) and `read` (may look) keys open the console
 
 from __future__ import annotations
 
-import hmac
 import math
 import secrets
 from importlib import resources
@@ -26,10 +25,12 @@ from rulesvc.web.console.base import (
     same_origin,
     secure_cookies,
     session_lifetime,
+    tokens_match,
 )
 from rulesvc.web.keys import KEYS, LIMITER
 
 LOGIN_COOKIE_SECONDS = 3600
+LOGIN_BODY_BYTES = 16 * 1024  # a key, a token and where to go next: the form is read only below this
 # The login page has no session to fetch the stylesheet with: it carries it inline (under a CSP nonce).
 _CSS = (resources.files("rulesvc.web.console") / "static" / "console.css").read_text()
 
@@ -61,10 +62,12 @@ async def login_form(request: web.Request) -> web.StreamResponse:
 
 async def login(request: web.Request) -> web.StreamResponse:
     """No session yet, so the form's token is checked against its cookie (double submit) and the origin."""
+    if request.content_length is None or request.content_length > LOGIN_BODY_BYTES:
+        return _login_page(request, 413, "That login form is too large.")  # read nothing of it
     form = await request.post()
     next_url = str(form.get("next", ""))
     presented, expected = str(form.get(CSRF_FIELD, "")), request.cookies.get(LOGIN_COOKIE, "")
-    if not expected or not same_origin(request) or not hmac.compare_digest(presented, expected):
+    if not expected or not same_origin(request) or not tokens_match(presented, expected):
         return _login_page(request, 403, "This login form is out of date. Try again.", next_url)
     wait = request.app[LIMITER].check(f"console-login:{request.remote}")
     if wait is not None:
@@ -82,6 +85,9 @@ async def login(request: web.Request) -> web.StreamResponse:
             next_url,
         )
     lifetime = session_lifetime(request)
+    earlier = request.cookies.get(COOKIE)
+    if earlier:  # a new login ends the session this browser had
+        await request.app[SESSIONS].close(earlier)
     token, _ = await request.app[SESSIONS].open(key.key_id, key.scope, lifetime)
     response = web.Response(status=303, headers={"Location": safe_next(next_url)})
     response.set_cookie(
