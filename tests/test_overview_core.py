@@ -122,6 +122,13 @@ def test_the_test_message_names_the_channel_in_every_block() -> None:
         ("GET http://x.example/?a=1&api_key=zz#f", "GET http://x.example/?a=1&api_key=***#f"),
         ("SMTP mail.example:587 (starttls)", "SMTP mail.example:587 (starttls)"),
         ("mailto:ops@example.com", "mailto:ops@example.com"),  # no `//`: an address, not a login
+        # Chat tools' webhook URLs are secret past the first segment of their path.
+        (
+            "POST https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "POST https://hooks.slack.com/services/***",
+        ),
+        ("POST https://discord.com/api/webhooks/123/tok-en?wait=1", "POST https://discord.com/api/***?wait=1"),
+        ("POST http://***@127.0.0.1:41815/hook", "POST http://***@127.0.0.1:41815/hook"),
     ],
 )
 def test_credentials_in_urls_are_masked(text: str, shown: str) -> None:

@@ -115,6 +115,8 @@ def plugin_info(
             doc = runs.get(part.name, {}) if runs else {}
             last_run = msgspec.convert(doc["last_run"], JobRun) if "last_run" in doc else None
             last_error = msgspec.convert(doc["last_error"], JobError) if "last_error" in doc else None
+            if last_error is not None:  # an exception's text often names the URL it called
+                last_error = msgspec.structs.replace(last_error, message=mask_credentials(last_error.message))
         parts.append(PluginPart(part.name, part.kind, configured, detail, last_run, last_error))
     return PluginInfo(
         report.name, report.source, report.channels, report.jobs, report.error, parts, report.settings_errors
