@@ -103,3 +103,13 @@ async def test_webhook_test_send_reaches_the_receiver(
     assert (failed["status"], failed["provider_said"]) == ("retry", "HTTP 500: ")
     assert receiver.received(failed["message_id"]) == [500]
     await nothing_written(db)
+
+
+async def test_test_sends_are_limited_per_channel(client: Any) -> None:
+    """Ten a minute per channel: enough to check a provider, too few to spam from the shop's domain."""
+    for _ in range(10):
+        assert (await try_send(client, "log"))["status"] == "sent"
+    refused = await client.post("/v1/channels/log/test", json={})
+    body = await refused.json()
+    assert refused.status == 429 and "at most 10 test sends a minute" in body["error"]
+    assert (await try_send(client, "inapp", {"to": "c-1"}))["status"] == "sent"  # another channel's own ten

@@ -127,9 +127,34 @@ def test_the_test_message_names_the_channel_in_every_block() -> None:
             "POST https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
             "POST https://hooks.slack.com/services/***",
         ),
-        ("POST https://discord.com/api/webhooks/123/tok-en?wait=1", "POST https://discord.com/api/***?wait=1"),
+        (
+            "POST https://discord.com/api/webhooks/123/tok-en?wait=1",
+            "POST https://discord.com/api/***?wait=1",
+        ),
         ("POST http://***@127.0.0.1:41815/hook", "POST http://***@127.0.0.1:41815/hook"),
     ],
 )
 def test_credentials_in_urls_are_masked(text: str, shown: str) -> None:
     assert mask_credentials(text) == shown
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://fcm.googleapis.com/fcm/send/x",  # not https
+        "https://127.0.0.1:8080/v1/overview",
+        "https://169.254.169.254/latest/meta-data/",  # a cloud's metadata address
+        "https://[::1]/x",
+        "https://10.1.2.3/x",
+        "https://localhost/x",
+        "https://push.internal/x",
+    ],
+)
+def test_a_web_push_test_goes_only_to_a_public_push_service(endpoint: str) -> None:
+    sub = WebPushSubscription(endpoint=endpoint, keys=WebPushKeys(p256dh="k", auth="a"))
+    profile, field, said = recipient("webpush", None, sub)
+    assert profile == {} and field == "$.webpush_subscription.endpoint" and said is not None
+    public = WebPushSubscription(
+        endpoint="https://fcm.googleapis.com/fcm/send/x", keys=WebPushKeys(p256dh="k", auth="a")
+    )
+    assert recipient("webpush", None, public)[2] is None

@@ -4,9 +4,11 @@ result to the channel's own `send` (rulesvc.runtime.testsend)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from rulesvc.core.contacts import WebPushSubscription
 
@@ -49,6 +51,9 @@ def recipient(
     if channel == "webpush":
         if subscription is None:
             return {}, "$.webpush_subscription", "a web push test needs the browser's subscription"
+        problem = _public_push_service(subscription.endpoint)
+        if problem is not None:
+            return {}, "$.webpush_subscription.endpoint", problem
         return {"webpush_subscriptions": [_subscription(subscription)]}, None, None
     field_and_words = ADDRESSES.get(channel)
     if field_and_words is None:
@@ -74,3 +79,21 @@ def _subscription(s: WebPushSubscription) -> dict[str, Any]:
 
 def _shown(text: str) -> str:
     return text[:80] + ("..." if len(text) > 80 else "")
+
+
+def _public_push_service(endpoint: str) -> str | None:
+    """A browser's push service is a public HTTPS host (FCM, Mozilla, Apple, Microsoft): a test send is
+    not a way to make the service POST to itself, its network or a cloud's metadata address and read
+    the answer. (A name resolving to such an address is not caught here; the provider's own check is.)"""
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").lower().rstrip(".")
+    if parts.scheme != "https" or not host:
+        return "a push service's endpoint is an https:// URL"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    private_name = host == "localhost" or host.endswith((".localhost", ".local", ".internal", ".lan"))
+    if private_name or (address is not None and not address.is_global):
+        return f"`{host}` is not a public push service"
+    return None

@@ -9,7 +9,7 @@ from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport, log_settings_problems
 from rulesvc.web.console.setup import setup_console
-from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS
+from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS, TEST_SENDS
 from rulesvc.web.lifecycle import (
     backtests_ctx,
     embedded_mongod_ctx,
@@ -23,6 +23,8 @@ from rulesvc.web.middlewares import authenticate, observe
 from rulesvc.web.ratelimit import RateLimiter
 from rulesvc.web.routes import openapi_document, setup_routes
 
+TEST_SENDS_PER_MINUTE = 10  # per channel and process
+
 
 def create_app(
     settings: Settings, channels: ChannelRegistry | None = None, plugins: list[PluginReport] | None = None
@@ -31,6 +33,7 @@ def create_app(
     app = web.Application(middlewares=[observe, authenticate], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LIMITER] = RateLimiter(settings.rate_limit)
+    app[TEST_SENDS] = RateLimiter(TEST_SENDS_PER_MINUTE / 60, burst=TEST_SENDS_PER_MINUTE)
     if channels is None:
         channels, reports = load_channels(settings)
         log_settings_problems(channels)

@@ -27,6 +27,9 @@ CHANNELS = web.AppKey("channels", ChannelRegistry)
 SEND_POLICY = web.AppKey("send_policy", SendPolicy)  # built once: the dispatcher and the simulator share it
 PLUGINS = web.AppKey("plugins", list[PluginReport])
 LIMITER = web.AppKey("limiter", RateLimiter)
+# Test sends per channel: a person checking a provider needs a few, an abuser (SMS to premium numbers,
+# spam from the shop's domain) many.
+TEST_SENDS = web.AppKey("test_sends", RateLimiter)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, generated from the route table
 # Set by the cleanup contexts (rulesvc.web.lifecycle) as the app starts:
 MONGO_URI = web.AppKey("mongo_uri", str)

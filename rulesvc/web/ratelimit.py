@@ -11,9 +11,9 @@ class RateLimiter:
     `rate` requests a second, bursts of twice that. At most `max_buckets` are kept, least recently used
     dropped first (a dropped bucket starts full again): there are as many contacts as customers."""
 
-    def __init__(self, rate: float, max_buckets: int = 10_000) -> None:
+    def __init__(self, rate: float, max_buckets: int = 10_000, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = max(1.0, 2 * rate)
+        self.burst = max(1.0, 2 * rate) if burst is None else burst
         self.max_buckets = max_buckets
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 

@@ -562,7 +562,8 @@ ROUTES: list[Route] = [
             "description": "The real plugin sends a fixed test message (subject `rulesvc test message`) "
             "to `to`: an email address for `email`, an E.164 number for `sms`, a device token for "
             "`push`; `webpush_subscription` for `webpush`; a webhook goes to its configured URL. "
-            "No contact, rule, message history or counter is read or written.",
+            "No contact, rule, message history or counter is read or written. At most 10 test sends "
+            "a minute per channel and process: above that, 429 with the seconds to wait.",
             "operationId": "testChannel",
             "requestBody": {
                 "required": False,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
+import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
@@ -22,7 +24,7 @@ from rulesvc.runtime.fate import tell
 from rulesvc.runtime.testsend import send_test
 from rulesvc.store.jobs import JobRuns
 from rulesvc.store.overview import OverviewReads
-from rulesvc.web.keys import CHANNELS, INBOX, METRICS, PLUGINS, SETTINGS, STORE
+from rulesvc.web.keys import CHANNELS, INBOX, METRICS, PLUGINS, SETTINGS, STORE, TEST_SENDS
 from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult
 from rulesvc.web.schemas import (
     CallbacksAccepted,
@@ -35,6 +37,8 @@ from rulesvc.web.schemas import (
     PluginPart,
 )
 from rulesvc.web.views.base import error_response, json_response, read_body
+
+log = structlog.get_logger(__name__)
 
 RUNS_UNKNOWN = "last run unknown: the database did not answer"
 
@@ -153,6 +157,15 @@ async def channel_test_send(app: web.Application, name: str, body: ChannelTestRe
             problem = f"the `{name}` channel cannot send to this: {problem}"
     if problem is not None:
         return 422, ErrorBody(problem, field)
+    wait = app[TEST_SENDS].check(name)
+    if wait is not None:
+        return 429, ErrorBody(
+            f"at most {app[TEST_SENDS].burst:.0f} test sends a minute through a channel; the next in "
+            f"{max(1, math.ceil(wait))} s"
+        )
+    # Who tested what, and where to: the key is on the line already (API or console); the address only
+    # as far as it shows where (a domain, a country code), not whom.
+    log.info("channel.test_send_requested", channel=name, to=_where(body.to))
     timeout = send_timeout(channel, timedelta(seconds=app[SETTINGS].lease_seconds))
     sent = await send_test(channel, profile, datetime.now(UTC), timeout)
     delivery = sent.delivery
@@ -201,3 +214,11 @@ async def channel_callback(request: web.Request) -> web.Response:
     if accepted:
         request.app[INBOX].wake.set()
     return json_response(CallbacksAccepted(accepted))
+
+
+def _where(address: str | None) -> str | None:
+    if not address:
+        return None
+    if "@" in address:
+        return "***@" + address.rsplit("@", 1)[1][:100]
+    return address[:4] + "***"
