@@ -80,7 +80,7 @@ def test_check_reads_the_environment_too(workdir: Path) -> None:
     check = rulesvc("check", "rulesets", cwd=workdir, env=env)
     assert (check.returncode, check.stdout) == (0, "")
     listing = rulesvc("plugins", cwd=workdir, env=env)
-    assert "  email                  message channel  configured      SMTP smtp.example:2525 (starttls)" in (
+    assert "  email                  message channel  configured      SMTP smtp.example:2525 (STARTTLS)" in (
         listing.stdout.splitlines()
     )
 

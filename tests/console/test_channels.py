@@ -92,6 +92,19 @@ def test_channel_states_and_test_sends(
                 == channel["configured"]
             )
     assert "POST http://***@127.0.0.1:" in row(browser, "webhook").text  # the URL's password masked
+    # The email server's transport in words (this one speaks plain SMTP), as the API says it.
+    email = next(c for c in listing["channels"] if c["name"] == "email")
+    assert email["detail"].endswith("(no TLS)") and email["detail"] in row(browser, "email").text
+    # What a crash mid-send does, per channel as the API says it can repeat a send or not.
+    for channel in listing["channels"]:
+        if channel["kind"] == "message channel" and channel["configured"]:
+            words = (
+                "the message is sent once more with the same id, and the receiver ignores the repeat"
+                if channel["deduplicates"]
+                else "the message is marked uncertain and not sent again"
+            )
+            assert f"If the service crashes while sending, {words}." in card(browser, channel["name"]).text
+    assert not email["deduplicates"]  # so the page's "uncertain" sentence was read above
 
     # A test email, typed in as a person would: it arrives at the SMTP server.
     browser.field("Send a test email to").send_keys("ops@example.com")

@@ -55,3 +55,28 @@ def test_interval_always_shows_zero() -> None:
     assert chart.zero < chart.low < chart.point < chart.high
     chart = interval_chart(-0.01, -0.04, 0.02)
     assert chart.low < chart.zero < chart.high
+
+
+def test_time_labels_stay_inside_the_picture() -> None:
+    # 24 h ending on a whole hour: the last tick sits on the right end of the axis, 12 px from the edge,
+    # where a centred "04:00" would be cut off.
+    end = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
+    series = {"events/s": [(end - timedelta(minutes=15 * i), 1.0) for i in range(96)]}
+    for width in (1200, 720, 300):
+        chart = line_chart(series, width=width)
+        assert chart.x_ticks[-1].label == "04:00" and chart.x_ticks[-1].position == chart.right
+        for tick in chart.x_ticks:
+            text = len(tick.label) * 7.5  # px, 11 px digits are ~6 px wide: the estimate is generous
+            start = {"start": 0.0, "middle": text / 2, "end": text}[tick.anchor]
+            assert 0 <= tick.position - start and tick.position - start + text <= width, (width, tick)
+        assert chart.x_ticks[-1].anchor == "end"
+        assert {t.anchor for t in chart.x_ticks[1:-1]} == {"middle"}
+
+
+def test_a_dashed_line_is_marked_so() -> None:
+    start = datetime(2026, 11, 26, tzinfo=UTC)
+    same = [(start + timedelta(minutes=15 * i), 2.0) for i in range(4)]
+    chart = line_chart({"accepted": same, "decided": same}, dashed=["decided"])
+    accepted, decided = chart.lines
+    assert accepted.path == decided.path  # equal values: one drawn over the other
+    assert accepted.dash == "" and decided.dash  # so the one on top has gaps

@@ -94,6 +94,8 @@ class EmailSettings(ChannelSettings):
     ] = None
 
 
+# The `security` setting as the channel's status says it (a person reads it on the Channels page).
+SECURITY_WORDS = {"none": "no TLS", "starttls": "STARTTLS", "tls": "TLS"}
 DKIM_SETTINGS = ("dkim_selector", "dkim_domain", "dkim_private_key_file", "dkim_private_key")
 # What a DKIM signature covers when present: the RFC 6376 5.4.1 recommendations this mail has, and both
 # unsubscribe headers, which RFC 8058 section 4 requires to be signed. `from` twice: no second From may
@@ -218,7 +220,7 @@ class EmailChannel:
         if missing:
             return False, f"missing setting(s): {', '.join(missing)}"
         signed = f", DKIM d={self.dkim.domain} s={self.dkim.selector}" if self.dkim else ""
-        return True, f"SMTP {self.host}:{self.port} ({self.security}){signed}"
+        return True, f"SMTP {self.host}:{self.port} ({SECURITY_WORDS[self.security]}){signed}"
 
     def reachable(self, contact: dict[str, Any]) -> str | None:
         if not contact.get("email"):

@@ -208,7 +208,7 @@ async def test_dkim_signature_verifies_and_covers_the_unsubscribe_headers(
               "unsubscribe_url": url, "unsubscribe_mailto": "unsubscribe@shop.example",
               "dkim_selector": "mail2026", "dkim_private_key_file": str(key_file)}  # fmt: skip
     channel = EmailChannel(config)
-    assert channel.status() == (True, f"SMTP 127.0.0.1:{port} (none), DKIM d=shop.example s=mail2026")
+    assert channel.status() == (True, f"SMTP 127.0.0.1:{port} (no TLS), DKIM d=shop.example s=mail2026")
     channels = builtin_channels()
     channels.register(channel)
     client = await make_client(create_app(setup(settings, [send("email")]), channels))
@@ -289,7 +289,10 @@ def test_dkim_settings_are_all_or_nothing(tmp_path: Path) -> None:
     channel = EmailChannel({**base, "dkim_selector": "s1", "dkim_domain": "mail.shop.example",
                             "dkim_private_key": escaped})  # fmt: skip
     assert channel.status()[1].endswith("DKIM d=mail.shop.example s=s1")
-    assert EmailChannel(base).status() == (True, "SMTP h:587 (starttls)")  # no DKIM unless asked
+    assert EmailChannel(base).status() == (True, "SMTP h:587 (STARTTLS)")  # no DKIM unless asked
+    # The transport's security in words, as the Channels page shows it.
+    implicit = EmailChannel({**base, "security": "tls", "port": 465}).status()
+    assert implicit == (True, "SMTP h:465 (TLS)")
     with pytest.raises(ChannelSettingsError) as wrong:
         EmailChannel({"host": "h", "from": "news", "dkim_selector": "s1", "dkim_private_key": escaped})
     assert wrong.value.problems == [

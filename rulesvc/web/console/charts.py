@@ -4,7 +4,7 @@ pictures need no JavaScript and no chart library, and a test can check where a b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -28,6 +28,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     digits = max(0, 1 - exponent)  # enough decimals for the step, no float noise (0.30000000000000004)
     first = math.floor(low / step)
+    if first * step > low:  # low / step underflowed to 0 (a low of -5e-324)
+        first -= 1
     ticks = [round((first + i) * step, digits) for i in range(count * 3)]
     ticks = [t for i, t in enumerate(ticks) if i == 0 or ticks[i - 1] < high]
     return ticks
@@ -46,6 +48,10 @@ def short_number(value: float) -> str:
 class Tick:
     position: float
     label: str
+    anchor: str = "middle"  # SVG text-anchor: `end` for a label that would run past the right edge
+
+
+CHAR_WIDTH = 7.5  # px per character of an axis label (the stylesheet's 12 px sans-serif, digits)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Line:
     points: list[tuple[float, float]]
     total: float  # the series' sum, for the legend
     last: float
+    dash: str = ""  # SVG stroke-dasharray ("" solid): a line drawn over another stays visible where equal
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,17 @@ class LineChart:
     rows: list[tuple[str, list[float]]] = field(default_factory=list)  # the data as a table (accessible)
 
 
+DASH = "6 4"
+
+
 def line_chart(
-    series: Mapping[str, Sequence[tuple[datetime, float]]], width: int = 720, height: int = 220
+    series: Mapping[str, Sequence[tuple[datetime, float]]],
+    width: int = 720,
+    height: int = 220,
+    dashed: Collection[str] = (),
 ) -> LineChart:
-    """Several series over the same time axis; times may differ per series."""
+    """Several series over the same time axis; times may differ per series. The series named in `dashed`
+    are drawn dashed (put them last: drawn over the others, which show through the gaps)."""
     left, right, top, bottom = 48, width - 12, 12, height - 26
     times = sorted({t for points in series.values() for t, _ in points})
     values = [v for points in series.values() for _, v in points]
@@ -99,8 +113,10 @@ def line_chart(
         path = " ".join(f"{'M' if i == 0 else 'L'}{px},{py}" for i, (px, py) in enumerate(xy))
         total = sum(v for _, v in points)
         last = sorted(points)[-1][1] if points else 0.0
-        lines.append(Line(name, color(index), path, xy, total, last))
-    x_ticks = [Tick(x(t), t.astimezone(UTC).strftime("%H:%M")) for t in _time_ticks(times[0], times[-1])]
+        lines.append(Line(name, color(index), path, xy, total, last, DASH if name in dashed else ""))
+    x_ticks = [
+        _inside(x(t), t.astimezone(UTC).strftime("%H:%M"), width) for t in _time_ticks(times[0], times[-1])
+    ]
     y_ticks = [Tick(y(v), short_number(v)) for v in ticks]
     by_time: dict[datetime, list[float]] = {t: [0.0] * len(series) for t in times}
     for index, points in enumerate(series.values()):
@@ -108,6 +124,16 @@ def line_chart(
             by_time[t][index] = v
     rows = [(t.astimezone(UTC).strftime("%Y-%m-%d %H:%M"), by_time[t]) for t in times]
     return LineChart(width, height, left, top, bottom, right, lines, x_ticks, y_ticks, not values, rows)
+
+
+def _inside(position: float, label: str, width: int) -> Tick:
+    """A tick whose label, centred, would be cut off at an edge of the picture is anchored at that edge."""
+    half = len(label) * CHAR_WIDTH / 2
+    if position + half > width:
+        return Tick(position, label, "end")
+    if position - half < 0:
+        return Tick(position, label, "start")
+    return Tick(position, label)
 
 
 def _seconds(moment: datetime) -> float:

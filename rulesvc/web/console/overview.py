@@ -4,6 +4,7 @@ rather look, big numbers where one number says it, and health in sentences."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from aiohttp import web
@@ -14,17 +15,26 @@ from rulesvc.web.schemas import NoQuery
 from rulesvc.web.views.base import QueryRejected, parse_query
 from rulesvc.web.views.overview import overview as read_overview
 
-# What became of the messages (a message ends in one of these), in the order a bar shows them; the
-# outcomes reported later (delivered, opened, ...) are counts of sent ones, in the table only.
-FATES = ("sent", "failed", "dead", "uncertain", "suppressed", "cancelled", "held_out")
-FATE_WORDS = {
+# The funnel's statuses in its order, in words (a channel's row holds those it reached; entries are not
+# messages and are counted without a channel).
+STATUS_WORDS = {
+    "scheduled": "Scheduled",
     "sent": "Sent",
+    "suppressed": "Suppressed",
+    "held_out": "Held out",
+    "cancelled": "Cancelled",
+    "postponed": "Postponed",
+    "retried": "Retried",
     "failed": "Failed",
     "dead": "Gave up (dead)",
     "uncertain": "Uncertain",
-    "suppressed": "Suppressed",
-    "cancelled": "Cancelled",
-    "held_out": "Held out",
+    "delivered": "Delivered",
+    "opened": "Opened",
+    "clicked": "Clicked",
+    "replied": "Replied",
+    "bounced": "Bounced",
+    "blocked": "Blocked",
+    "converted": "Converted",
 }
 HEALTH_WORDS = {
     "ok": "Working normally",
@@ -40,27 +50,41 @@ CHECK_WORDS = {
 }
 
 
+ACCEPTED = "Events accepted per second"
+DECIDED = "Events decided per second"
+# A ruleset's sends on a channel that cannot send: readiness's sentence names the channel so.
+UNCONFIGURED = re.compile(r"on `([^`]+)`, which is not configured")
+
+
 def throughput_series(view: Overview) -> dict[str, list[tuple[datetime, float]]]:
+    """Accepted first, decided (drawn dashed) over it: equal rates show as one line with gaps."""
     return {
-        "Events accepted per second": [(p.at, p.accepted_per_second) for p in view.series],
-        "Events decided per second": [(p.at, p.decided_per_second) for p in view.series],
+        ACCEPTED: [(p.at, p.accepted_per_second) for p in view.series],
+        DECIDED: [(p.at, p.decided_per_second) for p in view.series],
     }
 
 
-def fate_bars(view: Overview) -> list[tuple[str, dict[str, float]]]:
-    """Per channel, its messages by what became of them (channels with none left out)."""
+def statuses_of(view: Overview) -> list[str]:
+    """The statuses the table has columns for, in the funnel's order (any other after them)."""
+    seen = {s for row in view.messages for s in row.counts}
+    return [s for s in STATUS_WORDS if s in seen] + sorted(seen - set(STATUS_WORDS))
+
+
+def status_bars(view: Overview) -> list[tuple[str, dict[str, float]]]:
+    """One bar per channel and status it reached (never stacked: a message counts in each status it went
+    through, so a sum would count it twice); a status has one colour across channels."""
     bars = []
     for row in view.messages:
-        parts = {FATE_WORDS[f]: float(row.counts.get(f, 0)) for f in FATES if row.counts.get(f)}
-        if parts:
-            bars.append((row.channel, parts))
+        for status in statuses_of(view):
+            if row.counts.get(status):
+                word = STATUS_WORDS.get(status, status.replace("_", " "))
+                bars.append((f"{row.channel} · {word}", {word: float(row.counts[status])}))
     return bars
 
 
-def statuses_of(view: Overview) -> list[str]:
-    """The statuses the table has columns for: the fates first, then the outcomes and the rest."""
-    seen = {s for row in view.messages for s in row.counts}
-    return [s for s in FATES if s in seen] + sorted(seen - set(FATES))
+def health_reasons(view: Overview) -> list[tuple[str, str | None]]:
+    """Each reason with the channel it says is not configured (None: another problem)."""
+    return [(r, m.group(1) if (m := UNCONFIGURED.search(r)) else None) for r in view.health.reasons]
 
 
 async def overview_page(request: web.Request) -> web.StreamResponse:
@@ -76,11 +100,12 @@ async def overview_page(request: web.Request) -> web.StreamResponse:
         view=view,
         health_words=HEALTH_WORDS[view.health.status],
         check_words=CHECK_WORDS,
+        reasons=health_reasons(view),
         throughput=throughput_series(view),
+        decided_line=DECIDED,
         any_events=any(p.accepted or p.decided for p in view.series),
-        fate_bars=fate_bars(view),
+        status_bars=status_bars(view),
         statuses=statuses_of(view),
-        fate_words=FATE_WORDS,
     )
 
 
