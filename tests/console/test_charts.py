@@ -55,3 +55,10 @@ def test_interval_always_shows_zero() -> None:
     assert chart.zero < chart.low < chart.point < chart.high
     chart = interval_chart(-0.01, -0.04, 0.02)
     assert chart.low < chart.zero < chart.high
+
+
+def test_fixed_colours_keep_a_status_alike_across_charts() -> None:
+    first = stacked_bars([("email", {"waiting": 4}), ("push", {"suppressed": 4})], fixed={"suppressed": "#E69F00"})
+    second = stacked_bars([("email", {"suppressed": 2})], fixed={"suppressed": "#E69F00"})
+    assert first.legend == [("waiting", "#0072B2"), ("suppressed", "#E69F00")]
+    assert second.legend == [("suppressed", "#E69F00")]  # not the first colour of the palette

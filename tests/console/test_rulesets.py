@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from selenium.webdriver.common.by import By
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
@@ -204,3 +205,61 @@ def test_a_read_session_may_check_but_the_page_refuses_a_bad_window(
     new_browser.press("Check", expect="Valid: would listen to checkout_started")
     new_browser.open("/console/rulesets/no_such_ruleset")
     assert "no ruleset `no_such_ruleset`" in new_browser.text()
+
+
+# A 50 % holdout with enough entries for an uplift: (entries, conversions) per group, seeded as counts.
+HALVES = {"": (1200, 96), "holdout": (1180, 59)}
+HALF_HOLDOUT = {
+    "holdout": "50%",
+    "goal": {"event": "purchased", "within": "5d"},
+    "rules": [{"name": "nudge", "when": {"event": "page_viewed"},
+               "then": [{"send": {"channel": "email", "template": "cart_abandon/email", "after": "1h"}}]}],
+}  # fmt: skip
+
+
+def test_an_uplift_with_enough_data(console_service: ConsoleService, browser: Browser) -> None:
+    """The stats collection seeded in its documented schema (as test_pages_over_http.py does); the judge:
+    Wilson intervals and Newcombe's interval of the difference, from statsmodels, on the seeded counts."""
+    path = console_service.workdir / "rulesets" / "halves.json"
+    path.write_text(json.dumps(HALF_HOLDOUT, indent=2))
+    wait_for(
+        lambda: console_service.request("GET", "/v1/rulesets/halves")[1].get("status") == "loaded",
+        what="halves.json loaded",
+    )
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    with console_service.db() as db:
+        db.stats.insert_many([
+            {"_id": f"{hour.isoformat()}|halves|nudge|{group}||w1", "hour": hour, "ruleset": "halves",
+             "rule": "nudge", "variant": group, "channel": "", "shard": "w1",
+             "counts": {"entered": n, "converted": x}, "reasons": {}, "revenue": 0.0, "revenue_sq": 0.0}
+            for group, (n, x) in HALVES.items()
+        ])  # fmt: skip
+    browser.open("/console/rulesets/halves?window=24h")
+    (n1, x1), (n2, x2) = HALVES[""], HALVES["holdout"]
+
+    def pct(v: float) -> str:
+        return f"{v * 100:.1f} %"
+
+    table = browser.driver.find_element(By.XPATH, "//h2[@id='uplift']/following-sibling::table[1]")
+    for group, (n, x) in (("treatment", (n1, x1)), ("holdout", (n2, x2))):
+        row = table.find_element(By.XPATH, f".//tr[th[normalize-space(.)='{group}']]")
+        cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+        low, high = proportion_confint(x, n, alpha=0.05, method="wilson")
+        assert cells[:3] == [f"{n:,}", f"{x:,}", f"{pct(x / n)} ({pct(low)} – {pct(high)})"], (group, cells)
+    low, high = confint_proportions_2indep(x1, n1, x2, n2, method="newcomb", compare="diff", alpha=0.05)
+    diff = x1 / n1 - x2 / n2
+    block = browser.driver.find_element(By.XPATH, "//h2[@id='uplift']/following-sibling::div[1]")
+    said = (
+        f"Uplift: {diff * 100:+.1f} points (95 % interval {low * 100:+.1f} points to {high * 100:+.1f} points)"
+        f", {diff / (x2 / n2) * 100:+.0f} % relative."
+    )
+    assert said in block.text, (said, block.text)
+    assert ("Significant: the interval excludes zero." in block.text) == (low > 0 or high < 0)
+    assert "enough data" not in block.text
+    svg = block.find_element(By.CSS_SELECTOR, "svg.interval").get_attribute("aria-label")
+    assert svg == (
+        f"Uplift of treatment over holdout: {diff * 100:+.1f} points, 95% interval {low * 100:+.1f} to "
+        f"{high * 100:+.1f}"
+    )
+    browser.shot("ruleset-uplift")
+    path.unlink()

@@ -55,6 +55,9 @@ FATES: tuple[tuple[str, str], ...] = (
     ("failed", "failed"),
     ("uncertain", "uncertain"),
 )
+# Each fate's colour (Okabe-Ito, as charts.PALETTE), the same in every rule's chart.
+FATE_COLOURS = {"waiting": "#56B4E9", "sent": "#009E73", "suppressed": "#E69F00", "held out": "#CC79A7",
+                "cancelled": "#0072B2", "failed": "#D55E00", "uncertain": "#F0E442"}  # fmt: skip
 OUTCOME_LABELS = (("delivered", "delivered"), ("opened", "opened"), ("clicked", "clicked"),
                   ("bounced", "bounced"))  # fmt: skip
 
@@ -242,6 +245,7 @@ async def _ruleset_page(
         report=report,
         stats_problem=stats_problem,
         funnels={f.rule: f for f in funnels},
+        fate_colours=FATE_COLOURS,
         overall=RuleFunnel("", totals(report.funnel), [], []) if report is not None else None,
         extra_funnels=[f for f in funnels if f.rule not in {r.name for r in detail.rules}],
         groups=groups,
