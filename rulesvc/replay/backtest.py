@@ -763,7 +763,8 @@ def report_text(report: Report) -> str:
     out.append("")
     out.append(f"Contacts whose messages change (in time or fate): {ch.changed}; "
                f"{ch.gaining} get more ({ch.gained_messages} message(s) in all), "
-               f"{ch.losing} get fewer ({ch.lost_messages} in all)")  # fmt: skip
+               f"{ch.losing} get fewer ({ch.lost_messages} in all), {ch.same_sent} the same messages sent "
+               "(one at another time or on another channel, or one not sent stopped otherwise)")  # fmt: skip
     for title, examples in (("gains", ch.gained_examples), ("loses", ch.lost_examples)):
         for ex in examples:
             which = ex.gained if title == "gains" else ex.lost

@@ -58,7 +58,8 @@ def test_interval_always_shows_zero() -> None:
 
 
 def test_fixed_colours_keep_a_status_alike_across_charts() -> None:
-    first = stacked_bars([("email", {"waiting": 4}), ("push", {"suppressed": 4})], fixed={"suppressed": "#E69F00"})
+    items = [("email", {"waiting": 4}), ("push", {"suppressed": 4})]
+    first = stacked_bars(items, fixed={"suppressed": "#E69F00"})
     second = stacked_bars([("email", {"suppressed": 2})], fixed={"suppressed": "#E69F00"})
     assert first.legend == [("waiting", "#0072B2"), ("suppressed", "#E69F00")]
     assert second.legend == [("suppressed", "#E69F00")]  # not the first colour of the palette

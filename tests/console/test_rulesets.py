@@ -135,8 +135,10 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
         assert said in section.text, (said, section.text)
     total_entered = sum(entered.values())
     waiting = sum(b["scheduled"] for b in by_status.values())
-    assert f"In total: {total_entered} entries; {sum(sends[r] * n for r, n in entered.items())} messages: " \
+    assert (
+        f"In total: {total_entered} entries; {sum(sends[r] * n for r, n in entered.items())} messages: "
         f"{waiting} waiting" in browser.text()
+    )
     remind = browser.driver.find_element(By.ID, "rule-remind")
     table = remind.find_element(By.XPATH, ".//table[caption[normalize-space(.)='Messages by channel']]")
     headers = [th.text for th in table.find_elements(By.XPATH, ".//thead//th")]
@@ -146,7 +148,8 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
             zip(headers[1:], [td.text for td in cells.find_elements(By.TAG_NAME, "td")], strict=True)
         )
         expected = summed(rows, "remind", channel)
-        waiting_here = expected["scheduled"] - sum(expected.get(s, 0) for s in ("sent", "suppressed", "held_out"))
+        decided = sum(expected.get(s, 0) for s in ("sent", "suppressed", "held_out"))
+        waiting_here = expected["scheduled"] - decided
         for label, n in (("Waiting", waiting_here), ("Sent", expected.get("sent", 0)),
                          ("Suppressed", expected.get("suppressed", 0)),
                          ("Held out", expected.get("held_out", 0))):  # fmt: skip
@@ -245,12 +248,16 @@ def test_an_uplift_with_enough_data(console_service: ConsoleService, browser: Br
         row = table.find_element(By.XPATH, f".//tr[th[normalize-space(.)='{group}']]")
         cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
         low, high = proportion_confint(x, n, alpha=0.05, method="wilson")
-        assert cells[:3] == [f"{n:,}", f"{x:,}", f"{pct(x / n)} ({pct(low)} – {pct(high)})"], (group, cells)
+        assert cells[:3] == [f"{n:,}", f"{x:,}", f"{pct(x / n)} ({pct(low)} \u2013 {pct(high)})"], (
+            group,
+            cells,
+        )
     low, high = confint_proportions_2indep(x1, n1, x2, n2, method="newcomb", compare="diff", alpha=0.05)
     diff = x1 / n1 - x2 / n2
     block = browser.driver.find_element(By.XPATH, "//h2[@id='uplift']/following-sibling::div[1]")
     said = (
-        f"Uplift: {diff * 100:+.1f} points (95 % interval {low * 100:+.1f} points to {high * 100:+.1f} points)"
+        f"Uplift: {diff * 100:+.1f} points "
+        f"(95 % interval {low * 100:+.1f} points to {high * 100:+.1f} points)"
         f", {diff / (x2 / n2) * 100:+.0f} % relative."
     )
     assert said in block.text, (said, block.text)

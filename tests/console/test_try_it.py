@@ -21,8 +21,14 @@ from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
 # A simulated fate in the page's words: nothing was sent, so each says what would happen.
-WOULD = {"sent": "would send", "suppressed": "would be suppressed", "cancelled": "would be cancelled",
-         "held_out": "would be held out", "postponed": "would be postponed", "failed": "would fail"}  # fmt: skip
+WOULD = {
+    "sent": "would send",
+    "suppressed": "would be suppressed",
+    "cancelled": "would be cancelled",
+    "held_out": "would be held out",
+    "postponed": "would be postponed",
+    "failed": "would fail",
+}
 
 
 def _set(browser: Browser, label: str, text: str) -> None:
@@ -159,7 +165,8 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     assert "0 would get more messages (0 in all)" in changes, changes
     assert f"{losing} would get fewer ({losing} in all)" in changes, changes
     assert f"{same} would get the same messages sent" in changes, changes
-    rows = browser.driver.find_element(By.XPATH, "//table[caption[starts-with(normalize-space(.), 'Per rule')]]")
+    per_row = "//table[caption[starts-with(normalize-space(.), 'Per rule')]]"
+    rows = browser.driver.find_element(By.XPATH, per_row)
     headers = [th.text for th in rows.find_elements(By.XPATH, "./thead//th")]
     assert headers[1:5] == ["Decided, baseline", "Decided, candidate", "Sent, baseline", "Sent, candidate"]
     browser.shot("backtest")

@@ -81,20 +81,23 @@ def plural(n: int, one: str, many: str | None = None) -> str:
 
 
 def messages_line(counts: dict[str, int]) -> str:
-    """"8 messages: 4 waiting, 4 suppressed" (fates that are zero left out)."""
+    """ "8 messages: 4 waiting, 4 suppressed" (fates that are zero left out)."""
     fates = fates_of(counts)
     parts = [f"{fates[key]:,} {label}" for key, label in FATES if fates[key]]
     return plural(sum(fates.values()), "message") + (": " + ", ".join(parts) if parts else "")
 
 
 def outcomes_line(counts: dict[str, int]) -> str:
-    """"Of 3 messages sent: 2 delivered, 1 opened, 0 clicked" (bounced only when there are some)."""
-    shown = [f"{counts.get(k, 0):,} {label}" for k, label in OUTCOME_LABELS if k != "bounced" or counts.get(k)]
+    """ "Of 3 messages sent: 2 delivered, 1 opened, 0 clicked" (bounced only when there are some)."""
+    shown = [
+        f"{counts.get(k, 0):,} {label}" for k, label in OUTCOME_LABELS if k != "bounced" or counts.get(k)
+    ]
     return f"Of {plural(counts.get('sent', 0), 'message')} sent: " + ", ".join(shown)
 
 
 def conversions_line(counts: dict[str, int]) -> str:
-    return f"{plural(counts.get('converted', 0), 'conversion')} (of {plural(counts.get('entered', 0), 'entry', 'entries')})"
+    entries = plural(counts.get("entered", 0), "entry", "entries")
+    return f"{plural(counts.get('converted', 0), 'conversion')} (of {entries})"
 
 
 @dataclass
