@@ -45,7 +45,7 @@ test: lint browser
 	$(BIN)/pytest -q
 
 # The console's pictures in docs/console.md: the browser tests take them (build/console/), this keeps them.
-DOC_SCREENSHOTS := login overview rulesets ruleset ruleset-check contact-search contact messages message try backtest channels
+DOC_SCREENSHOTS := login overview rulesets ruleset ruleset-uplift ruleset-check contact-search contact messages message try backtest channels
 screenshots: $(STAMP) browser
 	$(BIN)/pytest -q tests/console
 	mkdir -p docs/console

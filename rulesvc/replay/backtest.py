@@ -197,6 +197,10 @@ class ContactChanges(msgspec.Struct):
     changed: int = 0  # contacts with any difference (a message gained, lost, retimed, or another fate)
     gaining: int = 0  # contacts that get a message from the candidate that the baseline does not send
     losing: int = 0
+    both: int = 0  # of the above, contacts that gain one message and lose another
+    # contacts with the same messages sent: one sent at another time or on another channel, or one not
+    # sent stopped another way (e.g. cancelled instead of suppressed)
+    same_sent: int = 0
     gained_messages: int = 0
     lost_messages: int = 0
     gained_examples: list[ContactExample] = msgspec.field(default_factory=list)
@@ -414,6 +418,8 @@ class _Builder:
         c.changed += 1
         c.gaining += bool(gained)
         c.losing += bool(lost)
+        c.both += bool(gained and lost)
+        c.same_sent += not (gained or lost)
         c.gained_messages += len(gained)
         c.lost_messages += len(lost)
         for found, examples in ((gained, c.gained_examples), (lost, c.lost_examples)):
@@ -757,7 +763,8 @@ def report_text(report: Report) -> str:
     out.append("")
     out.append(f"Contacts whose messages change (in time or fate): {ch.changed}; "
                f"{ch.gaining} get more ({ch.gained_messages} message(s) in all), "
-               f"{ch.losing} get fewer ({ch.lost_messages} in all)")  # fmt: skip
+               f"{ch.losing} get fewer ({ch.lost_messages} in all), {ch.same_sent} the same messages sent "
+               "(one at another time or on another channel, or one not sent stopped otherwise)")  # fmt: skip
     for title, examples in (("gains", ch.gained_examples), ("loses", ch.lost_examples)):
         for ex in examples:
             which = ex.gained if title == "gains" else ex.lost

@@ -110,6 +110,7 @@ class RulesetInfo(msgspec.Struct):
 
 class RulesetList(msgspec.Struct):
     rulesets: list[RulesetInfo]
+    folder: str  # the rulesets folder's absolute path on the server (a backtest names a sibling)
 
 
 class ChannelInfo(msgspec.Struct):

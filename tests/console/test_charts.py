@@ -80,3 +80,11 @@ def test_a_dashed_line_is_marked_so() -> None:
     accepted, decided = chart.lines
     assert accepted.path == decided.path  # equal values: one drawn over the other
     assert accepted.dash == "" and decided.dash  # so the one on top has gaps
+
+
+def test_fixed_colours_keep_a_status_alike_across_charts() -> None:
+    items = [("email", {"waiting": 4}), ("push", {"suppressed": 4})]
+    first = stacked_bars(items, fixed={"suppressed": "#E69F00"})
+    second = stacked_bars([("email", {"suppressed": 2})], fixed={"suppressed": "#E69F00"})
+    assert first.legend == [("waiting", "#0072B2"), ("suppressed", "#E69F00")]
+    assert second.legend == [("suppressed", "#E69F00")]  # not the first colour of the palette

@@ -8,11 +8,13 @@ and the ruleset files' bytes on disk."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from selenium.webdriver.common.by import By
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
@@ -47,6 +49,13 @@ def summed(rows: list[dict[str, Any]], rule: str, channel: str | None = None) ->
     return total
 
 
+def frm_of(browser: Browser) -> str:
+    """The start of the window the page shows ("Counts from 2026-11-27 05:00:00 UTC to ..."), as ISO."""
+    found = re.search(r"Counts from (\S+) (\S+) UTC", browser.text())
+    assert found is not None, browser.text()
+    return f"{found.group(1)}T{found.group(2)}Z"
+
+
 def test_rulesets_list_with_rules_and_a_refused_file(
     console_service: ConsoleService, browser: Browser
 ) -> None:
@@ -65,6 +74,8 @@ def test_rulesets_list_with_rules_and_a_refused_file(
         )
     assert "$.rules[0].then[0].send.after" in text and "This file was refused; nothing of it runs." in text
     cart = json.loads((SHIPPED / "cart_abandon.json").read_text())
+    headers = [th.text for th in browser.driver.find_elements(By.XPATH, "(//table)[1]/thead//th")]
+    assert headers == ["Ruleset", "Status", "Rules", "Listens to", "Holdout / A/B"], headers
     for rule in cart["rules"]:
         assert rule["name"] in text
     assert "sends `cart_abandon/push` on push 20m after the event; cancelled by purchased" in text
@@ -98,12 +109,36 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
         return rows if done else None
 
     rows = wait_for(settled, what="the cart_abandon counts of the posted events")
+    cart = json.loads((SHIPPED / "cart_abandon.json").read_text())
+    sends = {r["name"]: sum(1 for a in r["then"] if "send" in a) for r in cart["rules"]}
+    # The judge of the messages' fates: the messages themselves, as `GET /v1/messages` lists them.
+    fates = (("waiting", "scheduled"), ("sent", "sent"), ("suppressed", "suppressed"),
+             ("held out", "held_out"), ("cancelled", "cancelled"), ("failed", "failed"))  # fmt: skip
+    by_status: dict[str, dict[str, int]] = {}
+    for rule in entered:
+        by_status[rule] = {}
+        for _, status in fates:
+            code, body = console_service.request(
+                "GET", f"/v1/messages?ruleset=cart_abandon&rule={rule}&status={status}&limit=500"
+            )
+            assert code == 200, body
+            by_status[rule][status] = len(body["messages"])
+        assert sum(by_status[rule].values()) == sends[rule] * entered[rule], by_status[rule]
     browser.open("/console/rulesets/cart_abandon")
     browser.follow("last 24 hours")
     assert browser.path == "/console/rulesets/cart_abandon?window=24h"
     for rule, n in entered.items():
         section = browser.driver.find_element(By.ID, f"rule-{rule}")
-        assert f"{n} entered" in section.text, (rule, section.text)
+        assert f"Entries\n{n} entries (each a contact starting this rule)" in section.text, section.text
+        parts = ", ".join(f"{by_status[rule][s]} {label}" for label, s in fates if by_status[rule][s])
+        said = f"Messages\n{sends[rule] * n} messages: {parts}"
+        assert said in section.text, (said, section.text)
+    total_entered = sum(entered.values())
+    waiting = sum(b["scheduled"] for b in by_status.values())
+    assert (
+        f"In total: {total_entered} entries; {sum(sends[r] * n for r, n in entered.items())} messages: "
+        f"{waiting} waiting" in browser.text()
+    )
     remind = browser.driver.find_element(By.ID, "rule-remind")
     table = remind.find_element(By.XPATH, ".//table[caption[normalize-space(.)='Messages by channel']]")
     headers = [th.text for th in table.find_elements(By.XPATH, ".//thead//th")]
@@ -113,9 +148,16 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
             zip(headers[1:], [td.text for td in cells.find_elements(By.TAG_NAME, "td")], strict=True)
         )
         expected = summed(rows, "remind", channel)
-        for label, status in (("Scheduled", "scheduled"), ("Sent", "sent"), ("Suppressed", "suppressed"),
-                              ("Held out", "held_out")):  # fmt: skip
-            assert shown[label] == str(expected.get(status, 0)), (channel, label, shown, expected)
+        decided = sum(expected.get(s, 0) for s in ("sent", "suppressed", "held_out"))
+        waiting_here = expected["scheduled"] - decided
+        for label, n in (("Waiting", waiting_here), ("Sent", expected.get("sent", 0)),
+                         ("Suppressed", expected.get("suppressed", 0)),
+                         ("Held out", expected.get("held_out", 0))):  # fmt: skip
+            assert shown[label] == str(n), (channel, label, shown, expected)
+        chart = remind.find_element(By.CSS_SELECTOR, ".funnel-chart svg").get_attribute("innerHTML")
+        for label, n in (("waiting", waiting_here), ("suppressed", expected.get("suppressed", 0))):
+            if n:
+                assert f"{channel} · {label}: {n}" in chart, (channel, label, chart)  # type: ignore[operator]
     reasons = {
         code: n
         for row in rows
@@ -126,7 +168,11 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
         assert f"{n} \u00d7 {code}" in remind.text, (code, remind.text)
     text = browser.text()
     assert "Does it work? Holdout" in text and "treatment against holdout" in text
-    assert "Not enough data yet." in text  # 7 contacts: below the minimum sample
+    block = browser.driver.find_element(By.ID, "uplift").find_element(By.XPATH, "following-sibling::div[1]")
+    status, report = console_service.request("GET", "/v1/stats?ruleset=cart_abandon&from=" + frm_of(browser))
+    note = report["comparisons"][0]["note"]
+    assert note.startswith("Not enough data:") and block.text.count("enough data") == 1, block.text
+    assert note in block.text and "n/a" not in block.text  # 6 contacts: below the minimum sample
     source = browser.driver.find_element(By.TAG_NAME, "pre").text
     assert source == (folder / "cart_abandon.json").read_text().strip()
     browser.shot("ruleset")
@@ -162,3 +208,65 @@ def test_a_read_session_may_check_but_the_page_refuses_a_bad_window(
     new_browser.press("Check", expect="Valid: would listen to checkout_started")
     new_browser.open("/console/rulesets/no_such_ruleset")
     assert "no ruleset `no_such_ruleset`" in new_browser.text()
+
+
+# A 50 % holdout with enough entries for an uplift: (entries, conversions) per group, seeded as counts.
+HALVES = {"": (1200, 96), "holdout": (1180, 59)}
+HALF_HOLDOUT = {
+    "holdout": "50%",
+    "goal": {"event": "purchased", "within": "5d"},
+    "rules": [{"name": "nudge", "when": {"event": "page_viewed"},
+               "then": [{"send": {"channel": "email", "template": "cart_abandon/email", "after": "1h"}}]}],
+}  # fmt: skip
+
+
+def test_an_uplift_with_enough_data(console_service: ConsoleService, browser: Browser) -> None:
+    """The stats collection seeded in its documented schema (as test_pages_over_http.py does); the judge:
+    Wilson intervals and Newcombe's interval of the difference, from statsmodels, on the seeded counts."""
+    path = console_service.workdir / "rulesets" / "halves.json"
+    path.write_text(json.dumps(HALF_HOLDOUT, indent=2))
+    wait_for(
+        lambda: console_service.request("GET", "/v1/rulesets/halves")[1].get("status") == "loaded",
+        what="halves.json loaded",
+    )
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    with console_service.db() as db:
+        db.stats.insert_many([
+            {"_id": f"{hour.isoformat()}|halves|nudge|{group}||w1", "hour": hour, "ruleset": "halves",
+             "rule": "nudge", "variant": group, "channel": "", "shard": "w1",
+             "counts": {"entered": n, "converted": x}, "reasons": {}, "revenue": 0.0, "revenue_sq": 0.0}
+            for group, (n, x) in HALVES.items()
+        ])  # fmt: skip
+    browser.open("/console/rulesets/halves?window=24h")
+    (n1, x1), (n2, x2) = HALVES[""], HALVES["holdout"]
+
+    def pct(v: float) -> str:
+        return f"{v * 100:.1f} %"
+
+    table = browser.driver.find_element(By.XPATH, "//h2[@id='uplift']/following-sibling::table[1]")
+    for group, (n, x) in (("treatment", (n1, x1)), ("holdout", (n2, x2))):
+        row = table.find_element(By.XPATH, f".//tr[th[normalize-space(.)='{group}']]")
+        cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+        low, high = proportion_confint(x, n, alpha=0.05, method="wilson")
+        assert cells[:3] == [f"{n:,}", f"{x:,}", f"{pct(x / n)} ({pct(low)} \u2013 {pct(high)})"], (
+            group,
+            cells,
+        )
+    low, high = confint_proportions_2indep(x1, n1, x2, n2, method="newcomb", compare="diff", alpha=0.05)
+    diff = x1 / n1 - x2 / n2
+    block = browser.driver.find_element(By.XPATH, "//h2[@id='uplift']/following-sibling::div[1]")
+    said = (
+        f"Uplift: {diff * 100:+.1f} points "
+        f"(95 % interval {low * 100:+.1f} points to {high * 100:+.1f} points)"
+        f", {diff / (x2 / n2) * 100:+.0f} % relative."
+    )
+    assert said in block.text, (said, block.text)
+    assert ("Significant: the interval excludes zero." in block.text) == (low > 0 or high < 0)
+    assert "enough data" not in block.text
+    svg = block.find_element(By.CSS_SELECTOR, "svg.interval").get_attribute("aria-label")
+    assert svg == (
+        f"Uplift of treatment over holdout: {diff * 100:+.1f} points, 95% interval {low * 100:+.1f} to "
+        f"{high * 100:+.1f}"
+    )
+    browser.shot("ruleset-uplift")
+    path.unlink()

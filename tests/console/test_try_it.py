@@ -20,6 +20,15 @@ from tests.console.conftest import ConsoleService
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
+# A simulated fate in the page's words: nothing was sent, so each says what would happen.
+WOULD = {
+    "sent": "would send",
+    "suppressed": "would be suppressed",
+    "cancelled": "would be cancelled",
+    "held_out": "would be held out",
+    "postponed": "would be postponed",
+    "failed": "would fail",
+}
 
 
 def _set(browser: Browser, label: str, text: str) -> None:
@@ -65,7 +74,7 @@ def test_a_simulated_cart_shows_both_reminders(console_service: ConsoleService, 
         assert row[1].startswith(after_text) and "after cart_updated evt-1" in row[1], row
         assert row[3] == "cart_abandon · remind" and row[4] == send["channel"], row
         (api,) = [a for a in answer["actions"] if a["template"] == send["template"]]
-        assert api["status"].replace("_", " ") in row[5], (row, api)
+        assert row[5].startswith(WOULD[api["status"]]), (row, api)
         if api.get("reason"):
             assert api["reason"] in row[5]
     assert rows[0][2].startswith("Event cart_updated evt-1")
@@ -98,6 +107,19 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
         return status == 200 and body["funnel"]["entered"] == len(contacts)
 
     wait_for(decided, what="the posted carts decided")
+
+    def emails() -> dict[str, list[str]] | None:
+        """The high_value emails' recorded fates, by status, once each is decided."""
+        by: dict[str, list[str]] = {}
+        for status in ("sent", "held_out", "suppressed", "failed", "cancelled"):
+            code, body = console_service.request(
+                "GET", f"/v1/messages?ruleset=cart_abandon&rule=high_value&channel=email&status={status}"
+            )
+            assert code == 200, body
+            by[status] = [m["contact_id"] for m in body["messages"]]
+        return by if sum(map(len, by.values())) == len(contacts) else None
+
+    fates = wait_for(emails, what="every high_value email decided")
     # The candidate: the shipped rulesets without high_value's email.
     candidate = tmp_path / "candidate"
     shutil.copytree(SHIPPED, candidate)
@@ -107,6 +129,9 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     (candidate / "cart_abandon.json").write_text(json.dumps(cart, indent=2))
 
     browser.open("/console/try/backtests")
+    live = str((console_service.workdir / "rulesets").absolute())
+    assert console_service.request("GET", "/v1/rulesets")[1]["folder"] == live
+    assert f"The live rulesets are in {live}: copy it to a sibling folder, e.g. {live}-next" in browser.text()
     browser.field("Candidate rulesets folder (absolute path on the server)").send_keys(str(candidate))
     browser.driver.find_element(By.CSS_SELECTOR, "#window option[value='24h']").click()
     browser.press("Start backtest", expect="Baseline")
@@ -132,6 +157,18 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     chart = browser.driver.find_element(By.CSS_SELECTOR, "figure.chart svg")
     assert f"cart_abandon · high_value: {after - baseline:+d}" in chart.get_attribute("innerHTML")  # type: ignore[operator]
     assert job["request"]["candidate"] in browser.text()
+    # Who is treated differently, judged by the emails the service recorded: a contact whose email was
+    # sent loses it; one held out (or not sent otherwise) gets the same messages sent as before.
+    losing, same = len(fates["sent"]), len(contacts) - len(fates["sent"])
+    changes = browser.driver.find_element(By.ID, "changes").text
+    assert f"{len(contacts)} contacts would be treated differently by the candidate:" in browser.text()
+    assert "0 would get more messages (0 in all)" in changes, changes
+    assert f"{losing} would get fewer ({losing} in all)" in changes, changes
+    assert f"{same} would get the same messages sent" in changes, changes
+    per_row = "//table[caption[starts-with(normalize-space(.), 'Per rule')]]"
+    rows = browser.driver.find_element(By.XPATH, per_row)
+    headers = [th.text for th in rows.find_elements(By.XPATH, "./thead//th")]
+    assert headers[1:5] == ["Decided, baseline", "Decided, candidate", "Sent, baseline", "Sent, candidate"]
     browser.shot("backtest")
     browser.open("/console/try/backtests")
     assert job_id in browser.driver.page_source and "done" in browser.text()
@@ -191,7 +228,7 @@ def test_a_simulation_for_a_stored_contact(console_service: ConsoleService, brow
         )
         assert status == 200, answer
         (api,) = [a for a in answer["actions"] if a["template"] == email["template"]]
-        assert api["status"].replace("_", " ") in shown and (api.get("reason") or "") in shown, (shown, api)
+        assert WOULD[api["status"]] in shown and (api.get("reason") or "") in shown, (shown, api)
     assert "no_consent" in outcomes["real-no"] and "no_consent" not in outcomes["real-yes"]
     assert {c: console_service.request("GET", f"/v1/contacts/{c}")[1] for c in before} == before
     browser.open("/console/try")

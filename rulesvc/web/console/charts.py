@@ -184,12 +184,16 @@ def bar_chart(items: Sequence[tuple[str, float]], width: int = 720, label_width:
 
 
 def stacked_bars(
-    items: Sequence[tuple[str, Mapping[str, float]]], width: int = 720, label_width: int = 200
+    items: Sequence[tuple[str, Mapping[str, float]]],
+    width: int = 720,
+    label_width: int = 200,
+    fixed: Mapping[str, str] | None = None,
 ) -> BarChart:
-    """One horizontal bar per item, split into segments (e.g. messages of a channel by status)."""
+    """One horizontal bar per item, split into segments (e.g. messages of a channel by status).
+    `fixed`: a segment name's colour, so that charts side by side colour a status alike."""
     bar_height, gap = 22, 8
     names = list(dict.fromkeys(name for _, parts in items for name in parts))
-    colours = {name: color(i) for i, name in enumerate(names)}
+    colours = {name: (fixed or {}).get(name) or color(i) for i, name in enumerate(names)}
     largest = max((sum(parts.values()) for _, parts in items), default=0.0) or 1.0
     room = width - label_width - 70
     bars = []

@@ -40,19 +40,102 @@ class RulesetPageQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 class ChannelCounts:
     channel: str
     counts: dict[str, int]
+    fates: dict[str, int]  # FATES' keys present in the rule, waiting first, zeros kept
+
+
+# What became of a message, in the order a person reads it. `waiting`: scheduled and not decided yet
+# (every message counts `scheduled` when made, then once more when its fate is decided). `failed`
+# adds up `failed` and `dead` (gave up after retries).
+FATES: tuple[tuple[str, str], ...] = (
+    ("waiting", "waiting"),
+    ("sent", "sent"),
+    ("suppressed", "suppressed"),
+    ("held_out", "held out"),
+    ("cancelled", "cancelled"),
+    ("failed", "failed"),
+    ("uncertain", "uncertain"),
+)
+# Each fate's colour (Okabe-Ito, as charts.PALETTE), the same in every rule's chart.
+FATE_COLOURS = {"waiting": "#56B4E9", "sent": "#009E73", "suppressed": "#E69F00", "held out": "#CC79A7",
+                "cancelled": "#0072B2", "failed": "#D55E00", "uncertain": "#F0E442"}  # fmt: skip
+OUTCOME_LABELS = (("delivered", "delivered"), ("opened", "opened"), ("clicked", "clicked"),
+                  ("bounced", "bounced"))  # fmt: skip
+
+
+def fates_of(counts: dict[str, int]) -> dict[str, int]:
+    """Messages by fate. Counts are by the hour of each step, so in a window a message decided in it may
+    have been scheduled before it: waiting never goes below zero."""
+    decided = {
+        "sent": counts.get("sent", 0),
+        "suppressed": counts.get("suppressed", 0),
+        "held_out": counts.get("held_out", 0),
+        "cancelled": counts.get("cancelled", 0),
+        "failed": counts.get("failed", 0) + counts.get("dead", 0),
+        "uncertain": counts.get("uncertain", 0),
+    }
+    return {"waiting": max(0, counts.get("scheduled", 0) - sum(decided.values())), **decided}
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def messages_line(counts: dict[str, int]) -> str:
+    """ "8 messages: 4 waiting, 4 suppressed" (fates that are zero left out)."""
+    fates = fates_of(counts)
+    parts = [f"{fates[key]:,} {label}" for key, label in FATES if fates[key]]
+    return plural(sum(fates.values()), "message") + (": " + ", ".join(parts) if parts else "")
+
+
+def outcomes_line(counts: dict[str, int]) -> str:
+    """ "Of 3 messages sent: 2 delivered, 1 opened, 0 clicked" (bounced only when there are some)."""
+    shown = [
+        f"{counts.get(k, 0):,} {label}" for k, label in OUTCOME_LABELS if k != "bounced" or counts.get(k)
+    ]
+    return f"Of {plural(counts.get('sent', 0), 'message')} sent: " + ", ".join(shown)
+
+
+def conversions_line(counts: dict[str, int]) -> str:
+    entries = plural(counts.get("entered", 0), "entry", "entries")
+    return f"{plural(counts.get('converted', 0), 'conversion')} (of {entries})"
 
 
 @dataclass
 class RuleFunnel:
-    """One rule's counts over the window, all groups added up: entries, per channel what became of the
-    messages, why some were not sent, and the outcomes."""
+    """One rule's counts over the window, all groups added up: entries (contacts who started the
+    rule), per channel what became of its messages, why some were not sent, outcomes, conversions."""
 
     rule: str
     total: dict[str, int]
     channels: list[ChannelCounts]
     suppressed: list[tuple[str, int]]  # reason code, count; most first
     other_reasons: list[tuple[str, str, int]] = field(default_factory=list)  # status, reason, count
-    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def entries(self) -> str:
+        return plural(self.total.get("entered", 0), "entry", "entries")
+
+    @property
+    def messages(self) -> str:
+        return messages_line(self.total)
+
+    @property
+    def outcomes(self) -> str:
+        return outcomes_line(self.total)
+
+    @property
+    def conversions(self) -> str:
+        return conversions_line(self.total)
+
+    @property
+    def converted(self) -> str:
+        return plural(self.total.get("converted", 0), "conversion")
+
+    @property
+    def fate_bars(self) -> list[tuple[str, dict[str, int]]]:
+        """One bar per channel, split by fate, for `charts.stacked_bars` (names are the fates' labels)."""
+        labels = dict(FATES)
+        return [(c.channel, {labels[k]: n for k, n in c.fates.items()}) for c in self.channels]
 
 
 COUNTED = ("entered", "scheduled", "sent", "suppressed", "held_out", "cancelled", "postponed", "failed",
@@ -62,6 +145,12 @@ COUNTED = ("entered", "scheduled", "sent", "suppressed", "held_out", "cancelled"
 def _add(into: dict[str, int], funnel: Funnel) -> None:
     for status in COUNTED:
         into[status] = into.get(status, 0) + int(getattr(funnel, status))
+
+
+def totals(funnel: Funnel) -> dict[str, int]:
+    into: dict[str, int] = {}
+    _add(into, funnel)
+    return into
 
 
 def rule_funnels(rows: list[FunnelRow], order: list[str]) -> list[RuleFunnel]:
@@ -88,19 +177,13 @@ def rule_funnels(rows: list[FunnelRow], order: list[str]) -> list[RuleFunnel]:
             ((s, c, n) for (s, c), n in reasons.items() if s != "suppressed" and n),
             key=lambda i: (COUNTED.index(i[0]) if i[0] in COUNTED else 99, -i[2]),
         )
-        channels = [ChannelCounts(c, counts) for c, counts in sorted(by_channel.items())]
-        steps: list[tuple[str, float]] = [("Entered", total.get("entered", 0))]
-        steps += [(f"Sent on {c.channel}", c.counts.get("sent", 0)) for c in channels]
-        steps += [
-            ("Suppressed", total.get("suppressed", 0)),
-            ("Held out", total.get("held_out", 0)),
-            ("Delivered", total.get("delivered", 0)),
-            ("Opened", total.get("opened", 0)),
-            ("Clicked", total.get("clicked", 0)),
-            ("Converted", total.get("converted", 0)),
+        fates = {c: fates_of(counts) for c, counts in by_channel.items()}
+        present = [k for k, _ in FATES if any(f[k] for f in fates.values())]
+        channels = [
+            ChannelCounts(c, counts, {k: fates[c][k] for k in present})
+            for c, counts in sorted(by_channel.items())
         ]
-        shown = [(label, n) for label, n in steps if n or label in ("Entered", "Converted")]
-        found.append(RuleFunnel(name, total, channels, suppressed, others, shown))
+        found.append(RuleFunnel(name, total, channels, suppressed, others))
     return found
 
 
@@ -112,7 +195,8 @@ def window_start(span: timedelta, now: datetime) -> datetime:
 
 async def rulesets_page(request: web.Request) -> web.StreamResponse:
     rulesets = request.app[RULESETS]
-    listed = ruleset_list(rulesets).rulesets
+    found = ruleset_list(rulesets)
+    listed = found.rulesets
     details: list[RulesetDetail] = []
     for info in listed:
         try:
@@ -124,7 +208,7 @@ async def rulesets_page(request: web.Request) -> web.StreamResponse:
         "rulesets.html",
         nav="rulesets",
         rulesets=details,
-        folder=str(rulesets.directory.absolute()),
+        folder=found.folder,
     )
 
 
@@ -164,6 +248,8 @@ async def _ruleset_page(
         report=report,
         stats_problem=stats_problem,
         funnels={f.rule: f for f in funnels},
+        fate_colours=FATE_COLOURS,
+        overall=RuleFunnel("", totals(report.funnel), [], []) if report is not None else None,
         extra_funnels=[f for f in funnels if f.rule not in {r.name for r in detail.rules}],
         groups=groups,
         candidate=candidate if candidate is not None else (detail.source or ""),

@@ -18,9 +18,11 @@ from aiohttp import web
 from rulesvc.core.ids import id_problem
 from rulesvc.web.backtest_schemas import BacktestConflict, BacktestJob, BacktestRejected, BacktestRequest
 from rulesvc.web.console.base import ConsoleRoute, error_page, form_of, render, see_other
+from rulesvc.web.keys import RULESETS
 from rulesvc.web.views.backtests import backtest_job, backtest_list, start_backtest
 from rulesvc.web.views.base import ApiError
 from rulesvc.web.views.contacts import get_contact_op
+from rulesvc.web.views.rulesets import ruleset_list
 from rulesvc.web.views.simulate import simulate
 
 # README's quick start event, and a made-up contact reachable by email, push and SMS, who agreed to all three.
@@ -302,6 +304,7 @@ async def _backtests(
         running_id=running_id,
         folder=folder,
         window=window,
+        live_folder=ruleset_list(request.app[RULESETS]).folder,
     )
 
 

@@ -59,7 +59,10 @@ def name_problem(name: str) -> str | None:
 
 
 def ruleset_list(rulesets: Rulesets) -> RulesetList:
-    return RulesetList([_info(s) for s in sorted(rulesets.status.values(), key=lambda s: s.name)])
+    return RulesetList(
+        [_info(s) for s in sorted(rulesets.status.values(), key=lambda s: s.name)],
+        str(rulesets.directory.absolute()),
+    )
 
 
 async def ruleset_detail(rulesets: Rulesets, name: str) -> RulesetDetail:
