@@ -89,7 +89,7 @@ def sentence(message: Message, holdout: str | None = None) -> str:
         if message.reason == reasons.RULESET_REMOVED:
             return f"cancelled: its ruleset was removed{when}"
         if message.reason == reasons.CANCELLED_BY_OPERATOR:
-            return f"cancelled by an operator{when}"
+            return f"{message.detail or 'cancelled by an operator'}{when}"
         return f"cancelled{when}"
     why = reasons.REASONS.get(message.reason or "", ("", message.detail or ""))[1]
     detail = f" ({message.detail})" if message.detail and message.detail != why else ""
