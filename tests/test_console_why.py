@@ -109,6 +109,13 @@ def test_an_event_waiting_or_set_aside_says_so() -> None:
     (answer,) = answers([CART], [], events=[quarantined])
     assert answer.summary == "no message: cart_updated set aside after 3 failures: KeyError: 'sku'"
     assert event_state(quarantined) == "set aside after 3 failures: KeyError: 'sku'"
+    # One decided in time beside it: no rule's conditions held then; the note still names the other.
+    twice = msgspec.structs.replace(CART, listens_to=[EventSeen("cart_updated", 2, T)])
+    (answer,) = answers([twice], [], events=[quarantined, event("cart_updated", timedelta(hours=1))])
+    assert answer.summary.startswith("no message: the contact did some of what it listens to")
+    assert answer.notes == [
+        "cart_updated at 2026-11-27 12:03 UTC: set aside after 3 failures: KeyError: 'sku'"
+    ]
 
 
 def channel(name: str, blocked_by: str | None = None, why: str | None = None, **fields: Any) -> ChannelState:

@@ -228,16 +228,18 @@ def event_note(event: EventRecord, state: RulesetState) -> str | None:
 def _undecided(state: RulesetState, heard: list[EventRecord]) -> str | None:
     """The summary of a ruleset with no message whose events were not (yet) decided or too old; None
     when one of them was decided in time (then no rule's conditions held), or some are not in `heard`."""
+    if sum(s.count for s in state.listens_to) != len(heard):
+        return None
+    old = [too_old(e, state) for e in heard]
+    if any(e.state in (None, "done") and not o for e, o in zip(heard, old, strict=True)):
+        return None
     for e in heard:
         if e.state == "quarantined":
             return f"no message: {e.type} {event_state(e)}"
     waiting = [e for e in heard if e.state == "pending"]
     if waiting:
         return f"no message yet: {len(waiting)} of its events waiting for the rules"
-    old = [too_old(e, state) for e in heard]
-    if all(old) and sum(s.count for s in state.listens_to) == len(heard):
-        return f"no message: {old[0]}"
-    return None
+    return f"no message: {old[0]}" if all(old) else None
 
 
 def will_not_send(message: Message, channels: list[ChannelState]) -> str | None:
