@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "messages",
         help="list, show, retry and cancel messages",
         description="Messages across contacts, each with its status and reason code; retry dead letters "
-        "(or failed or uncertain messages), cancel scheduled ones. The same as GET /v1/messages and "
-        "POST /v1/messages/ID/retry|cancel. Uses MONGODB_URI, or the embedded data dir's mongod.",
+        "(or failed or uncertain messages), cancel scheduled, dead or uncertain ones. The same as "
+        "GET /v1/messages and POST /v1/messages/ID/retry|cancel. Uses MONGODB_URI, or the embedded data "
+        "dir's mongod.",
     )
     m_commands = messages.add_subparsers(dest="messages_command", required=True, metavar="ACTION")
     m_list = m_commands.add_parser("list", help="newest first, with filters")
@@ -189,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     m_show.add_argument("id", metavar="MESSAGE_ID")
     for name, text in (
         ("retry", "send again now: a dead, failed or uncertain message is scheduled, due now"),
-        ("cancel", "never send: a scheduled message is cancelled (reason cancelled_by_operator)"),
+        (
+            "cancel",
+            "never send: a scheduled, dead or uncertain message is cancelled (reason "
+            "cancelled_by_operator); a dead or uncertain one is never retried",
+        ),
     ):
         m_act = m_commands.add_parser(name, help=text)
         m_act.add_argument("ids", nargs="+", metavar="MESSAGE_ID")

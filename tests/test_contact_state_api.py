@@ -175,3 +175,46 @@ async def test_documented_in_openapi(client: Any) -> None:
     assert not {"version", "leases", "state"} & set(fields)
     names = {p["name"] for p in doc["paths"]["/v1/messages"]["get"]["parameters"]}
     assert {"ruleset", "rule", "channel", "status", "reason", "from", "to"} <= names
+
+
+async def test_what_the_why_panel_reads(make_client: Any, settings: Settings, db: Any) -> None:
+    """A ruleset's `timeout` in the state; each event's state, arrival and failures in the contact's events;
+    a message's fallback channels."""
+    folder = Path(settings.rulesets_dir)
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "hello.body").write_text("hello")
+    send = {"channel": "log", "template": "hello", "fallback": ["email"], "after": "1h"}
+    write_ruleset(folder, "carts", {"timeout": "12h", "rules": [
+        {"name": "nudge", "when": {"event": "cart"}, "then": [{"send": send}]}]})  # fmt: skip
+    client = await make_client(create_app(settings))
+    now = datetime.now(UTC)
+    old = (now - timedelta(hours=13)).replace(microsecond=0)
+    events = [{"id": "old", "type": "cart", "contact_id": "w1", "time": old.isoformat()},
+              {"id": "new", "type": "cart", "contact_id": "w1"}]  # fmt: skip
+    assert (await client.post("/v1/events", json=events)).status == 202
+    await db.events.insert_one({"_id": "bad", "type": "cart", "contact_id": "w1", "time": now,
+                                "received_at": now, "state": "quarantined", "attempts": 3,
+                                "error": "KeyError: 'sku'", "quarantined_at": now})  # fmt: skip
+
+    async def listed() -> dict[str, dict[str, Any]]:
+        return {e["id"]: e for e in (await (await client.get("/v1/contacts/w1/events")).json())["events"]}
+
+    async def decided() -> bool:
+        return (await listed())["new"]["state"] == "done"
+
+    await eventually(decided)
+    found = await listed()
+    assert found["old"]["state"] == "done" and at_least(found["old"]["received_at"], now)
+    assert datetime.fromisoformat(found["old"]["time"]) == old
+    assert (found["bad"]["state"], found["bad"]["attempts"], found["bad"]["error"]) == (
+        "quarantined", 3, "KeyError: 'sku'")  # fmt: skip
+    assert "attempts" not in found["new"] and "error" not in found["new"]
+    state = await (await client.get("/v1/contacts/w1/state")).json()
+    assert [(r["ruleset"], r["timeout"]) for r in state["rulesets"]] == [("carts", "12h")]
+    # The old event started nothing (the timeout); the new one a send in an hour, with its fallback.
+    (message,) = (await (await client.get("/v1/contacts/w1/messages")).json())["messages"]
+    assert (message["status"], message["fallback"]) == ("scheduled", ["email"])
+
+
+def at_least(text: str, moment: datetime) -> bool:
+    return datetime.fromisoformat(text) >= moment.replace(microsecond=moment.microsecond // 1000 * 1000)

@@ -21,7 +21,7 @@ import pytest
 from pymongo import MongoClient
 
 from rulesvc.store.mongod import EmbeddedMongod
-from tests.helpers import wait_for
+from tests.helpers import message_doc, wait_for
 from tests.service import ServiceProcess
 from tests.webhook_flow import SECRET, Receiver
 
@@ -245,7 +245,7 @@ def test_a_dead_letter_is_retried_over_http_and_from_the_shell(
     assert (body["status"], body["allowed"]) == ("sent", ["dead", "failed", "uncertain"])
     assert body["error"] == "the message is sent; retry applies to a message that is dead, failed, uncertain"
     status, body = service.request("POST", path(dead1["message_id"], "cancel"))
-    assert (status, body["status"], body["allowed"]) == (409, "sent", ["scheduled"])
+    assert (status, body["status"], body["allowed"]) == (409, "sent", ["scheduled", "dead", "uncertain"])
     again = service.cli("messages", "retry", dead1["message_id"])
     assert again.returncode == 1 and f"{dead1['message_id']} is sent; retry applies" in again.stderr
 
@@ -281,6 +281,52 @@ def test_a_cancelled_send_never_reaches_the_receiver(
     ]
     status, body = service.request("POST", path(first["message_id"], "retry"))
     assert (status, body["status"]) == (409, "cancelled")
+
+
+def cancelled_by_operator(database: Any, rule: str) -> int:
+    """The funnel's count of operator cancels of this rule of `fate`, read from its documents."""
+    docs = database.stats.find({"ruleset": "fate", "rule": rule})
+    return sum(d.get("reasons", {}).get("cancelled", {}).get("cancelled_by_operator", 0) for d in docs)
+
+
+def test_a_dead_letter_and_an_uncertain_send_are_given_up_on_never_retried(
+    service: ServiceProcess, shop: Receiver, mongod: EmbeddedMongod
+) -> None:
+    shop.status = 500
+    try:
+        post(service, "order", "gu1")
+        dead = one_message(service, "gu1", "dead")
+    finally:
+        shop.status = 204
+    with MongoClient(mongod.uri) as client:
+        database = client[service.env["RULESVC_DATABASE"]]
+        # An uncertain send, planted as a cut-off call leaves it (tests/test_interrupted_sends.py).
+        doubt = "fate/text/gu2/planted"
+        said = "cut off after 10s without an answer, so it may have arrived; not sent again"
+        now = datetime.now(UTC)
+        planted = message_doc(doubt, "gu2", "webhook", now, ruleset="fate", rule="text", status="uncertain",
+                              reason="timeout", detail=said, attempt=1, sent_channel="webhook")  # fmt: skip
+        database.messages.insert_one(planted)
+        before = {rule: cancelled_by_operator(database, rule) for rule in ("order", "text")}
+        given_up = [
+            (dead["message_id"], f"dead: {dead['detail']}", "order"),
+            (doubt, f"uncertain: {said}", "text"),
+        ]
+        for message_id, was, rule in given_up:
+            status, body = service.request("POST", path(message_id, "cancel"))
+            assert status == 200, body
+            assert (body["status"], body["reason"]) == ("cancelled", "cancelled_by_operator")
+            assert body["detail"] == f"dismissed by an operator; it was {was}"
+            assert cancelled_by_operator(database, rule) == before[rule] + 1  # counted with the cancel
+            assert database.schedule.count_documents({"_id": message_id, "status": "pending"}) == 0
+            # Given up on: neither a retry nor a second cancel applies now.
+            status, body = service.request("POST", path(message_id, "retry"))
+            assert (status, body["status"]) == (409, "cancelled")
+            status, body = service.request("POST", path(message_id, "cancel"))
+            assert (status, body["allowed"]) == (409, ["scheduled", "dead", "uncertain"])
+    assert shop.received(dead["message_id"]) == [500, 500]  # never sent again
+    listed = service.cli("messages", "list", "--status", "dead", "--contact", "gu1", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
 
 
 def test_unknown_messages_are_404_and_an_ingest_key_gets_403(service: ServiceProcess) -> None:

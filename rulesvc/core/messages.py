@@ -54,6 +54,7 @@ class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     due_at: datetime | None = None
     sent_at: datetime | None = None
     sent_channel: str | None = None  # the channel used: `channel`, or a fallback
+    fallback: list[str] = msgspec.field(default_factory=list)  # tried in turn when `channel` cannot send
     attempt: int = 0
     provider_id: str | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)

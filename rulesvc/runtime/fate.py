@@ -16,7 +16,7 @@ from rulesvc.core import reasons
 from rulesvc.core.funnel import Increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.store.db import PROCESS_SHARD, Doc, OnCounts, Store
-from rulesvc.store.messages import RETRYABLE, Messages
+from rulesvc.store.messages import CANCELLABLE, RETRYABLE, Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.transactions import in_transaction
 
@@ -81,15 +81,15 @@ async def cancel_message(
     on_fate: OnFate | None = None,
     on_counts: OnCounts | None = None,
 ) -> Doc | Refusal | None:
-    """A scheduled message `cancelled` (reason `cancelled_by_operator`), its schedule entry with it,
-    and counted (rulesvc.store.stats) in the same transaction."""
+    """A scheduled message `cancelled` (reason `cancelled_by_operator`), or a dead or uncertain one
+    dismissed (never retried), its schedule entry with it, and counted (rulesvc.store.stats) in the same
+    transaction."""
     messages, schedule = Messages(store), Schedule(store)
-    detail = "cancelled by an operator"
     counted: list[Increment] = []
 
     async def write(session: AsyncClientSession) -> Doc | None:
         counted.clear()  # a transaction that is retried runs this again from the start
-        doc = await messages.cancel_scheduled(message_id, reasons.CANCELLED_BY_OPERATOR, detail, now, session)
+        doc = await messages.cancel_one(message_id, reasons.CANCELLED_BY_OPERATOR, now, session)
         if doc is not None:
             await schedule.cancel([message_id], reasons.CANCELLED_BY_OPERATOR, now, session)
             counted.append(message_increment(doc, "cancelled", now, reasons.CANCELLED_BY_OPERATOR))
@@ -98,7 +98,7 @@ async def cancel_message(
 
     doc = await in_transaction(store.client, write)
     if doc is None:
-        return await _refusal(messages, message_id, ("scheduled",))
+        return await _refusal(messages, message_id, CANCELLABLE)
     tell([fate_of(doc, "cancelled", reasons.CANCELLED_BY_OPERATOR)], on_fate)
     if on_counts is not None:
         on_counts(counted)

@@ -343,7 +343,7 @@ class Store:
         query: Doc = {"contact_id": contact_id}
         if before is not None:
             query["time"] = {"$lt": before}
-        cursor = self.events.find(query, {"received_at": 0}).sort([("time", DESCENDING)]).limit(limit)
+        cursor = self.events.find(query).sort([("time", DESCENDING)]).limit(limit)
         return await cursor.to_list()
 
     async def pending_count(self) -> int:

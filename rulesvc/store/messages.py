@@ -149,16 +149,23 @@ class Messages:
             session=session,
         )
 
-    async def cancel_scheduled(
-        self, message_id: str, reason: str, detail: str, now: datetime, session: AsyncClientSession
+    async def cancel_one(
+        self, message_id: str, reason: str, now: datetime, session: AsyncClientSession
     ) -> Doc | None:
-        """A scheduled message `cancelled` with the reason; None if it is not scheduled."""
+        """A scheduled, dead or uncertain message `cancelled` with the reason; None if it is in no such
+        status. A dead or uncertain one keeps what it was in its detail (one update: no read before)."""
+        has_detail = {"$and": [{"$eq": [{"$type": "$detail"}, "string"]}, {"$ne": ["$detail", ""]}]}
+        said = {"$cond": [has_detail, {"$concat": [": ", "$detail"]}, ""]}
+        was = {"$concat": ["dismissed by an operator; it was ", "$status", said]}
+        detail = {"$cond": [{"$eq": ["$status", "scheduled"]}, "cancelled by an operator", was]}
+        # One `$set` stage: its expressions read the message as it was, `$status` included.
         return await self.store.messages.find_one_and_update(
-            {"_id": message_id, "status": "scheduled"},
-            {"$set": {"status": "cancelled", "reason": reason, "detail": detail, "cancelled_at": now}},
+            {"_id": message_id, "status": {"$in": list(CANCELLABLE)}},
+            [{"$set": {"status": "cancelled", "reason": {"$literal": reason}, "detail": detail,
+                       "cancelled_at": now}}],
             return_document=ReturnDocument.AFTER,
             session=session,
-        )
+        )  # fmt: skip
 
     async def count_status(self, status: str) -> int:
         """Messages in this status now, e.g. the dead letters."""
@@ -174,6 +181,8 @@ class Messages:
 KEY_FIELDS = {"ruleset": 1, "rule": 1, "variant": 1, "held_out": 1, "channel": 1, "sent_channel": 1}
 # The statuses an operator may send again from: given up on, refused, or in doubt.
 RETRYABLE = ("dead", "failed", "uncertain")
+# The statuses an operator may cancel from: waiting, or given up on or in doubt (dismissed: never retried).
+CANCELLABLE = ("scheduled", "dead", "uncertain")
 # What a retried message forgets: the last attempt's result and its outbox mark.
 FORGOTTEN_ON_RETRY = ("reason", "detail", "sending_at", "sending_until", "send_owner", "resent",
                       "sent_channel", "sent_at", "provider_id")  # fmt: skip

@@ -134,6 +134,7 @@ class RulesetState(msgspec.Struct):
     entered_at: datetime | None = None
     journey_until: datetime | None = None
     entry_rule: str | None = None
+    timeout: str | None = None  # the ruleset's: an event older than it when it arrives starts nothing
 
 
 class ContactState(msgspec.Struct):

@@ -430,11 +430,14 @@ ROUTES: list[Route] = [
                 "schema": {"type": "string", "enum": ["retry", "cancel"]},
                 "description": "retry: a `dead`, `failed` or `uncertain` message is `scheduled` again, due "
                 "now, its attempts counted afresh (`retries` and `retried_at` record it); cancel: a "
-                "`scheduled` message is `cancelled` with reason `cancelled_by_operator` and never sent",
+                "`scheduled` message is `cancelled` with reason `cancelled_by_operator` and never sent; a "
+                "`dead` or `uncertain` one is given up on the same way (never retried), its `detail` "
+                "keeping what it was (`dismissed by an operator; it was dead: ...`)",
             },
         ],
         operation={
-            "summary": "Retry a dead letter (or a failed or uncertain message), or cancel a scheduled one",
+            "summary": "Retry a dead letter (or a failed or uncertain message), or cancel a scheduled, "
+            "dead or uncertain one",
             "operationId": "actOnMessage",
             "responses": {
                 "200": json_body(ref("Message"), "the message after the action"),

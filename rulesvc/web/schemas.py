@@ -31,12 +31,19 @@ class Health(msgspec.Struct):
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True):
+    """`state`: `pending` (waiting for the rules), `done` (decided), `quarantined` (set aside after
+    `attempts` failed evaluations, the last one's `error`), `dropped` (an admin dropped it from quarantine).
+    `received_at`: when the service took it in (a ruleset's `timeout` counts from `time` to then)."""
+
     id: str
     type: str
     time: datetime
     contact_id: str | None = None
     attributes: dict[str, Any] = msgspec.field(default_factory=dict)
     state: str | None = None
+    received_at: datetime | None = None
+    attempts: int | None = None
+    error: str | None = None
 
 
 class EventList(msgspec.Struct):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import urllib.parse
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from selenium.webdriver.common.by import By
@@ -154,3 +155,89 @@ def test_a_read_only_session_sees_pending_sends_without_cancel(
     assert len(section.find_elements(By.XPATH, ".//tbody/tr")) == 2
     assert section.find_elements(By.XPATH, ".//button") == []
     assert "read-only" in new_browser.text()
+
+
+def test_the_why_panel_says_what_became_of_each_event(
+    console_service: ConsoleService, browser: Browser
+) -> None:
+    """An event too old for cart_abandon's 12h timeout, one set aside after failing (planted as the inbox
+    leaves it), and one waiting for the rules (its contact held by a send in progress, planted)."""
+    contact, now = "late-1", datetime.now(UTC)
+    old = (now - timedelta(hours=13)).replace(microsecond=0)
+    cart = {"value": 5, "items": ["pen"]}
+    console_service.post_events({"id": "late-cart", "type": "cart_updated", "contact_id": contact,
+                                 "time": old.isoformat(), "attributes": cart})  # fmt: skip
+
+    def states() -> dict[str, str]:
+        return {e["id"]: e["state"] for e in api(console_service, f"/v1/contacts/{contact}/events")["events"]}
+
+    browser.wait(lambda: states().get("late-cart") == "done", "the old event to be decided")
+    with console_service.db() as database:
+        database.events.insert_one({"_id": "late-checkout", "type": "checkout_started", "contact_id": contact,
+                                    "time": now, "received_at": now, "state": "quarantined", "attempts": 3,
+                                    "error": "KeyError: 'sku'", "quarantined_at": now})  # fmt: skip
+        database.schedule.insert_one({"_id": "late-hold", "contact_id": contact, "status": "running",
+                                      "owner": "a-test", "lease_until": now + timedelta(hours=1),
+                                      "due_at": now, "key": "late-hold", "cancel_on": []})  # fmt: skip
+    try:
+        console_service.post_events({"id": "late-parcel", "type": "delivery_status_changed",
+                                     "contact_id": contact, "attributes": {"status": "shipped"}})  # fmt: skip
+        browser.open(f"/console/contacts/{contact}")
+        events = {e["id"]: e for e in api(console_service, f"/v1/contacts/{contact}/events")["events"]}
+        assert {k: e["state"] for k, e in events.items()} == {
+            "late-cart": "done", "late-checkout": "quarantined", "late-parcel": "pending"}  # fmt: skip
+        arrived = datetime.fromisoformat(events["late-cart"]["received_at"])
+        assert arrived - datetime.fromisoformat(events["late-cart"]["time"]) > timedelta(hours=12)
+        assert api(console_service, f"/v1/contacts/{contact}/messages")["messages"] == []
+
+        said = browser.driver.find_element(By.ID, "ruleset-cart_abandon").text
+        assert "no message: ignored: older than 12h when it arrived" in said
+        assert "no rule's conditions held" not in said
+        checkout = browser.driver.find_element(By.ID, "ruleset-checkout_abandon").text
+        assert "checkout_started set aside after 3 failures: KeyError: 'sku'" in checkout
+        parcel = browser.driver.find_element(By.ID, "ruleset-delivery_status").text
+        assert "no message yet: 1 of its events waiting for the rules" in parcel
+        timeline = browser.driver.find_element(By.XPATH, "//section[@aria-labelledby='timeline-h']").text
+        for said in ("cart_abandon: ignored: older than 12h when it arrived", "waiting for the rules",
+                     "set aside after 3 failures: KeyError: 'sku'"):  # fmt: skip
+            assert said in timeline, said
+        browser.shot("contact-why-events")
+    finally:
+        with console_service.db() as database:
+            database.schedule.delete_one({"_id": "late-hold"})
+    browser.wait(lambda: states().get("late-parcel") == "done", "the held event to be decided")
+
+
+def test_a_pending_send_no_channel_would_take_says_so(
+    console_service: ConsoleService, browser: Browser
+) -> None:
+    contact = next(c for c in (f"unwilling-{n}" for n in range(100)) if not in_holdout("cart_abandon", c))
+    status, _ = console_service.request("PUT", f"/v1/contacts/{contact}", {
+        "email": "unwilling@example.com", "consent": {"email": False, "push": True},
+        "push_tokens": ["tok-9"]})  # fmt: skip
+    assert status == 201
+    console_service.post_events({"id": f"{contact}-cart", "type": "cart_updated", "contact_id": contact,
+                                 "attributes": {"value": 9, "items": ["cup"]}})  # fmt: skip
+    browser.open(f"/console/contacts/{contact}")
+    browser.wait_for_text("cart_abandon / remind")
+    pending = api(console_service, f"/v1/contacts/{contact}/messages?status=scheduled")["messages"]
+    assert sorted(m["channel"] for m in pending) == ["email", "push"]
+    channels = {c["channel"]: c for c in api(console_service, f"/v1/contacts/{contact}/state")["channels"]}
+    assert channels["email"]["blocked_by"] == "no_consent"
+    rows = browser.driver.find_elements(By.XPATH, "//section[@aria-labelledby='pending-h']//tbody/tr")
+    by_channel = {("email" if "email ·" in r.text else "push"): r.text for r in rows}
+    assert "will not be sent as things stand: the contact has no email consent" in by_channel["email"]
+    # Push: blocked only if the state says so (this service may have no push provider configured).
+    assert ("will not be sent as things stand" in by_channel["push"]) == (
+        channels["push"]["blocked_by"] is not None
+    )
+    # The daily caps in words: sent today of the cap, or none (this service has both kinds).
+    assert {state["cap"] is None for state in channels.values()} == {True, False}
+    for name, state in channels.items():
+        row = browser.driver.find_element(By.XPATH, f"//section[@aria-labelledby='reach-h']//tr[th='{name}']")
+        today = row.find_elements(By.TAG_NAME, "td")[1].text
+        if state["cap"] is None:
+            assert today == "no daily cap", (name, today)
+        else:
+            assert today == f"{state['sent_today']} of {state['cap']} marketing messages today", (name, today)
+    browser.shot("contact-blocked-send")

@@ -9,6 +9,7 @@ import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from selenium.webdriver.support.ui import Select
 
 from tests.browser import Browser
 from tests.console.conftest import ROOT, ConsoleService
+from tests.helpers import message_doc
 from tests.webhook_flow import SECRET, Receiver
 
 
@@ -151,3 +153,69 @@ def test_paging_through_the_list(console_service: ConsoleService, browser: Brows
             browser.follow("Older messages")
     assert "Older messages" not in browser.text()
     assert [urllib.parse.unquote(h.rsplit("/console/messages/", 1)[1]) for h in seen] == newest_first
+
+
+def test_give_up_on_a_dead_letter_from_the_messages_page(
+    console_service: ConsoleService, browser: Browser, receiver: Receiver
+) -> None:
+    receiver.status = 500
+    try:
+        console_service.post_events(
+            {"id": "ping-9", "type": "ping", "contact_id": "hooked-9", "attributes": {"n": 9}}
+        )
+        dead = "/v1/messages?status=dead&contact_id=hooked-9"
+        found = until(lambda: api(console_service, dead)["messages"], "the webhook message to be dead")
+    finally:
+        receiver.status = 204
+    mid, gave_up = found[0]["message_id"], found[0]["detail"]
+    browser.open("/console/messages?status=dead&contact_id=hooked-9")
+    row = browser.driver.find_element(By.XPATH, "//tbody/tr[contains(., 'hooked-9')]")
+    assert [b.text for b in row.find_elements(By.TAG_NAME, "button")] == ["Retry", "Cancel"]
+
+    def confirmed() -> None:
+        browser.button("Cancel", within=row).click()
+        browser.driver.switch_to.alert.accept()  # the confirm() of console.js
+
+    browser.loads(confirmed)
+    assert "cancelled: it will never be sent" in browser.text()
+    assert browser.driver.find_elements(By.XPATH, "//tbody/tr") == []  # gone from the dead letters
+    judged = api(console_service, f"/v1/messages/{urllib.parse.quote(mid, safe='')}")
+    assert (judged["status"], judged["reason"]) == ("cancelled", "cancelled_by_operator")
+    assert judged["detail"] == f"dismissed by an operator; it was dead: {gave_up}"
+    assert receiver.received(mid) == [500, 500]  # never sent again
+    browser.open(f"/console/messages/{urllib.parse.quote(mid, safe='')}")
+    assert f"dismissed by an operator; it was dead: {gave_up}" in browser.text()
+    assert browser.driver.find_elements(By.XPATH, "//main//button") == []  # nothing left to do
+
+
+def test_an_uncertain_send_offers_retry_and_cancel(console_service: ConsoleService, browser: Browser) -> None:
+    """Planted as a call cut off leaves it (tests/test_interrupted_sends.py): it may have arrived."""
+    now = datetime.now(UTC)
+    mid = "hooks/ping/doubt-1/planted"
+    said = "cut off after 10s without an answer, so it may have arrived; not sent again"
+    with console_service.db() as database:
+        database.messages.insert_one(
+            message_doc(
+                mid,
+                "doubt-1",
+                "webhook",
+                now,
+                ruleset="hooks",
+                rule="ping",
+                status="uncertain",
+                reason="timeout",
+                detail=said,
+                attempt=1,
+                sent_channel="webhook",
+            )
+        )
+    browser.open("/console/messages")
+    browser.follow("Uncertain")
+    row = browser.driver.find_element(By.XPATH, "//tbody/tr[contains(., 'doubt-1')]")
+    assert "uncertain" in row.text and "may have arrived" in row.text
+    assert [b.text for b in row.find_elements(By.TAG_NAME, "button")] == ["Retry", "Cancel"]
+    browser.shot("messages-uncertain")
+    browser.open(f"/console/messages/{urllib.parse.quote(mid, safe='')}")
+    buttons = [b.text for b in browser.driver.find_elements(By.XPATH, "//main//button")]
+    assert buttons == ["Retry", "Cancel"]
+    assert api(console_service, f"/v1/messages/{urllib.parse.quote(mid, safe='')}")["status"] == "uncertain"

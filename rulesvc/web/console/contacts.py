@@ -4,7 +4,7 @@ Everything comes from the operations behind `GET /v1/contacts...` (rulesvc.web.v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -13,8 +13,8 @@ from aiohttp import web
 from rulesvc.core.ids import id_problem
 from rulesvc.core.messages import Message
 from rulesvc.web.console.base import ConsoleRoute, error_page, render
-from rulesvc.web.console.why import PENDING, answers, as_json, sentence
-from rulesvc.web.contact_schemas import ContactSearchQuery
+from rulesvc.web.console.why import PENDING, answers, as_json, event_state, sentence, too_old, will_not_send
+from rulesvc.web.contact_schemas import ContactSearchQuery, ContactState
 from rulesvc.web.schemas import ContactMessagesQuery, EventRecord, InboxQuery, PagingQuery
 from rulesvc.web.views import contacts, inbox
 from rulesvc.web.views.base import QueryRejected, parse_query
@@ -31,6 +31,7 @@ class Entry:
     event: EventRecord | None = None
     message: Message | None = None
     why: str = ""
+    notes: list[str] = field(default_factory=list)  # an event not decided, or too old for a ruleset
 
 
 async def search(request: web.Request) -> web.StreamResponse:
@@ -74,13 +75,14 @@ async def contact(request: web.Request) -> web.StreamResponse:
         }.values(),
         key=lambda m: m.due_at or m.created_at,
     )
-    timeline = [Entry(e.time, "event", event=e) for e in events.events] + [
+    timeline = [Entry(e.time, "event", event=e, notes=_event_notes(e, state)) for e in events.events] + [
         Entry(m.created_at, "message", message=m, why=sentence(m, holdouts.get(m.ruleset)))
         for m in history.messages
         if m.status not in PENDING
     ]
     timeline.sort(key=lambda e: e.at, reverse=True)
     why = {m.message_id: sentence(m, holdouts.get(m.ruleset)) for m in history.messages}
+    blocked = {m.message_id: b for m in pending if (b := will_not_send(m, state.channels)) is not None}
     return render(
         request,
         "contact.html",
@@ -91,8 +93,9 @@ async def contact(request: web.Request) -> web.StreamResponse:
         pending=pending,
         timeline=timeline,
         inbox=inbox_list.messages,
-        answers=answers(state.rulesets, history.messages, complete=history.next_before is None),
+        answers=answers(state.rulesets, history.messages, history.next_before is None, events.events),
         why=why,
+        blocked=blocked,
         more_history=history.next_before is not None,
         attributes=[
             (k, as_json(v) if isinstance(v, dict | list) else v)
@@ -100,6 +103,15 @@ async def contact(request: web.Request) -> web.StreamResponse:
         ],
         as_json=as_json,
     )
+
+
+def _event_notes(event: EventRecord, state: ContactState) -> list[str]:
+    """What the timeline says of an event: not decided yet (or set aside), or too old for a ruleset."""
+    undecided = event_state(event)
+    if undecided is not None:
+        return [undecided]
+    listening = [r for r in state.rulesets if event.type in {s.type for s in r.listens_to}]
+    return [f"{r.ruleset}: {old}" for r in listening if (old := too_old(event, r)) is not None]
 
 
 def _pairs(values: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -1,6 +1,7 @@
 """The messages pages: the list with the API's filters (its own query struct and parser: the page refuses
-what `GET /v1/messages` refuses, with the same words), dead letters and uncertain sends with Retry, one
-message with every field, and the Retry and Cancel actions (`POST /v1/messages/{id}/retry|cancel`)."""
+what `GET /v1/messages` refuses, with the same words), dead letters and uncertain sends with Retry and
+Cancel (give up on it: never retried), one message with every field, and the Retry and Cancel actions
+(`POST /v1/messages/{id}/retry|cancel`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ TABS = [("All", {}), ("Dead letters", {"status": "dead"}), ("Uncertain", {"statu
         ("Failed", {"status": "failed"}), ("Suppressed", {"status": "suppressed"}),
         ("Waiting", {"status": "scheduled"})]  # fmt: skip
 RETRYABLE = frozenset({"dead", "failed", "uncertain"})
+CANCELLABLE = frozenset({"scheduled", "dead", "uncertain"})
+
+
+def cancel_question(status: str) -> str:
+    """The confirm() before a cancel: a waiting send is stopped; a dead or uncertain one given up on."""
+    if status == "scheduled":
+        return "Cancel this send? It will never go out."
+    return f"Give up on this {status} message? It will never be retried."
 
 
 def _iso(moment: datetime) -> str:
@@ -77,6 +86,8 @@ def _page_context(filters: dict[str, str], rows: list[Any], next_url: str | None
         ],
         "windows": [(label, "/console/messages?" + urlencode(q)) for label, q in windows],
         "retryable": RETRYABLE,
+        "cancellable": CANCELLABLE,
+        "cancel_question": cancel_question,
     }
 
 
@@ -86,7 +97,8 @@ async def message_detail(request: web.Request) -> web.StreamResponse:
     if message is None:
         return error_page(request, 404, f"No message `{message_id}`.")
     return render(request, "message.html", nav="messages", m=message, why=sentence(message),
-                  retryable=RETRYABLE, as_json=as_json)  # fmt: skip
+                  retryable=RETRYABLE, cancellable=CANCELLABLE, cancel_question=cancel_question,
+                  as_json=as_json)  # fmt: skip
 
 
 async def message_action(request: web.Request) -> web.StreamResponse:

@@ -10,8 +10,10 @@ from datetime import datetime
 from typing import Any
 
 from rulesvc.core import reasons
+from rulesvc.core.durations import parse_duration
 from rulesvc.core.messages import Message
-from rulesvc.web.contact_schemas import RulesetState
+from rulesvc.web.contact_schemas import ChannelState, RulesetState
+from rulesvc.web.schemas import EventRecord
 
 PENDING = frozenset({"scheduled", "sending"})
 SENT = frozenset({"sent", "delivered", "opened", "clicked", "replied"})
@@ -36,8 +38,11 @@ def _channel_of(message: Message) -> str:
 
 def not_sent(message: Message) -> str:
     """Why a suppressed message was not sent, from its reason code and the channel it concerns."""
-    channel, detail = _channel_of(message), message.detail or ""
-    code = message.reason
+    return reason_sentence(message.reason, _channel_of(message), message.detail or "")
+
+
+def reason_sentence(code: str | None, channel: str, detail: str) -> str:
+    """A send policy's reason code in words, about one channel (`detail`: the sentence it came with)."""
     sentences = {
         reasons.NO_CONSENT: f"the contact has no {channel} consent",
         reasons.UNREACHABLE: f"no usable {channel} address for the contact"
@@ -89,7 +94,7 @@ def sentence(message: Message, holdout: str | None = None) -> str:
         if message.reason == reasons.RULESET_REMOVED:
             return f"cancelled: its ruleset was removed{when}"
         if message.reason == reasons.CANCELLED_BY_OPERATOR:
-            return f"cancelled by an operator{when}"
+            return f"{message.detail or 'cancelled by an operator'}{when}"
         return f"cancelled{when}"
     why = reasons.REASONS.get(message.reason or "", ("", message.detail or ""))[1]
     detail = f" ({message.detail})" if message.detail and message.detail != why else ""
@@ -124,14 +129,19 @@ class RulesetAnswer:
     not_sent: list[Message] = field(default_factory=list)
     heard: list[str] = field(default_factory=list)  # "cart_updated (3 times, last ...)"
     never: list[str] = field(default_factory=list)  # event types the contact never sent
+    notes: list[str] = field(default_factory=list)  # its events not decided, or ignored as too old
     summary: str = ""
 
 
 def answers(
-    rulesets: list[RulesetState], messages: list[Message], complete: bool = True
+    rulesets: list[RulesetState],
+    messages: list[Message],
+    complete: bool = True,
+    events: list[EventRecord] | None = None,
 ) -> list[RulesetAnswer]:
     """Per loaded ruleset (and any ruleset only the history names), rulesets that decided something
-    for the contact first. `complete` false: `messages` are only the newest, so "no message" says so."""
+    for the contact first. `complete` false: `messages` are only the newest, so "no message" says so.
+    `events`: the contact's newest events, for those of a ruleset still waiting, set aside or too old."""
     found: list[RulesetAnswer] = []
     by_ruleset: dict[str, list[Message]] = {}
     for m in messages:
@@ -153,6 +163,10 @@ def answers(
             else:
                 answer.never.append(seen.type)
         answer.summary = _summary(state, answer, mine)
+        heard = [e for e in events or [] if e.type in {s.type for s in state.listens_to}]
+        answer.notes = [f"{e.type} at {hm(e.time)}: {note}" for e in heard if (note := event_note(e, state))]
+        if not mine and heard:
+            answer.summary = _undecided(state, heard) or answer.summary
         if not mine and not complete:
             answer.summary = answer.summary.replace(
                 "no message:", f"no message among the newest {len(messages)}:"
@@ -181,3 +195,72 @@ def _summary(state: RulesetState, answer: RulesetAnswer, mine: list[Message]) ->
         "no message: the contact did some of what it listens to, but no rule's conditions held then "
         "(or a rule fires only once per period)"
     )
+
+
+def event_state(event: EventRecord) -> str | None:
+    """An event the rules have not decided: still waiting, or set aside (quarantined, or dropped)."""
+    if event.state == "pending":
+        return "waiting for the rules"
+    if event.state == "quarantined":
+        return f"set aside after {event.attempts or 0} failures: {event.error or 'no error recorded'}"
+    if event.state == "dropped":
+        return "set aside, then dropped by an operator: never decided"
+    return None
+
+
+def too_old(event: EventRecord, state: RulesetState) -> str | None:
+    """The ruleset's `timeout` ignored the event (rulesvc.core.engine: it starts nothing there)."""
+    if state.timeout is None or event.received_at is None or event.state not in (None, "done"):
+        return None
+    try:
+        limit = parse_duration(state.timeout)
+    except ValueError:
+        return None
+    if event.received_at - event.time > limit:
+        return f"ignored: older than {state.timeout} when it arrived"
+    return None
+
+
+def event_note(event: EventRecord, state: RulesetState) -> str | None:
+    return event_state(event) or too_old(event, state)
+
+
+def _undecided(state: RulesetState, heard: list[EventRecord]) -> str | None:
+    """The summary of a ruleset with no message whose events were not (yet) decided or too old; None
+    when one of them was decided in time (then no rule's conditions held), or some are not in `heard`."""
+    if sum(s.count for s in state.listens_to) != len(heard):
+        return None
+    old = [too_old(e, state) for e in heard]
+    if any(e.state in (None, "done") and not o for e, o in zip(heard, old, strict=True)):
+        return None
+    for e in heard:
+        if e.state == "quarantined":
+            return f"no message: {e.type} {event_state(e)}"
+    waiting = [e for e in heard if e.state == "pending"]
+    if waiting:
+        return f"no message yet: {len(waiting)} of its events waiting for the rules"
+    return f"no message: {old[0]}" if all(old) else None
+
+
+def will_not_send(message: Message, channels: list[ChannelState]) -> str | None:
+    """A pending send that no channel it may use (its own, then its fallbacks) would take now, as the
+    contact's channel states say: "will not be sent as things stand: ..."; None if one would."""
+    by_name = {c.channel: c for c in channels}
+    why = []
+    for name in [message.channel, *message.fallback]:
+        state = by_name.get(name)
+        if state is None:
+            why.append(reason_sentence(reasons.CHANNEL_NOT_INSTALLED, name, ""))
+            continue
+        code, detail = state.blocked_by, state.why or ""
+        if message.transactional and code in (reasons.NO_CONSENT, reasons.FREQUENCY_CAP):
+            # Consent and the daily cap are for marketing messages; the rest stops a transactional one too.
+            code, detail = None, ""
+            if state.suppressed:
+                code = reasons.SUPPRESSION_LIST
+            elif not state.reachable:
+                code, detail = reasons.UNREACHABLE, f"{name}: {state.unreachable or 'no address'}"
+        if code is None:
+            return None
+        why.append(reason_sentence(code, name, detail))
+    return "will not be sent as things stand: " + "; ".join(why)

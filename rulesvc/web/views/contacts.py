@@ -135,6 +135,7 @@ async def contact_state(
                 name, group, group == HOLDOUT_GROUP, compiled.source.holdout,
                 [EventSeen(t, *seen.get(t, (0, None))) for t in types], once,
                 _time(journey.get("at")), _time(journey.get("until")), journey.get("rule"),
+                compiled.source.timeout,
             )
         )  # fmt: skip
     return ContactState(

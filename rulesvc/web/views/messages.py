@@ -51,7 +51,8 @@ async def message_of(app: web.Application, message_id: str) -> Message | None:
 async def act_on_message(
     app: web.Application, message_id: str, action: Literal["retry", "cancel"]
 ) -> Message | MessageConflict | None:
-    """`retry`: a dead, failed or uncertain message goes out again now; `cancel`: a scheduled one never.
+    """`retry`: a dead, failed or uncertain message goes out again now; `cancel`: a scheduled, dead or
+    uncertain one never.
     None: no such message; MessageConflict: its status does not allow the action."""
     store, now = app[STORE], datetime.now(UTC)
     if action == "retry":
