@@ -198,14 +198,15 @@ def test_a_rulesets_funnel_and_the_check_panel(console_service: ConsoleService, 
     assert body["source"] == original and body["status"] == "loaded"
 
 
-def test_a_read_session_may_check_but_the_page_refuses_a_bad_window(
+def test_a_read_session_sees_no_check_and_the_page_refuses_a_bad_window(
     console_service: ConsoleService, new_browser: Browser
 ) -> None:
     new_browser.login(console_service.new_key("read"))
     new_browser.open("/console/rulesets/checkout_abandon?window=1y")
     assert "query parameter `window`: `1y` is not one of 24h, 7d, 30d" in new_browser.text()
     new_browser.open("/console/rulesets/checkout_abandon")
-    new_browser.press("Check", expect="Valid: would listen to checkout_started")
+    assert "checking a candidate needs an admin key" in new_browser.text()
+    assert not new_browser.driver.find_elements(By.XPATH, "//button[normalize-space(.)='Check']")
     new_browser.open("/console/rulesets/no_such_ruleset")
     assert "no ruleset `no_such_ruleset`" in new_browser.text()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from selenium.webdriver.common.by import By
 
 from rulesvc.core.durations import parse_duration
 from tests.browser import Browser
-from tests.console.conftest import ConsoleService
+from tests.console.conftest import ConsoleService, raw, script_session
 from tests.helpers import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "rulesets"
@@ -174,16 +175,24 @@ def test_a_backtest_of_a_candidate_folder_runs_to_its_report(
     assert job_id in browser.driver.page_source and "done" in browser.text()
 
 
-def test_a_read_session_may_simulate_but_not_start_a_backtest(
+def test_a_read_session_may_neither_simulate_nor_start_a_backtest(
     console_service: ConsoleService, new_browser: Browser
 ) -> None:
-    new_browser.login(console_service.new_key("read"))
+    """As the API: POST /v1/simulate and POST /v1/backtests are an admin's."""
+    read_key = console_service.new_key("read")
+    new_browser.login(read_key)
     new_browser.open("/console/try")
-    new_browser.press("Simulate", expect="What would happen")  # README's example, as pre-filled
-    assert "cart_abandon/push" in new_browser.text() and "cart_abandon/email" in new_browser.text()
+    assert "simulations need an admin key" in new_browser.text()
+    assert not new_browser.driver.find_elements(By.XPATH, "//button[normalize-space(.)='Simulate']")
     new_browser.open("/console/try/backtests")
     assert "A read-only session can look at backtests but not start one." in new_browser.text()
     assert not new_browser.driver.find_elements(By.XPATH, "//button[normalize-space(.)='Start backtest']")
+    # The form posted anyway, with the session's own token: refused.
+    cookie, csrf = script_session(console_service, read_key)
+    events = urllib.parse.quote('{"id": "e", "type": "cart_updated", "contact_id": "c"}')
+    status, _, page = raw(console_service, "POST", "/console/try", f"csrf_token={csrf}&events={events}",
+                          {"Cookie": cookie})  # fmt: skip
+    assert status == 403 and "read-only session" in page
 
 
 def test_a_simulation_for_a_stored_contact(console_service: ConsoleService, browser: Browser) -> None:

@@ -290,6 +290,6 @@ async def check_candidate(request: web.Request) -> web.StreamResponse:
 
 ROUTES = [
     ConsoleRoute("GET", "/rulesets", rulesets_page, title="Rulesets"),
-    ConsoleRoute("POST", "/rulesets/check", check_candidate, change=False, title="Check a ruleset"),
+    ConsoleRoute("POST", "/rulesets/check", check_candidate, change=True, title="Check a ruleset"),
     ConsoleRoute("GET", "/rulesets/{name}", ruleset_page, title="Ruleset"),
 ]

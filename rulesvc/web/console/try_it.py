@@ -7,6 +7,7 @@ Data from the API's operations: `views.simulate` (`POST /v1/simulate`), `views.b
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -108,15 +109,17 @@ def event_moment(event: Any, default: datetime) -> datetime:
 
 
 def timeline(events: list[dict[str, Any]], actions: list[Any], started: datetime) -> list[Step]:
-    """Events and actions in time order; each action said relative to the event before it."""
+    """Events and actions in time order; each action said relative to the event before it (found by
+    bisection: a simulation may hold thousands of both)."""
     timed = sorted(
         ((event_moment(e, started), i, e) for i, e in enumerate(events)), key=lambda t: (t[0], t[1])
     )
+    moments = [at for at, _, _ in timed]
     steps: list[tuple[datetime, int, Step]] = [(at, 0, Step(at, event=e)) for at, _, e in timed]
     for action in actions:
-        before = [(at, e) for at, _, e in timed if at <= action.at]
-        if before:
-            at, e = before[-1]
+        found = bisect.bisect_right(moments, action.at)
+        if found:
+            at, _, e = timed[found - 1]
             cause = f"{e.get('type', '?')} {e.get('id', '')}".strip()
             steps.append(
                 (action.at, 1, Step(action.at, action=action, after=offset_text(action.at - at), cause=cause))
@@ -354,7 +357,9 @@ async def backtest_page(request: web.Request) -> web.StreamResponse:
 
 ROUTES = [
     ConsoleRoute("GET", "/try", try_page, title="Try it"),
-    ConsoleRoute("POST", "/try", run_simulation, change=False, title="Try it"),
+    # As POST /v1/simulate (and the check below as PUT ?dry_run): an admin's. A simulation runs the
+    # simulator process for up to its budget, a check compiles in the event loop: not for read sessions.
+    ConsoleRoute("POST", "/try", run_simulation, change=True, title="Try it"),
     ConsoleRoute("GET", "/try/backtests", backtests_page, title="Backtests"),
     ConsoleRoute("POST", "/try/backtests", start, change=True, title="Start a backtest"),
     ConsoleRoute("GET", "/try/backtests/{job_id}", backtest_page, title="Backtest"),
