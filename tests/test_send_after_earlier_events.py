@@ -61,3 +61,37 @@ async def test_a_due_send_waits_while_an_earlier_event_of_its_contact_is_undecid
     assert cancelled["reason"] == "cancelled_by_event"
     await asyncio.sleep(0.5)
     assert [m.contact_id for m in push.delivered] == ["c2"]
+
+
+async def test_events_after_the_due_time_do_not_hold_a_send(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """Only what happened before the send came due can change it: a contact whose later events wait in
+    the inbox (a steady stream of page views) still gets the reminder on time."""
+    push = Provider("push", needs="push_tokens")
+    flow = setup(settings, [send("push", after="2s", cancel_on=["purchased"], transactional=True)])
+    client = await make_client(create_app(flow, registry(push)))
+    assert (await client.put("/v1/contacts/c1", json=PROFILE)).status in (200, 201)
+    body = {"id": "go-c1", "type": "go", "contact_id": "c1", "attributes": {"code": "X1"}}
+    assert (await client.post("/v1/events", json=body)).status == 202
+
+    async def scheduled() -> bool:
+        return [m["status"] for m in await history(client, "c1")] == ["scheduled"]
+
+    await eventually(scheduled)
+    [message] = await history(client, "c1")
+    due = datetime.fromisoformat(message["due_at"])
+    until = datetime.now(UTC) + timedelta(minutes=5)
+    await db.contact_leases.insert_one(
+        {"_id": "busy", "owner": "another", "contacts": ["c1"], "until": until}
+    )
+    later = {"id": "late-buy", "type": "purchased", "contact_id": "c1",
+             "time": (due + timedelta(seconds=30)).isoformat()}  # fmt: skip
+    assert (await client.post("/v1/events", json=later)).status == 202
+
+    async def sent() -> bool:
+        return [m["status"] for m in await history(client, "c1")] == ["sent"]
+
+    await eventually(sent)
+    assert [m.contact_id for m in push.delivered] == ["c1"]
+    assert await db.events.count_documents({"_id": "late-buy", "state": "pending"}) == 1  # still undecided

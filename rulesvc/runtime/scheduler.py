@@ -43,8 +43,11 @@ log = structlog.get_logger(__name__)
 
 # What the scheduler itself reads from an entry; anything else is the delivery pipeline's or the inbox's.
 ENTRY_FIELDS = {"contact_id": str, "ruleset": str}
-# How soon a send put back for its contact's undecided events is looked at again.
+# A send put back for its contact's undecided events is looked at again after 0.2 s, then twice as long
+# each time up to 10 s; after 10 minutes past its due time it no longer waits.
 INBOX_FIRST = timedelta(milliseconds=200)
+INBOX_LONGEST = timedelta(seconds=10)
+INBOX_PATIENCE = timedelta(minutes=10)
 
 
 def malformed(entry: Doc) -> str | None:
@@ -155,10 +158,10 @@ class Scheduler:
             else:
                 aside.append((e, why))
         removed = [e for e in entries if e["ruleset"] not in live]
-        sends = await self._after_earlier_events(
-            [e for e in entries if e["ruleset"] in live and "message" in e], owner, now
-        )
         timers = [e for e in entries if e["ruleset"] in live and "message" not in e]
+        sends, held = await self._after_earlier_events(
+            [e for e in entries if e["ruleset"] in live and "message" in e], timers, owner, now
+        )
 
         # The claim is renewed while the batch runs, from this event loop: a process that dies, or whose
         # loop is held (a long computation, a paused database), stops renewing, and its entries are taken
@@ -172,30 +175,43 @@ class Scheduler:
             if timers:
                 timers = await self._insert_timer_events(timers, now, aside)
             await self._record(owner, results, timers, removed, aside, now)
-        self.fired += len(claimed)
+        self.fired += len(claimed) - held  # a held send is counted when it is claimed again and done
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
-        return len(claimed)
+        return len(claimed) - held
 
-    async def _after_earlier_events(self, sends: list[Doc], owner: str, now: datetime) -> list[Doc]:
-        """The sends whose contact has no undecided event from before the send came due; the others go
-        back to wait for the inbox. Such an event may cancel or re-arm the send (a purchase, a new cart),
-        and it happened first: the inbox's lag must not let the reminder out before it, which a simulation
-        of the same events would never do. (A timer needs no such wait: its event joins the contact's
-        events in the inbox, in time order.)"""
+    async def _after_earlier_events(
+        self, sends: list[Doc], timers: list[Doc], owner: str, now: datetime
+    ) -> tuple[list[Doc], int]:
+        """The sends to make now, and how many were put back: a send waits while its contact has an
+        undecided event from before the send first came due, or a timer of this batch due no later (its
+        event joins the inbox after this batch). Such an event may cancel or re-arm the send (a purchase,
+        a new cart), and it happened first: the inbox's lag must not let the reminder out before it, which
+        a simulation of the same events would never do. Events after the first due time do not hold it
+        (a steady stream of page views would, for ever), the waits grow from 0.2 s to 10 s, and after
+        10 minutes the send goes (an inbox that far behind is stuck, and the others must not be)."""
         if not sends:
-            return sends
+            return sends, 0
         earliest = await self.events.earliest_pending(list({e["contact_id"] for e in sends}))
+        for timer in timers:
+            cid, due = timer["contact_id"], timer["due_at"]
+            if cid not in earliest or due < earliest[cid]:
+                earliest[cid] = due
         if not earliest:
-            return sends
-        held = [e for e in sends if e["contact_id"] in earliest and earliest[e["contact_id"]] <= e["due_at"]]
+            return sends, 0
+
+        def waits(entry: Doc) -> bool:
+            first_due: datetime = entry.get("held_due") or entry["due_at"]
+            first = earliest.get(entry["contact_id"])
+            return first is not None and first <= first_due and now - first_due < INBOX_PATIENCE
+
+        held = [e for e in sends if waits(e)]
         if not held:
-            return sends
-        await self.schedule.put_back([e["_id"] for e in held], owner, now + INBOX_FIRST)
+            return sends, 0
+        await self.schedule.put_back([e["_id"] for e in held], owner, now, INBOX_FIRST, INBOX_LONGEST)
         self.waited_for_inbox += len(held)
-        self.fired -= len(held)  # counted when they are claimed again and done
         held_ids = {e["_id"] for e in held}
-        return [e for e in sends if e["_id"] not in held_ids]
+        return [e for e in sends if e["_id"] not in held_ids], len(held)
 
     async def _dispatch(
         self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]

@@ -42,16 +42,15 @@ class InboxEvents:
         )
 
     async def earliest_pending(self, contact_ids: list[str]) -> dict[str, datetime]:
-        """Each of these contacts' earliest undecided event time, for those that have one."""
-        found: dict[str, datetime] = {}
-        cursor = self.store.events.find(
-            {"state": PENDING, "contact_id": {"$in": contact_ids}},
-            {"_id": 0, "contact_id": 1, "time": 1},
-            sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-        ).hint("inbox_pending")
-        async for doc in cursor:
-            found.setdefault(doc["contact_id"], doc["time"])
-        return found
+        """Each of these contacts' earliest undecided event time, for those that have one: the first key
+        of each contact in the pending index (a contact with a backlog is not read through)."""
+        pipeline: list[Doc] = [
+            {"$match": {"state": PENDING, "contact_id": {"$in": contact_ids}}},
+            {"$sort": {"contact_id": 1, "time": 1}},
+            {"$group": {"_id": "$contact_id", "first": {"$first": "$time"}}},
+        ]
+        cursor = await self.store.events.aggregate(pipeline, hint="inbox_pending")
+        return {doc["_id"]: doc["first"] async for doc in cursor}
 
     async def insert_internal(self, docs: list[Doc]) -> dict[int, Doc]:
         """Events the service makes itself (a wait's `else`), each under a fixed id: one already there (a

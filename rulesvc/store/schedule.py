@@ -46,13 +46,30 @@ class Schedule:
         )
         return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
 
-    async def put_back(self, ids: list[str], owner: str, not_before: datetime) -> None:
-        """Claimed entries handed back unsent, due again no sooner than `not_before` (a send waiting for
-        its contact's earlier events to be decided)."""
+    async def put_back(
+        self, ids: list[str], owner: str, now: datetime, first: timedelta, longest: timedelta
+    ) -> None:
+        """Claimed entries handed back unsent, to wait for their contact's earlier events: due again
+        after `first`, twice as long at each return up to `longest`. `held_due` keeps the time the send
+        first came due (what it waits against); `holds` counts the returns."""
+        holds = {"$ifNull": ["$holds", 0]}
+        wait_ms = {
+            "$min": [
+                longest.total_seconds() * 1000,
+                {"$multiply": [first.total_seconds() * 1000, {"$pow": [2, holds]}]},
+            ]
+        }
         await self.store.schedule.update_many(
             {"_id": {"$in": ids}, "owner": owner, "status": "running"},
             [
-                {"$set": {"status": "pending", "due_at": {"$max": ["$due_at", not_before]}}},
+                {
+                    "$set": {
+                        "status": "pending",
+                        "held_due": {"$ifNull": ["$held_due", "$due_at"]},
+                        "due_at": {"$max": ["$due_at", {"$add": [now, wait_ms]}]},
+                        "holds": {"$add": [holds, 1]},
+                    }
+                },
                 {"$unset": ["owner", "lease_until"]},
             ],
         )
