@@ -101,6 +101,7 @@ def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
     new_browser.press("Log in")
     new_browser.wait(lambda: new_browser.path == "/console/", "the overview")
     assert "read-only" in new_browser.text()
+    read_cookie = str(new_browser.cookies()["rulesvc_console"]["value"])
     # A read key looks at what an admin looks at through the API too, and changes nothing there.
     key_id = read.split("_")[1]
     saved, console_service.key = console_service.key, read
@@ -113,6 +114,13 @@ def test_scopes(console_service: ConsoleService, new_browser: Browser) -> None:
         )
     finally:
         console_service.key = saved
+    # A read session logs out as any other (its form is not a change).
+    new_browser.press("Log out", expect="You are logged out")
+    assert (
+        raw(console_service, "GET", "/console/", headers={"Cookie": f"rulesvc_console={read_cookie}"})[0]
+        == 303
+    )
+    new_browser.login(read)
     # Revoking the key ends its console session at the next page (within the key cache's 5 seconds).
     assert console_service.cli("keys", "revoke", key_id).returncode == 0
     new_browser.wait(

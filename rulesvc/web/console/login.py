@@ -114,4 +114,4 @@ PUBLIC_ROUTES = [
     ConsoleRoute("GET", "/login", login_form, title="Log in"),
     ConsoleRoute("POST", "/login", login, title="Log in"),
 ]
-ROUTES = [ConsoleRoute("POST", "/logout", logout)]
+ROUTES = [ConsoleRoute("POST", "/logout", logout, change=False)]  # a read session may leave too
