@@ -103,3 +103,4 @@ async def test_ruleset_filter_uses_its_index(client: Any, db: Any, settings: Any
         verbosity="queryPlanner",
     )  # fmt: skip
     assert "messages_by_ruleset" in str(plan["queryPlanner"]["winningPlan"])
+    assert "'SORT'" not in str(plan["queryPlanner"]["winningPlan"])  # a page in index order, not sorted

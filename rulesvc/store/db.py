@@ -235,7 +235,11 @@ class Store:
                 # `GET /v1/messages?ruleset=` (the console's filter): a ruleset's messages newest first,
                 # in index order, without reading every other ruleset's. `rule` is only taken with
                 # `ruleset` and filters these (a ruleset has a few rules), as `from`/`to` bound them.
-                IndexModel([("ruleset", ASCENDING), ("created_at", DESCENDING)], name="messages_by_ruleset"),
+                # `_id` last: the pages' tie-break, so a page is read in index order, never sorted.
+                IndexModel(
+                    [("ruleset", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+                    name="messages_by_ruleset",
+                ),
             ]
         )
         await self.stats.create_indexes(
