@@ -152,8 +152,8 @@ async def get(client: Client, **params: str) -> tuple[int, Any]:
 
 
 STATUSES = ["entered", "scheduled", "sent", "suppressed", "held_out", "cancelled", "postponed", "retried",
-            "failed", "dead", "uncertain", "delivered", "opened", "clicked", "replied", "bounced", "blocked",
-            "converted"]  # fmt: skip
+            "failed", "dead", "uncertain", "dismissed", "delivered", "opened", "clicked", "replied",
+            "bounced", "blocked", "converted"]  # fmt: skip
 
 
 def expected_funnel(seed: Seed, ruleset: str, **only: Any) -> dict[str, Any]:

@@ -15,11 +15,13 @@ from rulesvc.core.ruleformat import HOLDOUT_GROUP
 
 # Every status a count may have. `postponed` and `retried` count a decision to try again later (quiet
 # hours or a cap; a provider's temporary error): a message postponed, then sent, counts once in each.
-# The others count what a message became, or what happened to it (outcomes: once per message).
+# `dismissed`: a dead or uncertain message an operator gave up on (it was counted dead or uncertain
+# already; counting it `cancelled` too would make it two messages). The others count what a message
+# became, or what happened to it (outcomes: once per message).
 OUTCOMES: Final = ("delivered", "opened", "clicked", "replied", "bounced", "blocked")
 COUNTED: Final = (
     "entered", "scheduled", "sent", "suppressed", "cancelled", "postponed", "retried", "failed", "dead",
-    "held_out", "uncertain", *OUTCOMES, "converted",
+    "held_out", "uncertain", "dismissed", *OUTCOMES, "converted",
 )  # fmt: skip
 
 # A dispatcher result's kind to the status it counts as (any other kind counts as itself).

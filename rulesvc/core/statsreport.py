@@ -33,6 +33,7 @@ STATUSES = (
     "failed",
     "dead",
     "uncertain",
+    "dismissed",
     "delivered",
     "opened",
     "clicked",
@@ -112,6 +113,7 @@ class Funnel(msgspec.Struct, kw_only=True):
     failed: int = 0
     dead: int = 0
     uncertain: int = 0
+    dismissed: int = 0  # dead or uncertain, then given up on by an operator (counted there already)
     delivered: int = 0
     opened: int = 0
     clicked: int = 0

@@ -16,7 +16,7 @@ from rulesvc.core import reasons
 from rulesvc.core.funnel import Increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.store.db import PROCESS_SHARD, Doc, OnCounts, Store
-from rulesvc.store.messages import CANCELLABLE, RETRYABLE, Messages
+from rulesvc.store.messages import CANCELLABLE, DISMISSED, RETRYABLE, Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.transactions import in_transaction
 
@@ -92,7 +92,8 @@ async def cancel_message(
         doc = await messages.cancel_one(message_id, reasons.CANCELLED_BY_OPERATOR, now, session)
         if doc is not None:
             await schedule.cancel([message_id], reasons.CANCELLED_BY_OPERATOR, now, session)
-            counted.append(message_increment(doc, "cancelled", now, reasons.CANCELLED_BY_OPERATOR))
+            status = "dismissed" if str(doc.get("detail", "")).startswith(DISMISSED) else "cancelled"
+            counted.append(message_increment(doc, status, now, reasons.CANCELLED_BY_OPERATOR))
             await store.add_counts(counted, PROCESS_SHARD, session)
         return doc
 

@@ -11,6 +11,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from rulesvc.core.messages import SENT_STATUSES
 from rulesvc.store.db import Doc, Store, older_than
 
+# The detail of a dead or uncertain message an operator gave up on begins so (its fate is counted
+# `dismissed`, not `cancelled`: rulesvc.runtime.fate).
+DISMISSED = "dismissed by an operator"
+
 
 class Messages:
     def __init__(self, store: Store) -> None:
@@ -156,7 +160,7 @@ class Messages:
         status. A dead or uncertain one keeps what it was in its detail (one update: no read before)."""
         has_detail = {"$and": [{"$eq": [{"$type": "$detail"}, "string"]}, {"$ne": ["$detail", ""]}]}
         said = {"$cond": [has_detail, {"$concat": [": ", "$detail"]}, ""]}
-        was = {"$concat": ["dismissed by an operator; it was ", "$status", said]}
+        was = {"$concat": [DISMISSED + "; it was ", "$status", said]}
         detail = {"$cond": [{"$eq": ["$status", "scheduled"]}, "cancelled by an operator", was]}
         # One `$set` stage: its expressions read the message as it was, `$status` included.
         return await self.store.messages.find_one_and_update(
