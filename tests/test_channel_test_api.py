@@ -13,6 +13,7 @@ from rulesvc_webhook import WebhookChannel
 from rulesvc.config import Settings
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
+from tests.helpers import Provider, registry
 from tests.smtp_server import smtp_server
 from tests.test_api_contract import check_against_document
 from tests.webhook_flow import SECRET, Receiver
@@ -113,3 +114,20 @@ async def test_test_sends_are_limited_per_channel(client: Any) -> None:
     body = await refused.json()
     assert refused.status == 429 and "at most 10 test sends a minute" in body["error"]
     assert (await try_send(client, "inapp", {"to": "c-1"}))["status"] == "sent"  # another channel's own ten
+
+
+async def test_a_web_push_test_never_calls_into_the_services_network(
+    make_client: Any, settings: Settings
+) -> None:
+    """The endpoint's name is resolved and every address must be public: spellings of loopback that no
+    address parser takes (`127.1`, `0x7f000001`, `2130706433`) and `localhost` are refused with 422."""
+    push = Provider("webpush", needs="webpush_subscriptions")
+    client = await make_client(create_app(settings, registry(push)))
+    p256dh = "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM"
+    keys = {"p256dh": p256dh, "auth": "tBHItJI5svbpez7KI4CCXg"}
+    for host in ("127.1", "0x7f000001", "2130706433", "localhost", "[::1]", "10.0.0.7"):
+        body = {"webpush_subscription": {"endpoint": f"https://{host}/push/x", "keys": keys}}
+        refused = await try_send(client, "webpush", body, 422)
+        assert refused["field"] == "$.webpush_subscription.endpoint", refused
+        assert "not a public push service" in refused["error"] or "does not resolve" in refused["error"]
+    assert push.delivered == []

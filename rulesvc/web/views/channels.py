@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import math
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -155,6 +159,9 @@ async def channel_test_send(app: web.Application, name: str, body: ChannelTestRe
         field = field or ("$.webpush_subscription" if name == "webpush" else "$.to")
         if problem is not None:
             problem = f"the `{name}` channel cannot send to this: {problem}"
+    if problem is None and body.webpush_subscription is not None and name == "webpush":
+        problem = await _public_host(body.webpush_subscription.endpoint)
+        field = "$.webpush_subscription.endpoint"
     if problem is not None:
         return 422, ErrorBody(problem, field)
     wait = app[TEST_SENDS].check(name)
@@ -222,3 +229,17 @@ def _where(address: str | None) -> str | None:
     if "@" in address:
         return "***@" + address.rsplit("@", 1)[1][:100]
     return address[:4] + "***"
+
+
+async def _public_host(url: str) -> str | None:
+    """Every address the push service's name resolves to is a public one (`127.1`, `0x7f000001`, a name
+    pointing into the service's own network: refused), so a test send cannot be made to call inward."""
+    host = urlsplit(url).hostname or ""
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return f"`{host}` does not resolve"
+    for *_, address in found:
+        if not ipaddress.ip_address(str(address[0]).split("%")[0]).is_global:
+            return f"`{host}` is not a public push service"
+    return None
