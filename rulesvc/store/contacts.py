@@ -14,6 +14,9 @@ from rulesvc.store.db import EMAIL_COLLATION, Doc, Store
 SUMMARY_FIELDS = {"email": 1, "phone": 1, "created_at": 1, "updated_at": 1}
 
 
+EVENTS_SEEN_LIMIT = 10_000
+
+
 class Contacts:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -62,13 +65,17 @@ class Contacts:
         return None if seen is None else {"_id": contact_id}
 
     async def events_seen(self, contact_id: str, types: list[str]) -> dict[str, tuple[int, Any]]:
-        """Of these event types, those the contact's stored events have: (how many, the last time). Reads
-        the contact's events of these types only (index `events_by_contact`)."""
+        """Of these event types, those the contact's stored events have: (how many, the last time), among
+        its newest EVENTS_SEEN_LIMIT events (newest first on `events_by_contact`: a contact with a huge
+        history, a bot or a shared anonymous id, is not read through on every look at its page)."""
         if not types:
             return {}
         pipeline: list[Doc] = [
-            {"$match": {"contact_id": contact_id, "type": {"$in": types}}},
+            {"$match": {"contact_id": contact_id}},
+            {"$sort": {"contact_id": 1, "time": -1}},
+            {"$limit": EVENTS_SEEN_LIMIT},
+            {"$match": {"type": {"$in": types}}},
             {"$group": {"_id": "$type", "n": {"$sum": 1}, "last": {"$max": "$time"}}},
         ]
-        cursor = await self.store.events.aggregate(pipeline)
+        cursor = await self.store.events.aggregate(pipeline, hint="events_by_contact")
         return {d["_id"]: (int(d["n"]), d["last"]) async for d in cursor}
