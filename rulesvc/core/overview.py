@@ -11,7 +11,7 @@ from typing import Any, Final
 
 BUCKET: Final = timedelta(minutes=15)
 BUCKETS: Final = 96  # 24 h of quarter hours, the last one the current quarter so far
-NOW_WINDOW: Final = timedelta(minutes=1)  # "now": the last minute
+MINUTE: Final = timedelta(minutes=1)
 DAY: Final = timedelta(hours=24)
 HOUR: Final = timedelta(hours=1)  # the due queue looks this far ahead
 
@@ -55,6 +55,12 @@ def series(accepted: Mapping[datetime, int], decided: Mapping[datetime, int], no
         a, d = int(accepted.get(at, 0)), int(decided.get(at, 0))
         points.append(Point(at, a, d, per_second(a, seconds), per_second(d, seconds)))
     return points
+
+
+def now_window_start(now: datetime) -> datetime:
+    """ "Now" is the last whole minute and the current one so far (60 to 120 s): events decided are
+    counted per minute, and accepted ones over the same span, so the two rates compare."""
+    return bucket_start(now, MINUTE) - MINUTE
 
 
 def per_second(count: int, seconds: float) -> float:

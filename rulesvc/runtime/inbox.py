@@ -422,7 +422,7 @@ class Inbox:
                             "synced": False} for c in decisions.audience]  # fmt: skip
                 await self.audiences.record(changes, session)
             if events:
-                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, session)
+                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, self.shard, session)
             for doc, error in failures:
                 quarantined.append(await self._failed(doc, error, session))
 

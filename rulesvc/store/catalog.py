@@ -37,10 +37,12 @@ class Catalog:
         await self.store.events.update_one({"_id": event_id}, {"$set": {"fanout.after": after}})
 
     async def finish_event(self, event_id: str, now: datetime) -> None:
-        await self.store.events.update_one(
-            {"_id": event_id},
+        result = await self.store.events.update_one(
+            {"_id": event_id, "state": {"$ne": "done"}},  # a repeat finds it done: nothing to change
             {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
         )
+        if result.modified_count:  # a catalog event is decided once its copies are all made
+            await self.store.count_decided(now, 1, "fanout")
 
     async def product(self, product_id: str) -> Doc:
         """The product's last known fields (`{}` for a product not seen before)."""

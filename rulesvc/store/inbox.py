@@ -58,13 +58,15 @@ class InboxEvents:
         _, refused = await insert_new(self.store.events, docs, raise_refused=False)
         return refused
 
-    async def mark_done(self, ids: list[str], at: datetime, session: AsyncClientSession) -> None:
-        """These events, those still pending, are decided."""
-        await self.store.events.update_many(
+    async def mark_done(self, ids: list[str], at: datetime, shard: str, session: AsyncClientSession) -> None:
+        """These events, those still pending, are decided (and counted, for the overview's throughput)."""
+        result = await self.store.events.update_many(
             {"_id": {"$in": ids}, "state": PENDING},
             {"$set": {"state": "done", "processed_at": at}},
             session=session,
         )
+        if result.modified_count:
+            await self.store.count_decided(at, result.modified_count, shard, session)
 
     async def first_pending(self, contact_id: str) -> Doc | None:
         """The contact's next event in order."""

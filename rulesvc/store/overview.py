@@ -1,4 +1,5 @@
-"""The overview's reads: throughput from `events` (when each was received, when decided), the due queue
+"""The overview's reads: throughput from `events` (when each was received) and `throughput` (how many
+were decided per minute, counted by the inbox in its transactions), the due queue
 from `schedule`, messages by channel and status from the funnel's hourly counters (`stats`), and each
 channel's last send from `messages`. Every query runs on an index over a time range (named in its hint),
 so the page costs the same on a day-old database as on a year-old one; the 24 h series are grouped by
@@ -21,21 +22,41 @@ class OverviewReads:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def events_by_quarter(self, field: str, since: datetime) -> dict[datetime, int]:
-        """Events by the UTC quarter hour of `field` (`received_at`: accepted; `processed_at`: decided)
-        from `since` on. Only the indexed field is read, so the index answers alone (a covered scan)."""
-        index = {"received_at": "events_ttl", "processed_at": "events_decided"}[field]
+    async def accepted_by_quarter(self, since: datetime) -> dict[datetime, int]:
+        """Events by the UTC quarter hour they were received in, from `since` on. Only the indexed field
+        is read, so the index answers alone (a covered scan)."""
         pipeline: list[Doc] = [
-            {"$match": {field: {"$gte": since}}},
-            {"$group": {"_id": {"$dateTrunc": {"date": f"${field}", **QUARTER_HOUR}}, "n": {"$sum": 1}}},
+            {"$match": {"received_at": {"$gte": since}}},
+            {"$group": {"_id": {"$dateTrunc": {"date": "$received_at", **QUARTER_HOUR}}, "n": {"$sum": 1}}},
         ]
-        cursor = await self.store.events.aggregate(pipeline, hint=index)
+        cursor = await self.store.events.aggregate(pipeline, hint="events_ttl")
         return {_utc(doc["_id"]): int(doc["n"]) async for doc in cursor if doc["_id"] is not None}
 
-    async def events_since(self, field: str, since: datetime) -> int:
-        """Events accepted (`received_at`) or decided (`processed_at`) since `since`."""
-        index = {"received_at": "events_ttl", "processed_at": "events_decided"}[field]
-        return await self.store.events.count_documents({field: {"$gte": since}}, hint=index)
+    async def accepted_since(self, since: datetime) -> int:
+        return await self.store.events.count_documents({"received_at": {"$gte": since}}, hint="events_ttl")
+
+    async def decided_by_quarter(self, since: datetime) -> dict[datetime, int]:
+        """Events decided by UTC quarter hour, from the per-minute counters of every process."""
+        pipeline: list[Doc] = [
+            {"$match": {"minute": {"$gte": since}}},
+            {
+                "$group": {
+                    "_id": {"$dateTrunc": {"date": "$minute", **QUARTER_HOUR}},
+                    "n": {"$sum": "$decided"},
+                }
+            },
+        ]
+        cursor = await self.store.throughput.aggregate(pipeline, hint="throughput_ttl")
+        return {_utc(doc["_id"]): int(doc["n"]) async for doc in cursor if doc["_id"] is not None}
+
+    async def decided_since(self, since: datetime) -> int:
+        """Events decided in the minutes from the one `since` is in (the counters are per minute)."""
+        pipeline: list[Doc] = [
+            {"$match": {"minute": {"$gte": since}}},
+            {"$group": {"_id": None, "n": {"$sum": "$decided"}}},
+        ]
+        cursor = await self.store.throughput.aggregate(pipeline, hint="throughput_ttl")
+        return sum([int(doc["n"]) async for doc in cursor])
 
     async def due_between(self, after: datetime, until: datetime) -> int:
         """Pending sends due after `after`, up to `until`: what the scheduler has coming."""

@@ -38,17 +38,15 @@ async def overview(app: web.Application, now: datetime | None = None) -> Overvie
                       since, [], store.count_stats, None, None, [], [])  # fmt: skip
     sends = None
     try:
-        window = counts.NOW_WINDOW
-        accepted = await reads.events_since("received_at", now - window)
-        decided = await reads.events_since("processed_at", now - window)
-        seconds = window.total_seconds()
-        result.now = Throughput(int(seconds), accepted, decided, counts.per_second(accepted, seconds),
+        start = counts.now_window_start(now)
+        accepted = await reads.accepted_since(start)
+        decided = await reads.decided_since(start)
+        seconds = (now - start).total_seconds()
+        result.now = Throughput(round(seconds), accepted, decided, counts.per_second(accepted, seconds),
                                 counts.per_second(decided, seconds))  # fmt: skip
-        start = counts.series_start(now)
+        first = counts.series_start(now)
         points = counts.series(
-            await reads.events_by_quarter("received_at", start),
-            await reads.events_by_quarter("processed_at", start),
-            now,
+            await reads.accepted_by_quarter(first), await reads.decided_by_quarter(first), now
         )
         result.series = [ThroughputPoint(p.at, p.accepted, p.decided, p.accepted_per_second,
                                          p.decided_per_second) for p in points]  # fmt: skip
