@@ -333,19 +333,12 @@ class RulesetPutQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 # `GET /v1/rulesets/{name}` (the console's ruleset page reads it too).
 
 
-class RulesetDetail(msgspec.Struct, kw_only=True):
+class RulesetDetail(RulesetInfo, kw_only=True):
     """A ruleset as its list entry shows it, and what it does: each rule in words (from the live
     version; none while no version ever loaded), its holdout, A/B arms and goal, and the current text of
     its file (which differs from the live version after a refused edit: `status` is then `error`).
     `source` is null, and `source_error` says why, when the file cannot be read."""
 
-    name: str
-    file: str
-    status: Literal["loaded", "error"]
-    version: str | None
-    loaded_at: datetime | None
-    events: list[str]
-    errors: list[RulesetErrorBody]
     description: str
     timeout: str | None  # older events start nothing in this ruleset
     holdout: str | None  # e.g. "5%"

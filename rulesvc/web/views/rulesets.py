@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from aiohttp import web
 
 from rulesvc.core.ruleformat import InvalidRuleset, RulesetError, listened_events
@@ -79,14 +80,9 @@ async def ruleset_detail(rulesets: Rulesets, name: str) -> RulesetDetail:
         text = data.decode("utf-8", "replace")
     except InvalidRuleset as exc:
         problem = "; ".join(e.message for e in exc.errors)
+    info = _info(status)
     return RulesetDetail(
-        name=status.name,
-        file=status.file,
-        status=status.status,
-        version=status.version,
-        loaded_at=status.loaded_at,
-        events=status.events,
-        errors=[_error_body(e) for e in status.errors],
+        *msgspec.structs.astuple(info),
         description=source.description if source is not None else "",
         timeout=source.timeout if source is not None else None,
         holdout=source.holdout if source is not None else None,
