@@ -183,8 +183,8 @@ class Scheduler:
     async def _after_earlier_events(
         self, sends: list[Doc], timers: list[Doc], owner: str, now: datetime
     ) -> tuple[list[Doc], int]:
-        """The sends to make now, and how many were put back: a send waits while its contact has an
-        undecided event from before the send first came due, or a timer of this batch due no later (its
+        """The sends to make now, and how many were put back: a delayed send waits while its contact has
+        an undecided event from before the send first came due, or a timer of this batch due no later (its
         event joins the inbox after this batch). Such an event may cancel or re-arm the send (a purchase,
         a new cart), and it happened first: the inbox's lag must not let the reminder out before it, which
         a simulation of the same events would never do. Events after the first due time do not hold it
@@ -202,6 +202,10 @@ class Scheduler:
 
         def waits(entry: Doc) -> bool:
             first_due: datetime = entry.get("held_due") or entry["due_at"]
+            if first_due <= entry.get("created_at", first_due):
+                # Due when it was decided (a send "now"): the inbox took its contact's events in order up
+                # to its trigger, so whatever is pending came after it (as a simulation sends it first).
+                return False
             first = earliest.get(entry["contact_id"])
             return first is not None and first <= first_due and now - first_due < INBOX_PATIENCE
 
