@@ -115,9 +115,12 @@ def test_numbers_and_plots_after_orders(browser: Browser, console_service: Conso
     # The big numbers: rates over the last minute or two (the counters are per minute), said so.
     accepted_7 = re.compile(r"events/s accepted over the last \d+ s \(7 events\)")
 
+    decided_7 = re.compile(r"events/s decided over the last \d+ s \(7 events\)")
+
     def shown() -> bool:
         browser.open("/console/")
-        return accepted_7.search(browser.text()) is not None
+        text = browser.text()
+        return accepted_7.search(text) is not None and decided_7.search(text) is not None
 
     browser.wait(shown, "7 events accepted", timeout=30)
     text = browser.text()
