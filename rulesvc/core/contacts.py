@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 
 from rulesvc.core.events import document_errors, split_validation_error
 
+# The shapes of a contact's addresses: the profile's types below, and whatever else takes an address
+# (a test send, a contact search) checks against the same ones.
+EMAIL_PATTERN: Final = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$"
+EMAIL_MAX: Final = 254
+E164_PATTERN: Final = r"^\+[1-9][0-9]{6,14}$"
 Email = Annotated[
-    str,
-    msgspec.Meta(max_length=254, pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$", description="an email address"),
+    str, msgspec.Meta(max_length=EMAIL_MAX, pattern=EMAIL_PATTERN, description="an email address")
 ]
-E164 = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +4915112345678")]
+E164 = Annotated[str, msgspec.Meta(pattern=E164_PATTERN, description="E.164, e.g. +4915112345678")]
 ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 PushToken = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 Base64Url = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+=*$")]

@@ -10,12 +10,12 @@ from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from rulesvc.core.contacts import WebPushSubscription
+from rulesvc.core.contacts import E164_PATTERN, EMAIL_MAX, EMAIL_PATTERN, WebPushSubscription
 
 TEST_TEMPLATE: Final = "rulesvc_test"
 TEST_CONTACT: Final = "rulesvc-test"
-EMAIL: Final = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")  # as a contact's email (core.contacts)
-E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
+EMAIL: Final = re.compile(EMAIL_PATTERN)  # as a contact's own
+E164: Final = re.compile(E164_PATTERN)
 
 # Where each standard channel finds its recipient in a contact's profile, and what `to` must be for it.
 ADDRESSES: Final = {
@@ -62,7 +62,7 @@ def recipient(
     address = (to or "").strip()
     if not address:
         return {}, "$.to", f"the `{channel}` channel needs `to`: {words}"
-    if channel == "email" and (len(address) > 254 or not EMAIL.match(address)):
+    if channel == "email" and (len(address) > EMAIL_MAX or not EMAIL.match(address)):
         return {}, "$.to", f"`{_shown(address)}` is not an email address"
     if channel == "sms" and not E164.match(address):
         return {}, "$.to", f"`{_shown(address)}` is not a phone number in E.164 form (+ and 7 to 15 digits)"

@@ -190,26 +190,27 @@ class Scheduler:
         a simulation of the same events would never do. Events after the first due time do not hold it
         (a steady stream of page views would, for ever), the waits grow from 0.2 s to 10 s, and after
         10 minutes the send goes (an inbox that far behind is stuck, and the others must not be)."""
-        if not sends:
+
+        def first_due(entry: Doc) -> datetime:
+            return entry.get("held_due") or entry["due_at"]  # type: ignore[no-any-return]
+
+        # A send due when it was decided (a send "now") never waits: the inbox took its contact's events
+        # in order up to its trigger, so whatever is pending came after it (a simulation sends it first).
+        # So only a batch with a delayed send asks the inbox anything.
+        delayed = [e for e in sends if first_due(e) > e.get("created_at", first_due(e))]
+        if not delayed:
             return sends, 0
-        earliest = await self.events.earliest_pending(list({e["contact_id"] for e in sends}))
+        earliest = await self.events.earliest_pending(list({e["contact_id"] for e in delayed}))
         for timer in timers:
             cid, due = timer["contact_id"], timer["due_at"]
             if cid not in earliest or due < earliest[cid]:
                 earliest[cid] = due
-        if not earliest:
-            return sends, 0
 
         def waits(entry: Doc) -> bool:
-            first_due: datetime = entry.get("held_due") or entry["due_at"]
-            if first_due <= entry.get("created_at", first_due):
-                # Due when it was decided (a send "now"): the inbox took its contact's events in order up
-                # to its trigger, so whatever is pending came after it (as a simulation sends it first).
-                return False
             first = earliest.get(entry["contact_id"])
-            return first is not None and first <= first_due and now - first_due < INBOX_PATIENCE
+            return first is not None and first <= first_due(entry) and now - first_due(entry) < INBOX_PATIENCE
 
-        held = [e for e in sends if waits(e)]
+        held = [e for e in delayed if waits(e)]
         if not held:
             return sends, 0
         await self.schedule.put_back([e["_id"] for e in held], owner, now, INBOX_FIRST, INBOX_LONGEST)

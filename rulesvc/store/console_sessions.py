@@ -60,11 +60,16 @@ class ConsoleSessions:
     async def find(self, token: str) -> tuple[ConsoleSession, str | None] | None:
         """The session and its notice for the next page (taken: shown once), or None when the token is
         unknown, logged out or expired."""
-        doc = await self.collection.find_one_and_update(
-            {"_id": _digest(token), "expires_at": {"$gt": datetime.now(UTC)}}, {"$unset": {"notice": ""}}
-        )
+        digest = _digest(token)
+        doc = await self.collection.find_one({"_id": digest, "expires_at": {"$gt": datetime.now(UTC)}})
         if doc is None:
             return None
+        if "notice" in doc:  # a read per page; a write only for the page after a change
+            taken = await self.collection.update_one(
+                {"_id": digest, "notice": doc["notice"]}, {"$unset": {"notice": ""}}
+            )
+            if not taken.modified_count:  # another request of the same session showed it
+                doc.pop("notice")
         session = ConsoleSession(
             doc["key_id"], doc["scope"], doc["csrf"], doc["expires_at"].replace(tzinfo=UTC)
         )
@@ -75,8 +80,3 @@ class ConsoleSessions:
 
     async def close(self, token: str) -> None:
         await self.collection.delete_one({"_id": _digest(token)})
-
-    async def close_for_key(self, key_id: str) -> int:
-        """A revoked key's sessions end with it."""
-        result = await self.collection.delete_many({"key_id": key_id})
-        return result.deleted_count

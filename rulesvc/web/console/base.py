@@ -54,10 +54,6 @@ class ConsoleRoute:
     title: str = ""
 
 
-def session_of(request: web.Request) -> ConsoleSession:
-    return request[SESSION]
-
-
 def form_of(request: web.Request) -> MultiDictProxy[str]:
     """The POSTed form, read once by the session check (its CSRF token is in it)."""
     return request[FORM]

@@ -60,7 +60,6 @@ class Line:
     color: str
     path: str  # the SVG path's `d`
     points: list[tuple[float, float]]
-    total: float  # the series' sum, for the legend
     last: float
     dash: str = ""  # SVG stroke-dasharray ("" solid): a line drawn over another stays visible where equal
 
@@ -111,9 +110,8 @@ def line_chart(
     for index, (name, points) in enumerate(series.items()):
         xy = [(x(t), y(v)) for t, v in sorted(points)]
         path = " ".join(f"{'M' if i == 0 else 'L'}{px},{py}" for i, (px, py) in enumerate(xy))
-        total = sum(v for _, v in points)
         last = sorted(points)[-1][1] if points else 0.0
-        lines.append(Line(name, color(index), path, xy, total, last, DASH if name in dashed else ""))
+        lines.append(Line(name, color(index), path, xy, last, DASH if name in dashed else ""))
     x_ticks = [
         _inside(x(t), t.astimezone(UTC).strftime("%H:%M"), width) for t in _time_ticks(times[0], times[-1])
     ]
@@ -161,7 +159,6 @@ class Bar:
     value: float
     y: float
     length: float
-    color: str
     segments: list[tuple[str, float, float, float, str]] = field(
         default_factory=list
     )  # name, value, x, w, colour
@@ -204,11 +201,7 @@ def stacked_bars(
             segments.append((name, value, round(x, 1), w, colours[name]))
             x += w
         total = sum(parts.values())
-        bars.append(
-            Bar(
-                label, total, y, round(x - label_width, 1), colours[names[0]] if names else color(0), segments
-            )
-        )
+        bars.append(Bar(label, total, y, round(x - label_width, 1), segments))
     height = max(1, len(items)) * (bar_height + gap)
     legend = [(name, colours[name]) for name in names if name]
     return BarChart(width, height, label_width, bar_height, bars, legend, not any(b.value for b in bars))

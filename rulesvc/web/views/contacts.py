@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from rulesvc.core import reasons
-from rulesvc.core.contacts import Contact, ContactRejected, decode_contact
+from rulesvc.core.contacts import E164_PATTERN, Contact, ContactRejected, decode_contact
 from rulesvc.core.engine import counter_value, flag_active, from_ts, remembered
 from rulesvc.core.ids import id_problem
 from rulesvc.core.messages import MessageList
@@ -51,7 +51,7 @@ from rulesvc.web.views.base import (
 )
 
 # What a search term is taken as: `+` and digits a phone number (E.164), an `@` an email, else an id.
-_PHONE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_PHONE = re.compile(E164_PATTERN)
 
 # --- operations ------------------------------------------------------------------------------------------
 
