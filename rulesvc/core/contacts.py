@@ -61,6 +61,18 @@ class ContactIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     attributes: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class ContactPatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Part of a profile, from a source that knows only some fields (a Segment `identify`'s traits, a
+    Shopify customer): a field given replaces the stored one, `consent` and `attributes` merge key by key,
+    and what is absent stays as it was (unlike `ContactIn`, which replaces the whole profile)."""
+
+    email: Email | None = None
+    phone: E164 | None = None
+    consent: dict[ChannelName, bool] = msgspec.field(default_factory=dict)
+    timezone: Annotated[str, msgspec.Meta(description="IANA name, e.g. Europe/Berlin")] | None = None
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class Contact(ContactIn, kw_only=True, omit_defaults=False):
     """A stored contact, as `GET /v1/contacts/{contact_id}` returns it."""
 

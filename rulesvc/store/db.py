@@ -22,7 +22,7 @@ from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, P
 from pymongo.write_concern import WriteConcern
 
 from rulesvc.core import reasons
-from rulesvc.core.contacts import Contact, ContactIn
+from rulesvc.core.contacts import Contact, ContactIn, ContactPatch
 from rulesvc.core.events import Event, event_time
 from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
@@ -471,6 +471,33 @@ class Store:
                 },
                 {"$set": {**{k: {"$literal": v} for k, v in profile.items()}, "updated_at": now}},
             ],
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert doc is not None
+        return doc
+
+    async def patch_contact(self, contact_id: str, patch: ContactPatch, now: datetime | None = None) -> Doc:
+        """Merge part of a profile into the contact (created if new): given fields replace, `consent`
+        and `attributes` merge key by key; as `put_contact`, a changed email drops the invalid mark."""
+        now = now or datetime.now(UTC)
+        given: Doc = {k: {"$literal": getattr(patch, k)} for k in ("email", "phone", "timezone")}
+        given = {k: v for k, v in given.items() if v["$literal"] is not None}
+        merged = {
+            k: {"$mergeObjects": [{"$ifNull": [f"${k}", {}]}, {"$literal": getattr(patch, k)}]}
+            for k in ("consent", "attributes")
+        }
+        first: Doc = {"created_at": {"$ifNull": ["$created_at", now]}}
+        if patch.email is not None:
+            first["email_invalid"] = {
+                "$and": [
+                    {"$eq": [{"$ifNull": ["$email", None]}, patch.email]},
+                    {"$ifNull": ["$email_invalid", False]},
+                ]
+            }
+        doc = await self.contacts.find_one_and_update(
+            {"_id": contact_id},
+            [{"$set": first}, {"$set": {**given, **merged, "updated_at": now}}],
             upsert=True,
             return_document=ReturnDocument.AFTER,
         )

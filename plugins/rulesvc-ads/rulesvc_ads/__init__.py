@@ -13,11 +13,9 @@ next run.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 import aiohttp
 import structlog
@@ -25,41 +23,17 @@ from msgspec import Meta
 
 from rulesvc import hookimpl
 from rulesvc.channels import AUDIENCE_SYNC, Job, PluginSettings, read_settings
+from rulesvc.core.audiences import Platform, hashed_identifiers, member_for
 from rulesvc.store.jobs import JobData
 
 log = structlog.get_logger(__name__)
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def normalise_email(email: str) -> str:
-    return email.strip().lower()
-
-
-Platform = Literal["generic", "meta", "google"]
-
-
-def normalise_phone(phone: str, platform: Platform = "generic") -> str | None:
-    """E.164 (`+4915112345678`), or for Meta its digits alone (`4915112345678`: "remove symbols, letters
-    and any leading zeros", country code included); None without a country code, which no platform
-    can match."""
-    digits = re.sub(r"[^\d+]", "", phone.strip())
-    if digits.startswith("00"):
-        digits = "+" + digits[2:]
-    if not re.fullmatch(r"\+[1-9]\d{6,14}", digits):
-        return None
-    return digits[1:] if platform == "meta" else digits
-
-
 def member(contact: dict[str, Any], platform: Platform = "generic") -> dict[str, str] | None:
-    out: dict[str, str] = {}
-    if contact.get("email") and not contact.get("email_invalid"):
-        out["email_sha256"] = sha256(normalise_email(contact["email"]))
-    if contact.get("phone") and (phone := normalise_phone(contact["phone"], platform)):
-        out["phone_sha256"] = sha256(phone)
-    return out or None
+    identifiers = hashed_identifiers(
+        contact.get("email"), contact.get("phone"), bool(contact.get("email_invalid"))
+    )
+    return member_for(identifiers, platform)
 
 
 class AdsSettings(PluginSettings):

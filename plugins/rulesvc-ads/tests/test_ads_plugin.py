@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from rulesvc_ads import AudienceSync, member, normalise_phone
+from rulesvc_ads import AudienceSync, member
 
 from rulesvc.channels import ChannelSettingsError
 from rulesvc.config import Settings
+from rulesvc.core.audiences import normalise_phone
 from rulesvc.plugins import builtin_channels
 from rulesvc.web.app import create_app
 from tests.helpers import eventually, write_ruleset

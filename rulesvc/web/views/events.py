@@ -66,14 +66,28 @@ async def post_events(request: web.Request) -> web.Response:
         return error_response(413, str(exc))
     if not events and not errors:  # `[]`, or NDJSON of blank lines: the same body as any refused batch
         return json_response(EventsRejected("no events in the request body", []), 422)
-    key = request.get(API_KEY)
-    if not errors and key is not None and key.scope != "admin":
-        errors = await foreign_outcomes(request.app[STORE], events)
     if errors:
         metrics.events.labels("rejected").inc(len({e.index for e in errors}))
         return json_response(
             EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors), 422
         )
+    result = await ingest(request, events)
+    return json_response(result, 202 if isinstance(result, EventsAccepted) else 422)
+
+
+async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | EventsRejected:
+    """Store valid events and wake the loops: the one path for every source (our format, Segment,
+    Shopify), so that de-duplication, the outcome check and what counts as accepted are the same."""
+    metrics = request.app[METRICS]
+    key = request.get(API_KEY)
+    errors = []
+    if key is not None and key.scope != "admin":
+        errors = await foreign_outcomes(request.app[STORE], events)
+    if errors:
+        metrics.events.labels("rejected").inc(len({e.index for e in errors}))
+        return EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors)
+    if not events:
+        return EventsAccepted(0, 0)
     result = await request.app[STORE].insert_events(events)
     if INBOX in request.app and result.accepted:
         request.app[INBOX].wake.set()
@@ -81,4 +95,4 @@ async def post_events(request: web.Request) -> web.Response:
             request.app[FANOUT].wake.set()
     metrics.events.labels("accepted").inc(result.accepted)
     metrics.events.labels("duplicate").inc(result.duplicates)
-    return json_response(EventsAccepted(result.accepted, result.duplicates), 202)
+    return EventsAccepted(result.accepted, result.duplicates)
