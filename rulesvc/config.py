@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console_session_hours: float = 12.0
     console_secure_cookies: bool = False
     console_origin: str | None = None
+    # --- Shopify webhooks (issue 18) ---
+    shopify_secret: str | None = None  # comma-separated while a rotated secret still signs
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -222,6 +224,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "RULESVC_CONSOLE_ORIGIN",
         "the console's public origin (https://rules.shop.example) when a proxy changes the host: console "
         "forms are accepted only from it; unset = the host the request names",
+    ),
+    # --- Shopify webhooks (issue 18) ---
+    SettingDoc(
+        "shopify_secret",
+        "RULESVC_SHOPIFY_SECRET",
+        "the Shopify app's client secret (or the store's webhook signing key) that signs POST "
+        "/v1/sources/shopify; several comma-separated while a rotation is under way; unset = that route "
+        "answers 401 (docs/shopify.md)",
     ),
 )
 

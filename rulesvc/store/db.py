@@ -252,6 +252,9 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
+        from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
+
+        await ShopifyStore(self).ensure_indexes()
 
     async def _ensure_overview_indexes(self) -> None:
         """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
