@@ -185,7 +185,6 @@ ROUTES: list[Route] = [
         "/v1/sources/shopify",
         shopify_source.post_shopify,
         "signed-by-provider",
-        query=None,
         types=(shopify_source.ShopifyReceived, ErrorBody),
         operation={
             "summary": "Shopify's webhooks (orders, checkouts, fulfillments, products, inventory, customers, "
