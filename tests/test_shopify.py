@@ -155,6 +155,10 @@ async def test_checkout_then_nothing_arms_the_reminders_and_the_order_cancels_th
         return sorted((m["channel"], m["status"]) for m in found) == [("email", status), ("push", status)]
 
     await eventually(lambda: reminders("scheduled"))  # push after 20 minutes, email after 12 hours
+    completed = {**checkout, "completed_at": "2021-12-31T19:05:00-05:00"}  # became an order: not abandoned
+    status, body = await post(client, "checkouts/update", completed)
+    assert (status, body["status"], body["accepted"]) == (200, "ignored", 0)
+    assert await db.events.count_documents({"type": "checkout_started"}) == 1
 
     order = payload("orders_create")
     order.update(cancelled_at=None, cancel_reason=None, financial_status="paid")

@@ -65,7 +65,13 @@ class ShopifyStore:
         again, which the fixed event ids make harmless."""
         try:
             await self.webhooks.insert_one(
-                {"_id": delivery.webhook_id, "topic": delivery.topic, "shop": delivery.shop, "at": now}
+                {
+                    "_id": delivery.webhook_id,
+                    "topic": delivery.topic,
+                    "shop": delivery.shop,
+                    "api_version": delivery.api_version,
+                    "at": now,
+                }
             )
         except DuplicateKeyError:
             pass  # two deliveries of the same webhook at once: both did the same, once is recorded
