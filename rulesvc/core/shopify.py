@@ -55,6 +55,7 @@ SHIPMENT_STATUS = {
     "label_purchased": "shipped",
     "confirmed": "shipped",
     "in_transit": "in_transit",
+    "carrier_picked_up": "in_transit",
     "out_for_delivery": "out_for_delivery",
     "attempted_delivery": "delayed",
     "delayed": "delayed",
