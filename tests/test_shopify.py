@@ -425,7 +425,7 @@ async def test_any_signed_body_gets_an_answer_never_a_5xx(
     client = await app_client(make_client, settings, tmp_path)
     seen: list[int] = []
 
-    @hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @hsettings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         topic=st.sampled_from(TOPICS),
         body=BODIES,
@@ -445,4 +445,4 @@ async def test_any_signed_body_gets_an_answer_never_a_5xx(
         assert resp.status in (200, 400), (topic, body, resp.status, await resp.text())
         answer = await resp.json()
         assert ("error" in answer) == (resp.status == 400)
-    assert len(seen) == 150
+    assert len(seen) == 200

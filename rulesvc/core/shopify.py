@@ -252,7 +252,7 @@ def profile_of(customer: Doc, fallback: Doc | None = None) -> ContactPatch:
             attributes[key] = value
     tags = customer.get("tags")
     if isinstance(tags, str):
-        attributes["tags"] = [t.strip() for t in tags.split(",") if t.strip()][:100]
+        attributes["tags"] = [t.strip()[:255] for t in tags.split(",") if t.strip()][:250]
     if (state := _text(customer.get("state"), 40)) is not None:
         attributes["shopify_state"] = state
     return ContactPatch(email=email, phone=phone, consent=consent, attributes=attributes)
@@ -572,7 +572,8 @@ def stock_event(
 def inventory_level(payload: Doc) -> tuple[str, str, int]:
     """inventory_levels/update: (inventory item id, location id, available there)."""
     item = _required_id(payload, "inventory_item_id")
-    location = _id(payload.get("location_id")) or "default"
+    # A key of the variant's `levels` document: nothing MongoDB reads as a path or an operator.
+    location = re.sub(r"[^A-Za-z0-9_-]", "_", _id(payload.get("location_id")) or "default")
     available = payload.get("available")
     if available is None:
         available = 0
