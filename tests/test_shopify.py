@@ -257,6 +257,15 @@ async def test_price_drop_and_stock_through_the_catalog(
         "name": "T-Shirt",
     }
 
+    # A product seen for the first time with a struck-through price above its price: that is the drop.
+    sale = copy.deepcopy(product)
+    sale["id"], sale["variants"][0]["id"] = 1001, 2002
+    sale["variants"][0].update(price="15.00", compare_at_price="20.00", inventory_item_id=None)
+    status, body = await post(client, "products/update", sale, webhook_id="wh-sale")
+    assert (status, body["accepted"]) == (200, 1)
+    first = await db.events.find_one({"_id": "shopify/wh-sale/price/2002"})
+    assert (first["attributes"]["price"], first["attributes"]["previous_price"]) == (15.0, 20.0)
+
     level = payload("inventory_levels_update")  # 6 units arrive at a location
     status, body = await post(client, "inventory_levels/update", level, webhook_id="wh-stock")
     assert (status, body["accepted"]) == (200, 1)
@@ -267,6 +276,9 @@ async def test_price_drop_and_stock_through_the_catalog(
         "in_stock": True,
         "quantity": 6,
     }
+    odd = {**level, "location_id": "a.b$c", "available": 0}  # no MongoDB path or operator in a key
+    assert (await post(client, "inventory_levels/update", odd))[1]["accepted"] == 0  # still 6 in all
+    assert (await db.shopify_variants.find_one({"_id": "123456789"}))["levels"]["a_b_c"] == 0
     unknown = {**level, "inventory_item_id": 1}
     status, body = await post(client, "inventory_levels/update", unknown)
     assert (status, body["status"]) == (200, "ignored")
