@@ -152,9 +152,10 @@ async def _handle(
         )
     if not todo.events:
         return ShopifyReceived("ignored", topic, contact_id=contact_id, note=todo.note or None)
+    events = [msgspec.structs.replace(e, contact_id=contact_id) for e in todo.events]
+    _check(events)  # before the profile is touched: a refused delivery changes nothing
     if todo.profile is not None and _has_fields(todo):
         await store.patch_contact(contact_id, todo.profile, now)
-    events = [msgspec.structs.replace(e, contact_id=contact_id) for e in todo.events]
     return await _ingest(request, topic, events, contact_id)
 
 
@@ -175,14 +176,19 @@ async def _contact_for(store: Store, subject: Subject | None) -> str | None:
     return str(found[0]["_id"]) if found else subject.email_contact_id()
 
 
-async def _ingest(
-    request: web.Request, topic: str, events: list[Event], contact_id: str | None = None
-) -> ShopifyReceived:
+def _check(events: list[Event]) -> None:
+    """The events hold to the same contract as those posted to /v1/events."""
     for event in events:
         problems = event_problems(event, fuzzy=False)
         if problems:
             path, message = problems[0]
             raise PayloadRejected(path, f"the {event.type} it becomes is refused: {message}")
+
+
+async def _ingest(
+    request: web.Request, topic: str, events: list[Event], contact_id: str | None = None
+) -> ShopifyReceived:
+    _check(events)
     result = await ingest(request, events)
     if not isinstance(result, EventsAccepted):  # only outcome events are checked there, never these
         raise PayloadRejected("$", result.error)
