@@ -194,6 +194,11 @@ class Stop(Exception):
         self.wait_minutes = wait_minutes
 
 
+class AdsSyncIncomplete(Exception):
+    """A run that left changes queued: its message is the job's last error in `rulesvc plugins` and
+    `GET /v1/channels`, whichever process ran it."""
+
+
 class AudienceRefused(Exception):
     """Meta refused this audience's request (wrong id, no permission, a flagged audience)."""
 
@@ -249,16 +254,8 @@ class AudienceSync:
             f"syncs to Meta Custom Audiences ({self.graph_url}/{self.api_version}) every "
             f"{self.interval:g} s; audiences: {mapped}"
         ]
+        parts += self._problems()
         state = self.meta
-        if state.token_refused:
-            parts.append(f"access token refused by Meta ({state.token_refused}): changes kept queued")
-        if state.unmapped:
-            names = ", ".join(f"{k} ({n} queued)" for k, n in sorted(state.unmapped.items()))
-            parts.append(f"no Meta custom audience id in channels.ads.audiences for: {names}")
-        for audience, why in sorted(state.refused.items()):
-            parts.append(f"Meta refused audience {audience}: {why}; its changes kept queued")
-        if state.waiting:
-            parts.append(state.waiting)
         if state.received:
             parts.append(f"last run: {state.received} received by Meta, {state.invalid} invalid")
         return True, "; ".join(parts)
@@ -351,10 +348,12 @@ class AudienceSync:
             except Stop as stop:
                 state.refused = refused
                 self._stopped(stop)
-                return
-        state.refused = refused
-        state.token_refused = state.waiting = None
-        state.failures = 0
+            else:
+                state.refused = refused
+                state.token_refused = state.waiting = None
+                state.failures = 0
+        if problems := self._problems():  # recorded as the job's last error, which every process lists
+            raise AdsSyncIncomplete("; ".join(problems))
 
     async def _meta_plan(
         self, data: JobData, changes: list[dict[str, Any]]
@@ -439,6 +438,21 @@ class AudienceSync:
             raise Stop(f"Meta unavailable (HTTP {status}, {said})", "transient")
         message = str(error.get("error_user_msg") or error.get("message") or "")[:200]
         raise AudienceRefused(f"HTTP {status}, {said}" + (f": {message}" if message else ""))
+
+    def _problems(self) -> list[str]:
+        """What the last run left queued, and why: no identifiers, no token."""
+        state = self.meta
+        problems = []
+        if state.token_refused:
+            problems.append(f"access token refused by Meta ({state.token_refused}): changes kept queued")
+        if state.unmapped:
+            names = ", ".join(f"{k} ({n} queued)" for k, n in sorted(state.unmapped.items()))
+            problems.append(f"no Meta custom audience id in channels.ads.audiences for: {names}")
+        for audience, why in sorted(state.refused.items()):
+            problems.append(f"Meta refused audience {audience}: {why}; its changes kept queued")
+        if state.waiting:
+            problems.append(state.waiting)
+        return problems
 
     def _stopped(self, stop: Stop) -> None:
         state = self.meta

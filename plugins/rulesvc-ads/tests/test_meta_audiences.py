@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from facebook_business.adobjects.customaudience import CustomAudience  # type: ignore[import-untyped]
-from rulesvc_ads import AudienceSync
+from rulesvc_ads import AdsSyncIncomplete, AudienceSync
 from structlog.testing import capture_logs
 
 from rulesvc.channels import ChannelSettingsError
@@ -204,7 +204,9 @@ async def test_adds_and_removals_reach_meta_hashed_as_meta_hashes(
 
     async def synced() -> bool:
         queued = await db.audience_changes.count_documents({"synced": False, "audience": "cart_abandoners"})
-        return queued == 0 and "vip (4 queued)" in (await listed())["detail"]
+        part = await listed()
+        error = (part["last_error"] or {}).get("message", "")
+        return queued == 0 and "vip (4 queued)" in part["detail"] and "vip (4 queued)" in error
 
     await eventually(synced)
     assert peer.problems == []
@@ -216,7 +218,9 @@ async def test_adds_and_removals_reach_meta_hashed_as_meta_hashes(
     assert await db.audience_changes.count_documents({"synced": False, "audience": "vip"}) == 4
     part = await listed()
     assert part["configured"] is True
-    assert "no Meta custom audience id in channels.ads.audiences for: vip (4 queued)" in part["detail"]
+    unmapped = "no Meta custom audience id in channels.ads.audiences for: vip (4 queued)"
+    assert unmapped in part["detail"]
+    assert part["last_error"]["message"].startswith(f"AdsSyncIncomplete: {unmapped}")  # any process's run
 
 
 async def test_more_than_10000_members_go_in_batches_of_one_session(
@@ -258,7 +262,8 @@ async def test_a_refused_token_keeps_the_changes_queued_and_says_so(
     await db.contacts.insert_one({"_id": "c1", "email": "ann@example.com"})
     await db.audience_changes.insert_one(change("c1", "add"))
     job = meta_job(server)
-    await job.run(data)
+    with pytest.raises(AdsSyncIncomplete, match=r"access token refused by Meta \(OAuthException code 190\)"):
+        await job.run(data)
 
     assert peer.calls == [] and peer.requests == 1
     assert await db.audience_changes.count_documents({"synced": False}) == 1
@@ -287,7 +292,8 @@ async def test_meta_unavailable_mid_session_keeps_the_rest_for_the_next_run(
     await db.audience_changes.insert_many([change(f"c{n}", "add", n=n) for n in range(5)])
     job = meta_job(server, batch_size=2)
     peer.fail_at[2] = graph_error(500, 2, message="Service temporarily unavailable", is_transient=True)
-    await job.run(data)
+    with pytest.raises(AdsSyncIncomplete):
+        await job.run(data)
 
     assert [len(c["rows"]) for c in peer.calls] == [2]
     assert await db.audience_changes.count_documents({"synced": False}) == 3
@@ -297,7 +303,8 @@ async def test_meta_unavailable_mid_session_keeps_the_rest_for_the_next_run(
     )
 
     peer.fail = [graph_error(400, 80003, message="too many calls to this ad-account")] * 2
-    await job.run(data)  # the next run is tried: rate limited
+    with pytest.raises(AdsSyncIncomplete, match="rate limited"):
+        await job.run(data)  # the next run is tried: rate limited
     assert (
         "rate limited by Meta (code 80003): 2 failed run(s) in a row, 1 next run(s) skipped"
         in job.status()[1]
@@ -305,7 +312,8 @@ async def test_meta_unavailable_mid_session_keeps_the_rest_for_the_next_run(
     requests = peer.requests
     await job.run(data)  # skipped: backoff
     assert peer.requests == requests
-    await job.run(data)  # tried again: rate limited once more, 3 runs skipped
+    with pytest.raises(AdsSyncIncomplete):
+        await job.run(data)  # tried again: rate limited once more, 3 runs skipped
     assert "3 failed run(s) in a row, 3 next run(s) skipped" in job.status()[1]
     for _ in range(4):
         await job.run(data)
@@ -365,3 +373,19 @@ def test_meta_settings_are_checked() -> None:
         "audiences: buyers → 2, carts → 1",
     )
     assert AudienceSync({}).status() == (False, "missing setting(s): base_url, token")  # no section given
+
+
+async def test_an_audience_meta_refuses_keeps_its_changes_and_the_others_go_on(
+    aiohttp_server: Any, data: JobData, db: Any
+) -> None:
+    peer = GraphPeer({CARTS})  # Meta knows no audience BUYERS: code 100, subcode 33
+    server = await aiohttp_server(peer.app())
+    await db.contacts.insert_one({"_id": "c1", "email": "ann@example.com"})
+    await db.audience_changes.insert_many([change("c1", "add", "buyers"), change("c1", "add", n=1)])
+    job = meta_job(server)
+    with pytest.raises(
+        AdsSyncIncomplete, match="Meta refused audience buyers: HTTP 400, code 100, subcode 33"
+    ):
+        await job.run(data)
+    assert peer.rows("POST", CARTS) == [meta_row("ann@example.com", None)]
+    assert [c["audience"] async for c in db.audience_changes.find({"synced": False})] == ["buyers"]
