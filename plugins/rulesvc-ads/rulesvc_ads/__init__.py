@@ -7,7 +7,7 @@ in one of two modes. `webhook` (the default): `POST {base_url}/audiences/{audien
 `{"add": [...], "remove": [...]}`, each member as SHA-256 hex digests of identifiers normalised the way
 the `platform` setting's ad platform matches them (a digest of any other spelling never matches): email
 trimmed and lower-cased everywhere; phone as E.164 (`+` and digits) for Google Customer Match and
-`generic`, digits only with the country code for Meta. `meta`: Meta's Marketing API, see `MetaSync`.
+`generic`, digits only with the country code for Meta. `meta`: Meta's Marketing API (`_run_meta`).
 No plain identifier leaves the service. Changes stay queued when the provider fails and go with the
 next run. A change queued by an erasure carries the erased contact's digests (`identifiers`), since its
 profile is gone: those are sent instead of the profile's.
