@@ -30,6 +30,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mongod_cache_gb: float = 1.0
     rulesets_dir: str = "rulesets"
     event_retention_days: float = 90.0
+    message_retention_days: float = 365.0
     max_body_bytes: int = 5 * 1024 * 1024
     max_batch_events: int = 10_000
     simulate_max_events: int = 20_000
@@ -115,7 +116,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "event_retention_days",
         "RULESVC_EVENT_RETENTION_DAYS",
-        "days raw events are kept (a TTL index; changing it updates the index); message history is kept",
+        "days raw events are kept (a TTL index; changing it updates the index)",
+    ),
+    SettingDoc(
+        "message_retention_days",
+        "RULESVC_MESSAGE_RETENTION_DAYS",
+        "days a message's history is kept from its creation once it is final (sent, failed, cancelled, ...;"
+        " never one still scheduled or sending), and a schedule entry from when it was done (TTL indexes;"
+        " changing it updates them); docs/privacy.md",
     ),
     SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
     SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
@@ -302,6 +310,8 @@ def check(settings: Settings) -> None:
         raise ConfigError(f"workers must be 0 (one per core) or more, got {settings.workers}")
     if settings.event_retention_days <= 0:
         raise ConfigError("event_retention_days must be positive")
+    if settings.message_retention_days <= 0:
+        raise ConfigError("message_retention_days must be positive")
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes must be at least 1024")
     if settings.max_batch_events < 1:

@@ -115,7 +115,11 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         timeoutMS=settings.mongodb_timeout_seconds * 1000,
     )
     store = Store(
-        client, settings.database, timedelta(days=settings.event_retention_days), count_stats=settings.stats
+        client,
+        settings.database,
+        timedelta(days=settings.event_retention_days),
+        count_stats=settings.stats,
+        message_retention=timedelta(days=settings.message_retention_days),
     )
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
         # An index build on a large collection takes longer than a request. Only the service sets the
