@@ -274,6 +274,7 @@ class Store:
                 )
             ]
         )
+        await _ensure_identities(self)  # identity links (rulesvc/store/identity.py)
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
         """Which of the indexes named by collection (`{"events": "events_by_contact"}`) do not exist,
@@ -689,3 +690,9 @@ def message_from_doc(doc: Doc) -> Message:
                     info.name, "" if value is None else str(value)
                 )
     return Message(**kept)
+
+
+async def _ensure_identities(store: Store) -> None:
+    from rulesvc.store.identity import Identities  # that module imports this one
+
+    await Identities(store).ensure_indexes()
