@@ -303,10 +303,13 @@ def test_a_service_killed_before_merging_merges_at_its_next_start(
     tmp_path: Path, settings: Settings, mongod: Any
 ) -> None:
     """A real service process killed (SIGKILL) between recording the link and merging, as a crash would:
-    the merge's transaction never ran. Started again, the service finishes the merge by itself."""
+    the merge's transaction never ran (it is one transaction: a crash inside it is the same as before
+    it). Started again, the service finishes the merge by itself, once the dead process's claims on its
+    sends have run out (the merge never moves a send another process is deciding)."""
     shop(msgspec.structs.replace(settings, rulesets_dir=str(tmp_path / "rulesets")))
     env = {"MONGODB_URI": mongod.uri, "RULESVC_DATABASE": settings.database,
-           "RULESVC_RULESETS_DIR": str(tmp_path / "rulesets"), "RULESVC_QUIET_HOURS": ""}  # fmt: skip
+           "RULESVC_RULESETS_DIR": str(tmp_path / "rulesets"), "RULESVC_QUIET_HOURS": "",
+           "RULESVC_LEASE_SECONDS": "4"}  # fmt: skip
     service = ServiceProcess(tmp_path, env=env)
     try:
         service.start()

@@ -39,7 +39,7 @@ from rulesvc.core.events import Event
 from rulesvc.core.identity import LinkResult, is_anonymous, link_problem
 from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.waiting import work_loop
-from rulesvc.store.db import Store
+from rulesvc.store.db import PROCESS_SHARD, Store
 from rulesvc.store.identity import Busy, Conflict, Identities
 from rulesvc.store.leases import ContactLeases
 
@@ -120,11 +120,15 @@ async def merge_linked(
     owner = f"identity:{uuid.uuid4().hex}"
     deadline = time.monotonic() + patience
     pause = 0.02
+    history = 0  # decided events moved ahead of the transaction, by every attempt
     while True:
         token = uuid.uuid4().hex
         if await leases.take(token, owner, [anonymous_id, known_id], datetime.now(UTC) + MERGE_LEASE):
             try:
-                moved, cancelled = await Identities(store).merge(anonymous_id, known_id, now, owner)
+                history += await Identities(store).move_history(anonymous_id, known_id)
+                moved, cancelled = await Identities(store).merge(anonymous_id, known_id, now, PROCESS_SHARD)
+                if history:
+                    moved["events"] = moved.get("events", 0) + history
             except (Busy, Conflict):
                 pass
             else:

@@ -20,7 +20,7 @@ from rulesvc.core import reasons
 from rulesvc.core.funnel import Increment, fate_increment
 from rulesvc.core.identity import joined_audiences, merge_profile, merge_state, superseded
 from rulesvc.core.messages import Fate, fate_of
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import PENDING, Doc, Store
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.transactions import in_transaction
@@ -47,7 +47,7 @@ class Identities:
         await self.links.create_indexes(
             [
                 IndexModel([("contact_id", ASCENDING)], name="identities_by_contact"),
-                IndexModel([("merged", ASCENDING), ("linked_at", ASCENDING)], name="identities_to_merge"),
+                IndexModel([("merged", ASCENDING), ("merged_at", ASCENDING)], name="identities_to_merge"),
             ]
         )
 
@@ -77,12 +77,33 @@ class Identities:
             await self.links.find({"merged": False}).sort("linked_at", ASCENDING).limit(limit).to_list()
         )
         lately = await self.links.find({"merged": True, "merged_at": {"$gte": now - recent}}).to_list()
+        # (A link's `merged_at` is its last merge: an id that keeps receiving late events stays looked at.)
         ids = [d["_id"] for d in lately]
         if not ids:
             return unmerged
         left = set(await self.store.events.distinct("contact_id", {"contact_id": {"$in": ids}}))
         left.update(await self.store.contacts.distinct("_id", {"_id": {"$in": ids}}))
         return [*unmerged, *(d for d in lately if d["_id"] in left)]
+
+    async def move_history(self, anonymous_id: str, known_id: str, batch: int = 1000) -> int:
+        """The anonymous contact's decided events moved to the known contact, a batch at a time, before
+        the merge's transaction (which then stays small for a visitor with a long history). Decided
+        events are history only: no process reads them again, so they may move ahead of the state."""
+        moved = 0
+        while True:
+            ids = [
+                d["_id"]
+                async for d in self.store.events.find(
+                    {"contact_id": anonymous_id, "state": {"$ne": PENDING}}, {"_id": 1}
+                ).limit(batch)
+            ]
+            if not ids:
+                return moved
+            result = await self.store.events.update_many(
+                {"_id": {"$in": ids}, "contact_id": anonymous_id, "state": {"$ne": PENDING}},
+                {"$set": {"contact_id": known_id}},
+            )
+            moved += result.modified_count
 
     async def merge(
         self, anonymous_id: str, known_id: str, now: datetime, shard: str
