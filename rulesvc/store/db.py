@@ -274,7 +274,12 @@ class Store:
                 )
             ]
         )
-        await _ensure_identities(self)  # identity links (rulesvc/store/identity.py)
+        await self.db["identities"].create_indexes(  # identity links (rulesvc/store/identity.py)
+            [
+                IndexModel([("contact_id", ASCENDING)], name="identities_by_contact"),
+                IndexModel([("merged", ASCENDING), ("merged_at", ASCENDING)], name="identities_to_merge"),
+            ]
+        )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
         """Which of the indexes named by collection (`{"events": "events_by_contact"}`) do not exist,
@@ -690,9 +695,3 @@ def message_from_doc(doc: Doc) -> Message:
                     info.name, "" if value is None else str(value)
                 )
     return Message(**kept)
-
-
-async def _ensure_identities(store: Store) -> None:
-    from rulesvc.store.identity import Identities  # that module imports this one
-
-    await Identities(store).ensure_indexes()

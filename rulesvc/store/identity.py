@@ -1,7 +1,8 @@
 """Identity links (`identities`) and the merge of an anonymous contact into a known one.
 
 A link is `{"_id": "anon:<anonymousId>", "contact_id": <known contact id>, "linked_at", "merged",
-"merged_at"}`: made once, the first one wins (the `_id` is the anonymous contact). The merge moves
+"merged_at"}`: made once, the first one wins (the `_id` is the anonymous contact). Its indexes are
+made by `Store.ensure_schema`. The merge moves
 everything stored under the anonymous id to the known one in ONE transaction, so it is all or nothing:
 a process that dies in it leaves the link `merged: False`, and the next identify or the start-up/periodic
 sweep (`rulesvc.runtime.identity.finish_merges`) does it again from the start.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
@@ -42,14 +43,6 @@ class Identities:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.links = store.db["identities"]
-
-    async def ensure_indexes(self) -> None:
-        await self.links.create_indexes(
-            [
-                IndexModel([("contact_id", ASCENDING)], name="identities_by_contact"),
-                IndexModel([("merged", ASCENDING), ("merged_at", ASCENDING)], name="identities_to_merge"),
-            ]
-        )
 
     async def record(self, anonymous_id: str, known_id: str, now: datetime) -> tuple[Doc, bool]:
         """The link of `anonymous_id` (made now if there was none) and whether this call made it."""
