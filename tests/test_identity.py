@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rulesvc.config import Settings
 from rulesvc.core.identity import (
@@ -79,6 +81,30 @@ def test_state_merge_keeps_what_either_earned() -> None:
     assert merged["suppressed"] == {"sms": {"since": 1.0, "until": None}}
     assert merged["audiences"] == {"lookalike": {"since": 26.0}}
     assert merge_state({}, {}) == {}
+
+
+names = st.sampled_from(["a", "b", "c", "d"])
+flags = st.dictionaries(names, st.builds(lambda u: {"until": u}, st.none() | st.floats(0, 1e9)))
+counts = st.dictionaries(names, st.builds(lambda n: {"window": None, "n": n}, st.integers(0, 10**6)))
+sessions = st.none() | st.builds(lambda n, last: {"n": n, "started": 0.0, "last": last},
+                                  st.integers(0, 50), st.floats(0, 1e9))  # fmt: skip
+
+
+@given(flags, counts, sessions, flags, counts, sessions)
+def test_state_merge_loses_no_flag_and_no_count(
+    kf: Any, kc: Any, ks: Any, af: Any, ac: Any, as_: Any
+) -> None:
+    known = {"flags": kf, "counters": kc, **({"session": ks} if ks else {})}
+    anon = {"flags": af, "counters": ac, **({"session": as_} if as_ else {})}
+    merged = merge_state(known, anon)
+    assert set(merged.get("flags", {})) == set(kf) | set(af)
+    for name in set(kf) & set(af):
+        untils = [kf[name]["until"], af[name]["until"]]
+        assert merged["flags"][name]["until"] == (None if None in untils else max(untils))
+    total = {n: kc.get(n, {"n": 0})["n"] + ac.get(n, {"n": 0})["n"] for n in set(kc) | set(ac)}
+    assert {n: c["n"] for n, c in merged.get("counters", {}).items()} == total
+    if ks and as_:
+        assert merged["session"]["n"] == ks["n"] + as_["n"]
 
 
 def test_profile_merge_never_overrides_the_known_contact() -> None:
@@ -296,6 +322,25 @@ async def test_a_merge_cut_short_is_finished_by_the_next_identify(
     assert result.moved["events"] == 1 and result.moved["schedule"] == 2
     assert await db.contacts.find_one({"_id": "anon:c1"}) is None
     assert (await db.identities.find_one({"_id": "anon:c1"}))["merged"] is True
+
+
+async def test_a_merge_cut_short_is_finished_by_the_sweep(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """Only the link was recorded and nobody identifies again: the service's sweep merges it."""
+    client, app, _ = await started(make_client, settings)
+    await post(client, ev("s-ping", "ping", "anon:s1"))
+    await decided(db)
+    await Identities(app[STORE]).record("anon:s1", "u4", datetime.now(UTC))  # link's first step only
+
+    async def merged() -> bool:
+        link_doc = await db.identities.find_one({"_id": "anon:s1"})
+        return bool(link_doc["merged"]) and await db.contacts.find_one({"_id": "anon:s1"}) is None
+
+    await eventually(merged, timeout=20)
+    u4 = await db.contacts.find_one({"_id": "u4"})
+    assert u4["state"]["counters"]["pings"]["n"] == 1
+    assert await db.events.count_documents({"contact_id": "u4"}) == 1
 
 
 @pytest.mark.slow

@@ -34,11 +34,12 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import structlog
+from pymongo.errors import PyMongoError
 
 from rulesvc.core.events import Event
 from rulesvc.core.identity import LinkResult, is_anonymous, link_problem
 from rulesvc.runtime.fate import OnFate, tell
-from rulesvc.runtime.waiting import work_loop
+from rulesvc.runtime.waiting import wait_any
 from rulesvc.store.db import PROCESS_SHARD, Store
 from rulesvc.store.identity import Busy, Conflict, Identities
 from rulesvc.store.leases import ContactLeases
@@ -161,10 +162,14 @@ async def finish_merges(store: Store, on_fate: OnFate | None = None, limit: int 
 
 
 async def merge_loop(store: Store, stop: asyncio.Event, on_fate: OnFate | None = None) -> None:
-    """`finish_merges` at start-up and every SWEEP_EVERY seconds, until `stop`."""
-
-    async def step() -> float:
-        await finish_merges(store, on_fate)
-        return SWEEP_EVERY
-
-    await work_loop("identity", step, stop, asyncio.Event())
+    """`finish_merges` at start-up and every SWEEP_EVERY seconds, until `stop`. Quiet about storage
+    outages (debug lines only): the inbox's and the scheduler's loops already say when one starts and
+    ends, and a missed sweep is simply made at the next."""
+    while not stop.is_set():
+        try:
+            await finish_merges(store, on_fate)
+        except PyMongoError as exc:
+            log.debug("identity.sweep_failed", error=type(exc).__name__)
+        except Exception:
+            log.exception("identity.error")
+        await wait_any(stop, seconds=SWEEP_EVERY)
