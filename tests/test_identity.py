@@ -365,6 +365,9 @@ def test_a_service_killed_before_merging_merges_at_its_next_start(
         assert service.request("POST", "/v1/events", events)[0] == 202
         with service.db() as sdb:
             wait_for(lambda: sdb.events.count_documents({"state": "pending"}) == 0, what="pings decided")
+            # Killed when idle: a process killed inside a transaction leaves its documents locked for
+            # mongod's transaction lifetime (60 s), which would only make this test slow.
+            wait_for(lambda: sdb.messages.count_documents({"status": "sent"}) == 5, what="pings answered")
             assert service.signal(signal.SIGKILL) == -signal.SIGKILL
             sdb.identities.insert_one(
                 {"_id": "anon:k9", "contact_id": "u9", "linked_at": datetime.now(UTC), "merged": False}

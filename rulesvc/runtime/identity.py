@@ -40,7 +40,7 @@ from rulesvc.core.events import Event
 from rulesvc.core.identity import LinkResult, is_anonymous, link_problem
 from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.waiting import wait_any
-from rulesvc.store.db import PROCESS_SHARD, Store
+from rulesvc.store.db import PROCESS_SHARD, Store, failure_text
 from rulesvc.store.identity import Busy, Conflict, Identities
 from rulesvc.store.leases import ContactLeases
 
@@ -116,7 +116,8 @@ async def merge_linked(
 ) -> tuple[bool, dict[str, int]]:
     """The merge of a linked anonymous contact, under both contacts' leases: (done, moved per
     collection). Not done within `patience` (the inbox or the scheduler busy with either contact the
-    whole time): False, and the sweep tries again."""
+    whole time, or the database refusing): False, and the sweep tries again; the link stands meanwhile,
+    so an identify is answered either way."""
     leases = ContactLeases(store)
     owner = f"identity:{uuid.uuid4().hex}"
     deadline = time.monotonic() + patience
@@ -132,6 +133,8 @@ async def merge_linked(
                     moved["events"] = moved.get("events", 0) + history
             except (Busy, Conflict):
                 pass
+            except PyMongoError as exc:  # e.g. documents a dead process's transaction still holds
+                log.info("identity.merge_failed", anonymous_contact_id=anonymous_id, error=failure_text(exc))
             else:
                 tell(cancelled, on_fate)
                 if moved:
