@@ -1,11 +1,12 @@
 """Identity links (`identities`) and the merge of an anonymous contact into a known one.
 
 A link is `{"_id": "anon:<anonymousId>", "contact_id": <known contact id>, "linked_at", "merged",
-"merged_at"}`: made once, the first one wins (the `_id` is the anonymous contact). Its indexes are
-made by `Store.ensure_schema`. The merge moves
-everything stored under the anonymous id to the known one in ONE transaction, so it is all or nothing:
-a process that dies in it leaves the link `merged: False`, and the next identify or the start-up/periodic
-sweep (`rulesvc.runtime.identity.finish_merges`) does it again from the start.
+"merged_at"}`: made once, the first one wins (the `_id` is the anonymous contact). Its index of links to
+merge is made by `Store.ensure_schema` (the one by `contact_id`, which erasure reads, is privacy's).
+The merge moves what is stored under the anonymous id to the known one in ONE transaction, so it is
+all or nothing (decided events, pure history, move just before it, in batches): a process that dies
+before or in it leaves the link `merged: False`, and the next identify or the start-up/periodic sweep
+(`rulesvc.runtime.identity.finish_merges`) does it again from the start.
 """
 
 from __future__ import annotations
