@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rulesvc.config import Settings
+from rulesvc.core.events import Event
 from rulesvc.core.identity import (
     anonymous_contact_id,
     is_anonymous,
@@ -26,6 +27,7 @@ from rulesvc.core.identity import (
     superseded,
 )
 from rulesvc.runtime.identity import link, resolve_contacts
+from rulesvc.store.db import Store
 from rulesvc.store.identity import Identities
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import STORE
@@ -233,6 +235,32 @@ async def test_anonymous_cart_reminder_goes_to_the_identified_contact_once(
     statuses = {(m["channel"], m["status"]) async for m in db.messages.find({"contact_id": "u1"})}
     assert statuses == {("email", "sent"), ("push", "suppressed")}
     assert await db.messages.count_documents({}) == 2
+
+
+async def test_undecided_anonymous_events_are_decided_once_for_the_known_contact(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """A cart the inbox has not decided yet when the visitor identifies: it is decided for the known
+    contact, whose rules arm the reminder for it; no anonymous contact is ever made."""
+    store = Store(db.client, settings.database, timedelta(days=1))
+    await store.ensure_schema()
+    cart = Event(id="w-cart", type="cart_updated", contact_id="anon:w1", attributes=CART)
+    assert (await store.insert_events([cart])).accepted == 1  # no service running: it stays undecided
+    result = await link(store, "anon:w1", "u5", datetime.now(UTC))
+    assert (result.merged, result.moved) == (True, {"events": 1})
+    assert (await db.events.find_one({"_id": "w-cart"}))["state"] == "pending"
+
+    client, _, _ = await started(make_client, settings)
+    await decided(db)
+    entries = await db.schedule.find({}).to_list()
+    assert sorted((e["contact_id"], e["message"]["channel"]) for e in entries) == [
+        ("u5", "email"),
+        ("u5", "push"),
+    ]
+    assert all(e["message"]["params"]["value"] == 59.9 for e in entries)
+    assert (await db.contacts.find_one({"_id": "u5"}))["state"]["values"]["cart_value"]["v"] == 59.9
+    assert await db.contacts.count_documents({}) == 1
+    assert (await client.get("/v1/contacts/anon:w1")).status == 404
 
 
 async def test_both_carts_armed_one_reminder_goes(make_client: Any, settings: Settings, db: Any) -> None:
