@@ -281,6 +281,13 @@ class Store:
                 )
             ]
         )
+        # Identity links (rulesvc/store/identity.py): those to merge; a merge moves audience changes.
+        await self.db["identities"].create_indexes(
+            [IndexModel([("merged", ASCENDING), ("merged_at", ASCENDING)], name="identities_to_merge")]
+        )
+        await self.audience_changes.create_indexes(
+            [IndexModel([("contact_id", ASCENDING)], name="audience_changes_by_contact")]
+        )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:
         """Which of the indexes named by collection (`{"events": "events_by_contact"}`) do not exist,
