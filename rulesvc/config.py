@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console_session_hours: float = 12.0
     console_secure_cookies: bool = False
     console_origin: str | None = None
+    # --- Segment / RudderStack ingest (issue 18) ---
+    segment_mapping: str | None = None  # default: the shipped rulesvc/sources/segment_mapping.json
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -222,6 +224,13 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "RULESVC_CONSOLE_ORIGIN",
         "the console's public origin (https://rules.shop.example) when a proxy changes the host: console "
         "forms are accepted only from it; unset = the host the request names",
+    ),
+    # --- Segment / RudderStack ingest (issue 18) ---
+    SettingDoc(
+        "segment_mapping",
+        "RULESVC_SEGMENT_MAPPING",
+        "JSON file mapping Segment track/page/screen calls to event types and attributes (docs/segment.md); "
+        "unset = the shipped Segment E-commerce v2 mapping; a broken file stops start-up",
     ),
 )
 
