@@ -25,6 +25,7 @@ from rulesvc.config import Settings
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import KEYS
 from tests.helpers import Provider, eventually, registry
+from tests.test_api_contract import check_against_document
 
 ROOT = Path(__file__).parent.parent
 Client = Any
@@ -65,11 +66,30 @@ async def test_segment_library_track_identify_page_arrive_as_our_events(
     viewed_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
 
     def send() -> None:
-        segment.identify("ann", {"email": "Ann@Example.com", "firstName": "Ann", "email_opt_in": True,
-                                 "phone": "+49 151 1234 5678", "plan": "gold"}, anonymous_id="visitor-1")  # fmt: skip
-        segment.track("ann", "Product Viewed", {"product_id": "lamp-1", "name": "Lamp", "price": 59.9,
-                      "url": "https://shop.example/lamp", "image_url": "https://shop.example/lamp.jpg"},
-                      timestamp=viewed_at, message_id="m-view")  # fmt: skip
+        segment.identify(
+            "ann",
+            {
+                "email": "Ann@Example.com",
+                "firstName": "Ann",
+                "email_opt_in": True,
+                "phone": "+49 151 1234 5678",
+                "plan": "gold",
+            },
+            anonymous_id="visitor-1",
+        )
+        segment.track(
+            "ann",
+            "Product Viewed",
+            {
+                "product_id": "lamp-1",
+                "name": "Lamp",
+                "price": 59.9,
+                "url": "https://shop.example/lamp",
+                "image_url": "https://shop.example/lamp.jpg",
+            },
+            timestamp=viewed_at,
+            message_id="m-view",
+        )
         segment.track(anonymous_id="visitor-2", event="Signed Up", properties={"plan": "trial"})
         segment.page("ann", name="paywall", properties={"url": "https://shop.example/premium"})
 
@@ -78,9 +98,13 @@ async def test_segment_library_track_identify_page_arrive_as_our_events(
     assert set(events) == {"identified", "product_viewed", "signed_up", "page_viewed"}
     view = events["product_viewed"]
     assert (view["_id"], view["contact_id"]) == ("m-view", "ann")
-    assert view["attributes"] == {"product_id": "lamp-1", "name": "Lamp", "price": 59.9,
-                                  "url": "https://shop.example/lamp",
-                                  "image_url": "https://shop.example/lamp.jpg"}  # fmt: skip
+    assert view["attributes"] == {
+        "product_id": "lamp-1",
+        "name": "Lamp",
+        "price": 59.9,
+        "url": "https://shop.example/lamp",
+        "image_url": "https://shop.example/lamp.jpg",
+    }
     # Sent at once: the device clock and ours agree, so the corrected time is the given one (to the second).
     assert abs(view["time"] - viewed_at) < timedelta(seconds=5)
     assert events["signed_up"]["contact_id"] == "anon:visitor-2"
@@ -101,9 +125,17 @@ async def test_rudderstack_library_gzip_order_completed_is_a_purchase(
 ) -> None:
     client = await ingest_client(make_client, settings)
     rudder = RudderClient(write_key(client), host=url_of(client), sync_mode=True, gzip=True, max_retries=0)
-    order = {"order_id": "o-7", "total": 84.5, "revenue": 70.0, "currency": "EUR", "coupon": "WINTER",
-             "products": [{"product_id": "lamp-1", "name": "Lamp", "price": 59.9, "quantity": 1},
-                          {"sku": "bulb", "name": "Bulb", "price": 12.3, "quantity": 2}]}  # fmt: skip
+    order = {
+        "order_id": "o-7",
+        "total": 84.5,
+        "revenue": 70.0,
+        "currency": "EUR",
+        "coupon": "WINTER",
+        "products": [
+            {"product_id": "lamp-1", "name": "Lamp", "price": 59.9, "quantity": 1},
+            {"sku": "bulb", "name": "Bulb", "price": 12.3, "quantity": 2},
+        ],
+    }
     await asyncio.to_thread(rudder.track, "bob", "Order Completed", order)
     event = await db.events.find_one({"contact_id": "bob"})
     assert event["type"] == "purchased"
@@ -119,8 +151,14 @@ async def test_sent_at_corrects_the_device_clock(make_client: Any, settings: Set
     """A device whose clock is 2 hours fast: its event 10 minutes ago is stored 10 minutes ago."""
     client = await ingest_client(make_client, settings)
     fast = datetime.now(UTC) + timedelta(hours=2)
-    message = {"type": "track", "event": "Product Viewed", "userId": "cy", "messageId": "skewed",
-               "properties": {"product_id": "p"}, "timestamp": (fast - timedelta(minutes=10)).isoformat()}  # fmt: skip
+    message = {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": "cy",
+        "messageId": "skewed",
+        "properties": {"product_id": "p"},
+        "timestamp": (fast - timedelta(minutes=10)).isoformat(),
+    }
     before = datetime.now(UTC)
     status, _ = await post(client, "/v1/batch", {"batch": [message], "sentAt": fast.isoformat()})
     after = datetime.now(UTC)
@@ -134,19 +172,29 @@ async def test_a_retried_batch_is_counted_as_duplicates(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
     client = await ingest_client(make_client, settings)
-    batch = {"batch": [
-        {"type": "track", "event": "Product Viewed", "userId": "dan", "messageId": "r-1",
-         "properties": {"product_id": "p1"}},
-        {"type": "page", "name": "home", "anonymousId": "v-9", "messageId": "r-2"},
-        {"type": "group", "userId": "dan", "groupId": "acme", "messageId": "r-3"},
-    ]}  # fmt: skip
+    batch = {
+        "batch": [
+            {
+                "type": "track",
+                "event": "Product Viewed",
+                "userId": "dan",
+                "messageId": "r-1",
+                "properties": {"product_id": "p1"},
+            },
+            {"type": "page", "name": "home", "anonymousId": "v-9", "messageId": "r-2"},
+            {"type": "group", "userId": "dan", "groupId": "acme", "messageId": "r-3"},
+        ]
+    }
     assert await post(client, "/v1/batch", batch) == (
-        200, {"success": True, "accepted": 2, "duplicates": 0, "ignored": 1}
-    )  # fmt: skip
+        200,
+        {"success": True, "accepted": 2, "duplicates": 0, "ignored": 1},
+    )
     assert await post(client, "/v1/batch", batch) == (
-        200, {"success": True, "accepted": 0, "duplicates": 2, "ignored": 1}
-    )  # fmt: skip
+        200,
+        {"success": True, "accepted": 0, "duplicates": 2, "ignored": 1},
+    )
     assert await db.events.count_documents({}) == 2
+    check_against_document("POST", "/v1/batch", 200, (await post(client, "/v1/batch", batch))[1])
 
 
 async def test_product_added_and_nothing_else_gets_the_shipped_cart_reminder(
@@ -193,8 +241,9 @@ async def test_product_added_and_nothing_else_gets_the_shipped_cart_reminder(
     sent = push.delivered[0]
     assert sent.template == "cart_abandon/push"
     assert sent.params["value"] == 59.9  # 2 x 29.95: the cart of this one product
-    assert sent.params["items"] == [{"product_id": "lamp-1", "sku": "lamp-1", "name": "Lamp", "price": 29.95,
-                                     "qty": 2, "currency": "EUR"}]  # fmt: skip
+    assert sent.params["items"] == [
+        {"product_id": "lamp-1", "sku": "lamp-1", "name": "Lamp", "price": 29.95, "qty": 2, "currency": "EUR"}
+    ]
     assert sent.content["body"].startswith("Your Lamp is still in your cart.")
     assert await db.messages.count_documents({"ruleset": "cart_abandon"}) == 2  # decided once
 
@@ -206,6 +255,7 @@ async def test_a_wrong_write_key_is_401_and_an_unscoped_one_403(
     track = {"event": "Product Viewed", "userId": "ann", "properties": {"product_id": "p"}}
     resp = await client.post("/v1/track", json=track, headers=basic("rsk_nope_nope"))
     assert resp.status == 401
+    check_against_document("POST", "/v1/track", 401, await resp.json())
     assert resp.headers["WWW-Authenticate"] == 'Basic realm="rulesvc"'
     assert "write key" in (await resp.json())["error"]
     resp = await client.post("/v1/track", json=track, headers={"Authorization": "Basic %%%"})
@@ -224,8 +274,20 @@ async def test_a_wrong_write_key_is_401_and_an_unscoped_one_403(
 
 async def test_a_gzip_body_is_read(make_client: Any, settings: Settings, db: Any) -> None:
     client = await ingest_client(make_client, settings)
-    body = gzip.compress(json.dumps({"batch": [{"type": "track", "event": "Cart Viewed", "userId": "eve",
-                         "properties": {"products": [{"product_id": "p", "price": 5, "quantity": 3}]}}]}).encode())  # fmt: skip
+    body = gzip.compress(
+        json.dumps(
+            {
+                "batch": [
+                    {
+                        "type": "track",
+                        "event": "Cart Viewed",
+                        "userId": "eve",
+                        "properties": {"products": [{"product_id": "p", "price": 5, "quantity": 3}]},
+                    }
+                ]
+            }
+        ).encode()
+    )
     status, answer = await post(client, "/v1/batch", body, **{"Content-Encoding": "gzip"})
     assert (status, answer["accepted"]) == (200, 1)
     event = await db.events.find_one({"contact_id": "eve"})
@@ -237,6 +299,7 @@ async def test_over_segments_limits_is_413(make_client: Any, settings: Settings,
     big = {"type": "track", "event": "Product Viewed", "userId": "ann", "properties": {"note": "x" * 33_000}}
     status, answer = await post(client, "/v1/track", big)
     assert status == 413 and answer["success"] is False and answer["code"] == "too_large"
+    check_against_document("POST", "/v1/track", 413, answer)
     status, answer = await post(client, "/v1/batch", {"batch": [{**big, "properties": {}}, big]})
     assert status == 413 and answer["error"].startswith("$.batch[1]: message of")
     under = {**big, "properties": {"note": "x" * 30_000}}  # each under 32 KB, all over 500 KB
@@ -258,23 +321,36 @@ async def test_over_segments_limits_is_413(make_client: Any, settings: Settings,
         ("/v1/identify", {"userId": "a", "traits": {"email": "nope"}}, "$.traits.email", "not an email"),
         ("/v1/identify", {"userId": "a", "traits": {"sms_opt_in": "yes"}}, "$.traits.sms_opt_in", "true or"),
         ("/v1/identify", {"userId": "a", "traits": {"timezone": "Mars"}}, "$.traits.timezone", "IANA"),
-        ("/v1/identify", {"userId": "a", "traits": {"consent": {"email": 1}}}, "$.traits.consent.email",
-         "true or false"),
+        (
+            "/v1/identify",
+            {"userId": "a", "traits": {"consent": {"email": 1}}},
+            "$.traits.consent.email",
+            "true or false",
+        ),
         ("/v1/alias", {"userId": "a"}, "$.previousId", "required for alias"),
-        ("/v1/batch", {"batch": [{"type": "track", "event": "x", "userId": "a"}, {"type": "boo"}]},
-         "$.batch[1].type", "one of track"),
+        (
+            "/v1/batch",
+            {"batch": [{"type": "track", "event": "x", "userId": "a"}, {"type": "boo"}]},
+            "$.batch[1].type",
+            "one of track",
+        ),
         ("/v1/batch", {"batch": []}, "$.batch", "no messages"),
         ("/v1/batch", {"messages": []}, "$", "missing required field `batch`"),
-        ("/v1/batch", {"batch": [{"type": "track", "event": "x", "userId": "a", "messageId": "m/1"}]},
-         "$.batch[0].messageId", "`/`"),
+        (
+            "/v1/batch",
+            {"batch": [{"type": "track", "event": "x", "userId": "a", "messageId": "m/1"}]},
+            "$.batch[0].messageId",
+            "`/`",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_an_invalid_message_is_400_with_its_path_and_nothing_is_stored(
     make_client: Any, settings: Settings, db: Any, path: str, body: Any, where: str, says: str
 ) -> None:
     client = await ingest_client(make_client, settings)
     status, answer = await post(client, path, body)
     assert status == 400, answer
+    check_against_document("POST", path, 400, answer)
     assert answer["success"] is False and answer["message"] == answer["error"]
     assert [e["path"] for e in answer["errors"]] == [where], answer
     assert says in answer["errors"][0]["message"]
@@ -285,15 +361,26 @@ async def test_an_invalid_message_is_400_with_its_path_and_nothing_is_stored(
 async def test_other_traits_are_kept_as_they_came(make_client: Any, settings: Settings, db: Any) -> None:
     """Traits the profile does not read are attributes, whatever they hold; a phone that is not E.164 too."""
     client = await ingest_client(make_client, settings)
-    traits = {"phone": "0151 123", "age": 41, "address": {"city": "Berlin"}, "tags": [1, None, "x"],
-              "email": None, "push_opt_in": False, "consent": {"sms": True}}  # fmt: skip
+    traits = {
+        "phone": "0151 123",
+        "age": 41,
+        "address": {"city": "Berlin"},
+        "tags": [1, None, "x"],
+        "email": None,
+        "push_opt_in": False,
+        "consent": {"sms": True},
+    }
     status, answer = await post(client, "/v1/identify", {"anonymousId": "v-1", "traits": traits})
     assert (status, answer["accepted"]) == (200, 1)
     contact = await db.contacts.find_one({"_id": "anon:v-1"})
     assert "phone" not in contact and "email" not in contact
     assert contact["consent"] == {"push": False, "sms": True}
-    assert contact["attributes"] == {"phone": "0151 123", "age": 41, "address": {"city": "Berlin"},
-                                     "tags": [1, None, "x"]}  # fmt: skip
+    assert contact["attributes"] == {
+        "phone": "0151 123",
+        "age": 41,
+        "address": {"city": "Berlin"},
+        "tags": [1, None, "x"],
+    }
 
 
 async def test_malformed_json_is_400(make_client: Any, settings: Settings) -> None:
