@@ -388,3 +388,10 @@ async def test_malformed_json_is_400(make_client: Any, settings: Settings) -> No
     for path in ("/v1/batch", "/v1/track"):
         status, answer = await post(client, path, b'{"batch": [')
         assert status == 400 and answer["code"] == "malformed_json", answer
+    # as a browser posts it (no preflight), and not UTF-8
+    status, answer = await post(client, "/v1/track", b'{"event": "\xff"}', **{"Content-Type": "text/plain"})
+    assert status == 400 and answer["error"].startswith("request body is not valid UTF-8"), answer
+    ok = {"event": "Product Viewed", "userId": "ann"}
+    assert (await post(client, "/v1/track", json.dumps(ok).encode(), **{"Content-Type": "text/plain"}))[
+        0
+    ] == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rulesvc.config import Settings
+from rulesvc.core.segment import parse_mapping
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from tests.service import ServiceProcess
@@ -81,6 +83,12 @@ def test_problems_only_the_whole_file_shows_are_found_once_it_decodes(tmp_path: 
     assert said['$.track["product viewed"]'].startswith("the same event as `Product Viewed`")
     assert said['$.track["Price Changed"].type'].startswith("`price_changed` is a catalog event")
     assert said["$.page.attributes.url[1]"].startswith("expected a place in the Segment message")
+
+
+def test_the_documented_example_is_a_valid_mapping() -> None:
+    (example,) = re.findall(r"```json\n(.*?)```", (ROOT / "docs" / "segment.md").read_text(), re.S)
+    mapping = parse_mapping("segment.md", example.encode())
+    assert mapping.for_track("product added") is mapping.track["Product Added"]
 
 
 def test_a_broken_mapping_stops_start_up(tmp_path: Path) -> None:
