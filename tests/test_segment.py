@@ -328,6 +328,8 @@ async def test_over_segments_limits_is_413(make_client: Any, settings: Settings,
             "true or false",
         ),
         ("/v1/alias", {"userId": "a"}, "$.previousId", "required for alias"),
+        ("/v1/alias", {"userId": "anon:x", "previousId": "y"}, "$.userId", "prefix of anonymous contacts"),
+        ("/v1/identify", {"userId": "anon:x", "anonymousId": "x"}, "$.userId", "may not begin with"),
         (
             "/v1/batch",
             {"batch": [{"type": "track", "event": "x", "userId": "a"}, {"type": "boo"}]},

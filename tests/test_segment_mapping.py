@@ -128,6 +128,30 @@ async def test_a_users_own_mapping_is_used(
     assert (await db.contacts.find_one({"_id": "u"}))["attributes"] == {"first_name": "Una"}
 
 
+@pytest.mark.parametrize(
+    ("name", "type_"),
+    [
+        ("Order Refunded", "order_refunded"),
+        ("signedUp", "signed_up"),
+        ("  Video -- Played!  ", "video_played"),
+        ("Über uns", "uber_uns"),
+        ("3D View", "event_3d_view"),
+        ("!!!", "event"),
+        ("x" * 80, "x" * 64),
+    ],
+)
+async def test_an_unmapped_track_event_is_a_custom_event_of_its_name_in_snake_case(
+    make_client: Any, settings: Settings, db: Any, name: str, type_: str
+) -> None:
+    client = await make_client(create_app(settings), "ingest")
+    body = {"event": name, "userId": "u", "messageId": "m-1", "properties": {"n": 1}}
+    assert (await post(client, "/v1/track", body))[0] == 200
+    assert await db.events.find_one({}, {"_id": 0, "type": 1, "attributes": 1}) == {
+        "type": type_,
+        "attributes": {"n": 1},
+    }
+
+
 # --- random bodies against a running service ----------------------------------------------------------
 
 

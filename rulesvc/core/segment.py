@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -325,13 +326,20 @@ def contact_of(message: Message, where: str) -> tuple[str, bool] | FieldError:
     """(contact id, only anonymous): `userId` as it is, else `anon:<anonymousId>`."""
     user, anonymous = _text(message.userId), _text(message.anonymousId)
     if user:
-        problem = id_problem(user, "userId")
+        problem = user_id_problem(user)
         return FieldError(f"{where}.userId", problem) if problem else (user, False)
     if anonymous:
         contact = anonymous_contact_id(anonymous)
         problem = id_problem(contact, f"the contact id `{contact[:40]}`")
         return FieldError(f"{where}.anonymousId", problem) if problem else (contact, True)
     return FieldError(where, "userId or anonymousId is required")
+
+
+def user_id_problem(user: str) -> str | None:
+    """The id rule, and not an anonymous contact's id: a `userId` names a known person."""
+    if user.startswith(anonymous_contact_id("")):
+        return f"userId may not begin with `{anonymous_contact_id('')}`, the prefix of anonymous contacts"
+    return id_problem(user, "userId")
 
 
 def event_time(message: Message, sent_at: datetime | None, received_at: datetime) -> datetime:
@@ -364,8 +372,9 @@ def message_id(message: Message, raw: bytes, where: str) -> str | FieldError:
 
 def snake_case(name: str) -> str:
     """A Segment event name as an event type: `Order Refunded` -> `order_refunded`, `signedUp` ->
-    `signed_up`; a name starting with no letter gets `event_` before it."""
-    text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    `signed_up`, `Über uns` -> `uber_uns`; a name starting with no letter gets `event_` before it."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # `Über` -> `Uber`
+    text = re.sub(r"([a-z])([A-Z])", r"\1_\2", ascii_name)
     text = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     if not text[:1].isalpha():
         text = f"event_{text}".rstrip("_")
@@ -462,7 +471,7 @@ def _alias(message: Message, where: str, out: Translated) -> list[FieldError]:
         return errors
     anonymous = anonymous_contact_id(previous)
     checks = [
-        (".userId", id_problem(user, "userId")),
+        (".userId", user_id_problem(user)),
         (".previousId", id_problem(anonymous, f"the contact id `{anonymous[:40]}`")),
     ]
     for path, problem in checks:

@@ -25,18 +25,20 @@ from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, STORE
 from rulesvc.web.views.base import json_response, read_body
 from rulesvc.web.views.events import ingest
 
+# The two seams to identity (design: rulesvc/runtime/identity.py `resolve_contacts` and `link`, same
+# signatures): replaced by imports of those when both are in one tree. The ids they get are checked here
+# already: an anonymous one begins with `anon:`, a known one never does.
+
 
 async def resolve_contacts(store: Store, anonymous_contact_ids: list[str]) -> dict[str, str]:
-    """Seam to identity (rulesvc/runtime/identity.py `resolve_contacts`): the known contact each anonymous
-    contact is already linked to. Until that is wired in here, none is, and such events stay with the
-    anonymous contact."""
+    """The known contact each anonymous contact is already linked to. Without identity none is: such
+    events and profile changes stay with the anonymous contact."""
     return {}
 
 
 async def link(store: Store, anonymous_contact_id: str, known_contact_id: str, now: datetime) -> None:
-    """Seam to identity (rulesvc/runtime/identity.py `link`): record that the anonymous contact is the known
-    one and merge it in. Until that is wired in here, an identify or alias with both ids changes only the
-    known contact's profile."""
+    """Record that the anonymous contact is the known one, and merge it in. Without identity nothing is
+    linked: an identify or alias with both ids changes only the known contact's profile."""
 
 
 async def _post(request: web.Request, kind: Kind) -> web.Response:
