@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from rudderstack.analytics.client import Client as RudderClient
+import rudderstack.analytics as rudder_analytics
 from segment.analytics.client import Client as SegmentClient
 from segment.analytics.request import APIError
 
@@ -121,10 +121,14 @@ async def test_segment_library_track_identify_page_arrive_as_our_events(
 
 
 async def test_rudderstack_library_gzip_order_completed_is_a_purchase(
-    make_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """As RudderStack documents its Python SDK: module settings (`dataPlaneUrl`), a background queue sent
+    gzip-compressed (its default), flushed at the end."""
     client = await ingest_client(make_client, settings)
-    rudder = RudderClient(write_key(client), host=url_of(client), sync_mode=True, gzip=True, max_retries=0)
+    for name, value in {"write_key": write_key(client), "dataPlaneUrl": url_of(client), "max_retries": 0,
+                        "default_client": None}.items():  # fmt: skip
+        monkeypatch.setattr(rudder_analytics, name, value)
     order = {
         "order_id": "o-7",
         "total": 84.5,
@@ -136,10 +140,19 @@ async def test_rudderstack_library_gzip_order_completed_is_a_purchase(
             {"sku": "bulb", "name": "Bulb", "price": 12.3, "quantity": 2},
         ],
     }
-    await asyncio.to_thread(rudder.track, "bob", "Order Completed", order)
-    event = await db.events.find_one({"contact_id": "bob"})
-    assert event["type"] == "purchased"
-    attributes = event["attributes"]
+
+    def send() -> None:
+        rudder_analytics.identify("bob", {"email": "bob@example.com", "sms_opt_in": False})
+        rudder_analytics.track("bob", "Order Completed", order)
+        rudder_analytics.shutdown()  # flush the queue, stop the sender
+
+    await asyncio.to_thread(send)
+    assert rudder_analytics.gzip is True
+    events = {e["type"]: e async for e in db.events.find({"contact_id": "bob"})}
+    assert set(events) == {"identified", "purchased"}
+    bob = await db.contacts.find_one({"_id": "bob"})
+    assert (bob["email"], bob["consent"]) == ("bob@example.com", {"sms": False})
+    attributes = events["purchased"]["attributes"]
     assert (attributes["order_id"], attributes["value"], attributes["promo_code"]) == ("o-7", 84.5, "WINTER")
     assert attributes["items"] == [
         {"product_id": "lamp-1", "sku": "lamp-1", "name": "Lamp", "price": 59.9, "qty": 1},
@@ -319,6 +332,13 @@ async def test_over_segments_limits_is_413(make_client: Any, settings: Settings,
         ("/v1/track", {"event": "x", "userId": "a", "properties": {"a.b": 1}}, "$.properties", "invalid key"),
         ("/v1/page", {"userId": "a", "timestamp": "1900-01-01T00:00:00Z"}, "$.timestamp", "must be between"),
         ("/v1/identify", {"userId": "a", "traits": {"email": "nope"}}, "$.traits.email", "not an email"),
+        (
+            "/v1/identify",
+            {"userId": "a", "context": {"traits": {"email": 5}}},
+            "$.context.traits.email",
+            "not an email",
+        ),
+        ("/v1/identify", {"userId": "a", "traits": {"x": {"$set": 1}}}, "$.traits.x", "invalid key"),
         ("/v1/identify", {"userId": "a", "traits": {"sms_opt_in": "yes"}}, "$.traits.sms_opt_in", "true or"),
         ("/v1/identify", {"userId": "a", "traits": {"timezone": "Mars"}}, "$.traits.timezone", "IANA"),
         (

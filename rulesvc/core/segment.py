@@ -562,26 +562,36 @@ _E164 = re.compile(E164_PATTERN)
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 
 
+def identify_traits(message: Message, where: str) -> dict[str, tuple[Any, str]]:
+    """trait -> (value, its path). The traits are at the top (Segment) or in `context.traits` (RudderStack's
+    libraries put them there); a trait at the top wins."""
+    found: dict[str, tuple[Any, str]] = {}
+    nested = (message.context or {}).get("traits")
+    for traits, at in ((nested, f"{where}.context.traits"), (message.traits, f"{where}.traits")):
+        if isinstance(traits, dict):
+            found.update({key: (value, at) for key, value in traits.items()})
+    return found
+
+
 def traits_patch(message: Message, where: str, spec: IdentifyMapping) -> ContactPatch | list[FieldError]:
     """The profile change an identify's traits make (conventions in docs/segment.md): `email`, `phone` in
     E.164 (another phone is kept as an attribute), consent from `<channel>_opt_in` and `consent`,
     `timezone` (or the context's), every other trait an attribute. Only the traits read here can be
     refused; the rest are kept as they came, as event attributes are."""
-    traits = message.traits or {}
-    path = f"{where}.traits"
     errors: list[FieldError] = []
     email: str | None = None
     phone: str | None = None
     timezone: str | None = None
     consent: dict[str, bool] = {}
     attributes: dict[str, Any] = {}
-    for key, value in traits.items():
+    for key, (value, at) in identify_traits(message, where).items():
         if value is None and key in ("email", "timezone", "consent"):
             continue  # said as absent: nothing to change
+        path = f"{at}.{key}"
         opt_in = _OPT_IN.match(key)
         if key == "email" and value is not None:
             if not isinstance(value, str) or len(value) > EMAIL_MAX or not _EMAIL.match(value.strip()):
-                errors.append(FieldError(f"{path}.email", "not an email address"))
+                errors.append(FieldError(path, "not an email address"))
             else:
                 email = value.strip()
         elif key == "phone" and isinstance(value, str) and _E164.match(_PHONE_SEPARATORS.sub("", value)):
@@ -590,29 +600,28 @@ def traits_patch(message: Message, where: str, spec: IdentifyMapping) -> Contact
             if isinstance(value, bool):
                 consent[opt_in.group(1)] = value
             else:
-                errors.append(FieldError(f"{path}.{key}", "must be true or false"))
+                errors.append(FieldError(path, "must be true or false"))
         elif key == "consent" and value is not None:
             if not isinstance(value, dict):
-                errors.append(FieldError(f"{path}.consent", "must be an object of channel: true or false"))
+                errors.append(FieldError(path, "must be an object of channel: true or false"))
                 continue
             for channel, given in value.items():
                 if not _CHANNEL.match(channel) or not isinstance(given, bool):
-                    errors.append(FieldError(f"{path}.consent.{channel}", "must be a channel name such as "
-                                             "`email` with true or false"))  # fmt: skip
+                    errors.append(FieldError(f"{path}.{channel}", "must be a channel name such as `email` "
+                                             "with true or false"))  # fmt: skip
                 else:
                     consent[channel] = given
         elif key == "timezone" and value is not None:
             if isinstance(value, str) and value in IANA_ZONES:
                 timezone = value
             else:
-                errors.append(FieldError(f"{path}.timezone", "not an IANA time zone such as Europe/Berlin"))
+                errors.append(FieldError(path, "not an IANA time zone such as Europe/Berlin"))
         else:
+            errors.extend(FieldError(p, m) for p, m in document_errors({key: value}, at))
             attributes[spec.traits.get(key, key)] = value
     context_zone = (message.context or {}).get("timezone")
     if timezone is None and isinstance(context_zone, str) and context_zone in IANA_ZONES:
         timezone = context_zone
-    errors.extend(FieldError(p.replace("$.attributes", path, 1), m)
-                  for p, m in document_errors(attributes, "$.attributes"))  # fmt: skip
     if errors:
         return errors
     return ContactPatch(email=email, phone=phone, consent=consent, timezone=timezone, attributes=attributes)
