@@ -380,6 +380,14 @@ async def test_an_invalid_message_is_400_with_its_path_and_nothing_is_stored(
     assert await db.contacts.count_documents({}) == 0
 
 
+async def test_a_batch_of_junk_lists_its_first_hundred_problems(make_client: Any, settings: Settings) -> None:
+    client = await ingest_client(make_client, settings)
+    status, answer = await post(client, "/v1/batch", {"batch": [{"type": "page"}] * 5000})
+    assert status == 400
+    assert answer["error"] == "5000 problem(s) (the first 100 listed); nothing stored"
+    assert [e["path"] for e in answer["errors"]] == [f"$.batch[{i}]" for i in range(100)]
+
+
 async def test_other_traits_are_kept_as_they_came(make_client: Any, settings: Settings, db: Any) -> None:
     """Traits the profile does not read are attributes, whatever they hold; a phone that is not E.164 too."""
     client = await ingest_client(make_client, settings)

@@ -25,6 +25,8 @@ from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, STORE
 from rulesvc.web.views.base import json_response, read_body
 from rulesvc.web.views.events import ingest
 
+MAX_ERRORS_SHOWN = 100  # a 500 KB batch of junk would otherwise be answered with megabytes of errors
+
 # The two seams to identity (design: rulesvc/runtime/identity.py `resolve_contacts` and `link`, same
 # signatures): replaced by imports of those when both are in one tree. The ids they get are checked here
 # already: an anonymous one begins with `anon:`, a known one never does.
@@ -52,7 +54,9 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
         return json_response(rejected(str(exc), code="malformed_json"), 400)
     except Refused as exc:
         request.app[METRICS].events.labels("rejected").inc(len(exc.errors))
-        return json_response(rejected(f"{len(exc.errors)} problem(s); nothing stored", exc.errors), 400)
+        shown = exc.errors[:MAX_ERRORS_SHOWN]
+        more = f" (the first {len(shown)} listed)" if len(shown) < len(exc.errors) else ""
+        return json_response(rejected(f"{len(exc.errors)} problem(s){more}; nothing stored", shown), 400)
     store = request.app[STORE]
     await _resolve(store, found)
     for contact_id, patch in found.patches:  # before the events, so rules deciding on them see the profile
