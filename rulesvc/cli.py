@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="validate rulesets",
-        description="Validate and compile every ruleset in DIR, as the service would load them. "
+        help="validate rulesets and the Segment mapping",
+        description="Validate and compile every ruleset in DIR, as the service would load them, and the "
+        "Segment mapping file (RULESVC_SEGMENT_MAPPING, else the shipped one). "
         "Prints every error as file:line:column: json-path: message, and warnings (valid, but some "
         "messages would fail or be suppressed) as warning: ...; exits 1 if there is any error.",
     )
