@@ -23,6 +23,8 @@ from rulesvc.core.messages import MessageStatus
 from rulesvc.core.reasons import REASONS
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pymongo.asynchronous.database import AsyncDatabase
 
 
@@ -57,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="validate rulesets",
-        description="Validate and compile every ruleset in DIR, as the service would load them. "
+        help="validate rulesets and the Segment mapping",
+        description="Validate and compile every ruleset in DIR, as the service would load them, and the "
+        "Segment mapping file (RULESVC_SEGMENT_MAPPING, else the shipped one). "
         "Prints every error as file:line:column: json-path: message, and warnings (valid, but some "
         "messages would fail or be suppressed) as warning: ...; exits 1 if there is any error.",
     )
     check.add_argument("dir", nargs="?", default=None, help="rulesets folder (default: RULESVC_RULESETS_DIR)")
+    check.add_argument(
+        "--segment-mapping",
+        metavar="FILE",
+        help="Segment mapping file to validate too (default: RULESVC_SEGMENT_MAPPING, else the shipped one)",
+    )
 
     sim = commands.add_parser(
         "simulate",
@@ -646,6 +654,7 @@ def check(args: argparse.Namespace) -> int:
     from rulesvc.core.ruleformat import RulesetError
     from rulesvc.plugins import settings_problems
     from rulesvc.runtime.rulesets import check_file, ruleset_files
+    from rulesvc.runtime.segment import mapping_path
     from rulesvc.web.lifecycle import load_channels, templates_of
 
     settings = load_settings()
@@ -654,6 +663,7 @@ def check(args: argparse.Namespace) -> int:
     for problem in channel_problems:
         print(problem)
     settings_failed = any(not p.startswith("warning: ") for p in channel_problems)
+    settings_failed |= not check_segment_mapping(Path(args.segment_mapping or mapping_path(settings)))
     directory = Path(args.dir or settings.rulesets_dir)
     if not directory.is_dir():
         print(f"rulesvc: {directory} is not a folder", file=sys.stderr)
@@ -675,6 +685,23 @@ def check(args: argparse.Namespace) -> int:
             print(f"warning: {warning}")
     print(f"{len(files) - failed} of {len(files)} rulesets valid", file=sys.stderr)
     return 1 if failed or settings_failed else 0
+
+
+def check_segment_mapping(path: Path) -> bool:
+    """The Segment mapping file, checked by the validator the service loads it with: every problem as
+    file:line:column: json-path: message."""
+    from rulesvc.core.segment import InvalidMapping
+    from rulesvc.runtime.segment import read_mapping
+
+    try:
+        mapping = read_mapping(path)
+    except InvalidMapping as exc:
+        for error in exc.errors:
+            print(error)
+        print(f"segment mapping {path}: invalid", file=sys.stderr)
+        return False
+    print(f"segment mapping {path}: valid ({len(mapping.track)} track events mapped)", file=sys.stderr)
+    return True
 
 
 def _read_ndjson(path: str) -> bytes:
@@ -1011,6 +1038,9 @@ def serve(args: argparse.Namespace) -> int:
     from rulesvc.web.app import create_app
 
     settings = load_settings(args.config).with_overrides(host=args.host, port=args.port, workers=args.workers)
+    from rulesvc.runtime.segment import load_mapping
+
+    load_mapping(settings)  # a broken Segment mapping stops start-up here, before any worker starts
     logs.configure(settings.log_format, settings.log_level)
     workers = settings.workers or os.cpu_count() or 1
     embedded = not settings.mongodb_uri

@@ -63,6 +63,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console_origin: str | None = None
     # --- Shopify webhooks (issue 18) ---
     shopify_secret: str | None = None  # comma-separated while a rotated secret still signs
+    # --- Segment / RudderStack ingest (issue 18) ---
+    segment_mapping: str | None = None  # default: the shipped rulesvc/sources/segment_mapping.json
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -240,6 +242,13 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "the Shopify app's client secret (or the store's webhook signing key) that signs POST "
         "/v1/sources/shopify; several comma-separated while a rotation is under way; unset = that route "
         "answers 401 (docs/shopify.md)",
+    ),
+    # --- Segment / RudderStack ingest (issue 18) ---
+    SettingDoc(
+        "segment_mapping",
+        "RULESVC_SEGMENT_MAPPING",
+        "JSON file mapping Segment track/page/screen calls to event types and attributes (docs/segment.md); "
+        "unset = the shipped Segment E-commerce v2 mapping; a broken file stops start-up",
     ),
 )
 

@@ -65,6 +65,11 @@ def test_routes_with_bodies_are_the_expected_ones() -> None:
         ("POST", "/v1/backtests"),
         ("POST", "/v1/channels/{name}/test"),
         ("POST", "/v1/sources/shopify"),  # Shopify webhooks (issue 18)
+        # Segment's HTTP Tracking API (issue 18)
+        *(
+            ("POST", f"/v1/{call}")
+            for call in ("batch", "track", "identify", "page", "screen", "alias", "group")
+        ),
     }
 
 

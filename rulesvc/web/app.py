@@ -8,8 +8,19 @@ from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport, log_settings_problems
+from rulesvc.runtime.segment import load_mapping
 from rulesvc.web.console.setup import setup_console
-from rulesvc.web.keys import CHANNELS, LIMITER, METRICS, OPENAPI, PLUGINS, SEND_POLICY, SETTINGS, TEST_SENDS
+from rulesvc.web.keys import (
+    CHANNELS,
+    LIMITER,
+    METRICS,
+    OPENAPI,
+    PLUGINS,
+    SEGMENT_MAPPING,
+    SEND_POLICY,
+    SETTINGS,
+    TEST_SENDS,
+)
 from rulesvc.web.lifecycle import (
     backtests_ctx,
     embedded_mongod_ctx,
@@ -43,6 +54,7 @@ def create_app(
     app[SEND_POLICY] = send_policy(settings)
     app[PLUGINS] = reports
     app[METRICS] = Metrics()
+    app[SEGMENT_MAPPING] = load_mapping(settings)  # ConfigError for a broken file: start-up stops
     app.cleanup_ctx.append(embedded_mongod_ctx)
     app.cleanup_ctx.append(mongo_ctx)
     app.cleanup_ctx.append(engine_ctx)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from rulesvc.channels import ChannelRegistry
 from rulesvc.config import Settings
+from rulesvc.core.segment import SegmentMapping
 from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.metrics import Metrics
 from rulesvc.plugins import PluginReport
@@ -31,6 +32,7 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 # spam from the shop's domain) many.
 TEST_SENDS = web.AppKey("test_sends", RateLimiter)
 OPENAPI = web.AppKey("openapi", bytes)  # the document, generated from the route table
+SEGMENT_MAPPING = web.AppKey("segment_mapping", SegmentMapping)  # read at start-up (runtime/segment.py)
 # Set by the cleanup contexts (rulesvc.web.lifecycle) as the app starts:
 MONGO_URI = web.AppKey("mongo_uri", str)
 EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)

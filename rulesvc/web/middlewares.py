@@ -3,6 +3,8 @@ the access each route has in `rulesvc.web.routes`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 import time
@@ -78,7 +80,14 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if allowed == "ops" and (request.app[SETTINGS].open_ops or _loopback(request)):
         return await handler(request)
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    presented = presented.strip() if scheme.lower() == "bearer" else ""
+    # Segment's routes: the write key as the Basic user (what its libraries send), or a Bearer key.
+    segment = allowed == "segment"
+    if segment and scheme.lower() == "basic":
+        presented = _basic_user(presented.strip())
+    else:
+        presented = presented.strip() if scheme.lower() == "bearer" else ""
+    if segment:
+        allowed = "ingest"
     inbox = allowed == "inbox"
     if inbox:
         bearer_token = presented if presented.startswith(f"{INBOX_TOKEN_PREFIX}.") else ""
@@ -96,10 +105,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             return await handler(request)
     key = await request.app[KEYS].verify(presented) if presented else None
     if key is None:
-        what = "API key or inbox token" if inbox else "API key"
-        return error_response(
-            401, f"missing or invalid {what}", {"WWW-Authenticate": 'Bearer realm="rulesvc"'}
-        )
+        what = "API key or inbox token" if inbox else "write key (API key)" if segment else "API key"
+        realm = 'Basic realm="rulesvc"' if segment else 'Bearer realm="rulesvc"'
+        return error_response(401, f"missing or invalid {what}", {"WWW-Authenticate": realm})
     if key.scope != "admin" and inbox:
         return error_response(
             403,
@@ -118,6 +126,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(429, "rate limit for this API key exceeded", {"Retry-After": seconds})
     structlog.contextvars.bind_contextvars(api_key=key.key_id)
     return await handler(request)
+
+
+def _basic_user(credentials: str) -> str:
+    """The user name of HTTP Basic credentials (Segment's write key); empty when they are not Basic's."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[0].strip()
 
 
 def storage_unavailable(exc: PyMongoError) -> bool:

@@ -64,6 +64,12 @@ SECURITY_SCHEMES: Schema = {
         "names is the scope it needs: `admin` may call every operation; `ingest` may post events and mint "
         "inbox tokens (what a shop's backend needs). Another scope's key is 403.",
     },
+    "writeKey": {
+        "type": "http",
+        "scheme": "basic",
+        "description": "Segment's write key: an `ingest` or `admin` API key as the user name, the password "
+        "empty (what Segment's and RudderStack's libraries send). Segment's routes only.",
+    },
     "inboxToken": {
         "type": "http",
         "scheme": "bearer",
@@ -85,6 +91,7 @@ _SECURITY: dict[str, list[Schema]] = {
     "signed-by-provider": [],  # the provider's own signature, checked by the channel (see `description`)
     "ops": [{}, {"apiKey": ["admin"]}],  # open on loopback (or with RULESVC_OPEN_OPS)
     "ingest": [{"apiKey": ["ingest"]}, {"apiKey": ["admin"]}],
+    "segment": [{"writeKey": []}, {"apiKey": ["ingest"]}, {"apiKey": ["admin"]}],
     "inbox": [{"inboxToken": []}, {"inboxTokenQuery": []}, {"apiKey": ["admin"]}],
     "admin": [{"apiKey": ["admin"]}],
 }
@@ -163,13 +170,16 @@ def access_responses(
         what = "API key or inbox token" if access == "inbox" else "API key"
         responses["401"] = _with_headers(
             error(f"no {what}, or one that is invalid, expired or revoked{where}"),
-            {"WWW-Authenticate": {**_CHALLENGE, "required": True}},
+            {
+                "WWW-Authenticate": {**_CHALLENGE, "required": True}
+                | ({"description": 'Basic realm="rulesvc"'} if access == "segment" else {})
+            },
         )
         if access == "inbox":
             responses["403"] = error(
                 "an inbox token for another contact, or an ingest key without the contact's token"
             )
-        elif access != "ingest":  # an ingest route takes both scopes
+        elif access not in ("ingest", "segment"):  # an ingest route takes both scopes
             responses["403"] = error(f"an `ingest` or `read` key: this operation needs an `admin` key{where}")
         else:
             responses["403"] = error("a `read` key: posting needs an `ingest` or `admin` key")

@@ -8,6 +8,8 @@ Access:
 - `ingest`: an `ingest` or `admin` API key (what a shop's backend needs).
 - `inbox`: that contact's inbox token (what a page holds), or an admin key.
 - `signed-by-provider`: no API key; the channel checks the provider's own signature.
+- `segment`: as `ingest`, and the key may also come as Segment's write key: HTTP Basic with the key as the
+  user name and an empty password (what Segment's and RudderStack's client libraries send).
 - `admin`: an `admin` API key.
 """
 
@@ -26,6 +28,7 @@ from rulesvc.core.contacts import Contact, ContactIn, ContactRejected
 from rulesvc.core.events import Event, EventsAccepted, EventsRejected
 from rulesvc.core.messages import Message, MessageList
 from rulesvc.core.ruleformat import RulesetFile
+from rulesvc.core.segment import SegmentAccepted, SegmentRejected
 from rulesvc.core.statsreport import StatsReport
 from rulesvc.replay.simulate import SimulateRejected, SimulateRequest, SimulateResult
 from rulesvc.runtime.rulesets import RULESET_NAME
@@ -90,13 +93,14 @@ from rulesvc.web.views import (
     overview,
     quarantine,
     rulesets,
+    segment,
     simulate,
     stats,
 )
 from rulesvc.web.views import shopify as shopify_source
 from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
-Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
+Access = Literal["public", "ops", "ingest", "segment", "inbox", "signed-by-provider", "admin"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -148,6 +152,55 @@ MESSAGE_LINKS: dict[str, tuple[str, dict[str, str]]] = {
     "RetryMessage": ("actOnMessage", {**FIRST_MESSAGE, "action": "retry"}),
     "CancelMessage": ("actOnMessage", {**FIRST_MESSAGE, "action": "cancel"}),
 }
+
+
+def _segment_route(path: str, handler: Handler, summary: str, operation_id: str) -> Route:
+    """One call of Segment's HTTP Tracking API: its body as Segment documents it (docs/segment.md)."""
+    body: Schema = {"type": "object", "description": "a Segment message (or, for /v1/batch, `batch`: "
+                    "an array of messages, with `context` and `sentAt` for all of them)"}  # fmt: skip
+    return Route(
+        "POST",
+        path,
+        handler,
+        "segment",
+        types=(SegmentAccepted, SegmentRejected, ErrorBody),
+        operation={
+            "summary": summary,
+            "description": "Segment's (and RudderStack's) HTTP Tracking API. The write key is an `ingest` "
+            "or `admin` API key, sent as the HTTP Basic user with an empty password (or as a Bearer token). "
+            "`messageId` is the event id: a retry is counted in `duplicates` and decided once. A body may "
+            "be gzip-compressed (`Content-Encoding: gzip`). Nothing of a request with an invalid message "
+            "is stored.",
+            "operationId": operation_id,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body}, "text/plain": {"schema": body}},
+            },
+            "responses": {
+                "200": json_body(ref("SegmentAccepted"), "stored (`success`: true)"),
+                "400": json_body(
+                    ref("SegmentRejected"), "an invalid message: every problem with its JSON path"
+                ),
+                "413": json_body(
+                    ref("SegmentRejected"), "a message over 32 KB, or a batch over 500 KB (Segment's limits)"
+                ),
+            },
+        },
+    )
+
+
+SEGMENT_ROUTES = [
+    _segment_route("/v1/batch", segment.post_batch, "Segment: several calls at once", "segmentBatch"),
+    _segment_route("/v1/track", segment.post_track, "Segment: a track call (an event)", "segmentTrack"),
+    _segment_route(
+        "/v1/identify", segment.post_identify, "Segment: an identify call (the profile)", "segmentIdentify"
+    ),
+    _segment_route("/v1/page", segment.post_page, "Segment: a page call", "segmentPage"),
+    _segment_route("/v1/screen", segment.post_screen, "Segment: a screen call", "segmentScreen"),
+    _segment_route("/v1/alias", segment.post_alias, "Segment: an alias call (links two ids)", "segmentAlias"),
+    _segment_route("/v1/group", segment.post_group, "Segment: a group call (ignored)", "segmentGroup"),
+]
+
 
 ROUTES: list[Route] = [
     Route(
@@ -210,6 +263,8 @@ ROUTES: list[Route] = [
         },
     ),
     # --- end Shopify webhooks ---
+    # --- Segment / RudderStack HTTP Tracking API (issue 18) ---
+    *SEGMENT_ROUTES,
     # --- contact search and state (issue 17: the console's contact page) ---
     Route(
         "GET",

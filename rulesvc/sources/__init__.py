@@ -1,0 +1,1 @@
+"""Shipped mappings of other systems' formats to ours (data files, read at start-up)."""
