@@ -20,27 +20,13 @@ from rulesvc.core.segment import (
     segment_path,
     translate,
 )
+from rulesvc.runtime.identity import link, resolve_contacts
 from rulesvc.store.db import Store
 from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, STORE
 from rulesvc.web.views.base import json_response, read_body
 from rulesvc.web.views.events import ingest
 
 MAX_ERRORS_SHOWN = 100  # a 500 KB batch of junk would otherwise be answered with megabytes of errors
-
-# The two seams to identity (design: rulesvc/runtime/identity.py `resolve_contacts` and `link`, same
-# signatures): replaced by imports of those when both are in one tree. The ids they get are checked here
-# already: an anonymous one begins with `anon:`, a known one never does.
-
-
-async def resolve_contacts(store: Store, anonymous_contact_ids: list[str]) -> dict[str, str]:
-    """The known contact each anonymous contact is already linked to. Without identity none is: such
-    events and profile changes stay with the anonymous contact."""
-    return {}
-
-
-async def link(store: Store, anonymous_contact_id: str, known_contact_id: str, now: datetime) -> None:
-    """Record that the anonymous contact is the known one, and merge it in. Without identity nothing is
-    linked: an identify or alias with both ids changes only the known contact's profile."""
 
 
 async def _post(request: web.Request, kind: Kind) -> web.Response:
@@ -74,7 +60,7 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
 async def _resolve(store: Store, found: Translated) -> None:
     """Events and profile changes of a visitor known only by an anonymous id go to the known contact the
     anonymous one is linked to, once there is one."""
-    if not found.anonymous:
+    if not found.anonymous:  # (the events themselves are resolved again by `ingest`, as every source's)
         return
     known = await resolve_contacts(store, sorted(found.anonymous))
     if not known:
