@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from rulesvc.core.privacy import TombstoneMode
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -60,6 +62,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console_session_hours: float = 12.0
     console_secure_cookies: bool = False
     console_origin: str | None = None
+    # --- privacy requests (issue 18) ---
+    erasure_tombstone: TombstoneMode = "old-events"
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -222,6 +226,13 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "RULESVC_CONSOLE_ORIGIN",
         "the console's public origin (https://rules.shop.example) when a proxy changes the host: console "
         "forms are accepted only from it; unset = the host the request names",
+    ),
+    SettingDoc(
+        "erasure_tombstone",
+        "RULESVC_ERASURE_TOMBSTONE",
+        "after DELETE /v1/contacts/{id}: old-events = drop a posted event of that contact older than the "
+        "erasure (a late retry); all = drop every event of it until a PUT re-creates the contact; off = "
+        "keep every event (docs/privacy.md)",
     ),
 )
 

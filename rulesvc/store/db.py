@@ -252,6 +252,7 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
+        await _ensure_privacy_indexes(self)
 
     async def _ensure_overview_indexes(self) -> None:
         """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
@@ -662,6 +663,12 @@ def _message_fields(message: Message) -> Doc:
     fields.pop("message_id")
     assert isinstance(fields, dict)
     return fields
+
+
+async def _ensure_privacy_indexes(store: Store) -> None:
+    from rulesvc.store.privacy import Privacy  # its module imports this one
+
+    await Privacy(store).ensure_indexes()
 
 
 def contact_from_doc(doc: Doc) -> Contact:
