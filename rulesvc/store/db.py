@@ -27,6 +27,7 @@ from rulesvc.core.events import Event, event_time
 from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
 from rulesvc.store.keys import InboxTokens, Keys
+from rulesvc.store.privacy_indexes import ensure_privacy_indexes
 from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
@@ -252,7 +253,7 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
-        await _ensure_privacy_indexes(self)
+        await ensure_privacy_indexes(self.db)
 
     async def _ensure_overview_indexes(self) -> None:
         """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
@@ -663,12 +664,6 @@ def _message_fields(message: Message) -> Doc:
     fields.pop("message_id")
     assert isinstance(fields, dict)
     return fields
-
-
-async def _ensure_privacy_indexes(store: Store) -> None:
-    from rulesvc.store.privacy import Privacy  # its module imports this one
-
-    await Privacy(store).ensure_indexes()
 
 
 def contact_from_doc(doc: Doc) -> Contact:

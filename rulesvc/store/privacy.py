@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
@@ -45,15 +45,6 @@ class Privacy:
         self.requests: AsyncCollection[Doc] = store.db[REQUESTS]
         self.identities: AsyncCollection[Doc] = store.db[IDENTITIES]
         self.backtests: AsyncCollection[Doc] = store.db["backtests"]
-
-    async def ensure_indexes(self) -> None:
-        """The request log newest first (`GET /v1/privacy/requests`); tombstones are found by `_id`."""
-        await self.requests.create_indexes(
-            [IndexModel([("requested_at", DESCENDING), ("_id", DESCENDING)], name="privacy_requests_by_time")]
-        )
-        await self.identities.create_indexes(
-            [IndexModel([("contact_id", ASCENDING)], name="privacy_identities_by_contact")]
-        )
 
     # --- tombstones ---------------------------------------------------------------------------------
 
