@@ -35,7 +35,10 @@ def dropped_events(
         stone = tombstones.get(contact_hash(contact_id))
         if stone is None:
             continue
-        if (mode == "all" and stone.get("recreated_at") is None) or time < stone["erased_at"]:
+        erased_at = stone.get("erased_at")
+        if (mode == "all" and stone.get("recreated_at") is None) or (
+            isinstance(erased_at, datetime) and time < erased_at
+        ):
             out.append(i)
     return out
 

@@ -38,7 +38,7 @@ EXPORT_FORMAT = "rulesvc.contact-export/1"
 
 class ErasureBusy(Exception):
     """The contact's events or sends stayed in work longer than `WAIT_FOR_WORK`: nothing was deleted
-    yet but the tombstone; the request may be repeated."""
+    yet but the sends to come (the tombstone is written); the request may be repeated."""
 
 
 @dataclass
@@ -60,7 +60,7 @@ async def _lease(privacy: Privacy, ids: list[str]) -> str:
             return token
         if loop.time() > give_up:
             raise ErasureBusy("the contact's events stayed in an inbox batch; try again")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)  # a busy inbox lets a contact go between batches only briefly
 
 
 async def erase_contact(
@@ -198,7 +198,8 @@ async def export_chunks(store: Store, contact_id: str, now: datetime | None = No
 
 
 async def export_contact(store: Store, contact_id: str) -> dict[str, Any] | None:
-    """The export as one value (the CLI, Shopify's data request); None for a contact nothing is stored of."""
+    """The export as one value (Shopify's data request); None for a contact nothing is stored of. The
+    caller logs the request (`record_request`), as it knows who asked."""
     if not await Privacy(store).known(contact_id):
         return None
     body = b"".join([chunk async for chunk in export_chunks(store, contact_id)])
