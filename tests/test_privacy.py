@@ -221,6 +221,25 @@ async def test_after_erasure_no_collection_holds_the_contacts_id_email_or_phone(
     assert again["erased"] is True and set(again["deleted"].values()) == {0}
 
 
+async def test_a_long_history_is_exported_and_erased_whole(make_client: Any, shop: Settings, db: Any) -> None:
+    """More events than a cursor batch or a delete batch: the export streams them all, the erasure
+    deletes them all (no cap)."""
+    client = await make_client(create_app(shop))
+    n = 12_000
+    start = datetime.now(UTC) - timedelta(days=1)
+    await db.events.insert_many(
+        [{"_id": f"h-{i}", "type": "page_viewed", "contact_id": "long-1",
+          "time": start + timedelta(seconds=i), "attributes": {"i": i}, "received_at": start, "state": "done"}
+         for i in range(n)]
+    )  # fmt: skip
+    resp = await client.get("/v1/contacts/long-1/export")
+    assert resp.status == 200
+    export = await resp.json()
+    assert [e["attributes"]["i"] for e in export["events"]] == list(range(n))  # all, oldest first
+    answer = await (await client.delete("/v1/contacts/long-1")).json()
+    assert answer["deleted"]["events"] == n and await db.events.count_documents({}) == 0
+
+
 async def test_a_late_retry_of_an_old_event_is_dropped_a_new_event_is_kept(
     make_client: Any, shop: Settings, db: Any
 ) -> None:

@@ -34,6 +34,7 @@ WAIT_FOR_WORK = 120.0  # seconds to wait for an inbox batch or a send in flight 
 # insert, a provider callback's outcome event, a fan-out copy, each a single write.
 SETTLE = 0.5
 EXPORT_FORMAT = "rulesvc.contact-export/1"
+CHUNK = 64 * 1024  # bytes of the export written at a time
 
 
 class ErasureBusy(Exception):
@@ -186,13 +187,16 @@ async def export_chunks(store: Store, contact_id: str, now: datetime | None = No
         ("events", "events", [("time", 1), ("_id", 1)]),
     ]
     for name, collection, sort in sections:
-        yield f',"{name}":['.encode()
+        piece = bytearray(f',"{name}":['.encode())
         first = True
         async for doc in privacy.contact_docs(collection, contact_id, sort):
             doc.pop("contact_id", None)
-            yield (b"" if first else b",") + _json(doc)
+            piece += (b"" if first else b",") + _json(doc)
             first = False
-        yield b"]"
+            if len(piece) >= CHUNK:
+                yield bytes(piece)
+                piece.clear()
+        yield bytes(piece + b"]")
     inbox = await store.inapp_messages(contact_id, 10_000)
     yield b',"inbox":' + _json([d["_id"] for d in inbox]) + b"}"
 

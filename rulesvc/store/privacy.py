@@ -130,7 +130,7 @@ class Privacy:
         db = self.store.db
         counts: dict[str, int] = {}
         for name in ("events", "messages", "schedule", "interests", "audience_changes"):
-            counts[name] = (await db[name].delete_many({"contact_id": among})).deleted_count
+            counts[name] = await _delete_in_batches(db[name], {"contact_id": among})
         counts["contacts"] = (await self.store.contacts.delete_many({"_id": among})).deleted_count
         found = {"$or": [{"_id": among}, {"contact_id": among}]}
         counts["identities"] = (await self.identities.delete_many(found)).deleted_count
@@ -185,3 +185,17 @@ class Privacy:
         query: Doc = {} if before is None else {"requested_at": {"$lt": before}}
         cursor = self.requests.find(query).sort([("requested_at", DESCENDING), ("_id", DESCENDING)])
         return await cursor.limit(limit).to_list()
+
+
+DELETE_BATCH = 5000  # documents per delete: each write stays well within RULESVC_MONGODB_TIMEOUT_SECONDS
+
+
+async def _delete_in_batches(collection: AsyncCollection[Doc], query: Doc) -> int:
+    """Deletes what `query` finds a batch at a time: a history of millions of events is no single write
+    that runs into the operation deadline."""
+    deleted = 0
+    while True:
+        ids = [d["_id"] async for d in collection.find(query, {"_id": 1}).limit(DELETE_BATCH)]
+        if not ids:
+            return deleted
+        deleted += (await collection.delete_many({"_id": {"$in": ids}, **query})).deleted_count
