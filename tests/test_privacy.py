@@ -24,8 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rulesvc.config import Settings
+from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
+from rulesvc.web.keys import STORE
 from tests.helpers import eventually, send, setup
 from tests.service import ServiceProcess
 from tests.test_api_contract import check_against_document
@@ -267,6 +269,22 @@ async def test_a_late_retry_of_an_old_event_is_dropped_a_new_event_is_kept(
         "duplicates": 0,
     }
     assert await db.events.count_documents({"contact_id": "c1"}) == 1
+
+
+async def test_a_profile_update_from_before_the_erasure_is_dropped_too(
+    make_client: Any, shop: Settings, db: Any
+) -> None:
+    """What Segment's identify and Shopify's customers/update ask before patching a profile."""
+    app = create_app(shop)
+    client = await make_client(app)
+    assert (await client.delete("/v1/contacts/c1")).status == 200
+    store = app[STORE]
+    now = datetime.now(UTC)
+    assert await tombstone_drops(store, "c1", now - timedelta(minutes=1), "old-events")
+    assert not await tombstone_drops(store, "c1", now + timedelta(seconds=1), "old-events")
+    assert await tombstone_drops(store, "c1", now + timedelta(seconds=1), "all")
+    assert not await tombstone_drops(store, "c1", now - timedelta(minutes=1), "off")
+    assert not await tombstone_drops(store, "c2", now - timedelta(minutes=1), "all")  # never erased
 
 
 async def _none_pending(db: Any) -> bool:

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 from rulesvc.core.audiences import hashed_identifiers
-from rulesvc.core.privacy import ERASED_PREFIX, contact_hash
+from rulesvc.core.privacy import ERASED_PREFIX, TombstoneMode, contact_hash, dropped_events
 from rulesvc.runtime.waiting import renewing
 from rulesvc.store.db import Doc, Store
 from rulesvc.store.privacy import Privacy
@@ -117,6 +117,17 @@ async def erase_contact(
     await privacy.close_request(request_id, done, counts)
     log.info("privacy.erased", contact_sha256=h, source=source, **counts)
     return report
+
+
+async def tombstone_drops(store: Store, contact_id: str, time: datetime, mode: TombstoneMode) -> bool:
+    """For a profile update a source derives from a posted message (Segment's identify, Shopify's
+    customers/update): True when the contact's tombstone drops it, as ingest drops an event of that time
+    (a late retry of a webhook from before the erasure must not bring the email back)."""
+    if mode == "off":
+        return False
+    h = contact_hash(contact_id)
+    stones = await Privacy(store).tombstones_of([h])
+    return bool(dropped_events([(contact_id, time)], stones, mode))
 
 
 async def _removals(store: Store, privacy: Privacy, ids: list[str], h: str, now: datetime) -> list[Doc]:
