@@ -32,6 +32,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mongod_cache_gb: float = 1.0
     rulesets_dir: str = "rulesets"
     event_retention_days: float = 90.0
+    message_retention_days: float = 365.0
     max_body_bytes: int = 5 * 1024 * 1024
     max_batch_events: int = 10_000
     simulate_max_events: int = 20_000
@@ -62,6 +63,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console_session_hours: float = 12.0
     console_secure_cookies: bool = False
     console_origin: str | None = None
+    # --- Shopify webhooks (issue 18) ---
+    shopify_secret: str | None = None  # comma-separated while a rotated secret still signs
     # --- privacy requests (issue 18) ---
     erasure_tombstone: TombstoneMode = "old-events"
 
@@ -117,7 +120,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "event_retention_days",
         "RULESVC_EVENT_RETENTION_DAYS",
-        "days raw events are kept (a TTL index; changing it updates the index); message history is kept",
+        "days raw events are kept (a TTL index; changing it updates the index)",
+    ),
+    SettingDoc(
+        "message_retention_days",
+        "RULESVC_MESSAGE_RETENTION_DAYS",
+        "days a message's history is kept from its creation once it is final (sent, failed, cancelled, ...;"
+        " never one still scheduled or sending), and a schedule entry from when it was done (TTL indexes;"
+        " changing it updates them); docs/privacy.md",
     ),
     SettingDoc("max_body_bytes", "RULESVC_MAX_BODY_BYTES", "largest request body accepted (413 above)"),
     SettingDoc("max_batch_events", "RULESVC_MAX_BATCH_EVENTS", "most events in one POST (413 above)"),
@@ -227,6 +237,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "the console's public origin (https://rules.shop.example) when a proxy changes the host: console "
         "forms are accepted only from it; unset = the host the request names",
     ),
+    # --- Shopify webhooks (issue 18) ---
+    SettingDoc(
+        "shopify_secret",
+        "RULESVC_SHOPIFY_SECRET",
+        "the Shopify app's client secret (or the store's webhook signing key) that signs POST "
+        "/v1/sources/shopify; several comma-separated while a rotation is under way; unset = that route "
+        "answers 401 (docs/shopify.md)",
+    ),
     SettingDoc(
         "erasure_tombstone",
         "RULESVC_ERASURE_TOMBSTONE",
@@ -303,6 +321,8 @@ def check(settings: Settings) -> None:
         raise ConfigError(f"workers must be 0 (one per core) or more, got {settings.workers}")
     if settings.event_retention_days <= 0:
         raise ConfigError("event_retention_days must be positive")
+    if settings.message_retention_days <= 0:
+        raise ConfigError("message_retention_days must be positive")
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes must be at least 1024")
     if settings.max_batch_events < 1:

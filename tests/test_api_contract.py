@@ -64,6 +64,7 @@ def test_routes_with_bodies_are_the_expected_ones() -> None:
         ("POST", "/v1/simulate"),
         ("POST", "/v1/backtests"),
         ("POST", "/v1/channels/{name}/test"),
+        ("POST", "/v1/sources/shopify"),  # Shopify webhooks (issue 18)
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from rulesvc_ads import AdsSettings
+from rulesvc_ads import AdsSettings, AudienceSync
 from rulesvc_email import EmailSettings
 
 from rulesvc import hookimpl
@@ -245,15 +245,15 @@ def test_a_settings_struct_takes_environment_strings_and_reports_everything() ->
     settings = read_settings("email", env, EmailSettings)
     assert (settings.port, settings.timeout, settings.quiet_hours) == (2525, 1.5, False)
     with pytest.raises(ChannelSettingsError) as wrong:
-        read_settings("ads", {"interval": "-1", "batch_size": "0", "tokn": "x"}, AdsSettings)
+        AudienceSync({"interval": "-1", "batch_size": "0", "tokn": "x"})  # the mode's needs come last
     assert wrong.value.problems == [
         'channels.ads.interval: expected a number > 0, got "-1"',
         'channels.ads.batch_size: expected an integer >= 1, got "0"',
-        "channels.ads.tokn: unknown setting; did you mean `token`? "
-        "(known: base_url, batch_size, interval, platform, timeout, token)",
-        "channels.ads.base_url: required (the provider's API; changes go to "
+        "channels.ads.tokn: unknown setting; did you mean `token`? (known: access_token, api_version, "
+        "audiences, base_url, batch_size, graph_url, interval, mode, platform, timeout, token)",
+        "channels.ads.base_url: required in `webhook` mode (the provider's API; changes go to "
         "`{base_url}/audiences/{audience}/members`)",
-        "channels.ads.token: required (the bearer token the provider gave)",
+        "channels.ads.token: required in `webhook` mode (the bearer token the provider gave)",
     ]
     assert read_settings("ads", {}, AdsSettings) == AdsSettings()  # no section: not configured, no error
 

@@ -24,16 +24,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rulesvc.config import Settings
+from rulesvc.runtime.identity import link
 from rulesvc.runtime.privacy import tombstone_drops
+from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import STORE
 from tests.helpers import eventually, send, setup
 from tests.service import ServiceProcess
 from tests.test_api_contract import check_against_document
+from tests.test_shopify import SECRET, SHOP
+from tests.test_shopify import post as shopify_post
 
 Client = Any
-CONTACT = "cust-4711"
+CONTACT = "706405506930370084"  # a Shopify customer id, as the Shopify source names the contact
 EMAIL = "Ann.Erase@Example.COM"
 PHONE = "+4915112345678"
 ANON = "anon:a-4711"
@@ -57,7 +61,7 @@ FLOW = [
 
 @pytest.fixture
 def shop(settings: Settings) -> Settings:
-    return setup(settings, FLOW)
+    return setup(settings, FLOW, shopify_secret=SECRET)
 
 
 def leaks(docs: dict[str, list[Any]], needles: list[str]) -> list[tuple[str, str]]:
@@ -89,7 +93,7 @@ async def post(client: Client, events: list[dict[str, Any]]) -> dict[str, Any]:
     return await resp.json()  # type: ignore[no-any-return]
 
 
-async def drive(client: Client, db: Any) -> None:
+async def drive(client: Client, db: Any, store: Store) -> None:
     """The contact through everything the service stores for a contact."""
     profile = {"email": EMAIL, "phone": PHONE, "consent": {"log": True, "inapp": True},
                "attributes": {"first_name": "Ann", "email_copy": EMAIL}}  # fmt: skip
@@ -123,8 +127,15 @@ async def drive(client: Client, db: Any) -> None:
     resp = await client.post(f"/v1/contacts/{CONTACT}/inbox/{inapp['_id']}", json={"action": "shown"})
     assert resp.status == 204
     assert (await client.post(f"/v1/contacts/{CONTACT}/inbox-token")).status == 200
-    # The identity helper's link (its code may not be in this tree): an anonymous id and its contact.
-    await db.identities.insert_one({"_id": ANON, "contact_id": CONTACT, "linked_at": datetime.now(UTC)})
+    # The shop asks for the customer's data through Shopify's privacy topic.
+    customer = {"id": int(CONTACT), "email": EMAIL, "phone": PHONE}
+    asked = {"shop_id": 954889, "shop_domain": SHOP, "orders_requested": [299938], "customer": customer,
+             "data_request": {"id": 9999}}  # fmt: skip
+    status, answer = await shopify_post(client, "customers/data_request", asked)
+    assert (status, answer["status"]) == (200, "accepted"), answer
+    # The anonymous visitor identifies as the contact: the link, and the visitor's history merged in.
+    await eventually(lambda: _none_pending(db))
+    await link(store, ANON, CONTACT, datetime.now(UTC))
     # A quarantined event, as the inbox leaves one after three failed evaluations.
     now = datetime.now(UTC)
     await db.events.insert_one({"_id": "e-bad", "type": "go", "contact_id": CONTACT, "time": now,
@@ -135,7 +146,8 @@ async def drive(client: Client, db: Any) -> None:
         pending = await db.events.count_documents({"state": "pending"})
         opened = await db.events.count_documents({"contact_id": CONTACT, "type": "message_opened"})
         audience = await db.audience_changes.count_documents({"contact_id": CONTACT})
-        return pending == 0 and opened == 1 and audience == 1
+        merged = await db.identities.count_documents({"_id": ANON, "merged": True})
+        return pending == 0 and opened == 1 and audience == 1 and merged == 1
 
     await eventually(decided)
 
@@ -158,24 +170,26 @@ async def backtest(client: Client) -> None:
 async def test_after_erasure_no_collection_holds_the_contacts_id_email_or_phone(
     make_client: Any, shop: Settings, db: Any
 ) -> None:
-    client = await make_client(create_app(shop))
-    await drive(client, db)
+    app = create_app(shop)
+    client = await make_client(app)
+    await drive(client, db, app[STORE])
     await backtest(client)
     before = await everything(db)
     needles = [CONTACT, EMAIL, PHONE, PHONE.removeprefix("+"), ANON]
     assert {n for _, n in leaks(before, needles)} == set(needles)  # the scan finds each while stored
     held = {c for c, _ in leaks(before, [CONTACT])}
     assert {"contacts", "events", "messages", "schedule", "interests", "audience_changes", "identities",
-            "backtests"} <= held  # fmt: skip
+            "backtests", "shopify_privacy_requests"} <= held  # fmt: skip
     stored = await contact_docs(db, CONTACT)
-    anon = await contact_docs(db, ANON)  # its page view made it a contact of its own
+    anon = await contact_docs(db, ANON)  # what is left of the visitor after the merge
 
     # The export holds what was stored (counted here from the database) and is logged.
     resp = await client.get(f"/v1/contacts/{CONTACT}/export")
     assert resp.status == 200 and resp.content_type == "application/json"
     export = await resp.json()
     assert export["contact_id"] == CONTACT and export["profile"]["email"] == EMAIL
-    assert len(export["events"]) == stored["events"] == 5  # 3 posted, the in-app open, the quarantined one
+    # 3 posted, the visitor's merged in, the in-app open, the quarantined one
+    assert len(export["events"]) == stored["events"] == 6
     assert len(export["messages"]) == stored["messages"] == 3
     assert sorted(m["status"] for m in export["messages"]) == ["opened", "scheduled", "sent"]
     assert [m.get("outcomes", {}).get("opened") is not None for m in export["messages"]].count(True) == 1
@@ -191,10 +205,11 @@ async def test_after_erasure_no_collection_holds_the_contacts_id_email_or_phone(
     check_against_document("DELETE", "/v1/contacts/{contact_id}", 200, answer)
     assert answer["erased"] is True and answer["contact_id_sha256"] == sha256(CONTACT)
     deleted = answer["deleted"]
-    assert deleted["contacts"] == 1 + anon["contacts"] == 2 and deleted["identities"] == 1
+    assert deleted["contacts"] == 1 + anon["contacts"] and deleted["identities"] == 1
     assert deleted["events"] == stored["events"] + anon["events"]
     assert deleted["messages"] == stored["messages"] and deleted["schedule"] == stored["schedule"]
     assert deleted["privacy_requests"] == 1 and deleted["backtests"] == 1
+    assert deleted["shopify_privacy_requests"] == 1
     assert answer["audience_removals"] == 1 and answer["linked_ids"] == 1
 
     after = await everything(db)

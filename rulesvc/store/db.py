@@ -28,6 +28,7 @@ from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
 from rulesvc.store.keys import InboxTokens, Keys
 from rulesvc.store.privacy_indexes import ensure_privacy_indexes
+from rulesvc.store.retention import MESSAGE_RETENTION, ensure_retention
 from rulesvc.store.transactions import in_transaction
 
 log = structlog.get_logger(__name__)
@@ -124,11 +125,13 @@ class Store:
         event_retention: timedelta,
         *,
         count_stats: bool = True,
+        message_retention: timedelta = MESSAGE_RETENTION,
     ) -> None:
         self.client = client
         self.count_stats = count_stats  # RULESVC_STATS: off, nothing is written to `stats`
         self.db: AsyncDatabase[Doc] = client.get_database(database, write_concern=DURABLE)
         self.event_retention = event_retention
+        self.message_retention = message_retention  # RULESVC_MESSAGE_RETENTION_DAYS (rulesvc.store.retention)
         self.events: AsyncCollection[Doc] = self.db["events"]
         self.contacts: AsyncCollection[Doc] = self.db["contacts"]
         self.messages: AsyncCollection[Doc] = self.db["messages"]
@@ -254,6 +257,10 @@ class Store:
         )
         await self._ensure_overview_indexes()
         await ensure_privacy_indexes(self.db)
+        from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
+
+        await ShopifyStore(self).ensure_indexes()
+        await ensure_retention(self, change_ttl)  # messages and schedule: rulesvc.store.retention
 
     async def _ensure_overview_indexes(self) -> None:
         """What the overview (`GET /v1/overview`, rulesvc.store.overview) reads by time, each written at
@@ -275,6 +282,13 @@ class Store:
                     partialFilterExpression={"sent_at": {"$type": "date"}},
                 )
             ]
+        )
+        # Identity links (rulesvc/store/identity.py): those to merge; a merge moves audience changes.
+        await self.db["identities"].create_indexes(
+            [IndexModel([("merged", ASCENDING), ("merged_at", ASCENDING)], name="identities_to_merge")]
+        )
+        await self.audience_changes.create_indexes(
+            [IndexModel([("contact_id", ASCENDING)], name="audience_changes_by_contact")]
         )
 
     async def missing_indexes(self, wanted: dict[str, str]) -> list[str]:

@@ -12,7 +12,7 @@ from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from rulesvc.core.privacy import scrub
+from rulesvc.core.privacy import contact_hash, scrub
 from rulesvc.store.db import Doc, Store
 
 # Every stored field that holds a contact id, as (collection, field); `*` is anywhere in the document
@@ -31,6 +31,7 @@ CONTACT_FIELDS: list[tuple[str, str]] = [
     ("identities", "contact_id"),  # ... to the known contact
     ("backtests", "*"),  # a job's `contacts` and its report's example and skipped rows
     ("privacy_requests", "contact_id"),  # an export's entry, until the contact is erased
+    ("shopify_privacy_requests", "contact_ids"),  # what Shopify asked: the ids become their SHA-256
 ]
 
 IDENTITIES = "identities"
@@ -136,6 +137,14 @@ class Privacy:
         counts["identities"] = (await self.identities.delete_many(found)).deleted_count
         scrubbed = await self.requests.update_many({"contact_id": among}, {"$unset": {"contact_id": ""}})
         counts["privacy_requests"] = scrubbed.modified_count
+        asked = await db["shopify_privacy_requests"].update_many(
+            {"contact_ids": among},
+            {
+                "$pull": {"contact_ids": among},
+                "$addToSet": {"contact_sha256s": {"$each": [contact_hash(i) for i in ids]}},
+            },
+        )
+        counts["shopify_privacy_requests"] = asked.modified_count
         counts["backtests"] = await self._scrub_backtests(frozenset(ids))
         return counts
 

@@ -24,6 +24,7 @@ from rulesvc.replay.simulate import Simulator
 from rulesvc.runtime.backtests import BacktestRunner
 from rulesvc.runtime.dispatcher import Dispatcher, parse_quiet_hours, quiet_channels
 from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.runtime.identity import merge_loop
 from rulesvc.runtime.inbox import Inbox
 from rulesvc.runtime.jobs import run_job
 from rulesvc.runtime.rulesets import Rulesets
@@ -115,7 +116,11 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         timeoutMS=settings.mongodb_timeout_seconds * 1000,
     )
     store = Store(
-        client, settings.database, timedelta(days=settings.event_retention_days), count_stats=settings.stats
+        client,
+        settings.database,
+        timedelta(days=settings.event_retention_days),
+        count_stats=settings.stats,
+        message_retention=timedelta(days=settings.message_retention_days),
     )
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
         # An index build on a large collection takes longer than a request. Only the service sets the
@@ -180,6 +185,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(inbox.run(stop), name="inbox"),
         asyncio.create_task(scheduler.run(stop), name="scheduler"),
         asyncio.create_task(fanout.run(stop), name="catalog-fanout"),
+        asyncio.create_task(merge_loop(app[STORE], stop, count_fate), name="identity-merges"),
         *(
             asyncio.create_task(run_job(job, app[STORE], stop), name=f"job-{job.name}")
             for job in channels.jobs

@@ -95,6 +95,7 @@ from rulesvc.web.views import (
     simulate,
     stats,
 )
+from rulesvc.web.views import shopify as shopify_source
 from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
 Access = Literal["public", "ops", "ingest", "inbox", "signed-by-provider", "admin"]
@@ -180,6 +181,37 @@ ROUTES: list[Route] = [
             },
         },
     ),
+    # --- Shopify webhooks (issue 18: shop integrations) ---
+    Route(
+        "POST",
+        "/v1/sources/shopify",
+        shopify_source.post_shopify,
+        "signed-by-provider",
+        types=(shopify_source.ShopifyReceived, ErrorBody),
+        operation={
+            "summary": "Shopify's webhooks (orders, checkouts, fulfillments, products, inventory, customers, "
+            "privacy), verified by X-Shopify-Hmac-Sha256 with RULESVC_SHOPIFY_SECRET",
+            "description": "Point the app's webhook subscriptions (JSON format) here. The topic comes from "
+            "X-Shopify-Topic; each X-Shopify-Webhook-Id is handled once (a retry answers 200 `duplicate`). "
+            "docs/shopify.md has what each topic becomes.",
+            "operationId": "shopifyWebhook",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "parameters": [
+                {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                for h in ("X-Shopify-Hmac-Sha256", "X-Shopify-Topic", "X-Shopify-Webhook-Id")
+            ],
+            "responses": {
+                "200": json_body(ref("ShopifyReceived"), "handled, a duplicate, or nothing to store"),
+                "400": error("a topic not handled, a missing webhook id, or a body not the topic's JSON"),
+                "401": error("the signature is missing or wrong, or RULESVC_SHOPIFY_SECRET is not set"),
+                "413": error("the body is over RULESVC_MAX_BODY_BYTES"),
+            },
+        },
+    ),
+    # --- end Shopify webhooks ---
     # --- contact search and state (issue 17: the console's contact page) ---
     Route(
         "GET",

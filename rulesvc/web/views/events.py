@@ -19,6 +19,7 @@ from rulesvc.core.events import (
     event_time,
 )
 from rulesvc.core.privacy import contact_hash, dropped_events
+from rulesvc.runtime.identity import merge_late, to_known
 from rulesvc.store.db import Store
 from rulesvc.store.messages import Messages
 from rulesvc.store.privacy import Privacy
@@ -86,6 +87,7 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
     metrics = request.app[METRICS]
     key = request.get(API_KEY)
     errors = []
+    events = await to_known(request.app[STORE], events)  # a linked anonymous id: its known contact's
     if key is not None and key.scope != "admin":
         errors = await foreign_outcomes(request.app[STORE], events)
     if errors:
@@ -95,6 +97,7 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
     if not events:
         return EventsAccepted(0, 0, erased)
     result = await request.app[STORE].insert_events(events)
+    await merge_late(request.app[STORE], events)  # linked while these were stored: moved now
     if INBOX in request.app and result.accepted:
         request.app[INBOX].wake.set()
         if any(e.contact_id is None for e in events):

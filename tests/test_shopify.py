@@ -1,0 +1,460 @@
+"""Shopify webhooks through a running app: bodies shaped as Shopify documents them (tests/shopify_payloads,
+with their sources), signed here as Shopify signs (base64 HMAC-SHA256 of the raw body with the app's
+secret: https://shopify.dev/docs/apps/build/webhooks/verify-deliveries), posted with the headers of
+https://shopify.dev/docs/apps/build/webhooks/delivery-structure#headers."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from rulesvc.config import Settings
+from rulesvc.web.app import create_app
+from tests.helpers import eventually
+
+ROOT = Path(__file__).parent.parent
+PAYLOADS = Path(__file__).parent / "shopify_payloads"
+SECRET = "shpss_test_0123456789abcdef"
+OLD_SECRET = "shpss_old_fedcba9876543210"
+SHOP = "jsmith.myshopify.com"
+
+
+def payload(name: str) -> dict[str, Any]:
+    return json.loads((PAYLOADS / f"{name}.json").read_text())  # type: ignore[no-any-return]
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    """As Shopify does, written out here rather than taken from the code under test."""
+    return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def headers(topic: str, body: bytes, webhook_id: str | None = None, **extra: str) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "X-Shopify-Topic": topic,
+        "X-Shopify-Hmac-Sha256": sign(body),
+        "X-Shopify-Shop-Domain": SHOP,
+        "X-Shopify-Webhook-Id": webhook_id or str(uuid.uuid4()),
+        "X-Shopify-Triggered-At": datetime.now(UTC).isoformat(),
+        "X-Shopify-API-Version": "2025-07",
+        **extra,
+    }
+
+
+async def post(client: Any, topic: str, body: Any, webhook_id: str | None = None, **extra: str) -> Any:
+    raw = json.dumps(body).encode()
+    resp = await client.post(
+        "/v1/sources/shopify", data=raw, headers=headers(topic, raw, webhook_id, **extra)
+    )
+    return resp.status, await resp.json()
+
+
+def rulesets(tmp: Path) -> Path:
+    """The shipped rulesets, the checkout flow without its 5 % holdout (this test's contact must be in it)."""
+    folder = tmp / "shipped"
+    shutil.copytree(ROOT / "rulesets", folder)
+    flow = json.loads((folder / "checkout_abandon.json").read_text())
+    flow.pop("holdout")
+    (folder / "checkout_abandon.json").write_text(json.dumps(flow))
+    return folder
+
+
+async def app_client(make_client: Any, settings: Settings, tmp_path: Path, **changes: Any) -> Any:
+    changes.setdefault("shopify_secret", f"{SECRET}, {OLD_SECRET}")
+    configured = msgspec.structs.replace(settings, rulesets_dir=str(rulesets(tmp_path)), **changes)
+    return await make_client(create_app(configured))
+
+
+async def test_checkout_then_nothing_arms_the_reminders_and_the_order_cancels_them(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    customer = payload("customers_create")
+    customer["id"] = 603851970716743426  # the checkout's customer
+    customer["phone"] = "+16135551111"
+    customer["tags"] = "vip, newsletter"
+    customer["email_marketing_consent"] = {
+        "state": "subscribed",
+        "opt_in_level": "single_opt_in",
+        "consent_updated_at": "2021-12-31T19:00:00-05:00",
+    }
+    customer["sms_marketing_consent"] = {
+        "state": "not_subscribed",
+        "opt_in_level": "single_opt_in",
+        "consent_updated_at": None,
+        "consent_collected_from": "OTHER",
+    }
+    status, body = await post(client, "customers/create", customer)
+    assert (status, body) == (
+        200,
+        {
+            "status": "accepted",
+            "topic": "customers/create",
+            "accepted": 0,
+            "duplicates": 0,
+            "contact_id": "603851970716743426",
+            "note": None,
+        },
+    )
+    contact = await db.contacts.find_one({"_id": "603851970716743426"})
+    assert contact["email"] == "bob@biller.com" and contact["phone"] == "+16135551111"
+    assert contact["consent"] == {"email": True, "sms": False}
+    assert contact["attributes"] == {
+        "first_name": "Bob",
+        "last_name": "Biller",
+        "tags": ["vip", "newsletter"],
+        "shopify_state": "disabled",
+    }
+
+    checkout = payload("checkouts_create")
+    status, body = await post(client, "checkouts/create", checkout, webhook_id="wh-checkout-1")
+    assert (status, body["status"], body["accepted"], body["contact_id"]) == (
+        200,
+        "accepted",
+        1,
+        "603851970716743426",
+    )
+    event = await db.events.find_one({"_id": "shopify/wh-checkout-1"})
+    assert event["type"] == "checkout_started" and event["contact_id"] == "603851970716743426"
+    attributes = event["attributes"]
+    assert (attributes["value"], attributes["currency"], attributes["product_ids"]) == (
+        398.0,
+        "USD",
+        ["632910392"],
+    )
+    assert attributes["checkout_url"] == checkout["abandoned_checkout_url"]
+    assert attributes["items"][0] == {
+        "product_id": "632910392",
+        "variant_id": "49148385",
+        "sku": "IPOD2008PINK",
+        "title": "IPod Nano - 8GB",
+        "variant_title": "Pink",
+        "vendor": "Apple",
+        "name": "IPod Nano - 8GB",
+        "qty": 1,
+        "price": 199.0,
+    }
+
+    async def reminders(status: str) -> bool:
+        found = await db.messages.find(
+            {"contact_id": "603851970716743426", "ruleset": "checkout_abandon"}
+        ).to_list()
+        return sorted((m["channel"], m["status"]) for m in found) == [("email", status), ("push", status)]
+
+    await eventually(lambda: reminders("scheduled"))  # push after 20 minutes, email after 12 hours
+    completed = {**checkout, "completed_at": "2021-12-31T19:05:00-05:00"}  # became an order: not abandoned
+    status, body = await post(client, "checkouts/update", completed)
+    assert (status, body["status"], body["accepted"]) == (200, "ignored", 0)
+    assert await db.events.count_documents({"type": "checkout_started"}) == 1
+
+    order = payload("orders_create")
+    order.update(cancelled_at=None, cancel_reason=None, financial_status="paid")
+    order["customer"]["id"] = 603851970716743426
+    status, body = await post(client, "orders/create", order)
+    assert (status, body["accepted"]) == (200, 1)
+    await eventually(lambda: reminders("cancelled"))
+    purchase = await db.events.find_one({"_id": "shopify/order/820982911946154508/purchased"})
+    assert purchase["attributes"]["value"] == 403.0 and purchase["attributes"]["order_name"] == "#9999"
+    # orders/paid of the same order (another delivery): the same purchase, not a second one
+    status, body = await post(client, "orders/paid", order)
+    assert (status, body["accepted"], body["duplicates"]) == (200, 0, 1)
+    assert await db.events.count_documents({"type": "purchased"}) == 1
+    # the order's consent for email (not_subscribed) is Shopify's latest word on it
+    assert (await db.contacts.find_one({"_id": "603851970716743426"}))["consent"]["email"] is False
+
+
+async def test_documented_order_example_is_cancelled_so_no_purchase(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    order = payload("orders_create")  # as documented: cancelled_at set, financial_status voided
+    status, body = await post(client, "orders/create", order)
+    assert (status, body["status"], body["contact_id"]) == (200, "ignored", "115310627314723954")
+    assert await db.events.count_documents({}) == 0
+    status, body = await post(client, "orders/cancelled", order)
+    assert (status, body["accepted"]) == (200, 1)
+    cancelled = await db.events.find_one({"_id": "shopify/order/820982911946154508/order_cancelled"})
+    assert cancelled["type"] == "order_cancelled" and cancelled["contact_id"] == "115310627314723954"
+    assert cancelled["attributes"]["cancel_reason"] == "customer"
+
+
+async def test_fulfillment_goes_to_the_orders_contact_with_the_delivery_status(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    order = payload("orders_create")
+    order.update(cancelled_at=None, financial_status="paid")
+    assert (await post(client, "orders/create", order))[0] == 200
+    fulfillment = payload("fulfillments_create")
+    fulfillment["status"] = "success"
+    status, body = await post(client, "fulfillments/create", fulfillment)
+    assert (status, body["contact_id"], body["accepted"]) == (200, "115310627314723954", 1)
+    shipped = await db.events.find_one({"type": "delivery_status_changed"})
+    assert shipped["_id"] == "shopify/fulfillment/123456/shipped"
+    assert {k: shipped["attributes"][k] for k in ("status", "order_id", "carrier", "tracking_number")} == {
+        "status": "shipped",
+        "order_id": "820982911946154508",
+        "carrier": "UPS",
+        "tracking_number": "1z827wk74630",
+    }
+    for shipment, ours in (
+        ("in_transit", "in_transit"),
+        ("out_for_delivery", "out_for_delivery"),
+        ("attempted_delivery", "delayed"),
+        ("delivered", "delivered"),
+    ):
+        update = {**fulfillment, "shipment_status": shipment}
+        assert (await post(client, "fulfillments/update", update))[1]["accepted"] == 1
+        stored = await db.events.find_one({"_id": f"shopify/fulfillment/123456/{ours}"})
+        assert stored["attributes"]["status"] == ours and stored["contact_id"] == "115310627314723954"
+    # the same status again (a new tracking number, say): nothing new
+    again = {**fulfillment, "shipment_status": "delivered", "tracking_number": "1z000"}
+    assert (await post(client, "fulfillments/update", again))[1]["duplicates"] == 1
+
+
+async def test_price_drop_and_stock_through_the_catalog(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    product = payload("products_update")
+    variant = product["variants"][0]
+    variant.update(
+        inventory_item_id=271878346596884015,
+        inventory_management="shopify",
+        inventory_policy="deny",
+        inventory_quantity=0,
+    )
+    status, body = await post(client, "products/update", product)
+    assert (status, body["accepted"]) == (200, 0)  # first sight: nothing to compare with
+    assert await db.events.count_documents({}) == 0
+
+    same = await post(client, "products/update", product)  # another delivery, nothing changed
+    assert same[1]["accepted"] == 0
+
+    cheaper = copy.deepcopy(product)
+    cheaper["variants"][0]["price"] = "19.99"
+    status, body = await post(client, "products/update", cheaper, webhook_id="wh-price")
+    assert (status, body["accepted"]) == (200, 1)
+    event = await db.events.find_one({"_id": "shopify/wh-price/price/123456789"})
+    assert event["type"] == "price_changed" and event["contact_id"] is None  # a catalog event
+    assert {k: event["attributes"][k] for k in ("product_id", "price", "previous_price", "name")} == {
+        "product_id": "9554194432293",
+        "price": 19.99,
+        "previous_price": 29.99,
+        "name": "T-Shirt",
+    }
+
+    # A product seen for the first time with a struck-through price above its price: that is the drop.
+    sale = copy.deepcopy(product)
+    sale["id"], sale["variants"][0]["id"] = 1001, 2002
+    sale["variants"][0].update(price="15.00", compare_at_price="20.00", inventory_item_id=None)
+    status, body = await post(client, "products/update", sale, webhook_id="wh-sale")
+    assert (status, body["accepted"]) == (200, 1)
+    first = await db.events.find_one({"_id": "shopify/wh-sale/price/2002"})
+    assert (first["attributes"]["price"], first["attributes"]["previous_price"]) == (15.0, 20.0)
+
+    level = payload("inventory_levels_update")  # 6 units arrive at a location
+    status, body = await post(client, "inventory_levels/update", level, webhook_id="wh-stock")
+    assert (status, body["accepted"]) == (200, 1)
+    stock = await db.events.find_one({"_id": "shopify/wh-stock/stock"})
+    assert stock["type"] == "stock_changed"
+    assert {k: stock["attributes"][k] for k in ("product_id", "in_stock", "quantity")} == {
+        "product_id": "9554194432293",
+        "in_stock": True,
+        "quantity": 6,
+    }
+    odd = {**level, "location_id": "a.b$c", "available": 0}  # no MongoDB path or operator in a key
+    assert (await post(client, "inventory_levels/update", odd))[1]["accepted"] == 0  # still 6 in all
+    assert (await db.shopify_variants.find_one({"_id": "123456789"}))["levels"]["a_b_c"] == 0
+    unknown = {**level, "inventory_item_id": 1}
+    status, body = await post(client, "inventory_levels/update", unknown)
+    assert (status, body["status"]) == (200, "ignored")
+
+
+async def test_privacy_topics_are_verified_recorded_and_acknowledged(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    for topic, name, kind in (
+        ("customers/data_request", "customers_data_request", "export"),
+        ("customers/redact", "customers_redact", "erase"),
+        ("shop/redact", "shop_redact", "erase"),
+    ):
+        status, body = await post(client, topic, payload(name), webhook_id=f"wh-{name}")
+        assert (status, body["status"]) == (200, "accepted"), body
+        asked = await db.shopify_privacy_requests.find_one({"_id": f"shopify/wh-{name}"})
+        assert (asked["topic"], asked["kind"]) == (topic, kind)
+    redact = await db.shopify_privacy_requests.find_one({"topic": "customers/redact"})
+    digest = hashlib.sha256(b"john@example.com").hexdigest()[:32]
+    assert redact["contact_ids"] == ["191167", f"shopify-email:{digest}"]
+    assert redact["orders"] == ["299938", "280263", "220458"]
+    assert "john@example.com" not in json.dumps(redact, default=str)  # ids only, no address kept
+
+
+async def test_signature_replay_and_topic_are_refused_as_shopify_expects(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    checkout = payload("checkouts_create")
+    raw = json.dumps(checkout).encode()
+
+    wrong = headers("checkouts/create", raw, "wh-1", **{"X-Shopify-Hmac-Sha256": sign(raw, "not-the-secret")})
+    resp = await client.post("/v1/sources/shopify", data=raw, headers=wrong)
+    assert resp.status == 401 and "does not match" in (await resp.json())["error"]
+    tampered = headers("checkouts/create", raw, "wh-1")
+    resp = await client.post("/v1/sources/shopify", data=raw.replace(b"398.00", b"1.00"), headers=tampered)
+    assert resp.status == 401
+    missing = {
+        k: v for k, v in headers("checkouts/create", raw, "wh-1").items() if k != "X-Shopify-Hmac-Sha256"
+    }
+    resp = await client.post("/v1/sources/shopify", data=raw, headers=missing)
+    assert resp.status == 401 and "missing" in (await resp.json())["error"]
+    assert await db.events.count_documents({}) == 0
+
+    # the old secret of a rotation still verifies
+    old = headers("checkouts/create", raw, "wh-1", **{"X-Shopify-Hmac-Sha256": sign(raw, OLD_SECRET)})
+    resp = await client.post("/v1/sources/shopify", data=raw, headers=old)
+    assert resp.status == 200 and (await resp.json())["accepted"] == 1
+    # the same delivery again (Shopify retries): 200, nothing done again
+    resp = await client.post(
+        "/v1/sources/shopify", data=raw, headers=headers("checkouts/create", raw, "wh-1")
+    )
+    assert resp.status == 200 and (await resp.json())["status"] == "duplicate"
+    assert await db.events.count_documents({}) == 1
+    # a customers/update replayed: the profile is not written again (its later change stays)
+    customer = payload("customers_create")
+    assert (await post(client, "customers/update", customer, webhook_id="wh-c"))[0] == 200
+    await db.contacts.update_one({"_id": "706405506930370084"}, {"$set": {"email": "new@biller.com"}})
+    assert (await post(client, "customers/update", customer, webhook_id="wh-c"))[1]["status"] == "duplicate"
+    assert (await db.contacts.find_one({"_id": "706405506930370084"}))["email"] == "new@biller.com"
+
+    status, body = await post(client, "carts/create", {"id": 1})
+    assert status == 400 and "carts/create" in body["error"] and "orders/paid" in body["error"]
+    status, body = await post(client, "orders/create", {"id": "x y"})
+    assert status == 400 and body["field"] == "$.id"
+    resp = await client.post(
+        "/v1/sources/shopify", data=b"{not json", headers=headers("orders/create", b"{not json")
+    )
+    assert resp.status == 400 and "malformed JSON" in (await resp.json())["error"]
+
+
+async def test_unconfigured_answers_401_naming_the_setting(
+    make_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path, shopify_secret=None)
+    status, body = await post(client, "orders/create", payload("orders_create"))
+    assert (status, body["error"]) == (401, "Shopify webhooks are not configured (RULESVC_SHOPIFY_SECRET)")
+
+
+TOPICS = [
+    "checkouts/create",
+    "checkouts/update",
+    "orders/create",
+    "orders/paid",
+    "orders/cancelled",
+    "fulfillments/create",
+    "fulfillments/update",
+    "products/update",
+    "inventory_levels/update",
+    "customers/create",
+    "customers/update",
+    "customers/data_request",
+    "customers/redact",
+    "shop/redact",
+]
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=25,
+)
+KEYS = [
+    "id",
+    "order_id",
+    "customer",
+    "email",
+    "line_items",
+    "variants",
+    "total_price",
+    "price",
+    "completed_at",
+    "cancelled_at",
+    "shipment_status",
+    "status",
+    "inventory_item_id",
+    "available",
+    "location_id",
+    "phone",
+    "email_marketing_consent",
+    "sms_marketing_consent",
+    "tags",
+    "first_name",
+    "orders_to_redact",
+    "shop_domain",
+    "discount_codes",
+    "currency",
+    "title",
+    "handle",
+    "images",
+    "image",
+]
+BODIES = st.one_of(
+    JSON,
+    st.dictionaries(st.sampled_from(KEYS), JSON, max_size=10),
+    st.sampled_from(
+        [
+            "checkouts_create",
+            "orders_create",
+            "fulfillments_create",
+            "products_update",
+            "customers_create",
+            "customers_redact",
+            "inventory_levels_update",
+        ]
+    ).map(payload),
+)
+
+
+async def test_any_signed_body_gets_an_answer_never_a_5xx(
+    make_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    client = await app_client(make_client, settings, tmp_path)
+    seen: list[int] = []
+
+    @hsettings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        topic=st.sampled_from(TOPICS),
+        body=BODIES,
+        mutate=st.dictionaries(st.sampled_from(KEYS), JSON, max_size=3),
+    )
+    def check(topic: str, body: Any, mutate: dict[str, Any]) -> None:
+        if isinstance(body, dict):
+            body = {**body, **mutate}
+        seen.append(0)
+        pending.append((topic, body))
+
+    pending: list[tuple[str, Any]] = []
+    check()
+    for topic, body in pending:
+        raw = json.dumps(body).encode()
+        resp = await client.post("/v1/sources/shopify", data=raw, headers=headers(topic, raw))
+        assert resp.status in (200, 400), (topic, body, resp.status, await resp.text())
+        answer = await resp.json()
+        assert ("error" in answer) == (resp.status == 400)
+    assert len(seen) == 200
