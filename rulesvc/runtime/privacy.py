@@ -65,11 +65,12 @@ async def _lease(privacy: Privacy, ids: list[str]) -> str:
 
 
 async def erase_contact(
-    store: Store, contact_id: str, now: datetime | None = None, source: str = "api"
+    store: Store, contact_id: str, now: datetime | None = None, source: str = "api", *, settle: float = SETTLE
 ) -> ErasureReport:
     """Erase the contact and the anonymous ids linked to it everywhere (`CONTACT_FIELDS`), queue its
     removal from the ad audiences it is in, keep a tombstone, log the request. Idempotent: an unknown id
-    is erased with nothing found (zeros)."""
+    is erased with nothing found (zeros). `settle`: the pause before the second deletion (a caller erasing
+    many contacts at once, a shop's redact, may erase them all and then each again after one pause)."""
     now = now or datetime.now(UTC)
     privacy = Privacy(store)
     h = contact_hash(contact_id)
@@ -103,7 +104,7 @@ async def erase_contact(
             first = await privacy.erase_pass(ids)
             first["schedule"] += stopped
             if any(first.values()):
-                await asyncio.sleep(SETTLE)
+                await asyncio.sleep(settle)
             second = await privacy.erase_pass(ids)
     finally:
         await privacy.release_lease(token)
