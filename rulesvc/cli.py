@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, get_args
 
 from rulesvc import __version__
 from rulesvc.config import (
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     contacts = commands.add_parser(
         "contacts",
-        help="show a contact's profile and timeline",
+        help="show, export or erase a contact",
         description="Uses MONGODB_URI, or the embedded data dir's mongod.",
     )
     c_commands = contacts.add_subparsers(dest="contacts_command", required=True, metavar="ACTION")
@@ -220,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     c_show.add_argument("contact", help="the contact id")
     c_show.add_argument("--limit", type=int, default=50, help="most recent events and messages (default 50)")
     c_show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # --- privacy requests (issue 18; docs/privacy.md) ---
+    c_erase = c_commands.add_parser(
+        "erase",
+        help="erase a contact everywhere (as DELETE /v1/contacts/{id}); asks first unless --yes",
+    )
+    c_erase.add_argument("contact", help="the contact id")
+    c_erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    c_export = c_commands.add_parser(
+        "export", help="everything stored about a contact as one JSON document (as GET .../export)"
+    )
+    c_export.add_argument("contact", help="the contact id")
+    c_export.add_argument("-o", "--output", help="write to this file instead of standard output")
+    # --- end privacy requests ---
 
     commands.add_parser(
         "plugins",
@@ -458,6 +471,8 @@ def messages_command(args: argparse.Namespace) -> int:
 
 def contacts_command(args: argparse.Namespace) -> int:
     """`contacts show`: what the service knows of one contact, and what it did and will do for them."""
+    if args.contacts_command in ("erase", "export"):
+        return privacy_command(args)
     from datetime import UTC, timedelta
 
     from rulesvc.core.ids import id_problem
@@ -524,6 +539,73 @@ def contacts_command(args: argparse.Namespace) -> int:
         return 0
 
     return _with_database(act, settings)
+
+
+def privacy_command(args: argparse.Namespace) -> int:
+    """`contacts erase` and `contacts export`: the API's privacy requests, logged with source `cli`."""
+    from datetime import UTC, timedelta
+
+    from rulesvc.core.ids import id_problem
+    from rulesvc.runtime.privacy import ErasureBusy, erase_contact, export_chunks, record_request
+    from rulesvc.store.db import Store
+    from rulesvc.store.privacy import Privacy
+
+    problem = id_problem(args.contact, "contact_id")
+    if problem:
+        print(f"rulesvc: {problem}", file=sys.stderr)
+        return 1
+    if args.contacts_command == "erase" and not args.yes:
+        if not sys.stdin.isatty():
+            print("rulesvc: erasing cannot be undone; confirm with --yes", file=sys.stderr)
+            return 1
+        answer = input(f"erase contact {args.contact} and everything stored about it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("rulesvc: nothing erased", file=sys.stderr)
+            return 1
+    settings = load_settings()
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
+        if args.contacts_command == "erase":
+            try:
+                report = await erase_contact(store, args.contact, datetime.now(UTC), "cli")
+            except ErasureBusy as exc:
+                print(f"rulesvc: {exc}", file=sys.stderr)
+                return 1
+            total = sum(report.deleted.values())
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(report.deleted.items()) if v) or "nothing stored"
+            queued = f"{report.audience_removals} ad audience removal(s) queued"
+            print(f"erased contact {args.contact}: {total} document(s) ({detail}); {queued}; "
+                  f"request {report.request_id}")  # fmt: skip
+            return 0
+        if not await Privacy(store).known(args.contact):
+            print(f"rulesvc: no contact {args.contact}", file=sys.stderr)
+            return 1
+        requested_at = datetime.now(UTC)
+        size = 0
+        out = _output(args.output)
+        try:
+            async for chunk in export_chunks(store, args.contact, requested_at):
+                out.write(chunk)
+                size += len(chunk)
+            out.write(b"\n")
+        finally:
+            if args.output:
+                out.close()
+            else:
+                out.flush()
+        await record_request(store, "export", args.contact, "cli", {"bytes": size}, requested_at)
+        if args.output:
+            print(f"exported contact {args.contact} to {args.output} ({size} bytes)", file=sys.stderr)
+        return 0
+
+    return _with_database(act, settings)
+
+
+def _output(path: str | None) -> BinaryIO:
+    """The export's destination: the file (created only once the contact is known), or stdout."""
+    return open(path, "wb") if path else sys.stdout.buffer
 
 
 def _print_contact(contact_id: str, profile: dict[str, Any] | None, suppressed: dict[str, Any]) -> None:

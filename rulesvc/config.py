@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from rulesvc.core.privacy import TombstoneMode
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -65,6 +67,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shopify_secret: str | None = None  # comma-separated while a rotated secret still signs
     # --- Segment / RudderStack ingest (issue 18) ---
     segment_mapping: str | None = None  # default: the shipped rulesvc/sources/segment_mapping.json
+    # --- privacy requests (issue 18) ---
+    erasure_tombstone: TombstoneMode = "old-events"
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -249,6 +253,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "RULESVC_SEGMENT_MAPPING",
         "JSON file mapping Segment track/page/screen calls to event types and attributes (docs/segment.md); "
         "unset = the shipped Segment E-commerce v2 mapping; a broken file stops start-up",
+    ),
+    # --- privacy requests (issue 18) ---
+    SettingDoc(
+        "erasure_tombstone",
+        "RULESVC_ERASURE_TOMBSTONE",
+        "after DELETE /v1/contacts/{id}: old-events = drop a posted event of that contact older than the "
+        "erasure (a late retry); all = drop every event of it until a PUT re-creates the contact; off = "
+        "keep every event (docs/privacy.md)",
     ),
 )
 

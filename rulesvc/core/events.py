@@ -91,9 +91,13 @@ class EventError(msgspec.Struct):
     message: str
 
 
-class EventsAccepted(msgspec.Struct):
+class EventsAccepted(msgspec.Struct, omit_defaults=True):
+    """`erased`: events of an erased contact older than its erasure, acknowledged and not stored
+    (RULESVC_ERASURE_TOMBSTONE); left out when none."""
+
     accepted: int
     duplicates: int
+    erased: int = 0
 
 
 class EventsRejected(msgspec.Struct):

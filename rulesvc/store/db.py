@@ -27,6 +27,7 @@ from rulesvc.core.events import Event, event_time
 from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
 from rulesvc.store.keys import InboxTokens, Keys
+from rulesvc.store.privacy_indexes import ensure_privacy_indexes
 from rulesvc.store.retention import MESSAGE_RETENTION, ensure_retention
 from rulesvc.store.transactions import in_transaction
 
@@ -255,6 +256,7 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
+        await ensure_privacy_indexes(self.db)
         from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
 
         await ShopifyStore(self).ensure_indexes()

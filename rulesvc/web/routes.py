@@ -53,6 +53,7 @@ from rulesvc.web.openapi import (
     ref,
 )
 from rulesvc.web.overview_schemas import ChannelTestFailed, ChannelTestRequest, ChannelTestResult, Overview
+from rulesvc.web.privacy_schemas import Erased, PrivacyRequestList
 from rulesvc.web.schemas import (
     CallbacksAccepted,
     ChannelList,
@@ -91,6 +92,7 @@ from rulesvc.web.views import (
     messages,
     ops,
     overview,
+    privacy,
     quarantine,
     rulesets,
     segment,
@@ -347,6 +349,64 @@ ROUTES: list[Route] = [
             "responses": {"200": json_body(ref("Contact"), "the contact"), "404": error("no such contact")},
         },
     ),
+    # --- privacy requests (issue 18: erase, export, the request log; docs/privacy.md) ---
+    Route(
+        "DELETE",
+        "/v1/contacts/{contact_id}",
+        privacy.delete_contact,
+        "admin",
+        types=(Erased, ErrorBody),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "Erase a contact everywhere (GDPR erasure): profile, state, events, messages, "
+            "sends to come, in-app inbox, interests, identity links; queue its removal from ad audiences",
+            "description": "Leaves a tombstone (the SHA-256 of the id) that drops a late retry of an older "
+            "event (RULESVC_ERASURE_TOMBSTONE) and an entry in the request log. An id nothing is stored "
+            "of is erased with zero counts: a request may be repeated.",
+            "operationId": "eraseContact",
+            "responses": {
+                "200": json_body(ref("Erased"), "erased; what was deleted per collection"),
+                "503": error(
+                    "the contact's events or sends stayed in work; nothing but the tombstone "
+                    "was done yet; repeat the request (Retry-After)"
+                ),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/contacts/{contact_id}/export",
+        privacy.get_export,
+        "admin",
+        types=(ErrorBody,),
+        parameters=[contact_id_param()],
+        operation={
+            "summary": "Everything stored about a contact as one JSON document (data subject access)",
+            "description": "Keys: format, contact_id, exported_at, profile, state, identities, audiences "
+            "(member_of, changes), interests, scheduled, messages (with outcomes), events, inbox (ids of "
+            "the in-app messages shown now). Complete, whatever the history's length: streamed.",
+            "operationId": "exportContact",
+            "responses": {
+                "200": json_body({"type": "object"}, "the export (docs/privacy.md)"),
+                "404": error("no such contact: no profile, event, message or identity link of it"),
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/privacy/requests",
+        privacy.get_requests,
+        "admin",
+        query=PagingQuery,
+        types=(PrivacyRequestList, ErrorBody),
+        operation={
+            "summary": "The privacy request log, newest first: each erasure and export, who asked, when, "
+            "when done, what it found",
+            "operationId": "listPrivacyRequests",
+            "responses": {"200": json_body(ref("PrivacyRequestList"), "requests")},
+        },
+    ),
+    # --- end privacy requests ---
     Route(
         "GET",
         "/v1/contacts/{contact_id}/messages",

@@ -18,11 +18,13 @@ from rulesvc.core.contacts import E164_PATTERN, Contact, ContactRejected, decode
 from rulesvc.core.engine import counter_value, flag_active, from_ts, remembered
 from rulesvc.core.ids import id_problem
 from rulesvc.core.messages import MessageList
+from rulesvc.core.privacy import contact_hash
 from rulesvc.core.ruleformat import HOLDOUT_GROUP
 from rulesvc.core.sendpolicy import NO_CONSENT_NEEDED, ask, choose, day_start, suppressed_on
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import Doc, contact_from_doc, message_from_doc
 from rulesvc.store.messages import Messages
+from rulesvc.store.privacy import Privacy
 from rulesvc.web.contact_schemas import (
     AudienceMembership,
     ChannelState,
@@ -239,6 +241,7 @@ async def put_contact(request: web.Request) -> web.Response:
         return json_response(ContactRejected("invalid contact; nothing changed", errors), 422)
     store = request.app[STORE]
     doc = await store.put_contact(contact_id, contact)
+    await Privacy(store).recreated(contact_hash(contact_id), doc["updated_at"])  # an explicit re-creation
     created = doc["created_at"] == doc["updated_at"]
     return json_response(contact_from_doc(doc), 201 if created else 200)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from aiohttp import web
 
 from rulesvc.core.events import (
@@ -14,10 +16,13 @@ from rulesvc.core.events import (
     TooManyEvents,
     decode_json_body,
     decode_ndjson_body,
+    event_time,
 )
+from rulesvc.core.privacy import contact_hash, dropped_events
 from rulesvc.runtime.identity import merge_late, to_known
 from rulesvc.store.db import Store
 from rulesvc.store.messages import Messages
+from rulesvc.store.privacy import Privacy
 from rulesvc.web.keys import API_KEY, FANOUT, INBOX, METRICS, SETTINGS, STORE
 from rulesvc.web.views.base import JSON_TYPES, NDJSON_TYPES, error_response, json_response, read_body
 
@@ -88,8 +93,9 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
     if errors:
         metrics.events.labels("rejected").inc(len({e.index for e in errors}))
         return EventsRejected(f"{len({e.index for e in errors})} invalid event(s); none stored", errors)
+    events, erased = await without_erased(request, events)
     if not events:
-        return EventsAccepted(0, 0)
+        return EventsAccepted(0, 0, erased)
     result = await request.app[STORE].insert_events(events)
     await merge_late(request.app[STORE], events)  # linked while these were stored: moved now
     if INBOX in request.app and result.accepted:
@@ -98,4 +104,21 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
             request.app[FANOUT].wake.set()
     metrics.events.labels("accepted").inc(result.accepted)
     metrics.events.labels("duplicate").inc(result.duplicates)
-    return EventsAccepted(result.accepted, result.duplicates)
+    return EventsAccepted(result.accepted, result.duplicates, erased)
+
+
+async def without_erased(request: web.Request, events: list[Event]) -> tuple[list[Event], int]:
+    """The events a tombstone does not drop (rulesvc.core.privacy.dropped_events), and how many it
+    dropped: one query per batch, none with RULESVC_ERASURE_TOMBSTONE=off."""
+    mode = request.app[SETTINGS].erasure_tombstone
+    contacts = {e.contact_id for e in events if e.contact_id is not None}
+    if mode == "off" or not contacts:
+        return events, 0
+    stones = await Privacy(request.app[STORE]).tombstones_of([contact_hash(c) for c in contacts])
+    if not stones:
+        return events, 0
+    now = datetime.now(UTC)
+    drop = set(dropped_events([(e.contact_id, event_time(e, now)) for e in events], stones, mode))
+    if drop:
+        request.app[METRICS].events.labels("erased").inc(len(drop))
+    return [e for i, e in enumerate(events) if i not in drop], len(drop)
