@@ -425,3 +425,47 @@ async def test_malformed_json_is_400(make_client: Any, settings: Settings) -> No
     assert (await post(client, "/v1/track", json.dumps(ok).encode(), **{"Content-Type": "text/plain"}))[
         0
     ] == 200
+
+
+async def test_an_anonymous_visitor_is_merged_into_the_contact_identify_names(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """Segment's identify with both ids: what the visitor did anonymously moves to the known contact, and
+    later calls with only the anonymous id land there too."""
+    client = await make_client(create_app(settings), "admin")
+    added = {"type": "track", "event": "Product Added", "anonymousId": "v9", "messageId": "m-add",
+             "properties": {"product_id": "p1", "price": 20, "quantity": 1, "name": "Mug"}}  # fmt: skip
+    assert (await post(client, "/v1/track", added))[0] == 200
+    identify = {"type": "identify", "userId": "u9", "anonymousId": "v9", "messageId": "m-id",
+                "traits": {"email": "u9@example.com", "email_opt_in": True}}  # fmt: skip
+    assert (await post(client, "/v1/identify", identify))[0] == 200
+
+    async def merged() -> bool:
+        return await db.events.count_documents({"contact_id": "anon:v9"}) == 0
+
+    await eventually(merged)
+    moved = await db.events.find_one({"_id": "m-add"})
+    assert moved["contact_id"] == "u9" and moved["type"] == "cart_updated"
+    assert await db.contacts.find_one({"_id": "anon:v9"}) is None
+    assert (await db.contacts.find_one({"_id": "u9"}))["email"] == "u9@example.com"
+    page = {"type": "page", "anonymousId": "v9", "messageId": "m-page", "name": "Home"}
+    assert (await post(client, "/v1/page", page))[0] == 200
+    assert (await db.events.find_one({"_id": "m-page"}))["contact_id"] == "u9"
+
+
+async def test_a_late_identify_does_not_bring_an_erased_contact_back(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    client = await make_client(create_app(settings), "admin")
+    sent = datetime.now(UTC).isoformat()
+    identify = {"type": "identify", "userId": "u10", "anonymousId": "v10", "messageId": "m-10",
+                "timestamp": sent, "traits": {"email": "u10@example.com"}}  # fmt: skip
+    assert (await post(client, "/v1/identify", identify))[0] == 200
+    assert (await client.delete("/v1/contacts/u10")).status == 200
+    retried = {**identify, "messageId": "m-10-retry"}  # a client that lost the answer, sending it again
+    assert (await post(client, "/v1/identify", retried))[0] == 200
+    assert await db.contacts.find_one({"_id": "u10"}) is None
+    assert await db.events.count_documents({"contact_id": "u10"}) == 0
+    later = {**identify, "messageId": "m-11", "timestamp": datetime.now(UTC).isoformat()}
+    assert (await post(client, "/v1/identify", later))[0] == 200  # sent after the erasure: a new start
+    assert (await db.contacts.find_one({"_id": "u10"}))["email"] == "u10@example.com"

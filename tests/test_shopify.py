@@ -117,6 +117,7 @@ async def test_checkout_then_nothing_arms_the_reminders_and_the_order_cancels_th
         "last_name": "Biller",
         "tags": ["vip", "newsletter"],
         "shopify_state": "disabled",
+        "shopify_shop": SHOP,  # what a shop's redact finds its contacts by
     }
 
     checkout = payload("checkouts_create")
@@ -284,24 +285,85 @@ async def test_price_drop_and_stock_through_the_catalog(
     assert (status, body["status"]) == (200, "ignored")
 
 
-async def test_privacy_topics_are_verified_recorded_and_acknowledged(
+async def test_privacy_topics_are_carried_out(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """customers/redact erases the customer, shop/redact every contact of the shop (and no other), and
+    customers/data_request logs an export for the shop owner; each acknowledged at once, then done."""
+    client = await app_client(make_client, settings, tmp_path)
+    john = {**payload("customers_create"), "id": 191167, "email": "john@example.com", "phone": "+16135551199"}
+    jane = {**payload("customers_create"), "id": 191168, "email": "jane@example.com", "phone": "+16135551200"}
+    for customer in (john, jane):
+        assert (await post(client, "customers/create", customer))[0] == 200
+    checkout = payload("checkouts_create")
+    checkout["customer"] = {**checkout.get("customer", {}), "id": 191168}
+    assert (await post(client, "checkouts/create", checkout))[1]["accepted"] >= 1
+    other = {"id": "e-other", "type": "page_viewed", "contact_id": "not-from-shopify"}
+    assert (await client.post("/v1/events", json=other)).status == 202
+    assert (await client.put("/v1/contacts/not-from-shopify", json={"email": "x@example.com"})).status == 201
+
+    asked = {**payload("customers_data_request"), "shop_domain": SHOP}
+    asked["customer"] = {**asked["customer"], "id": 191167, "email": "john@example.com"}
+    status, body = await post(client, "customers/data_request", asked, webhook_id="wh-export")
+    assert (status, body["status"]) == (200, "accepted"), body
+    logged = {"kind": "export", "contact_id": "191167", "source": f"shopify:{SHOP}"}
+
+    async def export_logged() -> bool:
+        return await db.privacy_requests.find_one(logged) is not None
+
+    await eventually(export_logged)
+    assert await db.contacts.find_one({"_id": "191167"}) is not None  # an export erases nothing
+
+    redact = {**payload("customers_redact"), "shop_domain": SHOP}
+    redact["customer"] = {"id": 191167, "email": "john@example.com", "phone": "+16135551199"}
+    status, body = await post(client, "customers/redact", redact, webhook_id="wh-redact")
+    assert (status, body["status"]) == (200, "accepted"), body
+
+    async def redact_done() -> Any:
+        doc = await db.shopify_privacy_requests.find_one(
+            {"_id": "shopify/wh-redact", "done_at": {"$ne": None}}
+        )
+        return doc
+
+    await eventually(redact_done)
+    assert await db.contacts.find_one({"_id": "191167"}) is None
+    assert await db.contacts.find_one({"_id": "191168"}) is not None  # jane was not asked for
+    left = json.dumps([d async for d in db.shopify_privacy_requests.find()], default=str)
+    assert "191167" not in left and "john@example.com" not in left  # the request keeps only digests
+
+    status, body = await post(
+        client, "shop/redact", {**payload("shop_redact"), "shop_domain": SHOP}, "wh-shop"
+    )
+    assert (status, body["status"]) == (200, "accepted"), body
+
+    async def shop_done() -> Any:
+        return await db.shopify_privacy_requests.find_one(
+            {"_id": "shopify/wh-shop", "done_at": {"$ne": None}}
+        )
+
+    await eventually(shop_done)
+    assert await db.contacts.find_one({"_id": "191168"}) is None
+    assert await db.events.count_documents({"contact_id": "191168"}) == 0
+    assert await db.contacts.find_one({"_id": "not-from-shopify"}) is not None  # not the shop's
+    assert await db.events.count_documents({"contact_id": "not-from-shopify"}) == 1
+    erased = await db.privacy_requests.count_documents({"kind": "erase", "source": f"shopify:{SHOP}"})
+    assert erased >= 2
+
+
+async def test_a_late_customer_update_does_not_bring_an_erased_customer_back(
     make_client: Any, settings: Settings, db: Any, tmp_path: Path
 ) -> None:
     client = await app_client(make_client, settings, tmp_path)
-    for topic, name, kind in (
-        ("customers/data_request", "customers_data_request", "export"),
-        ("customers/redact", "customers_redact", "erase"),
-        ("shop/redact", "shop_redact", "erase"),
-    ):
-        status, body = await post(client, topic, payload(name), webhook_id=f"wh-{name}")
-        assert (status, body["status"]) == (200, "accepted"), body
-        asked = await db.shopify_privacy_requests.find_one({"_id": f"shopify/wh-{name}"})
-        assert (asked["topic"], asked["kind"]) == (topic, kind)
-    redact = await db.shopify_privacy_requests.find_one({"topic": "customers/redact"})
-    digest = hashlib.sha256(b"john@example.com").hexdigest()[:32]
-    assert redact["contact_ids"] == ["191167", f"shopify-email:{digest}"]
-    assert redact["orders"] == ["299938", "280263", "220458"]
-    assert "john@example.com" not in json.dumps(redact, default=str)  # ids only, no address kept
+    customer = {**payload("customers_create"), "id": 191169, "email": "late@example.com"}
+    sent_before = datetime.now(UTC).isoformat()
+    assert (await post(client, "customers/create", customer))[0] == 200
+    assert (await client.delete("/v1/contacts/191169")).status == 200
+    status, body = await post(client, "customers/update", customer, **{"X-Shopify-Triggered-At": sent_before})
+    assert (status, body["status"]) == (200, "ignored"), body
+    assert await db.contacts.find_one({"_id": "191169"}) is None
+    fresh = {**customer, "email": "back@example.com"}  # sent after the erasure: the customer came back
+    assert (await post(client, "customers/update", fresh))[0] == 200
+    assert (await db.contacts.find_one({"_id": "191169"}))["email"] == "back@example.com"
 
 
 async def test_signature_replay_and_topic_are_refused_as_shopify_expects(

@@ -254,7 +254,7 @@ class Translated:
     profile changes that came with an `anonymousId` only (the view resolves them to a linked contact)."""
 
     events: list[Event] = field(default_factory=list)
-    patches: list[tuple[str, ContactPatch]] = field(default_factory=list)
+    patches: list[tuple[str, ContactPatch, datetime]] = field(default_factory=list)  # with its time
     links: list[tuple[str, str]] = field(default_factory=list)  # (anonymous contact, known contact)
     anonymous: set[str] = field(default_factory=set)
     ignored: int = 0
@@ -416,7 +416,7 @@ def _translate(
         patch = traits_patch(message, where, mapping.identify)
         if isinstance(patch, list):
             return patch
-        out.patches.append((contact_id, patch))
+        out.patches.append((contact_id, patch, time))
         if _text(message.userId) and _text(message.anonymousId):
             out.links.append((anonymous_contact_id(_text(message.anonymousId)), contact_id))
         if mapping.identify.event is None:

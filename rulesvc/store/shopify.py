@@ -151,3 +151,36 @@ class ShopifyStore:
 
 def as_state(doc: Doc) -> VariantState:
     return _state(doc)
+
+
+class ShopifyPrivacy:
+    """The privacy requests Shopify sent that are not carried out yet, and the contacts of a shop."""
+
+    def __init__(self, store: Store) -> None:
+        self.requests = store.db["shopify_privacy_requests"]
+        self.store = store
+
+    async def open_requests(self, now: datetime, limit: int) -> list[Doc]:
+        """Oldest first, those not waiting for a retry; a small collection (a document per request Shopify
+        sends), read as it is."""
+        query = {"done_at": None, "$or": [{"retry_at": None}, {"retry_at": {"$lte": now}}]}
+        cursor = self.requests.find(query).sort([("received_at", ASCENDING)]).limit(limit)
+        return await cursor.to_list()
+
+    async def failed(self, request_id: str, error: str, retry_at: datetime) -> None:
+        """Kept open for another try later, the others meanwhile going first."""
+        await self.requests.update_one(
+            {"_id": request_id},
+            {"$set": {"last_error": error, "retry_at": retry_at}, "$inc": {"attempts": 1}},
+        )
+
+    async def done(self, request_id: str, now: datetime, counts: Doc) -> None:
+        await self.requests.update_one({"_id": request_id}, {"$set": {"done_at": now, "counts": counts}})
+
+    async def shop_contacts(self, shop: str) -> list[str]:
+        """Every contact Shopify told us about for this shop: profiles from its customer webhooks and the
+        contacts of its checkouts, orders and fulfillments. Neither field is indexed: a shop's redact
+        comes once, 48 hours after the app was uninstalled, and reads the collections through once."""
+        ids = set(await self.store.contacts.distinct("_id", {"attributes.shopify_shop": shop}))
+        ids |= set(await self.store.events.distinct("contact_id", {"attributes.shop": shop}))
+        return sorted(i for i in ids if isinstance(i, str))

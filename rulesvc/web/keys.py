@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from aiohttp import web
 
@@ -44,6 +46,8 @@ INBOX = web.AppKey("inbox", Inbox)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 FANOUT = web.AppKey("fanout", CatalogFanout)
 SIMULATOR = web.AppKey("simulator", Simulator)
+# Set by a Shopify privacy webhook: the loop that carries requests out (runtime/shopify_privacy.py) looks now.
+SHOPIFY_PRIVACY = web.AppKey("shopify_privacy", asyncio.Event)
 BACKTESTS = web.AppKey("backtests", BacktestRunner)  # this worker's backtest processes, and the job documents
 
 API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request came with, if it came with one

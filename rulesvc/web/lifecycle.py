@@ -21,6 +21,7 @@ from rulesvc.core.sendpolicy import SendPolicy
 from rulesvc.default_plugins.builtin import BUILTIN_PLUGINS
 from rulesvc.plugins import PluginReport, load_plugins
 from rulesvc.replay.simulate import Simulator
+from rulesvc.runtime import shopify_privacy
 from rulesvc.runtime.backtests import BacktestRunner
 from rulesvc.runtime.dispatcher import Dispatcher, parse_quiet_hours, quiet_channels
 from rulesvc.runtime.fanout import CatalogFanout
@@ -48,6 +49,7 @@ from rulesvc.web.keys import (
     SCHEDULER,
     SEND_POLICY,
     SETTINGS,
+    SHOPIFY_PRIVACY,
     SIMULATOR,
     STORE,
 )
@@ -180,12 +182,16 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
     stop = asyncio.Event()
+    app[SHOPIFY_PRIVACY] = asyncio.Event()
     tasks = [
         asyncio.create_task(rulesets.watch(stop), name="rulesets-watch"),
         asyncio.create_task(inbox.run(stop), name="inbox"),
         asyncio.create_task(scheduler.run(stop), name="scheduler"),
         asyncio.create_task(fanout.run(stop), name="catalog-fanout"),
         asyncio.create_task(merge_loop(app[STORE], stop, count_fate), name="identity-merges"),
+        asyncio.create_task(
+            shopify_privacy.run(app[STORE], stop, app[SHOPIFY_PRIVACY]), name="shopify-privacy"
+        ),
         *(
             asyncio.create_task(run_job(job, app[STORE], stop), name=f"job-{job.name}")
             for job in channels.jobs

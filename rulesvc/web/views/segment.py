@@ -21,8 +21,9 @@ from rulesvc.core.segment import (
     translate,
 )
 from rulesvc.runtime.identity import link, resolve_contacts
+from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.db import Store
-from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, STORE
+from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, SETTINGS, STORE
 from rulesvc.web.views.base import json_response, read_body
 from rulesvc.web.views.events import ingest
 
@@ -45,10 +46,15 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
         return json_response(rejected(f"{len(exc.errors)} problem(s){more}; nothing stored", shown), 400)
     store = request.app[STORE]
     await _resolve(store, found)
-    for contact_id, patch in found.patches:  # before the events, so rules deciding on them see the profile
-        await store.patch_contact(contact_id, patch, received_at)
+    # A late retry of an identify sent before its contact was erased may not bring the profile back.
+    mode = request.app[SETTINGS].erasure_tombstone
+    erased = {c for c, _, sent in found.patches if await tombstone_drops(store, c, sent, mode)}
+    for contact_id, patch, _ in found.patches:  # before the events, so rules deciding on them see the profile
+        if contact_id not in erased:
+            await store.patch_contact(contact_id, patch, received_at)
     for anonymous, known in found.links:
-        await link(store, anonymous, known, received_at)
+        if known not in erased:
+            await link(store, anonymous, known, received_at)
     result = await ingest(request, found.events)
     if isinstance(result, EventsRejected):
         errors = [FieldError(segment_path(e.path, found.places[e.index]), e.message) for e in result.errors]
@@ -68,7 +74,7 @@ async def _resolve(store: Store, found: Translated) -> None:
     for event in found.events:
         if event.contact_id in known:
             event.contact_id = known[event.contact_id]
-    found.patches = [(known.get(contact_id, contact_id), patch) for contact_id, patch in found.patches]
+    found.patches = [(known.get(c, c), patch, sent) for c, patch, sent in found.patches]
 
 
 async def post_batch(request: web.Request) -> web.Response:

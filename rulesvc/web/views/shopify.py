@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from rulesvc.core.bodies import TOO_DEEP
+from rulesvc.core.contacts import ContactPatch
 from rulesvc.core.events import Event, EventsAccepted, event_problems
 from rulesvc.core.shopify import (
     PRIVACY_TOPICS,
@@ -34,11 +35,12 @@ from rulesvc.core.shopify import (
     variants_of,
     webhook_id_problem,
 )
+from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.catalog import Catalog
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import Store
 from rulesvc.store.shopify import ShopifyStore, as_state
-from rulesvc.web.keys import SETTINGS, STORE
+from rulesvc.web.keys import SETTINGS, SHOPIFY_PRIVACY, STORE
 from rulesvc.web.schemas import ErrorBody
 from rulesvc.web.views.base import error_response, json_response, read_body
 from rulesvc.web.views.events import ingest
@@ -63,9 +65,8 @@ class ShopifyReceived(msgspec.Struct):
 
 async def privacy_request(store: Store, ask: PrivacyAsk, delivery: Delivery, now: datetime) -> str:
     """Shopify's mandatory privacy topics: customers/data_request (export), customers/redact and
-    shop/redact (erase). The request is recorded in `shopify_privacy_requests` (contact and order ids,
-    never an email or phone) and acknowledged; the lead connects this function to the privacy module's
-    `record_request`, `export_contact` and `erase_contact`, which carry it out."""
+    shop/redact (erase). Recorded in `shopify_privacy_requests` (contact and order ids, never an email or
+    phone) and acknowledged at once; rulesvc.runtime.shopify_privacy carries it out."""
     request_id = await ShopifyStore(store).record_privacy(ask, delivery, now)
     log.info("shopify.privacy_request", topic=delivery.topic, shop=ask.shop, kind=ask.kind,
              contacts=len(ask.contact_ids), orders=len(ask.orders), request=request_id)  # fmt: skip
@@ -132,6 +133,8 @@ async def _handle(
             raise PayloadRejected("$", "the body must be a JSON object, as Shopify sends it")
         ask = privacy_ask(payload, delivery)
         request_id = await privacy_request(store, ask, delivery, now)
+        if SHOPIFY_PRIVACY in request.app:
+            request.app[SHOPIFY_PRIVACY].set()
         return ShopifyReceived("accepted", topic, note=f"privacy request {request_id} recorded ({ask.kind})")
     if topic == "products/update":
         return await _product(request, store, payload, delivery)
@@ -140,7 +143,8 @@ async def _handle(
     todo = plan(payload, delivery)
     if todo.customer_id is not None:  # customers/create|update
         if todo.profile is not None:
-            await store.patch_contact(todo.customer_id, todo.profile, now)
+            if not await _patch(request, todo.customer_id, todo.profile, delivery, now):
+                return ShopifyReceived("ignored", topic, note="the customer was erased after this was sent")
         return ShopifyReceived("accepted", topic, contact_id=todo.customer_id)
     contact_id = None
     if todo.order_id is not None:
@@ -155,8 +159,23 @@ async def _handle(
     events = [msgspec.structs.replace(e, contact_id=contact_id) for e in todo.events]
     _check(events)  # before the profile is touched: a refused delivery changes nothing
     if todo.profile is not None and _has_fields(todo):
-        await store.patch_contact(contact_id, todo.profile, now)
+        await _patch(request, contact_id, todo.profile, delivery, now)
     return await _ingest(request, topic, events, contact_id)
+
+
+async def _patch(
+    request: web.Request, contact_id: str, profile: ContactPatch, delivery: Delivery, now: datetime
+) -> bool:
+    """The profile change, tagged with its shop (a shop's redact finds its contacts by it); not made when
+    the contact was erased after Shopify sent it (a late retry must not bring the email back)."""
+    sent = delivery.triggered_at or now
+    if await tombstone_drops(request.app[STORE], contact_id, sent, request.app[SETTINGS].erasure_tombstone):
+        return False
+    attributes = {**profile.attributes, "shopify_shop": delivery.shop}
+    await request.app[STORE].patch_contact(
+        contact_id, msgspec.structs.replace(profile, attributes=attributes), now
+    )
+    return True
 
 
 def _has_fields(todo: Plan) -> bool:
