@@ -48,7 +48,8 @@ class Metrics:
         )
         self.events = Counter(
             "rulesvc_events",
-            "Events posted, by outcome (accepted, duplicate, rejected)",
+            "Events posted, by outcome (accepted, duplicate, rejected; erased: dropped by an erased "
+            "contact's tombstone; ignored: Segment calls that carry no event, e.g. group)",
             ["outcome"],
             registry=self.registry,
         )
