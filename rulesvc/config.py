@@ -67,6 +67,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shopify_secret: str | None = None  # comma-separated while a rotated secret still signs
     # --- Segment / RudderStack ingest (issue 18) ---
     segment_mapping: str | None = None  # default: the shipped rulesvc/sources/segment_mapping.json
+    segment_traits: Literal["fill-empty", "overwrite"] = "fill-empty"
     # --- privacy requests (issue 18) ---
     erasure_tombstone: TombstoneMode = "old-events"
 
@@ -248,6 +249,14 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "answers 401 (docs/shopify.md)",
     ),
     # --- Segment / RudderStack ingest (issue 18) ---
+    SettingDoc(
+        "segment_traits",
+        "RULESVC_SEGMENT_TRAITS",
+        "what an identify from an `ingest` write key may change: fill-empty = email, phone and timezone only "
+        "where the contact has none, consent only given where none was (a withdrawal always counts), as a "
+        "write key in a browser is public; overwrite = replace them (a write key only servers hold); an "
+        "admin key always overwrites; other traits always merge (docs/segment.md)",
+    ),
     SettingDoc(
         "segment_mapping",
         "RULESVC_SEGMENT_MAPPING",

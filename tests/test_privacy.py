@@ -257,6 +257,28 @@ async def test_a_long_history_is_exported_and_erased_whole(make_client: Any, sho
     assert answer["deleted"]["events"] == n and await db.events.count_documents({}) == 0
 
 
+async def test_only_an_admin_key_reads_a_contacts_whole_data(
+    make_client: Any, shop: Settings, db: Any
+) -> None:
+    """A `read` key (the console's read-only users) may look at everything else, not export a person or
+    read the privacy log; nor may an ingest key."""
+    admin = await make_client(create_app(shop))
+    assert (await admin.put("/v1/contacts/r-1", json={"email": "r1@example.com"})).status == 201
+    for scope in ("read", "ingest"):
+        other = await make_client(create_app(shop), scope)
+        for path in ("/v1/contacts/r-1/export", "/v1/privacy/requests"):
+            resp = await other.get(path)
+            assert resp.status == 403, (scope, path, await resp.text())
+    reader = await make_client(create_app(shop), "read")
+    assert (await reader.get("/v1/contacts/r-1")).status == 200  # the profile itself: as before
+    assert (await admin.get("/v1/contacts/r-1/export")).status == 200
+
+    async def logged_once() -> bool:  # only the admin's export, logged once it has been streamed
+        return await db.privacy_requests.count_documents({"kind": "export"}) == 1
+
+    await eventually(logged_once)
+
+
 async def test_a_late_retry_of_an_old_event_is_dropped_a_new_event_is_kept(
     make_client: Any, shop: Settings, db: Any
 ) -> None:

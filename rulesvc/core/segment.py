@@ -205,7 +205,7 @@ class Batch(msgspec.Struct):
     sentAt: datetime | None = None
 
 
-class SegmentAccepted(msgspec.Struct):
+class SegmentAccepted(msgspec.Struct, omit_defaults=True):
     """Segment's answer (`success`), and what became of the messages: stored as events, already stored
     (a retry: same `messageId`), accepted but not stored (group calls, track events the mapping ignores)."""
 
@@ -213,6 +213,10 @@ class SegmentAccepted(msgspec.Struct):
     accepted: int
     duplicates: int
     ignored: int
+    # Messages of a batch left out for a problem (each listed with its path in `errors`); the others
+    # were taken. Absent when none was.
+    rejected: int = 0
+    errors: list[FieldError] = msgspec.field(default_factory=list)
 
 
 class SegmentRejected(msgspec.Struct):
@@ -255,10 +259,23 @@ class Translated:
 
     events: list[Event] = field(default_factory=list)
     patches: list[tuple[str, ContactPatch, datetime]] = field(default_factory=list)  # with its time
-    links: list[tuple[str, str]] = field(default_factory=list)  # (anonymous contact, known contact)
+    # (anonymous contact, known contact, the message's time): identify, alias, and any call with both ids
+    links: list[tuple[str, str, datetime]] = field(default_factory=list)
     anonymous: set[str] = field(default_factory=set)
     ignored: int = 0
     places: list[str] = field(default_factory=list)  # the JSON path of each event's message
+    # The problems of the messages left out of a batch whose other messages are taken, and how many.
+    errors: list[FieldError] = field(default_factory=list)
+    rejected: int = 0
+
+    def mark(self) -> tuple[int, int, int, int, int]:
+        return len(self.events), len(self.patches), len(self.links), len(self.places), self.ignored
+
+    def undo(self, mark: tuple[int, int, int, int, int], anonymous: set[str]) -> None:
+        """Forget what a message that turned out invalid had added: a message is taken whole or not."""
+        events, patches, links, places, self.ignored = mark
+        del self.events[events:], self.patches[patches:], self.links[links:], self.places[places:]
+        self.anonymous = anonymous
 
 
 _MESSAGE_DECODER = msgspec.json.Decoder(Message)
@@ -273,7 +290,8 @@ def _refusal(exc: msgspec.ValidationError, where: str) -> FieldError:
 
 def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: datetime) -> Translated:
     """The body of `POST /v1/<kind>` as events, profile changes and links; raises TooLarge, Malformed, or
-    Refused with every problem (nothing of a request with one problem is stored)."""
+    Refused with every problem when nothing of the request can be taken (a single call with a problem, a
+    batch whose every message has one)."""
     errors: list[FieldError] = []
     out = Translated()
     if kind == "batch":
@@ -300,6 +318,7 @@ def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: dat
             message = _MESSAGE_DECODER.decode(raw)
         except msgspec.ValidationError as exc:
             errors.append(_refusal(exc, where))
+            out.rejected += 1
             continue
         except msgspec.DecodeError as exc:
             raise Malformed(f"malformed JSON: {exc}") from exc
@@ -309,12 +328,21 @@ def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: dat
         if call not in MESSAGE_TYPES:
             said = f"`{call}`" if isinstance(call, str) else "missing"
             errors.append(FieldError(f"{where}.type", f"{said}; one of {', '.join(MESSAGE_TYPES)}"))
+            out.rejected += 1
             continue
         if shared:
             message.context = {**shared, **(message.context or {})}
-        errors.extend(_translate(message, call, raw, where, sent_at, mapping, received_at, out))
-    if errors:
+        mark, anonymous = out.mark(), set(out.anonymous)
+        problems = _translate(message, call, raw, where, sent_at, mapping, received_at, out)
+        if problems:
+            out.undo(mark, anonymous)
+            errors.extend(problems)
+            out.rejected += 1
+    # One call with a problem is refused (400, as a library expects); a batch keeps its valid messages,
+    # as Segment does: one bad message may not cost the others (the answer lists what was left out).
+    if errors and (kind != "batch" or out.rejected == len(items)):
         raise Refused(errors)
+    out.errors = errors
     return out
 
 
@@ -395,7 +423,11 @@ def _translate(
         out.ignored += 1
         return []
     if call == "alias":
-        return _alias(message, where, out)
+        try:
+            when = event_time(message, sent_at, received_at)
+        except OverflowError:
+            when = received_at
+        return _alias(message, where, out, when if time_in_range(when) else received_at)
     contact = contact_of(message, where)
     if isinstance(contact, FieldError):
         return [contact]
@@ -412,13 +444,15 @@ def _translate(
         return [FieldError(f"{where}.{place}", f"the time (corrected by sentAt) must be {TIME_RANGE}")]
     if anonymous:
         out.anonymous.add(contact_id)
+    elif _text(message.anonymousId):  # both ids: the visitor is this contact (Segment's identity rule)
+        linked = anonymous_contact_id(_text(message.anonymousId))
+        if id_problem(linked) is None:
+            out.links.append((linked, contact_id, time))
     if call == "identify":
         patch = traits_patch(message, where, mapping.identify)
         if isinstance(patch, list):
             return patch
         out.patches.append((contact_id, patch, time))
-        if _text(message.userId) and _text(message.anonymousId):
-            out.links.append((anonymous_contact_id(_text(message.anonymousId)), contact_id))
         if mapping.identify.event is None:
             return []
         attributes: dict[str, Any] = dict(patch.attributes)
@@ -459,8 +493,9 @@ def segment_path(path: str, where: str) -> str:
     return f"{where}.event"  # the type the event maps to refuses it (a catalog type has no contact)
 
 
-def _alias(message: Message, where: str, out: Translated) -> list[FieldError]:
-    """`previousId` (an anonymous id) becomes the contact `userId`: a link."""
+def _alias(message: Message, where: str, out: Translated, time: datetime) -> list[FieldError]:
+    """`previousId` (an anonymous id) becomes the contact `userId`: a link, made at the message's time
+    (an erased contact's tombstone refuses a late retry of one sent before the erasure)."""
     previous, user = _text(message.previousId), _text(message.userId)
     errors = []
     if not previous:
@@ -478,7 +513,7 @@ def _alias(message: Message, where: str, out: Translated) -> list[FieldError]:
         if problem:
             errors.append(FieldError(where + path, problem))
     if not errors and anonymous != user:
-        out.links.append((anonymous, user))
+        out.links.append((anonymous, user, time))
     return errors
 
 

@@ -493,18 +493,37 @@ class Store:
         assert doc is not None
         return doc
 
-    async def patch_contact(self, contact_id: str, patch: ContactPatch, now: datetime | None = None) -> Doc:
+    async def patch_contact(
+        self, contact_id: str, patch: ContactPatch, now: datetime | None = None, *, fill_only: bool = False
+    ) -> Doc:
         """Merge part of a profile into the contact (created if new): given fields replace, `consent`
-        and `attributes` merge key by key; as `put_contact`, a changed email drops the invalid mark."""
+        and `attributes` merge key by key; as `put_contact`, a changed email drops the invalid mark.
+
+        `fill_only`, for a source anyone may hold the key of (a browser's Segment write key): email,
+        phone and timezone only where the contact has none, consent only granted where none was given
+        (a withdrawal always counts), so nobody can redirect or opt in somebody else."""
         now = now or datetime.now(UTC)
-        given: Doc = {k: {"$literal": getattr(patch, k)} for k in ("email", "phone", "timezone")}
-        given = {k: v for k, v in given.items() if v["$literal"] is not None}
+        given: Doc = {}
+        for name in ("email", "phone", "timezone"):
+            value = getattr(patch, name)
+            if value is not None:
+                given[name] = (
+                    {"$ifNull": [f"${name}", {"$literal": value}]} if fill_only else {"$literal": value}
+                )
+        if fill_only:
+            grants = {k: v for k, v in patch.consent.items() if v}
+            withdrawals = {k: v for k, v in patch.consent.items() if not v}
+            consent = [{"$literal": grants}, {"$ifNull": ["$consent", {}]}, {"$literal": withdrawals}]
+        else:
+            consent = [{"$ifNull": ["$consent", {}]}, {"$literal": patch.consent}]
         merged = {
-            k: {"$mergeObjects": [{"$ifNull": [f"${k}", {}]}, {"$literal": getattr(patch, k)}]}
-            for k in ("consent", "attributes")
+            "consent": {"$mergeObjects": consent},
+            "attributes": {
+                "$mergeObjects": [{"$ifNull": ["$attributes", {}]}, {"$literal": patch.attributes}]
+            },
         }
         first: Doc = {"created_at": {"$ifNull": ["$created_at", now]}}
-        if patch.email is not None:
+        if patch.email is not None and not fill_only:
             first["email_invalid"] = {
                 "$and": [
                     {"$eq": [{"$ifNull": ["$email", None]}, patch.email]},

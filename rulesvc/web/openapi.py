@@ -94,8 +94,11 @@ _SECURITY: dict[str, list[Schema]] = {
     "segment": [{"writeKey": []}, {"apiKey": ["ingest"]}, {"apiKey": ["admin"]}],
     "inbox": [{"inboxToken": []}, {"inboxTokenQuery": []}, {"apiKey": ["admin"]}],
     "admin": [{"apiKey": ["admin"]}],
+    "personal-data": [{"apiKey": ["admin"]}],
 }
 _ACCESS_NOTE = {
+    "personal-data": " Only an admin key: a `read` key may look at everything else, not at a data subject's "
+    "whole data.",
     "ops": " Open from loopback (everywhere with RULESVC_OPEN_OPS); elsewhere it needs an admin key.",
     "signed-by-provider": " No API key: the request carries the provider's own signature (e.g. Twilio's "
     "`X-Twilio-Signature`, Standard Webhooks' `webhook-signature`), which the channel verifies; 401 when "

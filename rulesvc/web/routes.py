@@ -10,7 +10,9 @@ Access:
 - `signed-by-provider`: no API key; the channel checks the provider's own signature.
 - `segment`: as `ingest`, and the key may also come as Segment's write key: HTTP Basic with the key as the
   user name and an empty password (what Segment's and RudderStack's client libraries send).
-- `admin`: an `admin` API key.
+- `admin`: an `admin` API key (a `read` key may GET these: the console's read-only users).
+- `personal-data`: an `admin` API key only, also for GET: a whole contact's export and the privacy request
+  log are a data subject's data, not something to look at in passing.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ from rulesvc.web.views import (
 from rulesvc.web.views import shopify as shopify_source
 from rulesvc.web.views.base import NDJSON_TYPES, QueryRejected, error_response, parse_query
 
-Access = Literal["public", "ops", "ingest", "segment", "inbox", "signed-by-provider", "admin"]
+Access = Literal[
+    "public", "ops", "ingest", "segment", "inbox", "signed-by-provider", "admin", "personal-data"
+]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -377,7 +381,7 @@ ROUTES: list[Route] = [
         "GET",
         "/v1/contacts/{contact_id}/export",
         privacy.get_export,
-        "admin",
+        "personal-data",
         types=(ErrorBody,),
         parameters=[contact_id_param()],
         operation={
@@ -396,7 +400,7 @@ ROUTES: list[Route] = [
         "GET",
         "/v1/privacy/requests",
         privacy.get_requests,
-        "admin",
+        "personal-data",
         query=PagingQuery,
         types=(PrivacyRequestList, ErrorBody),
         operation={

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import structlog
 from aiohttp import web
 
 from rulesvc.core.contacts import FieldError
-from rulesvc.core.events import EventsRejected
+from rulesvc.core.events import EventError, EventsRejected
+from rulesvc.core.privacy import contact_hash, dropped_events
 from rulesvc.core.segment import (
     Kind,
     Malformed,
@@ -21,13 +23,17 @@ from rulesvc.core.segment import (
     translate,
 )
 from rulesvc.runtime.identity import link, resolve_contacts
-from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.db import Store
-from rulesvc.web.keys import METRICS, SEGMENT_MAPPING, SETTINGS, STORE
+from rulesvc.store.identity import Identities
+from rulesvc.store.privacy import Privacy
+from rulesvc.web.keys import API_KEY, METRICS, SEGMENT_MAPPING, SETTINGS, STORE
 from rulesvc.web.views.base import json_response, read_body
-from rulesvc.web.views.events import ingest
+from rulesvc.web.views.events import foreign_outcomes, ingest
+
+log = structlog.get_logger(__name__)
 
 MAX_ERRORS_SHOWN = 100  # a 500 KB batch of junk would otherwise be answered with megabytes of errors
+MERGES_PER_REQUEST = 10  # links merged while the request waits; more are left to the merge loop
 
 
 async def _post(request: web.Request, kind: Kind) -> web.Response:
@@ -44,23 +50,71 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
         shown = exc.errors[:MAX_ERRORS_SHOWN]
         more = f" (the first {len(shown)} listed)" if len(shown) < len(exc.errors) else ""
         return json_response(rejected(f"{len(exc.errors)} problem(s){more}; nothing stored", shown), 400)
+    most = request.app[SETTINGS].max_batch_events
+    if len(found.events) + len(found.patches) + len(found.links) > most:
+        message = (
+            f"more than {most} events, identify and alias calls in one request (RULESVC_MAX_BATCH_EVENTS)"
+        )
+        return json_response(rejected(message, code="too_large"), 413)
     store = request.app[STORE]
+    key = request.get(API_KEY)
+    if key is not None and key.scope != "admin":  # before anything is written: a refused message does nothing
+        _leave_out(found, await foreign_outcomes(store, found.events))
+    if found.rejected:
+        log.warning("segment.rejected", messages=found.rejected, paths=[e.path for e in found.errors[:10]])
+        request.app[METRICS].events.labels("rejected").inc(found.rejected)
     await _resolve(store, found)
-    # A late retry of an identify sent before its contact was erased may not bring the profile back.
-    mode = request.app[SETTINGS].erasure_tombstone
-    erased = {c for c, _, sent in found.patches if await tombstone_drops(store, c, sent, mode)}
-    for contact_id, patch, _ in found.patches:  # before the events, so rules deciding on them see the profile
-        if contact_id not in erased:
-            await store.patch_contact(contact_id, patch, received_at)
-    for anonymous, known in found.links:
-        if known not in erased:
-            await link(store, anonymous, known, received_at)
+    settings = request.app[SETTINGS]
+    stones = await Privacy(store).tombstones_of(
+        sorted({contact_hash(c) for c, _, _ in found.patches} | {contact_hash(k) for _, k, _ in found.links})
+    )
+    # A late retry of an identify or alias sent before its contact was erased may not bring it back.
+    times = [(c, sent) for c, _, sent in found.patches] + [(k, sent) for _, k, sent in found.links]
+    erased = set(dropped_events(times, stones, settings.erasure_tombstone))
+    fill_only = key is not None and key.scope != "admin" and settings.segment_traits == "fill-empty"
+    for i, (contact_id, patch, _) in enumerate(found.patches):  # first: the rules deciding see the profile
+        if i not in erased:
+            await store.patch_contact(contact_id, patch, received_at, fill_only=fill_only)
+    offset = len(found.patches)
+    await _link(store, [x for i, x in enumerate(found.links) if offset + i not in erased], received_at)
     result = await ingest(request, found.events)
-    if isinstance(result, EventsRejected):
+    if isinstance(result, EventsRejected):  # (not for outcomes any more; kept for what ingest may add)
         errors = [FieldError(segment_path(e.path, found.places[e.index]), e.message) for e in result.errors]
         return json_response(rejected(result.error, errors), 400)
     request.app[METRICS].events.labels("ignored").inc(found.ignored)
-    return json_response(SegmentAccepted(True, result.accepted, result.duplicates, found.ignored))
+    shown = found.errors[:MAX_ERRORS_SHOWN]
+    return json_response(
+        SegmentAccepted(True, result.accepted, result.duplicates, found.ignored, found.rejected, shown)
+    )
+
+
+def _leave_out(found: Translated, refused: list[EventError]) -> None:
+    """Events an ingest key may not post (an outcome of a message that is not its contact's) are left out
+    of the batch as its invalid messages are."""
+    if not refused:
+        return
+    drop = {e.index for e in refused}
+    found.errors += [FieldError(segment_path(e.path, found.places[e.index]), e.message) for e in refused]
+    found.rejected += len(drop)
+    found.events = [e for i, e in enumerate(found.events) if i not in drop]
+    found.places = [p for i, p in enumerate(found.places) if i not in drop]
+
+
+async def _link(store: Store, links: list[tuple[str, str, datetime]], now: datetime) -> None:
+    """Link each anonymous visitor to its contact, once: those linked already are skipped (one query), the
+    first few merged now, the rest recorded for the merge loop, so that a batch of thousands of identify
+    calls costs one write each rather than a merge each."""
+    wanted: dict[str, str] = {}
+    for anonymous, known, _ in links:
+        wanted.setdefault(anonymous, known)
+    if not wanted:
+        return
+    linked = await resolve_contacts(store, list(wanted))
+    new = [(a, k) for a, k in wanted.items() if a not in linked]
+    for anonymous, known in new[:MERGES_PER_REQUEST]:
+        await link(store, anonymous, known, now)
+    for anonymous, known in new[MERGES_PER_REQUEST:]:
+        await Identities(store).record(anonymous, known, now)
 
 
 async def _resolve(store: Store, found: Translated) -> None:
