@@ -111,7 +111,7 @@ async def test_checkout_then_nothing_arms_the_reminders_and_the_order_cancels_th
     )
     contact = await db.contacts.find_one({"_id": "603851970716743426"})
     assert contact["email"] == "bob@biller.com" and contact["phone"] == "+16135551111"
-    assert contact["consent"] == {"email": True, "sms": False}
+    assert contact["consent"] == {"email": True}  # sms `not_subscribed`: never asked, nothing to change
     assert contact["attributes"] == {
         "first_name": "Bob",
         "last_name": "Biller",
@@ -173,8 +173,72 @@ async def test_checkout_then_nothing_arms_the_reminders_and_the_order_cancels_th
     status, body = await post(client, "orders/paid", order)
     assert (status, body["accepted"], body["duplicates"]) == (200, 0, 1)
     assert await db.events.count_documents({"type": "purchased"}) == 1
-    # the order's consent for email (not_subscribed) is Shopify's latest word on it
-    assert (await db.contacts.find_one({"_id": "603851970716743426"}))["consent"]["email"] is False
+    # the order's consent for email is `not_subscribed`, Shopify's default: it does not undo the opt-in
+    assert (await db.contacts.find_one({"_id": "603851970716743426"}))["consent"]["email"] is True
+
+
+async def test_a_checkout_delivered_after_its_order_arms_no_reminder(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """Shopify does not keep the order of deliveries: the order (t1) comes, then an update of the
+    checkout it came from (t0 < t1). The customer bought: no reminder may be armed."""
+    client = await app_client(make_client, settings, tmp_path)
+    customer = {**payload("customers_create"), "id": 603851970716743426}
+    customer["email_marketing_consent"] = {"state": "subscribed", "opt_in_level": "single_opt_in"}
+    assert (await post(client, "customers/create", customer))[0] == 200
+    checkout = payload("checkouts_create")  # id 981820079255243537, token 123123123
+    order = payload("orders_create")
+    order.update(cancelled_at=None, financial_status="paid", checkout_id=checkout["id"],
+                 checkout_token=checkout["token"])  # fmt: skip
+    order["customer"]["id"] = 603851970716743426
+    t0, t1 = "2026-01-05T10:00:00+00:00", "2026-01-05T10:04:00+00:00"
+    status, body = await post(client, "orders/create", order, **{"X-Shopify-Triggered-At": t1})
+    assert (status, body["accepted"]) == (200, 1)
+
+    status, body = await post(client, "checkouts/update", checkout, **{"X-Shopify-Triggered-At": t0})
+    assert (status, body["status"], body["accepted"]) == (200, "ignored", 0), body
+    assert "820982911946154508" in body["note"]
+
+    async def decided() -> bool:
+        return await db.events.count_documents({"contact_id": "603851970716743426", "state": "pending"}) == 0
+
+    await eventually(decided)
+    assert await db.events.count_documents({"type": "checkout_started"}) == 0
+    armed = {"contact_id": "603851970716743426", "ruleset": "checkout_abandon"}
+    assert await db.schedule.count_documents(armed) == 0
+    assert await db.messages.count_documents(armed) == 0
+    purchase = await db.events.find_one({"_id": "shopify/order/820982911946154508/purchased"})
+    assert purchase["attributes"]["checkout_token"] == "123123123"  # what finds it
+
+    # another checkout of the same customer, not bought: that one still arms the reminders
+    other = {**checkout, "id": 981820079255243538, "token": "456456456"}
+    status, body = await post(client, "checkouts/update", other, **{"X-Shopify-Triggered-At": t1})
+    assert (status, body["status"], body["accepted"]) == (200, "accepted", 1), body
+
+
+async def test_consent_changes_only_on_a_yes_or_a_no_from_shopify(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """`not_subscribed` (Shopify's default) and `pending` (a double opt-in not confirmed) do not take back
+    an opt-in given elsewhere; `unsubscribed`, `redacted` and `invalid` do; `subscribed` gives it."""
+    client = await app_client(make_client, settings, tmp_path)
+    given = {"email": "bob@biller.com", "consent": {"email": True, "sms": True}}
+    assert (await client.put("/v1/contacts/706405506930370084", json=given)).status in (200, 201)
+    customer = payload("customers_create")  # id 706405506930370084
+
+    async def consent_after(email_state: str | None, sms_state: str | None) -> Any:
+        sent = {**customer, "phone": "+16135551111"}
+        sent["email_marketing_consent"] = None if email_state is None else {"state": email_state}
+        sent["sms_marketing_consent"] = None if sms_state is None else {"state": sms_state}
+        assert (await post(client, "customers/update", sent))[0] == 200
+        return (await db.contacts.find_one({"_id": "706405506930370084"}))["consent"]
+
+    assert await consent_after("not_subscribed", "pending") == {"email": True, "sms": True}
+    assert await consent_after("pending", "not_subscribed") == {"email": True, "sms": True}
+    assert await consent_after("unsubscribed", None) == {"email": False, "sms": True}
+    assert await consent_after("subscribed", "redacted") == {"email": True, "sms": False}
+    assert await consent_after("invalid", "subscribed") == {"email": False, "sms": True}
+    assert await consent_after("not_subscribed", "not_subscribed") == {"email": False, "sms": True}
 
 
 async def test_documented_order_example_is_cancelled_so_no_purchase(
@@ -249,7 +313,7 @@ async def test_price_drop_and_stock_through_the_catalog(
     cheaper["variants"][0]["price"] = "19.99"
     status, body = await post(client, "products/update", cheaper, webhook_id="wh-price")
     assert (status, body["accepted"]) == (200, 1)
-    event = await db.events.find_one({"_id": "shopify/wh-price/price/123456789"})
+    event = await db.events.find_one({"_id": "shopify/wh-price/price"})
     assert event["type"] == "price_changed" and event["contact_id"] is None  # a catalog event
     assert {k: event["attributes"][k] for k in ("product_id", "price", "previous_price", "name")} == {
         "product_id": "9554194432293",
@@ -264,7 +328,7 @@ async def test_price_drop_and_stock_through_the_catalog(
     sale["variants"][0].update(price="15.00", compare_at_price="20.00", inventory_item_id=None)
     status, body = await post(client, "products/update", sale, webhook_id="wh-sale")
     assert (status, body["accepted"]) == (200, 1)
-    first = await db.events.find_one({"_id": "shopify/wh-sale/price/2002"})
+    first = await db.events.find_one({"_id": "shopify/wh-sale/price"})
     assert (first["attributes"]["price"], first["attributes"]["previous_price"]) == (15.0, 20.0)
 
     level = payload("inventory_levels_update")  # 6 units arrive at a location
@@ -283,6 +347,62 @@ async def test_price_drop_and_stock_through_the_catalog(
     unknown = {**level, "inventory_item_id": 1}
     status, body = await post(client, "inventory_levels/update", unknown)
     assert (status, body["status"]) == (200, "ignored")
+
+
+async def test_a_sale_on_some_variants_is_one_price_drop_at_the_products_lowest_price(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """The catalog keeps one price per product and price_drop fires once per product, its guard comparing
+    that price: a delivery where two of three variants drop is one `price_changed`, from the lowest price
+    before (25) to the lowest now (20), and the catalog's price is that lowest."""
+    client = await app_client(make_client, settings, tmp_path)
+    viewed = {"id": "view-1", "type": "product_viewed", "contact_id": "viewer",
+              "attributes": {"product_id": "9554194432293"}}  # fmt: skip
+    assert (await client.post("/v1/events", json=viewed)).status == 202
+    assert (await client.put("/v1/contacts/viewer", json={"email": "viewer@example.com"})).status == 201
+    product = payload("products_update")
+    base = {"inventory_management": "shopify", "inventory_policy": "deny", "inventory_quantity": 5}
+    product["variants"] = [
+        {**base, "id": 1, "title": "S", "price": "30.00"},
+        {**base, "id": 2, "title": "M", "price": "25.00"},
+        {**base, "id": 3, "title": "L", "price": "40.00"},
+    ]
+    status, body = await post(client, "products/update", product)
+    assert (status, body["accepted"]) == (200, 0)  # first sight, no struck-through price: nothing to say
+
+    sale = copy.deepcopy(product)
+    sale["variants"][0].update(price="20.00", inventory_quantity=0)
+    sale["variants"][2].update(price="22.00", inventory_quantity=0)
+    status, body = await post(client, "products/update", sale, webhook_id="wh-sale3")
+    assert (status, body["accepted"]) == (200, 2), body  # one price, one stock change
+    changed = await db.events.find({"type": "price_changed", "contact_id": None}).to_list()
+    assert len(changed) == 1
+    assert {k: changed[0]["attributes"][k] for k in ("product_id", "price", "previous_price", "name")} == {
+        "product_id": "9554194432293",
+        "price": 20.0,
+        "previous_price": 25.0,
+        "name": "T-Shirt",
+    }
+    stock = await db.events.find({"type": "stock_changed", "contact_id": None}).to_list()
+    assert [(e["attributes"]["in_stock"], e["attributes"]["quantity"]) for e in stock] == [(True, 5)]
+
+    async def drop_scheduled() -> bool:
+        return await db.messages.count_documents({"contact_id": "viewer", "ruleset": "price_drop"}) == 1
+
+    await eventually(drop_scheduled)
+    message = await db.messages.find_one({"contact_id": "viewer", "ruleset": "price_drop"})
+    assert (message["params"]["price"], message["params"]["previous_price"]) == (20.0, 25.0)
+    assert message["params"]["drop_percent"] == 20.0  # (25 - 20) / 25
+    product_doc = await db.products.find_one({"_id": "9554194432293"})
+    assert product_doc["price"] == 20.0  # what the guard compares with when the message is due
+
+    # the cheapest variant back at 30: the lowest is 22 now, a rise the catalog learns (notifies nobody)
+    dearer = copy.deepcopy(sale)
+    dearer["variants"][0]["price"] = "30.00"
+    status, body = await post(client, "products/update", dearer, webhook_id="wh-rise")
+    assert (status, body["accepted"]) == (200, 1)
+    rise = await db.events.find_one({"_id": "shopify/wh-rise/price"})
+    assert (rise["attributes"]["price"], rise["attributes"]["previous_price"]) == (22.0, 20.0)
 
 
 async def test_privacy_topics_are_carried_out(

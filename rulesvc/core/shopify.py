@@ -65,6 +65,17 @@ SHIPMENT_STATUS = {
     "failure": "failed",
 }
 
+# Shopify's marketing consent states (CustomerEmailMarketingState, CustomerSmsMarketingState) as our
+# consent: only a yes and a no count. `not_subscribed` is Shopify's default for a customer who was never
+# asked, and `pending` a double opt-in not confirmed yet: neither takes back an opt-in given elsewhere
+# (Segment, PUT /v1/contacts), so they, and any state not listed, leave the consent as it is.
+CONSENT_STATES: dict[str, bool] = {
+    "subscribed": True,
+    "unsubscribed": False,
+    "redacted": False,
+    "invalid": False,
+}
+
 EMAIL_CONTACT_PREFIX = "shopify-email:"
 _EMAIL = re.compile(EMAIL_PATTERN)
 _WEBHOOK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
@@ -235,17 +246,19 @@ def subject_of(payload: Doc) -> Subject:
 
 def profile_of(customer: Doc, fallback: Doc | None = None) -> ContactPatch:
     """A customer's profile fields: email, phone (E.164), marketing consent per channel, names and tags.
-    A consent state other than `subscribed` is no consent; a consent Shopify does not send is left as it
-    is. `fallback`: the checkout or order around an embedded customer, for its email and phone."""
+    Consent follows CONSENT_STATES: only a yes or a no from Shopify changes it; a consent Shopify does not
+    send, or sends as `not_subscribed` or `pending`, is left as it is. `fallback`: the checkout or order
+    around an embedded customer, for its email and phone."""
     outer = fallback or {}
     email = _email(customer.get("email")) or _email(outer.get("email"))
     phone_text = customer.get("phone") or outer.get("phone")
     phone = normalise_phone(phone_text) if isinstance(phone_text, str) else None
     consent: dict[str, bool] = {}
     for channel, key in (("email", "email_marketing_consent"), ("sms", "sms_marketing_consent")):
-        given = customer.get(key)
-        if isinstance(given, dict) and isinstance(given.get("state"), str):
-            consent[channel] = given["state"] == "subscribed"
+        given = _obj(customer.get(key)).get("state")
+        said = CONSENT_STATES.get(given.lower()) if isinstance(given, str) else None
+        if said is not None:
+            consent[channel] = said
     attributes: Doc = {}
     for key in ("first_name", "last_name"):
         if (value := _text(customer.get(key), 200)) is not None:
@@ -270,6 +283,8 @@ class Plan:
     profile: ContactPatch | None = None
     customer_id: str | None = None  # customers/*: the contact whose profile `profile` is
     order_id: str | None = None  # fulfillments/*: the order whose contact it is
+    # checkouts/*: `checkout_token` and `checkout_id`, as an order of this checkout keeps them
+    checkout: dict[str, str] = field(default_factory=dict)
     note: str = ""  # why nothing is stored, for the answer and the log
 
 
@@ -326,7 +341,9 @@ def _event_time(payload: Doc, delivery: Delivery, *keys: str) -> datetime | None
 def checkout_plan(payload: Doc, delivery: Delivery) -> Plan:
     """Every create and update is a `checkout_started`: the shipped checkout_abandon re-arms its reminders
     from the latest one, personalised with what the checkout holds now. A completed checkout is an order,
-    not an abandoned checkout: it starts nothing (the order's own webhook brings `purchased`)."""
+    not an abandoned checkout: it starts nothing (the order's own webhook brings `purchased`). Nor does
+    one whose order came first (Shopify does not keep the order of deliveries): `checkout` names it for
+    the view to look for that order."""
     checkout_id = _required_id(payload, "id")
     subject = subject_of(payload)
     if payload.get("completed_at"):
@@ -345,7 +362,8 @@ def checkout_plan(payload: Doc, delivery: Delivery) -> Plan:
         attributes=attributes,
     )
     profile = profile_of(_obj(payload.get("customer")), payload)
-    return Plan([event], subject, profile)
+    keys: dict[str, str] = {k: attributes[k] for k in ("checkout_token", "checkout_id") if k in attributes}
+    return Plan([event], subject, profile, checkout=keys)
 
 
 def order_event_id(order_id: str, kind: str) -> str:
@@ -361,6 +379,11 @@ def order_plan(payload: Doc, delivery: Delivery) -> Plan:
     attributes["order_id"] = order_id
     if (name := _text(payload.get("name"), 100)) is not None:
         attributes["order_name"] = name
+    # The checkout it came from: a checkout webhook delivered after its order finds the order by these.
+    if (token := _text(payload.get("checkout_token"), 200)) is not None:
+        attributes["checkout_token"] = token
+    if (checkout_id := _id(payload.get("checkout_id"))) is not None:
+        attributes["checkout_id"] = checkout_id
     if delivery.topic == "orders/cancelled":
         if (reason := _text(payload.get("cancel_reason"), 100)) is not None:
             attributes["cancel_reason"] = reason
@@ -507,36 +530,45 @@ def _descriptive(state: VariantState) -> Doc:
     return out
 
 
-def price_events(
-    now: list[VariantState], before: dict[str, VariantState], compare: dict[str, float],
-    catalog_price: float | None, webhook_id: str, at: datetime | None,
-) -> list[Event]:  # fmt: skip
-    """A `price_changed` per variant whose price changed since we last saw it. A variant seen for the
-    first time is compared with the catalog's price of the product (from events posted to /v1/events),
-    else with its `compare_at_price` (the price a shop shows struck through) when that is higher; with
-    neither there is no change to announce."""
-    events: list[Event] = []
-    for state in now:
-        if state.price is None:
-            continue
-        seen = before.get(state.variant_id)
-        previous: float | None
-        if seen is not None:
-            if seen.price is None or seen.price == state.price:
-                continue
-            previous = seen.price if seen.price > 0 else None
-        elif catalog_price is not None and catalog_price != state.price:
-            previous = catalog_price if catalog_price > 0 else None
-        else:
-            previous = compare.get(state.variant_id)
-            if previous is None or previous <= state.price:
-                continue
-        attributes = {**_descriptive(state), "variant_id": state.variant_id, "price": state.price}
-        if previous is not None:
-            attributes["previous_price"] = previous
-        events.append(Event(id=f"shopify/{webhook_id}/price/{state.variant_id}", type="price_changed",
-                            time=at, attributes=attributes))  # fmt: skip
-    return events
+def lowest_price(states: Sequence[VariantState]) -> VariantState | None:
+    """The variant with the product's lowest price ("from 19.99"): the catalog's one price per product."""
+    priced = [s for s in states if s.price is not None]
+    return min(priced, key=lambda s: s.price or 0.0) if priced else None
+
+
+def price_event(
+    now: Sequence[VariantState], before: Sequence[VariantState], compare: dict[str, float],
+    catalog_price: float | None, event_id: str, at: datetime | None,
+) -> Event | None:  # fmt: skip
+    """At most one `price_changed` per product and delivery: the catalog keeps one price per product, and
+    price_drop fires once per product with its guard comparing that price, so the product's price is its
+    lowest variant price, announced when that changed (a rise too: the catalog must know it, and it
+    notifies nobody). The previous price is the lowest we saw before; for a product not seen before, the
+    catalog's price (from events posted to /v1/events), else the lowest the shop showed before its sale
+    (each variant's `compare_at_price` when above its price) if that is higher; with neither, nothing."""
+    cheapest = lowest_price(now)
+    if cheapest is None or cheapest.price is None:
+        return None
+    price = cheapest.price
+    seen = lowest_price(before)
+    previous: float | None
+    if seen is not None and seen.price is not None:
+        previous = seen.price
+    elif catalog_price is not None:
+        previous = catalog_price
+    else:
+        shown = [max(s.price, compare.get(s.variant_id, 0.0)) for s in now if s.price is not None]
+        previous = min(shown)
+        if previous <= price:
+            return None
+    if previous == price:
+        return None
+    attributes = {**_descriptive(cheapest), "variant_id": cheapest.variant_id, "price": price}
+    if cheapest.product_name is not None:
+        attributes["name"] = cheapest.product_name  # the product's, not the variant's: its lowest price
+    if previous > 0:
+        attributes["previous_price"] = previous
+    return Event(id=event_id, type="price_changed", time=at, attributes=attributes)
 
 
 def product_stock(states: Sequence[VariantState]) -> tuple[bool, int | None]:

@@ -82,6 +82,21 @@ class ShopifyStore:
         contact = doc.get("contact_id") if doc else None
         return contact if isinstance(contact, str) else None
 
+    async def order_of_checkout(self, contact_id: str, checkout: dict[str, str]) -> str | None:
+        """The order (id) of the contact's `purchased` that came from this checkout (its `checkout_token`
+        or `checkout_id`), if that arrived first. The contact's events, on `events_by_contact`."""
+        if not checkout:
+            return None
+        query = {
+            "contact_id": contact_id,
+            "type": "purchased",
+            "$or": [{f"attributes.{key}": value} for key, value in checkout.items()],
+        }
+        doc = await self.events.find_one(query, {"attributes.order_id": 1}, hint="events_by_contact")
+        if doc is None:
+            return None
+        return str((doc.get("attributes") or {}).get("order_id") or doc["_id"])
+
     async def product_variants(self, product_id: str) -> list[VariantState]:
         docs = await self.variants.find({"product_id": product_id}).to_list()
         return [_state(d) for d in docs]

@@ -26,7 +26,7 @@ from rulesvc.core.shopify import (
     order_event_id,
     parse_secrets,
     plan,
-    price_events,
+    price_event,
     privacy_ask,
     read_triggered_at,
     signature_valid,
@@ -156,6 +156,10 @@ async def _handle(
         )
     if not todo.events:
         return ShopifyReceived("ignored", topic, contact_id=contact_id, note=todo.note or None)
+    ordered = await ShopifyStore(store).order_of_checkout(contact_id, todo.checkout)
+    if ordered is not None:  # the order came first: the checkout was not abandoned, arm nothing
+        note = f"checkout {todo.checkout.get('checkout_id', '')} became order {ordered}, which came first"
+        return ShopifyReceived("ignored", topic, contact_id=contact_id, note=note)
     events = [msgspec.structs.replace(e, contact_id=contact_id) for e in todo.events]
     _check(events)  # before the profile is touched: a refused delivery changes nothing
     if todo.profile is not None and _has_fields(todo):
@@ -215,7 +219,9 @@ async def _ingest(
 
 
 async def _product(request: web.Request, store: Store, payload: Any, delivery: Delivery) -> ShopifyReceived:
-    """Price and stock changes through the catalog path: compared with what we saw of each variant."""
+    """Price and stock changes through the catalog path, one of each at most per product: the catalog
+    keeps one price and one availability per product (its lowest variant price; in stock if any variant
+    is), compared with what we saw of its variants."""
     if not isinstance(payload, dict):
         raise PayloadRejected("$", "the body must be a JSON object, as Shopify sends it")
     states, compare = variants_of(payload, delivery)
@@ -223,16 +229,16 @@ async def _product(request: web.Request, store: Store, payload: Any, delivery: D
     shopify = ShopifyStore(store)
     before = await shopify.product_variants(product_id)
     catalog = await Catalog(store).product(product_id)
-    price = catalog.get("price") if len(states) == 1 else None
-    in_stock = catalog.get("in_stock")
-    events = price_events(
+    price, in_stock = catalog.get("price"), catalog.get("in_stock")
+    price_changed = price_event(
         states,
-        {s.variant_id: s for s in before},
+        before,
         compare,
-        price if isinstance(price, int | float) else None,
-        delivery.webhook_id,
+        price if isinstance(price, int | float) and not isinstance(price, bool) else None,
+        f"shopify/{delivery.webhook_id}/price",
         delivery.triggered_at,
     )
+    events = [price_changed] if price_changed is not None else []
     stock = stock_event(
         states,
         before,
