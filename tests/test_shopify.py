@@ -416,7 +416,8 @@ async def test_privacy_topics_are_carried_out(
     for customer in (john, jane):
         assert (await post(client, "customers/create", customer))[0] == 200
     checkout = payload("checkouts_create")
-    checkout["customer"] = {**checkout.get("customer", {}), "id": 191168}
+    checkout["customer"] = {**checkout.get("customer", {}), "id": 191168, "email": "jane@example.com"}
+    checkout["email"] = "jane@example.com"
     assert (await post(client, "checkouts/create", checkout))[1]["accepted"] >= 1
     other = {"id": "e-other", "type": "page_viewed", "contact_id": "not-from-shopify"}
     assert (await client.post("/v1/events", json=other)).status == 202
@@ -640,3 +641,72 @@ async def test_any_signed_body_gets_an_answer_never_a_5xx(
         answer = await resp.json()
         assert ("error" in answer) == (resp.status == 400)
     assert len(seen) == 200
+
+
+async def test_a_signed_body_replayed_under_another_id_or_topic_does_nothing(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """Only the body is signed: a captured delivery posted again with a new webhook id is a replay, and an
+    order's body posted as a privacy topic is not that topic's body, whatever the headers say."""
+    client = await app_client(make_client, settings, tmp_path)
+    customer = {**payload("customers_create"), "id": 191170, "email": "keep@example.com"}
+    assert (await post(client, "customers/create", customer))[0] == 200
+    order = payload("orders_create")
+    order.update(cancelled_at=None, financial_status="paid")
+    order["customer"]["id"] = 191170
+    assert (await post(client, "orders/create", order))[1]["accepted"] == 1
+    status, body = await post(client, "orders/create", order)  # same body, a new webhook id
+    assert (status, body["status"]) == (200, "duplicate")
+    for topic in ("customers/redact", "shop/redact", "customers/data_request"):
+        status, body = await post(client, topic, order)
+        assert status == 400, (topic, body)
+    status, body = await post(client, "orders/cancelled", order)  # not cancelled in the signed body
+    assert (status, body["status"]) == (200, "ignored")
+    shop = {**payload("shop_redact"), "shop_domain": "other-shop.myshopify.com"}
+    assert (await post(client, "shop/redact", shop))[0] == 400  # not the shop that sent it
+    assert (await post(client, "shop/redact", {"shop_id": 1, "shop_domain": ""}))[0] == 400
+    assert await db.shopify_privacy_requests.count_documents({}) == 0
+    assert await db.contacts.find_one({"_id": "191170"}) is not None
+    assert await db.events.count_documents({"type": "order_cancelled"}) == 0
+
+
+async def test_a_guest_checkout_with_somebodys_email_does_not_change_their_profile(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """Anyone may type an email into a checkout: the contact found by it gets the checkout's events, and
+    only what its profile lacks; its phone and consent stay its own, and it is not made the shop's."""
+    client = await app_client(make_client, settings, tmp_path)
+    victim = {"email": "vic@example.com", "phone": "+4915111111111", "consent": {"sms": True}}
+    assert (await client.put("/v1/contacts/victim", json=victim)).status == 201
+    checkout = payload("checkouts_create")
+    checkout.pop("customer", None)
+    checkout.update(email="VIC@example.com", phone="+4915199999999")
+    checkout["billing_address"] = {**(checkout.get("billing_address") or {}), "phone": "+4915199999999"}
+    status, body = await post(client, "checkouts/create", checkout)
+    assert (status, body.get("contact_id")) == (200, "victim"), body
+    contact = await db.contacts.find_one({"_id": "victim"})
+    assert (contact["email"], contact["phone"]) == ("vic@example.com", "+4915111111111")
+    assert contact["consent"] == {"sms": True}
+    assert "shopify_shop" not in contact.get("attributes", {})
+
+
+async def test_a_customer_redact_also_erases_the_customers_other_contacts(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """The same person under a contact of its own (e.g. from Segment), found by the email Shopify names,
+    and the contact an order to redact was stored for."""
+    client = await app_client(make_client, settings, tmp_path)
+    assert (await client.put("/v1/contacts/u-42", json={"email": "John@Example.com"})).status == 201
+    order = payload("orders_create")
+    order.update(cancelled_at=None, financial_status="paid", id=299938, email="someone@example.com")
+    order["customer"] = {"id": 555, "email": "someone@example.com"}
+    assert (await post(client, "orders/create", order))[1]["accepted"] == 1
+    redact = {**payload("customers_redact"), "shop_domain": SHOP}
+    status, body = await post(client, "customers/redact", redact)
+    assert (status, body["status"]) == (200, "accepted"), body
+
+    async def both_gone() -> bool:
+        left = await db.contacts.count_documents({"_id": {"$in": ["u-42", "555"]}})
+        return left == 0 and await db.events.count_documents({"contact_id": "555"}) == 0
+
+    await eventually(both_gone)

@@ -385,6 +385,8 @@ def order_plan(payload: Doc, delivery: Delivery) -> Plan:
     if (checkout_id := _id(payload.get("checkout_id"))) is not None:
         attributes["checkout_id"] = checkout_id
     if delivery.topic == "orders/cancelled":
+        if not payload.get("cancelled_at"):  # the signed body must say so, whatever the header says
+            return Plan(subject=subject, note=f"order {order_id} has no cancelled_at: not cancelled")
         if (reason := _text(payload.get("cancel_reason"), 100)) is not None:
             attributes["cancel_reason"] = reason
         kind, time_keys = "order_cancelled", ("cancelled_at", "updated_at")
@@ -627,10 +629,44 @@ class PrivacyAsk:
     contact_ids: list[str]
     orders: list[str]
     request_id: str | None = None
+    email: str | None = None  # to find the customer's other contacts; never stored with the request
+
+
+# The exact fields of each privacy topic's body as Shopify documents them. The signature covers only the
+# body, not X-Shopify-Topic: a signed order, product or customer body posted again under a privacy topic
+# must not pass for one, and no other topic's body has these fields.
+PRIVACY_FIELDS = {
+    "shop/redact": ({"shop_id", "shop_domain"}, frozenset({"shop_id", "shop_domain"})),
+    "customers/redact": ({"shop_id", "shop_domain", "customer", "orders_to_redact"}, None),
+    "customers/data_request": (
+        {"shop_id", "shop_domain", "customer", "orders_requested", "data_request"},
+        None,
+    ),
+}
+
+
+def privacy_shape(payload: Doc, delivery: Delivery) -> str:
+    """The shop a privacy request is for, once its body is that topic's (PayloadRejected otherwise): every
+    documented field present, nothing else for shop/redact, and the shop the same as the header's."""
+    required, exact = PRIVACY_FIELDS[delivery.topic]
+    missing = sorted(required - payload.keys())
+    if missing:
+        raise PayloadRejected(f"$.{missing[0]}", f"required in a {delivery.topic} body: {', '.join(missing)}")
+    if exact is not None and payload.keys() != exact:
+        extra = sorted(payload.keys() - exact)[0]
+        raise PayloadRejected(f"$.{extra}", f"a {delivery.topic} body has only {', '.join(sorted(exact))}")
+    shop = _text(payload.get("shop_domain"), 255)
+    if not shop:
+        raise PayloadRejected("$.shop_domain", "the shop's domain is required")
+    if delivery.shop and shop.lower() != delivery.shop.lower():
+        raise PayloadRejected("$.shop_domain", "not the shop of X-Shopify-Shop-Domain")
+    if "customer" in required and not isinstance(payload.get("customer"), dict):
+        raise PayloadRejected("$.customer", "an object with the customer's `id` and `email`")
+    return shop
 
 
 def privacy_ask(payload: Doc, delivery: Delivery) -> PrivacyAsk:
-    shop = _text(payload.get("shop_domain"), 255) or delivery.shop[:255]
+    shop = privacy_shape(payload, delivery)
     if delivery.topic == "shop/redact":
         return PrivacyAsk("erase", "shop", shop, [], [])
     customer = _obj(payload.get("customer"))
@@ -646,7 +682,7 @@ def privacy_ask(payload: Doc, delivery: Delivery) -> PrivacyAsk:
     orders = [o for o in (_id(v) for v in _list(payload.get(key))[:1000]) if o is not None]
     request = _id(_obj(payload.get("data_request")).get("id"))
     kind = "export" if delivery.topic == "customers/data_request" else "erase"
-    return PrivacyAsk(kind, "customer", shop, ids, orders, request)
+    return PrivacyAsk(kind, "customer", shop, ids, orders, request, email)
 
 
 def plan(payload: Any, delivery: Delivery) -> Plan:

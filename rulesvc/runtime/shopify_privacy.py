@@ -53,8 +53,12 @@ async def _carry_out_one(store: Store, requests: ShopifyPrivacy, doc: dict[str, 
         for contact_id in contact_ids:
             await record_request(store, "export", contact_id, source, details, doc.get("received_at"))
         return {"exports_logged": len(contact_ids)}
-    if doc.get("scope") == "shop":
-        contact_ids = await requests.shop_contacts(str(doc.get("shop", "")))
+    if doc.get("scope") == "shop":  # no pause per contact: the shop sends nothing any more
+        erased = 0
+        async for contact_id in requests.shop_contacts(str(doc.get("shop", ""))):
+            await erase_contact(store, contact_id, datetime.now(UTC), source, settle=0.0)
+            erased += 1
+        return {"contacts_erased": erased}
     for contact_id in contact_ids:
         await erase_contact(store, contact_id, datetime.now(UTC), source)
     return {"contacts_erased": len(contact_ids)}

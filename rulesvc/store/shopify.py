@@ -4,11 +4,12 @@ them), and the privacy requests Shopify sent (`shopify_privacy_requests`)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pymongo import ASCENDING, IndexModel, ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from rulesvc.core.shopify import Delivery, PrivacyAsk, VariantState
 
@@ -57,24 +58,34 @@ class ShopifyStore:
             ]
         )
 
-    async def seen(self, webhook_id: str) -> bool:
-        return await self.webhooks.find_one({"_id": webhook_id}, {"_id": 1}) is not None
+    async def seen(self, webhook_id: str, body_sha256: str) -> bool:
+        """Handled before: this webhook id, or this very body under this topic with any id (only the body
+        is signed: a captured delivery posted again under a new id is a replay, not a new webhook)."""
+        ids = [webhook_id, f"body:{body_sha256}"]
+        return await self.webhooks.find_one({"_id": {"$in": ids}}, {"_id": 1}) is not None
 
-    async def remember(self, delivery: Delivery, now: datetime) -> None:
-        """Mark the delivery handled, after it was: a crash in between means Shopify's retry does it
-        again, which the fixed event ids make harmless."""
+    async def remember(self, delivery: Delivery, body_sha256: str, now: datetime) -> None:
+        """Mark the delivery (and its body) handled, after it was: a crash in between means Shopify's
+        retry does it again, which the fixed event ids make harmless."""
+        seen = {
+            "topic": delivery.topic,
+            "shop": delivery.shop,
+            "api_version": delivery.api_version,
+            "at": now,
+        }
         try:
-            await self.webhooks.insert_one(
-                {
-                    "_id": delivery.webhook_id,
-                    "topic": delivery.topic,
-                    "shop": delivery.shop,
-                    "api_version": delivery.api_version,
-                    "at": now,
-                }
+            await self.webhooks.insert_many(
+                [{"_id": delivery.webhook_id, **seen}, {"_id": f"body:{body_sha256}", **seen}], ordered=False
             )
-        except DuplicateKeyError:
+        except BulkWriteError:
             pass  # two deliveries of the same webhook at once: both did the same, once is recorded
+
+    async def contacts_of_events(self, event_ids: list[str]) -> list[str]:
+        """The contacts these events were stored for (one query)."""
+        if not event_ids:
+            return []
+        cursor = self.events.find({"_id": {"$in": event_ids}}, {"contact_id": 1})
+        return [d["contact_id"] async for d in cursor if isinstance(d.get("contact_id"), str)]
 
     async def contact_of_event(self, event_id: str) -> str | None:
         """The contact of a stored event (an order's `purchased`: whose order a fulfillment ships)."""
@@ -179,7 +190,10 @@ class ShopifyPrivacy:
         """Oldest first, those not waiting for a retry; a small collection (a document per request Shopify
         sends), read as it is."""
         query = {"done_at": None, "$or": [{"retry_at": None}, {"retry_at": {"$lte": now}}]}
-        cursor = self.requests.find(query).sort([("received_at", ASCENDING)]).limit(limit)
+        # A customer's request first (`customer` < `shop`): a shop's redact may take hours.
+        cursor = (
+            self.requests.find(query).sort([("scope", ASCENDING), ("received_at", ASCENDING)]).limit(limit)
+        )
         return await cursor.to_list()
 
     async def failed(self, request_id: str, error: str, retry_at: datetime) -> None:
@@ -192,10 +206,18 @@ class ShopifyPrivacy:
     async def done(self, request_id: str, now: datetime, counts: Doc) -> None:
         await self.requests.update_one({"_id": request_id}, {"$set": {"done_at": now, "counts": counts}})
 
-    async def shop_contacts(self, shop: str) -> list[str]:
-        """Every contact Shopify told us about for this shop: profiles from its customer webhooks and the
-        contacts of its checkouts, orders and fulfillments. Neither field is indexed: a shop's redact
-        comes once, 48 hours after the app was uninstalled, and reads the collections through once."""
-        ids = set(await self.store.contacts.distinct("_id", {"attributes.shopify_shop": shop}))
-        ids |= set(await self.store.events.distinct("contact_id", {"attributes.shop": shop}))
-        return sorted(i for i in ids if isinstance(i, str))
+    async def shop_contacts(self, shop: str) -> AsyncIterator[str]:
+        """Every contact Shopify told us about for this shop: profiles its customer webhooks wrote and the
+        contacts of its checkouts, orders and fulfillments, streamed (a big shop has more ids than one
+        document holds). Neither field is indexed: a shop's redact comes once, 48 hours after the app was
+        uninstalled, and reads the collections through once."""
+        if not shop:  # never "every contact stored without a shop"
+            return
+        seen: set[str] = set()
+        async for doc in self.store.contacts.find({"attributes.shopify_shop": shop}, {"_id": 1}):
+            seen.add(doc["_id"])
+            yield doc["_id"]
+        pipeline: list[Doc] = [{"$match": {"attributes.shop": shop}}, {"$group": {"_id": "$contact_id"}}]
+        async for doc in await self.store.events.aggregate(pipeline):
+            if isinstance(doc["_id"], str) and doc["_id"] not in seen:
+                yield doc["_id"]

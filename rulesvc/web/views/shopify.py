@@ -4,6 +4,7 @@ our events (through `views.events.ingest`), profile updates and catalog changes 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -67,10 +68,25 @@ async def privacy_request(store: Store, ask: PrivacyAsk, delivery: Delivery, now
     """Shopify's mandatory privacy topics: customers/data_request (export), customers/redact and
     shop/redact (erase). Recorded in `shopify_privacy_requests` (contact and order ids, never an email or
     phone) and acknowledged at once; rulesvc.runtime.shopify_privacy carries it out."""
+    ask = dataclasses.replace(ask, contact_ids=await _also_known_as(store, ask))
     request_id = await ShopifyStore(store).record_privacy(ask, delivery, now)
     log.info("shopify.privacy_request", topic=delivery.topic, shop=ask.shop, kind=ask.kind,
              contacts=len(ask.contact_ids), orders=len(ask.orders), request=request_id)  # fmt: skip
     return request_id
+
+
+async def _also_known_as(store: Store, ask: PrivacyAsk) -> list[str]:
+    """The customer's contacts beyond its Shopify ids: those with its email (a guest checkout went to
+    them) and those its orders were stored for; found now, while the email is at hand (the request keeps
+    ids only)."""
+    ids = list(ask.contact_ids)
+    if ask.scope != "customer":
+        return ids
+    found = await Contacts(store).with_email(ask.email, 100) if ask.email else []
+    ids += [str(doc["_id"]) for doc in found]
+    purchases = [order_event_id(order, "purchased") for order in ask.orders]
+    ids += await ShopifyStore(store).contacts_of_events(purchases)
+    return list(dict.fromkeys(ids))
 
 
 def _refused(status: int, message: str, path: str | None = None) -> web.Response:
@@ -105,7 +121,8 @@ async def post_shopify(request: web.Request) -> web.Response:
     )
     store = request.app[STORE]
     shopify = ShopifyStore(store)
-    if await shopify.seen(webhook_id):
+    digest = hashlib.sha256(topic.encode() + b"\n" + body).hexdigest()
+    if await shopify.seen(webhook_id, digest):
         return json_response(ShopifyReceived("duplicate", topic, note="this webhook was handled before"))
     try:
         payload = msgspec.json.decode(body)
@@ -118,7 +135,7 @@ async def post_shopify(request: web.Request) -> web.Response:
         received = await _handle(request, store, payload, delivery, now)
     except PayloadRejected as exc:
         return _refused(400, f"{topic}: {exc.message}", exc.path)
-    await shopify.remember(delivery, now)
+    await shopify.remember(delivery, digest, now)
     log.info("shopify.webhook", topic=topic, shop=delivery.shop, status=received.status,
              accepted=received.accepted, duplicates=received.duplicates, note=received.note)  # fmt: skip
     return json_response(received)
@@ -163,22 +180,34 @@ async def _handle(
     events = [msgspec.structs.replace(e, contact_id=contact_id) for e in todo.events]
     _check(events)  # before the profile is touched: a refused delivery changes nothing
     if todo.profile is not None and _has_fields(todo):
-        await _patch(request, contact_id, todo.profile, delivery, now)
+        # Only the customer's own profile takes what a checkout says; a contact found by the email a
+        # guest typed is filled, never changed (anyone can start a checkout with somebody's email).
+        own = todo.subject is not None and todo.subject.customer_id == contact_id
+        await _patch(request, contact_id, todo.profile, delivery, now, own=own)
     return await _ingest(request, topic, events, contact_id)
 
 
 async def _patch(
-    request: web.Request, contact_id: str, profile: ContactPatch, delivery: Delivery, now: datetime
+    request: web.Request,
+    contact_id: str,
+    profile: ContactPatch,
+    delivery: Delivery,
+    now: datetime,
+    *,
+    own: bool = True,
 ) -> bool:
-    """The profile change, tagged with its shop (a shop's redact finds its contacts by it); not made when
-    the contact was erased after Shopify sent it (a late retry must not bring the email back)."""
+    """The profile change of a Shopify customer, tagged with its shop (a shop's redact finds its contacts
+    by it); for another contact (`own` false: found by an email) only what it lacks is filled and no tag
+    is set. Not made when the contact was erased after Shopify sent it (a late retry must not bring the
+    email back)."""
     sent = delivery.triggered_at or now
     if await tombstone_drops(request.app[STORE], contact_id, sent, request.app[SETTINGS].erasure_tombstone):
         return False
-    attributes = {**profile.attributes, "shopify_shop": delivery.shop}
-    await request.app[STORE].patch_contact(
-        contact_id, msgspec.structs.replace(profile, attributes=attributes), now
-    )
+    if own:
+        profile = msgspec.structs.replace(
+            profile, attributes={**profile.attributes, "shopify_shop": delivery.shop}
+        )
+    await request.app[STORE].patch_contact(contact_id, profile, now, fill_only=not own)
     return True
 
 
