@@ -256,7 +256,7 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
-        await ensure_privacy_indexes(self.db)
+        await ensure_privacy_indexes(self.db, ttl, change_ttl)  # erased event ids: kept as long as events
         from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
 
         await ShopifyStore(self).ensure_indexes()
