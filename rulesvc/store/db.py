@@ -232,7 +232,14 @@ class Store:
             ]
         )
         await self.audience_changes.create_indexes(
-            [IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced")]
+            [
+                IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced"),
+                # The ads sync reads the changes of the audiences it can send (rulesvc.store.audiences).
+                IndexModel(
+                    [("synced", ASCENDING), ("audience", ASCENDING), ("at", ASCENDING)],
+                    name="audience_unsynced_by_audience",
+                ),
+            ]
         )
         await self.messages.create_indexes(
             [
