@@ -57,3 +57,7 @@ async def test_cli_commands_leave_the_services_retention_alone(settings: Setting
     # A service started with another retention does change it: the setting is the service's.
     await Store(db.client, db.name, timedelta(days=30)).ensure_schema(change_ttl=True)
     assert (await db.events.index_information())["events_ttl"]["expireAfterSeconds"] == 30 * 86400
+    # An erased contact's event ids are kept as long as events (the CLI runs above left it at a year).
+    assert before["erased_events"][1]["erased_events_ttl"]["expireAfterSeconds"] == YEAR
+    erased = await db.erased_events.index_information()
+    assert erased["erased_events_ttl"]["expireAfterSeconds"] == 30 * 86400

@@ -20,10 +20,13 @@ from urllib.parse import quote
 
 import msgspec
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rulesvc_ads import AudienceSync
 
 from rulesvc.config import Settings
+from rulesvc.plugins import builtin_channels
 from rulesvc.runtime.identity import link
 from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.db import Store
@@ -133,6 +136,11 @@ async def drive(client: Client, db: Any, store: Store) -> None:
              "data_request": {"id": 9999}}  # fmt: skip
     status, answer = await shopify_post(client, "customers/data_request", asked)
     assert (status, answer["status"]) == (200, "accepted"), answer
+
+    async def logged() -> bool:  # the shop's data request is carried out (logged as an export) by a loop
+        return await db.privacy_requests.count_documents({"source": f"shopify:{SHOP}"}) == 1  # type: ignore[no-any-return]
+
+    await eventually(logged)
     # The anonymous visitor identifies as the contact: the link, and the visitor's history merged in.
     await eventually(lambda: _none_pending(db))
     await link(store, ANON, CONTACT, datetime.now(UTC))
@@ -208,7 +216,7 @@ async def test_after_erasure_no_collection_holds_the_contacts_id_email_or_phone(
     assert deleted["contacts"] == 1 + anon["contacts"] and deleted["identities"] == 1
     assert deleted["events"] == stored["events"] + anon["events"]
     assert deleted["messages"] == stored["messages"] and deleted["schedule"] == stored["schedule"]
-    assert deleted["privacy_requests"] == 1 and deleted["backtests"] == 1
+    assert deleted["privacy_requests"] == 2 and deleted["backtests"] == 1  # the shop's export, the API's
     assert deleted["shopify_privacy_requests"] == 1
     assert answer["audience_removals"] == 1 and answer["linked_ids"] == 1
 
@@ -226,12 +234,14 @@ async def test_after_erasure_no_collection_holds_the_contacts_id_email_or_phone(
     # The request log: the export, then the erasure, each with its source and times; no contact id.
     log = await (await client.get("/v1/privacy/requests")).json()
     check_against_document("GET", "/v1/privacy/requests", 200, log)
-    assert [(r["kind"], r["contact_sha256"]) for r in log["requests"]] == [
-        ("erase", sha256(CONTACT)),
-        ("export", sha256(CONTACT)),
+    mine = [r for r in log["requests"] if r["contact_sha256"] == sha256(CONTACT)]
+    assert [(r["kind"], r["contact_sha256"], r["source"].partition(":")[0]) for r in mine] == [
+        ("erase", sha256(CONTACT), "api"),
+        ("export", sha256(CONTACT), "api"),
+        ("export", sha256(CONTACT), "shopify"),
     ]
-    assert all(r["source"].startswith("api:") and r["done_at"] >= r["requested_at"] for r in log["requests"])
-    assert log["requests"][0]["counts"]["events"] == deleted["events"]
+    assert all(r["done_at"] >= r["requested_at"] for r in mine)
+    assert mine[0]["counts"]["events"] == deleted["events"]
 
     # Erasing again: 200 with zeros.
     again = await (await client.delete(f"/v1/contacts/{CONTACT}")).json()
@@ -306,6 +316,68 @@ async def test_a_late_retry_of_an_old_event_is_dropped_a_new_event_is_kept(
         "duplicates": 0,
     }
     assert await db.events.count_documents({"contact_id": "c1"}) == 1
+
+
+async def test_a_late_retry_of_an_event_posted_without_time_is_dropped_by_its_id(
+    make_client: Any, shop: Settings, db: Any
+) -> None:
+    """An event without `time` is stamped when it arrives, after the erasure: only its id gives the
+    retry away. Found: the retry re-created the contact in `old-events` mode."""
+    client = await make_client(create_app(shop))
+    e1 = {"id": "e1", "type": "page_viewed", "contact_id": "c1"}
+    assert await post(client, [e1]) == {"accepted": 1, "duplicates": 0}
+    await eventually(lambda: _none_pending(db))
+    assert await db.contacts.count_documents({"_id": "c1"}) == 1
+    assert (await client.delete("/v1/contacts/c1")).status == 200
+    assert [d["_id"] async for d in db.erased_events.find({})] == [sha256("e1")]  # the id, hashed
+    kept = (await db.erased_events.index_information())["erased_events_ttl"]["expireAfterSeconds"]
+    assert kept == int(shop.event_retention_days * 86400)  # as long as events are kept
+
+    assert await post(client, [e1]) == {"accepted": 0, "duplicates": 0, "erased": 1}
+    await eventually(lambda: _none_pending(db))
+    assert await contact_docs(db, "c1") == {"events": 0, "messages": 0, "schedule": 0, "contacts": 0}
+    # A new event id without time: the person came back, a new history.
+    assert await post(client, [{"id": "e2", "type": "page_viewed", "contact_id": "c1"}]) == {
+        "accepted": 1,
+        "duplicates": 0,
+    }
+    assert await db.events.distinct("_id", {"contact_id": "c1"}) == ["e2"]
+
+
+async def test_an_erased_contact_whose_email_bounced_leaves_the_audience_by_email_too(
+    make_client: Any, aiohttp_server: Any, settings: Settings, db: Any
+) -> None:
+    """Added to an audience with its email, which bounced afterwards: the removal must still name the
+    email, or the platform keeps the person. Found: the removal carried the phone's digests only."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def members(request: web.Request) -> web.Response:
+        calls.append((request.match_info["audience"], await request.json()))
+        return web.json_response({})
+
+    peer = web.Application()
+    peer.router.add_post("/audiences/{audience}/members", members)
+    server = await aiohttp_server(peer)
+    channels = builtin_channels()
+    channels.jobs.append(AudienceSync({"base_url": str(server.make_url("")), "token": "t", "interval": 0.2}))
+    app = create_app(setup(settings, [{"audience": {"add": "vip"}}]), channels)
+    client = await make_client(app)
+    assert (await client.put("/v1/contacts/c1", json={"email": EMAIL, "phone": PHONE})).status == 201
+    await post(client, [{"id": "g1", "type": "go", "contact_id": "c1"}])
+    email, e164 = sha256(EMAIL.strip().lower()), sha256(PHONE)
+
+    async def calls_made(n: int) -> bool:
+        return len(calls) >= n
+
+    await eventually(lambda: calls_made(1))
+    assert calls == [("vip", {"add": [{"email_sha256": email, "phone_sha256": e164}], "remove": []})]
+    await db.contacts.update_one({"_id": "c1"}, {"$set": {"email_invalid": True}})  # as a bounce marks it
+
+    assert (await client.delete("/v1/contacts/c1")).status == 200
+    [removal] = await db.audience_changes.find({"op": "remove"}).to_list()
+    assert removal["identifiers"]["email_sha256"] == email
+    await eventually(lambda: calls_made(2))
+    assert calls[1] == ("vip", {"add": [], "remove": [{"email_sha256": email, "phone_sha256": e164}]})
 
 
 async def test_a_profile_update_from_before_the_erasure_is_dropped_too(

@@ -18,6 +18,12 @@ def contact_hash(contact_id: str) -> str:
     return hashlib.sha256(contact_id.encode()).hexdigest()
 
 
+def event_hash(event_id: str) -> str:
+    """What is kept of an erased contact's event id (`erased_events`): its SHA-256, hex. An event posted
+    without `time` gets the time it arrives, so only its id tells a late retry from a new event."""
+    return hashlib.sha256(event_id.encode()).hexdigest()
+
+
 def dropped_events(
     events: Iterable[tuple[str | None, datetime]],
     tombstones: Mapping[str, Mapping[str, Any]],

@@ -101,11 +101,11 @@ async def erase_contact(
             report.audience_removals = await privacy.queue_removals(
                 await _removals(store, privacy, ids, h, now)
             )
-            first = await privacy.erase_pass(ids)
+            first = await privacy.erase_pass(ids, now)
             first["schedule"] += stopped
             if any(first.values()):
                 await asyncio.sleep(settle)
-            second = await privacy.erase_pass(ids)
+            second = await privacy.erase_pass(ids, now)
     finally:
         await privacy.release_lease(token)
     report.deleted = {k: first[k] + second.get(k, 0) for k in first}
@@ -137,9 +137,9 @@ async def _removals(store: Store, privacy: Privacy, ids: list[str], h: str, now:
     if not audiences:
         return []
     profile = await store.get_contact(ids[0]) or {}
-    identifiers = hashed_identifiers(
-        _text(profile.get("email")), _text(profile.get("phone")), bool(profile.get("email_invalid"))
-    )
+    # The email even when it bounced since (`email_invalid`): it may have been sent with the add, and
+    # removing a digest the platform does not hold is harmless.
+    identifiers = hashed_identifiers(_text(profile.get("email")), _text(profile.get("phone")))
     return [
         {"audience": a, "contact_id": f"{ERASED_PREFIX}{h}", "op": "remove", "identifiers": identifiers,
          "at": now, "synced": False}

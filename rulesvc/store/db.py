@@ -232,7 +232,14 @@ class Store:
             ]
         )
         await self.audience_changes.create_indexes(
-            [IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced")]
+            [
+                IndexModel([("synced", ASCENDING), ("at", ASCENDING)], name="audience_unsynced"),
+                # The ads sync reads the changes of the audiences it can send (rulesvc.store.audiences).
+                IndexModel(
+                    [("synced", ASCENDING), ("audience", ASCENDING), ("at", ASCENDING)],
+                    name="audience_unsynced_by_audience",
+                ),
+            ]
         )
         await self.messages.create_indexes(
             [
@@ -256,7 +263,7 @@ class Store:
             [IndexModel([("ruleset", ASCENDING), ("hour", ASCENDING)], name="stats_by_ruleset")]
         )
         await self._ensure_overview_indexes()
-        await ensure_privacy_indexes(self.db)
+        await ensure_privacy_indexes(self.db, ttl, change_ttl)  # erased event ids: kept as long as events
         from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
 
         await ShopifyStore(self).ensure_indexes()

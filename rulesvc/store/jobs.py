@@ -20,9 +20,14 @@ class JobData:
         self._audiences = Audiences(store)
         self._contacts = Contacts(store)
 
-    async def unsynced_audience_changes(self, limit: int) -> list[Doc]:
-        """Adds to and removals from ads audiences not synced yet, oldest first."""
-        return await self._audiences.unsynced_changes(limit)
+    async def unsynced_audience_changes(self, limit: int, audiences: list[str] | None = None) -> list[Doc]:
+        """Adds to and removals from ads audiences not synced yet, oldest first; only of `audiences` when
+        given (those a sync can send: changes it leaves queued then never crowd out the others)."""
+        return await self._audiences.unsynced_changes(limit, audiences)
+
+    async def unsynced_audience_counts(self, excluding: list[str]) -> dict[str, int]:
+        """Per audience not in `excluding`, how many of its changes are not synced yet."""
+        return await self._audiences.unsynced_counts(excluding)
 
     async def mark_audience_changes_synced(self, ids: list[Any], now: datetime) -> None:
         await self._audiences.mark_synced(ids, now)

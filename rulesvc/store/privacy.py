@@ -4,16 +4,17 @@ the export's reads, the tombstones (`tombstones`) and the request log (`privacy_
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from pymongo import DESCENDING
+from pymongo import DESCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from rulesvc.core.privacy import contact_hash, scrub
+from rulesvc.core.privacy import contact_hash, event_hash, scrub
 from rulesvc.store.db import Doc, Store
+from rulesvc.store.privacy_indexes import ERASED_EVENTS
 
 # Every stored field that holds a contact id, as (collection, field); `*` is anywhere in the document
 # (a backtest report's example rows). Erasure (rulesvc.runtime.privacy) and the identity merge both go
@@ -46,6 +47,7 @@ class Privacy:
         self.requests: AsyncCollection[Doc] = store.db[REQUESTS]
         self.identities: AsyncCollection[Doc] = store.db[IDENTITIES]
         self.backtests: AsyncCollection[Doc] = store.db["backtests"]
+        self.erased_events: AsyncCollection[Doc] = store.db[ERASED_EVENTS]
 
     # --- tombstones ---------------------------------------------------------------------------------
 
@@ -61,6 +63,12 @@ class Privacy:
         if not hashes:
             return {}
         return {d["_id"]: d async for d in self.tombstones.find({"_id": {"$in": hashes}})}
+
+    async def erased_event_ids(self, hashes: list[str]) -> set[str]:
+        """Which of these event id digests belonged to an erased contact (by `_id`: one indexed query)."""
+        if not hashes:
+            return set()
+        return {d["_id"] async for d in self.erased_events.find({"_id": {"$in": hashes}}, {"_id": 1})}
 
     async def recreated(self, h: str, now: datetime) -> None:
         """A profile `PUT` re-created an erased contact: mode `all` takes its new events again."""
@@ -124,13 +132,15 @@ class Privacy:
             await self.store.audience_changes.insert_many(removals)
         return len(removals)
 
-    async def erase_pass(self, ids: list[str]) -> dict[str, int]:
+    async def erase_pass(self, ids: list[str], now: datetime) -> dict[str, int]:
         """Deletes what these contacts left in every collection of `CONTACT_FIELDS` (the lease is the
-        caller's; an audience removal queued under `erased/<hash>` stays). Counts per collection."""
+        caller's; an audience removal queued under `erased/<hash>` stays). Counts per collection. Each
+        deleted event's id is kept as its SHA-256 in `erased_events` (ingest drops a retry of it)."""
         among = {"$in": ids}
         db = self.store.db
         counts: dict[str, int] = {}
-        for name in ("events", "messages", "schedule", "interests", "audience_changes"):
+        counts["events"] = await _delete_in_batches(db["events"], {"contact_id": among}, self._keep_ids(now))
+        for name in ("messages", "schedule", "interests", "audience_changes"):
             counts[name] = await _delete_in_batches(db[name], {"contact_id": among})
         counts["contacts"] = (await self.store.contacts.delete_many({"_id": among})).deleted_count
         found = {"$or": [{"_id": among}, {"contact_id": among}]}
@@ -147,6 +157,16 @@ class Privacy:
         counts["shopify_privacy_requests"] = asked.modified_count
         counts["backtests"] = await self._scrub_backtests(frozenset(ids))
         return counts
+
+    def _keep_ids(self, now: datetime) -> Callable[[list[Any]], Awaitable[None]]:
+        async def keep(event_ids: list[Any]) -> None:
+            await self.erased_events.bulk_write(
+                [UpdateOne({"_id": event_hash(str(i))}, {"$set": {"erased_at": now}}, upsert=True)
+                 for i in event_ids],
+                ordered=False,
+            )  # fmt: skip
+
+        return keep
 
     async def _scrub_backtests(self, ids: frozenset[str]) -> int:
         """The stored backtest jobs lose the contacts' rows (at most `KEEP` jobs are kept: read through)."""
@@ -199,12 +219,16 @@ class Privacy:
 DELETE_BATCH = 5000  # documents per delete: each write stays well within RULESVC_MONGODB_TIMEOUT_SECONDS
 
 
-async def _delete_in_batches(collection: AsyncCollection[Doc], query: Doc) -> int:
+async def _delete_in_batches(
+    collection: AsyncCollection[Doc], query: Doc, before: Callable[[list[Any]], Awaitable[None]] | None = None
+) -> int:
     """Deletes what `query` finds a batch at a time: a history of millions of events is no single write
-    that runs into the operation deadline."""
+    that runs into the operation deadline. `before` sees each batch's ids before they are deleted."""
     deleted = 0
     while True:
         ids = [d["_id"] async for d in collection.find(query, {"_id": 1}).limit(DELETE_BATCH)]
         if not ids:
             return deleted
+        if before is not None:
+            await before(ids)
         deleted += (await collection.delete_many({"_id": {"$in": ids}, **query})).deleted_count

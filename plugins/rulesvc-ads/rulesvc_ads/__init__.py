@@ -49,6 +49,7 @@ TOKEN_ERRORS = frozenset({102, 190, 463, 467})  # OAuthException: the access tok
 RATE_LIMITS = frozenset({4, 17, 32, 613, 80003, 80004})
 TRANSIENT = frozenset({1, 2})  # unknown error, service temporarily unavailable
 MAX_BACKOFF_RUNS = 32  # runs skipped at most after failures in a row
+READ_LIMIT = 100_000  # queued changes read at a time
 
 
 def member(contact: dict[str, Any], platform: Platform = "generic") -> dict[str, str] | None:
@@ -232,6 +233,7 @@ class AudienceSync:
         self.audiences = dict(settings.audiences)
         self.synced_members = 0
         self.meta = MetaState()
+        self.read_limit = READ_LIMIT
 
     def configured(self) -> bool:
         if self.mode == "meta":
@@ -266,7 +268,7 @@ class AudienceSync:
         if self.mode == "meta":
             await self._run_meta(data)
             return
-        changes = await data.unsynced_audience_changes(100_000)
+        changes = await data.unsynced_audience_changes(self.read_limit)
         if not changes:
             return
         latest: dict[tuple[str, str], dict[str, Any]] = {}
@@ -320,31 +322,17 @@ class AudienceSync:
             log.info("ads.meta_backoff", failures=state.failures)
             return
         state.resume_at = None
-        changes = await data.unsynced_audience_changes(100_000)
-        state.unmapped = {}
-        for change in changes:
-            if change["audience"] not in self.audiences:
-                state.unmapped[change["audience"]] = state.unmapped.get(change["audience"], 0) + 1
+        state.unmapped = await data.unsynced_audience_counts(sorted(self.audiences))
         if state.unmapped:
             log.warning(
                 "ads.meta_unmapped", audiences=sorted(state.unmapped), changes=sum(state.unmapped.values())
             )
-        plan, nothing_to_send = await self._meta_plan(
-            data, [c for c in changes if c["audience"] in self.audiences]
-        )
-        if nothing_to_send:
-            await data.mark_audience_changes_synced(nothing_to_send, now)
         state.received = state.invalid = 0
         refused: dict[str, str] = {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             try:
-                for audience, ops in plan.items():
-                    try:
-                        for op in ("add", "remove"):
-                            if ops[op]:
-                                await self._upload(http, data, audience, op, ops[op])
-                    except AudienceRefused as exc:
-                        refused[audience] = str(exc)
+                while await self._meta_page(http, data, refused, now):
+                    pass
             except Stop as stop:
                 state.refused = refused
                 self._stopped(stop)
@@ -354,6 +342,30 @@ class AudienceSync:
                 state.failures = 0
         if problems := self._problems():  # recorded as the job's last error, which every process lists
             raise AdsSyncIncomplete("; ".join(problems))
+
+    async def _meta_page(
+        self, http: aiohttp.ClientSession, data: JobData, refused: dict[str, str], now: datetime
+    ) -> bool:
+        """Reads and sends up to `read_limit` queued changes of the audiences that can be sent (mapped,
+        not refused in this run), oldest first: the changes left queued (unmapped, refused) are not read,
+        so however many pile up they never crowd out the others. True when there may be more to send."""
+        sendable = sorted(a for a in self.audiences if a not in refused)
+        if not sendable:
+            return False
+        changes = await data.unsynced_audience_changes(self.read_limit, sendable)
+        plan, nothing_to_send = await self._meta_plan(data, changes)
+        if nothing_to_send:
+            await data.mark_audience_changes_synced(nothing_to_send, now)
+        for audience, ops in plan.items():
+            try:
+                for op in ("add", "remove"):
+                    if ops[op]:
+                        await self._upload(http, data, audience, op, ops[op])
+            except AudienceRefused as exc:
+                refused[audience] = str(exc)
+        # A full page is all synced or its audience refused now (a failure stops the run): the next page
+        # reads further.
+        return len(changes) >= self.read_limit
 
     async def _meta_plan(
         self, data: JobData, changes: list[dict[str, Any]]

@@ -389,3 +389,28 @@ async def test_an_audience_meta_refuses_keeps_its_changes_and_the_others_go_on(
         await job.run(data)
     assert peer.rows("POST", CARTS) == [meta_row("ann@example.com", None)]
     assert [c["audience"] async for c in db.audience_changes.find({"synced": False})] == ["buyers"]
+
+
+async def test_changes_left_queued_never_crowd_out_a_mapped_audiences(
+    aiohttp_server: Any, data: JobData, db: Any
+) -> None:
+    """Changes of an audience without a Meta id stay queued; once more of them wait than a run reads,
+    the older ones filled every read and a mapped audience's change was never sent (found with a read
+    limit of 100,000, here 2). Several reads in one run drain a queue longer than one read, too."""
+    peer = GraphPeer({CARTS, BUYERS})
+    server = await aiohttp_server(peer.app())
+    await db.contacts.insert_many([{"_id": f"c{i}", "email": f"p{i}@example.com"} for i in range(4)])
+    await db.audience_changes.insert_many(
+        [change(f"c{i}", "add", "vip", n=i) for i in range(3)]  # unmapped, the oldest
+        + [change("c0", "add", n=3)]
+        + [change(f"c{i}", "add", "buyers", n=4 + i) for i in range(1, 4)]
+    )
+    job = meta_job(server)
+    job.read_limit = 2
+    with pytest.raises(AdsSyncIncomplete, match=r"channels.ads.audiences for: vip \(3 queued\)"):
+        await job.run(data)
+    assert peer.rows("POST", CARTS) == [meta_row("p0@example.com", None)]
+    assert sorted(peer.rows("POST", BUYERS)) == sorted(
+        meta_row(f"p{i}@example.com", None) for i in range(1, 4)
+    )
+    assert [c["audience"] async for c in db.audience_changes.find({"synced": False})] == ["vip"] * 3
