@@ -32,6 +32,7 @@ CONTACT_FIELDS: list[tuple[str, str]] = [
     ("backtests", "*"),  # a job's `contacts` and its report's example and skipped rows
     ("privacy_requests", "contact_id"),  # an export's entry, until the contact is erased
     ("shopify_privacy_requests", "contact_ids"),  # what Shopify asked: the ids become their SHA-256
+    ("segment_carts", "contact_id"),  # the carts kept from Segment's cart calls (`_id` holds it too)
 ]
 
 IDENTITIES = "identities"
@@ -130,7 +131,7 @@ class Privacy:
         among = {"$in": ids}
         db = self.store.db
         counts: dict[str, int] = {}
-        for name in ("events", "messages", "schedule", "interests", "audience_changes"):
+        for name in ("events", "messages", "schedule", "interests", "audience_changes", "segment_carts"):
             counts[name] = await _delete_in_batches(db[name], {"contact_id": among})
         counts["contacts"] = (await self.store.contacts.delete_many({"_id": among})).deleted_count
         found = {"$or": [{"_id": among}, {"contact_id": among}]}
