@@ -569,3 +569,217 @@ async def test_a_call_with_both_ids_links_the_visitor_and_many_links_stay_cheap(
         return await db.identities.count_documents({"merged": False}) == 0
 
     await eventually(all_merged, timeout=60)
+
+
+# --- the kept cart ----------------------------------------------------------------------------------------
+
+LAMP = {"product_id": "lamp-1", "name": "Lamp", "price": 120, "quantity": 1, "url": "https://shop.example/lamp",
+        "image_url": "https://shop.example/lamp.jpg", "currency": "EUR"}  # fmt: skip
+SOFA = {"product_id": "sofa-2", "name": "Sofa", "price": 150, "quantity": 1, "currency": "EUR"}
+
+
+async def shipped(make_client: Any, settings: Settings, tmp_path: Path, contact: str) -> Client:
+    """The service with the shipped rulesets, an ingest client, and `contact` reachable by push, email
+    and web push (`bea`, `cleo` and `dora` are not in cart_abandon's 5 % holdout)."""
+    rulesets = tmp_path / "shipped"
+    shutil.copytree(ROOT / "rulesets", rulesets)
+    providers = [Provider("push", needs="push_tokens"), Provider("email", needs="email"), Provider("webpush")]
+    app = create_app(msgspec.structs.replace(settings, rulesets_dir=str(rulesets)), registry(*providers))
+    client = await make_client(app, "ingest")
+    admin_key, _ = await app[KEYS].create("admin", "tests")
+    profile = {"email": f"{contact}@example.com", "push_tokens": ["t-1"],
+               "consent": {"push": True, "email": True, "webpush": True}}  # fmt: skip
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    resp = await client.put(f"/v1/contacts/{contact}", json=profile, headers=admin)
+    assert resp.status == 201
+    return client
+
+
+def pending_cart_sends(db: Any) -> Any:
+    return db.schedule.find({"ruleset": "cart_abandon", "status": "pending"}).to_list()
+
+
+async def test_two_products_added_are_one_cart_of_both_and_its_value(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """Segment sends each `Product Added` with the one product: the event holds the whole cart, so a cart
+    of 120 + 150 gets the shipped high-value reminder listing both."""
+    client = await shipped(make_client, settings, tmp_path, "bea")
+    segment = SegmentClient(write_key(client), host=url_of(client), sync_mode=True, max_retries=0)
+    await asyncio.to_thread(segment.track, "bea", "Product Added", LAMP, message_id="add-lamp")
+    await asyncio.to_thread(segment.track, "bea", "Product Added", SOFA, message_id="add-sofa")
+    lamp = {"product_id": "lamp-1", "sku": "lamp-1", "name": "Lamp", "price": 120, "qty": 1,
+            "currency": "EUR", "url": "https://shop.example/lamp",
+            "image_url": "https://shop.example/lamp.jpg"}  # fmt: skip
+    sofa = {
+        "product_id": "sofa-2",
+        "sku": "sofa-2",
+        "name": "Sofa",
+        "price": 150,
+        "qty": 1,
+        "currency": "EUR",
+    }
+    second = await db.events.find_one({"_id": "add-sofa"})
+    assert (second["type"], second["attributes"]["value"]) == ("cart_updated", 270)
+    assert second["attributes"]["items"] == [lamp, sofa]
+
+    async def high_value_armed() -> bool:
+        templates = {e["message"]["template"] for e in await pending_cart_sends(db)}
+        return {"cart_abandon/high_value_email", "cart_abandon/high_value_webpush"} <= templates
+
+    await eventually(high_value_armed)
+    email = next(
+        e for e in await pending_cart_sends(db) if e["message"]["template"].endswith("high_value_email")
+    )
+    assert (email["message"]["params"]["value"], email["message"]["params"]["items"]) == (270, [lamp, sofa])
+
+    # The same product again adds to its line; a retried message (same messageId) adds nothing more.
+    for _ in range(2):
+        await asyncio.to_thread(
+            segment.track, "bea", "Product Added", {**LAMP, "quantity": 2}, message_id="add-2"
+        )
+    mug = {"product_id": "mug", "price": 8.5}
+    await asyncio.to_thread(segment.track, "bea", "Product Added", mug, message_id="add-mug")
+    fourth = (await db.events.find_one({"_id": "add-mug"}))["attributes"]
+    assert [(i["product_id"], i["qty"]) for i in fourth["items"]] == [
+        ("lamp-1", 3),
+        ("sofa-2", 1),
+        ("mug", 1),
+    ]
+    assert fourth["value"] == 3 * 120 + 150 + 8.5
+    viewed = {"products": [{"product_id": "mug", "price": 8.5, "quantity": 2}]}  # the whole cart: replaces it
+    await asyncio.to_thread(segment.track, "bea", "Cart Viewed", viewed, message_id="view-1")
+    shown = (await db.events.find_one({"_id": "view-1"}))["attributes"]
+    assert ([i["product_id"] for i in shown["items"]], shown["value"]) == (["mug"], 17)
+
+
+async def test_removing_the_last_product_empties_the_cart_and_cancels_the_reminder(
+    make_client: Any, settings: Settings, db: Any, tmp_path: Path
+) -> None:
+    """`Product Removed` as the spec sends it (the product, no cart): the cart left is empty, value 0,
+    which the shipped ruleset's `cart_emptied` rule reads to cancel the reminders."""
+    client = await shipped(make_client, settings, tmp_path, "cleo")
+    added = {"type": "track", "event": "Product Added", "userId": "cleo", "messageId": "c-add",
+             "properties": {"product_id": "mug", "name": "Mug", "price": 12.5, "quantity": 2}}  # fmt: skip
+    assert (await post(client, "/v1/track", added))[0] == 200
+
+    async def armed() -> bool:
+        return len(await pending_cart_sends(db)) == 2
+
+    await eventually(armed)
+    one = {"type": "track", "event": "Product Removed", "userId": "cleo", "messageId": "c-rm-1",
+           "properties": {"product_id": "mug", "quantity": 1}}  # fmt: skip
+    assert (await post(client, "/v1/track", one))[0] == 200
+    left = (await db.events.find_one({"_id": "c-rm-1"}))["attributes"]
+    assert ([(i["product_id"], i["qty"]) for i in left["items"]], left["value"]) == ([("mug", 1)], 12.5)
+    rest = {**one, "messageId": "c-rm-2", "properties": {"product_id": "mug"}}  # no quantity: all of it
+    assert (await post(client, "/v1/track", rest))[0] == 200
+    emptied = await db.events.find_one({"_id": "c-rm-2"})
+    assert (emptied["type"], emptied["attributes"]["items"], emptied["attributes"]["value"]) == (
+        "cart_updated",
+        [],
+        0,
+    )
+
+    async def cancelled() -> bool:
+        undecided = await db.events.count_documents({"state": "pending"})
+        return undecided == 0 and await pending_cart_sends(db) == []
+
+    await eventually(cancelled)
+
+
+async def test_an_order_empties_the_cart(make_client: Any, settings: Settings, db: Any) -> None:
+    """In the batch's order. A removal from a cart not kept (begun before the upgrade) says nothing of it."""
+    client = await ingest_client(make_client, settings)
+    first = {"product_id": "a", "price": 5}
+    batch = {"batch": [
+        {"type": "track", "event": "Product Removed", "userId": "olga", "messageId": "o-rm",
+         "properties": {"product_id": "z"}},
+        {"type": "track", "event": "Product Added", "userId": "olga", "properties": first},
+        {"type": "track", "event": "Order Completed", "userId": "olga", "properties": {"order_id": "o1"}},
+        {"type": "track", "event": "Product Added", "userId": "olga", "messageId": "o-add",
+         "properties": {"product_id": "b", "price": 7}},
+    ]}  # fmt: skip
+    assert (await post(client, "/v1/batch", batch))[0] == 200
+    after = (await db.events.find_one({"_id": "o-add"}))["attributes"]
+    assert ([i["product_id"] for i in after["items"]], after["value"]) == (["b"], 7)
+    assert "value" not in (await db.events.find_one({"_id": "o-rm"}))["attributes"]  # arms no reminder
+    purchase = await db.events.find_one({"type": "purchased"})
+    assert purchase["attributes"] == {"order_id": "o1"}
+
+
+async def test_products_added_at_once_are_all_in_the_cart(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """Requests of the same contact racing each other (a page adding several products in parallel): none
+    of the products is lost."""
+    client = await ingest_client(make_client, settings)
+    adds = [
+        {"event": "Product Added", "userId": "rita", "messageId": f"race-{n}",
+         "properties": {"product_id": f"p{n}", "price": 1, "quantity": 1}}
+        for n in range(12)
+    ]  # fmt: skip
+    answers = await asyncio.gather(*(post(client, "/v1/track", a) for a in adds))
+    assert [status for status, _ in answers] == [200] * 12
+    values = [e["attributes"]["value"] async for e in db.events.find({"contact_id": "rita"})]
+    assert sorted(values) == list(range(1, 13))  # each saw the cart with every product added before it
+    last = await db.events.find_one({"contact_id": "rita", "attributes.value": 12})
+    assert sorted(i["product_id"] for i in last["attributes"]["items"]) == sorted(f"p{n}" for n in range(12))
+
+
+async def test_an_anonymous_cart_joins_the_known_contacts_cart_at_identify(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    client = await make_client(create_app(settings), "admin")
+    known = {"event": "Product Added", "userId": "u5", "properties": {"product_id": "a", "price": 10}}
+    visitor = {"event": "Product Added", "anonymousId": "v5", "properties": {"product_id": "b", "price": 4}}
+    assert (await post(client, "/v1/track", known))[0] == 200
+    assert (await post(client, "/v1/track", visitor))[0] == 200
+    assert (await post(client, "/v1/identify", {"userId": "u5", "anonymousId": "v5"}))[0] == 200
+    again = {"event": "Product Added", "anonymousId": "v5", "messageId": "v5-more",
+             "properties": {"product_id": "a", "price": 10}}  # fmt: skip
+    assert (await post(client, "/v1/track", again))[0] == 200
+    event = await db.events.find_one({"_id": "v5-more"})
+    assert event["contact_id"] == "u5"
+    assert sorted((i["product_id"], i["qty"]) for i in event["attributes"]["items"]) == [("a", 2), ("b", 1)]
+    assert event["attributes"]["value"] == 24
+
+
+async def test_an_erased_contact_leaves_no_cart(make_client: Any, settings: Settings, db: Any) -> None:
+    client = await make_client(create_app(settings), "admin")
+    added = {"event": "Product Added", "userId": "eric-77", "properties": {"product_id": "a", "price": 10}}
+    visitor = {"event": "Product Added", "anonymousId": "v77", "properties": {"product_id": "b", "price": 4}}
+    assert (await post(client, "/v1/track", added))[0] == 200
+    assert (await post(client, "/v1/track", visitor))[0] == 200
+    assert (await post(client, "/v1/alias", {"userId": "eric-77", "previousId": "v77"}))[0] == 200
+    assert await db.segment_carts.count_documents({"contact_id": "eric-77"}) == 1
+    resp = await client.delete("/v1/contacts/eric-77")
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["deleted"]["segment_carts"] == 1
+    for name in await db.list_collection_names():
+        async for doc in db[name].find({}):
+            text = json.dumps(doc, default=str)
+            assert "eric-77" not in text and "v77" not in text, (name, doc)
+
+
+async def test_a_forwarded_message_keeps_its_corrected_timestamp(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """What Segment's Webhooks destination (or RudderStack) forwards: `timestamp` already corrected by
+    Segment, with the device's skewed `sentAt` and `originalTimestamp` and Segment's `receivedAt`."""
+    client = await ingest_client(make_client, settings)
+    happened = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    device = timedelta(hours=2)  # the device's clock is 2 hours fast
+    forwarded = {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": "fwd",
+        "messageId": "fwd-1",
+        "properties": {"product_id": "p"},
+        "timestamp": happened.isoformat(),
+        "originalTimestamp": (happened + device).isoformat(),
+        "sentAt": (happened + device + timedelta(seconds=1)).isoformat(),
+        "receivedAt": (happened + timedelta(seconds=1)).isoformat(),
+    }
+    assert (await post(client, "/v1/track", forwarded))[0] == 200
+    assert (await db.events.find_one({"_id": "fwd-1"}))["time"] == happened

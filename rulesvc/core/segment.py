@@ -19,6 +19,7 @@ import msgspec
 
 from rulesvc.core import jsoncheck, jsontext
 from rulesvc.core.bodies import decoding_problem
+from rulesvc.core.carts import CartChange, CartOp
 from rulesvc.core.contacts import E164_PATTERN, EMAIL_MAX, EMAIL_PATTERN, IANA_ZONES, ContactPatch, FieldError
 from rulesvc.core.events import (
     CATALOG_EVENT_TYPES,
@@ -83,6 +84,9 @@ class EventMapping(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     # the attribute that gets the items' sum of price x quantity when the message gave it no value
     items_total: AttributeName | None = None
     keep_properties: bool = True  # every property also as an attribute of its own name
+    # how the message changes the contact's cart kept by the service (rulesvc/core/carts.py); the event
+    # then holds the whole cart: its items (`items.to`) and value (`items_total`)
+    cart: Literal["add", "remove", "replace", "clear"] | None = None
 
 
 class IdentifyMapping(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -144,6 +148,9 @@ def _semantic_problems(mapping: SegmentMapping) -> list[tuple[str, str]]:
                 if not _SOURCE.match(source):
                     at = f"{where}.attributes.{name}" + ("" if isinstance(sources, str) else f"[{k}]")
                     problems.append((at, f"expected {SENTENCES[SOURCE_PATTERN]}, got {source!r}"))
+        if m.cart not in (None, "clear") and (m.items is None or m.items_total is None):
+            problems.append((f"{where}.cart", f"`{m.cart}` needs `items` and `items_total`: the event "
+                             "gets the whole cart's items and value"))  # fmt: skip
     for name in mapping.track:
         key = snake_case(name)
         if key in seen:
@@ -192,6 +199,7 @@ class Message(msgspec.Struct):
     timestamp: datetime | None = None
     originalTimestamp: datetime | None = None  # RudderStack's SDKs send the device's time under this name
     sentAt: datetime | None = None
+    receivedAt: datetime | None = None  # set by Segment (or RudderStack) when it forwards the message
     context: dict[str, Any] | None = None
     properties: dict[str, Any] | None = None
     traits: dict[str, Any] | None = None
@@ -264,17 +272,26 @@ class Translated:
     anonymous: set[str] = field(default_factory=set)
     ignored: int = 0
     places: list[str] = field(default_factory=list)  # the JSON path of each event's message
+    carts: list[CartChange] = field(default_factory=list)  # what cart events do to the kept carts, in order
     # The problems of the messages left out of a batch whose other messages are taken, and how many.
     errors: list[FieldError] = field(default_factory=list)
     rejected: int = 0
 
-    def mark(self) -> tuple[int, int, int, int, int]:
-        return len(self.events), len(self.patches), len(self.links), len(self.places), self.ignored
+    def mark(self) -> tuple[int, int, int, int, int, int]:
+        return (
+            len(self.events),
+            len(self.patches),
+            len(self.links),
+            len(self.places),
+            len(self.carts),
+            self.ignored,
+        )
 
-    def undo(self, mark: tuple[int, int, int, int, int], anonymous: set[str]) -> None:
+    def undo(self, mark: tuple[int, int, int, int, int, int], anonymous: set[str]) -> None:
         """Forget what a message that turned out invalid had added: a message is taken whole or not."""
-        events, patches, links, places, self.ignored = mark
+        events, patches, links, places, carts, self.ignored = mark
         del self.events[events:], self.patches[patches:], self.links[links:], self.places[places:]
+        del self.carts[carts:]
         self.anonymous = anonymous
 
 
@@ -373,13 +390,15 @@ def user_id_problem(user: str) -> str | None:
 def event_time(message: Message, sent_at: datetime | None, received_at: datetime) -> datetime:
     """The device's time corrected for its clock as Segment does: `timestamp - sentAt + receivedAt`
     (both device times, so the device clock's error cancels out); without `sentAt`, `timestamp`; without
-    either, when it was received. Raises OverflowError for times beyond any calendar."""
+    either, when it was received. A message with `receivedAt` was forwarded by Segment or RudderStack
+    (a webhook destination), whose `timestamp` is already corrected: taken as it is. Raises OverflowError
+    for times beyond any calendar."""
     stamp = message.timestamp or message.originalTimestamp
     sent = message.sentAt or sent_at
     if stamp is None:
         return received_at
     stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-    if sent is None:
+    if sent is None or (message.receivedAt is not None and message.timestamp is not None):
         return stamp.astimezone(UTC)
     sent = sent if sent.tzinfo else sent.replace(tzinfo=UTC)
     return (stamp - sent + received_at).astimezone(UTC)
@@ -471,7 +490,10 @@ def _translate(
     else:
         found = mapping.page if call == "page" else mapping.screen
     event = Event(event_id, found.type, contact_id, time, mapped_attributes(message, found))
-    return _add(out, event, where)
+    errors = _add(out, event, where)
+    if not errors and found.cart is not None:
+        out.carts.append(cart_change(message, found, event))
+    return errors
 
 
 def _add(out: Translated, event: Event, where: str) -> list[FieldError]:
@@ -548,6 +570,11 @@ def _number(value: Any) -> float | None:
 
 
 def _items(message: Message, spec: ItemsMapping) -> list[dict[str, Any]] | None:
+    return _products(message, spec)[0]
+
+
+def _products(message: Message, spec: ItemsMapping) -> tuple[list[dict[str, Any]] | None, bool]:
+    """The items, and whether they came from a list (a cart's `products`) rather than one product."""
     for source in spec.from_:
         value = _lookup(message, source)
         products = value if isinstance(value, list) else [value] if isinstance(value, dict) else None
@@ -559,8 +586,23 @@ def _items(message: Message, spec: ItemsMapping) -> list[dict[str, Any]] | None:
                 item = {k: v for k, names in spec.fields.items() if (v := _first(product, names)) is not None}
                 if item:
                     items.append(item)
-        return items
-    return None
+        return items, isinstance(value, list)
+    return None, False
+
+
+def cart_change(message: Message, spec: EventMapping, event: Event) -> CartChange:
+    """What the message does to the kept cart: a message holding a list of products (the cart's
+    `products`) says the whole cart, so it replaces it whatever the mapping's `cart`; a `replace` without
+    one leaves the cart as it is."""
+    cart_id = event.attributes.get("cart_id")
+    named = str(cart_id) if isinstance(cart_id, str | int) and not isinstance(cart_id, bool) else None
+    if spec.cart == "clear" or spec.items is None:
+        return CartChange(event, "clear")
+    items, whole = _products(message, spec.items)
+    op: CartOp = spec.cart if spec.cart in ("add", "remove") and items is not None else "keep"
+    if whole:
+        op = "replace"
+    return CartChange(event, op, named or None, items or [], spec.items.to, spec.items_total)
 
 
 def items_total(items: list[dict[str, Any]]) -> float | None:

@@ -264,9 +264,11 @@ class Store:
         )
         await self._ensure_overview_indexes()
         await ensure_privacy_indexes(self.db, ttl, change_ttl)  # erased event ids: kept as long as events
+        from rulesvc.store.carts import Carts  # (as ShopifyStore: no cycle)
         from rulesvc.store.shopify import ShopifyStore  # it names Store only for type checking: no cycle
 
         await ShopifyStore(self).ensure_indexes()
+        await Carts(self).ensure_indexes()  # Segment's kept carts: rulesvc.store.carts
         await ensure_retention(self, change_ttl)  # messages and schedule: rulesvc.store.retention
 
     async def _ensure_overview_indexes(self) -> None:

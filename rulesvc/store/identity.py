@@ -22,6 +22,7 @@ from rulesvc.core import reasons
 from rulesvc.core.funnel import Increment, fate_increment
 from rulesvc.core.identity import joined_audiences, merge_profile, merge_state, superseded
 from rulesvc.core.messages import Fate, fate_of
+from rulesvc.store.carts import Carts
 from rulesvc.store.db import PENDING, Doc, Store
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
@@ -143,6 +144,7 @@ class Identities:
                 )
                 moved[name] = result.modified_count
             moved["interests"] = await self._merge_interests(anonymous_id, known_id, session)
+            moved["segment_carts"] = await Carts(self.store).merge(anonymous_id, known_id, now, session)
             if anon is not None:
                 await self._merge_contact(anon, known, known_id, now, session)
                 moved["contacts"] = 1

@@ -33,6 +33,7 @@ CONTACT_FIELDS: list[tuple[str, str]] = [
     ("backtests", "*"),  # a job's `contacts` and its report's example and skipped rows
     ("privacy_requests", "contact_id"),  # an export's entry, until the contact is erased
     ("shopify_privacy_requests", "contact_ids"),  # what Shopify asked: the ids become their SHA-256
+    ("segment_carts", "contact_id"),  # the carts kept from Segment's cart calls (`_id` holds it too)
 ]
 
 IDENTITIES = "identities"
@@ -140,7 +141,7 @@ class Privacy:
         db = self.store.db
         counts: dict[str, int] = {}
         counts["events"] = await _delete_in_batches(db["events"], {"contact_id": among}, self._keep_ids(now))
-        for name in ("messages", "schedule", "interests", "audience_changes"):
+        for name in ("messages", "schedule", "interests", "audience_changes", "segment_carts"):
             counts[name] = await _delete_in_batches(db[name], {"contact_id": among})
         counts["contacts"] = (await self.store.contacts.delete_many({"_id": among})).deleted_count
         found = {"$or": [{"_id": among}, {"contact_id": among}]}

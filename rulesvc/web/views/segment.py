@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 
+from rulesvc.core.carts import cart_attributes
 from rulesvc.core.contacts import FieldError
 from rulesvc.core.events import EventError, EventsRejected
 from rulesvc.core.privacy import contact_hash, dropped_events
@@ -23,12 +24,16 @@ from rulesvc.core.segment import (
     translate,
 )
 from rulesvc.runtime.identity import link, resolve_contacts
+from rulesvc.runtime.privacy import tombstone_drops
+from rulesvc.store.carts import CartContention, Carts
 from rulesvc.store.db import Store
 from rulesvc.store.identity import Identities
 from rulesvc.store.privacy import Privacy
 from rulesvc.web.keys import API_KEY, METRICS, SEGMENT_MAPPING, SETTINGS, STORE
 from rulesvc.web.views.base import json_response, read_body
 from rulesvc.web.views.events import foreign_outcomes, ingest
+
+log = structlog.get_logger(__name__)
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +82,7 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
             await store.patch_contact(contact_id, patch, received_at, fill_only=fill_only)
     offset = len(found.patches)
     await _link(store, [x for i, x in enumerate(found.links) if offset + i not in erased], received_at)
+    await _carts(request, found)
     result = await ingest(request, found.events)
     if isinstance(result, EventsRejected):  # (not for outcomes any more; kept for what ingest may add)
         errors = [FieldError(segment_path(e.path, found.places[e.index]), e.message) for e in result.errors]
@@ -129,6 +135,32 @@ async def _resolve(store: Store, found: Translated) -> None:
         if event.contact_id in known:
             event.contact_id = known[event.contact_id]
     found.patches = [(known.get(c, c), patch, sent) for c, patch, sent in found.patches]
+
+
+async def _carts(request: web.Request, found: Translated) -> None:
+    """The kept carts changed by the request's cart calls, in message order, and each cart event given
+    the whole cart after its change (Segment sends one product per `Product Added`; the cart rules read the
+    cart). After the links: a visitor's cart call following its identify goes to the known contact's cart.
+    A contact's tombstone that drops the event leaves its cart alone."""
+    if not found.carts:
+        return
+    store, now = request.app[STORE], datetime.now(UTC)
+    kept = {id(e) for e in found.events}  # (an event the request no longer stores changes nothing)
+    changes = [c for c in found.carts if id(c.event) in kept and c.event.contact_id is not None]
+    known = await resolve_contacts(store, [str(c.event.contact_id) for c in changes])
+    mode = request.app[SETTINGS].erasure_tombstone
+    for change in changes:
+        event = change.event
+        event.contact_id = known.get(str(event.contact_id), event.contact_id)
+        if event.time is not None and await tombstone_drops(store, str(event.contact_id), event.time, mode):
+            continue
+        try:
+            cart = await Carts(store).apply(change, now)
+        except CartContention:
+            log.warning("segment.cart_contention", contact_id=event.contact_id, event_id=event.id)
+            continue
+        if cart is not None:
+            event.attributes.update(cart_attributes(change, cart.lines, cart.currency))
 
 
 async def post_batch(request: web.Request) -> web.Response:
