@@ -194,6 +194,7 @@ async def export_chunks(store: Store, contact_id: str, now: datetime | None = No
     )
     sections: list[tuple[str, str, list[tuple[str, int]]]] = [
         ("interests", "interests", [("_id", 1)]),
+        ("carts", "segment_carts", [("_id", 1)]),
         ("scheduled", "schedule", [("due_at", 1), ("_id", 1)]),
         ("messages", "messages", [("created_at", 1), ("_id", 1)]),
         ("events", "events", [("time", 1), ("_id", 1)]),
