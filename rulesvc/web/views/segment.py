@@ -54,7 +54,7 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
             await store.patch_contact(contact_id, patch, received_at)
     for anonymous, known in found.links:
         if known not in erased:
-            await link(store, anonymous, known, received_at)
+            await link(store, anonymous, known, received_at, tombstone=mode)
     result = await ingest(request, found.events)
     if isinstance(result, EventsRejected):
         errors = [FieldError(segment_path(e.path, found.places[e.index]), e.message) for e in result.errors]
