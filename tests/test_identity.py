@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rulesvc.config import Settings
+from rulesvc.core.engine import ContactView, EngineEvent, cancelled_by_history
 from rulesvc.core.events import Event
 from rulesvc.core.identity import (
     anonymous_contact_id,
@@ -134,6 +135,38 @@ def test_one_of_two_reminders_with_the_same_key_stays() -> None:
     assert superseded(known, later) == ["k1"]
     assert superseded(known, earlier) == ["a1"]
     assert superseded(known, [{"_id": "a2", "key": "new", "trigger": {"time": 1.0}}]) == []
+
+
+def test_a_later_decided_event_cancels_what_its_cancel_on_names() -> None:
+    """The engine's own test of `cancel_on`, applied to history: an event at or after the trigger (not
+    the trigger itself) whose type is named and whose `same` values match."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def entry(eid: str, at: datetime, same: dict[str, Any]) -> dict[str, Any]:
+        return {"_id": eid, "cancel_on": [{"event": ["purchased"], "same": same}],
+                "trigger": {"id": f"{eid}-trigger", "time": at.timestamp()}}  # fmt: skip
+
+    def bought(eid: str, at: datetime, **attributes: Any) -> EngineEvent:
+        return EngineEvent(eid, "purchased", "u1", at, attributes)
+
+    entries = [
+        entry("plain", t0, {}),
+        entry("sku-a", t0, {"attributes.sku": "A"}),
+        entry("sku-b", t0, {"attributes.sku": "B"}),
+        entry("later", t0 + timedelta(hours=2), {}),
+    ]
+    events = [bought("p-before", t0 - timedelta(minutes=1)), bought("p-a", t0 + timedelta(hours=1), sku="A")]
+    found = cancelled_by_history(entries, events, ContactView("u1", {}, {}))
+    assert [(c.entry_id, c.reason, c.detail) for c in found] == [
+        ("plain", "cancelled_by_event", "cancelled by purchased"),
+        ("sku-a", "cancelled_by_event", "cancelled by purchased"),
+    ]
+    own = {
+        "_id": "x",
+        "cancel_on": [{"event": ["purchased"], "same": {}}],
+        "trigger": {"id": "p-a", "time": 0.0},
+    }
+    assert cancelled_by_history([own], events[1:], ContactView("u1", {}, {})) == []
 
 
 # --- the service -------------------------------------------------------------------------------------
@@ -294,6 +327,124 @@ async def test_both_carts_armed_one_reminder_goes(make_client: Any, settings: Se
 
     await eventually(all_sends_made)
     assert [(m.contact_id, m.params["value"]) for m in email.delivered] == [("u1", 59.9)]
+
+
+async def nothing_sent_when_due(client: Any, db: Any, email: Provider, contact: str) -> None:
+    """Every waiting entry brought due, then a `ping` answered by the scheduler after them: the entries
+    had their turn, and no reminder went out."""
+    await db.schedule.update_many({}, {"$set": {"due_at": datetime.now(UTC) - timedelta(seconds=1)}})
+    await post(client, ev(f"{contact}-marker", "ping", contact))
+
+    async def marker_answered() -> bool:
+        return await db.messages.count_documents({"template": "hello", "status": "sent"}) == 1
+
+    await eventually(marker_answered)
+    assert [m.template for m in email.delivered if m.template.startswith("cart_abandon")] == []
+    kept = {"ruleset": "cart_abandon", "status": {"$ne": "cancelled"}}
+    assert await db.messages.count_documents(kept) == 0
+
+
+async def test_a_purchase_before_the_link_cancels_the_anonymous_reminder(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """The visitor left a cart anonymously, then bought signed in, then the identify came: the reminder
+    the anonymous cart armed is cancelled by the purchase, as if both had been u1's from the start."""
+    client, app, email = await started(make_client, settings)
+    assert (await client.put("/v1/contacts/u1", json=U1)).status == 201
+    now = datetime.now(UTC)
+    await post(
+        client, {**ev("v9-cart", "cart_updated", "anon:v9", **CART), "time": iso(now - timedelta(minutes=10))}
+    )
+    await decided(db)
+    await post(
+        client, {**ev("u1-buy", "purchased", "u1", value=59.9), "time": iso(now - timedelta(minutes=5))}
+    )
+    await decided(db)
+    assert await db.schedule.count_documents({"contact_id": "anon:v9", "status": "pending"}) == 2
+
+    result = await link(app[STORE], "anon:v9", "u1", datetime.now(UTC))
+    assert result.merged and result.moved["schedule"] == 2
+    entries = await db.schedule.find({"contact_id": "u1", "ruleset": "cart_abandon"}).to_list()
+    assert sorted((e["message"]["channel"], e["status"], e["reason"]) for e in entries) == [
+        ("email", "cancelled", "cancelled by purchased"),
+        ("push", "cancelled", "cancelled by purchased"),
+    ]
+    messages = await db.messages.find({"contact_id": "u1", "ruleset": "cart_abandon"}).to_list()
+    assert sorted((m["channel"], m["status"], m["reason"], m["detail"]) for m in messages) == [
+        ("email", "cancelled", "cancelled_by_event", "cancelled by purchased"),
+        ("push", "cancelled", "cancelled_by_event", "cancelled by purchased"),
+    ]
+    await nothing_sent_when_due(client, db, email, "u1")
+
+
+async def test_an_anonymous_cart_decided_after_a_later_purchase_arms_nothing(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """The anonymous cart was still undecided at the merge; u1's later purchase was decided before it.
+    Decided now for u1, the cart's reminders are born cancelled by that purchase."""
+    client, _, _ = await started(make_client, settings)
+    assert (await client.put("/v1/contacts/u1", json=U1)).status == 201
+    now = datetime.now(UTC)
+    await post(
+        client, {**ev("u1-buy", "purchased", "u1", value=59.9), "time": iso(now - timedelta(minutes=5))}
+    )
+    await decided(db)
+    await client.close()  # no inbox runs now: the anonymous cart stays undecided until the merge
+
+    store = Store(db.client, settings.database, timedelta(days=1))
+    cart = Event(id="w9-cart", type="cart_updated", contact_id="anon:w9",
+                 time=now - timedelta(minutes=10), attributes=CART)  # fmt: skip
+    assert (await store.insert_events([cart])).accepted == 1
+    result = await link(store, "anon:w9", "u1", datetime.now(UTC))
+    assert (result.merged, result.moved) == (True, {"events": 1})
+
+    email = Provider("email", needs="email")
+    app = create_app(settings, registry(Provider("push", needs="push_tokens"), email))
+    client = await make_client(app)
+    await decided(db)
+    entries = await db.schedule.find({"contact_id": "u1", "ruleset": "cart_abandon"}).to_list()
+    assert sorted((e["message"]["channel"], e["status"], e["reason"]) for e in entries) == [
+        ("email", "cancelled", "cancelled by purchased"),
+        ("push", "cancelled", "cancelled by purchased"),
+    ]
+    messages = await db.messages.find({"contact_id": "u1", "ruleset": "cart_abandon"}).to_list()
+    assert sorted((m["channel"], m["status"], m["reason"]) for m in messages) == [
+        ("email", "cancelled", "cancelled_by_event"),
+        ("push", "cancelled", "cancelled_by_event"),
+    ]
+    await nothing_sent_when_due(client, db, email, "u1")
+
+
+async def test_a_link_older_than_the_erasure_recreates_nothing(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """An identify made before u8 was erased, merged only after it (its merge waited, or came late):
+    u8 is not re-created from the anonymous visitor; the visitor's data is erased as u8's erasure
+    would have erased it. A link made after the erasure (u8 signs up again) merges as any."""
+    client, app, email = await started(make_client, settings)
+    store = app[STORE]
+    assert (await client.put("/v1/contacts/u8", json={**U1, "email": "u8@example.com"})).status == 201
+    await post(client, ev("e1-cart", "cart_updated", "anon:e1", **CART))
+    await decided(db)
+    identified = datetime.now(UTC) - timedelta(seconds=1)  # the identify, a moment before the erasure
+    assert (await client.delete("/v1/contacts/u8")).status == 200
+    assert await db.contacts.find_one({"_id": "u8"}) is None
+
+    result = await link(store, "anon:e1", "u8", identified)
+    assert (result.merged, result.moved) == (False, {})
+    assert await db.contacts.count_documents({}) == 0
+    for name in ("events", "schedule", "messages", "interests", "identities"):
+        left = await db[name].count_documents({"$or": [{"contact_id": {"$in": ["u8", "anon:e1"]}},
+                                                        {"_id": "anon:e1"}]})  # fmt: skip
+        assert left == 0, name
+    assert (await client.get("/v1/contacts/u8")).status == 404
+
+    await post(client, ev("e2-view", "product_viewed", "anon:e2", product_id="A-1"))
+    await decided(db)
+    again = await link(store, "anon:e2", "u8", datetime.now(UTC))
+    assert again.merged and again.moved["events"] == 1
+    assert await db.contacts.find_one({"_id": "u8"}) is not None
+    assert email.delivered == []
 
 
 async def test_merge_racing_the_inbox_loses_nothing(make_client: Any, settings: Settings, db: Any) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -772,15 +772,8 @@ class Engine:
             return
         ctx_values = Context(event, contact)
         for entry in contact.pending.cancellable_by(event.type, ctx_values.resolve):
-            hit = any(
-                event.type in spec["event"]
-                and all(ctx_values.resolve(path) == value for path, value in spec.get("same", {}).items())
-                for spec in entry.cancel_on
-            )
-            if hit:
-                decisions.cancel.append(
-                    Cancellation(entry.entry_id, reasons.CANCELLED_BY_EVENT, f"cancelled by {event.type}")
-                )
+            if cancels(entry.cancel_on, event.type, ctx_values):
+                decisions.cancel.append(cancelled_by_event(entry.entry_id, event.type))
                 contact.pending.remove(entry.entry_id)
 
     # actions
@@ -984,6 +977,61 @@ class Engine:
             items.append(value)
             value = items[-spec.max :]
         values[spec.name] = {"v": value, "until": until}
+
+
+def cancels(cancel_on: list[dict[str, Any]], event_type: str, ctx: Context) -> bool:
+    """Whether an event (of this type, `ctx` resolving its paths) cancels an entry waiting on
+    `cancel_on`: a spec names its type and every `same` value the entry kept equals the event's."""
+    return any(
+        event_type in spec["event"]
+        and all(ctx.resolve(path) == value for path, value in spec.get("same", {}).items())
+        for spec in cancel_on
+    )
+
+
+def cancelled_by_event(entry_id: str, event_type: str) -> Cancellation:
+    return Cancellation(entry_id, reasons.CANCELLED_BY_EVENT, f"cancelled by {event_type}")
+
+
+def event_from_doc(doc: Mapping[str, Any]) -> EngineEvent:
+    """A stored event (`events` document) as the engine evaluates it."""
+    return EngineEvent(
+        doc["_id"], doc["type"], doc.get("contact_id"), doc["time"], doc.get("attributes") or {}
+    )
+
+
+def armed_at(entry: Mapping[str, Any]) -> float:
+    """When a schedule entry (a document) was armed: its trigger event's time, else its creation."""
+    trigger = entry.get("trigger") or {}
+    at = trigger.get("time")
+    if isinstance(at, int | float):
+        return float(at)
+    created = entry.get("created_at")
+    return created.timestamp() if isinstance(created, datetime) else 0.0
+
+
+def cancelled_by_history(
+    entries: Iterable[Mapping[str, Any]], events: Iterable[EngineEvent], contact: ContactView
+) -> list[Cancellation]:
+    """Waiting entries (documents) an event decided before them cancels: an event at or after the
+    entry's trigger, not the trigger itself, that its `cancel_on` names (with `same` values equal, as
+    `_cancel_by_event` checks). Such an event was decided while the entry was not yet pending for the
+    contact (it was an anonymous contact's, or its trigger arrived late); in time order it would have
+    cancelled it. The earliest such event names the cancellation."""
+    ordered = sorted(events, key=lambda e: (e.time, e.id))
+    out: list[Cancellation] = []
+    for entry in entries:
+        cancel_on = entry.get("cancel_on") or []
+        if not cancel_on:
+            continue
+        since, trigger_id = armed_at(entry), (entry.get("trigger") or {}).get("id")
+        for event in ordered:
+            if event.id == trigger_id or ts(event.time) < since:
+                continue
+            if cancels(cancel_on, event.type, Context(event, contact)):
+                out.append(cancelled_by_event(str(entry["_id"]), event.type))
+                break
+    return out
 
 
 def _cancel_spec(ctx: Context, events: str | list[str], same: list[str]) -> dict[str, Any]:

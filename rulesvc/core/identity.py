@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from rulesvc.core.contacts import PROFILE_FIELDS
-from rulesvc.core.engine import MAX_COUNTER_TIMES
+from rulesvc.core.engine import MAX_COUNTER_TIMES, armed_at
 
 ANONYMOUS_PREFIX = "anon:"
 
@@ -189,15 +189,6 @@ def merge_profile(known: Mapping[str, Any] | None, anon: Mapping[str, Any] | Non
 # --- waiting sends -----------------------------------------------------------------------------------
 
 
-def _armed_at(entry: Mapping[str, Any]) -> float:
-    trigger = entry.get("trigger") or {}
-    at = trigger.get("time")
-    if isinstance(at, int | float):
-        return float(at)
-    created = entry.get("created_at")
-    return created.timestamp() if created is not None else 0.0
-
-
 def superseded(known: Iterable[Mapping[str, Any]], anon: Iterable[Mapping[str, Any]]) -> list[str]:
     """Of the two contacts' pending schedule entries, those to cancel: where both wait on one key (the
     same reminder, armed on each), the one armed earlier, as a repeat trigger re-arms; ties keep the
@@ -208,7 +199,7 @@ def superseded(known: Iterable[Mapping[str, Any]], anon: Iterable[Mapping[str, A
         other = by_key.get(entry["key"])
         if other is None:
             continue
-        if _armed_at(entry) > _armed_at(other):
+        if armed_at(entry) > armed_at(other):
             cancel.append(str(other["_id"]))
         else:
             cancel.append(str(entry["_id"]))

@@ -17,7 +17,9 @@ deciding a send of either (a claimed entry). What moves, in one transaction:
   and consent apply. Re-deciding instead would mean evaluating the anonymous events again, which fires
   their rules a second time (counters, `once`, immediate sends already made). Where both contacts wait
   on the same key (the same reminder, armed on each), the one armed earlier is cancelled `rearmed`, as
-  a repeat trigger does, so one reminder goes out, not two. A send the scheduler holds now is never
+  a repeat trigger does, so one reminder goes out, not two; one that a decided event of the other
+  contact, at or after its trigger, cancels (a purchase signed in after an anonymous cart) is cancelled
+  as that event would have cancelled it. A send the scheduler holds now is never
   moved under it (the merge waits), so it is sent once, to whom it was decided for;
 - messages already sent, in-app messages, audience changes, product interests: history, now the known
   contact's (an outcome reported later for such a message, under either id, finds it);
@@ -38,7 +40,9 @@ from pymongo.errors import PyMongoError
 
 from rulesvc.core.events import Event
 from rulesvc.core.identity import LinkResult, is_anonymous, link_problem
+from rulesvc.core.privacy import TombstoneMode
 from rulesvc.runtime.fate import OnFate, tell
+from rulesvc.runtime.privacy import ErasureBusy, erase_contact, tombstone_drops
 from rulesvc.runtime.waiting import wait_any
 from rulesvc.store.db import PROCESS_SHARD, Store, failure_text
 from rulesvc.store.identity import Busy, Conflict, Identities
@@ -71,14 +75,16 @@ async def to_known(store: Store, events: list[Event]) -> list[Event]:
     ]
 
 
-async def merge_late(store: Store, events: list[Event], on_fate: OnFate | None = None) -> None:
+async def merge_late(
+    store: Store, events: list[Event], on_fate: OnFate | None = None, tombstone: TombstoneMode = "old-events"
+) -> None:
     """After storing events still under an anonymous id: if that id was linked in the meantime (the link
     came between `to_known` and the insert), the merge moves them now."""
     anonymous = [e.contact_id for e in events if e.contact_id is not None and is_anonymous(e.contact_id)]
     if not anonymous:
         return
     for anonymous_id, known_id in (await resolve_contacts(store, anonymous)).items():
-        await merge_linked(store, anonymous_id, known_id, datetime.now(UTC), on_fate)
+        await merge_linked(store, anonymous_id, known_id, datetime.now(UTC), on_fate, tombstone=tombstone)
 
 
 async def link(
@@ -87,6 +93,7 @@ async def link(
     known_contact_id: str,
     now: datetime,
     on_fate: OnFate | None = None,
+    tombstone: TombstoneMode = "old-events",
 ) -> LinkResult:
     """Link the anonymous contact to the known one and merge it in. Idempotent: the same identify again
     finds the link and nothing left to move. The first link wins: an anonymous id linked to `u1` and then
@@ -102,7 +109,7 @@ async def link(
     if conflict is not None:
         log.warning("identity.link_conflict", anonymous_contact_id=anonymous_contact_id, linked_to=target,
                     refused=known_contact_id)  # fmt: skip
-    merged, moved = await merge_linked(store, anonymous_contact_id, target, now, on_fate)
+    merged, moved = await merge_linked(store, anonymous_contact_id, target, now, on_fate, tombstone=tombstone)
     return LinkResult(anonymous_contact_id, target, created, merged, conflict, moved)
 
 
@@ -113,20 +120,28 @@ async def merge_linked(
     now: datetime,
     on_fate: OnFate | None = None,
     patience: float = MERGE_PATIENCE,
+    tombstone: TombstoneMode = "old-events",
 ) -> tuple[bool, dict[str, int]]:
     """The merge of a linked anonymous contact, under both contacts' leases: (done, moved per
     collection). Not done within `patience` (the inbox or the scheduler busy with either contact the
     whole time, or the database refusing): False, and the sweep tries again; the link stands meanwhile,
-    so an identify is answered either way."""
+    so an identify is answered either way. Refused (False) where the known contact was erased after the
+    link was made (`tombstone`, RULESVC_ERASURE_TOMBSTONE, says when its tombstone is in force): the
+    anonymous contact is erased instead, as the erasure would have erased it with its link."""
     leases = ContactLeases(store)
     owner = f"identity:{uuid.uuid4().hex}"
     deadline = time.monotonic() + patience
     pause = 0.02
     history = 0  # decided events moved ahead of the transaction, by every attempt
+    refused = False
     while True:
         token = uuid.uuid4().hex
         if await leases.take(token, owner, [anonymous_id, known_id], datetime.now(UTC) + MERGE_LEASE):
             try:
+                # Looked at under the leases: an erasure holds the known contact's lease while it runs.
+                if await _erased(store, anonymous_id, known_id, now, tombstone):
+                    refused = True
+                    return False, {}
                 history += await Identities(store).move_history(anonymous_id, known_id)
                 moved, cancelled = await Identities(store).merge(anonymous_id, known_id, now, PROCESS_SHARD)
                 if history:
@@ -144,6 +159,8 @@ async def merge_linked(
                 return True, moved
             finally:
                 await leases.release(token)
+                if refused:
+                    await _refuse(store, anonymous_id)
         else:
             await leases.release_expired(datetime.now(UTC))  # a dead process's lease must not stop it
         if time.monotonic() + pause > deadline:
@@ -153,24 +170,49 @@ async def merge_linked(
         pause = min(pause * 2, 0.5)
 
 
-async def finish_merges(store: Store, on_fate: OnFate | None = None, limit: int = 100) -> int:
+async def _erased(store: Store, anonymous_id: str, known_id: str, now: datetime, mode: TombstoneMode) -> bool:
+    """Whether the known contact's tombstone is in force for the link's time (that of the stored link,
+    else `now`, the identify's: the erasure deleted the link meanwhile), as it is for an event's."""
+    found = await Identities(store).links.find_one({"_id": anonymous_id}, {"linked_at": 1, "contact_id": 1})
+    if found is not None and found.get("contact_id") != known_id:
+        return False  # linked to another contact: not this merge's to refuse
+    at = found.get("linked_at") if found is not None else None
+    return await tombstone_drops(store, known_id, at if isinstance(at, datetime) else now, mode)
+
+
+async def _refuse(store: Store, anonymous_id: str) -> None:
+    """The anonymous contact of an erased one erased too (its data, its link), with a request logged."""
+    log.warning("identity.merge_refused", anonymous_contact_id=anonymous_id, reason="known contact erased")
+    try:
+        await erase_contact(store, anonymous_id, source="identity")
+    except ErasureBusy:  # its events stayed in an inbox batch: the sweep refuses (and erases) again
+        log.info("identity.refusal_postponed", anonymous_contact_id=anonymous_id)
+
+
+async def finish_merges(
+    store: Store, on_fate: OnFate | None = None, limit: int = 100, tombstone: TombstoneMode = "old-events"
+) -> int:
     """Merges a crash or a busy contact left undone, and late arrivals under a merged anonymous id;
     how many were finished."""
     now = datetime.now(UTC)
     done = 0
     for doc in await Identities(store).to_finish(now, RECENT, limit):
-        merged, _ = await merge_linked(store, doc["_id"], doc["contact_id"], now, on_fate, patience=0.5)
+        merged, _ = await merge_linked(
+            store, doc["_id"], doc["contact_id"], now, on_fate, patience=0.5, tombstone=tombstone
+        )
         done += merged
     return done
 
 
-async def merge_loop(store: Store, stop: asyncio.Event, on_fate: OnFate | None = None) -> None:
+async def merge_loop(
+    store: Store, stop: asyncio.Event, on_fate: OnFate | None = None, tombstone: TombstoneMode = "old-events"
+) -> None:
     """`finish_merges` at start-up and every SWEEP_EVERY seconds, until `stop`. Quiet about storage
     outages (debug lines only): the inbox's and the scheduler's loops already say when one starts and
     ends, and a missed sweep is simply made at the next."""
     while not stop.is_set():
         try:
-            await finish_merges(store, on_fate)
+            await finish_merges(store, on_fate, tombstone=tombstone)
         except PyMongoError as exc:
             log.debug("identity.sweep_failed", error=type(exc).__name__)
         except Exception:

@@ -30,7 +30,11 @@ from rulesvc.core.engine import (
     Decisions,
     EngineEvent,
     ScheduleEntry,
+    armed_at,
+    cancelled_by_history,
     entry_doc,
+    event_from_doc,
+    from_ts,
     pending_from_doc,
 )
 from rulesvc.core.events import MESSAGE_EVENT_TYPES
@@ -119,9 +123,7 @@ class VersionConflict(Exception):
 
 
 def engine_event(doc: Doc) -> EngineEvent:
-    return EngineEvent(
-        doc["_id"], doc["type"], doc.get("contact_id"), doc["time"], doc.get("attributes") or {}
-    )
+    return event_from_doc(doc)
 
 
 def contact_view(contact_id: str, doc: Doc | None, pending: list[Doc]) -> ContactView:
@@ -310,6 +312,7 @@ class Inbox:
             decisions.cancel.extend(found.cancel)
             decisions.fired.extend(found.fired)
             decisions.audience.extend(found.audience)
+        decisions.cancel.extend(await self._cancelled_by_history(decisions, views))
         decided = [e for e in events if e["contact_id"] in views]
         message_ops = [op for ops in outcome_ops.values() for op in ops]
         failures = [(doc, exc) for doc, exc in failed.values()]
@@ -322,6 +325,29 @@ class Inbox:
         if decisions.schedule and self.on_scheduled is not None:
             self.on_scheduled(min(e.due_at for e in decisions.schedule))
         return len(events)
+
+    async def _cancelled_by_history(
+        self, decisions: Decisions, views: dict[str, ContactView]
+    ) -> list[Cancellation]:
+        """Sends armed by this batch that an event decided earlier, but later in time, cancels: a trigger
+        that arrived late, or an anonymous cart merged in after the contact's purchase was decided. In
+        time order the purchase would have cancelled the reminder, so it does now. One indexed read, only
+        for batches that armed a send with `cancel_on`."""
+        gone = {c.entry_id for c in decisions.cancel}
+        armed = [entry_doc(e) for e in decisions.schedule if e.cancel_on and e.entry_id not in gone]
+        if not armed:
+            return []
+        types = sorted({t for e in armed for spec in e["cancel_on"] for t in spec["event"]})
+        since = from_ts(min(armed_at(e) for e in armed))
+        found = await self.inbox_events.decided_since(sorted({e["contact_id"] for e in armed}), types, since)
+        by_contact: dict[str, list[EngineEvent]] = defaultdict(list)
+        for doc in found:
+            by_contact[doc["contact_id"]].append(engine_event(doc))
+        return [
+            c
+            for cid, events in by_contact.items()
+            for c in cancelled_by_history([e for e in armed if e["contact_id"] == cid], events, views[cid])
+        ]
 
     async def _entries_and_conversions(self, found: list[Decisions]) -> list[Increment]:
         """The funnel's first and last steps: each entry, and each conversion credited to the last message

@@ -11,6 +11,7 @@ before or in it leaves the link `merged: False`, and the next identify or the st
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,11 +20,21 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
 from rulesvc.core import reasons
+from rulesvc.core.contacts import PROFILE_FIELDS
+from rulesvc.core.engine import (
+    Cancellation,
+    ContactView,
+    armed_at,
+    cancelled_by_history,
+    event_from_doc,
+    from_ts,
+)
 from rulesvc.core.funnel import Increment, fate_increment
 from rulesvc.core.identity import joined_audiences, merge_profile, merge_state, superseded
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.store.carts import Carts
 from rulesvc.store.db import PENDING, Doc, Store
+from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.transactions import in_transaction
@@ -124,18 +135,28 @@ class Identities:
             anon, known = contacts.get(anonymous_id), contacts.get(known_id)
             waiting = await db.schedule.find(
                 {"contact_id": {"$in": both}, "status": "pending"},
-                {"key": 1, "contact_id": 1, "trigger.time": 1, "created_at": 1},
+                {"key": 1, "contact_id": 1, "trigger.time": 1, "trigger.id": 1, "created_at": 1,
+                 "cancel_on": 1},
                 session=session,
-            ).to_list()
+            ).to_list()  # fmt: skip
+            # A send one contact waits on that the other's decided history cancels (a cart left
+            # anonymously, then a purchase signed in): cancelled as that event would have, in time order.
+            history = await self._cancels_in_history(waiting, both, known or anon, known_id, session)
+            waiting = [e for e in waiting if e["_id"] not in {c.entry_id for c in history}]
             drop = superseded(
                 [e for e in waiting if e["contact_id"] == known_id],
                 [e for e in waiting if e["contact_id"] == anonymous_id],
             )
-            if drop:
-                detail = f"re-armed by the merge of {anonymous_id} into {known_id}"
-                await schedule.cancel(drop, detail, now, session)
-                found = await messages.cancel(drop, reasons.REARMED, detail, now, session)
-                cancelled.extend(fate_of(doc, "cancelled", reasons.REARMED) for doc in found)
+            detail = f"re-armed by the merge of {anonymous_id} into {known_id}"
+            cancels = [*history, *(Cancellation(i, reasons.REARMED, detail) for i in drop)]
+            by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
+            for c in cancels:
+                by_reason[c.reason, c.detail].append(c.entry_id)
+            for (reason, why), ids in by_reason.items():
+                await schedule.cancel(ids, why, now, session)
+                found = await messages.cancel(ids, reason, why, now, session)
+                cancelled.extend(fate_of(doc, "cancelled", reason) for doc in found)
+            if cancelled:
                 counts: list[Increment] = [fate_increment(f, now) for f in cancelled]
                 await db.add_counts(counts, shard, session)
             for name in MOVED:
@@ -154,6 +175,29 @@ class Identities:
 
         await in_transaction(self.store.client, write)
         return {k: v for k, v in moved.items() if v}, cancelled
+
+    async def _cancels_in_history(
+        self,
+        waiting: list[Doc],
+        both: list[str],
+        contact: Doc | None,
+        known_id: str,
+        session: AsyncClientSession,
+    ) -> list[Cancellation]:
+        """The waiting sends of either contact a decided event of the other, at or after their trigger,
+        cancels (`rulesvc.core.engine.cancelled_by_history`, the engine's own test of `cancel_on`)."""
+        armed = [e for e in waiting if e.get("cancel_on")]
+        if not armed:
+            return []
+        types = sorted({t for e in armed for spec in e["cancel_on"] for t in spec["event"]})
+        since = from_ts(min(armed_at(e) for e in armed))
+        found = await InboxEvents(self.store).decided_since(both, types, since, session)
+        if not found:
+            return []
+        contact = contact or {}
+        profile = {k: contact[k] for k in PROFILE_FIELDS if contact.get(k) is not None}
+        view = ContactView(known_id, profile, dict(contact.get("state") or {}))
+        return cancelled_by_history(armed, [event_from_doc(d) for d in found], view)
 
     async def _merge_interests(self, anonymous_id: str, known_id: str, session: AsyncClientSession) -> int:
         """The anonymous contact's product interests, joined into the known contact's (latest times)."""

@@ -9,6 +9,8 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import PENDING, Doc, Store, insert_new
 
+DONE = "done"  # an event the inbox decided
+
 
 class InboxEvents:
     def __init__(self, store: Store) -> None:
@@ -41,6 +43,24 @@ class InboxEvents:
             .to_list()
         )
 
+    async def decided_since(
+        self,
+        contact_ids: list[str],
+        types: list[str],
+        since: datetime,
+        session: AsyncClientSession | None = None,
+    ) -> list[Doc]:
+        """These contacts' decided events of these types from `since` on (what may cancel a send armed
+        then): a range of the `events_by_contact` index per contact."""
+        if not contact_ids or not types:
+            return []
+        query: Doc = {"contact_id": {"$in": contact_ids}, "time": {"$gte": since}, "type": {"$in": types},
+                      "state": DONE}  # fmt: skip
+        fields = {"type": 1, "contact_id": 1, "time": 1, "attributes": 1}
+        return (
+            await self.store.events.find(query, fields, session=session).hint("events_by_contact").to_list()
+        )
+
     async def earliest_pending(self, contact_ids: list[str]) -> dict[str, datetime]:
         """Each of these contacts' earliest undecided event time, for those that have one: the first key
         of each contact in the pending index (a contact with a backlog is not read through)."""
@@ -62,7 +82,7 @@ class InboxEvents:
         """These events, those still pending, are decided (and counted, for the overview's throughput)."""
         result = await self.store.events.update_many(
             {"_id": {"$in": ids}, "state": PENDING},
-            {"$set": {"state": "done", "processed_at": at}},
+            {"$set": {"state": DONE, "processed_at": at}},
             session=session,
         )
         if result.modified_count:

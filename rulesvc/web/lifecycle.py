@@ -188,7 +188,10 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(inbox.run(stop), name="inbox"),
         asyncio.create_task(scheduler.run(stop), name="scheduler"),
         asyncio.create_task(fanout.run(stop), name="catalog-fanout"),
-        asyncio.create_task(merge_loop(app[STORE], stop, count_fate), name="identity-merges"),
+        asyncio.create_task(
+            merge_loop(app[STORE], stop, count_fate, tombstone=app[SETTINGS].erasure_tombstone),
+            name="identity-merges",
+        ),
         asyncio.create_task(
             shopify_privacy.run(app[STORE], stop, app[SHOPIFY_PRIVACY]), name="shopify-privacy"
         ),

@@ -387,8 +387,9 @@ ROUTES: list[Route] = [
         operation={
             "summary": "Everything stored about a contact as one JSON document (data subject access)",
             "description": "Keys: format, contact_id, exported_at, profile, state, identities, audiences "
-            "(member_of, changes), interests, carts (Segment's kept carts), scheduled, messages (with outcomes), events, inbox (ids of "
-            "the in-app messages shown now). Complete, whatever the history's length: streamed.",
+            "(member_of, changes), interests, carts (Segment's kept carts), scheduled, messages (with "
+            "outcomes), events, inbox (ids of the in-app messages shown now). Complete, whatever the "
+            "history's length: streamed.",
             "operationId": "exportContact",
             "responses": {
                 "200": json_body({"type": "object"}, "the export (docs/privacy.md)"),

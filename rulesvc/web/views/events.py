@@ -97,7 +97,8 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
     if not events:
         return EventsAccepted(0, 0, erased)
     result = await request.app[STORE].insert_events(events)
-    await merge_late(request.app[STORE], events)  # linked while these were stored: moved now
+    # Linked while these were stored: moved now (unless the known contact was erased meanwhile).
+    await merge_late(request.app[STORE], events, tombstone=request.app[SETTINGS].erasure_tombstone)
     if INBOX in request.app and result.accepted:
         request.app[INBOX].wake.set()
         if any(e.contact_id is None for e in events):

@@ -11,7 +11,7 @@ from aiohttp import web
 from rulesvc.core.carts import cart_attributes
 from rulesvc.core.contacts import FieldError
 from rulesvc.core.events import EventError, EventsRejected
-from rulesvc.core.privacy import contact_hash, dropped_events
+from rulesvc.core.privacy import TombstoneMode, contact_hash, dropped_events
 from rulesvc.core.segment import (
     Kind,
     Malformed,
@@ -81,7 +81,8 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
         if i not in erased:
             await store.patch_contact(contact_id, patch, received_at, fill_only=fill_only)
     offset = len(found.patches)
-    await _link(store, [x for i, x in enumerate(found.links) if offset + i not in erased], received_at)
+    links = [x for i, x in enumerate(found.links) if offset + i not in erased]
+    await _link(store, links, received_at, settings.erasure_tombstone)
     await _carts(request, found)
     result = await ingest(request, found.events)
     if isinstance(result, EventsRejected):  # (not for outcomes any more; kept for what ingest may add)
@@ -106,7 +107,9 @@ def _leave_out(found: Translated, refused: list[EventError]) -> None:
     found.places = [p for i, p in enumerate(found.places) if i not in drop]
 
 
-async def _link(store: Store, links: list[tuple[str, str, datetime]], now: datetime) -> None:
+async def _link(
+    store: Store, links: list[tuple[str, str, datetime]], now: datetime, tombstone: TombstoneMode
+) -> None:
     """Link each anonymous visitor to its contact, once: those linked already are skipped (one query), the
     first few merged now, the rest recorded for the merge loop, so that a batch of thousands of identify
     calls costs one write each rather than a merge each."""
@@ -118,7 +121,7 @@ async def _link(store: Store, links: list[tuple[str, str, datetime]], now: datet
     linked = await resolve_contacts(store, list(wanted))
     new = [(a, k) for a, k in wanted.items() if a not in linked]
     for anonymous, known in new[:MERGES_PER_REQUEST]:
-        await link(store, anonymous, known, now)
+        await link(store, anonymous, known, now, tombstone=tombstone)
     for anonymous, known in new[MERGES_PER_REQUEST:]:
         await Identities(store).record(anonymous, known, now)
 
