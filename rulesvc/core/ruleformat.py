@@ -512,11 +512,9 @@ def _every_error(
     template_problem: Callable[[str], str | None] | None,
     refused: Exception,
 ) -> list[RulesetError]:
-    try:
-        document = jsontext.parse(data)
-    except jsontext.JsonSyntaxError as exc:
-        line, column = jsontext.position(data.decode("utf-8", "replace"), exc.pos)
-        return [RulesetError(file, exc.path, f"invalid JSON: {exc.message}", line, column)]
+    document = parsed(file, data)
+    if isinstance(document, list):
+        return document
     found = [(p.path, p.message, p.pos) for p in jsoncheck.check(document.root, _TYPE, SENTENCES)]
     rules = document.root.member("rules") if document.root.kind == "object" else None
     decoded: list[tuple[int, Rule]] = []
@@ -532,13 +530,31 @@ def _every_error(
             found.append((path, message, jsontext.locate(document.root, path)))
     for path, message in _semantic_errors(decoded, channels, template_problem):
         found.append((path, message, jsontext.locate(document.root, path)))
-    if not found:  # msgspec refused what the walk let pass: say msgspec's words rather than nothing
+    return located(file, document, found, refused)
+
+
+Found = list[tuple[str, str, int]]  # (JSON path, message, position in the text)
+
+
+def parsed(file: str, data: bytes) -> jsontext.Document | list[RulesetError]:
+    """The file's JSON with positions, or its syntax error at file:line:column."""
+    try:
+        return jsontext.parse(data)
+    except jsontext.JsonSyntaxError as exc:
+        line, column = jsontext.position(data.decode("utf-8", "replace"), exc.pos)
+        return [RulesetError(file, exc.path, f"invalid JSON: {exc.message}", line, column)]
+
+
+def located(file: str, document: jsontext.Document, found: Found, refused: Exception) -> list[RulesetError]:
+    """The problems at their line and column, in the file's order. When the walk found none, msgspec's
+    own words for what it refused, rather than a refused file with nothing said."""
+    if not found:
         path, message = (
             split_validation_error(refused)
             if isinstance(refused, msgspec.ValidationError)
             else ("$", f"invalid JSON: {refused}")
         )
-        found.append((path, message, jsontext.locate(document.root, path)))
+        found = [(path, message, jsontext.locate(document.root, path))]
     errors = [RulesetError(file, p, m, *document.position(pos)) for p, m, pos in found]
     return sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
 

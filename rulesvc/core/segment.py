@@ -33,7 +33,7 @@ from rulesvc.core.events import (
 )
 from rulesvc.core.identity import anonymous_contact_id
 from rulesvc.core.ids import id_problem
-from rulesvc.core.ruleformat import RulesetError, locate_errors
+from rulesvc.core.ruleformat import RulesetError, locate_errors, located, parsed
 
 # Segment's documented limits: 32 KB per call (each message of a batch), 500 KB per batch request.
 MAX_MESSAGE_BYTES = 32 * 1024
@@ -161,21 +161,11 @@ def _semantic_problems(mapping: SegmentMapping) -> list[tuple[str, str]]:
 
 
 def _every_error(file: str, data: bytes, refused: Exception) -> list[RulesetError]:
-    try:
-        document = jsontext.parse(data)
-    except jsontext.JsonSyntaxError as exc:
-        line, column = jsontext.position(data.decode("utf-8", "replace"), exc.pos)
-        return [RulesetError(file, exc.path, f"invalid JSON: {exc.message}", line, column)]
+    document = parsed(file, data)
+    if isinstance(document, list):
+        return document
     found = [(p.path, p.message, p.pos) for p in jsoncheck.check(document.root, _MAPPING_TYPE, SENTENCES)]
-    if not found:  # msgspec refused what the walk let pass: msgspec's words rather than nothing
-        path, message = (
-            split_validation_error(refused)
-            if isinstance(refused, msgspec.ValidationError)
-            else ("$", f"invalid JSON: {refused}")
-        )
-        found.append((path, message, jsontext.locate(document.root, path)))
-    errors = [RulesetError(file, p, m, *document.position(pos)) for p, m, pos in found]
-    return sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
+    return located(file, document, found, refused)
 
 
 # --- the wire format ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import structlog
 
 from rulesvc.runtime.privacy import erase_contact, record_request
 from rulesvc.store.db import Store, failure_text
+from rulesvc.store.privacy import Privacy
 from rulesvc.store.shopify import ShopifyPrivacy
 
 log = structlog.get_logger(__name__)
@@ -50,9 +51,10 @@ async def _carry_out_one(store: Store, requests: ShopifyPrivacy, doc: dict[str, 
     contact_ids = [c for c in doc.get("contact_ids") or [] if isinstance(c, str)]
     if doc.get("kind") == "export":
         details = {"shopify_request_id": doc.get("request_id"), "orders": doc.get("orders") or []}
-        for contact_id in contact_ids:
+        stored = [c for c in contact_ids if await Privacy(store).known(c)]  # not ids nothing is kept of
+        for contact_id in stored:
             await record_request(store, "export", contact_id, source, details, doc.get("received_at"))
-        return {"exports_logged": len(contact_ids)}
+        return {"exports_logged": len(stored)}
     if doc.get("scope") == "shop":  # no pause per contact: the shop sends nothing any more
         erased = 0
         async for contact_id in requests.shop_contacts(str(doc.get("shop", ""))):
