@@ -419,6 +419,26 @@ async def test_mode_all_drops_every_event_until_a_put_re_creates_the_contact(
     assert await post(client, [old]) == {"accepted": 0, "duplicates": 0, "erased": 1}  # still a late retry
 
 
+async def test_a_tombstone_another_process_wrote_is_seen_within_the_settle_pause(
+    make_client: Any, shop: Settings, db: Any
+) -> None:
+    """Ingest reads tombstones from its process's copy; one written by another process (here: straight
+    into the database) is in that copy before an erasure's second pass (0.5 s) would miss what came."""
+    client = await make_client(create_app(shop))
+    first = {"id": "t-0", "type": "page_viewed", "contact_id": "other-1"}
+    assert await post(client, [first]) == {"accepted": 1, "duplicates": 0}  # the copy is made
+    now = datetime.now(UTC)
+    await db.tombstones.insert_one({"_id": sha256("other-1"), "erased_at": now, "changed_at": now})
+    await asyncio.sleep(0.3)
+    late = {
+        "id": "t-1",
+        "type": "page_viewed",
+        "contact_id": "other-1",
+        "time": iso(now - timedelta(minutes=5)),
+    }
+    assert await post(client, [late]) == {"accepted": 0, "duplicates": 0, "erased": 1}
+
+
 async def test_mode_off_keeps_old_events(make_client: Any, shop: Settings, db: Any) -> None:
     client = await make_client(create_app(msgspec.structs.replace(shop, erasure_tombstone="off")))
     assert (await client.delete("/v1/contacts/c1")).status == 200
@@ -436,7 +456,9 @@ async def test_an_erasure_racing_events_in_flight_leaves_nothing(
 ) -> None:
     """Posters send the contact's events (all from before the erasure, as a shop's queue would retry
     them) while the inbox decides them and the scheduler sends; the erasure lands in the middle."""
-    client = await make_client(create_app(shop))
+    client = await make_client(
+        create_app(msgspec.structs.replace(shop, rate_limit=0))
+    )  # posters at full speed
     assert (await client.put(f"/v1/contacts/{CONTACT}", json={"email": EMAIL, "phone": PHONE})).status == 201
     old = iso(datetime.now(UTC) - timedelta(seconds=1))
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ deletes again, before it lets the lease go.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -118,6 +119,65 @@ async def erase_contact(
     await privacy.close_request(request_id, done, counts)
     log.info("privacy.erased", contact_sha256=h, source=source, **counts)
     return report
+
+
+class TombstoneCache:
+    """This process's copy of the tombstones, so that ingest asks MongoDB nothing per request (a query per
+    request halved the single-event ingest rate, measured). It reads only the tombstones changed since its
+    last look, at most every REFRESH seconds, well inside an erasure's settle pause: an event accepted by
+    a process that had not seen a new tombstone yet is deleted by the erasure's second pass. Reads go back
+    OVERLAP before the newest change seen, since writes of several processes commit out of time order.
+    Above MAX_KEPT tombstones it stops copying and asks MongoDB per batch, as before."""
+
+    REFRESH = 0.2
+    OVERLAP = timedelta(seconds=30)
+    MAX_KEPT = 200_000
+
+    def __init__(self, store: Store) -> None:
+        self.privacy = Privacy(store)
+        self.stones: dict[str, Doc] = {}
+        self.newest: datetime | None = None
+        self.looked_at = -math.inf
+        self.lock = asyncio.Lock()
+        self.too_many = False
+
+    async def of(self, hashes: list[str]) -> dict[str, Doc]:
+        """The tombstones among these contact hashes."""
+        if not hashes:
+            return {}
+        await self._refresh()
+        if self.too_many:
+            return await self.privacy.tombstones_of(hashes)
+        return {h: self.stones[h] for h in hashes if h in self.stones}
+
+    def stale(self) -> None:
+        """This process changed a tombstone (an erasure, a re-creation): the next check reads first."""
+        self.looked_at = -math.inf
+
+    async def _refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.too_many or loop.time() - self.looked_at < self.REFRESH:
+            return
+        async with self.lock:
+            if loop.time() - self.looked_at < self.REFRESH:
+                return
+            started = loop.time()
+            since = None if self.newest is None else self.newest - self.OVERLAP
+            while True:
+                docs = await self.privacy.tombstones_changed(since, 10_000)
+                for doc in docs:
+                    self.stones[doc["_id"]] = doc
+                    changed = doc.get("changed_at")
+                    if isinstance(changed, datetime) and (self.newest is None or changed > self.newest):
+                        self.newest = changed
+                if len(self.stones) > self.MAX_KEPT:
+                    self.too_many, self.stones = True, {}
+                    log.info("privacy.tombstones_not_cached", kept_over=self.MAX_KEPT)
+                    return
+                if len(docs) < 10_000 or self.newest is None or self.newest == since:
+                    break
+                since = self.newest  # a long first read: go on from the newest seen
+            self.looked_at = started
 
 
 async def tombstone_drops(store: Store, contact_id: str, time: datetime, mode: TombstoneMode) -> bool:

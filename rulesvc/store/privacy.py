@@ -56,7 +56,9 @@ class Privacy:
         """Tombstones for these contact hashes (an erasure again moves its time on)."""
         for h in hashes:
             await self.tombstones.update_one(
-                {"_id": h}, {"$set": {"erased_at": now}, "$unset": {"recreated_at": ""}}, upsert=True
+                {"_id": h},
+                {"$set": {"erased_at": now, "changed_at": now}, "$unset": {"recreated_at": ""}},
+                upsert=True,
             )
 
     async def tombstones_of(self, hashes: list[str]) -> dict[str, Doc]:
@@ -64,6 +66,12 @@ class Privacy:
         if not hashes:
             return {}
         return {d["_id"]: d async for d in self.tombstones.find({"_id": {"$in": hashes}})}
+
+    async def tombstones_changed(self, since: datetime | None, limit: int) -> list[Doc]:
+        """Tombstones written or changed from `since` on (all, without it), oldest change first."""
+        query: Doc = {} if since is None else {"changed_at": {"$gte": since}}
+        cursor = self.tombstones.find(query).sort([("changed_at", 1)]).limit(limit)
+        return await cursor.hint("tombstones_changed").to_list()
 
     async def erased_event_ids(self, hashes: list[str]) -> set[str]:
         """Which of these event id digests belonged to an erased contact (by `_id`: one indexed query)."""
@@ -74,7 +82,7 @@ class Privacy:
     async def recreated(self, h: str, now: datetime) -> None:
         """A profile `PUT` re-created an erased contact: mode `all` takes its new events again."""
         await self.tombstones.update_one(
-            {"_id": h, "recreated_at": {"$exists": False}}, {"$set": {"recreated_at": now}}
+            {"_id": h, "recreated_at": {"$exists": False}}, {"$set": {"recreated_at": now, "changed_at": now}}
         )
 
     # --- the erasure --------------------------------------------------------------------------------

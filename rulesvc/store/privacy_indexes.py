@@ -46,3 +46,7 @@ async def ensure_privacy_indexes(
     await db["identities"].create_indexes(
         [IndexModel([("contact_id", ASCENDING)], name="privacy_identities_by_contact")]
     )
+    # Each process keeps a copy of the tombstones and reads only those changed since its last look.
+    await db["tombstones"].create_indexes(
+        [IndexModel([("changed_at", ASCENDING)], name="tombstones_changed")]
+    )

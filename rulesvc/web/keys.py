@@ -17,6 +17,7 @@ from rulesvc.replay.simulate import Simulator
 from rulesvc.runtime.backtests import BacktestRunner
 from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.privacy import TombstoneCache
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.scheduler import Scheduler
 from rulesvc.store.db import Store
@@ -39,6 +40,7 @@ SEGMENT_MAPPING = web.AppKey("segment_mapping", SegmentMapping)  # read at start
 MONGO_URI = web.AppKey("mongo_uri", str)
 EMBEDDED_MONGOD = web.AppKey("embedded_mongod", EmbeddedMongod)
 STORE = web.AppKey("store", Store)
+TOMBSTONES = web.AppKey("tombstones", TombstoneCache)  # this process's copy: ingest asks MongoDB nothing
 KEYS = web.AppKey("keys", Keys)
 INBOX_TOKENS = web.AppKey("inbox_tokens", InboxTokens)
 RULESETS = web.AppKey("rulesets", Rulesets)

@@ -28,6 +28,7 @@ from rulesvc.runtime.fanout import CatalogFanout
 from rulesvc.runtime.identity import merge_loop
 from rulesvc.runtime.inbox import Inbox
 from rulesvc.runtime.jobs import run_job
+from rulesvc.runtime.privacy import TombstoneCache
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.scheduler import Scheduler
 from rulesvc.runtime.templates import Templates
@@ -52,6 +53,7 @@ from rulesvc.web.keys import (
     SHOPIFY_PRIVACY,
     SIMULATOR,
     STORE,
+    TOMBSTONES,
 )
 
 log = structlog.get_logger(__name__)
@@ -129,6 +131,7 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         # events' TTL to its retention: a CLI process leaves it as it is.
         await store.ensure_schema(change_ttl=True)
     app[STORE] = store
+    app[TOMBSTONES] = TombstoneCache(store)
     app[KEYS] = store.keys()
     app[INBOX_TOKENS] = store.inbox_tokens()
     log.info("store.ready", database=settings.database)

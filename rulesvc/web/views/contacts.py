@@ -41,7 +41,7 @@ from rulesvc.web.contact_schemas import (
     SessionState,
     Suppression,
 )
-from rulesvc.web.keys import CHANNELS, RULESETS, SEND_POLICY, STORE
+from rulesvc.web.keys import CHANNELS, RULESETS, SEND_POLICY, STORE, TOMBSTONES
 from rulesvc.web.schemas import ContactMessagesQuery, EventList, EventRecord, PagingQuery
 from rulesvc.web.views.base import (
     JSON_TYPES,
@@ -242,6 +242,8 @@ async def put_contact(request: web.Request) -> web.Response:
     store = request.app[STORE]
     doc = await store.put_contact(contact_id, contact)
     await Privacy(store).recreated(contact_hash(contact_id), doc["updated_at"])  # an explicit re-creation
+    if TOMBSTONES in request.app:
+        request.app[TOMBSTONES].stale()
     created = doc["created_at"] == doc["updated_at"]
     return json_response(contact_from_doc(doc), 201 if created else 200)
 

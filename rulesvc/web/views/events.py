@@ -20,10 +20,10 @@ from rulesvc.core.events import (
 )
 from rulesvc.core.privacy import contact_hash, dropped_events, event_hash
 from rulesvc.runtime.identity import merge_late, to_known
-from rulesvc.store.db import Store
+from rulesvc.store.db import Doc, Store
 from rulesvc.store.messages import Messages
 from rulesvc.store.privacy import Privacy
-from rulesvc.web.keys import API_KEY, FANOUT, INBOX, METRICS, SETTINGS, STORE
+from rulesvc.web.keys import API_KEY, FANOUT, INBOX, METRICS, SETTINGS, STORE, TOMBSTONES
 from rulesvc.web.views.base import JSON_TYPES, NDJSON_TYPES, error_response, json_response, read_body
 
 
@@ -108,6 +108,13 @@ async def ingest(request: web.Request, events: list[Event]) -> EventsAccepted | 
     return EventsAccepted(result.accepted, result.duplicates, erased)
 
 
+async def tombstones_of(request: web.Request, hashes: list[str]) -> dict[str, Doc]:
+    """From the process's copy of the tombstones (no query per request), or MongoDB without one."""
+    if TOMBSTONES in request.app:
+        return await request.app[TOMBSTONES].of(hashes)
+    return await Privacy(request.app[STORE]).tombstones_of(hashes)
+
+
 async def without_erased(request: web.Request, events: list[Event]) -> tuple[list[Event], int]:
     """The events a tombstone does not drop (rulesvc.core.privacy.dropped_events) nor an erased event id,
     and how many were dropped: one query per batch (a second only when a contact of the batch is
@@ -116,7 +123,7 @@ async def without_erased(request: web.Request, events: list[Event]) -> tuple[lis
     contacts = {e.contact_id for e in events if e.contact_id is not None}
     if mode == "off" or not contacts:
         return events, 0
-    stones = await Privacy(request.app[STORE]).tombstones_of([contact_hash(c) for c in contacts])
+    stones = await tombstones_of(request, [contact_hash(c) for c in contacts])
     if not stones:
         return events, 0
     now = datetime.now(UTC)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from rulesvc.runtime.privacy import ErasureBusy, erase_contact, export_chunks, record_request
 from rulesvc.store.privacy import Privacy
-from rulesvc.web.keys import API_KEY, STORE
+from rulesvc.web.keys import API_KEY, STORE, TOMBSTONES
 from rulesvc.web.privacy_schemas import Erased, PrivacyRequest, PrivacyRequestList
 from rulesvc.web.schemas import PagingQuery
 from rulesvc.web.views.base import contact_id_of, error_response, json_response, query_of
@@ -26,6 +26,8 @@ async def delete_contact(request: web.Request) -> web.Response:
     contact_id = contact_id_of(request)
     try:
         report = await erase_contact(request.app[STORE], contact_id, datetime.now(UTC), source_of(request))
+        if TOMBSTONES in request.app:
+            request.app[TOMBSTONES].stale()
     except ErasureBusy as exc:
         return error_response(503, str(exc), {"Retry-After": "5"})
     return json_response(

@@ -28,10 +28,9 @@ from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.carts import CartContention, Carts
 from rulesvc.store.db import Store
 from rulesvc.store.identity import Identities
-from rulesvc.store.privacy import Privacy
 from rulesvc.web.keys import API_KEY, METRICS, SEGMENT_MAPPING, SETTINGS, STORE
 from rulesvc.web.views.base import json_response, read_body
-from rulesvc.web.views.events import foreign_outcomes, ingest
+from rulesvc.web.views.events import foreign_outcomes, ingest, tombstones_of
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +69,9 @@ async def _post(request: web.Request, kind: Kind) -> web.Response:
         request.app[METRICS].events.labels("rejected").inc(found.rejected)
     await _resolve(store, found)
     settings = request.app[SETTINGS]
-    stones = await Privacy(store).tombstones_of(
-        sorted({contact_hash(c) for c, _, _ in found.patches} | {contact_hash(k) for _, k, _ in found.links})
+    stones = await tombstones_of(
+        request,
+        sorted({contact_hash(c) for c, _, _ in found.patches} | {contact_hash(k) for _, k, _ in found.links}),
     )
     # A late retry of an identify or alias sent before its contact was erased may not bring it back.
     times = [(c, sent) for c, _, sent in found.patches] + [(k, sent) for _, k, sent in found.links]
