@@ -117,8 +117,9 @@ async def tombstones_of(request: web.Request, hashes: list[str]) -> dict[str, Do
 
 async def without_erased(request: web.Request, events: list[Event]) -> tuple[list[Event], int]:
     """The events a tombstone does not drop (rulesvc.core.privacy.dropped_events) nor an erased event id,
-    and how many were dropped: one query per batch (a second only when a contact of the batch is
-    tombstoned), none with RULESVC_ERASURE_TOMBSTONE=off."""
+    and how many were dropped: the tombstones from the process's copy (no query), the erased event ids
+    with one query only when a contact of the batch is tombstoned; nothing with
+    RULESVC_ERASURE_TOMBSTONE=off."""
     mode = request.app[SETTINGS].erasure_tombstone
     contacts = {e.contact_id for e in events if e.contact_id is not None}
     if mode == "off" or not contacts:
