@@ -25,6 +25,7 @@ from rulesvc.core.audiences import hashed_identifiers
 from rulesvc.core.privacy import ERASED_PREFIX, TombstoneMode, contact_hash, dropped_events
 from rulesvc.runtime.waiting import renewing
 from rulesvc.store.db import Doc, Store
+from rulesvc.store.leases import ContactLeases
 from rulesvc.store.privacy import Privacy
 
 log = structlog.get_logger(__name__)
@@ -52,13 +53,15 @@ class ErasureReport:
     request_id: str = ""
 
 
-async def _lease(privacy: Privacy, ids: list[str]) -> str:
+async def _lease(leases: ContactLeases, ids: list[str]) -> str:
+    """The contacts' lease, as an inbox batch takes it: waits while a batch holds one of them."""
     token = f"privacy/{uuid.uuid4().hex}"
     loop = asyncio.get_running_loop()
     give_up = loop.time() + WAIT_FOR_WORK
     while True:
         now = datetime.now(UTC)
-        if await privacy.take_lease(token, ids, now + LEASE, now):
+        await leases.release_expired(now)  # a lease whose process died
+        if await leases.take(token, "privacy", ids, now + LEASE):
             return token
         if loop.time() > give_up:
             raise ErasureBusy("the contact's events stayed in an inbox batch; try again")
@@ -80,11 +83,12 @@ async def erase_contact(
     )
     ids = [contact_id, *[i for i in await privacy.linked_ids(contact_id) if i != contact_id]]
     await privacy.bury([contact_hash(i) for i in ids], now)
-    token = await _lease(privacy, ids)
+    leases = ContactLeases(store)
+    token = await _lease(leases, ids)
     report = ErasureReport(h, linked_ids=len(ids) - 1, request_id=request_id)
 
     async def renew() -> None:
-        await privacy.renew_lease(token, datetime.now(UTC) + LEASE)
+        await leases.renew(token, datetime.now(UTC) + LEASE)
 
     try:
         async with renewing("privacy", renew, LEASE.total_seconds() / 3):
@@ -108,7 +112,7 @@ async def erase_contact(
                 await asyncio.sleep(settle)
             second = await privacy.erase_pass(ids, now)
     finally:
-        await privacy.release_lease(token)
+        await leases.release(token)
     report.deleted = {k: first[k] + second.get(k, 0) for k in first}
     done = datetime.now(UTC)
     counts = {

@@ -10,7 +10,6 @@ from typing import Any
 
 from pymongo import DESCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
 
 from rulesvc.core.privacy import contact_hash, event_hash, scrub
 from rulesvc.store.db import Doc, Store
@@ -86,24 +85,6 @@ class Privacy:
         )
 
     # --- the erasure --------------------------------------------------------------------------------
-
-    async def take_lease(self, token: str, ids: list[str], until: datetime, now: datetime) -> bool:
-        """The contacts' lease, as an inbox batch takes it (`contact_leases`' unique index on `contacts`):
-        False while a batch holds one of them. A lease that ran out (its process died) is cleared first."""
-        await self.store.contact_leases.delete_many({"contacts": {"$in": ids}, "until": {"$lt": now}})
-        try:
-            await self.store.contact_leases.insert_one(
-                {"_id": token, "owner": "privacy", "contacts": ids, "until": until}
-            )
-        except DuplicateKeyError:
-            return False
-        return True
-
-    async def renew_lease(self, token: str, until: datetime) -> None:
-        await self.store.contact_leases.update_one({"_id": token}, {"$set": {"until": until}})
-
-    async def release_lease(self, token: str) -> None:
-        await self.store.contact_leases.delete_one({"_id": token})
 
     async def linked_ids(self, contact_id: str) -> list[str]:
         """The anonymous ids linked to this contact (the identity links): erased with it."""
