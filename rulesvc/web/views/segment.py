@@ -24,7 +24,6 @@ from rulesvc.core.segment import (
     translate,
 )
 from rulesvc.runtime.identity import link, resolve_contacts
-from rulesvc.runtime.privacy import tombstone_drops
 from rulesvc.store.carts import CartContention, Carts
 from rulesvc.store.db import Store
 from rulesvc.store.identity import Identities
@@ -151,11 +150,15 @@ async def _carts(request: web.Request, found: Translated) -> None:
     kept = {id(e) for e in found.events}  # (an event the request no longer stores changes nothing)
     changes = [c for c in found.carts if id(c.event) in kept and c.event.contact_id is not None]
     known = await resolve_contacts(store, [str(c.event.contact_id) for c in changes])
-    mode = request.app[SETTINGS].erasure_tombstone
     for change in changes:
+        change.event.contact_id = known.get(str(change.event.contact_id), change.event.contact_id)
+    # The tombstones from the process's copy, once for the request (not a query per cart call).
+    stones = await tombstones_of(request, sorted({contact_hash(str(c.event.contact_id)) for c in changes}))
+    timed = [(c.event.contact_id, c.event.time or now) for c in changes]
+    dropped = set(dropped_events(timed, stones, request.app[SETTINGS].erasure_tombstone))
+    for i, change in enumerate(changes):
         event = change.event
-        event.contact_id = known.get(str(event.contact_id), event.contact_id)
-        if event.time is not None and await tombstone_drops(store, str(event.contact_id), event.time, mode):
+        if i in dropped and event.time is not None:
             continue
         try:
             cart = await Carts(store).apply(change, now)
