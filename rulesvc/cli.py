@@ -243,12 +243,46 @@ def build_parser() -> argparse.ArgumentParser:
         "service's mongod; none is started). Exits 1 on a broken plugin or a wrong setting.",
     )
 
+    mig = commands.add_parser(
+        "migrate",
+        help="upgrade the database to this release's schema (`serve` does it at start)",
+        description="Check the database's schema version (MONGODB_URI or the service's embedded mongod) and "
+        "run the migrations it has not had, in order: idempotent and resumable, so an interrupted run is "
+        "finished by the next one. Stop every instance of the older release first. Exits 1 on a database "
+        "written by a newer release.",
+    )
+    mig.add_argument("--status", action="store_true", help="only print the versions, change nothing")
+
     commands.add_parser(
         "schema",
         help="print the ruleset JSON Schema",
         description="Print the JSON Schema of ruleset files (rulesets/schema.json is this output).",
     )
     return parser
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from rulesvc.store.db import Store
+    from rulesvc.store.migrations import MIGRATIONS, SCHEMA_VERSION, prepare, refuse_newer
+
+    settings = load_settings()
+
+    async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
+        store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
+        before = await refuse_newer(store)
+        if args.status:
+            todo = [m.name for m in MIGRATIONS if m.version > before]
+            print(f"database {db.name}: schema {before}; this release: {SCHEMA_VERSION}")
+            print(f"to run: {', '.join(todo)}" if todo else "up to date")
+            return 0
+        applied = await prepare(store)
+        print(f"database {db.name}: schema {before} -> {SCHEMA_VERSION}")
+        print(f"ran: {', '.join(applied)}" if applied else "nothing to run")
+        return 0
+
+    return _with_database(act)
 
 
 def inbox_token_command(args: argparse.Namespace) -> int:
@@ -341,6 +375,7 @@ def events_command(args: argparse.Namespace) -> int:
     from datetime import UTC, timedelta
 
     from rulesvc.store.db import Store
+    from rulesvc.store.migrations import prepare
 
     settings = load_settings()
 
@@ -348,7 +383,7 @@ def events_command(args: argparse.Namespace) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
         # Its queries use the service's indexes, even on a fresh database; an existing TTL stays the
         # service's (this shell's RULESVC_EVENT_RETENTION_DAYS may differ).
-        await store.ensure_schema(change_ttl=False)
+        await prepare(store)
         if args.quarantine_command == "list":
             docs = await store.quarantined(args.limit)
             if args.json:
@@ -418,13 +453,14 @@ def messages_command(args: argparse.Namespace) -> int:
     from rulesvc.runtime.fate import Refusal, cancel_message, retry_message
     from rulesvc.store.db import Store, message_from_doc
     from rulesvc.store.messages import Messages
+    from rulesvc.store.migrations import prepare
 
     settings = load_settings()
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         retention = timedelta(days=settings.event_retention_days)
         store = Store(db.client, db.name, retention, count_stats=settings.stats)
-        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
+        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
         messages = Messages(store)
         if args.messages_command == "list":
             docs = await messages.find(max(1, args.limit), status=args.status, channel=args.channel,
@@ -478,6 +514,7 @@ def contacts_command(args: argparse.Namespace) -> int:
     from rulesvc.core.ids import id_problem
     from rulesvc.store.db import Store, contact_from_doc, message_from_doc
     from rulesvc.store.messages import Messages
+    from rulesvc.store.migrations import prepare
 
     problem = id_problem(args.contact, "contact_id")
     if problem:
@@ -489,7 +526,7 @@ def contacts_command(args: argparse.Namespace) -> int:
         import msgspec
 
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
+        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
         limit = max(1, args.limit)
         doc = await store.get_contact(args.contact)
         events = await store.contact_events(args.contact, limit)
@@ -548,6 +585,7 @@ def privacy_command(args: argparse.Namespace) -> int:
     from rulesvc.core.ids import id_problem
     from rulesvc.runtime.privacy import ErasureBusy, erase_contact, export_chunks, record_request
     from rulesvc.store.db import Store
+    from rulesvc.store.migrations import prepare
     from rulesvc.store.privacy import Privacy
 
     problem = id_problem(args.contact, "contact_id")
@@ -566,7 +604,7 @@ def privacy_command(args: argparse.Namespace) -> int:
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await store.ensure_schema(change_ttl=False)  # the service's TTL stays as it is
+        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
         if args.contacts_command == "erase":
             try:
                 report = await erase_contact(store, args.contact, datetime.now(UTC), "cli")
@@ -1116,6 +1154,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from rulesvc import logs
     from rulesvc.runtime.workers import PortInUse, reserve_port
+    from rulesvc.store.migrations import SchemaError
     from rulesvc.store.mongod import MongodError, lock_data_dir, unlock_data_dir
     from rulesvc.web.app import create_app
 
@@ -1163,7 +1202,7 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             if embedded:
                 unlock_data_dir(settings.data_dir)
-    except (MongodError, PortInUse) as exc:
+    except (MongodError, PortInUse, SchemaError) as exc:
         print(f"rulesvc: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -1199,6 +1238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return backtest_command(args)
         if args.command == "stats":
             return stats_command(args)
+        if args.command == "migrate":
+            return migrate_command(args)
         if args.command == "schema":
             return schema()
         if args.command == "plugins":
@@ -1216,7 +1257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rulesvc: configuration error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # MongoDB away (e.g. restarting) or refusing: a sentence, not a traceback
+    except Exception as exc:  # MongoDB away (e.g. restarting) or refusing, or a schema this release can't use
+        from rulesvc.store.migrations import SchemaError
+
+        if isinstance(exc, SchemaError):
+            print(f"rulesvc: {exc}", file=sys.stderr)
+            return 1
         from pymongo.errors import ConnectionFailure, PyMongoError
 
         if not isinstance(exc, PyMongoError):

@@ -125,14 +125,41 @@ class Worker:
     reader: threading.Thread | None = None
 
 
-async def first_start(uri: str, settings: Settings) -> None:
+async def first_start(uri: str, settings: Settings, *, embedded: bool) -> None:
+    """Once, before any worker starts: the schema checked and upgraded (a newer one stops the service
+    here, with one clear message, rather than a crash loop of every worker), and with the embedded
+    mongod the first API key handed out. An external MongoDB that does not answer yet is left to the
+    workers, which wait for it as they always did."""
+    from datetime import timedelta
+
+    import pymongo
     from pymongo import AsyncMongoClient
+    from pymongo.errors import PyMongoError
 
+    from rulesvc.store.db import Store
     from rulesvc.store.keys import Keys, hand_out_first_key
+    from rulesvc.store.migrations import prepare
 
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        uri, tz_aware=True, serverSelectionTimeoutMS=3000 if embedded else 1000
+    )
+    days = timedelta(days=1)
     try:
-        await hand_out_first_key(Keys(client[settings.database]["api_keys"]))
+        store = Store(
+            client,
+            settings.database,
+            settings.event_retention_days * days,
+            message_retention=settings.message_retention_days * days,
+            count_stats=settings.stats,
+        )
+        with pymongo.timeout(120.0):  # an index build or a migration on a large database takes a while
+            await prepare(store, change_ttl=True)
+        if embedded:
+            await hand_out_first_key(Keys(client[settings.database]["api_keys"]))
+    except PyMongoError as exc:
+        if embedded:
+            raise
+        log.warning("mongodb.not_ready", error=f"{type(exc).__name__}: {exc}"[:500])
     finally:
         await client.close()
 
@@ -226,7 +253,9 @@ class Supervisor:
                 )
                 mongod.start()
                 self.env["MONGODB_URI"] = mongod.uri
-                asyncio.run(first_start(mongod.uri, self.settings))
+            uri = mongod.uri if mongod is not None else self.settings.mongodb_uri
+            assert uri is not None
+            asyncio.run(first_start(uri, self.settings, embedded=mongod is not None))
             return self._supervise(mongod)
         finally:
             if mongod is not None:

@@ -35,6 +35,7 @@ from rulesvc.runtime.templates import Templates
 from rulesvc.store.backtest_jobs import BacktestJobs
 from rulesvc.store.db import Store
 from rulesvc.store.keys import hand_out_first_key
+from rulesvc.store.migrations import SCHEMA_VERSION, prepare
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.keys import (
     BACKTESTS,
@@ -129,12 +130,12 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
         # An index build on a large collection takes longer than a request. Only the service sets the
         # events' TTL to its retention: a CLI process leaves it as it is.
-        await store.ensure_schema(change_ttl=True)
+        applied = await prepare(store, change_ttl=True)  # refuses a newer schema; upgrades an older one
     app[STORE] = store
     app[TOMBSTONES] = TombstoneCache(store)
     app[KEYS] = store.keys()
     app[INBOX_TOKENS] = store.inbox_tokens()
-    log.info("store.ready", database=settings.database)
+    log.info("store.ready", database=settings.database, schema=SCHEMA_VERSION, migrated=applied)
     if not settings.mongodb_uri:
         await hand_out_first_key(app[KEYS])
     try:

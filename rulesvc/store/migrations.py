@@ -1,0 +1,156 @@
+"""Schema versions: what layout a database holds, and the upgrades from each release's to this one's.
+
+A database records its version in `meta` (`_id: "schema"`); one written by 0.1.0, the last release before
+versions, has no such document and is version 0. At start the service refuses a database newer than it
+knows (an older binary must not write an old layout into a newer database), creates the indexes this
+release needs, then runs each migration the database has not had, in order, recording the version after
+each one. Migrations are idempotent and resumable: a crash half-way and a restart finish the job. Several
+processes may start at once (workers, instances on one replica set): one holds the lock and migrates, the
+others wait for the version to arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from rulesvc import __version__
+from rulesvc.store.db import Store
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = "schema"
+LOCK = "migration"
+LOCK_FOR = timedelta(seconds=60)  # renewed every `LOCK_FOR / 6` while a migration runs
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int  # the schema version the database has once this ran
+    name: str
+    run: Callable[[Store], Awaitable[None]]
+
+
+# In version order; the last one's version is this release's schema version.
+MIGRATIONS: tuple[Migration, ...] = ()
+
+SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 0
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be used by this release (newer, or older when not upgrading)."""
+
+
+def process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+async def stored_version(store: Store) -> int:
+    doc = await store.db["meta"].find_one({"_id": SCHEMA}, {"version": 1})
+    return int(doc["version"]) if doc else 0
+
+
+async def refuse_newer(store: Store, known: int = SCHEMA_VERSION) -> int:
+    """The database's version, unless it is newer than this release knows: then a clear refusal."""
+    version = await stored_version(store)
+    if version > known:
+        raise SchemaError(
+            f"database {store.db.name!r} has schema version {version}, written by a newer rulesvc; this "
+            f"rulesvc {__version__} knows versions up to {known}. Run the newer release (rulesvc does not "
+            "downgrade a database)."
+        )
+    return version
+
+
+async def require_current(store: Store) -> None:
+    """For commands other than `serve` and `migrate`: they neither write an old layout nor upgrade."""
+    version = await refuse_newer(store)
+    if version < SCHEMA_VERSION:
+        raise SchemaError(
+            f"database {store.db.name!r} has schema version {version}; this rulesvc {__version__} needs "
+            f"{SCHEMA_VERSION}. Start `rulesvc serve` of this release or run `rulesvc migrate` to upgrade it."
+        )
+
+
+async def prepare(store: Store, *, change_ttl: bool = False) -> list[str]:
+    """What a starting service does before it reads or writes anything else. Returns the migrations run."""
+    await refuse_newer(store)
+    await store.ensure_schema(change_ttl=change_ttl)
+    return await upgrade(store)
+
+
+async def upgrade(
+    store: Store,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    owner: str | None = None,
+    poll: float = 0.5,
+) -> list[str]:
+    """Runs the migrations the database has not had, under the lock; returns their names (none when
+    another process did them while this one waited)."""
+    target = migrations[-1].version if migrations else 0
+    owner = owner or process_id()
+    while True:
+        version = await refuse_newer(store, target)
+        if version >= target:
+            return []
+        if await _take_lock(store, owner):
+            break
+        await asyncio.sleep(poll)  # another process migrates; its version arrives, or its lock runs out
+    renew = asyncio.create_task(_keep_lock(store, owner), name="migration-lock")
+    done: list[str] = []
+    try:
+        for migration in migrations:
+            if migration.version <= await stored_version(store):
+                continue
+            log.info("migration.started", version=migration.version, migration=migration.name)
+            started = datetime.now(UTC)
+            await migration.run(store)
+            await _record(store, migration, started)
+            log.info("migration.done", version=migration.version, migration=migration.name,
+                     seconds=round((datetime.now(UTC) - started).total_seconds(), 3))  # fmt: skip
+            done.append(migration.name)
+    finally:
+        renew.cancel()
+        await asyncio.gather(renew, return_exceptions=True)
+        await store.db["meta"].delete_one({"_id": LOCK, "owner": owner})
+    return done
+
+
+async def _record(store: Store, migration: Migration, started: datetime) -> None:
+    applied = {"version": migration.version, "name": migration.name, "release": __version__,
+               "started_at": started, "finished_at": datetime.now(UTC)}  # fmt: skip
+    await store.db["meta"].update_one(
+        {"_id": SCHEMA}, {"$max": {"version": migration.version}, "$push": {"applied": applied}}, upsert=True
+    )
+
+
+async def _take_lock(store: Store, owner: str) -> bool:
+    now = datetime.now(UTC)
+    try:
+        doc: dict[str, Any] | None = await store.db["meta"].find_one_and_update(
+            {"_id": LOCK, "$or": [{"until": {"$lt": now}}, {"owner": owner}]},
+            {"$set": {"owner": owner, "until": now + LOCK_FOR, "since": now}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+    except DuplicateKeyError:
+        return False  # held by another process, not yet run out
+    return doc is not None and doc.get("owner") == owner
+
+
+async def _keep_lock(store: Store, owner: str) -> None:
+    while True:
+        await asyncio.sleep(LOCK_FOR.total_seconds() / 6)
+        await store.db["meta"].update_one(
+            {"_id": LOCK, "owner": owner}, {"$set": {"until": datetime.now(UTC) + LOCK_FOR}}
+        )
