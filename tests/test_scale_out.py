@@ -304,4 +304,6 @@ def test_two_instances_on_a_replica_set_survive_the_primary_killed_under_load(tm
         if x["event"] in ("http.unhandled", "mongodb.error", "engine.task_failed")
     ]  # fmt: skip
     assert problems == []
-    print(f"scale-out test: {time.monotonic() - started:.0f} s, {len(acked_ids)} events acknowledged")
+    answers = sum((c.statuses for c in clients), Counter[int]())
+    print(f"scale-out test: {time.monotonic() - started:.0f} s, {len(acked_ids)} events acknowledged; "
+          f"answers (0: no answer) {dict(answers)}")  # fmt: skip
