@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # adding a plugin is adding its folder (tests/test_image.py checks both against plugins/).
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-.PHONY: install run test lint clean bench bench-engine bench-backtest docs screenshots browser
+.PHONY: install run test lint clean bench bench-engine bench-backtest bench-scale docs screenshots browser
 
 $(STAMP): pyproject.toml requirements/embedded.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -63,6 +63,11 @@ clean:
 # The whole service under load, with baselines from the same run (BENCHMARKS.md); a few minutes.
 bench: $(STAMP)
 	$(BIN)/python bench/service_bench.py
+
+# One instance against two on a three-member replica set, and the primary killed under load
+# (docs/deploy.md); about two minutes.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale_bench.py
 
 # The engine, inbox and schedule alone, in one process.
 bench-engine: $(STAMP)

@@ -113,3 +113,36 @@ async def test_a_send_in_flight_keeps_its_claim_and_is_made_once(
     msgs = await settled(client, count=3)
     assert [m["status"] for m in msgs] == ["sent"] * 3
     assert sorted(push.keys_seen) == sorted(m["message_id"] for m in msgs)  # each once
+
+
+async def test_a_send_whose_mark_took_the_whole_send_timeout_is_made_later_not_taken_for_uncertain(
+    settings: Settings, db: Any, mongod: Any
+) -> None:
+    """During a failover the `sending` mark can come back after the call's deadline (seen in
+    tests/test_scale_out.py): the provider was never called, so the message is no doubt but a send
+    still to make. The database's slowness is the clock's step here: each reading 2 s after the last."""
+    from pymongo import AsyncMongoClient
+
+    from rulesvc.runtime.dispatcher import Dispatcher
+    from rulesvc.store.db import Store
+    from rulesvc.web.lifecycle import send_policy, templates_of
+
+    quick = setup(msgspec.structs.replace(settings, lease_seconds=1.5), [send("sms", transactional=True)])
+    readings = iter(datetime.now(UTC) + timedelta(seconds=2 * n) for n in range(100))
+    plain = Timed("sms", needs="phone")  # no de-duplication: a doubt would never be cleared
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongod.uri, tz_aware=True)
+    try:
+        store = Store(client, settings.database, timedelta(days=1))
+        dispatcher = Dispatcher(store, registry(plain), templates_of(quick), send_policy(quick),
+                                clock=lambda: next(readings))  # fmt: skip
+        message = message_doc("slow-mark", "c1", "sms", datetime.now(UTC))
+        await db.messages.insert_one(message)
+        contact = {"_id": "c1", **PROFILE, "phone": "+4915112345678"}
+        result = await dispatcher.dispatch(message, contact, datetime.now(UTC), owner="me")
+    finally:
+        await client.close()
+    assert plain.keys_seen == []  # never handed to the provider
+    assert (result.kind, result.reason, result.attempt) == ("retry", "timeout", 0)  # the same attempt again
+    assert result.detail == "not sent: marking it took the whole send timeout (1s); tried again"
+    # Written back by the scheduler under this guard: the mark is still ours.
+    assert result.guard == {"status": "sending", "send_owner": "me"}

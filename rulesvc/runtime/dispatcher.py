@@ -318,6 +318,12 @@ class Dispatcher:
         )
         seconds = (deadline - self.clock()).total_seconds()  # what is left of it after the mark
         limit = send_timeout(channel, self.policy.lease)  # what the sentences name: the same every time
+        if seconds <= 0 and not is_local(channel):
+            # The mark itself took the whole send timeout (a database failing over): the provider was
+            # never called, so this is no doubt but a send still to make. Marked `uncertain` it was lost.
+            why = f"not sent: marking it took the whole send timeout ({limit:.3g}s); tried again"
+            return Result("retry", channel.name, reasons.TIMEOUT, why, at=self.clock(),
+                          attempt=attempt - 1, guard=guard)  # fmt: skip
         called = monotonic()
         delivery, cut, code = await self._call(channel, outbound, seconds, limit)
         latency = monotonic() - called
