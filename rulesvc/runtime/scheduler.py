@@ -170,11 +170,14 @@ class Scheduler:
         async def renew() -> None:
             await self.schedule.renew(owner, self.clock() + self.lease)
 
+        trouble: list[BaseException] = []  # storage errors met while sending
         async with renewing("scheduler", renew, self.lease.total_seconds() / 3):
-            results = await self._dispatch(sends, now, owner, aside) if sends else []
+            results = await self._dispatch(sends, now, owner, aside, trouble) if sends else []
             if timers:
                 timers = await self._insert_timer_events(timers, now, aside)
             await self._record(owner, results, timers, removed, aside, now)
+        if trouble:
+            raise trouble[0]  # recorded what was done; the loop now waits the trouble out
         self.fired += len(claimed) - held  # a held send is counted when it is claimed again and done
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
@@ -219,7 +222,12 @@ class Scheduler:
         return [e for e in sends if e["_id"] not in held_ids], len(held)
 
     async def _dispatch(
-        self, entries: list[Doc], now: datetime, owner: str, aside: list[tuple[Doc, str]]
+        self,
+        entries: list[Doc],
+        now: datetime,
+        owner: str,
+        aside: list[tuple[Doc, str]],
+        trouble: list[BaseException],
     ) -> list[tuple[Doc, Result]]:
         ids = [e["_id"] for e in entries]
         messages = await self.messages.by_id(ids)
@@ -248,7 +256,11 @@ class Scheduler:
                         )
                     except Exception as exc:
                         if transient(exc):
-                            raise  # storage trouble is the loop's to wait out, not this message's fault
+                            # Storage trouble is the loop's to wait out, not this message's fault. This
+                            # contact's later messages wait with it (in order, after their claim runs out);
+                            # what the batch finished is still recorded before the loop backs off.
+                            trouble.append(exc)
+                            return done
                         log.exception("scheduler.entry_failed", entry=entry["_id"])
                         aside.append((entry, error_reason(exc)))  # the others go on
                         continue
