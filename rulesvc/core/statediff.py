@@ -1,17 +1,21 @@
 """A contact's state written as what changed since it was read, not the whole document again.
 
 The inbox reads a contact, lets the engine change its state, and writes it back version-checked. Rewriting
-the whole `state` made mongod parse, compare and log every byte of it for each contact of each batch; the
-update `state_delta` gives sets only the paths that changed (`$set`) and removes the keys that went
-(`$unset`), so that applying it to the state as read gives exactly the new one: the same values, of the
-same BSON types, with the keys in the same order (the rules see the state as stored; some of them, such as
-a capped counter's oldest key, depend on that order).
+the whole `state` made mongod parse, compare and log every byte of it for each contact of each batch.
+`state_delta` makes an update that sets only the paths that changed (`$set`) and removes the keys that
+went (`$unset`), so that applied to the state as read it gives exactly the new one: the same values, of
+the same types, with the keys in the same order (the rules see the state as stored; some, such as a
+capped counter dropping its oldest keys, depend on that order).
 
 Where a path cannot say it, the nearest dict that can is written whole: a key with a `.` or a leading
 `$` (a counter's key or a `once` key is a value from an event, anything at all), an empty key, or keys
 whose new order mongod would not reproduce (it appends the fields one update adds in its own order:
 names in lexicographic order, numbers in numeric order, so more than one key added at a place is taken
 only when they are sorted and none starts with a digit).
+
+Values are compared as MessagePack bytes: the state holds what events and rules put there (JSON values,
+times as numbers), and MessagePack keeps apart what Python's `==` does not (1, 1.0 and True; -0.0; key
+order). An int read back as the driver's Int64 compares equal to the same int: the value stored is the same.
 
 Pure: no I/O. The inbox takes a `snapshot` of each state before the engine changes it in place.
 """
