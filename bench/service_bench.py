@@ -706,8 +706,33 @@ class Bench:
             "decide_counting_on_vs_off": r["counting"]["on_vs_off"],
         }
         r["bench_seconds"] = time.perf_counter() - started
+        if a.index_stats is not None:
+            await self.dump_index_stats(a.index_stats)
         await self.client.close()
         return r
+
+    async def dump_index_stats(self, path: Path) -> None:
+        """`$indexStats` of every collection of the databases left (the counting rounds drop theirs): how
+        often each index served a query since mongod started, to find indexes nothing reads. The bench's
+        own checks (pending events, due entries) count too."""
+        found: dict[str, Any] = {}
+        for database in await self.client.list_database_names():
+            if database in ("admin", "config", "local"):
+                continue
+            db = self.client[database]
+            for collection in sorted(await db.list_collection_names()):
+                cursor = await db[collection].aggregate([{"$indexStats": {}}])
+                found.setdefault(database, {})[collection] = {
+                    s["name"]: {"ops": s["accesses"]["ops"], "since": s["accesses"]["since"], "key": s["key"]}
+                    async for s in cursor
+                }
+        write_json(path, found)
+        progress(f"index stats written to {path}")
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def progress(message: str) -> None:
@@ -820,6 +845,9 @@ def main() -> None:
     parser.add_argument("--count-rounds", type=int, default=3, help="rounds with counting off and on each")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the benchmark runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
+    parser.add_argument(
+        "--index-stats", type=Path, default=None, help="write each index's use ($indexStats) as JSON here"
+    )
     args = parser.parse_args()
     if args.quick:
         args.contacts, args.events, args.singles, args.entries, args.interested = 2000, 2000, 500, 1000, 1000
@@ -834,7 +862,7 @@ def main() -> None:
             mongod.stop()
     results = {
         "machine": machine(args.workers, args.mongod_cache_gb),
-        "sizes": {k: v for k, v in vars(args).items() if k != "out"},
+        "sizes": {k: v for k, v in vars(args).items() if k not in ("out", "index_stats")},
         **results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

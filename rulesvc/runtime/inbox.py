@@ -14,6 +14,7 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +42,7 @@ from rulesvc.core.events import MESSAGE_EVENT_TYPES
 from rulesvc.core.funnel import OUTCOMES, Increment, fate_increment, message_increment
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.core.sendpolicy import outcome_changes
+from rulesvc.core.statediff import Snapshot, snapshot, state_delta
 from rulesvc.runtime.fanout import interest_updates
 from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.rulesets import Rulesets
@@ -126,12 +128,21 @@ def engine_event(doc: Doc) -> EngineEvent:
     return event_from_doc(doc)
 
 
-def contact_view(contact_id: str, doc: Doc | None, pending: list[Doc]) -> ContactView:
+@dataclass
+class StoredContact(ContactView):
+    """A contact as read from `contacts`, with its state as read (the engine changes `state` in place):
+    the commit writes only what changed."""
+
+    read: Snapshot | None = None
+
+
+def contact_view(contact_id: str, doc: Doc | None, pending: list[Doc]) -> StoredContact:
     doc = doc or {}
     profile = {k: doc[k] for k in PROFILE_FIELDS if doc.get(k) is not None}
     profile["email_invalid"] = bool(doc.get("email_invalid"))
-    return ContactView(
-        contact_id, profile, dict(doc.get("state") or {}), [pending_from_doc(p) for p in pending]
+    state = doc.get("state")
+    return StoredContact(
+        contact_id, profile, dict(state or {}), [pending_from_doc(p) for p in pending], read=snapshot(state)
     )
 
 
@@ -390,17 +401,24 @@ class Inbox:
         contact_ops: list[Any] = []
         for cid, view in views.items():
             version = (contacts.get(cid) or {}).get("version")
-            query: Doc = {"_id": cid, "version": version if version is not None else {"$exists": False}}
-            contact_ops.append(
-                UpdateOne(
-                    query,
-                    {
-                        "$set": {"state": view.state, "version": (version or 0) + 1, **view.profile_set},
-                        "$setOnInsert": {"created_at": now},
-                    },
-                    upsert=True,
-                )
-            )
+            if version is None:  # a new contact (or one only its profile made): the whole state
+                query: Doc = {"_id": cid, "version": {"$exists": False}}
+                update: Doc = {
+                    "$set": {"state": view.state, "version": 1, **view.profile_set},
+                    "$setOnInsert": {"created_at": now},
+                }
+                contact_ops.append(UpdateOne(query, update, upsert=True))
+                continue
+            # What changed of the state as read. The version is bumped even when nothing did: the check
+            # against it finds a batch whose lease ran out, or a merge that changed the contact meanwhile,
+            # and this batch's other writes (counts, outcomes, interests) must not land then. Not an
+            # upsert: a contact gone meanwhile (merged away, erased) is such a change too, and a delta
+            # would make a contact of a part of its state.
+            delta = state_delta(view.read if isinstance(view, StoredContact) else None, view.state)
+            update = {"$set": {**delta.set, "version": version + 1, **view.profile_set}}
+            if delta.unset:
+                update["$unset"] = delta.unset
+            contact_ops.append(UpdateOne({"_id": cid, "version": version}, update))
         # An entry armed and cancelled within this batch is written once, already cancelled: the history
         # shows it as a simulation does, without a second write.
         cancelled_now = {c.entry_id: (c.reason, c.detail) for c in decisions.cancel}

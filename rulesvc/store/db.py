@@ -199,7 +199,6 @@ class Store:
                 IndexModel([("owner", ASCENDING)], name="schedule_owner", sparse=True),
             ]
         )
-        await self.leases.create_indexes([IndexModel([("until", ASCENDING)], name="leases_until")])
         await self.contact_leases.create_indexes(
             [
                 IndexModel([("contacts", ASCENDING)], name="one_lease_per_contact", unique=True),
