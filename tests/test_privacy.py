@@ -151,7 +151,7 @@ async def drive(client: Client, db: Any, store: Store) -> None:
                                 "attempts": 3, "error": "ValueError: x", "quarantined_at": now})  # fmt: skip
 
     async def decided() -> bool:
-        pending = await db.events.count_documents({"state": "pending"})
+        pending = await db.inbox.count_documents({"state": "pending"})
         opened = await db.events.count_documents({"contact_id": CONTACT, "type": "message_opened"})
         audience = await db.audience_changes.count_documents({"contact_id": CONTACT})
         merged = await db.identities.count_documents({"_id": ANON, "merged": True})
@@ -397,7 +397,7 @@ async def test_a_profile_update_from_before_the_erasure_is_dropped_too(
 
 
 async def _none_pending(db: Any) -> bool:
-    return await db.events.count_documents({"state": "pending"}) == 0  # type: ignore[no-any-return]
+    return await db.inbox.count_documents({"state": "pending"}) == 0  # type: ignore[no-any-return]
 
 
 async def test_mode_all_drops_every_event_until_a_put_re_creates_the_contact(
