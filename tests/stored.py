@@ -42,3 +42,12 @@ async def event_states(db: Any, ids: list[str]) -> dict[str, str]:
         d["_id"]: queued.get(d["_id"], "dropped" if d.get("state") == "dropped" else "done")
         async for d in db.events.find({"_id": {"$in": ids}})
     }
+
+
+def plant_sync(db: Any, docs: list[Doc]) -> None:
+    """`plant`, for a synchronous database."""
+    pairs = [split(d) for d in docs]
+    db.events.insert_many([e for e, _ in pairs])
+    queued = [q for _, q in pairs if q is not None]
+    if queued:
+        db.inbox.insert_many(queued)

@@ -38,7 +38,7 @@ async def test_fanout_is_batched_resumable_and_exactly_once(db: Any, settings: S
     assert await db.events.count_documents({"fanout_of": "pc"}) == 1000
     second = CatalogFanout(store, batch_size=1000, lease=timedelta(seconds=1))
     assert not await second.process_once()  # the first still holds the lease
-    await db.events.update_one({"_id": "pc"}, {"$set": {"fanout.until": now - timedelta(seconds=1)}})
+    await db.inbox.update_one({"_id": "pc"}, {"$set": {"fanout.until": now - timedelta(seconds=1)}})
     while await second.process_once():
         pass
     copies = [d async for d in db.events.find({"fanout_of": "pc"})]
