@@ -3,8 +3,8 @@
     make bench-backtest   # or: .venv/bin/python bench/backtest_bench.py [--events N --contacts N]
 
 Starts its own mongod (embedded, temporary), writes a seeded history straight into it in the shape the
-service stores (events `done` with `processed_at`, catalog events with their per-contact copies,
-contacts with profiles), and measures in one run:
+service stores (events decided: as received, none in the inbox's queue; catalog events with their
+per-contact copies, contacts with profiles), and measures in one run:
 1. the engine alone: the same events through `Engine.evaluate` per contact in time order, with the
    shipped rulesets, no send rules and no MongoDB (the baseline);
 2. the backtest: `run_backtest` over the window with the shipped rulesets as baseline and, as
@@ -191,8 +191,7 @@ class History:
     def _stored(self, event_id: str, kind: str, contact_id: str | None, ts: float, attributes: Doc) -> Doc:
         received = ts + 0.05 + (zlib.crc32(event_id.encode()) % 1000) / 1000  # reproducible, unlike hash()
         return {"_id": event_id, "type": kind, "contact_id": contact_id, "time": at(ts),
-                "attributes": attributes, "received_at": at(received), "state": "done",
-                "processed_at": at(received + 0.02)}  # fmt: skip
+                "attributes": attributes, "received_at": at(received)}  # fmt: skip
 
     def contact_doc(self, i: int) -> Doc:
         rng = random.Random(self.seed * 1_000_003 + i)

@@ -84,7 +84,7 @@ async def bench_inbox(store: Store, rulesets: Rulesets, n: int) -> tuple[float, 
     events = event_docs(n, now)
     baseline = store.db["baseline_events"]
     docs = [{"_id": e.id, "type": e.type, "contact_id": e.contact_id, "time": now, "attributes": e.attributes,
-             "received_at": now, "state": "pending"} for e in events]  # fmt: skip
+             "received_at": now} for e in events]  # fmt: skip
     t0 = time.perf_counter()
     for i in range(0, n, 1000):
         await baseline.insert_many(docs[i : i + 1000], ordered=False)

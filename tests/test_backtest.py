@@ -322,7 +322,7 @@ async def _decided(client: Any, contacts: list[str]) -> bool:
 
 
 async def _fanned_out(store: Store) -> bool:
-    return await store.events.count_documents({"contact_id": None, "state": "pending"}) == 0
+    return await store.queue.count_documents({"contact_id": None, "state": "pending"}) == 0
 
 
 async def test_interest_from_before_the_window_counts_for_a_price_drop(store: Store) -> None:

@@ -90,8 +90,9 @@ def events() -> list[dict[str, Any]]:
 
 
 def as_stored(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """As the inbox leaves them once evaluated: the live service has nothing more to do with them."""
-    return [{**d, "received_at": NOW, "state": "done", "processed_at": NOW} for d in docs]
+    """As the inbox leaves them once evaluated (as received, out of its queue): the live service has
+    nothing more to do with them."""
+    return [{**d, "received_at": NOW} for d in docs]
 
 
 def write_rulesets(folder: Path, rulesets: dict[str, dict[str, Any]]) -> Path:

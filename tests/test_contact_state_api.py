@@ -13,6 +13,7 @@ import msgspec
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
 from tests.helpers import eventually, write_ruleset
+from tests.stored import plant
 
 
 async def test_search_by_id_email_any_case_and_phone(client: Any, db: Any) -> None:
@@ -41,7 +42,7 @@ async def test_search_by_id_email_any_case_and_phone(client: Any, db: Any) -> No
 
     # An id with events but no stored contact yet is found (not stored).
     await db.events.insert_one({"_id": "e-only", "type": "x", "contact_id": "c-events",
-                                "time": datetime.now(UTC), "state": "done"})  # fmt: skip
+                                "time": datetime.now(UTC)})  # fmt: skip
     found = (await (await client.get("/v1/contacts", params={"q": "c-events"})).json())["contacts"]
     assert [(c["contact_id"], c["stored"]) for c in found] == [("c-events", False)]
 
@@ -192,9 +193,9 @@ async def test_what_the_why_panel_reads(make_client: Any, settings: Settings, db
     events = [{"id": "old", "type": "cart", "contact_id": "w1", "time": old.isoformat()},
               {"id": "new", "type": "cart", "contact_id": "w1"}]  # fmt: skip
     assert (await client.post("/v1/events", json=events)).status == 202
-    await db.events.insert_one({"_id": "bad", "type": "cart", "contact_id": "w1", "time": now,
-                                "received_at": now, "state": "quarantined", "attempts": 3,
-                                "error": "KeyError: 'sku'", "quarantined_at": now})  # fmt: skip
+    await plant(db, [{"_id": "bad", "type": "cart", "contact_id": "w1", "time": now,
+                      "received_at": now, "state": "quarantined", "attempts": 3,
+                      "error": "KeyError: 'sku'", "quarantined_at": now}])  # fmt: skip
 
     async def listed() -> dict[str, dict[str, Any]]:
         return {e["id"]: e for e in (await (await client.get("/v1/contacts/w1/events")).json())["events"]}

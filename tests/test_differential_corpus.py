@@ -411,7 +411,7 @@ def run_both(
                     catalog send comes due next to one of theirs, which lag could put first."""
                     soon = datetime.now(UTC) + timedelta(minutes=10)
                     busy = {"status": {"$in": ["pending", "running"]}, "due_at": {"$lte": soon}}
-                    return (db.events.count_documents({"state": "pending"}) == 0
+                    return (db.inbox.count_documents({"state": "pending"}) == 0
                             and db.schedule.count_documents(busy) == 0)  # fmt: skip
 
                 wait_for(contacts_done, timeout=120, what="the contacts' phase decided before the catalog's")
@@ -422,7 +422,7 @@ def run_both(
 
                 def all_decided() -> bool:
                     busy = {"status": {"$in": ["pending", "running"]}, "due_at": {"$lte": until}}
-                    return (db.events.count_documents({"state": "pending"}) == 0
+                    return (db.inbox.count_documents({"state": "pending"}) == 0
                             and db.schedule.count_documents(busy) == 0)  # fmt: skip
 
                 wait_for(all_decided, timeout=120, what="every message due before the end decided")

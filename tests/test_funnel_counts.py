@@ -124,7 +124,7 @@ async def test_stats_add_up_to_the_messages_and_the_outcomes_posted(
     assert (await client.post("/v1/events", json=events)).status == 202
 
     async def recorded() -> bool:
-        pending = await db.events.count_documents({"state": "pending"})
+        pending = await db.inbox.count_documents({"state": "pending"})
         return bool(pending == 0 and await db.messages.count_documents({"status": "cancelled"}) == 1)
 
     await eventually(recorded)
@@ -225,7 +225,7 @@ async def test_stats_off_writes_nothing(make_client: Any, settings: Settings, db
     assert (await client.post("/v1/events", json=[opened])).status == 202
 
     async def recorded() -> bool:
-        return bool(await db.events.count_documents({"state": "pending"}) == 0)
+        return bool(await db.inbox.count_documents({"state": "pending"}) == 0)
 
     await eventually(recorded)
     assert await db.messages.count_documents({"outcomes.opened": {"$exists": True}}) == 1

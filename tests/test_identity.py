@@ -211,7 +211,7 @@ async def post(client: Any, *events: dict[str, Any]) -> None:
 
 async def decided(db: Any) -> None:
     async def nothing_pending() -> bool:
-        return await db.events.count_documents({"state": "pending"}) == 0
+        return await db.inbox.count_documents({"state": "pending"}) == 0
 
     await eventually(nothing_pending)
 
@@ -281,7 +281,7 @@ async def test_undecided_anonymous_events_are_decided_once_for_the_known_contact
     assert (await store.insert_events([cart])).accepted == 1  # no service running: it stays undecided
     result = await link(store, "anon:w1", "u5", datetime.now(UTC))
     assert (result.merged, result.moved) == (True, {"events": 1})
-    assert (await db.events.find_one({"_id": "w-cart"}))["state"] == "pending"
+    assert (await db.inbox.find_one({"_id": "w-cart"}))["state"] == "pending"
 
     client, _, _ = await started(make_client, settings)
     await decided(db)
@@ -543,7 +543,7 @@ def test_a_service_killed_before_merging_merges_at_its_next_start(
         events = [ev(f"k-{i}", "ping", "anon:k9") for i in range(5)]
         assert service.request("POST", "/v1/events", events)[0] == 202
         with service.db() as sdb:
-            wait_for(lambda: sdb.events.count_documents({"state": "pending"}) == 0, what="pings decided")
+            wait_for(lambda: sdb.inbox.count_documents({"state": "pending"}) == 0, what="pings decided")
             # Killed when idle: a process killed inside a transaction leaves its documents locked for
             # mongod's transaction lifetime (60 s), which would only make this test slow.
             wait_for(lambda: sdb.messages.count_documents({"status": "sent"}) == 5, what="pings answered")

@@ -67,7 +67,10 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     assert (await client.post("/v1/events", json=price)).status == 202
 
     async def copied() -> bool:
-        return bool((await db.events.find_one({"_id": "pc"}))["state"] == "done")
+        return (
+            await db.events.find_one({"_id": "pc"}) is not None
+            and await db.inbox.find_one({"_id": "pc"}) is None
+        )
 
     await eventually(copied)
     copies = await db.events.find({"fanout_of": "pc"}).to_list()

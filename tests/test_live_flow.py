@@ -66,7 +66,7 @@ def test_checkout_abandonment_through_a_real_smtp_server(tmp_path: Path) -> None
         purchase = {"id": "buy", "type": "purchased", "contact_id": "bob", "attributes": {"order_id": "o-1"}}
         assert service.request("POST", "/v1/events", purchase)[0] == 202
         with service.db() as db:
-            wait_for(lambda: db.events.count_documents({"state": "pending"}) == 0, what="all events decided")
+            wait_for(lambda: db.inbox.count_documents({"state": "pending"}) == 0, what="all events decided")
             db.schedule.update_many({"status": "pending"}, {"$set": {"due_at": datetime.now(UTC)}})
             busy = {"status": {"$in": ["pending", "running"]}}
             wait_for(lambda: db.schedule.count_documents(busy) == 0, what="every due send made")

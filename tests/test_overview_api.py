@@ -1,8 +1,9 @@
 """`GET /v1/overview` and what `GET /v1/channels` says of each channel's sends, on a real mongod. The
-counting test plants documents in the stored schema (events with `received_at` / `processed_at`, schedule
-entries, the funnel's hourly counters, messages) and reads the overview with no loop running, so nothing
-moves under it; every number is computed here with plain Python. The live test posts events through the
-API to a running app and watches the overview count them."""
+counting test plants documents in the stored schema (events with `received_at` and, undecided, their
+queue documents; the inbox's per-minute counters, schedule entries, the funnel's hourly counters,
+messages) and reads the overview with no loop running, so nothing moves under it; every number is
+computed here with plain Python. The live test posts events through the API to a running app and watches
+the overview count them."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from rulesvc.web.keys import CHANNELS, KEYS, PLUGINS, SETTINGS, STORE
 from rulesvc.web.views.overview import overview
 from tests.helpers import eventually, go, setup
 from tests.helpers import send as send_action
+from tests.stored import plant
 from tests.test_api_contract import check_against_document
 
 Doc = dict[str, Any]
@@ -82,7 +84,7 @@ async def test_overview_counts_what_is_stored(settings: Settings, db: Any, mongo
     events += [{"_id": f"q{i}", "type": "t", "contact_id": "cq", "time": now, "attributes": {},
                 "received_at": now - timedelta(hours=30), "state": "quarantined", "error": "boom",
                 "quarantined_at": now - timedelta(hours=2)} for i in range(3)]  # fmt: skip
-    await db.events.insert_many(events)
+    await plant(db, [{k: v for k, v in e.items() if k != "processed_at"} for e in events])
     # The due queue: two sends overdue (2 min and 30 s), two due within the hour, one later; a wait's
     # timer (no message) and a send being worked on are not in it.
     dues = [(-120, "pending", True), (-30, "pending", True), (600, "pending", True), (3540, "pending", True),

@@ -35,6 +35,7 @@ from rulesvc.web.app import create_app
 from rulesvc.web.keys import STORE
 from tests.helpers import eventually, send, setup
 from tests.service import ServiceProcess
+from tests.stored import plant
 from tests.test_api_contract import check_against_document
 from tests.test_shopify import SECRET, SHOP
 from tests.test_shopify import post as shopify_post
@@ -146,12 +147,12 @@ async def drive(client: Client, db: Any, store: Store) -> None:
     await link(store, ANON, CONTACT, datetime.now(UTC))
     # A quarantined event, as the inbox leaves one after three failed evaluations.
     now = datetime.now(UTC)
-    await db.events.insert_one({"_id": "e-bad", "type": "go", "contact_id": CONTACT, "time": now,
-                                "attributes": {"email": EMAIL}, "received_at": now, "state": "quarantined",
-                                "attempts": 3, "error": "ValueError: x", "quarantined_at": now})  # fmt: skip
+    await plant(db, [{"_id": "e-bad", "type": "go", "contact_id": CONTACT, "time": now,
+                      "attributes": {"email": EMAIL}, "received_at": now, "state": "quarantined",
+                      "attempts": 3, "error": "ValueError: x", "quarantined_at": now}])  # fmt: skip
 
     async def decided() -> bool:
-        pending = await db.events.count_documents({"state": "pending"})
+        pending = await db.inbox.count_documents({"state": "pending"})
         opened = await db.events.count_documents({"contact_id": CONTACT, "type": "message_opened"})
         audience = await db.audience_changes.count_documents({"contact_id": CONTACT})
         merged = await db.identities.count_documents({"_id": ANON, "merged": True})
@@ -254,10 +255,11 @@ async def test_a_long_history_is_exported_and_erased_whole(make_client: Any, sho
     client = await make_client(create_app(shop))
     n = 12_000
     start = datetime.now(UTC) - timedelta(days=1)
-    await db.events.insert_many(
+    await plant(
+        db,
         [{"_id": f"h-{i}", "type": "page_viewed", "contact_id": "long-1",
           "time": start + timedelta(seconds=i), "attributes": {"i": i}, "received_at": start, "state": "done"}
-         for i in range(n)]
+         for i in range(n)],
     )  # fmt: skip
     resp = await client.get("/v1/contacts/long-1/export")
     assert resp.status == 200
@@ -397,7 +399,7 @@ async def test_a_profile_update_from_before_the_erasure_is_dropped_too(
 
 
 async def _none_pending(db: Any) -> bool:
-    return await db.events.count_documents({"state": "pending"}) == 0  # type: ignore[no-any-return]
+    return await db.inbox.count_documents({"state": "pending"}) == 0  # type: ignore[no-any-return]
 
 
 async def test_mode_all_drops_every_event_until_a_put_re_creates_the_contact(

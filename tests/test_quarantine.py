@@ -23,6 +23,7 @@ from rulesvc.store.mongod import free_port
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import FANOUT, KEYS
 from tests.helpers import eventually, write_ruleset
+from tests.stored import event_states, plant
 
 Client = TestClient[Any, Any]
 
@@ -60,7 +61,7 @@ def stored_event(
 
 
 async def states(db: Any, ids: list[str]) -> dict[str, str]:
-    return {d["_id"]: d["state"] async for d in db.events.find({"_id": {"$in": ids}})}
+    return await event_states(db, ids)
 
 
 async def metric(client: Client, name: str) -> float:
@@ -131,13 +132,14 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
 ) -> None:
     now = datetime.now(UTC)
     # Year 9999 passes BSON but overflows when the rule remembers a value "for 30 days".
-    await db.events.insert_many(
+    await plant(
+        db,
         [
             stored_event(
                 "bad", "product_viewed", "c-bad", datetime(9999, 12, 31, 23, 59, 59), product_id="p"
             ),
             stored_event("later", "product_viewed", "c-bad", now + timedelta(seconds=1), product_id="p"),
-        ]
+        ],
     )
     good = [{"id": f"g{i}", "type": "product_viewed", "contact_id": f"c{i}"} for i in range(5)]
     assert (await live.post("/v1/events", json=good)).status == 202
@@ -148,7 +150,7 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
         return found.get("bad") == "quarantined" and all(found.get(i) == "done" for i in ids[1:])
 
     await eventually(settled)
-    bad = await db.events.find_one({"_id": "bad"})
+    bad = await db.inbox.find_one({"_id": "bad"})  # its queue document keeps its failures
     assert bad["attempts"] == MAX_ATTEMPTS
     assert "OverflowError" in bad["error"]
     # The others got their messages; the bad contact's later event too.
@@ -175,7 +177,7 @@ async def test_an_event_that_fails_is_quarantined_while_its_batch_and_its_contac
     assert (answer.status, await answer.json()) == (200, {"retried": 1})
 
     async def quarantined_again() -> bool:
-        doc = await db.events.find_one({"_id": "bad"})
+        doc = await db.inbox.find_one({"_id": "bad"})
         return bool(doc["state"] == "quarantined" and doc.get("retried_at"))
 
     await eventually(quarantined_again)
@@ -198,9 +200,7 @@ async def test_a_retried_event_that_now_succeeds_is_decided(live: Client, db: An
         "error": "x",
         "stage": "inbox",
     }
-    await db.events.insert_one(
-        {**stored_event("q", "product_viewed", "c1", now, product_id="p"), **quarantined}
-    )
+    await plant(db, [{**stored_event("q", "product_viewed", "c1", now, product_id="p"), **quarantined}])
     assert (await live.post("/v1/events/quarantine/retry", json={"all": True})).status == 200
 
     async def decided() -> bool:
@@ -230,8 +230,9 @@ async def test_the_quarantine_is_for_admins(client: Client) -> None:
 
 async def test_a_catalog_event_that_fails_is_set_aside_and_the_next_fans_out(live: Client, db: Any) -> None:
     live.app[FANOUT].retry_pause = timedelta(0)
-    await db.events.insert_one(
-        stored_event("old-price", "price_changed", None, datetime(1, 1, 1, 0, 30), product_id="p", price=5)
+    await plant(
+        db,
+        [stored_event("old-price", "price_changed", None, datetime(1, 1, 1, 0, 30), product_id="p", price=5)],
     )
     good = {"id": "stock", "type": "stock_changed", "attributes": {"product_id": "p2", "in_stock": True}}
     assert (await live.post("/v1/events", json=good)).status == 202
@@ -301,9 +302,9 @@ async def test_an_operator_lists_retries_and_drops_from_the_shell(settings: Sett
     now = datetime.now(UTC)
     for i, error in enumerate(["OverflowError: date value out of range", "TypeError: unhashable type"]):
         quarantined = {"state": "quarantined", "stage": "inbox", "attempts": 3, "error": error}
-        await db.events.insert_one(
-            {**stored_event(f"q{i}", "product_viewed", f"c{i}", now), **quarantined,
-             "quarantined_at": now - timedelta(minutes=i)}
+        await plant(
+            db, [{**stored_event(f"q{i}", "product_viewed", f"c{i}", now), **quarantined,
+                  "quarantined_at": now - timedelta(minutes=i)}]
         )  # fmt: skip
 
     listed = await asyncio.to_thread(cli, settings, "list")

@@ -682,7 +682,7 @@ async def test_removing_the_last_product_empties_the_cart_and_cancels_the_remind
     )
 
     async def cancelled() -> bool:
-        undecided = await db.events.count_documents({"state": "pending"})
+        undecided = await db.inbox.count_documents({"state": "pending"})
         return undecided == 0 and await pending_cart_sends(db) == []
 
     await eventually(cancelled)

@@ -101,4 +101,4 @@ async def test_events_after_the_due_time_do_not_hold_a_send(
 
     await eventually(sent)
     assert [m.contact_id for m in push.delivered] == ["c1"]
-    assert await db.events.count_documents({"_id": "late-buy", "state": "pending"}) == 1  # still undecided
+    assert await db.inbox.count_documents({"_id": "late-buy", "state": "pending"}) == 1  # still undecided

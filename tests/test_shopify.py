@@ -200,7 +200,7 @@ async def test_a_checkout_delivered_after_its_order_arms_no_reminder(
     assert "820982911946154508" in body["note"]
 
     async def decided() -> bool:
-        return await db.events.count_documents({"contact_id": "603851970716743426", "state": "pending"}) == 0
+        return await db.inbox.count_documents({"contact_id": "603851970716743426", "state": "pending"}) == 0
 
     await eventually(decided)
     assert await db.events.count_documents({"type": "checkout_started"}) == 0

@@ -108,7 +108,7 @@ def settle(db: Any, expected: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = db.messages.count_documents({"status": {"$in": ["sent", "failed", "dead", "uncertain"]}})
-        if done >= expected and db.events.count_documents({"state": "pending"}) == 0:
+        if done >= expected and db.inbox.count_documents({"state": "pending"}) == 0:
             return
         time.sleep(0.2)
     raise AssertionError(f"{done} of {expected} messages settled")

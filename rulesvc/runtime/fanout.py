@@ -21,7 +21,7 @@ from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.ids import fanout_copy_id
 from rulesvc.runtime.waiting import work_loop
 from rulesvc.store.catalog import Catalog
-from rulesvc.store.db import PENDING, Doc, Store, failure_text, transient
+from rulesvc.store.db import Doc, Store, failure_text, transient
 
 log = structlog.get_logger(__name__)
 
@@ -139,7 +139,7 @@ class CatalogFanout:
             copies.append(
                 {"_id": fanout_copy_id(event["_id"], interest["contact_id"]), "type": event["type"],
                  "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
-                 "received_at": now, "state": PENDING, "fanout_of": event["_id"]}
+                 "received_at": now, "fanout_of": event["_id"]}
             )  # fmt: skip
         await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its position
         self.copies += len(copies)

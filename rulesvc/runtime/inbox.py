@@ -3,8 +3,9 @@
 Several processes may run this loop against one database. A process leases the contacts it works on
 (one document per batch in `contact_leases`, whose unique index on `contacts` allows one holder per
 contact), reads their pending events, evaluates them in time order, and commits contact state, new
-schedule entries, cancellations and the events' `done` mark in one transaction. A crash before the
-commit leaves the events pending; the lease runs out and another pass takes them. Contact state also
+schedule entries, cancellations and the removal of the events' queue documents (rulesvc.store.event_queue)
+in one transaction. A crash before the commit leaves the events queued; the lease runs out and another
+pass takes them. Contact state also
 carries a version, checked on write.
 """
 

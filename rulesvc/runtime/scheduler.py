@@ -32,7 +32,7 @@ from rulesvc.runtime.dispatcher import Dispatcher, Result
 from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.contacts import Contacts
-from rulesvc.store.db import PENDING, Doc, OnCounts, Store, failure_text, transient
+from rulesvc.store.db import Doc, OnCounts, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
@@ -485,7 +485,6 @@ class Scheduler:
                     "time": event.time,
                     "attributes": event.attributes,
                     "received_at": now,
-                    "state": PENDING,
                 }
                 bson.encode(doc)
             except Exception as exc:

@@ -12,7 +12,8 @@ from pymongo import ASCENDING, DESCENDING
 from rulesvc.core.catalog import INTEREST_EVENTS
 from rulesvc.core.contacts import PROFILE_FIELDS
 from rulesvc.core.engine import TIMER_EVENT
-from rulesvc.store.db import DROPPED, QUARANTINED, Doc, Store
+from rulesvc.store.db import Doc, Store
+from rulesvc.store.event_queue import DROPPED, QUARANTINED
 
 EVENT_FIELDS = {"_id": 1, "type": 1, "contact_id": 1, "time": 1, "attributes": 1}
 # Events the live service never evaluated: set aside (quarantined) or dropped by an operator.

@@ -1,5 +1,6 @@
 """The catalog (`products`: each product's last price and stock), the interest index (`interests`: one
-document per contact and product), and the fan-out's claim and position on a catalog event (`events`)."""
+document per contact and product), and the fan-out's claim and position on a catalog event (on its queue
+document: rulesvc.store.event_queue)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.core.catalog import VIEW_WINDOW
-from rulesvc.store.db import PENDING, Doc, Store, insert_new
+from rulesvc.store.db import Doc, Store
+from rulesvc.store.event_queue import PENDING
 
 
 class Catalog:
@@ -18,30 +20,34 @@ class Catalog:
         self.store = store
 
     async def claim_event(self, owner: str, now: datetime, lease: timedelta) -> Doc | None:
-        """The oldest catalog event nobody else holds, now held by `owner` for `lease`."""
-        return await self.store.events.find_one_and_update(
-            {"state": PENDING, "contact_id": None,
-             "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
-                     {"fanout.owner": owner}]},
-            {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
-            sort=[("time", ASCENDING), ("_id", ASCENDING)],
-            hint="inbox_pending",  # its `contact_id: null` range; another index scans every pending event
-        )  # fmt: skip
+        """The oldest catalog event nobody else holds, now held by `owner` for `lease`, with its `fanout`."""
+        while True:
+            queued = await self.store.queue.find_one_and_update(
+                {"state": PENDING, "contact_id": None,
+                 "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
+                         {"fanout.owner": owner}]},
+                {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
+                sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
+                hint="inbox_pending",  # its `contact_id: null` range
+            )  # fmt: skip
+            if queued is None:
+                return None
+            found = await self.store.events_of([queued])  # an event gone: its queue document goes too
+            if found:
+                return found[0]
 
     async def save_change(self, event_id: str, change: Doc) -> None:
-        """What the copies are to know about the product's change, kept on the event for a resumed run."""
-        await self.store.events.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
+        """What the copies are to know about the product's change, kept for a resumed run."""
+        await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
 
     async def save_position(self, event_id: str, after: str) -> None:
         """The last interest copied: a resumed run goes on after it."""
-        await self.store.events.update_one({"_id": event_id}, {"$set": {"fanout.after": after}})
+        await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.after": after}})
 
     async def finish_event(self, event_id: str, now: datetime) -> None:
-        result = await self.store.events.update_one(
-            {"_id": event_id, "state": {"$ne": "done"}},  # a repeat finds it done: nothing to change
-            {"$set": {"state": "done", "processed_at": now}, "$unset": {"fanout.until": ""}},
-        )
-        if result.modified_count:  # a catalog event is decided once its copies are all made
+        # A repeat finds it gone from the queue: nothing to change.
+        result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING})
+        if result.deleted_count:  # a catalog event is decided once its copies are all made
             await self.store.count_decided(now, 1, "fanout")
 
     async def product(self, product_id: str) -> Doc:
@@ -72,9 +78,9 @@ class Catalog:
         return await self.store.interests.find(query).sort("_id", ASCENDING).limit(limit).to_list()
 
     async def insert_copies(self, copies: list[Doc]) -> None:
-        """The per-contact copies of a catalog event; copies already there (a run that died before saving
-        its position) are left as they are."""
-        await insert_new(self.store.events, copies)
+        """The per-contact copies of a catalog event, queued with them; copies already there (a run that
+        died before saving its position) are left as they are."""
+        await self.store.insert_queued(copies)
 
     async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
         """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""

@@ -18,7 +18,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnD
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from rulesvc.core import reasons
@@ -26,6 +26,7 @@ from rulesvc.core.contacts import Contact, ContactIn, ContactPatch
 from rulesvc.core.events import Event, event_time
 from rulesvc.core.funnel import Increment, message_increment, tally, upsert_of
 from rulesvc.core.messages import Fate, Message, fate_of
+from rulesvc.store.event_queue import DROPPED, PENDING, QUARANTINED, QUEUE, ensure_queue_indexes, queue_doc
 from rulesvc.store.keys import InboxTokens, Keys
 from rulesvc.store.privacy_indexes import ensure_privacy_indexes
 from rulesvc.store.retention import MESSAGE_RETENTION, ensure_retention
@@ -39,12 +40,12 @@ Doc = dict[str, Any]
 DURABLE = WriteConcern(w="majority", j=True)
 DUPLICATE_KEY = 11000
 
-PENDING = "pending"
-# Set aside after failing evaluation `MAX_ATTEMPTS` times: kept with its error until an admin retries or
-# drops it, while every other event goes on.
-QUARANTINED = "quarantined"
-DROPPED = "dropped"
+# An undecided event's queue document is `pending`, or `quarantined`: set aside after failing evaluation
+# `MAX_ATTEMPTS` times, kept with its error until an admin retries or drops it (the event then `dropped`),
+# while every other event goes on (rulesvc.store.event_queue).
 MAX_ATTEMPTS = 3
+INSERT_TRIES = 5  # group commits that met an id another writer stored meanwhile, before giving up
+RELEASE_BATCH = 1000  # quarantined events retried or dropped per transaction
 
 # Errors of the data rather than of the database: retrying the same event cannot cure them.
 _DATA_ERROR_CODES = frozenset({2, 9, 14, 52, 55, 10334, 17280, 17419})
@@ -67,24 +68,6 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationFailure) and exc.code in _DATA_ERROR_CODES:
         return False
     return isinstance(exc, PyMongoError)
-
-
-async def insert_new(
-    collection: AsyncCollection[Doc], docs: list[Doc], *, raise_refused: bool = True
-) -> tuple[list[int], dict[int, Doc]]:
-    """Inserts documents under fixed ids, leaving those already stored as they are (a repeat, or a run
-    that died half-way). Returns the positions of those duplicates and, with `raise_refused=False`, the
-    other refusals by position (else they raise). A write-concern error always raises: nothing
-    unconfirmed is taken as stored."""
-    try:
-        await collection.insert_many(docs, ordered=False)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        refused = {e["index"]: e for e in errors if e.get("code") != DUPLICATE_KEY}
-        if exc.details.get("writeConcernErrors") or (refused and raise_refused):
-            raise
-        return [e["index"] for e in errors if e.get("code") == DUPLICATE_KEY], refused
-    return [], {}
 
 
 def failure_text(exc: BaseException) -> str:
@@ -132,7 +115,8 @@ class Store:
         self.db: AsyncDatabase[Doc] = client.get_database(database, write_concern=DURABLE)
         self.event_retention = event_retention
         self.message_retention = message_retention  # RULESVC_MESSAGE_RETENTION_DAYS (rulesvc.store.retention)
-        self.events: AsyncCollection[Doc] = self.db["events"]
+        self.events: AsyncCollection[Doc] = self.db["events"]  # as received, never rewritten once decided
+        self.queue: AsyncCollection[Doc] = self.db[QUEUE]  # the undecided ones (rulesvc.store.event_queue)
         self.contacts: AsyncCollection[Doc] = self.db["contacts"]
         self.messages: AsyncCollection[Doc] = self.db["messages"]
         self.schedule: AsyncCollection[Doc] = self.db["schedule"]
@@ -173,25 +157,9 @@ class Store:
         await self.events.create_indexes(
             [
                 IndexModel([("contact_id", ASCENDING), ("time", DESCENDING)], name="events_by_contact"),
-                # The inbox: only unprocessed events are in this index, so it stays small.
-                IndexModel(
-                    [("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-                    name="inbox_pending",
-                    partialFilterExpression={"state": PENDING},
-                ),
-                # Which contacts next: those whose events have waited longest, so none starves.
-                IndexModel(
-                    [("received_at", ASCENDING), ("contact_id", ASCENDING)],
-                    name="inbox_oldest",
-                    partialFilterExpression={"state": PENDING},
-                ),
-                IndexModel(
-                    [("quarantined_at", DESCENDING)],
-                    name="quarantine",
-                    partialFilterExpression={"state": QUARANTINED},
-                ),
             ]
         )
+        await ensure_queue_indexes(self.queue)  # the inbox's (rulesvc.store.event_queue)
         await self.schedule.create_indexes(
             [
                 IndexModel([("status", ASCENDING), ("due_at", ASCENDING)], name="schedule_due"),
@@ -209,15 +177,6 @@ class Store:
             [
                 IndexModel([("product_id", ASCENDING), ("_id", ASCENDING)], name="interests_by_product"),
                 IndexModel([("contact_id", ASCENDING)], name="interests_by_contact"),
-            ]
-        )
-        await self.events.create_indexes(
-            [
-                IndexModel(
-                    [("time", ASCENDING), ("_id", ASCENDING)],
-                    name="catalog_pending",
-                    partialFilterExpression={"state": PENDING, "contact_id": None},
-                )
             ]
         )
         # Contact search (`GET /v1/contacts?q=`) by email, case-insensitively: the store keeps an email as
@@ -325,7 +284,7 @@ class Store:
     # --- events -------------------------------------------------------------------------------------
 
     async def insert_events(self, events: list[Event], now: datetime | None = None) -> InsertResult:
-        """Store new events as pending in the inbox; an `id` seen before is a duplicate, changing nothing.
+        """Store new events, queued for the inbox; an `id` seen before is a duplicate, changing nothing.
 
         Requests that arrive while a write is in flight share the next one: one durable insert for many
         requests, each answered from its own part of the result (group commit). Nothing waits on purpose,
@@ -341,7 +300,6 @@ class Store:
                 "time": event_time(ev, now),
                 "attributes": ev.attributes,
                 "received_at": now,
-                "state": PENDING,
             }
             for ev in events
         ]
@@ -356,7 +314,7 @@ class Store:
             group, self._waiting = self._waiting, []
             docs = [doc for w in group for doc in w.docs]
             try:
-                duplicates = await self._insert_new(docs)
+                duplicates = await self.insert_queued(docs)
             except Exception as exc:  # every request of the group gets the error; none was acknowledged
                 for w in group:
                     if not w.result.done():
@@ -369,28 +327,91 @@ class Store:
                 if not w.result.done():
                     w.result.set_result(InsertResult(len(w.docs) - found, found))
 
-    async def _insert_new(self, docs: list[Doc]) -> list[int]:
-        """The positions of the documents whose id was already stored."""
-        duplicates, _ = await insert_new(self.events, docs)
-        return duplicates
+    async def insert_queued(self, docs: list[Doc]) -> list[int]:
+        """New events and their queue documents in one durable transaction, so an event is stored and
+        queued or neither (a crash between two writes would lose it from the inbox, and a client's retry
+        could not queue it again without queueing a decided one too). Ids already stored, or repeated
+        among `docs`, are left alone: their positions are returned. A repeat is rare (a client's retry):
+        the first try inserts without reading; a duplicate id aborts it, and the next tries read the ids
+        stored first (one more read, and another writer may store one in between: tried again)."""
+        read = False
+
+        async def write(session: AsyncClientSession) -> list[int]:
+            ids = list({d["_id"]: None for d in docs})
+            seen: set[Any] = set()
+            if read:
+                seen = {
+                    d["_id"]
+                    async for d in self.events.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
+                }
+            new: list[Doc] = []
+            duplicates: list[int] = []
+            for i, doc in enumerate(docs):
+                if doc["_id"] in seen:
+                    duplicates.append(i)
+                else:
+                    seen.add(doc["_id"])
+                    new.append(doc)
+            if new:
+                await self.events.insert_many(new, session=session)
+                await self.queue.insert_many([queue_doc(d) for d in new], session=session)
+            return duplicates
+
+        for attempt in range(INSERT_TRIES):
+            try:
+                return await in_transaction(self.client, write)
+            except (DuplicateKeyError, BulkWriteError) as exc:
+                errors = exc.details.get("writeErrors", []) if isinstance(exc, BulkWriteError) else []
+                if any(e.get("code") != DUPLICATE_KEY for e in errors) or attempt == INSERT_TRIES - 1:
+                    raise
+                read = True
+        raise AssertionError("unreachable")
 
     async def contact_events(self, contact_id: str, limit: int, before: datetime | None = None) -> list[Doc]:
+        """Newest first, each with its `state` (`pending`, `quarantined` with `attempts` and `error`,
+        `dropped`, else `done`): an event's queue document holds what it has of these."""
         query: Doc = {"contact_id": contact_id}
         if before is not None:
             query["time"] = {"$lt": before}
         cursor = self.events.find(query).sort([("time", DESCENDING)]).limit(limit)
-        return await cursor.to_list()
+        docs = await cursor.to_list()
+        fields = {"state": 1, "attempts": 1, "error": 1, "stage": 1, "quarantined_at": 1}
+        queued = {
+            d["_id"]: d async for d in self.queue.find({"_id": {"$in": [e["_id"] for e in docs]}}, fields)
+        }
+        for doc in docs:
+            found = queued.get(doc["_id"])
+            if found is not None:
+                doc.update(found)
+            else:  # an event of the release before keeps its old `state` (pending, if decided since)
+                doc["state"] = DROPPED if doc.get("state") == DROPPED else "done"
+        return docs
 
     async def pending_count(self) -> int:
         # The partial index holds exactly the pending events; without the hint the count scans them all.
-        return await self.events.count_documents({"state": PENDING}, hint="inbox_oldest")
+        return await self.queue.count_documents({"state": PENDING}, hint="inbox_oldest")
 
     async def oldest_pending(self) -> datetime | None:
         """When the longest-waiting unprocessed event arrived: the inbox's lag."""
-        doc = await self.events.find_one(
+        doc = await self.queue.find_one(
             {"state": PENDING}, {"received_at": 1}, sort=[("received_at", ASCENDING)], hint="inbox_oldest"
         )
         return None if doc is None else doc["received_at"]
+
+    async def events_of(self, queued: list[Doc], session: AsyncClientSession | None = None) -> list[Doc]:
+        """The events of these queue documents, in their order, each with the queue's fields of it. A
+        queue document whose event is gone (past the retention, or erased) is deleted: nothing to decide."""
+        ids = [q["_id"] for q in queued]
+        found = {d["_id"]: d async for d in self.events.find({"_id": {"$in": ids}}, session=session)}
+        gone = [i for i in ids if i not in found]
+        if gone:
+            await self.queue.delete_many({"_id": {"$in": gone}}, session=session)
+            log.warning("inbox.events_gone", events=len(gone))
+        return [
+            {**found[q["_id"]], **{k: v for k, v in q.items() if k != "_id"}}
+            for q in queued
+            if q["_id"] in found
+        ]
 
     # --- quarantine ---------------------------------------------------------------------------------
 
@@ -403,10 +424,15 @@ class Store:
         session: AsyncClientSession | None = None,
         retry_at: datetime | None = None,
     ) -> bool:
-        """Counts a failed evaluation of a pending event; at `MAX_ATTEMPTS` it is quarantined (True)."""
+        """Counts a failed evaluation of a pending event; at `MAX_ATTEMPTS` it is quarantined (True), and
+        the event itself says so (a backtest leaves it out). Without `session`: a transaction of its own."""
+        if session is None:
+            return await in_transaction(
+                self.client, lambda s: self.event_failed(event_id, error, stage, now, s, retry_at)
+            )
         attempts = {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}
         give_up = {"$gte": [attempts, MAX_ATTEMPTS]}
-        doc = await self.events.find_one_and_update(
+        doc = await self.queue.find_one_and_update(
             {"_id": event_id, "state": PENDING},
             [
                 {
@@ -424,41 +450,73 @@ class Store:
             return_document=ReturnDocument.AFTER,
             session=session,
         )
-        return doc is not None and doc["state"] == QUARANTINED
+        quarantined = doc is not None and doc["state"] == QUARANTINED
+        if quarantined:
+            await self.events.update_one({"_id": event_id}, {"$set": {"state": QUARANTINED}}, session=session)
+        return quarantined
 
     async def quarantined(self, limit: int, before: datetime | None = None) -> list[Doc]:
+        """The quarantined events, latest first, each with its failures (`attempts`, `error`, `stage`)."""
         query: Doc = {"state": QUARANTINED}
         if before is not None:
             query["quarantined_at"] = {"$lt": before}
-        cursor = self.events.find(query).sort([("quarantined_at", DESCENDING)]).hint("quarantine")
-        return await cursor.limit(limit).to_list()
+        cursor = self.queue.find(query).sort([("quarantined_at", DESCENDING)]).hint("quarantine")
+        return await self.events_of(await cursor.limit(limit).to_list())
 
     async def quarantine_size(self) -> int:
-        return await self.events.count_documents({"state": QUARANTINED}, hint="quarantine")
+        return await self.queue.count_documents({"state": QUARANTINED}, hint="quarantine")
 
     async def quarantine_summary(self, since: datetime) -> tuple[int, int]:
         """(events in quarantine, of which quarantined since `since`)."""
         total = await self.quarantine_size()
-        recent = await self.events.count_documents(
+        recent = await self.queue.count_documents(
             {"state": QUARANTINED, "quarantined_at": {"$gte": since}}, hint="quarantine"
         )
         return total, recent
 
     async def release_quarantined(self, ids: list[str] | None, action: str, now: datetime) -> int:
-        """`retry`: back to the inbox with a clean slate; `drop`: kept in history, never evaluated.
-        `ids` None: every quarantined event."""
+        """`retry`: back to the inbox with a clean slate; `drop`: kept in history, never evaluated (the
+        event keeps its failures, the queue lets it go). `ids` None: every quarantined event. A batch of
+        events at a time, each in one transaction with their events."""
         query: Doc = {"state": QUARANTINED}
         if ids is not None:
             query["_id"] = {"$in": ids}
+        released = 0
+        while True:
+            found = await self.queue.find(query).limit(RELEASE_BATCH).to_list()
+            if not found:
+                return released
+
+            async def release(session: AsyncClientSession, found: list[Doc] = found) -> int:
+                return await self._release(found, action, now, session)
+
+            released += await in_transaction(self.client, release)
+
+    async def _release(
+        self, found: list[Doc], action: str, now: datetime, session: AsyncClientSession
+    ) -> int:
+        batch = {"_id": {"$in": [d["_id"] for d in found]}, "state": QUARANTINED}
         if action == "retry":
-            update: Doc = {
-                "$set": {"state": PENDING, "retried_at": now},
-                "$unset": {"attempts": "", "quarantined_at": "", "fanout.until": "", "fanout.owner": ""},
-            }
-        else:
-            update = {"$set": {"state": DROPPED, "dropped_at": now}}
-        result = await self.events.update_many(query, update)
-        return result.modified_count
+            result = await self.queue.update_many(
+                batch,
+                {
+                    "$set": {"state": PENDING, "retried_at": now},
+                    "$unset": {"attempts": "", "quarantined_at": "", "fanout.until": "", "fanout.owner": ""},
+                },
+                session=session,
+            )
+            await self.events.update_many(
+                {"_id": batch["_id"], "state": QUARANTINED}, {"$unset": {"state": ""}}, session=session
+            )
+            return result.modified_count
+        kept = ("attempts", "error", "stage", "quarantined_at")
+        await self.events.bulk_write(
+            [UpdateOne({"_id": d["_id"]},
+                       {"$set": {"state": DROPPED, "dropped_at": now, **{k: d[k] for k in kept if k in d}}})
+             for d in found],
+            session=session,
+        )  # fmt: skip
+        return (await self.queue.delete_many(batch, session=session)).deleted_count
 
     # --- contacts -----------------------------------------------------------------------------------
 
@@ -689,11 +747,10 @@ class Store:
                 "time": now,
                 "attributes": a,
                 "received_at": now,
-                "state": PENDING,
             }
             for i, t, c, a in events
         ]
-        await insert_new(self.events, docs)  # a provider repeating a callback: the first one counts
+        await self.insert_queued(docs)  # a provider repeating a callback: the first one counts
 
     async def insert_message(self, message: Message) -> None:
         doc = {"_id": message.message_id, **_message_fields(message)}

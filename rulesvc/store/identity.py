@@ -33,7 +33,7 @@ from rulesvc.core.funnel import Increment, fate_increment
 from rulesvc.core.identity import joined_audiences, merge_profile, merge_state, superseded
 from rulesvc.core.messages import Fate, fate_of
 from rulesvc.store.carts import Carts
-from rulesvc.store.db import PENDING, Doc, Store
+from rulesvc.store.db import Doc, Store
 from rulesvc.store.inbox import InboxEvents
 from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
@@ -94,19 +94,19 @@ class Identities:
     async def move_history(self, anonymous_id: str, known_id: str, batch: int = 1000) -> int:
         """The anonymous contact's decided events moved to the known contact, a batch at a time, before
         the merge's transaction (which then stays small for a visitor with a long history). Decided
-        events are history only: no process reads them again, so they may move ahead of the state."""
+        events are history only: no process reads them again, so they may move ahead of the state. The
+        queued ones (undecided, or quarantined) stay for the merge's transaction, with their queue."""
         moved = 0
+        queued: list[Any] = []
         while True:
-            ids = [
-                d["_id"]
-                async for d in self.store.events.find(
-                    {"contact_id": anonymous_id, "state": {"$ne": PENDING}}, {"_id": 1}
-                ).limit(batch)
-            ]
+            query: Doc = {"contact_id": anonymous_id, "_id": {"$nin": queued}}
+            ids = [d["_id"] async for d in self.store.events.find(query, {"_id": 1}).limit(batch)]
             if not ids:
                 return moved
+            held = {d["_id"] async for d in self.store.queue.find({"_id": {"$in": ids}}, {"_id": 1})}
+            queued.extend(held)
             result = await self.store.events.update_many(
-                {"_id": {"$in": ids}, "contact_id": anonymous_id, "state": {"$ne": PENDING}},
+                {"_id": {"$in": [i for i in ids if i not in held]}, "contact_id": anonymous_id},
                 {"$set": {"contact_id": known_id}},
             )
             moved += result.modified_count
@@ -164,6 +164,10 @@ class Identities:
                     {"contact_id": anonymous_id}, {"$set": {"contact_id": known_id}}, session=session
                 )
                 moved[name] = result.modified_count
+            # The queue documents of its undecided events follow them (not counted: the events are).
+            await db.queue.update_many(
+                {"contact_id": anonymous_id}, {"$set": {"contact_id": known_id}}, session=session
+            )
             moved["interests"] = await self._merge_interests(anonymous_id, known_id, session)
             moved["segment_carts"] = await Carts(self.store).merge(anonymous_id, known_id, now, session)
             if anon is not None:

@@ -22,6 +22,7 @@ from rulesvc.store.privacy_indexes import ERASED_EVENTS
 CONTACT_FIELDS: list[tuple[str, str]] = [
     ("contacts", "_id"),  # profile and state
     ("events", "contact_id"),  # pending, decided, quarantined, dropped; outcome, timer and fan-out copies
+    ("inbox", "contact_id"),  # the undecided events' queue (rulesvc.store.event_queue)
     ("messages", "contact_id"),  # history with outcomes, in-app inbox included
     ("schedule", "contact_id"),  # sends and timers to come
     ("interests", "contact_id"),  # the catalog fan-out's index (its `_id` is `<contact>|<product>`)
@@ -129,6 +130,7 @@ class Privacy:
         among = {"$in": ids}
         db = self.store.db
         counts: dict[str, int] = {}
+        await _delete_in_batches(self.store.queue, {"contact_id": among})  # counted as their events
         counts["events"] = await _delete_in_batches(db["events"], {"contact_id": among}, self._keep_ids(now))
         for name in ("messages", "schedule", "interests", "audience_changes", "segment_carts"):
             counts[name] = await _delete_in_batches(db[name], {"contact_id": among})

@@ -14,6 +14,7 @@ from selenium.webdriver.common.by import By
 
 from tests.browser import Browser
 from tests.console.conftest import ConsoleService
+from tests.stored import plant_sync
 
 
 def in_holdout(ruleset: str, contact_id: str, share: float = 0.05) -> bool:
@@ -182,9 +183,9 @@ def test_the_why_panel_says_what_became_of_each_event(
 
     browser.wait(lambda: states().get("late-cart") == "done", "the old event to be decided")
     with console_service.db() as database:
-        database.events.insert_one({"_id": "late-checkout", "type": "checkout_started", "contact_id": contact,
-                                    "time": now, "received_at": now, "state": "quarantined", "attempts": 3,
-                                    "error": "KeyError: 'sku'", "quarantined_at": now})  # fmt: skip
+        plant_sync(database, [{"_id": "late-checkout", "type": "checkout_started", "contact_id": contact,
+                               "time": now, "received_at": now, "state": "quarantined", "attempts": 3,
+                               "error": "KeyError: 'sku'", "quarantined_at": now}])  # fmt: skip
         database.schedule.insert_one({"_id": "late-hold", "contact_id": contact, "status": "running",
                                       "owner": "a-test", "lease_until": now + timedelta(hours=1),
                                       "due_at": now, "key": "late-hold", "cancel_on": []})  # fmt: skip
