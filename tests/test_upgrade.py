@@ -96,7 +96,12 @@ def test_a_database_of_release_0_1_0_is_upgraded_and_served(tmp_path: Path, mong
         assert f"schema {SCHEMA_VERSION}; this release: {SCHEMA_VERSION}" in status.stdout
         assert "up to date" in status.stdout
         with service.db() as db:
-            assert (db.meta.find_one({"_id": "schema"}) or {}).get("version", 0) == SCHEMA_VERSION
+            schema = db.meta.find_one({"_id": "schema"}) or {}
+            assert schema.get("version", 0) == SCHEMA_VERSION
+            assert [a["name"] for a in schema["applied"]] == ["event_queue", "drop_unused_indexes"]
+            # The indexes 0.1.0 kept on events for its undecided ones, and the one nobody read, are gone.
+            assert set(db.events.index_information()) == {"_id_", "events_ttl", "events_by_contact"}
+            assert "leases_until" not in db.leases.index_information()
 
         # The events a crash left undecided are decided now, once; the quarantined one stays aside.
         def waiting() -> int:

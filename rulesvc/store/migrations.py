@@ -25,6 +25,8 @@ from pymongo.errors import DuplicateKeyError
 
 from rulesvc import __version__
 from rulesvc.store.db import Store
+from rulesvc.store.event_queue import migrate_event_queue
+from rulesvc.store.leases import drop_unused_indexes
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +43,12 @@ class Migration:
 
 
 # In version order; the last one's version is this release's schema version.
-MIGRATIONS: tuple[Migration, ...] = ()
+MIGRATIONS: tuple[Migration, ...] = (
+    # 0.1.0 -> 0.2.0: undecided events move to the queue (`inbox`); events are no longer rewritten.
+    Migration(1, "event_queue", migrate_event_queue),
+    # 0.1.0 -> 0.2.0: indexes no query reads (BENCHMARKS.md, the index audit).
+    Migration(2, "drop_unused_indexes", drop_unused_indexes),
+)
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 0
 
