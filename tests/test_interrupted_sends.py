@@ -146,3 +146,36 @@ async def test_a_send_whose_mark_took_the_whole_send_timeout_is_made_later_not_t
     assert result.detail == "not sent: marking it took the whole send timeout (1s); tried again"
     # Written back by the scheduler under this guard: the mark is still ours.
     assert result.guard == {"status": "sending", "send_owner": "me"}
+
+
+async def test_a_sending_mark_whose_answer_was_lost_is_taken_back_only_while_it_is_still_ours(
+    settings: Settings, db: Any, mongod: Any
+) -> None:
+    """A failover can lose the answer to the `sending` mark although the mark was written: the provider
+    was not called, so the dispatcher undoes the mark (rulesvc.runtime.dispatcher `_take_back_mark`) and
+    the message is sent later instead of being taken for interrupted mid-call. Never someone else's."""
+    from pymongo import AsyncMongoClient
+
+    from rulesvc.store.db import Store
+    from rulesvc.store.messages import Messages
+
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongod.uri, tz_aware=True)
+    try:
+        messages = Messages(Store(client, settings.database, timedelta(days=1)))
+        now = datetime.now(UTC).replace(microsecond=0)
+        before = message_doc("m1", "c1", "sms", now, attempt=1, sent_channel="sms")  # a retry's second try
+        await db.messages.insert_one(before)
+        stored = await db.messages.find_one({"_id": "m1"})
+        until = now + timedelta(seconds=5)
+        mark = {"status": "sending", "attempt": 2, "sending_at": now, "sending_until": until,
+                "sent_channel": "sms", "send_owner": "me"}  # fmt: skip
+        assert await messages.mark_sending("m1", {"status": "scheduled"}, mark)
+        assert await messages.take_back_mark("m1", mark, stored)
+        assert await db.messages.find_one({"_id": "m1"}) == stored  # exactly as before the mark
+        # Another process's mark (or a later one of ours) is left alone.
+        theirs = {**mark, "send_owner": "them"}
+        assert await messages.mark_sending("m1", {"status": "scheduled"}, theirs)
+        assert not await messages.take_back_mark("m1", mark, stored)
+        assert (await db.messages.find_one({"_id": "m1"}))["send_owner"] == "them"
+    finally:
+        await client.close()

@@ -51,7 +51,7 @@ from rulesvc.core.sendpolicy import (
 from rulesvc.plugins import channel_config
 from rulesvc.runtime.templates import TemplateError, Templates
 from rulesvc.store.catalog import Catalog
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import Doc, Store, transient
 from rulesvc.store.messages import Messages
 
 log = structlog.get_logger(__name__)
@@ -72,6 +72,9 @@ def interrupted_reason(why: str) -> str:
 
 
 QUIET_BY_DEFAULT = SendPolicy.quiet_channels
+# How long a lost `sending` mark is tried to be undone while the database comes back (a failover takes a
+# few seconds: BENCHMARKS.md and docs/deploy.md).
+MARK_TAKE_BACK_SECONDS = 20.0
 
 
 def quiet_channels(channel_settings: dict[str, dict[str, Any]], environ: dict[str, str]) -> frozenset[str]:
@@ -214,6 +217,24 @@ class Dispatcher:
             return "it was sent once more with the same key already"
         return None
 
+    async def _take_back_mark(self, message: Doc, mark: Doc) -> None:
+        """A `sending` mark that may have been written although its answer was lost (a failover) would
+        make the message look interrupted mid-call, `uncertain` for ever, when no call was made: undone
+        while the database comes back (a few tries within `MARK_TAKE_BACK_SECONDS`), else left for the
+        interruption rules, as after a crash."""
+        until = monotonic() + MARK_TAKE_BACK_SECONDS
+        while True:
+            try:
+                if await self.messages.take_back_mark(message["_id"], mark, message):
+                    log.info("dispatch.mark_taken_back", message_id=message["_id"])
+                return
+            except Exception as exc:
+                if not transient(exc) or monotonic() > until:
+                    why = str(exc)[:300]
+                    log.warning("dispatch.mark_not_taken_back", message_id=message["_id"], error=why)
+                    return
+            await asyncio.sleep(0.5)
+
     async def _taken(self, message_id: str) -> Result:
         """Our `sending` mark lost the race: look again once the other call must be over."""
         doc = await self.messages.sending_state(message_id)
@@ -302,7 +323,13 @@ class Dispatcher:
             fields |= {"sending_until": deadline, "sent_channel": channel.name, "send_owner": owner}
             if interrupted:
                 fields["resent"] = True
-            if not await self.messages.mark_sending(message["_id"], guard, fields):
+            try:
+                marked = await self.messages.mark_sending(message["_id"], guard, fields)
+            except Exception as exc:
+                if transient(exc):  # the answer was lost, maybe not the mark: the provider was not called
+                    await self._take_back_mark(message, fields)
+                raise
+            if not marked:
                 return await self._taken(message["_id"])
             guard = {"status": "sending", "send_owner": owner}
         outbound = OutboundMessage(

@@ -101,6 +101,17 @@ class Messages:
         result = await self.store.messages.update_one({"_id": message_id, **guard}, {"$set": fields})
         return result.modified_count == 1
 
+    async def take_back_mark(self, message_id: str, mark: Doc, before: Doc) -> bool:
+        """Our `sending` mark (its fields `mark`) undone, back to the message as it was (`before`), if it
+        is still on it: a mark whose answer was lost, and whose provider call was never made."""
+        guard = {k: mark[k] for k in ("status", "send_owner", "sending_at")}
+        restore = {k: before[k] for k in mark if k in before}
+        gone = {k: "" for k in mark if k not in before}
+        result = await self.store.messages.update_one(
+            {"_id": message_id, **guard}, {"$set": restore, **({"$unset": gone} if gone else {})}
+        )
+        return result.modified_count == 1
+
     async def get(self, message_id: str) -> Doc | None:
         return await self.store.messages.find_one({"_id": message_id})
 
