@@ -288,6 +288,11 @@ async def test_fulfillment_goes_to_the_orders_contact_with_the_delivery_status(
     # the same status again (a new tracking number, say): nothing new
     again = {**fulfillment, "shipment_status": "delivered", "tracking_number": "1z000"}
     assert (await post(client, "fulfillments/update", again))[1]["duplicates"] == 1
+    # Found by the fuzz test below: an open fulfillment whose shipment_status is an object was a 500.
+    for status in ("open", "pending", "success"):
+        odd = {**fulfillment, "status": status, "shipment_status": {"a": 1}}
+        code, answer = await post(client, "fulfillments/update", odd)
+        assert (code, answer["field"]) == (400, "$.shipment_status"), answer
 
 
 async def test_price_drop_and_stock_through_the_catalog(

@@ -414,14 +414,14 @@ def fulfillment_plan(payload: Doc, delivery: Delivery) -> Plan:
     fulfillment_id = _required_id(payload, "id")
     order_id = _required_id(payload, "order_id")
     raw = payload.get("shipment_status")
+    if raw is not None and not isinstance(raw, str):
+        raise PayloadRejected("$.shipment_status", "`shipment_status` must be a string or null")
     if payload.get("status") in ("cancelled", "error", "failure"):
         status = "cancelled" if payload.get("status") == "cancelled" else "failed"
     elif payload.get("status") in ("pending", "open") and SHIPMENT_STATUS.get(raw) == "shipped":
         status = "pending"  # with the fulfillment service, not with a carrier yet
-    elif raw is None or isinstance(raw, str):
-        status = SHIPMENT_STATUS.get(raw, raw if isinstance(raw, str) else "shipped")
     else:
-        raise PayloadRejected("$.shipment_status", "`shipment_status` must be a string or null")
+        status = SHIPMENT_STATUS.get(raw, raw if isinstance(raw, str) else "shipped")
     status = re.sub(r"[^a-z0-9_]", "_", status.lower())[:40] or "shipped"
     attributes: Doc = {"status": status, "order_id": order_id, "fulfillment_id": fulfillment_id}
     if isinstance(raw, str):
