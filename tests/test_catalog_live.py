@@ -74,23 +74,29 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
     fanout = app[FANOUT]
     fanout.batch_size = 200
     # The fan-out is held after its first batch (a real one, just stopped there), so "during the fan-out"
-    # does not depend on how fast this machine is.
+    # does not depend on how fast this machine is: before its second batch, at its look for stored copies.
     held, go_on = asyncio.Event(), asyncio.Event()
-    insert_copies = fanout.catalog.insert_copies
+    stored_copies = fanout.catalog.stored_copies
+    batches = 0
 
-    async def insert_then_hold(copies: list[dict[str, Any]]) -> None:
-        await insert_copies(copies)
-        held.set()
-        await go_on.wait()
+    async def hold_before_the_second(ids: list[str]) -> set[str]:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            held.set()
+            await go_on.wait()
+        return await stored_copies(ids)
 
-    fanout.catalog.insert_copies = insert_then_hold  # type: ignore[method-assign]
+    fanout.catalog.stored_copies = hold_before_the_second  # type: ignore[method-assign]
     await client.post("/v1/events", json={"id": "pc", "type": "price_changed",
                                           "attributes": {"product_id": "lamp", "price": 9.5}})  # fmt: skip
     await asyncio.wait_for(held.wait(), WAIT_SECONDS)
     for n in range(20):  # while the fan-out is half done, other events are still accepted
         post = client.post("/v1/events", json={"id": f"x{n}", "type": "page_viewed", "contact_id": "z"})
         assert (await asyncio.wait_for(post, WAIT_SECONDS)).status == 202
-    assert await db.events.count_documents({"fanout_of": "pc"}) == 200  # still half done
+    counted = {"state.counters.price_news.n": 1}
+    assert await db.contacts.count_documents(counted) == 200  # still half done: one batch decided
+    assert await db.events.count_documents({"fanout_of": "pc"}) == 0  # decided without stored copies
     assert await db.events.count_documents({"contact_id": "z"}) == 20
     go_on.set()
 

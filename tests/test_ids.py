@@ -4,6 +4,7 @@ service makes for itself (fan-out copies) cannot be taken first by a client's ev
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -11,7 +12,7 @@ import pytest
 
 from rulesvc.config import Settings
 from rulesvc.web.app import create_app
-from tests.helpers import eventually
+from tests.helpers import eventually, write_ruleset
 
 BAD_IDS = ["a b", "a/b", "a\x00b", "a\rb", "a\nb", "ab\n", "a\tb", "a\x7fb", "x" * 129, ""]
 
@@ -50,6 +51,8 @@ async def test_unusual_but_valid_ids_work_in_both(client: Any) -> None:
 async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
+    write_ruleset(Path(settings.rulesets_dir), "news", {"rules": [
+        {"name": "n", "when": {"event": "price_changed"}, "then": [{"count": "price_news"}]}]})  # fmt: skip
     client = await make_client(create_app(settings))
     now = datetime.now(UTC)
     await db.interests.insert_many(
@@ -73,8 +76,8 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
         )
 
     await eventually(copied)
-    copies = await db.events.find({"fanout_of": "pc"}).to_list()
-    assert sorted(c["contact_id"] for c in copies) == ["c1", "c2"]  # both got their copy, none was lost
+    told = await db.contacts.find({"state.counters.price_news.n": 1}, {"_id": 1}).to_list()
+    assert sorted(c["_id"] for c in told) == ["c1", "c2"]  # both decided for their copy, none was lost
 
 
 async def test_simulated_contacts_follow_the_same_rule(client: Any) -> None:

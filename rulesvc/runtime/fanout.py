@@ -1,21 +1,24 @@
-"""The catalog fan-out: a `price_changed` or `stock_changed` copied into the inbox once per interested
-contact (what counts as interested, and the catalog change itself, are decided in `rulesvc.core.catalog`).
+"""The catalog fan-out: a `price_changed` or `stock_changed` decided once per interested contact (what
+counts as interested, and the catalog change itself, are decided in `rulesvc.core.catalog`).
 
-The copies are written in batches, the position is saved after each, and each copy has a fixed id: a crash
-resumes the fan-out without a duplicate, and ingestion goes on meanwhile because the inbox processes the
-copies like other events.
+A batch of interested contacts at a time, each gets a copy of the event with a fixed id, decided by the
+inbox under the contacts' leases without being stored, in one transaction with the fan-out's position: a
+crash resumes after the last batch decided, and ingestion goes on meanwhile (the inbox takes other
+contacts between the batches). A copy the inbox cannot decide at once (its contact is in another batch,
+or has a backlog) is stored and queued like any event, in that same transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from pymongo import UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.ids import fanout_copy_id
@@ -48,6 +51,12 @@ def interest_updates(events: list[Doc]) -> list[Any]:
     return ops
 
 
+class Decider(Protocol):
+    async def decide_given(
+        self, docs: list[Doc], also: Callable[[AsyncClientSession], Awaitable[None]]
+    ) -> int: ...
+
+
 class CatalogFanout:
     def __init__(
         self,
@@ -59,8 +68,13 @@ class CatalogFanout:
         on_copies: Callable[[], None] | None = None,
         on_quarantined: Callable[[str], None] | None = None,
         retry_pause: timedelta = timedelta(seconds=5),
+        decider: Decider | None = None,
     ) -> None:
         self.store = store
+        # The inbox, which decides each batch of copies under the contacts' leases without storing them;
+        # without it every copy is stored and queued for the inbox (the way for contacts it cannot take).
+        self.decider = decider
+        self.decided = 0
         self.catalog = Catalog(store)
         self.batch_size = batch_size
         self.lease = lease
@@ -141,9 +155,20 @@ class CatalogFanout:
                  "contact_id": interest["contact_id"], "time": event["time"], "attributes": attributes,
                  "received_at": now, "fanout_of": event["_id"]}
             )  # fmt: skip
-        await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its position
+        position = interests[-1]["_id"]
+        if self.decider is None:
+            await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its place
+            await self.catalog.save_position(event["_id"], position)
+        else:
+            # Copies an earlier run queued (a batch that could not be decided at once) are the inbox's.
+            stored = await self.catalog.stored_copies([c["_id"] for c in copies])
+
+            async def save(session: AsyncClientSession) -> None:
+                await self.catalog.save_position(event["_id"], position, session)
+
+            fresh = [c for c in copies if c["_id"] not in stored]
+            self.decided += await self.decider.decide_given(fresh, save)
         self.copies += len(copies)
-        await self.catalog.save_position(event["_id"], interests[-1]["_id"])
         if self.on_copies is not None:
             self.on_copies()
         return len(interests) < self.batch_size

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -123,6 +123,30 @@ def apply_outcome(
 
 class VersionConflict(Exception):
     """Another process changed a contact in between: the batch is retried."""
+
+
+Also = Callable[[AsyncClientSession], Awaitable[None]]
+
+
+class Backlogged(Exception):
+    """A contact of the batch has more undecided events than one batch takes: a copy given to it would
+    be decided before some of them."""
+
+
+@dataclass
+class Given:
+    """Events that are not stored (a catalog change's per-contact copies), decided in a batch after each
+    contact's own undecided events (`docs`); `queue`: copies for other contacts, stored and queued in the
+    same transaction, as are those of a contact whose events fail; `also`: one more write in it (the
+    fan-out's position)."""
+
+    docs: list[Doc]
+    queue: list[Doc]
+    also: Also
+
+
+def inbox_order(doc: Doc) -> tuple[Any, Any, Any]:
+    return doc["contact_id"], doc["time"], doc["_id"]
 
 
 def engine_event(doc: Doc) -> EngineEvent:
@@ -265,10 +289,56 @@ class Inbox:
         finally:
             await self.contact_leases.release(token)
 
-    async def _process(self, contact_ids: list[str], limit: int) -> int:
+    async def decide_given(
+        self, docs: list[Doc], also: Callable[[AsyncClientSession], Awaitable[None]]
+    ) -> int:
+        """A catalog change's copies, decided here under their contacts' leases as if they had been queued
+        (after each contact's own undecided events, in one transaction with `also`), without storing
+        them: the insert, read and delete per contact of the queue's way are saved. The copies of
+        contacts another batch or a due send holds right now are stored and queued instead in the same
+        transaction, and so are all of them when the batch cannot be decided here (a backlog, a conflict,
+        a failure outside evaluation). Returns how many were decided here."""
+
+        async def queue_all(session: AsyncClientSession) -> None:
+            await self.store.queue_in(docs, session)
+            await also(session)
+
+        now = self.clock()
+        busy = {*await self.contact_leases.held(), *await self.schedule.running_contacts()}
+        wanted = list(dict.fromkeys(d["contact_id"] for d in docs if d["contact_id"] not in busy))
+        token, acquired = await self._acquire(wanted, now) if wanted else ("", [])
+        taken = set(acquired)
+        mine = [d for d in docs if d["contact_id"] in taken]
+        if not mine:
+            await in_transaction(self.store.client, queue_all)
+            return 0
+
+        async def renew() -> None:
+            await self.contact_leases.renew(token, self.clock() + self.lease)
+
+        try:
+            async with renewing("fanout", renew, self.lease.total_seconds() / 3):
+                try:
+                    rest = [d for d in docs if d["contact_id"] not in taken]
+                    await self._process(acquired, self.max_events, Given(mine, rest, also))
+                    return len(mine)
+                except Exception as exc:
+                    if transient(exc):
+                        raise
+                    log.info("fanout.queued_instead", copies=len(docs), why=failure_text(exc))
+                    await in_transaction(self.store.client, queue_all)
+                    return 0
+        finally:
+            await self.contact_leases.release(token)
+
+    async def _process(self, contact_ids: list[str], limit: int, given: Given | None = None) -> int:
         # At most `max_events` (a contact with a backlog is taken up to there, in time order, and its
         # later events wait for the next batch): a transaction stays small whatever piled up.
         events = await self.inbox_events.pending(contact_ids, limit)
+        if given is not None:
+            if len(events) >= limit:
+                raise Backlogged()
+            events = sorted([*events, *given.docs], key=inbox_order)
         if not events:
             return 0
         contact_ids = list(dict.fromkeys(e["contact_id"] for e in events))
@@ -331,7 +401,9 @@ class Inbox:
         told = [f for fates in outcome_fates.values() for f in fates]
         counts = [c for per in outcome_counts.values() for c in per]
         counts.extend(await self._entries_and_conversions([f for per in found_by.values() for f in per]))
-        await self._commit(decided, views, contacts, decisions, now, message_ops, failures, told, counts)
+        await self._commit(
+            decided, views, contacts, decisions, now, message_ops, failures, told, counts, given
+        )
         self.processed += len(decided)
         log.debug("inbox.batch", events=len(decided), contacts=len(views), scheduled=len(decisions.schedule))
         if decisions.schedule and self.on_scheduled is not None:
@@ -394,6 +466,7 @@ class Inbox:
         failures: list[tuple[Doc, BaseException]],
         told: list[Fate] | None = None,
         counts: list[Increment] | None = None,
+        given: Given | None = None,
     ) -> None:
         """`told`: the outcomes the batch's message_* events recorded, logged once committed. `counts`:
         funnel counts decided by the batch beyond what is counted here (outcomes; entries and
@@ -468,9 +541,17 @@ class Inbox:
                 await self.audiences.record(changes, session)
             if events:
                 await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, self.shard, session)
+            if given is not None:  # before the failures: a failing copy is queued, then counted against
+                failing = [d for d in given.docs if d["contact_id"] not in views]
+                await self.store.queue_in([*given.queue, *failing], session)
+                direct = sum(1 for e in events if e["_id"] in given_ids)
+                if direct:
+                    await self.store.count_decided(decided_at, direct, self.shard, session)
+                await given.also(session)
             for doc, error in failures:
                 quarantined.append(await self._failed(doc, error, session))
 
+        given_ids = {d["_id"] for d in given.docs} if given is not None else set()
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         quarantined: list[bool] = []
         cancelled: list[Fate] = []

@@ -40,9 +40,17 @@ class Catalog:
         """What the copies are to know about the product's change, kept for a resumed run."""
         await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
 
-    async def save_position(self, event_id: str, after: str) -> None:
-        """The last interest copied: a resumed run goes on after it."""
-        await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.after": after}})
+    async def save_position(
+        self, event_id: str, after: str, session: AsyncClientSession | None = None
+    ) -> None:
+        """The last interest copied or decided: a resumed run goes on after it. With `session`, in the
+        transaction of the decisions it covers."""
+        position = {"$set": {"fanout.after": after}}
+        await self.store.queue.update_one({"_id": event_id}, position, session=session)
+
+    async def stored_copies(self, ids: list[str]) -> set[str]:
+        """Which of these copies an earlier run queued (they are the inbox's now, never decided twice)."""
+        return {d["_id"] async for d in self.store.events.find({"_id": {"$in": ids}}, {"_id": 1})}
 
     async def finish_event(self, event_id: str, now: datetime) -> None:
         # A repeat finds it gone from the queue: nothing to change.

@@ -352,9 +352,7 @@ class Store:
                 else:
                     seen.add(doc["_id"])
                     new.append(doc)
-            if new:
-                await self.events.insert_many(new, session=session)
-                await self.queue.insert_many([queue_doc(d) for d in new], session=session)
+            await self.queue_in(new, session)
             return duplicates
 
         for attempt in range(INSERT_TRIES):
@@ -366,6 +364,12 @@ class Store:
                     raise
                 read = True
         raise AssertionError("unreachable")
+
+    async def queue_in(self, docs: list[Doc], session: AsyncClientSession) -> None:
+        """New events and their queue documents, inside the caller's transaction (ids not stored yet)."""
+        if docs:
+            await self.events.insert_many(docs, session=session)
+            await self.queue.insert_many([queue_doc(d) for d in docs], session=session)
 
     async def contact_events(self, contact_id: str, limit: int, before: datetime | None = None) -> list[Doc]:
         """Newest first, each with its `state` (`pending`, `quarantined` with `attempts` and `error`,

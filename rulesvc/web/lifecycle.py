@@ -182,7 +182,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     scheduler.on_timer_event = inbox.wake.set
     fanout = CatalogFanout(
-        app[STORE], lease=lease, on_copies=inbox.wake.set, on_quarantined=count_quarantined
+        app[STORE], lease=lease, on_copies=inbox.wake.set, on_quarantined=count_quarantined, decider=inbox
     )
     app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
     stop = asyncio.Event()

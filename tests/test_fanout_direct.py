@@ -1,0 +1,136 @@
+"""The fan-out decides a catalog change's copies straight from the interest index, under the contacts'
+leases, without storing them (issue 19, step 4), on a real mongod with a real inbox and ruleset: each
+interested contact decided once, in order after its own undecided events; contacts another batch holds
+get a stored, queued copy in the same transaction; a copy an earlier run queued is never decided again."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rulesvc.config import Settings
+from rulesvc.core.events import Event
+from rulesvc.core.ids import fanout_copy_id
+from rulesvc.plugins import builtin_channels
+from rulesvc.runtime.fanout import CatalogFanout
+from rulesvc.runtime.inbox import Inbox
+from rulesvc.runtime.rulesets import Rulesets
+from rulesvc.store.db import Store
+from tests.helpers import write_ruleset
+
+Doc = dict[str, Any]
+# Each price change a contact is decided for is counted in its state, and the view before it too: the state
+# shows how often and in which order the contact was decided.
+RULES = {
+    "rules": [
+        {"name": "drop", "when": {"event": "price_changed"},
+         "then": [{"count": "drops"}, {"remember": {"name": "last", "from": "attributes.marker"}}]},
+        {"name": "view", "when": {"event": "product_viewed"},
+         "then": [{"count": "views"}, {"remember": {"name": "last", "from": "attributes.marker"}}]},
+    ]
+}  # fmt: skip
+
+
+async def setup(settings: Settings, db: Any, contacts: int) -> tuple[Store, Inbox, datetime]:
+    write_ruleset(Path(settings.rulesets_dir), "drops", RULES)
+    rulesets = Rulesets(Path(settings.rulesets_dir), builtin_channels().names())
+    rulesets.reload()
+    store = Store(db.client, settings.database, timedelta(days=1))
+    await store.ensure_schema()
+    now = datetime.now(UTC)
+    await store.interests.insert_many(
+        [{"_id": f"c{i:04d}|lamp", "contact_id": f"c{i:04d}", "product_id": "lamp", "viewed_at": now}
+         for i in range(contacts)]
+    )  # fmt: skip
+    await store.products.insert_one({"_id": "lamp", "price": 100.0})
+    return store, Inbox(store, rulesets), now
+
+
+async def price_drop(store: Store, at: datetime) -> None:
+    attributes = {"product_id": "lamp", "price": 80.0, "marker": "drop"}
+    await store.insert_events([Event(id="pc", type="price_changed", time=at, attributes=attributes)], at)
+
+
+async def drops_of(db: Any) -> dict[str, Any]:
+    return {c["_id"]: c["state"] async for c in db.contacts.find({}, {"state": 1})}
+
+
+def count(state: Doc, name: str) -> int:
+    return int(((state.get("counters") or {}).get(name) or {}).get("n", 0))
+
+
+async def test_each_interested_contact_is_decided_once_and_no_copy_is_stored(
+    settings: Settings, db: Any
+) -> None:
+    store, inbox, now = await setup(settings, db, 1200)
+    await price_drop(store, now)
+    fanout = CatalogFanout(store, batch_size=500, decider=inbox)
+    while await fanout.process_once():
+        pass
+    states = await drops_of(db)
+    assert len(states) == 1200
+    assert {count(s, "drops") for s in states.values()} == {1}
+    assert await db.events.count_documents({"fanout_of": "pc"}) == 0  # nothing stored per contact
+    assert await db.inbox.count_documents({}) == 0  # the catalog event decided, nothing queued
+    assert fanout.decided == 1200
+    decided = sum([d["decided"] async for d in db.throughput.find({})])
+    assert decided == 1201  # the copies and the catalog event, as the overview counts them
+
+
+async def test_a_copy_is_decided_after_the_contacts_own_earlier_event(settings: Settings, db: Any) -> None:
+    store, inbox, now = await setup(settings, db, 3)
+    view = {"product_id": "lamp", "marker": "view"}
+    await store.insert_events(
+        [Event(id="v1", type="product_viewed", contact_id="c0001", time=now - timedelta(minutes=1),
+               attributes=view)]
+    )  # fmt: skip
+    await price_drop(store, now)
+    fanout = CatalogFanout(store, batch_size=500, decider=inbox)
+    while await fanout.process_once():
+        pass
+    states = await drops_of(db)
+    assert (count(states["c0001"], "views"), count(states["c0001"], "drops")) == (1, 1)
+    assert states["c0001"]["values"]["last"]["v"] == "drop"  # the view first, then the drop
+    assert await db.inbox.count_documents({}) == 0  # the view decided in the same batch
+
+
+async def test_contacts_held_by_another_batch_get_a_queued_copy_decided_once_by_the_inbox(
+    settings: Settings, db: Any
+) -> None:
+    store, inbox, now = await setup(settings, db, 10)
+    await price_drop(store, now)
+    held = ["c0003", "c0007"]
+    assert await inbox.contact_leases.take("other", "another-process", held, now + timedelta(minutes=1))
+    fanout = CatalogFanout(store, batch_size=500, decider=inbox)
+    while await fanout.process_once():
+        pass
+    copies = {d["contact_id"] async for d in db.events.find({"fanout_of": "pc"})}
+    assert copies == set(held)  # stored and queued, in the fan-out's transaction
+    assert {d["_id"] async for d in db.inbox.find({})} == {fanout_copy_id("pc", c) for c in held}
+    await inbox.contact_leases.release("other")
+    while await inbox.process_once():
+        pass
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(10)}
+
+
+async def test_a_batch_run_again_never_decides_a_copy_an_earlier_run_queued(
+    settings: Settings, db: Any
+) -> None:
+    """A run that queued a contact's copy and died before its position was saved: the next run decides the
+    others, and the queued copy stays the inbox's (decided once, by it)."""
+    store, inbox, now = await setup(settings, db, 5)
+    await price_drop(store, now)
+    copy = {"_id": fanout_copy_id("pc", "c0002"), "type": "price_changed", "contact_id": "c0002",
+            "time": now, "attributes": {"product_id": "lamp", "price": 80.0}, "received_at": now,
+            "fanout_of": "pc"}  # fmt: skip
+    await store.insert_queued([copy])
+    while await inbox.process_once():  # the inbox decides the queued copy first
+        pass
+    fanout = CatalogFanout(store, batch_size=500, decider=inbox)
+    while await fanout.process_once():
+        pass
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(5)}
+    assert fanout.decided == 4
