@@ -376,7 +376,7 @@ def events_command(args: argparse.Namespace) -> int:
     from datetime import UTC, timedelta
 
     from rulesvc.store.db import Store
-    from rulesvc.store.migrations import prepare
+    from rulesvc.store.migrations import prepare_for_command
 
     settings = load_settings()
 
@@ -384,7 +384,7 @@ def events_command(args: argparse.Namespace) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
         # Its queries use the service's indexes, even on a fresh database; an existing TTL stays the
         # service's (this shell's RULESVC_EVENT_RETENTION_DAYS may differ).
-        await prepare(store)
+        await prepare_for_command(store)
         if args.quarantine_command == "list":
             docs = await store.quarantined(args.limit)
             if args.json:
@@ -454,14 +454,14 @@ def messages_command(args: argparse.Namespace) -> int:
     from rulesvc.runtime.fate import Refusal, cancel_message, retry_message
     from rulesvc.store.db import Store, message_from_doc
     from rulesvc.store.messages import Messages
-    from rulesvc.store.migrations import prepare
+    from rulesvc.store.migrations import prepare_for_command
 
     settings = load_settings()
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         retention = timedelta(days=settings.event_retention_days)
         store = Store(db.client, db.name, retention, count_stats=settings.stats)
-        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
+        await prepare_for_command(store)  # never upgrades data; the service's TTL stays as it is
         messages = Messages(store)
         if args.messages_command == "list":
             docs = await messages.find(max(1, args.limit), status=args.status, channel=args.channel,
@@ -515,7 +515,7 @@ def contacts_command(args: argparse.Namespace) -> int:
     from rulesvc.core.ids import id_problem
     from rulesvc.store.db import Store, contact_from_doc, message_from_doc
     from rulesvc.store.messages import Messages
-    from rulesvc.store.migrations import prepare
+    from rulesvc.store.migrations import prepare_for_command
 
     problem = id_problem(args.contact, "contact_id")
     if problem:
@@ -527,7 +527,7 @@ def contacts_command(args: argparse.Namespace) -> int:
         import msgspec
 
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
+        await prepare_for_command(store)  # never upgrades data; the service's TTL stays as it is
         limit = max(1, args.limit)
         doc = await store.get_contact(args.contact)
         events = await store.contact_events(args.contact, limit)
@@ -586,7 +586,7 @@ def privacy_command(args: argparse.Namespace) -> int:
     from rulesvc.core.ids import id_problem
     from rulesvc.runtime.privacy import ErasureBusy, erase_contact, export_chunks, record_request
     from rulesvc.store.db import Store
-    from rulesvc.store.migrations import prepare
+    from rulesvc.store.migrations import prepare_for_command
     from rulesvc.store.privacy import Privacy
 
     problem = id_problem(args.contact, "contact_id")
@@ -605,7 +605,7 @@ def privacy_command(args: argparse.Namespace) -> int:
 
     async def act(db: AsyncDatabase[dict[str, Any]]) -> int:
         store = Store(db.client, db.name, timedelta(days=settings.event_retention_days))
-        await prepare(store)  # schema checked and upgraded; the service's TTL stays as it is
+        await prepare_for_command(store)  # never upgrades data; the service's TTL stays as it is
         if args.contacts_command == "erase":
             try:
                 report = await erase_contact(store, args.contact, datetime.now(UTC), "cli")

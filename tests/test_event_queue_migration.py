@@ -11,6 +11,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, IndexModel
 
 from rulesvc.config import Settings
+from rulesvc.core.events import Event
 from rulesvc.store.db import Store
 from rulesvc.store.event_queue import migrate_event_queue
 from rulesvc.web.app import create_app
@@ -125,3 +126,23 @@ async def test_a_migrated_database_is_decided_each_pending_event_once(
         e["id"]: e["state"] for e in (await (await client.get("/v1/contacts/c0/events")).json())["events"]
     }
     assert set(events.values()) == {"done"} and len(events) == 9
+
+
+async def test_an_id_whose_event_expired_but_left_a_queue_document_is_a_new_event(
+    settings: Settings, db: Any
+) -> None:
+    """The events' TTL can remove an event its queue document outlives (one long in quarantine): the same id
+    posted again is a new event, not a refusal of the whole group commit it shares with other requests."""
+    store = Store(db.client, settings.database, timedelta(days=1))
+    await store.ensure_schema()
+    now = datetime.now(UTC)
+    await db.inbox.insert_one({"_id": "old", "contact_id": "c1", "time": now, "received_at": now,
+                               "state": "quarantined", "attempts": 3, "quarantined_at": now})  # fmt: skip
+    result = await store.insert_events(
+        [Event(id="old", type="page_viewed", contact_id="c1", time=now),
+         Event(id="other", type="page_viewed", contact_id="c2", time=now)], now
+    )  # fmt: skip
+    assert (result.accepted, result.duplicates) == (2, 0)
+    assert {d["_id"] async for d in db.events.find({})} == {"old", "other"}
+    queued = {d["_id"]: d["state"] async for d in db.inbox.find({})}
+    assert queued == {"old": "pending", "other": "pending"}  # the stale quarantine is gone with its event

@@ -134,3 +134,33 @@ async def test_a_batch_run_again_never_decides_a_copy_an_earlier_run_queued(
     states = await drops_of(db)
     assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(5)}
     assert fanout.decided == 4
+
+
+async def test_a_batch_whose_claim_was_taken_over_meanwhile_is_not_decided_twice(
+    settings: Settings, db: Any
+) -> None:
+    """Fan-out A's claim runs out while it decides a batch (a slow database); fan-out B takes the event over
+    and decides that batch. A's decisions are then not committed: the position it would move is no longer
+    its own (copies decided directly are not stored, so nothing else would catch the repeat)."""
+    store, inbox, now = await setup(settings, db, 5)
+    await price_drop(store, now)
+    later = now + timedelta(seconds=20)  # after A's 15 s claim
+    b = CatalogFanout(store, batch_size=500, decider=inbox, lease=timedelta(seconds=15), clock=lambda: later)
+
+    class Stalled:
+        """A's inbox, which stalls before deciding: B runs in that time."""
+
+        async def decide_given(self, docs: list[Doc], also: Any) -> int:
+            while await b.process_once():
+                pass
+            return await inbox.decide_given(docs, also)
+
+    a = CatalogFanout(
+        store, batch_size=500, decider=Stalled(), lease=timedelta(seconds=15), clock=lambda: now
+    )
+    assert await a.process_once()
+    while await inbox.process_once():
+        pass
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(5)}
+    assert await db.inbox.count_documents({}) == 0  # B finished the event; A left nothing behind

@@ -107,3 +107,20 @@ def test_the_shipped_migrations_are_in_version_order() -> None:
     versions = [m.version for m in MIGRATIONS]
     assert versions == list(range(1, len(MIGRATIONS) + 1))
     assert SCHEMA_VERSION == len(MIGRATIONS)
+
+
+async def test_a_migrator_that_loses_its_lock_stops_and_records_nothing(store: Store) -> None:
+    """Its lock taken by another process (it ran out while the database was away): the migration running
+    is stopped, its version not recorded, and the other process's run is the one that counts."""
+    counted = Counted(pause=5.0)  # long enough for the lock to be lost under it
+
+    async def steal() -> None:
+        await asyncio.sleep(0.3)
+        await store.db["meta"].update_one({"_id": LOCK}, {"$set": {"owner": "another"}})
+
+    thief = asyncio.create_task(steal())
+    with pytest.raises(SchemaError, match="lost the migration lock"):
+        await upgrade(store, counted.all()[:1], lock_for=timedelta(seconds=0.6))
+    await thief
+    assert await store.db["meta"].find_one({"_id": "schema"}) is None
+    assert await store.db["marks"].find_one({"_id": "one"}) is None  # stopped before it wrote

@@ -178,6 +178,23 @@ def test_a_database_of_release_0_1_0_is_upgraded_and_served(tmp_path: Path, mong
         smtp.stop()
 
 
+def test_an_operators_command_never_upgrades_a_database_with_data(
+    tmp_path: Path, mongod: EmbeddedMongod
+) -> None:
+    """0.1.0 may still serve it: a look at the quarantine with the new binary refuses, changing nothing."""
+    database = f"look_{uuid.uuid4().hex[:8]}"
+    restore(mongod.uri, database)
+    service = service_on(tmp_path, mongod, database, free_port())
+    looked = service.cli("events", "quarantine", "list")
+    assert looked.returncode == 1
+    assert "has schema version 0; this rulesvc" in looked.stderr and "rulesvc migrate" in looked.stderr
+    with MongoClient(mongod.uri) as client:
+        db = client[database]
+        assert "meta" not in db.list_collection_names()
+        assert "inbox_pending" in db.events.index_information()  # 0.1.0's indexes still there
+        assert db.events.count_documents({"state": "pending"}) == 3
+
+
 def test_a_database_newer_than_the_code_is_refused(tmp_path: Path, mongod: EmbeddedMongod) -> None:
     database = f"newer_{uuid.uuid4().hex[:8]}"
     with MongoClient(mongod.uri) as client:

@@ -23,7 +23,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from rulesvc.core.catalog import catalog_change, interest_fields
 from rulesvc.core.ids import fanout_copy_id
 from rulesvc.runtime.waiting import work_loop
-from rulesvc.store.catalog import Catalog
+from rulesvc.store.catalog import Catalog, Superseded
 from rulesvc.store.db import Doc, Store, failure_text, transient
 
 log = structlog.get_logger(__name__)
@@ -100,6 +100,8 @@ class CatalogFanout:
             return False
         try:
             await self._fan_out(event, now)
+        except Superseded as exc:  # another fan-out holds it now and decides this batch
+            log.info("catalog.claim_taken_over", event_id=event["_id"], why=str(exc))
         except Exception as exc:
             if transient(exc):
                 raise
@@ -163,8 +165,11 @@ class CatalogFanout:
             # Copies an earlier run queued (a batch that could not be decided at once) are the inbox's.
             stored = await self.catalog.stored_copies([c["_id"] for c in copies])
 
+            before = fanout.get("after")
+
             async def save(session: AsyncClientSession) -> None:
-                await self.catalog.save_position(event["_id"], position, session)
+                until = self.clock() + self.lease
+                await self.catalog.advance(event["_id"], self.owner, before, position, until, session)
 
             fresh = [c for c in copies if c["_id"] not in stored]
             self.decided += await self.decider.decide_given(fresh, save)

@@ -49,7 +49,7 @@ from rulesvc.runtime.fate import OnFate, tell
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.runtime.waiting import Every, renewing, work_loop
 from rulesvc.store.audiences import Audiences
-from rulesvc.store.catalog import Catalog
+from rulesvc.store.catalog import Catalog, Superseded
 from rulesvc.store.contacts import Contacts
 from rulesvc.store.db import Doc, OnCounts, Store, failure_text, transient
 from rulesvc.store.inbox import InboxEvents
@@ -143,6 +143,7 @@ class Given:
     docs: list[Doc]
     queue: list[Doc]
     also: Also
+    committed: bool = False  # what fails after the commit must not send the copies the queue's way too
 
 
 def inbox_order(doc: Doc) -> tuple[Any, Any, Any]:
@@ -224,6 +225,9 @@ class Inbox:
         self.on_fate = on_fate  # each cancelled message, once the cancellation committed
         self.owner = uuid.uuid4().hex
         self.shard = f"inbox:{self.owner}"  # this loop's funnel counters (rulesvc.store.stats)
+        # The fan-out's batches decided here: counters of their own, or its transactions and this loop's
+        # would write the same documents and abort each other.
+        self.fanout_shard = f"fanout:{self.owner}"
         self.on_counts = on_counts  # the funnel counts of each batch, once committed
         self.wake = asyncio.Event()
         self.processed = 0
@@ -318,12 +322,12 @@ class Inbox:
 
         try:
             async with renewing("fanout", renew, self.lease.total_seconds() / 3):
+                given = Given(mine, [d for d in docs if d["contact_id"] not in taken], also)
                 try:
-                    rest = [d for d in docs if d["contact_id"] not in taken]
-                    await self._process(acquired, self.max_events, Given(mine, rest, also))
+                    await self._process(acquired, self.max_events, given)
                     return len(mine)
                 except Exception as exc:
-                    if transient(exc):
+                    if transient(exc) or given.committed or isinstance(exc, Superseded):
                         raise
                     log.info("fanout.queued_instead", copies=len(docs), why=failure_text(exc))
                     await in_transaction(self.store.client, queue_all)
@@ -529,7 +533,7 @@ class Inbox:
             if cancels:
                 cancelled.extend(await self._cancel(cancels, now, session))
             counted.extend([*decided_counts, *(fate_increment(f, now) for f in cancelled)])
-            await self.store.add_counts(counted, self.shard, session)
+            await self.store.add_counts(counted, shard, session)
             if message_ops:
                 await self.messages.apply(message_ops, session)
             interest_ops = interest_updates(events)
@@ -540,18 +544,19 @@ class Inbox:
                             "synced": False} for c in decisions.audience]  # fmt: skip
                 await self.audiences.record(changes, session)
             if events:
-                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, self.shard, session)
+                await self.inbox_events.mark_done([e["_id"] for e in events], decided_at, shard, session)
             if given is not None:  # before the failures: a failing copy is queued, then counted against
                 failing = [d for d in given.docs if d["contact_id"] not in views]
                 await self.store.queue_in([*given.queue, *failing], session)
                 direct = sum(1 for e in events if e["_id"] in given_ids)
                 if direct:
-                    await self.store.count_decided(decided_at, direct, self.shard, session)
+                    await self.store.count_decided(decided_at, direct, shard, session)
                 await given.also(session)
             for doc, error in failures:
                 quarantined.append(await self._failed(doc, error, session))
 
         given_ids = {d["_id"] for d in given.docs} if given is not None else set()
+        shard = self.shard if given is None else self.fanout_shard
         decided_at = self.clock()  # when the decisions were made (the batch's reads and rules are done)
         quarantined: list[bool] = []
         cancelled: list[Fate] = []
@@ -561,6 +566,8 @@ class Inbox:
         except (VersionConflict, DuplicateKeyError) as exc:
             log.info("inbox.version_conflict", contacts=len(views))
             raise VersionConflict() from exc
+        if given is not None:
+            given.committed = True
         tell([*born_cancelled, *cancelled, *(told or [])], self.on_fate)  # told once committed
         if counted and self.on_counts is not None:
             self.on_counts(counted)

@@ -176,11 +176,11 @@ class Scheduler:
             if timers:
                 timers = await self._insert_timer_events(timers, now, aside)
             await self._record(owner, results, timers, removed, aside, now)
-        if trouble:
-            raise trouble[0]  # recorded what was done; the loop now waits the trouble out
         self.fired += len(claimed) - held  # a held send is counted when it is claimed again and done
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
+        if trouble:
+            raise trouble[0]  # recorded what was done; the loop now waits the trouble out
         return len(claimed) - held
 
     async def _after_earlier_events(

@@ -132,7 +132,6 @@ async def first_start(uri: str, settings: Settings, *, embedded: bool) -> None:
     workers, which wait for it as they always did."""
     from datetime import timedelta
 
-    import pymongo
     from pymongo import AsyncMongoClient
     from pymongo.errors import PyMongoError
 
@@ -152,8 +151,7 @@ async def first_start(uri: str, settings: Settings, *, embedded: bool) -> None:
             message_retention=settings.message_retention_days * days,
             count_stats=settings.stats,
         )
-        with pymongo.timeout(120.0):  # an index build or a migration on a large database takes a while
-            await prepare(store, change_ttl=True)
+        await prepare(store, change_ttl=True)  # index builds within 120 s, a migration as long as it takes
         if embedded:
             await hand_out_first_key(Keys(client[settings.database]["api_keys"]))
     except PyMongoError as exc:

@@ -13,6 +13,12 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from rulesvc.core.catalog import VIEW_WINDOW
 from rulesvc.store.db import Doc, Store
 from rulesvc.store.event_queue import PENDING
+from rulesvc.store.transactions import in_transaction
+
+
+class Superseded(Exception):
+    """The fan-out's claim on a catalog event was taken over (it ran out while a batch was being decided):
+    that batch's decisions must not be committed, the new holder decides it."""
 
 
 class Catalog:
@@ -48,15 +54,41 @@ class Catalog:
         position = {"$set": {"fanout.after": after}}
         await self.store.queue.update_one({"_id": event_id}, position, session=session)
 
+    async def advance(
+        self,
+        event_id: str,
+        owner: str,
+        before: str | None,
+        after: str,
+        until: datetime,
+        session: AsyncClientSession,
+    ) -> None:
+        """The position moved from `before` to `after` and the claim extended, in the transaction of the
+        batch it covers, only while `owner` still holds the event at `before`: else `Superseded`, and the
+        transaction with its decisions is not committed (decided copies are not stored, so nothing else
+        would keep a second holder from deciding the same batch again)."""
+        at = {"fanout.after": before} if before is not None else {"fanout.after": {"$exists": False}}
+        result = await self.store.queue.update_one(
+            {"_id": event_id, "state": PENDING, "fanout.owner": owner, **at},
+            {"$set": {"fanout.after": after, "fanout.until": until}},
+            session=session,
+        )
+        if result.matched_count != 1:
+            raise Superseded(f"catalog event {event_id}: the fan-out's claim was taken over")
+
     async def stored_copies(self, ids: list[str]) -> set[str]:
         """Which of these copies an earlier run queued (they are the inbox's now, never decided twice)."""
         return {d["_id"] async for d in self.store.events.find({"_id": {"$in": ids}}, {"_id": 1})}
 
     async def finish_event(self, event_id: str, now: datetime) -> None:
-        # A repeat finds it gone from the queue: nothing to change.
-        result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING})
-        if result.deleted_count:  # a catalog event is decided once its copies are all made
-            await self.store.count_decided(now, 1, "fanout")
+        """Out of the queue and counted, in one transaction. A repeat finds it gone: nothing to change."""
+
+        async def write(session: AsyncClientSession) -> None:
+            result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING}, session=session)
+            if result.deleted_count:  # a catalog event is decided once its copies are all made
+                await self.store.count_decided(now, 1, "fanout", session)
+
+        await in_transaction(self.store.client, write)
 
     async def product(self, product_id: str) -> Doc:
         """The product's last known fields (`{}` for a product not seen before)."""

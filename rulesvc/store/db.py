@@ -344,6 +344,15 @@ class Store:
                     d["_id"]
                     async for d in self.events.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
                 }
+                # A queue document whose event expired (the events' TTL) or went is no event any more: an
+                # event under its id is a new one, and the stale document must not refuse it for ever.
+                stale = [
+                    d["_id"]
+                    async for d in self.queue.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
+                    if d["_id"] not in seen
+                ]
+                if stale:
+                    await self.queue.delete_many({"_id": {"$in": stale}}, session=session)
             new: list[Doc] = []
             duplicates: list[int] = []
             for i, doc in enumerate(docs):

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+
+from rulesvc.store.transactions import in_transaction
 
 if TYPE_CHECKING:  # Store imports this module for its indexes
     from rulesvc.store.db import Store
@@ -65,6 +68,35 @@ async def ensure_queue_indexes(queue: AsyncCollection[Doc]) -> None:
     )
 
 
+def without_id(doc: Doc) -> Doc:
+    return {k: v for k, v in doc.items() if k != "_id"}
+
+
+async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncClientSession) -> int:
+    """One page, in one transaction that reads the events again: another process that queued and decided
+    one of them meanwhile (a migration that lost its lock) has taken its `pending` away, so it is never
+    queued a second time."""
+    docs = await store.events.find(
+        {"_id": {"$in": ids}, "state": {"$in": [PENDING, QUARANTINED]}}, fields, session=session
+    ).to_list()
+    if not docs:
+        return 0
+    ops = [
+        UpdateOne(
+            {"_id": d["_id"]}, {"$setOnInsert": {k: v for k, v in d.items() if k != "_id"}}, upsert=True
+        )
+        for d in docs
+    ]
+    await store.queue.bulk_write(ops, ordered=False, session=session)
+    # Queued: the event's own `pending` goes, so a run again cannot queue it once more after the new code
+    # decided it (a quarantined one keeps its state, as the new code writes it).
+    queued = [d["_id"] for d in docs if d.get("state") == PENDING]
+    await store.events.update_many(
+        {"_id": {"$in": queued}, "state": PENDING}, {"$unset": {"state": ""}}, session=session
+    )
+    return len(docs)
+
+
 async def migrate_event_queue(store: Store) -> None:
     """A database of the release before kept the undecided events' state on the events themselves: each
     pending or quarantined one gets its queue document (inserted if absent, a batch at a time, so a run
@@ -81,18 +113,12 @@ async def migrate_event_queue(store: Store) -> None:
         if not docs:
             break
         after = docs[-1]["_id"]
-        ops = [
-            UpdateOne(
-                {"_id": d["_id"]}, {"$setOnInsert": {k: v for k, v in d.items() if k != "_id"}}, upsert=True
-            )
-            for d in docs
-        ]
-        await store.queue.bulk_write(ops, ordered=False)
-        # Queued: the event's own `pending` goes, so a run again cannot queue it once more after the new
-        # code decided it (a quarantined one keeps its state, as the new code writes it).
-        queued = [d["_id"] for d in docs if d.get("state") == PENDING]
-        await store.events.update_many({"_id": {"$in": queued}, "state": PENDING}, {"$unset": {"state": ""}})
-        moved += len(docs)
+        page_ids = [d["_id"] for d in docs]
+
+        async def write(session: AsyncClientSession, ids: list[Any] = page_ids) -> int:
+            return await _queue_page(store, ids, fields, session)
+
+        moved += await in_transaction(store.client, write)
     present = await store.events.index_information()
     for name in OLD_EVENT_INDEXES:
         if name in present:

@@ -14,14 +14,15 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pymongo
 import structlog
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from rulesvc import __version__
 from rulesvc.store.db import Store
@@ -39,7 +40,7 @@ LOCK_FOR = timedelta(seconds=60)  # renewed every `LOCK_FOR / 6` while a migrati
 class Migration:
     version: int  # the schema version the database has once this ran
     name: str
-    run: Callable[[Store], Awaitable[None]]
+    run: Callable[[Store], Coroutine[Any, Any, None]]
 
 
 # In version order; the last one's version is this release's schema version.
@@ -78,20 +79,33 @@ async def refuse_newer(store: Store, known: int = SCHEMA_VERSION) -> int:
     return version
 
 
-async def require_current(store: Store) -> None:
-    """For commands other than `serve` and `migrate`: they neither write an old layout nor upgrade."""
+DATA_COLLECTIONS = ("events", "contacts", "messages", "schedule")
+
+
+async def prepare_for_command(store: Store) -> None:
+    """For commands other than `serve` and `migrate` (an operator's look at the data): they never upgrade
+    a database that holds data (an older release may still serve it, and would go on writing its layout
+    after the upgrade), but set up an empty one as `serve` would."""
     version = await refuse_newer(store)
     if version < SCHEMA_VERSION:
-        raise SchemaError(
-            f"database {store.db.name!r} has schema version {version}; this rulesvc {__version__} needs "
-            f"{SCHEMA_VERSION}. Start `rulesvc serve` of this release or run `rulesvc migrate` to upgrade it."
-        )
+        names = set(await store.db.list_collection_names())
+        for name in DATA_COLLECTIONS:
+            if name in names and await store.db[name].find_one({}, {"_id": 1}) is not None:
+                raise SchemaError(
+                    f"database {store.db.name!r} has schema version {version}; this rulesvc {__version__} "
+                    f"needs {SCHEMA_VERSION}. Stop the older release, then start `rulesvc serve` of this "
+                    "one or run `rulesvc migrate` to upgrade it."
+                )
+    await prepare(store)
 
 
-async def prepare(store: Store, *, change_ttl: bool = False) -> list[str]:
-    """What a starting service does before it reads or writes anything else. Returns the migrations run."""
+async def prepare(store: Store, *, change_ttl: bool = False, index_seconds: float = 120.0) -> list[str]:
+    """What a starting service does before it reads or writes anything else. Returns the migrations run.
+    The index builds get `index_seconds` (longer than a request); a migration's operations each get the
+    client's deadline, the migration as long as it takes (a large database takes a while)."""
     await refuse_newer(store)
-    await store.ensure_schema(change_ttl=change_ttl)
+    with pymongo.timeout(index_seconds):
+        await store.ensure_schema(change_ttl=change_ttl)
     return await upgrade(store)
 
 
@@ -101,6 +115,7 @@ async def upgrade(
     *,
     owner: str | None = None,
     poll: float = 0.5,
+    lock_for: timedelta = LOCK_FOR,
 ) -> list[str]:
     """Runs the migrations the database has not had, under the lock; returns their names (none when
     another process did them while this one waited)."""
@@ -110,10 +125,10 @@ async def upgrade(
         version = await refuse_newer(store, target)
         if version >= target:
             return []
-        if await _take_lock(store, owner):
+        if await _take_lock(store, owner, lock_for):
             break
         await asyncio.sleep(poll)  # another process migrates; its version arrives, or its lock runs out
-    renew = asyncio.create_task(_keep_lock(store, owner), name="migration-lock")
+    renew = asyncio.create_task(_keep_lock(store, owner, lock_for), name="migration-lock")
     done: list[str] = []
     try:
         for migration in migrations:
@@ -121,7 +136,17 @@ async def upgrade(
                 continue
             log.info("migration.started", version=migration.version, migration=migration.name)
             started = datetime.now(UTC)
-            await migration.run(store)
+            run: asyncio.Task[None] = asyncio.create_task(
+                migration.run(store), name=f"migration-{migration.name}"
+            )
+            await asyncio.wait([run, renew], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():  # the lock was lost (see `_keep_lock`): another process may migrate now
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+                raise SchemaError(f"migration {migration.name}: this process lost the migration lock")
+            run.result()
+            if not await _holds(store, owner):
+                raise SchemaError(f"migration {migration.name}: this process lost the migration lock")
             await _record(store, migration, started)
             log.info("migration.done", version=migration.version, migration=migration.name,
                      seconds=round((datetime.now(UTC) - started).total_seconds(), 3))  # fmt: skip
@@ -141,12 +166,12 @@ async def _record(store: Store, migration: Migration, started: datetime) -> None
     )
 
 
-async def _take_lock(store: Store, owner: str) -> bool:
+async def _take_lock(store: Store, owner: str, lock_for: timedelta) -> bool:
     now = datetime.now(UTC)
     try:
         doc: dict[str, Any] | None = await store.db["meta"].find_one_and_update(
             {"_id": LOCK, "$or": [{"until": {"$lt": now}}, {"owner": owner}]},
-            {"$set": {"owner": owner, "until": now + LOCK_FOR, "since": now}},
+            {"$set": {"owner": owner, "until": now + lock_for, "since": now}},
             upsert=True,
             return_document=ReturnDocument.AFTER,
         )
@@ -155,9 +180,27 @@ async def _take_lock(store: Store, owner: str) -> bool:
     return doc is not None and doc.get("owner") == owner
 
 
-async def _keep_lock(store: Store, owner: str) -> None:
+async def _holds(store: Store, owner: str) -> bool:
+    return await store.db["meta"].find_one({"_id": LOCK, "owner": owner}, {"_id": 1}) is not None
+
+
+async def _keep_lock(store: Store, owner: str, lock_for: timedelta) -> None:
+    """Renews the lock while the migrations run; returns (ending them) once it is no longer ours, or when
+    it could not be renewed before it ran out (the database away that long)."""
+    renewed = datetime.now(UTC)
     while True:
-        await asyncio.sleep(LOCK_FOR.total_seconds() / 6)
-        await store.db["meta"].update_one(
-            {"_id": LOCK, "owner": owner}, {"$set": {"until": datetime.now(UTC) + LOCK_FOR}}
-        )
+        await asyncio.sleep(lock_for.total_seconds() / 6)
+        try:
+            result = await store.db["meta"].update_one(
+                {"_id": LOCK, "owner": owner}, {"$set": {"until": datetime.now(UTC) + lock_for}}
+            )
+        except PyMongoError as exc:
+            if datetime.now(UTC) - renewed < lock_for / 2:
+                log.warning("migration.lock_not_renewed", error=str(exc)[:300])
+                continue
+            log.error("migration.lock_lost", error=str(exc)[:300])
+            return
+        if result.matched_count != 1:
+            log.error("migration.lock_lost", owner=owner)
+            return
+        renewed = datetime.now(UTC)

@@ -127,10 +127,11 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
         count_stats=settings.stats,
         message_retention=timedelta(days=settings.message_retention_days),
     )
-    with pymongo.timeout(max(START_UP_SECONDS, settings.mongodb_timeout_seconds)):
-        # An index build on a large collection takes longer than a request. Only the service sets the
-        # events' TTL to its retention: a CLI process leaves it as it is.
-        applied = await prepare(store, change_ttl=True)  # refuses a newer schema; upgrades an older one
+    # An index build on a large collection takes longer than a request, a migration longer still (each of
+    # its operations has the client's deadline). Only the service sets the events' TTL to its retention:
+    # a CLI process leaves it as it is. A newer schema is refused; an older one upgraded.
+    index_seconds = max(START_UP_SECONDS, settings.mongodb_timeout_seconds)
+    applied = await prepare(store, change_ttl=True, index_seconds=index_seconds)
     app[STORE] = store
     app[TOMBSTONES] = TombstoneCache(store)
     app[KEYS] = store.keys()
