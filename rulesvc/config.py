@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: LogFormat = "auto"
     log_level: str = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    fanout_direct: bool = False
     stats: bool = True
     console: bool = True
     console_session_hours: float = 12.0
@@ -217,6 +218,13 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
         "log_format", "RULESVC_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
     ),
     SettingDoc("log_level", "RULESVC_LOG_LEVEL", "debug, info, warning or error"),
+    SettingDoc(
+        "fanout_direct",
+        "RULESVC_FANOUT_DIRECT",
+        "a catalog change is decided for each batch of interested contacts by the fan-out itself, under the "
+        "inbox's leases, without a stored copy per contact (fewer writes, one loop); false: a stored, queued "
+        "copy per contact, decided by every worker's inbox (faster on a small machine: BENCHMARKS.md)",
+    ),
     SettingDoc(
         "event_loop",
         "RULESVC_EVENT_LOOP",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rulesvc.store.migrations import SCHEMA_VERSION
+
 Doc = dict[str, Any]
 
 # What an undecided event's queue document holds besides its order (contact, time, arrival).
@@ -27,7 +29,9 @@ def split(doc: Doc) -> tuple[Doc, Doc | None]:
 
 
 async def plant(db: Any, docs: list[Doc]) -> None:
-    """Stores these events as the service would have (an async database)."""
+    """Stores these events as the service would have (an async database), in a database of this release's
+    schema version (as one the service set up says)."""
+    await db.meta.update_one({"_id": "schema"}, {"$max": {"version": SCHEMA_VERSION}}, upsert=True)
     pairs = [split(d) for d in docs]
     await db.events.insert_many([e for e, _ in pairs])
     queued = [q for _, q in pairs if q is not None]

@@ -8,6 +8,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import pytest
+
 from rulesvc.config import Settings
 from rulesvc.core.events import Event
 from rulesvc.runtime.fanout import CatalogFanout
@@ -51,12 +54,13 @@ async def test_fanout_is_batched_resumable_and_exactly_once(db: Any, settings: S
     assert (await db.products.find_one({"_id": "lamp"}))["price"] == 80.0
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["queued-copies", "direct"])
 async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fanout(
-    make_client: Any, settings: Settings, db: Any
+    make_client: Any, settings: Settings, db: Any, direct: bool
 ) -> None:
     write_ruleset(Path(settings.rulesets_dir), "noop", {"rules": [
         {"name": "n", "when": {"event": "price_changed"}, "then": [{"count": "price_news"}]}]})  # fmt: skip
-    app = create_app(settings)
+    app = create_app(msgspec.structs.replace(settings, fanout_direct=direct))
     client = await make_client(app)
     lamp = {"product_id": "lamp"}
     views = [
@@ -76,7 +80,7 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
     # The fan-out is held after its first batch (a real one, just stopped there), so "during the fan-out"
     # does not depend on how fast this machine is: before its second batch, at its look for stored copies.
     held, go_on = asyncio.Event(), asyncio.Event()
-    stored_copies = fanout.catalog.stored_copies
+    stored_copies, insert_copies = fanout.catalog.stored_copies, fanout.catalog.insert_copies
     batches = 0
 
     async def hold_before_the_second(ids: list[str]) -> set[str]:
@@ -87,16 +91,27 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
             await go_on.wait()
         return await stored_copies(ids)
 
-    fanout.catalog.stored_copies = hold_before_the_second  # type: ignore[method-assign]
+    async def insert_then_hold(copies: list[dict[str, Any]]) -> None:
+        await insert_copies(copies)
+        held.set()
+        await go_on.wait()
+
+    if direct:
+        fanout.catalog.stored_copies = hold_before_the_second  # type: ignore[method-assign]
+    else:
+        fanout.catalog.insert_copies = insert_then_hold  # type: ignore[method-assign]
     await client.post("/v1/events", json={"id": "pc", "type": "price_changed",
                                           "attributes": {"product_id": "lamp", "price": 9.5}})  # fmt: skip
     await asyncio.wait_for(held.wait(), WAIT_SECONDS)
     for n in range(20):  # while the fan-out is half done, other events are still accepted
         post = client.post("/v1/events", json={"id": f"x{n}", "type": "page_viewed", "contact_id": "z"})
         assert (await asyncio.wait_for(post, WAIT_SECONDS)).status == 202
-    counted = {"state.counters.price_news.n": 1}
-    assert await db.contacts.count_documents(counted) == 200  # still half done: one batch decided
-    assert await db.events.count_documents({"fanout_of": "pc"}) == 0  # decided without stored copies
+    if direct:
+        counted = {"state.counters.price_news.n": 1}
+        assert await db.contacts.count_documents(counted) == 200  # still half done: one batch decided
+        assert await db.events.count_documents({"fanout_of": "pc"}) == 0  # decided without stored copies
+    else:
+        assert await db.events.count_documents({"fanout_of": "pc"}) == 200  # still half done
     assert await db.events.count_documents({"contact_id": "z"}) == 20
     go_on.set()
 

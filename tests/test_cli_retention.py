@@ -13,6 +13,7 @@ from typing import Any
 
 from rulesvc.config import Settings
 from rulesvc.store.db import Store
+from rulesvc.store.migrations import prepare
 from tests.test_backtest_api import remind, write_rulesets
 
 YEAR = 365 * 86400
@@ -39,7 +40,7 @@ async def schema(db: Any) -> dict[str, Any]:
 
 async def test_cli_commands_leave_the_services_retention_alone(settings: Settings, db: Any) -> None:
     write_rulesets(Path(settings.rulesets_dir), {"cart": {"rules": [remind("20m")]}})
-    await Store(db.client, db.name, timedelta(days=365)).ensure_schema(change_ttl=True)
+    await prepare(Store(db.client, db.name, timedelta(days=365)), change_ttl=True)  # as the service starts
     await db.contacts.insert_one({"_id": "c1", "consent": {"webhook": True}})
     before = await schema(db)
     assert before["events"][1]["events_ttl"]["expireAfterSeconds"] == YEAR
@@ -55,7 +56,7 @@ async def test_cli_commands_leave_the_services_retention_alone(settings: Setting
         assert await schema(db) == before, args  # the default retention is 90 days: still 365
 
     # A service started with another retention does change it: the setting is the service's.
-    await Store(db.client, db.name, timedelta(days=30)).ensure_schema(change_ttl=True)
+    await prepare(Store(db.client, db.name, timedelta(days=30)), change_ttl=True)
     assert (await db.events.index_information())["events_ttl"]["expireAfterSeconds"] == 30 * 86400
     # An erased contact's event ids are kept as long as events (the CLI runs above left it at a year).
     assert before["erased_events"][1]["erased_events_ttl"]["expireAfterSeconds"] == YEAR

@@ -183,7 +183,11 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     scheduler.on_timer_event = inbox.wake.set
     fanout = CatalogFanout(
-        app[STORE], lease=lease, on_copies=inbox.wake.set, on_quarantined=count_quarantined, decider=inbox
+        app[STORE],
+        lease=lease,
+        on_copies=inbox.wake.set,
+        on_quarantined=count_quarantined,
+        decider=inbox if settings.fanout_direct else None,
     )
     app[RULESETS], app[INBOX], app[SCHEDULER], app[FANOUT] = rulesets, inbox, scheduler, fanout
     stop = asyncio.Event()
