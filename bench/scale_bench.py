@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -45,6 +44,8 @@ from bench.service_bench import (  # noqa: E402
     machine,
     ndjson,
     progress,
+    serve_command,
+    service_env,
     until,
 )
 from rulesvc.store.db import Store  # noqa: E402
@@ -90,18 +91,8 @@ class ScaleBench:
         self.results: dict[str, Any] = {}
 
     def services(self, database: str, count: int) -> list[Server]:
-        env = {
-            **os.environ,
-            "MONGODB_URI": self.replset.uri,
-            "RULESVC_DATABASE": database,
-            "RULESVC_RULESETS_DIR": str(ROOT / "rulesets"),
-            "RULESVC_LOG_LEVEL": "warning",
-            "RULESVC_LOG_FORMAT": "json",
-            "RULESVC_RATE_LIMIT": "0",
-            "RULESVC_QUIET_HOURS": "",
-            "RULESVC_FREQUENCY_CAPS": "",
-        }
-        command = [sys.executable, "-m", "rulesvc", "serve", "--workers", str(self.args.workers)]
+        env = service_env(self.replset.uri, database)
+        command = serve_command(self.args.workers)
         return [Server(command, env, self.tmp / f"service-{database}-{i}.log") for i in range(count)]
 
     async def prepare(self, database: str) -> None:

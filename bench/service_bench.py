@@ -60,6 +60,26 @@ PARAMS = {
 # --- the workload --------------------------------------------------------------------------------------
 
 
+def service_env(uri: str, database: str, **extra: str) -> dict[str, str]:
+    """A benchmarked service's settings: every shipped ruleset, no rate limit, quiet hours or caps."""
+    return {
+        **os.environ,
+        **extra,
+        "MONGODB_URI": uri,
+        "RULESVC_DATABASE": database,
+        "RULESVC_RULESETS_DIR": str(ROOT / "rulesets"),
+        "RULESVC_LOG_LEVEL": "warning",
+        "RULESVC_LOG_FORMAT": "json",
+        "RULESVC_RATE_LIMIT": "0",
+        "RULESVC_QUIET_HOURS": "",
+        "RULESVC_FREQUENCY_CAPS": "",
+    }
+
+
+def serve_command(workers: int) -> list[str]:
+    return [sys.executable, "-m", "rulesvc", "serve", "--workers", str(workers)]
+
+
 class Mix:
     """Views, carts, checkouts, purchases and delivery updates over `contacts` contacts, reproducible."""
 
@@ -322,20 +342,8 @@ class Bench:
         return self.client[name]
 
     def service(self, database: str, **extra: str) -> Server:
-        env = {
-            **os.environ,
-            **extra,
-            "MONGODB_URI": self.mongod.uri,
-            "RULESVC_DATABASE": database,
-            "RULESVC_RULESETS_DIR": str(ROOT / "rulesets"),
-            "RULESVC_LOG_LEVEL": "warning",
-            "RULESVC_LOG_FORMAT": "json",
-            "RULESVC_RATE_LIMIT": "0",
-            "RULESVC_QUIET_HOURS": "",
-            "RULESVC_FREQUENCY_CAPS": "",
-        }
-        command = [sys.executable, "-m", "rulesvc", "serve", "--workers", str(self.args.workers)]
-        return Server(command, env, self.tmp / f"service-{database}.log")
+        env = service_env(self.mongod.uri, database, **extra)
+        return Server(serve_command(self.args.workers), env, self.tmp / f"service-{database}.log")
 
     async def prepare(self, database: str, contacts: int) -> None:
         store = Store(self.client, database, timedelta(days=1))
