@@ -144,8 +144,10 @@ async def test_a_send_whose_mark_took_the_whole_send_timeout_is_made_later_not_t
     assert plain.keys_seen == []  # never handed to the provider
     assert (result.kind, result.reason, result.attempt) == ("retry", "timeout", 0)  # the same attempt again
     assert result.detail == "not sent: marking it took the whole send timeout (1s); tried again"
-    # Written back by the scheduler under this guard: the mark is still ours.
-    assert result.guard == {"status": "sending", "send_owner": "me"}
+    # The mark is taken back at once (the message as it was), and the retry is written under that guard.
+    assert result.guard == {"status": "scheduled"}
+    stored = await db.messages.find_one({"_id": "slow-mark"})
+    assert (stored["status"], stored.get("attempt"), stored.get("send_owner")) == ("scheduled", None, None)
 
 
 async def test_a_sending_mark_whose_answer_was_lost_is_taken_back_only_while_it_is_still_ours(

@@ -217,7 +217,7 @@ class Dispatcher:
             return "it was sent once more with the same key already"
         return None
 
-    async def _take_back_mark(self, message: Doc, mark: Doc) -> None:
+    async def _take_back_mark(self, message: Doc, mark: Doc) -> bool:
         """A `sending` mark that may have been written although its answer was lost (a failover) would
         make the message look interrupted mid-call, `uncertain` for ever, when no call was made: undone
         while the database comes back (a few tries within `MARK_TAKE_BACK_SECONDS`), else left for the
@@ -227,12 +227,13 @@ class Dispatcher:
             try:
                 if await self.messages.take_back_mark(message["_id"], mark, message):
                     log.info("dispatch.mark_taken_back", message_id=message["_id"])
-                return
+                    return True
+                return False
             except Exception as exc:
                 if not transient(exc) or monotonic() > until:
                     why = str(exc)[:300]
                     log.warning("dispatch.mark_not_taken_back", message_id=message["_id"], error=why)
-                    return
+                    return False
             await asyncio.sleep(0.5)
 
     async def _taken(self, message_id: str) -> Result:
@@ -314,6 +315,7 @@ class Dispatcher:
             return Result("failed", channel.name, reasons.TEMPLATE_ERROR, why, attempt=attempt, guard=guard)
         started = self.clock()
         deadline = started + timedelta(seconds=send_timeout(channel, self.policy.lease))
+        unmarked = guard  # what the message is as long as no mark is on it
         if is_local(channel):
             guard = {"status": message["status"]}  # nothing leaves the service: no mark needed
         else:
@@ -348,7 +350,11 @@ class Dispatcher:
         if seconds <= 0 and not is_local(channel):
             # The mark itself took the whole send timeout (a database failing over): the provider was
             # never called, so this is no doubt but a send still to make. Marked `uncertain` it was lost.
+            # The mark is taken back at once: were the result's write lost too (the database still
+            # failing over), the mark left would make the message look interrupted mid-call.
             why = f"not sent: marking it took the whole send timeout ({limit:.3g}s); tried again"
+            if await self._take_back_mark(message, fields):
+                guard = unmarked
             return Result("retry", channel.name, reasons.TIMEOUT, why, at=self.clock(),
                           attempt=attempt - 1, guard=guard)  # fmt: skip
         called = monotonic()

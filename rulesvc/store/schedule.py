@@ -44,7 +44,10 @@ class Schedule:
             {"_id": {"$in": ids}, "status": "pending"},
             {"$set": {"status": "running", "owner": token, "lease_until": now + lease}},
         )
-        return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
+        claimed = await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
+        # In due order, as a simulation runs them: a contact's sends go one after another, and a frequency
+        # cap must count the one due first (the owner index gives them in the order they were written).
+        return sorted(claimed, key=lambda d: (d["due_at"], d["_id"]))
 
     async def put_back(
         self, ids: list[str], owner: str, now: datetime, first: timedelta, longest: timedelta
