@@ -40,6 +40,7 @@ from bench.service_bench import (  # noqa: E402
     CLIENTS,
     Mix,
     Server,
+    closed_loop,
     contact_docs,
     machine,
     ndjson,
@@ -53,32 +54,6 @@ from rulesvc.store.keys import Keys  # noqa: E402
 from tests.replset import ReplicaSet  # noqa: E402
 
 Doc = dict[str, Any]
-
-
-async def spread(
-    urls: list[str], headers: dict[str, str], bodies: list[bytes], content_type: str, clients: int
-) -> tuple[float, int, int]:
-    """bench/service_bench.py's closed loop, its clients shared out over the instances round-robin, as a
-    load balancer would. (seconds, accepted, errors)"""
-    queue = iter(bodies)
-    accepted = errors = 0
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=clients), headers=headers
-    ) as session:
-
-        async def client(url: str) -> None:
-            nonlocal accepted, errors
-            for body in queue:
-                async with session.post(url, data=body, headers={"Content-Type": content_type}) as resp:
-                    answer = await resp.read()
-                    if resp.status == 202:
-                        accepted += json.loads(answer).get("accepted", 1)
-                    else:
-                        errors += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(urls[i % len(urls)] + "/v1/events") for i in range(clients)))
-        return time.perf_counter() - t0, accepted, errors
 
 
 class ScaleBench:
@@ -117,11 +92,11 @@ class ScaleBench:
         await self.prepare(database)
         servers = self.services(database, instances)
         await asyncio.gather(*(s.start("/readyz") for s in servers))
-        urls = [s.url for s in servers]
+        urls = [s.url + "/v1/events" for s in servers]
         mix = Mix(a.contacts, f"i{instances}-")
         try:
             bodies = ndjson(mix.events(a.events))
-            seconds, accepted, errors = await spread(
+            seconds, accepted, errors = await closed_loop(
                 urls, self.headers, bodies, "application/x-ndjson", BATCH_CLIENTS
             )
             t0 = time.perf_counter() - seconds
@@ -129,7 +104,9 @@ class ScaleBench:
             batch = {"events": accepted, "errors": errors, "accept_per_s": accepted / seconds,
                      "decide_per_s": accepted / (time.perf_counter() - t0)}  # fmt: skip
             singles = [json.dumps(e).encode() for e in mix.events(a.singles)]
-            seconds, accepted, errors = await spread(urls, self.headers, singles, "application/json", CLIENTS)
+            seconds, accepted, errors = await closed_loop(
+                urls, self.headers, singles, "application/json", CLIENTS
+            )
             t0 = time.perf_counter() - seconds
             await until(lambda: self.none_pending(database), 600)
             single = {"requests": accepted, "errors": errors, "accept_per_s": accepted / seconds,

@@ -256,15 +256,17 @@ class Server:
 
 
 async def closed_loop(
-    url: str, headers: dict[str, str], bodies: list[bytes], content_type: str, clients: int
+    url: str | list[str], headers: dict[str, str], bodies: list[bytes], content_type: str, clients: int
 ) -> tuple[float, int, int]:
-    """Each client posts its next body when the previous answer arrived. (seconds, accepted, errors)"""
+    """Each client posts its next body when the previous answer arrived; several URLs (instances) are
+    shared out over the clients round-robin, as a load balancer would. (seconds, accepted, errors)"""
+    urls = [url] if isinstance(url, str) else url
     queue = iter(bodies)
     accepted = errors = 0
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
-        async def client() -> None:
+        async def client(url: str) -> None:
             nonlocal accepted, errors
             for body in queue:
                 async with session.post(url, data=body, headers={"Content-Type": content_type}) as resp:
@@ -275,7 +277,7 @@ async def closed_loop(
                         errors += 1
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(clients)))
         return time.perf_counter() - t0, accepted, errors
 
 

@@ -5,8 +5,7 @@ erasures intact; and a database newer than the code is refused with a clear mess
 
 from __future__ import annotations
 
-import email
-import email.policy
+import contextlib
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from bson import json_util
 from pymongo import MongoClient
 
@@ -23,6 +21,7 @@ from rulesvc.store.migrations import SCHEMA_VERSION
 from rulesvc.store.mongod import EmbeddedMongod, free_port
 from tests.helpers import wait_for
 from tests.service import ServiceProcess
+from tests.smtp_server import smtp_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -56,15 +55,6 @@ def restore(uri: str, database: str) -> tuple[Doc, timedelta]:
     return data["collections"], by
 
 
-class Mailbox:
-    def __init__(self) -> None:
-        self.mail: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.mail.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-        return "250 OK"
-
-
 def service_on(tmp_path: Path, mongod: EmbeddedMongod, database: str, smtp_port: int) -> ServiceProcess:
     rulesets = tmp_path / "rulesets"
     shutil.copytree(ROOT / "rulesets", rulesets, dirs_exist_ok=True)
@@ -84,10 +74,9 @@ def test_a_database_of_release_0_1_0_is_upgraded_and_served(tmp_path: Path, mong
     database = f"upgrade_{uuid.uuid4().hex[:8]}"
     old, _ = restore(mongod.uri, database)
     old_events = old["events"]["documents"]
-    box = Mailbox()
-    smtp = Controller(box, hostname="127.0.0.1", port=free_port())
-    smtp.start()
-    service = service_on(tmp_path, mongod, database, smtp.port)
+    smtp = contextlib.ExitStack()
+    box, smtp_port = smtp.enter_context(smtp_server())
+    service = service_on(tmp_path, mongod, database, smtp_port)
     service.key = service.cli("keys", "create", "--scope", "admin", "--name", "t").stdout.splitlines()[-1]
     try:
         service.start()
@@ -153,11 +142,12 @@ def test_a_database_of_release_0_1_0_is_upgraded_and_served(tmp_path: Path, mong
         assert ("checkout_abandon/email", "suppressed", "no_consent") in {
             (m["template"], m["status"], m.get("reason")) for m in cy["messages"]
         }
-        wait_for(lambda: len(box.mail) >= 2, what="the reminders mailed")
-        message_ids = [str(m["Message-ID"]) for m in box.mail]
+        wait_for(lambda: len(box.messages) >= 2, what="the reminders mailed")
+        mail = [m for _, _, m in box.messages]
+        message_ids = [str(m["Message-ID"]) for m in mail]
         assert len(message_ids) == len(set(message_ids)), "a message was sent twice"
-        assert "ann@example.com" in {str(m["To"]) for m in box.mail}
-        assert "cy@example.com" not in {str(m["To"]) for m in box.mail}
+        assert "ann@example.com" in {str(m["To"]) for m in mail}
+        assert "cy@example.com" not in {str(m["To"]) for m in mail}
 
         # The visitor 0.1.0 linked still resolves to its contact; the erased one stays erased.
         track = {"type": "track", "event": "Product Viewed", "anonymousId": "v-1", "messageId": "after-1",
@@ -175,7 +165,7 @@ def test_a_database_of_release_0_1_0_is_upgraded_and_served(tmp_path: Path, mong
         assert code == 202 and answer.get("erased") == 1, answer
     finally:
         service.stop()
-        smtp.stop()
+        smtp.close()
 
 
 def test_an_operators_command_never_upgrades_a_database_with_data(

@@ -16,6 +16,7 @@ dumped with its indexes as MongoDB Extended JSON."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -23,35 +24,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from bson import json_util
 from pymongo import AsyncMongoClient, MongoClient
 
 from rulesvc.core.events import Event
 from rulesvc.store.db import Store
-from rulesvc.store.mongod import EmbeddedMongod, free_port
+from rulesvc.store.mongod import EmbeddedMongod
 from tests.helpers import wait_for
 from tests.service import ServiceProcess
+from tests.smtp_server import smtp_server
 
 ROOT = Path(__file__).parent.parent.parent
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.count += 1
-        return "250 OK"
 
 
 def drive_service(work: Path) -> None:
     rulesets = work / "rulesets"
     shutil.copytree(ROOT / "rulesets", rulesets)
-    box = Mailbox()
-    smtp_port = free_port()
-    smtp = Controller(box, hostname="127.0.0.1", port=smtp_port)
-    smtp.start()
+    smtp = contextlib.ExitStack()
+    box, smtp_port = smtp.enter_context(smtp_server())
     service = ServiceProcess(work, env={
         "RULESVC_RULESETS_DIR": str(rulesets), "RULESVC_QUIET_HOURS": "",
         "RULESVC_CHANNEL_EMAIL_HOST": "127.0.0.1", "RULESVC_CHANNEL_EMAIL_PORT": str(smtp_port),
@@ -95,10 +85,10 @@ def drive_service(work: Path) -> None:
             wait_for(lambda: db.contacts.count_documents({"_id": "anon:v-1"}) == 0, what="the visitor merged")
             wait_for(lambda: db.messages.count_documents({"status": "sent"}) >= 1, what="a confirmation sent")
         assert service.request("DELETE", "/v1/contacts/zed")[0] == 200
-        wait_for(lambda: box.count >= 1, what="the confirmation mailed")
+        wait_for(lambda: len(box.messages) >= 1, what="the confirmation mailed")
     finally:
         service.stop()
-        smtp.stop()
+        smtp.close()
 
 
 async def leave_undecided(uri: str) -> None:
