@@ -102,3 +102,47 @@ async def test_events_after_the_due_time_do_not_hold_a_send(
     await eventually(sent)
     assert [m.contact_id for m in push.delivered] == ["c1"]
     assert await db.inbox.count_documents({"_id": "late-buy", "state": "pending"}) == 1  # still undecided
+
+
+async def test_a_send_waits_behind_an_earlier_send_of_its_contact_that_waits(
+    make_client: Any, settings: Settings, db: Any
+) -> None:
+    """Two reminders two seconds apart and a cap of one: the first one due is the one sent, as a
+    simulation decides, even when it was put back for the inbox and the inbox caught up only after the
+    second came due (the second must not overtake it and use the cap up)."""
+    push = Provider("push", needs="push_tokens")
+    flow = setup(settings, [send("push", after="6s"), send("push", after="8s")], frequency_caps={"push": 1})
+    client = await make_client(create_app(flow, registry(push)))
+    profile = {**PROFILE, "consent": {"push": True}}
+    assert (await client.put("/v1/contacts/c1", json=profile)).status in (200, 201)
+    body = {"id": "go-c1", "type": "go", "contact_id": "c1", "attributes": {"code": "X1"}}
+    assert (await client.post("/v1/events", json=body)).status == 202
+
+    async def both_waiting() -> bool:
+        return await db.schedule.count_documents({"contact_id": "c1", "status": "pending"}) == 2
+
+    await eventually(both_waiting)
+    first, second = await db.schedule.find({"contact_id": "c1"}).sort("due_at", 1).to_list()
+    # c1's next event, from before the first reminder is due, stays undecided (another process has c1).
+    until = datetime.now(UTC) + timedelta(minutes=5)
+    await db.contact_leases.insert_one({"_id": "busy", "owner": "another", "contacts": ["c1"], "until": until})
+    viewed = {"id": "view-c1", "type": "viewed", "contact_id": "c1", "time": datetime.now(UTC).isoformat()}
+    assert (await client.post("/v1/events", json=viewed)).status == 202
+
+    async def first_put_back_past_the_second() -> bool:
+        entry = await db.schedule.find_one({"_id": first["_id"]})
+        return entry is not None and "held_due" in entry and entry["due_at"] > second["due_at"]
+
+    # The first reminder is put back again and again; once its next look is after the second's due
+    # time, the inbox catches up: the second comes due with nothing undecided before it.
+    await eventually(first_put_back_past_the_second, timeout=30)
+    await db.contact_leases.delete_one({"_id": "busy"})
+    assert datetime.now(UTC) < second["due_at"], "the machine is too slow for this test's timing"
+
+    async def both_done() -> bool:
+        return [m["status"] for m in await history(client, "c1")].count("scheduled") == 0
+
+    await eventually(both_done, timeout=30)
+    fates = {m["message_id"]: (m["status"], m.get("reason")) for m in await history(client, "c1")}
+    assert fates == {first["_id"]: ("sent", None), second["_id"]: ("suppressed", "frequency_cap")}
+    assert [m.message_id for m in push.delivered] == [first["_id"]]

@@ -1010,6 +1010,19 @@ def armed_at(entry: Mapping[str, Any]) -> float:
     return created.timestamp() if isinstance(created, datetime) else 0.0
 
 
+def send_order(entry: Mapping[str, Any]) -> tuple[float, str]:
+    """Where a schedule entry (a document) stands among its contact's sends, as a simulation orders them:
+    a delayed send by the time it first came due (`held_due` keeps it across holds), a send due when it
+    was decided by its trigger event's time (live it is due when the inbox got to it, which lags). Ties
+    by id, so the order is total."""
+    first = entry.get("held_due") or entry["due_at"]
+    created = entry.get("created_at")
+    at = first.timestamp()
+    if isinstance(created, datetime) and first <= created:
+        at = armed_at(entry)
+    return at, str(entry["_id"])
+
+
 def cancelled_by_history(
     entries: Iterable[Mapping[str, Any]], events: Iterable[EngineEvent], contact: ContactView
 ) -> list[Cancellation]:

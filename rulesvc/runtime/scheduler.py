@@ -25,7 +25,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from rulesvc.channels import Outcome
 from rulesvc.core import reasons
-from rulesvc.core.engine import timer_event
+from rulesvc.core.engine import send_order, timer_event
 from rulesvc.core.funnel import KIND_STATUS, Increment, message_increment
 from rulesvc.core.messages import Fate
 from rulesvc.runtime.dispatcher import Dispatcher, Result
@@ -186,40 +186,62 @@ class Scheduler:
     async def _after_earlier_events(
         self, sends: list[Doc], timers: list[Doc], owner: str, now: datetime
     ) -> tuple[list[Doc], int]:
-        """The sends to make now, and how many were put back: a delayed send waits while its contact has
-        an undecided event from before the send first came due, or a timer of this batch due no later (its
-        event joins the inbox after this batch). Such an event may cancel or re-arm the send (a purchase,
-        a new cart), and it happened first: the inbox's lag must not let the reminder out before it, which
-        a simulation of the same events would never do. Events after the first due time do not hold it
-        (a steady stream of page views would, for ever), the waits grow from 0.2 s to 10 s, and after
-        10 minutes the send goes (an inbox that far behind is stuck, and the others must not be)."""
+        """The sends to make now, in their contacts' order, and how many were put back.
+
+        A delayed send waits while its contact has an undecided event from before the send first came
+        due, or a timer of this batch due no later (its event joins the inbox after this batch). Such an
+        event may cancel or re-arm the send (a purchase, a new cart), and it happened first: the inbox's
+        lag must not let the reminder out before it, which a simulation of the same events would never
+        do. Events after the first due time do not hold it (a steady stream of page views would, for
+        ever), the waits grow from 0.2 s to 10 s, and after 10 minutes the send goes (an inbox that far
+        behind is stuck, and the others must not be).
+
+        Any send also waits behind an earlier one of its contact that waits (`send_order`): in a later
+        batch or this one. Otherwise a send due a moment after a held one goes first, and a frequency
+        cap counts it instead of the one due first, which a simulation would have sent."""
 
         def first_due(entry: Doc) -> datetime:
             return entry.get("held_due") or entry["due_at"]  # type: ignore[no-any-return]
 
-        # A send due when it was decided (a send "now") never waits: the inbox took its contact's events
-        # in order up to its trigger, so whatever is pending came after it (a simulation sends it first).
-        # So only a batch with a delayed send asks the inbox anything.
-        delayed = [e for e in sends if first_due(e) > e.get("created_at", first_due(e))]
-        if not delayed:
+        if not sends:
             return sends, 0
-        earliest = await self.events.earliest_pending(list({e["contact_id"] for e in delayed}))
-        for timer in timers:
-            cid, due = timer["contact_id"], timer["due_at"]
-            if cid not in earliest or due < earliest[cid]:
-                earliest[cid] = due
+        # A send due when it was decided (a send "now") never waits for the inbox: the inbox took its
+        # contact's events in order up to its trigger, so whatever is pending came after it.
+        delayed = [e for e in sends if first_due(e) > e.get("created_at", first_due(e))]
+        earliest: dict[str, datetime] = {}
+        if delayed:
+            earliest = await self.events.earliest_pending(list({e["contact_id"] for e in delayed}))
+            for timer in timers:
+                cid, due = timer["contact_id"], timer["due_at"]
+                if cid not in earliest or due < earliest[cid]:
+                    earliest[cid] = due
+        behind: dict[str, tuple[float, str]] = {}  # each contact's earliest waiting send
+        for entry in await self.schedule.held_of(list({e["contact_id"] for e in sends})):
+            order = send_order(entry)
+            behind[entry["contact_id"]] = min(order, behind.get(entry["contact_id"], order))
+        delayed_ids = {e["_id"] for e in delayed}
 
         def waits(entry: Doc) -> bool:
-            first = earliest.get(entry["contact_id"])
-            return first is not None and first <= first_due(entry) and now - first_due(entry) < INBOX_PATIENCE
+            if now - first_due(entry) >= INBOX_PATIENCE:
+                return False
+            cid = entry["contact_id"]
+            if cid in behind and behind[cid] < send_order(entry):
+                return True
+            first = earliest.get(cid)
+            return entry["_id"] in delayed_ids and first is not None and first <= first_due(entry)
 
-        held = [e for e in delayed if waits(e)]
+        ordered = sorted(sends, key=send_order)
+        held: list[Doc] = []
+        for entry in ordered:
+            if waits(entry):
+                held.append(entry)
+                behind.setdefault(entry["contact_id"], send_order(entry))
         if not held:
-            return sends, 0
+            return ordered, 0
         await self.schedule.put_back([e["_id"] for e in held], owner, now, INBOX_FIRST, INBOX_LONGEST)
         self.waited_for_inbox += len(held)
         held_ids = {e["_id"] for e in held}
-        return [e for e in sends if e["_id"] not in held_ids], len(held)
+        return [e for e in ordered if e["_id"] not in held_ids], len(held)
 
     async def _dispatch(
         self,

@@ -165,6 +165,11 @@ class Store:
                 IndexModel([("status", ASCENDING), ("due_at", ASCENDING)], name="schedule_due"),
                 IndexModel([("contact_id", ASCENDING), ("status", ASCENDING)], name="schedule_by_contact"),
                 IndexModel([("owner", ASCENDING)], name="schedule_owner", sparse=True),
+                IndexModel(
+                    [("contact_id", ASCENDING)],
+                    name="schedule_held",
+                    partialFilterExpression={"status": "pending", "held_due": {"$exists": True}},
+                ),
             ]
         )
         await self.contact_leases.create_indexes(

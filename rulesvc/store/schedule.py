@@ -77,6 +77,15 @@ class Schedule:
             ],
         )
 
+    async def held_of(self, contact_ids: list[str]) -> list[Doc]:
+        """These contacts' sends that were put back and wait to be claimed again (what their later sends
+        wait behind): a small partial index holds only those."""
+        return await self.store.schedule.find(
+            {"contact_id": {"$in": contact_ids}, "status": "pending", "held_due": {"$exists": True}},
+            {"contact_id": 1, "held_due": 1, "due_at": 1, "created_at": 1, "trigger.time": 1},
+            hint="schedule_held",
+        ).to_list()
+
     async def renew(self, owner: str, until: datetime) -> None:
         """The claim of `owner` on its running entries lasts until `until`."""
         await self.store.schedule.update_many(
