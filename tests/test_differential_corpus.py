@@ -382,6 +382,13 @@ class Run:
         return [key for key, _, _ in self.live.values()]
 
 
+def due_by(moment: datetime) -> dict[str, Any]:
+    """The schedule entries still to run that came due by `moment`: one put back to wait for its
+    contact's earlier events or sends is due later now, but was due by its `held_due`."""
+    due = {"$or": [{"due_at": {"$lte": moment}}, {"held_due": {"$lte": moment}}]}
+    return {"status": {"$in": ["pending", "running"]}, **due}
+
+
 def run_both(
     tmp_path: Path, data: Corpus, start: datetime, caps: str = CAPS, horizon: float = HORIZON
 ) -> Run:
@@ -410,7 +417,7 @@ def run_both(
                     """Their events and what those armed (but quiet hours' postponements) decided: no
                     catalog send comes due next to one of theirs, which lag could put first."""
                     soon = datetime.now(UTC) + timedelta(minutes=10)
-                    busy = {"status": {"$in": ["pending", "running"]}, "due_at": {"$lte": soon}}
+                    busy = due_by(soon)
                     return (db.inbox.count_documents({"state": "pending"}) == 0
                             and db.schedule.count_documents(busy) == 0)  # fmt: skip
 
@@ -421,7 +428,7 @@ def run_both(
                     time.sleep(0.5)
 
                 def all_decided() -> bool:
-                    busy = {"status": {"$in": ["pending", "running"]}, "due_at": {"$lte": until}}
+                    busy = due_by(until)
                     return (db.inbox.count_documents({"state": "pending"}) == 0
                             and db.schedule.count_documents(busy) == 0)  # fmt: skip
 

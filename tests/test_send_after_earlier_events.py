@@ -125,7 +125,8 @@ async def test_a_send_waits_behind_an_earlier_send_of_its_contact_that_waits(
     first, second = await db.schedule.find({"contact_id": "c1"}).sort("due_at", 1).to_list()
     # c1's next event, from before the first reminder is due, stays undecided (another process has c1).
     until = datetime.now(UTC) + timedelta(minutes=5)
-    await db.contact_leases.insert_one({"_id": "busy", "owner": "another", "contacts": ["c1"], "until": until})
+    lease = {"_id": "busy", "owner": "another", "contacts": ["c1"], "until": until}
+    await db.contact_leases.insert_one(lease)
     viewed = {"id": "view-c1", "type": "viewed", "contact_id": "c1", "time": datetime.now(UTC).isoformat()}
     assert (await client.post("/v1/events", json=viewed)).status == 202
 

@@ -48,6 +48,7 @@ ENTRY_FIELDS = {"contact_id": str, "ruleset": str}
 INBOX_FIRST = timedelta(milliseconds=200)
 INBOX_LONGEST = timedelta(seconds=10)
 INBOX_PATIENCE = timedelta(minutes=10)
+AFTER_THE_ONE_BEFORE = timedelta(milliseconds=1)
 
 
 def malformed(entry: Doc) -> str | None:
@@ -215,33 +216,34 @@ class Scheduler:
                 cid, due = timer["contact_id"], timer["due_at"]
                 if cid not in earliest or due < earliest[cid]:
                     earliest[cid] = due
-        behind: dict[str, tuple[float, str]] = {}  # each contact's earliest waiting send
-        for entry in await self.schedule.held_of(list({e["contact_id"] for e in sends})):
-            order = send_order(entry)
-            behind[entry["contact_id"]] = min(order, behind.get(entry["contact_id"], order))
+        # Each contact's earliest waiting send: where it stands, and when it is looked at again.
+        behind: dict[str, tuple[tuple[float, str], datetime]] = {}
+        for doc in await self.schedule.held_of(list({e["contact_id"] for e in sends})):
+            cid, order = doc["contact_id"], send_order(doc)
+            if cid not in behind or order < behind[cid][0]:
+                behind[cid] = (order, doc["due_at"])
         delayed_ids = {e["_id"] for e in delayed}
-
-        def waits(entry: Doc) -> bool:
-            if now - first_due(entry) >= INBOX_PATIENCE:
-                return False
-            cid = entry["contact_id"]
-            if cid in behind and behind[cid] < send_order(entry):
-                return True
-            first = earliest.get(cid)
-            return entry["_id"] in delayed_ids and first is not None and first <= first_due(entry)
-
         ordered = sorted(sends, key=send_order)
-        held: list[Doc] = []
+        looks: dict[str, datetime] = {}  # the sends put back, and when each is looked at again
         for entry in ordered:
-            if waits(entry):
-                held.append(entry)
-                behind.setdefault(entry["contact_id"], send_order(entry))
-        if not held:
+            cid, order = entry["contact_id"], send_order(entry)
+            if now - first_due(entry) >= INBOX_PATIENCE:
+                continue
+            if cid in behind and behind[cid][0] < order:
+                # Right after the send it waits behind (both then come in one claim, in order); not in
+                # a loop meanwhile.
+                looks[entry["_id"]] = max(behind[cid][1] + AFTER_THE_ONE_BEFORE, now + INBOX_FIRST)
+                continue
+            first = earliest.get(cid)
+            if entry["_id"] in delayed_ids and first is not None and first <= first_due(entry):
+                wait = min(INBOX_LONGEST, INBOX_FIRST * 2 ** min(entry.get("holds", 0), 16))
+                looks[entry["_id"]] = max(entry["due_at"], now + wait)
+                behind[cid] = (order, looks[entry["_id"]])
+        if not looks:
             return ordered, 0
-        await self.schedule.put_back([e["_id"] for e in held], owner, now, INBOX_FIRST, INBOX_LONGEST)
-        self.waited_for_inbox += len(held)
-        held_ids = {e["_id"] for e in held}
-        return [e for e in ordered if e["_id"] not in held_ids], len(held)
+        await self.schedule.put_back(looks, owner)
+        self.waited_for_inbox += len(looks)
+        return [e for e in ordered if e["_id"] not in looks], len(looks)
 
     async def _dispatch(
         self,

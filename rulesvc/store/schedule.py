@@ -10,6 +10,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.store.db import Doc, Store
 
+# An entry pending again after it ran (postponed, retried, sent again) is not waiting for its contact's
+# earlier events any more: what `put_back` recorded of its waits goes, with its claim.
+DECIDED_AGAIN = {"owner": "", "lease_until": "", "held_due": "", "holds": ""}
+
 
 class Schedule:
     def __init__(self, store: Store) -> None:
@@ -49,32 +53,31 @@ class Schedule:
         # cap must count the one due first (the owner index gives them in the order they were written).
         return sorted(claimed, key=lambda d: (d["due_at"], d["_id"]))
 
-    async def put_back(
-        self, ids: list[str], owner: str, now: datetime, first: timedelta, longest: timedelta
-    ) -> None:
-        """Claimed entries handed back unsent, to wait for their contact's earlier events: due again
-        after `first`, twice as long at each return up to `longest`. `held_due` keeps the time the send
-        first came due (what it waits against); `holds` counts the returns."""
-        holds = {"$ifNull": ["$holds", 0]}
-        wait_ms = {
-            "$min": [
-                longest.total_seconds() * 1000,
-                {"$multiply": [first.total_seconds() * 1000, {"$pow": [2, holds]}]},
-            ]
-        }
-        await self.store.schedule.update_many(
-            {"_id": {"$in": ids}, "owner": owner, "status": "running"},
+    async def put_back(self, looks: dict[str, datetime], owner: str) -> None:
+        """Claimed entries handed back unsent, each to be looked at again at its time in `looks`: they
+        wait for their contact's earlier events or sends. `held_due` keeps the time the send first came
+        due (what it waits against); `holds` counts the returns."""
+        if not looks:
+            return
+        await self.store.schedule.bulk_write(
             [
-                {
-                    "$set": {
-                        "status": "pending",
-                        "held_due": {"$ifNull": ["$held_due", "$due_at"]},
-                        "due_at": {"$max": ["$due_at", {"$add": [now, wait_ms]}]},
-                        "holds": {"$add": [holds, 1]},
-                    }
-                },
-                {"$unset": ["owner", "lease_until"]},
+                UpdateOne(
+                    {"_id": entry_id, "owner": owner, "status": "running"},
+                    [
+                        {
+                            "$set": {
+                                "status": "pending",
+                                "held_due": {"$ifNull": ["$held_due", "$due_at"]},
+                                "due_at": at,
+                                "holds": {"$add": [{"$ifNull": ["$holds", 0]}, 1]},
+                            }
+                        },
+                        {"$unset": ["owner", "lease_until"]},
+                    ],
+                )
+                for entry_id, at in looks.items()
             ],
+            ordered=False,
         )
 
     async def held_of(self, contact_ids: list[str]) -> list[Doc]:
@@ -110,7 +113,7 @@ class Schedule:
         """The entry (still claimed by `owner`) is pending again, due at `at`."""
         await self.store.schedule.update_one(
             {"_id": entry_id, "owner": owner},
-            {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+            {"$set": {"status": "pending", "due_at": at}, "$unset": DECIDED_AGAIN},
         )
 
     async def run_again_many(
@@ -127,7 +130,7 @@ class Schedule:
         ops = [
             UpdateOne(
                 {"_id": entry_id, "owner": owner},
-                {"$set": {"status": "pending", "due_at": at}, "$unset": {"owner": "", "lease_until": ""}},
+                {"$set": {"status": "pending", "due_at": at}, "$unset": DECIDED_AGAIN},
             )
             for entry_id, at in entries
             if entry_id in owned
@@ -171,7 +174,7 @@ class Schedule:
             {"_id": message["_id"]},
             {
                 "$set": {"status": "pending", "due_at": now},
-                "$unset": {"owner": "", "lease_until": "", "done_at": "", "reason": ""},
+                "$unset": {**DECIDED_AGAIN, "done_at": "", "reason": ""},
                 "$setOnInsert": {
                     "contact_id": message["contact_id"],
                     "ruleset": message["ruleset"],
