@@ -116,6 +116,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.fired = 0
         self.waited_for_inbox = 0  # sends put back until their contact's earlier events were decided
+        self.waited_for_send = 0  # sends put back behind an earlier one of their contact that waited
         self._expired_look = Every(lease / 4)
 
     def due_soon(self, due_at: datetime) -> None:
@@ -177,12 +178,16 @@ class Scheduler:
             if timers:
                 timers = await self._insert_timer_events(timers, now, aside)
             await self._record(owner, results, timers, removed, aside, now)
-        self.fired += len(claimed) - held  # a held send is counted when it is claimed again and done
+        # A held send is counted when it is claimed again and done; so is one that storage trouble left
+        # unsent (its claim runs out and it is claimed again).
+        over = {e["_id"] for e, _ in results} | {e["_id"] for e, _ in aside}
+        unsent = sum(1 for e in sends if e["_id"] not in over)
+        self.fired += len(claimed) - held - unsent
         if timers and self.on_timer_event is not None:
             self.on_timer_event()
         if trouble:
             raise trouble[0]  # recorded what was done; the loop now waits the trouble out
-        return len(claimed) - held
+        return len(claimed) - held - unsent
 
     async def _after_earlier_events(
         self, sends: list[Doc], timers: list[Doc], owner: str, now: datetime
@@ -216,34 +221,40 @@ class Scheduler:
                 cid, due = timer["contact_id"], timer["due_at"]
                 if cid not in earliest or due < earliest[cid]:
                     earliest[cid] = due
-        # Each contact's earliest waiting send: where it stands, and when it is looked at again.
+        # Each contact's earliest waiting send: where it stands, and when it is looked at again. One
+        # another process runs now counts (it may be put back again), those of this claim come below.
         behind: dict[str, tuple[tuple[float, str], datetime]] = {}
-        for doc in await self.schedule.held_of(list({e["contact_id"] for e in sends})):
+        cids = list({e["contact_id"] for e in sends})
+        for doc in await self.schedule.held_of(cids, [e["_id"] for e in sends]):
             cid, order = doc["contact_id"], send_order(doc)
             if cid not in behind or order < behind[cid][0]:
                 behind[cid] = (order, doc["due_at"])
         delayed_ids = {e["_id"] for e in delayed}
         ordered = sorted(sends, key=send_order)
-        looks: dict[str, datetime] = {}  # the sends put back, and when each is looked at again
+        for_inbox: dict[str, datetime] = {}  # the sends put back, and when each is looked at again
+        for_send: dict[str, datetime] = {}
         for entry in ordered:
             cid, order = entry["contact_id"], send_order(entry)
             if now - first_due(entry) >= INBOX_PATIENCE:
                 continue
             if cid in behind and behind[cid][0] < order:
-                # Right after the send it waits behind (both then come in one claim, in order); not in
-                # a loop meanwhile.
-                looks[entry["_id"]] = max(behind[cid][1] + AFTER_THE_ONE_BEFORE, now + INBOX_FIRST)
+                # Right after the send it waits behind (both then come due together, in order), not
+                # in a loop meanwhile, nor past its own patience.
+                right_after = min(behind[cid][1] + AFTER_THE_ONE_BEFORE, first_due(entry) + INBOX_PATIENCE)
+                for_send[entry["_id"]] = max(right_after, now + INBOX_FIRST)
                 continue
             first = earliest.get(cid)
             if entry["_id"] in delayed_ids and first is not None and first <= first_due(entry):
                 wait = min(INBOX_LONGEST, INBOX_FIRST * 2 ** min(entry.get("holds", 0), 16))
-                looks[entry["_id"]] = max(entry["due_at"], now + wait)
-                behind[cid] = (order, looks[entry["_id"]])
-        if not looks:
+                for_inbox[entry["_id"]] = max(entry["due_at"], now + wait)
+                behind[cid] = (order, for_inbox[entry["_id"]])
+        if not for_inbox and not for_send:
             return ordered, 0
-        await self.schedule.put_back(looks, owner)
-        self.waited_for_inbox += len(looks)
-        return [e for e in ordered if e["_id"] not in looks], len(looks)
+        await self.schedule.put_back(for_inbox, owner)
+        await self.schedule.put_back(for_send, owner, count=False)
+        self.waited_for_inbox += len(for_inbox)
+        self.waited_for_send += len(for_send)
+        return [e for e in ordered if e["_id"] not in for_inbox | for_send], len(for_inbox) + len(for_send)
 
     async def _dispatch(
         self,

@@ -168,7 +168,7 @@ class Store:
                 IndexModel(
                     [("contact_id", ASCENDING)],
                     name="schedule_held",
-                    partialFilterExpression={"status": "pending", "held_due": {"$exists": True}},
+                    partialFilterExpression={"held_due": {"$exists": True}},
                 ),
             ]
         )

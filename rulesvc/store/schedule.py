@@ -12,7 +12,9 @@ from rulesvc.store.db import Doc, Store
 
 # An entry pending again after it ran (postponed, retried, sent again) is not waiting for its contact's
 # earlier events any more: what `put_back` recorded of its waits goes, with its claim.
-DECIDED_AGAIN = {"owner": "", "lease_until": "", "held_due": "", "holds": ""}
+WAITS = {"held_due": "", "holds": ""}
+DECIDED_AGAIN = {"owner": "", "lease_until": "", **WAITS}
+OVER = {"lease_until": "", **WAITS}  # an entry over keeps its owner: who ran it
 
 
 class Schedule:
@@ -53,12 +55,14 @@ class Schedule:
         # cap must count the one due first (the owner index gives them in the order they were written).
         return sorted(claimed, key=lambda d: (d["due_at"], d["_id"]))
 
-    async def put_back(self, looks: dict[str, datetime], owner: str) -> None:
+    async def put_back(self, looks: dict[str, datetime], owner: str, *, count: bool = True) -> None:
         """Claimed entries handed back unsent, each to be looked at again at its time in `looks`: they
         wait for their contact's earlier events or sends. `held_due` keeps the time the send first came
-        due (what it waits against); `holds` counts the returns."""
+        due (what it waits against); `holds` counts the returns (`count`: the waits for the inbox, whose
+        back-off grows with them)."""
         if not looks:
             return
+        holds = {"$add": [{"$ifNull": ["$holds", 0]}, 1 if count else 0]}
         await self.store.schedule.bulk_write(
             [
                 UpdateOne(
@@ -69,7 +73,7 @@ class Schedule:
                                 "status": "pending",
                                 "held_due": {"$ifNull": ["$held_due", "$due_at"]},
                                 "due_at": at,
-                                "holds": {"$add": [{"$ifNull": ["$holds", 0]}, 1]},
+                                "holds": holds,
                             }
                         },
                         {"$unset": ["owner", "lease_until"]},
@@ -80,11 +84,17 @@ class Schedule:
             ordered=False,
         )
 
-    async def held_of(self, contact_ids: list[str]) -> list[Doc]:
-        """These contacts' sends that were put back and wait to be claimed again (what their later sends
-        wait behind): a small partial index holds only those."""
+    async def held_of(self, contact_ids: list[str], claimed: list[str]) -> list[Doc]:
+        """These contacts' sends that were put back and wait, or run now in another claim (what their
+        later sends wait behind), but those of this claim: a small partial index holds only sends put
+        back and not yet over."""
         return await self.store.schedule.find(
-            {"contact_id": {"$in": contact_ids}, "status": "pending", "held_due": {"$exists": True}},
+            {
+                "contact_id": {"$in": contact_ids},
+                "held_due": {"$exists": True},
+                "status": {"$in": ["pending", "running"]},
+                "_id": {"$nin": claimed},
+            },
             {"contact_id": 1, "held_due": 1, "due_at": 1, "created_at": 1, "trigger.time": 1},
             hint="schedule_held",
         ).to_list()
@@ -146,14 +156,14 @@ class Schedule:
         await self.store.schedule.update_many(
             {"_id": {"$in": ids}, "owner": owner},
             {"$set": {"status": status, "done_at": now} | ({"reason": reason} if reason else {}),
-             "$unset": {"lease_until": ""}},
+             "$unset": OVER},
         )  # fmt: skip
 
     async def fail(self, entry_id: str, owner: str, reason: str, now: datetime) -> None:
         """Set aside: `failed` with why, while the rest of its batch goes on."""
         await self.store.schedule.update_one(
             {"_id": entry_id, "owner": owner},
-            {"$set": {"status": "failed", "reason": reason, "done_at": now}, "$unset": {"lease_until": ""}},
+            {"$set": {"status": "failed", "reason": reason, "done_at": now}, "$unset": OVER},
         )
 
     async def insert(self, entries: list[Doc], session: AsyncClientSession) -> None:
@@ -163,7 +173,7 @@ class Schedule:
         """These entries, those still pending, are cancelled with the reason."""
         await self.store.schedule.update_many(
             {"_id": {"$in": ids}, "status": "pending"},
-            {"$set": {"status": "cancelled", "reason": reason, "done_at": now}},
+            {"$set": {"status": "cancelled", "reason": reason, "done_at": now}, "$unset": WAITS},
             session=session,
         )
 
