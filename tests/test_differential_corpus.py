@@ -126,6 +126,22 @@ class Corpus:
     catalog: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # after the contacts' phase
 
 
+IDLE = 5.0  # browse abandonment's wait for a next visit (30 minutes, shortened)
+POSTED_LATE = 0.6  # how late an event may reach the service after its time (a loaded machine)
+AFTER_END = 1.0  # how late the service may act on a wait's end
+
+
+def clear_of_idle_ends(at: float, views: list[float]) -> float:
+    """`at`, or later if a contact's event would come just before a wait after one of its views ends (or
+    just after). Live, that event reaches the service a little after its time, maybe after the wait's
+    end was acted on, and the end is acted on a little after its time; a simulation knows neither lag."""
+    for view in views:  # in time order, so a moved event is checked against the later ends too
+        end = view + IDLE
+        if end - POSTED_LATE <= at <= end + AFTER_END:
+            at = end + AFTER_END
+    return at
+
+
 def corpus(seed: int, count: int, zones: list[str], span: float) -> Corpus:
     """`count` contacts, each with a handful of scripted visits within `span` seconds, then the catalog
     changes of the products they looked at."""
@@ -216,8 +232,12 @@ def corpus(seed: int, count: int, zones: list[str], span: float) -> Corpus:
         # Seconds apart: the inbox's lag never reorders one contact's decisions.
         at = rng.uniform(0, 2)
         step = max(0.5, (span - at) / max(len(mine), 1))
+        views: list[float] = []
         for _, event in mine:
+            at = clear_of_idle_ends(at, views)
             events.append((at, event))
+            if event["type"] == "product_viewed":
+                views.append(at)
             at += rng.uniform(step * 0.8, step) if step > 0.5 else step
     catalog: list[tuple[float, dict[str, Any]]] = []
     for j, p in enumerate(products):
