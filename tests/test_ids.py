@@ -69,13 +69,14 @@ async def test_a_client_event_cannot_take_the_id_of_a_fanout_copy_first(
     price = {"id": "pc", "type": "price_changed", "attributes": {"product_id": "lamp", "price": 5.0}}
     assert (await client.post("/v1/events", json=price)).status == 202
 
-    async def copied() -> bool:
-        return (
-            await db.events.find_one({"_id": "pc"}) is not None
-            and await db.inbox.find_one({"_id": "pc"}) is None
-        )
+    async def copies_decided() -> bool:
+        """The change fanned out (its queue document gone) and both copies decided: the copies are
+        queued by the fan-out and decided after it, so the first alone is not enough."""
+        fanned = await db.inbox.find_one({"_id": "pc"}) is None
+        return fanned and await db.inbox.count_documents({"contact_id": {"$in": ["c1", "c2"]}}) == 0
 
-    await eventually(copied)
+    await eventually(copies_decided)
+    assert await db.events.find_one({"_id": "pc"}) is not None
     told = await db.contacts.find({"state.counters.price_news.n": 1}, {"_id": 1}).to_list()
     assert sorted(c["_id"] for c in told) == ["c1", "c2"]  # both decided for their copy, none was lost
 
