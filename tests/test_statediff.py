@@ -326,7 +326,7 @@ async def test_state_written_as_deltas_is_what_the_rules_decided(settings: Setti
     store = Store(db.client, settings.database, timedelta(days=1))
     await store.ensure_schema()
     inbox = Inbox(store, rulesets)
-    t0 = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # within the events' retention
     tags = ["plain", "a.b", "$x", "", "10", "9", "plain", "a.b", "ü", "$x", "z"]
     keys: dict[str, float] = {}
     once: dict[str, Doc] = {}
@@ -377,7 +377,7 @@ async def test_a_contact_gone_before_the_commit_is_a_conflict_not_a_partial_cont
     rulesets.uri, rulesets.database = mongod.uri, settings.database
     store = Store(db.client, settings.database, timedelta(days=1))
     await store.ensure_schema()
-    t0 = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # within the events' retention
     inbox = Inbox(store, rulesets, clock=lambda: t0)
     try:
         await store.insert_events([Event(id="e1", type="step", contact_id="c1", time=t0)], now=t0)
