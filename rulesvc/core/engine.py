@@ -1015,12 +1015,17 @@ def armed_at(entry: Mapping[str, Any]) -> float:
     return created.timestamp() if isinstance(created, datetime) else 0.0
 
 
+def first_due(entry: Mapping[str, Any]) -> datetime:
+    """When a schedule entry (a document) first came due: `held_due` keeps it across its waits."""
+    return entry.get("held_due") or entry["due_at"]  # type: ignore[no-any-return]
+
+
 def send_order(entry: Mapping[str, Any]) -> tuple[float, str]:
     """Where a schedule entry (a document) stands among its contact's sends, as a simulation orders them:
     a delayed send by the time it first came due (`held_due` keeps it across holds), a send due when it
     was decided by its trigger event's time (live it is due when the inbox got to it, which lags). Ties
     by id, so the order is total."""
-    first = entry.get("held_due") or entry["due_at"]
+    first = first_due(entry)
     created = entry.get("created_at")
     at = first.timestamp()
     if isinstance(created, datetime) and first <= created:

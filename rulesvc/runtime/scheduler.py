@@ -25,7 +25,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from rulesvc.channels import Outcome
 from rulesvc.core import reasons
-from rulesvc.core.engine import send_order, timer_event
+from rulesvc.core.engine import first_due, send_order, timer_event
 from rulesvc.core.funnel import KIND_STATUS, Increment, message_increment
 from rulesvc.core.messages import Fate
 from rulesvc.runtime.dispatcher import Dispatcher, Result
@@ -115,8 +115,6 @@ class Scheduler:
         self.on_fate = on_fate  # each recorded outcome, once written (the app counts them)
         self.wake = asyncio.Event()
         self.fired = 0
-        self.waited_for_inbox = 0  # sends put back until their contact's earlier events were decided
-        self.waited_for_send = 0  # sends put back behind an earlier one of their contact that waited
         self._expired_look = Every(lease / 4)
 
     def due_soon(self, due_at: datetime) -> None:
@@ -206,9 +204,6 @@ class Scheduler:
         batch or this one. Otherwise a send due a moment after a held one goes first, and a frequency
         cap counts it instead of the one due first, which a simulation would have sent."""
 
-        def first_due(entry: Doc) -> datetime:
-            return entry.get("held_due") or entry["due_at"]  # type: ignore[no-any-return]
-
         if not sends:
             return sends, 0
         # A send due when it was decided (a send "now") never waits for the inbox: the inbox took its
@@ -231,8 +226,8 @@ class Scheduler:
                 behind[cid] = (order, doc["due_at"])
         delayed_ids = {e["_id"] for e in delayed}
         ordered = sorted(sends, key=send_order)
-        for_inbox: dict[str, datetime] = {}  # the sends put back, and when each is looked at again
-        for_send: dict[str, datetime] = {}
+        looks: dict[str, datetime] = {}  # the sends put back, and when each is looked at again
+        for_inbox: set[str] = set()  # those waiting for the inbox (their back-off grows)
         for entry in ordered:
             cid, order = entry["contact_id"], send_order(entry)
             if now - first_due(entry) >= INBOX_PATIENCE:
@@ -241,20 +236,18 @@ class Scheduler:
                 # Right after the send it waits behind (both then come due together, in order), not
                 # in a loop meanwhile, nor past its own patience.
                 right_after = min(behind[cid][1] + AFTER_THE_ONE_BEFORE, first_due(entry) + INBOX_PATIENCE)
-                for_send[entry["_id"]] = max(right_after, now + INBOX_FIRST)
+                looks[entry["_id"]] = max(right_after, now + INBOX_FIRST)
                 continue
             first = earliest.get(cid)
             if entry["_id"] in delayed_ids and first is not None and first <= first_due(entry):
                 wait = min(INBOX_LONGEST, INBOX_FIRST * 2 ** min(entry.get("holds", 0), 16))
-                for_inbox[entry["_id"]] = max(entry["due_at"], now + wait)
-                behind[cid] = (order, for_inbox[entry["_id"]])
-        if not for_inbox and not for_send:
+                looks[entry["_id"]] = max(entry["due_at"], now + wait)
+                for_inbox.add(entry["_id"])
+                behind[cid] = (order, looks[entry["_id"]])
+        if not looks:
             return ordered, 0
-        await self.schedule.put_back(for_inbox, owner)
-        await self.schedule.put_back(for_send, owner, count=False)
-        self.waited_for_inbox += len(for_inbox)
-        self.waited_for_send += len(for_send)
-        return [e for e in ordered if e["_id"] not in for_inbox | for_send], len(for_inbox) + len(for_send)
+        await self.schedule.put_back(looks, owner, for_inbox)
+        return [e for e in ordered if e["_id"] not in looks], len(looks)
 
     async def _dispatch(
         self,

@@ -50,19 +50,16 @@ class Schedule:
             {"_id": {"$in": ids}, "status": "pending"},
             {"$set": {"status": "running", "owner": token, "lease_until": now + lease}},
         )
-        claimed = await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
-        # In due order, as a simulation runs them: a contact's sends go one after another, and a frequency
-        # cap must count the one due first (the owner index gives them in the order they were written).
-        return sorted(claimed, key=lambda d: (d["due_at"], d["_id"]))
+        # In the order they were written: the scheduler puts the sends in their contacts' order.
+        return await self.store.schedule.find({"owner": token, "status": "running"}).to_list()
 
-    async def put_back(self, looks: dict[str, datetime], owner: str, *, count: bool = True) -> None:
+    async def put_back(self, looks: dict[str, datetime], owner: str, counted: set[str]) -> None:
         """Claimed entries handed back unsent, each to be looked at again at its time in `looks`: they
         wait for their contact's earlier events or sends. `held_due` keeps the time the send first came
-        due (what it waits against); `holds` counts the returns (`count`: the waits for the inbox, whose
-        back-off grows with them)."""
+        due (what it waits against); `holds` counts the returns of those in `counted` (the waits for the
+        inbox, whose back-off grows with them)."""
         if not looks:
             return
-        holds = {"$add": [{"$ifNull": ["$holds", 0]}, 1 if count else 0]}
         await self.store.schedule.bulk_write(
             [
                 UpdateOne(
@@ -73,7 +70,7 @@ class Schedule:
                                 "status": "pending",
                                 "held_due": {"$ifNull": ["$held_due", "$due_at"]},
                                 "due_at": at,
-                                "holds": holds,
+                                "holds": {"$add": [{"$ifNull": ["$holds", 0]}, int(entry_id in counted)]},
                             }
                         },
                         {"$unset": ["owner", "lease_until"]},
