@@ -96,15 +96,17 @@ async def test_a_call_is_cut_off_before_the_lease_runs_out(
 async def test_a_send_in_flight_keeps_its_claim_and_is_made_once(
     make_client: Any, settings: Settings
 ) -> None:
-    """Lease 1.5 s, a provider that answers after 0.9 s, three messages of one contact sent one after
-    another (2.7 s): the claim is renewed while the calls run, so no pass takes a message over."""
-    quick = msgspec.structs.replace(settings, lease_seconds=1.5)
+    """Lease 4.5 s, a provider that answers after 1.8 s, three messages of one contact sent one after
+    another (5.4 s): the claim is renewed while the calls run, so no pass takes a message over. (Each
+    call is cut off after two thirds of the lease, 3 s: room for a slow machine's lag, which 0.9 s of a
+    1 s cut-off did not leave.)"""
+    quick = msgspec.structs.replace(settings, lease_seconds=4.5)
     push = Timed("push", needs="push_tokens")
     client = await make_client(create_app(setup(quick, [send("push", transactional=True)]), registry(push)))
 
     async def slow_send(message: OutboundMessage) -> Delivery:
         push.keys_seen.append(message.message_id)
-        await asyncio.sleep(0.9)
+        await asyncio.sleep(1.8)
         return Delivery("sent")
 
     push.send = slow_send  # type: ignore[method-assign]
