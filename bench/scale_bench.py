@@ -94,23 +94,22 @@ class ScaleBench:
         await asyncio.gather(*(s.start("/readyz") for s in servers))
         urls = [s.url + "/v1/events" for s in servers]
         mix = Mix(a.contacts, f"i{instances}-")
+
+        async def phase(
+            bodies: list[bytes], content_type: str, clients: int, counted: str
+        ) -> dict[str, float]:
+            """Posted by a closed loop, then decided: how many were accepted (named `counted`), per second,
+            and decided per second."""
+            seconds, accepted, errors = await closed_loop(urls, self.headers, bodies, content_type, clients)
+            t0 = time.perf_counter() - seconds
+            await until(lambda: self.none_pending(database), 600)
+            return {counted: accepted, "errors": errors, "accept_per_s": accepted / seconds,
+                    "decide_per_s": accepted / (time.perf_counter() - t0)}  # fmt: skip
+
         try:
-            bodies = ndjson(mix.events(a.events))
-            seconds, accepted, errors = await closed_loop(
-                urls, self.headers, bodies, "application/x-ndjson", BATCH_CLIENTS
-            )
-            t0 = time.perf_counter() - seconds
-            await until(lambda: self.none_pending(database), 600)
-            batch = {"events": accepted, "errors": errors, "accept_per_s": accepted / seconds,
-                     "decide_per_s": accepted / (time.perf_counter() - t0)}  # fmt: skip
+            batch = await phase(ndjson(mix.events(a.events)), "application/x-ndjson", BATCH_CLIENTS, "events")
             singles = [json.dumps(e).encode() for e in mix.events(a.singles)]
-            seconds, accepted, errors = await closed_loop(
-                urls, self.headers, singles, "application/json", CLIENTS
-            )
-            t0 = time.perf_counter() - seconds
-            await until(lambda: self.none_pending(database), 600)
-            single = {"requests": accepted, "errors": errors, "accept_per_s": accepted / seconds,
-                      "decide_per_s": accepted / (time.perf_counter() - t0)}  # fmt: skip
+            single = await phase(singles, "application/json", CLIENTS, "requests")
         finally:
             for s in servers:
                 s.stop()
