@@ -107,11 +107,12 @@ async def test_events_after_the_due_time_do_not_hold_a_send(
 async def test_a_send_waits_behind_an_earlier_send_of_its_contact_that_waits(
     make_client: Any, settings: Settings, db: Any
 ) -> None:
-    """Two reminders six seconds apart and a cap of one: the first one due is the one sent, as a
+    """Two reminders twelve seconds apart and a cap of one: the first one due is the one sent, as a
     simulation decides, even when it was put back for the inbox and the inbox caught up only after the
-    second came due (the second must not overtake it and use the cap up)."""
+    second came due (the second must not overtake it and use the cap up). Twelve seconds: the first's
+    back-off passes the second's due time about six seconds before it, room for a slow machine."""
     push = Provider("push", needs="push_tokens")
-    flow = setup(settings, [send("push", after="6s"), send("push", after="12s")], frequency_caps={"push": 1})
+    flow = setup(settings, [send("push", after="6s"), send("push", after="18s")], frequency_caps={"push": 1})
     client = await make_client(create_app(flow, registry(push)))
     profile = {**PROFILE, "consent": {"push": True}}
     assert (await client.put("/v1/contacts/c1", json=profile)).status in (200, 201)
