@@ -30,6 +30,12 @@ def at(**delta: float) -> str:
     return (T0 + timedelta(**delta)).isoformat().replace("+00:00", "Z")
 
 
+def an_hour_ago() -> datetime:
+    """A time for stored events that a store's events TTL (a day in some tests) keeps, whatever day the
+    suite runs on, unlike T0."""
+    return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
 def write_ruleset(directory: Path, name: str, body: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"

@@ -17,7 +17,7 @@ from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.store.db import Store
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import INBOX, SCHEDULER
-from tests.helpers import eventually, write_ruleset
+from tests.helpers import an_hour_ago, eventually, write_ruleset
 
 
 class RecordingChannel:
@@ -267,7 +267,7 @@ async def test_the_contacts_that_waited_longest_go_first(settings: Settings, db:
     rulesets.reload()
     store = Store(db.client, settings.database, timedelta(days=1))
     await store.ensure_schema()
-    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # within the events' retention
+    t0 = an_hour_ago()
     # "z9" (last in key order) waited longest; "a0".."a5" came after it.
     await store.insert_events([Event(id="z", type="step", contact_id="z9")], now=t0)
     for n in range(6):

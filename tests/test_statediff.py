@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from rulesvc.runtime.inbox import Inbox, VersionConflict
 from rulesvc.runtime.rulesets import Rulesets
 from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod
-from tests.helpers import write_ruleset
+from tests.helpers import an_hour_ago, write_ruleset
 
 Doc = dict[str, Any]
 
@@ -326,7 +326,7 @@ async def test_state_written_as_deltas_is_what_the_rules_decided(settings: Setti
     store = Store(db.client, settings.database, timedelta(days=1))
     await store.ensure_schema()
     inbox = Inbox(store, rulesets)
-    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # within the events' retention
+    t0 = an_hour_ago()
     tags = ["plain", "a.b", "$x", "", "10", "9", "plain", "a.b", "ü", "$x", "z"]
     keys: dict[str, float] = {}
     once: dict[str, Doc] = {}
@@ -377,7 +377,7 @@ async def test_a_contact_gone_before_the_commit_is_a_conflict_not_a_partial_cont
     rulesets.uri, rulesets.database = mongod.uri, settings.database
     store = Store(db.client, settings.database, timedelta(days=1))
     await store.ensure_schema()
-    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)  # within the events' retention
+    t0 = an_hour_ago()
     inbox = Inbox(store, rulesets, clock=lambda: t0)
     try:
         await store.insert_events([Event(id="e1", type="step", contact_id="c1", time=t0)], now=t0)
