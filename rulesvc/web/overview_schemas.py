@@ -13,7 +13,8 @@ from rulesvc.web.schemas import ChannelInfo, Health, PluginInfo
 
 class Throughput(msgspec.Struct):
     """Events accepted (stored by `POST /v1/events`, provider callbacks, the service's own) and decided
-    (evaluated by the rules) over the last `window_seconds`."""
+    (evaluated by the rules) over the last `window_seconds` (whole seconds; the rates are the counts
+    over that figure, so a reader can check them)."""
 
     window_seconds: int
     accepted: int

@@ -41,8 +41,8 @@ async def overview(app: web.Application, now: datetime | None = None) -> Overvie
         start = counts.now_window_start(now)
         accepted = await reads.accepted_since(start)
         decided = await reads.decided_since(start)
-        seconds = (now - start).total_seconds()
-        result.now = Throughput(round(seconds), accepted, decided, counts.per_second(accepted, seconds),
+        seconds = round((now - start).total_seconds())  # the rates over the span shown, so they agree
+        result.now = Throughput(seconds, accepted, decided, counts.per_second(accepted, seconds),
                                 counts.per_second(decided, seconds))  # fmt: skip
         first = counts.series_start(now)
         points = counts.series(
