@@ -36,6 +36,13 @@ def an_hour_ago() -> datetime:
     return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 
+def yesterday_at(hour: int) -> datetime:
+    """A fixed time of day for data the store keeps by age (events 90 days, messages a year): a calendar
+    date written into a test would expire under it some day, and the test fail then."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=1) + timedelta(hours=hour)
+
+
 def write_ruleset(directory: Path, name: str, body: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"

@@ -27,9 +27,9 @@ from rulesvc.store.db import Store
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.app import create_app
 from rulesvc.web.keys import RULESETS
-from tests.helpers import Provider, eventually, history, registry, write_ruleset
+from tests.helpers import Provider, eventually, history, registry, write_ruleset, yesterday_at
 
-NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+NOW = yesterday_at(12)  # the events are kept 90 days from it
 WINDOW = Window(NOW - timedelta(days=14), NOW)
 BOUGHT_AFTER = [None, 5, 30, 50, 90]  # minutes from a cart to its purchase; None: never bought
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 
 from rulesvc.core.messages import Message
 from rulesvc.store.db import Store
+from tests.helpers import yesterday_at
 
-T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+T0 = yesterday_at(8)  # sent messages are kept a year from it
 
 
 def message(n: int, contact: str = "c1", status: str = "sent") -> Message:
@@ -48,7 +49,7 @@ async def test_newest_first_paged_and_filtered(client: Any, db: Any, settings: A
     assert [m["message_id"] for m in page["messages"]] == ["m5", "m4", "m3", "m2"]
     first = page["messages"][0]
     assert first["ruleset"] == "cart_abandon" and first["channel"] == "push" and first["status"] == "sent"
-    assert first["sent_at"] == "2026-11-20T08:25:00Z"
+    assert first["sent_at"] == (T0 + timedelta(minutes=25)).isoformat().replace("+00:00", "Z")
     assert page["messages"][2]["reason"] == "no consent"
     rest = await (
         await client.get("/v1/contacts/c1/messages", params={"limit": "4", "before": page["next_before"]})

@@ -3,13 +3,14 @@ window `from`/`to`, each checked against counts the test makes from the messages
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from rulesvc.core.messages import Message
 from rulesvc.store.db import Store
+from tests.helpers import yesterday_at
 
-T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+T0 = yesterday_at(8)  # sent messages are kept a year from it
 RULES = {"cart": ["remind", "last_call"], "browse": ["remind"]}
 STATUSES = ["sent", "suppressed", "dead"]
 
