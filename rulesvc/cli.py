@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="upgrade the database to this release's schema (`serve` does it at start)",
         description="Check the database's schema version (MONGODB_URI or the service's embedded mongod) and "
         "run the migrations it has not had, in order: idempotent and resumable, so an interrupted run is "
-        "finished by the next one. Stop every instance of the older release first. Exits 1 on a database "
+        "finished by the next one. Stop every instance of the older release first; if one ran on the "
+        "database after its upgrade, this takes back the events it left undecided. Exits 1 on a database "
         "written by a newer release.",
     )
     mig.add_argument("--status", action="store_true", help="only print the versions, change nothing")
@@ -266,7 +267,14 @@ def migrate_command(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from rulesvc.store.db import Store
-    from rulesvc.store.migrations import MIGRATIONS, SCHEMA_VERSION, prepare, refuse_newer
+    from rulesvc.store.migrations import (
+        MIGRATIONS,
+        SCHEMA_VERSION,
+        older_release_seen,
+        prepare,
+        refuse_newer,
+        take_back,
+    )
 
     settings = load_settings()
 
@@ -277,10 +285,16 @@ def migrate_command(args: argparse.Namespace) -> int:
             todo = [m.name for m in MIGRATIONS if m.version > before]
             print(f"database {db.name}: schema {before}; this release: {SCHEMA_VERSION}")
             print(f"to run: {', '.join(todo)}" if todo else "up to date")
+            older = await older_release_seen(store)
+            if older:
+                print(f"warning: {older}")
             return 0
         applied = await prepare(store)
         print(f"database {db.name}: schema {before} -> {SCHEMA_VERSION}")
         print(f"ran: {', '.join(applied)}" if applied else "nothing to run")
+        taken = await take_back(store)
+        if taken is not None:
+            print(f"taken back from the older release: {taken} undecided event(s) queued for this one")
         return 0
 
     return _with_database(act)

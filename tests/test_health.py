@@ -50,7 +50,7 @@ async def test_no_rulesets_is_degraded_with_the_folder_looked_in(client: Client,
         f"no rulesets loaded: the rulesets folder {folder} does not exist; "
         "events are accepted but nothing is sent"
     ]
-    assert set(body["checks"]) == {"mongodb", "rulesets", "inbox", "quarantine", "channels"}
+    assert set(body["checks"]) == {"mongodb", "rulesets", "inbox", "quarantine", "channels", "schema"}
     assert body["checks"]["inbox"] == "no unprocessed events"
     assert body["checks"]["rulesets"] == "0 loaded"
 

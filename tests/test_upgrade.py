@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -206,3 +207,68 @@ def test_a_database_newer_than_the_code_is_refused(tmp_path: Path, mongod: Embed
         # nothing was created in a database this release does not know
         assert set(client[database].list_collection_names()) == {"meta", "events"}
         assert [ix["name"] for ix in client[database].events.list_indexes()] == ["_id_"]
+
+
+def test_an_older_release_started_after_the_upgrade_is_reported_and_its_events_taken_back(
+    tmp_path: Path, mongod: EmbeddedMongod
+) -> None:
+    """0.1.0 checks no schema version: started again on an upgraded database, it creates its indexes over
+    `events` and stores the events it accepts its way (`state: pending`), which this release does not
+    decide. Health says so; once it is stopped, `rulesvc migrate` hands its undecided events to this
+    release. Here 0.1.0's writes are replayed from the fixture its own code wrote (its index definitions
+    and a purchase stored as it stores one)."""
+    database = f"upgrade_{uuid.uuid4().hex[:8]}"
+    old, _ = restore(mongod.uri, database)
+    smtp = contextlib.ExitStack()
+    box, smtp_port = smtp.enter_context(smtp_server())
+    service = service_on(tmp_path, mongod, database, smtp_port)
+    service.key = service.cli("keys", "create", "--scope", "admin", "--name", "t").stdout.splitlines()[-1]
+    older = "an older rulesvc (0.1.0) has started on database"
+    try:
+        service.start()
+        code, health = service.request("GET", "/v1/overview")
+        assert code == 200 and not any(older in r for r in health["health"]["reasons"]), health["health"]
+        # 0.1.0 starts on the database again and accepts an order for dee.
+        old_indexes = [i for i in old["events"]["indexes"] if i["name"] in ("inbox_pending", "inbox_oldest")]
+        purchase = next(e for e in old["events"]["documents"] if e["type"] == "purchased")
+        now = datetime.now(UTC)
+        attributes = {**purchase["attributes"], "order_id": "O-010"}
+        order = {**purchase, "_id": "by-0.1.0", "contact_id": "dee", "time": now, "received_at": now,
+                 "state": "pending", "attributes": attributes}  # fmt: skip
+        order.pop("processed_at", None)
+        with service.db() as db:
+            db.command({"createIndexes": "events", "indexes": old_indexes})
+            db.events.insert_one(order)
+
+        def reasons() -> list[str]:
+            code, overview = service.request("GET", "/v1/overview")
+            assert code == 200, overview
+            return list(overview["health"]["reasons"])
+
+        said = wait_for(lambda: [r for r in reasons() if older in r], what="health naming the older release")
+        assert "events.inbox_pending" in said[0] and "rulesvc migrate" in said[0]
+        status = service.cli("migrate", "--status")
+        assert status.returncode == 0 and older in status.stdout, status
+        time.sleep(2)  # the order is not this release's to decide yet: no confirmation goes out
+        assert not [m for _, _, m in box.messages if str(m["To"]) == "dee@example.com"]
+
+        # 0.1.0 stopped, the operator runs `rulesvc migrate`: the order is decided here, once.
+        taken = service.cli("migrate")
+        assert taken.returncode == 0, taken.stderr
+        assert "taken back from the older release: 1 undecided event(s)" in taken.stdout
+        wait_for(lambda: [m for _, _, m in box.messages if str(m["To"]) == "dee@example.com"],
+                 what="dee's order confirmation")  # fmt: skip
+        assert not [r for r in reasons() if older in r]
+        with service.db() as db:
+            assert not {"inbox_pending", "inbox_oldest"} & set(db.events.index_information())
+        again = service.cli("migrate")
+        assert again.returncode == 0 and "taken back" not in again.stdout
+        time.sleep(1)
+        mails = [m for _, _, m in box.messages if str(m["To"]) == "dee@example.com"]
+        assert (
+            len(mails) == 1
+            and "O-010" in str(mails[0]["Subject"]) + mails[0].get_body(("plain",)).get_content()
+        )
+    finally:
+        service.stop()
+        smtp.close()

@@ -87,17 +87,24 @@ async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncC
         )
         for d in docs
     ]
-    await store.queue.bulk_write(ops, ordered=False, session=session)
+    written = await store.queue.bulk_write(ops, ordered=False, session=session)
     # Queued: the event's own `pending` goes, so a run again cannot queue it once more after the new code
     # decided it (a quarantined one keeps its state, as the new code writes it).
     queued = [d["_id"] for d in docs if d.get("state") == PENDING]
     await store.events.update_many(
         {"_id": {"$in": queued}, "state": PENDING}, {"$unset": {"state": ""}}, session=session
     )
-    return len(docs)
+    return written.upserted_count  # those queued now; a quarantined one already had its document
 
 
-async def migrate_event_queue(store: Store) -> None:
+async def older_release_indexes(store: Store) -> list[str]:
+    """The release before creates its partial indexes over `events` at every start: once an upgrade
+    dropped them, one of them back means such a process has started on this database since."""
+    present = await store.events.index_information()
+    return [name for name in OLD_EVENT_INDEXES if name in present]
+
+
+async def migrate_event_queue(store: Store) -> int:
     """A database of the release before kept the undecided events' state on the events themselves: each
     pending or quarantined one gets its queue document (inserted if absent, a batch at a time, so a run
     cut short and run again finishes the job; a queued event loses its `pending`), then the old partial
@@ -124,3 +131,4 @@ async def migrate_event_queue(store: Store) -> None:
         if name in present:
             await store.events.drop_index(name)
     log.info("store.event_queue_migrated", queued=moved)
+    return moved

@@ -26,7 +26,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from rulesvc import __version__
 from rulesvc.store.db import Store
-from rulesvc.store.event_queue import migrate_event_queue
+from rulesvc.store.event_queue import migrate_event_queue, older_release_indexes
 from rulesvc.store.leases import drop_unused_indexes
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ LOCK_FOR = timedelta(seconds=60)  # renewed every `LOCK_FOR / 6` while a migrati
 class Migration:
     version: int  # the schema version the database has once this ran
     name: str
-    run: Callable[[Store], Coroutine[Any, Any, None]]
+    run: Callable[[Store], Coroutine[Any, Any, object]]
 
 
 # In version order; the last one's version is this release's schema version.
@@ -77,6 +77,32 @@ async def refuse_newer(store: Store, known: int = SCHEMA_VERSION) -> int:
             "downgrade a database)."
         )
     return version
+
+
+async def older_release_seen(store: Store) -> str | None:
+    """One sentence when a process of the release before (0.1.0, which checks no version) has started on
+    this database since its upgrade: the events it accepts are queued its way, so only it decides them,
+    and what it leaves undecided when stopped waits until `take_back`."""
+    if await stored_version(store) < 1:
+        return None  # not upgraded: its indexes belong here
+    names = await older_release_indexes(store)
+    if not names:
+        return None
+    return (
+        f"an older rulesvc (0.1.0) has started on database {store.db.name!r} since its upgrade (it created "
+        f"the index events.{names[0]} again): only it decides the events it accepts. Stop it, then run "
+        "`rulesvc migrate` so that this release decides what it left"
+    )
+
+
+async def take_back(store: Store) -> int | None:
+    """What `rulesvc migrate` does once the older release is stopped: its undecided events get their queue
+    documents and its indexes go (the upgrade's first migration again). None when there is nothing to take
+    back. No lock: the migration is safe to run twice at once (a queue document is inserted only where
+    none is, in the transaction that reads the event's state)."""
+    if await older_release_seen(store) is None:
+        return None
+    return await migrate_event_queue(store)
 
 
 DATA_COLLECTIONS = ("events", "contacts", "messages", "schedule")
@@ -136,7 +162,7 @@ async def upgrade(
                 continue
             log.info("migration.started", version=migration.version, migration=migration.name)
             started = datetime.now(UTC)
-            run: asyncio.Task[None] = asyncio.create_task(
+            run: asyncio.Task[object] = asyncio.create_task(
                 migration.run(store), name=f"migration-{migration.name}"
             )
             await asyncio.wait([run, renew], return_when=asyncio.FIRST_COMPLETED)

@@ -35,7 +35,7 @@ from rulesvc.runtime.templates import Templates
 from rulesvc.store.backtest_jobs import BacktestJobs
 from rulesvc.store.db import Store
 from rulesvc.store.keys import hand_out_first_key
-from rulesvc.store.migrations import SCHEMA_VERSION, prepare
+from rulesvc.store.migrations import SCHEMA_VERSION, older_release_seen, prepare
 from rulesvc.store.mongod import EmbeddedMongod
 from rulesvc.web.keys import (
     BACKTESTS,
@@ -137,6 +137,9 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEYS] = store.keys()
     app[INBOX_TOKENS] = store.inbox_tokens()
     log.info("store.ready", database=settings.database, schema=SCHEMA_VERSION, migrated=applied)
+    older = await older_release_seen(store)
+    if older:
+        log.error("store.older_release", problem=older)  # health says it too, until `rulesvc migrate`
     if not settings.mongodb_uri:
         await hand_out_first_key(app[KEYS])
     try:

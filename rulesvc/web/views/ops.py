@@ -14,6 +14,7 @@ from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
 from rulesvc.runtime.rulesets import Rulesets, folder_problem
 from rulesvc.store.messages import Messages
+from rulesvc.store.migrations import SCHEMA_VERSION, older_release_seen
 from rulesvc.store.schedule import Schedule
 from rulesvc.web.keys import CHANNELS, METRICS, OPENAPI, RULESETS, SETTINGS, STORE
 from rulesvc.web.schemas import Health
@@ -68,6 +69,10 @@ async def readiness(app: web.Application) -> Health:
                 f"{recent} event(s) quarantined in the last {settings.degraded_quarantine_hours:g} h;"
                 " see GET /v1/events/quarantine"
             )
+        older = await older_release_seen(store)
+        checks["schema"] = f"version {SCHEMA_VERSION}" + ("; an older release writes here" if older else "")
+        if older:
+            problems.append(older)
     except PyMongoError as exc:
         checks["mongodb"] = f"unreachable: {type(exc).__name__}"
         failures.append(f"MongoDB is unreachable ({type(exc).__name__})")
