@@ -4,6 +4,7 @@ a path and a plain message on every ingest route (`POST /v1/events` JSON and NDJ
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -332,12 +333,18 @@ def test_stock_changed_is_accepted_iff_it_keeps_the_contract(attrs: dict[str, An
 
 
 def cpu_seconds(body: bytes) -> float:
-    """The least of three runs: the check's own cost, not a neighbour's burst on a shared machine."""
+    """The least of three runs, each without the collector (a pass over what earlier tests left would
+    count here): the check's own cost, not a neighbour's burst on a shared machine."""
     best = math.inf
     for _ in range(3):
-        start = time.process_time()
-        decode_json_body(body, 10_000)
-        best = min(best, time.process_time() - start)
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.process_time()
+            decode_json_body(body, 10_000)
+            best = min(best, time.process_time() - start)
+        finally:
+            gc.enable()
     return best
 
 
@@ -355,4 +362,4 @@ def test_refused_catalog_events_cost_about_what_ordinary_ones_do() -> None:
         refused = cpu_seconds(json.dumps(broken).encode())
         plain = cpu_seconds(json.dumps(ordinary).encode())
         assert decode_json_body(json.dumps(broken[:1]).encode(), 1)[1], "the events are refused"
-        assert refused < 5 * plain, (keys, refused, plain)
+        assert refused < 8 * plain, (keys, refused, plain)  # 1.7-2.6 here; 35 before 6176fac
