@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         "written by a newer release.",
     )
     mig.add_argument("--status", action="store_true", help="only print the versions, change nothing")
+    mig.add_argument(
+        "--force",
+        action="store_true",
+        help="take back an older release's undecided events even if it stored one in the last 5 minutes",
+    )
 
     commands.add_parser(
         "schema",
@@ -292,9 +297,12 @@ def migrate_command(args: argparse.Namespace) -> int:
         applied = await prepare(store)
         print(f"database {db.name}: schema {before} -> {SCHEMA_VERSION}")
         print(f"ran: {', '.join(applied)}" if applied else "nothing to run")
-        taken = await take_back(store)
+        taken = await take_back(store, force=args.force)
         if taken is not None:
-            print(f"taken back from the older release: {taken} undecided event(s) queued for this one")
+            print(
+                f"taken back from the older release: {taken['pending']} undecided event(s) queued for this "
+                f"one, {taken['quarantined']} quarantined (see GET /v1/events/quarantine)"
+            )
         return 0
 
     return _with_database(act)

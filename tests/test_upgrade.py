@@ -236,8 +236,10 @@ def test_an_older_release_started_after_the_upgrade_is_reported_and_its_events_t
         order = {**purchase, "_id": "by-0.1.0", "contact_id": "dee", "time": now, "received_at": now,
                  "state": "pending", "attributes": attributes}  # fmt: skip
         order.pop("processed_at", None)
+        old_leases = old["leases"]["indexes"]  # 0.1.0 makes `leases_until` again too
         with service.db() as db:
             db.command({"createIndexes": "events", "indexes": old_indexes})
+            db.command({"createIndexes": "leases", "indexes": old_leases})
             db.events.insert_one(order)
 
         def reasons() -> list[str]:
@@ -252,15 +254,22 @@ def test_an_older_release_started_after_the_upgrade_is_reported_and_its_events_t
         time.sleep(2)  # the order is not this release's to decide yet: no confirmation goes out
         assert not [m for _, _, m in box.messages if str(m["To"]) == "dee@example.com"]
 
-        # 0.1.0 stopped, the operator runs `rulesvc migrate`: the order is decided here, once.
-        taken = service.cli("migrate")
+        # Run at once, `rulesvc migrate` suspects 0.1.0 still runs (it just stored an event): refused.
+        early = service.cli("migrate")
+        assert early.returncode == 1 and "is it still running? Stop it first" in early.stderr, early
+        # 0.1.0 stopped, the operator runs `rulesvc migrate --force`: the order is decided here, once.
+        taken = service.cli("migrate", "--force")
         assert taken.returncode == 0, taken.stderr
-        assert "taken back from the older release: 1 undecided event(s)" in taken.stdout
+        assert (
+            "taken back from the older release: 1 undecided event(s) queued for this one, 0 quarantined"
+            in (taken.stdout)
+        )
         wait_for(lambda: [m for _, _, m in box.messages if str(m["To"]) == "dee@example.com"],
                  what="dee's order confirmation")  # fmt: skip
         assert not [r for r in reasons() if older in r]
         with service.db() as db:
             assert not {"inbox_pending", "inbox_oldest"} & set(db.events.index_information())
+            assert "leases_until" not in db.leases.index_information()
         again = service.cli("migrate")
         assert again.returncode == 0 and "taken back" not in again.stdout
         time.sleep(1)

@@ -11,12 +11,14 @@ carries that `state` itself: a backtest, which reads only `events`, leaves such 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import OperationFailure
 
 from rulesvc.store.transactions import in_transaction
 
@@ -68,11 +70,23 @@ async def ensure_queue_indexes(queue: AsyncCollection[Doc]) -> None:
     )
 
 
+NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
+
+
+async def drop_index_if_present(collection: AsyncCollection[Doc], name: str) -> None:
+    """Idempotent, and safe against another process dropping it at the same time."""
+    try:
+        await collection.drop_index(name)
+    except OperationFailure as exc:
+        if exc.code not in (NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND):
+            raise
+
+
 def without_id(doc: Doc) -> Doc:
     return {k: v for k, v in doc.items() if k != "_id"}
 
 
-async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncClientSession) -> int:
+async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncClientSession) -> Counter[str]:
     """One page, in one transaction that reads the events again: another process that queued and decided
     one of them meanwhile (a migration that lost its lock) has taken its `pending` away, so it is never
     queued a second time."""
@@ -80,7 +94,7 @@ async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncC
         {"_id": {"$in": ids}, "state": {"$in": [PENDING, QUARANTINED]}}, fields, session=session
     ).to_list()
     if not docs:
-        return 0
+        return Counter()
     ops = [
         UpdateOne(
             {"_id": d["_id"]}, {"$setOnInsert": {k: v for k, v in d.items() if k != "_id"}}, upsert=True
@@ -88,13 +102,15 @@ async def _queue_page(store: Store, ids: list[Any], fields: Doc, session: AsyncC
         for d in docs
     ]
     written = await store.queue.bulk_write(ops, ordered=False, session=session)
+    # Those queued now, by state (a quarantined one may have had its document).
+    queued_now = Counter(str(docs[i].get("state")) for i in written.upserted_ids or {})
     # Queued: the event's own `pending` goes, so a run again cannot queue it once more after the new code
     # decided it (a quarantined one keeps its state, as the new code writes it).
     queued = [d["_id"] for d in docs if d.get("state") == PENDING]
     await store.events.update_many(
         {"_id": {"$in": queued}, "state": PENDING}, {"$unset": {"state": ""}}, session=session
     )
-    return written.upserted_count  # those queued now; a quarantined one already had its document
+    return queued_now
 
 
 async def older_release_indexes(store: Store) -> list[str]:
@@ -104,16 +120,17 @@ async def older_release_indexes(store: Store) -> list[str]:
     return [name for name in OLD_EVENT_INDEXES if name in present]
 
 
-async def migrate_event_queue(store: Store) -> int:
+async def migrate_event_queue(store: Store) -> Counter[str]:
     """A database of the release before kept the undecided events' state on the events themselves: each
     pending or quarantined one gets its queue document (inserted if absent, a batch at a time, so a run
     cut short and run again finishes the job; a queued event loses its `pending`), then the old partial
-    indexes go. Old events keep their `state: done` and `processed_at`: nothing reads them any more."""
+    indexes go. Old events keep their `state: done` and `processed_at`: nothing reads them any more.
+    Returns how many were queued, by state (`pending`, `quarantined`)."""
     fields = {k: 1 for k in (*QUEUED_FIELDS, "state", "attempts", "error", "stage", "quarantined_at",
                              "retried_at", "fanout")}  # fmt: skip
     query: Doc = {"state": {"$in": [PENDING, QUARANTINED]}}
     after: Any = None
-    moved = 0
+    moved: Counter[str] = Counter()
     while True:
         page = query if after is None else {**query, "_id": {"$gt": after}}
         docs = await store.events.find(page, fields).sort("_id", ASCENDING).limit(MIGRATE_BATCH).to_list()
@@ -122,13 +139,11 @@ async def migrate_event_queue(store: Store) -> int:
         after = docs[-1]["_id"]
         page_ids = [d["_id"] for d in docs]
 
-        async def write(session: AsyncClientSession, ids: list[Any] = page_ids) -> int:
+        async def write(session: AsyncClientSession, ids: list[Any] = page_ids) -> Counter[str]:
             return await _queue_page(store, ids, fields, session)
 
         moved += await in_transaction(store.client, write)
-    present = await store.events.index_information()
     for name in OLD_EVENT_INDEXES:
-        if name in present:
-            await store.events.drop_index(name)
-    log.info("store.event_queue_migrated", queued=moved)
+        await drop_index_if_present(store.events, name)
+    log.info("store.event_queue_migrated", queued=dict(moved))
     return moved

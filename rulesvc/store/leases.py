@@ -4,25 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError
 
 from rulesvc.store.db import Store
+from rulesvc.store.event_queue import drop_index_if_present
 
 # Indexes earlier releases made that no query reads (issue 19's index audit): `leases_until`, on a
 # collection read only by `_id` (a job's key).
 UNUSED_INDEXES = {"leases": ["leases_until"]}
-NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND = 26, 27
 
 
 async def drop_unused_indexes(store: Store) -> None:
     """A migration: drops `UNUSED_INDEXES`. Idempotent: an index (or collection) already gone is fine."""
     for collection, names in UNUSED_INDEXES.items():
         for name in names:
-            try:
-                await store.db[collection].drop_index(name)
-            except OperationFailure as exc:
-                if exc.code not in (NAMESPACE_NOT_FOUND, INDEX_NOT_FOUND):
-                    raise
+            await drop_index_if_present(store.db[collection], name)
 
 
 class Leases:

@@ -14,6 +14,7 @@ import asyncio
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,12 +22,12 @@ from typing import Any
 
 import pymongo
 import structlog
-from pymongo import ReturnDocument
+from pymongo import DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from rulesvc import __version__
 from rulesvc.store.db import Store
-from rulesvc.store.event_queue import migrate_event_queue, older_release_indexes
+from rulesvc.store.event_queue import PENDING, migrate_event_queue, older_release_indexes
 from rulesvc.store.leases import drop_unused_indexes
 
 log = structlog.get_logger(__name__)
@@ -79,11 +80,12 @@ async def refuse_newer(store: Store, known: int = SCHEMA_VERSION) -> int:
     return version
 
 
-async def older_release_seen(store: Store) -> str | None:
+async def older_release_seen(store: Store, version: int | None = None) -> str | None:
     """One sentence when a process of the release before (0.1.0, which checks no version) has started on
-    this database since its upgrade: the events it accepts are queued its way, so only it decides them,
-    and what it leaves undecided when stopped waits until `take_back`."""
-    if await stored_version(store) < 1:
+    this database since its upgrade (`version`: the stored one, when the caller has read it): the events
+    it accepts are stored its way, so only it decides them, and what it leaves undecided when stopped
+    waits until `take_back`."""
+    if (await stored_version(store) if version is None else version) < 1:
         return None  # not upgraded: its indexes belong here
     names = await older_release_indexes(store)
     if not names:
@@ -95,14 +97,35 @@ async def older_release_seen(store: Store) -> str | None:
     )
 
 
-async def take_back(store: Store) -> int | None:
-    """What `rulesvc migrate` does once the older release is stopped: its undecided events get their queue
-    documents and its indexes go (the upgrade's first migration again). None when there is nothing to take
-    back. No lock: the migration is safe to run twice at once (a queue document is inserted only where
-    none is, in the transaction that reads the event's state)."""
+OLDER_RELEASE_QUIET = timedelta(minutes=5)
+
+
+async def take_back(store: Store, *, force: bool = False) -> Counter[str] | None:
+    """What `rulesvc migrate` does once the older release is stopped: its undecided (and quarantined)
+    events get their queue documents, counted by state, and the indexes it made again go (the upgrade's
+    migrations again). None when there is nothing to take back. Refused while an event stored its way
+    arrived within `OLDER_RELEASE_QUIET` (it may still run: an event it is deciding would be decided twice)
+    unless `force`. No lock: both migrations are safe to run twice at once (a queue document is inserted
+    only where none is, in the transaction that reads the event's state; an index gone is fine)."""
     if await older_release_seen(store) is None:
         return None
-    return await migrate_event_queue(store)
+    if not force:
+        newest = await store.events.find_one(
+            {"state": PENDING}, {"received_at": 1}, sort=[("received_at", DESCENDING)]
+        )
+        received = newest and newest.get("received_at")
+        if isinstance(received, datetime):
+            ago = datetime.now(UTC) - (received if received.tzinfo else received.replace(tzinfo=UTC))
+            if ago < OLDER_RELEASE_QUIET:
+                raise SchemaError(
+                    f"the older rulesvc stored an event {max(ago.total_seconds(), 0):.0f} s ago: is it still "
+                    f"running? Stop it first (an event it is deciding would be decided twice), then run "
+                    f"`rulesvc migrate` again after {OLDER_RELEASE_QUIET.total_seconds():.0f} s of quiet, or "
+                    "now with --force"
+                )
+    moved = await migrate_event_queue(store)
+    await drop_unused_indexes(store)
+    return moved
 
 
 DATA_COLLECTIONS = ("events", "contacts", "messages", "schedule")

@@ -14,7 +14,7 @@ from rulesvc.core.ruleformat import channels_used
 from rulesvc.metrics import CONTENT_TYPE_LATEST
 from rulesvc.runtime.rulesets import Rulesets, folder_problem
 from rulesvc.store.messages import Messages
-from rulesvc.store.migrations import SCHEMA_VERSION, older_release_seen
+from rulesvc.store.migrations import older_release_seen, stored_version
 from rulesvc.store.schedule import Schedule
 from rulesvc.web.keys import CHANNELS, METRICS, OPENAPI, RULESETS, SETTINGS, STORE
 from rulesvc.web.schemas import Health
@@ -69,8 +69,9 @@ async def readiness(app: web.Application) -> Health:
                 f"{recent} event(s) quarantined in the last {settings.degraded_quarantine_hours:g} h;"
                 " see GET /v1/events/quarantine"
             )
-        older = await older_release_seen(store)
-        checks["schema"] = f"version {SCHEMA_VERSION}" + ("; an older release writes here" if older else "")
+        version = await stored_version(store)
+        older = await older_release_seen(store, version)
+        checks["schema"] = f"version {version}" + ("; an older release writes here" if older else "")
         if older:
             problems.append(older)
     except PyMongoError as exc:
