@@ -290,7 +290,7 @@ def migrate_command(args: argparse.Namespace) -> int:
             todo = [m.name for m in MIGRATIONS if m.version > before]
             print(f"database {db.name}: schema {before}; this release: {SCHEMA_VERSION}")
             print(f"to run: {', '.join(todo)}" if todo else "up to date")
-            older = await older_release_seen(store)
+            older = await older_release_seen(store, before)
             if older:
                 print(f"warning: {older}")
             return 0

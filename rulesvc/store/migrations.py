@@ -101,13 +101,14 @@ OLDER_RELEASE_QUIET = timedelta(minutes=5)
 
 
 async def take_back(store: Store, *, force: bool = False) -> Counter[str] | None:
-    """What `rulesvc migrate` does once the older release is stopped: its undecided (and quarantined)
-    events get their queue documents, counted by state, and the indexes it made again go (the upgrade's
-    migrations again). None when there is nothing to take back. Refused while an event stored its way
-    arrived within `OLDER_RELEASE_QUIET` (it may still run: an event it is deciding would be decided twice)
-    unless `force`. No lock: both migrations are safe to run twice at once (a queue document is inserted
-    only where none is, in the transaction that reads the event's state; an index gone is fine)."""
-    if await older_release_seen(store) is None:
+    """What `rulesvc migrate` does after `prepare` once the older release is stopped: its undecided (and
+    quarantined) events get their queue documents, counted by state, and the indexes it made again go
+    (the upgrade's migrations again). None when there is nothing to take back. Refused while an event
+    stored its way arrived within `OLDER_RELEASE_QUIET` (it may still run: an event it is deciding would
+    be decided twice) unless `force`. No lock: both migrations are safe to run twice at once (a queue
+    document is inserted only where none is, in the transaction that reads the event's state; an index
+    gone is fine)."""
+    if not await older_release_indexes(store):  # `prepare` left the version current
         return None
     if not force:
         newest = await store.events.find_one(

@@ -137,7 +137,7 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEYS] = store.keys()
     app[INBOX_TOKENS] = store.inbox_tokens()
     log.info("store.ready", database=settings.database, schema=SCHEMA_VERSION, migrated=applied)
-    older = await older_release_seen(store)
+    older = await older_release_seen(store, SCHEMA_VERSION)  # what `prepare` left (or it refused)
     if older:
         log.error("store.older_release", problem=older)  # health says it too, until `rulesvc migrate`
     if not settings.mongodb_uri:
