@@ -66,7 +66,9 @@ def configure(log_format: str = "auto", level: str = "info", file: TextIO | None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=file),
+        # One write per line: print() writes the line and its newline apart, and on an unbuffered stderr
+        # a worker's line relayed by the supervisor landed between them (two JSON objects on one line).
+        logger_factory=structlog.WriteLoggerFactory(file=file),
         cache_logger_on_first_use=True,
     )
     # aiohttp and pymongo log through the standard library: keep only their warnings.
