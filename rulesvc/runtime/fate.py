@@ -91,7 +91,8 @@ async def cancel_message(
         counted.clear()  # a transaction that is retried runs this again from the start
         doc = await messages.cancel_one(message_id, reasons.CANCELLED_BY_OPERATOR, now, session)
         if doc is not None:
-            await schedule.cancel([message_id], reasons.CANCELLED_BY_OPERATOR, now, session)
+            detail = str(doc.get("detail") or "")
+            await schedule.cancel_entries([message_id], reasons.CANCELLED_BY_OPERATOR, detail, now, session)
             status = "dismissed" if str(doc.get("detail", "")).startswith(DISMISSED) else "cancelled"
             counted.append(message_increment(doc, status, now, reasons.CANCELLED_BY_OPERATOR))
             await store.add_counts(counted, PROCESS_SHARD, session)

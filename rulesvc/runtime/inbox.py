@@ -509,7 +509,7 @@ class Inbox:
             message = message_doc(decided) if decided.message is not None else None
             why = cancelled_now.pop(decided.entry_id, None)
             if why is not None:
-                entry.update(status="cancelled", reason=why[1], done_at=now)
+                entry.update(status="cancelled", code=why[0], reason=why[1], done_at=now)
                 if message is not None:
                     message.update(status="cancelled", reason=why[0], detail=why[1], cancelled_at=now)
                     born_cancelled.append(fate_of(message, "cancelled", why[0]))
@@ -531,7 +531,7 @@ class Inbox:
             if messages:
                 await self.messages.insert(messages, session)
             if cancels:
-                cancelled.extend(await self._cancel(cancels, now, session))
+                cancelled.extend(await self.schedule.cancel(cancels, now, session))
             counted.extend([*decided_counts, *(fate_increment(f, now) for f in cancelled)])
             await self.store.add_counts(counted, shard, session)
             if message_ops:
@@ -610,17 +610,3 @@ class Inbox:
                         if self.on_quarantined is not None:
                             self.on_quarantined("inbox")
         return done
-
-    async def _cancel(
-        self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession
-    ) -> list[Fate]:
-        """The cancellations written; the messages they cancelled, for the outcome log."""
-        by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for c in cancels:
-            by_reason[c.reason, c.detail].append(c.entry_id)
-        fates: list[Fate] = []
-        for (reason, detail), ids in by_reason.items():
-            await self.schedule.cancel(ids, detail, now, session)
-            found = await self.messages.cancel(ids, reason, detail, now, session)
-            fates.extend(fate_of(doc, "cancelled", reason) for doc in found)
-        return fates

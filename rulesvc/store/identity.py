@@ -11,7 +11,6 @@ before or in it leaves the link `merged: False`, and the next identify or the st
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,11 +30,10 @@ from rulesvc.core.engine import (
 )
 from rulesvc.core.funnel import Increment, fate_increment
 from rulesvc.core.identity import joined_audiences, merge_profile, merge_state, superseded
-from rulesvc.core.messages import Fate, fate_of
+from rulesvc.core.messages import Fate
 from rulesvc.store.carts import Carts
 from rulesvc.store.db import Doc, Store
 from rulesvc.store.inbox import InboxEvents
-from rulesvc.store.messages import Messages
 from rulesvc.store.schedule import Schedule
 from rulesvc.store.transactions import in_transaction
 
@@ -118,7 +116,7 @@ class Identities:
         Returns the documents moved per collection and the sends cancelled as duplicates (to be told
         once committed). Raises Busy while a send of either contact is being decided, Conflict when
         either contact's state changed meanwhile. The caller holds both contacts' leases."""
-        schedule, messages = Schedule(self.store), Messages(self.store)
+        schedule = Schedule(self.store)
         moved: dict[str, int] = {}
         cancelled: list[Fate] = []
 
@@ -149,13 +147,7 @@ class Identities:
             )
             detail = f"re-armed by the merge of {anonymous_id} into {known_id}"
             cancels = [*history, *(Cancellation(i, reasons.REARMED, detail) for i in drop)]
-            by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
-            for c in cancels:
-                by_reason[c.reason, c.detail].append(c.entry_id)
-            for (reason, why), ids in by_reason.items():
-                await schedule.cancel(ids, why, now, session)
-                found = await messages.cancel(ids, reason, why, now, session)
-                cancelled.extend(fate_of(doc, "cancelled", reason) for doc in found)
+            cancelled.extend(await schedule.cancel(cancels, now, session))
             if cancelled:
                 counts: list[Increment] = [fate_increment(f, now) for f in cancelled]
                 await db.add_counts(counts, shard, session)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from datetime import datetime, timedelta
 
 from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from rulesvc.core.engine import Cancellation
+from rulesvc.core.messages import Fate, fate_of
 from rulesvc.store.db import Doc, Store
+from rulesvc.store.messages import Messages
 
 # An entry pending again after it ran (postponed, retried, sent again) is not waiting for its contact's
 # earlier events any more: what `put_back` recorded of its waits goes, with its claim.
@@ -166,13 +170,41 @@ class Schedule:
     async def insert(self, entries: list[Doc], session: AsyncClientSession) -> None:
         await self.store.schedule.insert_many(entries, session=session)
 
-    async def cancel(self, ids: list[str], reason: str, now: datetime, session: AsyncClientSession) -> None:
-        """These entries, those still pending, are cancelled with the reason."""
+    async def cancel(
+        self, cancels: list[Cancellation], now: datetime, session: AsyncClientSession
+    ) -> list[Fate]:
+        """The engine's cancellations written: their entries still pending `cancelled`, each with its
+        reason's code (`code`) and its detail (`reason`), and their messages still scheduled too.
+        Returns the fates of the messages it cancelled, each once, for the outcome log and the funnel: a
+        message's own record where it has one (it knows the attempts), else its entry's."""
+        by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for c in cancels:
+            by_reason[c.reason, c.detail].append(c.entry_id)
+        fates: dict[str, Fate] = {}
+        for (code, detail), ids in by_reason.items():
+            sends = await self.store.schedule.find(
+                {"_id": {"$in": ids}, "status": "pending", "message": {"$exists": True}},
+                {"contact_id": 1, "ruleset": 1, "rule": 1, "message.channel": 1, "message.variant": 1,
+                 "message.held_out": 1},
+                session=session,
+            ).to_list()  # fmt: skip
+            await self.cancel_entries(ids, code, detail, now, session)
+            for entry in sends:
+                fates[entry["_id"]] = fate_of({**entry, **entry["message"]}, "cancelled", code)
+            for doc in await Messages(self.store).cancel(ids, code, detail, now, session):
+                fates[doc["_id"]] = fate_of(doc, "cancelled", code)
+        return list(fates.values())
+
+    async def cancel_entries(
+        self, ids: list[str], code: str, detail: str, now: datetime, session: AsyncClientSession
+    ) -> None:
+        """These entries, those still pending, `cancelled`: the reason's code and its detail."""
         await self.store.schedule.update_many(
             {"_id": {"$in": ids}, "status": "pending"},
-            {"$set": {"status": "cancelled", "reason": reason, "done_at": now}, "$unset": WAITS},
+            {"$set": {"status": "cancelled", "code": code, "reason": detail, "done_at": now},
+             "$unset": WAITS},
             session=session,
-        )
+        )  # fmt: skip
 
     async def send_again(self, message: Doc, now: datetime, session: AsyncClientSession) -> None:
         """The entry of a message an operator retries: pending again, due now; made anew from the message
