@@ -26,6 +26,7 @@ import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.errors import FlakyStrategyDefinition
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.stateful import OpenAPIStateMachine
@@ -237,7 +238,18 @@ def test_stateful_links(service: ServiceProcess) -> None:
             for status, response in operation.get("responses", {}).items() if method != "parameters" else ():
                 for link in response.get("links", {}):
                     assert any(f"___{status}_{link}__" in t for t in transitions), (method, status, link)
-    Workflow.run(settings=settings(FIXED, max_examples=max(10, EXAMPLES // 2), stateful_step_count=6))
+    # Hypothesis replays the sequences' prefixes and expects the same draws; a draw that depends on an
+    # answer that changed meanwhile (a message the scheduler sent between two runs of the same prefix is
+    # no longer cancellable, so another link applies) makes it report the strategy as flaky. That is the
+    # service moving on, not a failed check: the run is made again, at most twice. A failed check (any
+    # other error) fails the test at once.
+    for attempt in range(3):
+        try:
+            Workflow.run(settings=settings(FIXED, max_examples=max(10, EXAMPLES // 2), stateful_step_count=6))
+            return
+        except FlakyStrategyDefinition:
+            if attempt == 2:
+                raise
 
 
 def test_the_generated_requests_reached_the_handlers(service: ServiceProcess) -> None:
