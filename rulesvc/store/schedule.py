@@ -189,8 +189,13 @@ class Schedule:
                 session=session,
             ).to_list()  # fmt: skip
             await self.cancel_entries(ids, code, detail, now, session)
+            # A send with a record is the record's to tell, and only if it still says `scheduled` (one
+            # marked `sending` before a crash may yet be found sent): counted below, or not at all.
+            recorded = {d["_id"] async for d in self.store.messages.find(
+                {"_id": {"$in": [e["_id"] for e in sends]}}, {"_id": 1}, session=session)}  # fmt: skip
             for entry in sends:
-                fates[entry["_id"]] = fate_of({**entry, **entry["message"]}, "cancelled", code)
+                if entry["_id"] not in recorded:
+                    fates[entry["_id"]] = fate_of({**entry, **entry["message"]}, "cancelled", code)
             for doc in await Messages(self.store).cancel(ids, code, detail, now, session):
                 fates[doc["_id"]] = fate_of(doc, "cancelled", code)
         return list(fates.values())
