@@ -93,7 +93,7 @@ async def cancel_message(
         if doc is not None:
             detail = str(doc.get("detail") or "")
             await schedule.cancel_entries([message_id], reasons.CANCELLED_BY_OPERATOR, detail, now, session)
-            status = "dismissed" if str(doc.get("detail", "")).startswith(DISMISSED) else "cancelled"
+            status = "dismissed" if detail.startswith(DISMISSED) else "cancelled"
             counted.append(message_increment(doc, status, now, reasons.CANCELLED_BY_OPERATOR))
             await store.add_counts(counted, PROCESS_SHARD, session)
         return doc

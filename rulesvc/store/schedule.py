@@ -175,30 +175,16 @@ class Schedule:
     ) -> list[Fate]:
         """The engine's cancellations written: their entries still pending `cancelled`, each with its
         reason's code (`code`) and its detail (`reason`), and their messages still scheduled too.
-        Returns the fates of the messages it cancelled, each once, for the outcome log and the funnel: a
-        message's own record where it has one (it knows the attempts), else its entry's."""
+        Returns the fates of the messages it cancelled, for the outcome log and the funnel."""
         by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
         for c in cancels:
             by_reason[c.reason, c.detail].append(c.entry_id)
-        fates: dict[str, Fate] = {}
+        fates: list[Fate] = []
         for (code, detail), ids in by_reason.items():
-            sends = await self.store.schedule.find(
-                {"_id": {"$in": ids}, "status": "pending", "message": {"$exists": True}},
-                {"contact_id": 1, "ruleset": 1, "rule": 1, "message.channel": 1, "message.variant": 1,
-                 "message.held_out": 1},
-                session=session,
-            ).to_list()  # fmt: skip
             await self.cancel_entries(ids, code, detail, now, session)
-            # A send with a record is the record's to tell, and only if it still says `scheduled` (one
-            # marked `sending` before a crash may yet be found sent): counted below, or not at all.
-            recorded = {d["_id"] async for d in self.store.messages.find(
-                {"_id": {"$in": [e["_id"] for e in sends]}}, {"_id": 1}, session=session)}  # fmt: skip
-            for entry in sends:
-                if entry["_id"] not in recorded:
-                    fates[entry["_id"]] = fate_of({**entry, **entry["message"]}, "cancelled", code)
-            for doc in await Messages(self.store).cancel(ids, code, detail, now, session):
-                fates[doc["_id"]] = fate_of(doc, "cancelled", code)
-        return list(fates.values())
+            found = await Messages(self.store).cancel(ids, code, detail, now, session)
+            fates.extend(fate_of(doc, "cancelled", code) for doc in found)
+        return fates
 
     async def cancel_entries(
         self, ids: list[str], code: str, detail: str, now: datetime, session: AsyncClientSession
