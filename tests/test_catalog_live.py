@@ -37,11 +37,13 @@ async def test_fanout_is_batched_resumable_and_exactly_once(db: Any, settings: S
     )
 
     first = CatalogFanout(store, batch_size=1000)
+    assert await first.process_once()  # the change recorded, the fan-out in one part (fewer than 4 batches)
+    assert await db.fanout_parts.count_documents({"event_id": "pc"}) == 1
     assert await first.process_once()  # one batch, then the process "dies"
     assert await db.events.count_documents({"fanout_of": "pc"}) == 1000
     second = CatalogFanout(store, batch_size=1000, lease=timedelta(seconds=1))
-    assert not await second.process_once()  # the first still holds the lease
-    await db.inbox.update_one({"_id": "pc"}, {"$set": {"fanout.until": now - timedelta(seconds=1)}})
+    assert not await second.process_once()  # the first still holds the part
+    await db.fanout_parts.update_many({"event_id": "pc"}, {"$set": {"until": now - timedelta(seconds=1)}})
     while await second.process_once():
         pass
     copies = [d async for d in db.events.find({"fanout_of": "pc"})]
@@ -51,6 +53,7 @@ async def test_fanout_is_batched_resumable_and_exactly_once(db: Any, settings: S
     assert (
         await db.events.find_one({"_id": "pc"}) is not None and await db.inbox.find_one({"_id": "pc"}) is None
     )
+    assert await db.fanout_parts.count_documents({}) == 0  # the parts go with the event
     assert (await db.products.find_one({"_id": "lamp"}))["price"] == 80.0
 
 

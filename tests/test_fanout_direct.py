@@ -5,6 +5,7 @@ get a stored, queued copy in the same transaction; a copy an earlier run queued 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,104 @@ async def test_a_batch_whose_claim_was_taken_over_meanwhile_is_not_decided_twice
     a = CatalogFanout(
         store, batch_size=500, decider=Stalled(), lease=timedelta(seconds=15), clock=lambda: now
     )
-    assert await a.process_once()
+    assert await a.process_once()  # the change recorded, the contacts in one part
+    assert await a.process_once()  # the part's batch, stalled
     while await inbox.process_once():
         pass
     states = await drops_of(db)
     assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(5)}
     assert await db.inbox.count_documents({}) == 0  # B finished the event; A left nothing behind
+
+
+async def drain(fanout: CatalogFanout) -> None:
+    while await fanout.process_once():
+        pass
+
+
+async def test_two_workers_share_a_large_fanout_and_decide_each_contact_once(
+    settings: Settings, db: Any
+) -> None:
+    """A fan-out of 4,000 contacts in batches of 250 is cut into four parts; two workers (each its own
+    inbox and fan-out, as two processes have) take them at once: each contact decided once, both workers
+    did part of it, and the event and its parts are gone when the last part is done."""
+    store, inbox, now = await setup(settings, db, 4000)
+    other = Inbox(store, inbox.rulesets)
+    await price_drop(store, now)
+    a = CatalogFanout(store, batch_size=250, decider=inbox)
+    b = CatalogFanout(store, batch_size=250, decider=other)
+    assert await a.process_once()  # the change recorded and the contacts cut into parts
+    parts = await db.fanout_parts.find({"event_id": "pc"}).sort("n", 1).to_list()
+    assert len(parts) == 4
+    ranges = [(p["after"], p["upto"]) for p in parts]
+    assert ranges[0][0] is None and ranges[-1][1] is None
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(3))  # contiguous
+    await asyncio.gather(drain(a), drain(b))
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(4000)}
+    assert a.decided > 0 and b.decided > 0 and a.decided + b.decided == 4000
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+    decided = sum([d["decided"] async for d in db.throughput.find({})])
+    assert decided == 4001  # the catalog event counted once, by whichever finished its last part
+
+
+class Meeting:
+    """A worker's `fanout_parts` whose first write waits for the other worker's first write: both mark
+    their part done, inside their transactions, before either goes on (then as usual)."""
+
+    def __init__(self, parts: Any, meet: asyncio.Barrier) -> None:
+        self.parts, self.meet, self.met = parts, meet, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parts, name)
+
+    async def update_one(self, *args: Any, **kwargs: Any) -> Any:
+        result = await self.parts.update_one(*args, **kwargs)
+        if not self.met:
+            self.met = True
+            await self.meet.wait()
+        return result
+
+
+async def test_the_last_two_parts_finished_at_once_finish_the_event_once(settings: Settings, db: Any) -> None:
+    """Two workers finish the event's last two parts in the same moment, each having marked its part done
+    before the other looks: neither may miss the other's (the event would stay queued for good), and the
+    event is counted once."""
+    store, inbox, now = await setup(settings, db, 2000)
+    await price_drop(store, now)
+    a = CatalogFanout(store, batch_size=250, decider=inbox)
+    assert await a.process_once()
+    assert await db.fanout_parts.count_documents({"event_id": "pc"}) == 2
+    meet = asyncio.Barrier(2)
+    fanouts = []
+    for _ in range(2):
+        own = Store(db.client, settings.database, timedelta(days=1))
+        own.fanout_parts = Meeting(own.fanout_parts, meet)  # type: ignore[assignment]
+        fanouts.append(CatalogFanout(own, batch_size=250))
+    claims = [await f.catalog.claim(f.owner, now, f.lease) for f in fanouts]
+    parts = [c[1]["_id"] for c in claims if c is not None and c[1] is not None]
+    assert len(set(parts)) == 2
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(f.catalog.finish_part("pc", p, f.owner, now) for f, p in zip(fanouts, parts, strict=True))
+        ),
+        30,
+    )
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+    assert sum([d["decided"] async for d in db.throughput.find({})]) == 1
+
+
+async def test_a_fanout_the_release_before_left_halfway_goes_on_after_its_position(
+    settings: Settings, db: Any
+) -> None:
+    """A catalog event whose fan-out the release before had taken to `c0599|lamp` (its position on the
+    queue document, its claim run out) is cut from there: the contacts after it are decided, none before."""
+    store, inbox, now = await setup(settings, db, 1200)
+    await price_drop(store, now)
+    change = {"previous_price": 100.0, "drop_percent": 20.0}
+    left = {"product": change, "after": "c0599|lamp", "owner": "gone", "until": now - timedelta(seconds=1)}
+    await db.inbox.update_one({"_id": "pc"}, {"$set": {"fanout": left}})
+    await drain(CatalogFanout(store, batch_size=100, decider=inbox))
+    states = await drops_of(db)
+    assert sorted(states) == [f"c{i:04d}" for i in range(600, 1200)]
+    assert {count(s, "drops") for s in states.values()} == {1}
+    assert await db.inbox.count_documents({}) == 0

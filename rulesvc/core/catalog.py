@@ -236,3 +236,20 @@ def interest_fields(doc: Doc) -> Doc:
     if doc["type"] == "subscribed":
         return {"wanted_oos_at": doc["time"]}  # a back-in-stock subscription
     return {}
+
+
+PART_BATCHES = 4  # a part of a fan-out is at least this many batches: each claim pays for itself
+MOST_PARTS = 16  # enough for every worker of a few machines to take one at a time
+
+
+def fanout_parts(
+    ids: list[str], after: str | None, batch_size: int, most: int = MOST_PARTS
+) -> list[tuple[str | None, str | None]]:
+    """The interested contacts' index ids (in order, all after `after`) cut into contiguous ranges
+    `(after, upto]` that the workers claim one at a time, so a large fan-out is decided by all of them at
+    once. The first range starts at `after`, the last has no end: an interest added meanwhile falls in
+    one of them, as it would in a fan-out in one piece."""
+    count = min(most, max(1, len(ids) // (PART_BATCHES * batch_size)))
+    size = -(-len(ids) // count)
+    bounds = [ids[size * i - 1] for i in range(1, count)]
+    return list(zip([after, *bounds], [*bounds, None], strict=True))

@@ -1,11 +1,14 @@
 """The catalog fan-out: a `price_changed` or `stock_changed` decided once per interested contact (what
 counts as interested, and the catalog change itself, are decided in `rulesvc.core.catalog`).
 
-A batch of interested contacts at a time, each gets a copy of the event with a fixed id, decided by the
-inbox under the contacts' leases without being stored, in one transaction with the fan-out's position: a
-crash resumes after the last batch decided, and ingestion goes on meanwhile (the inbox takes other
-contacts between the batches). A copy the inbox cannot decide at once (its contact is in another batch,
-or has a backlog) is stored and queued like any event, in that same transaction.
+The first worker to take a catalog event records the product's change and cuts the interested contacts
+(in the interest index's order) into parts, a few batches each at least; every worker's fan-out then takes
+one part at a time, so a large fan-out is decided by all of them at once. A batch of a part's contacts at a
+time, each gets a copy of the event with a fixed id, decided by the inbox under the contacts' leases
+without being stored, in one transaction with the part's position: a crash resumes after the last batch
+decided, and ingestion goes on meanwhile (the inbox takes other contacts between the batches). A copy the
+inbox cannot decide at once (its contact is in another batch, or has a backlog) is stored and queued like
+any event, in that same transaction. Without the inbox as `decider`, every copy is stored and queued.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import structlog
 from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from rulesvc.core.catalog import catalog_change, interest_fields
+from rulesvc.core.catalog import catalog_change, fanout_parts, interest_fields
 from rulesvc.core.ids import fanout_copy_id
 from rulesvc.runtime.waiting import work_loop
 from rulesvc.store.catalog import Catalog, Superseded
@@ -93,13 +96,18 @@ class CatalogFanout:
         await work_loop("catalog", step, stop, self.wake)
 
     async def process_once(self) -> bool:
-        """Takes the oldest catalog event nobody holds and fans out one batch of it."""
+        """Takes the oldest catalog event with work nobody holds: records its change and cuts it into parts
+        when nobody has yet, else fans out one batch of a part of it."""
         now = self.clock()
-        event = await self.catalog.claim_event(self.owner, now, self.lease)
-        if event is None:
+        claimed = await self.catalog.claim(self.owner, now, self.lease)
+        if claimed is None:
             return False
+        event, part = claimed
         try:
-            await self._fan_out(event, now)
+            if part is None:
+                await self._cut(event, now)
+            else:
+                await self._part(event, part, now)
         except Superseded as exc:  # another fan-out holds it now and decides this batch
             log.info("catalog.claim_taken_over", event_id=event["_id"], why=str(exc))
         except Exception as exc:
@@ -109,6 +117,8 @@ class CatalogFanout:
             error = failure_text(exc)
             retry_at = now + self.retry_pause
             quarantined = await self.store.event_failed(event["_id"], error, "fanout", now, retry_at=retry_at)
+            if part is not None:
+                await self.catalog.release(part["_id"], self.owner)
             log.error(
                 "catalog.event_quarantined" if quarantined else "catalog.event_failed",
                 event_id=event["_id"],
@@ -119,14 +129,20 @@ class CatalogFanout:
                 self.on_quarantined("fanout")
         return True
 
-    async def _fan_out(self, event: Doc, now: datetime) -> None:
+    async def _cut(self, event: Doc, now: datetime) -> None:
+        """The catalog change recorded, and the interested contacts cut into parts that every worker's
+        fan-out takes one at a time (a run of the release before may have copied some: after `after`)."""
         fanout = event.get("fanout") or {}
         if "product" not in fanout:
             fanout["product"] = await self._update_catalog(event)
             await self.catalog.save_change(event["_id"], fanout["product"])
-        done = await self._batch(event, fanout)
-        if done:
+        ids = await self.catalog.interested_ids(event, fanout.get("after"))
+        if not ids:
             await self.catalog.finish_event(event["_id"], now)
+            return
+        await self.catalog.cut(
+            event["_id"], self.owner, fanout_parts(ids, fanout.get("after"), self.batch_size)
+        )
 
     async def _update_catalog(self, event: Doc) -> Doc:
         """Record the new price or stock and return what the copies need to know about the change."""
@@ -138,13 +154,18 @@ class CatalogFanout:
         await self.catalog.save_product(product_id, fields)
         return change
 
-    async def _batch(self, event: Doc, fanout: Doc) -> bool:
-        interests = await self.catalog.interested(event, fanout.get("after"), self.batch_size)
+    async def _part(self, event: Doc, part: Doc, now: datetime) -> None:
+        """One batch of the part; the part done when a batch comes up short."""
+        if await self._batch(event, part):
+            await self.catalog.finish_part(event["_id"], part["_id"], self.owner, now)
+
+    async def _batch(self, event: Doc, part: Doc) -> bool:
+        interests = await self.catalog.interested(event, part["after"], part["upto"], self.batch_size)
         if not interests:
             return True
         now = self.clock()
         copies = []
-        shared = {**(event.get("attributes") or {}), **fanout["product"]}
+        shared = {**(event.get("attributes") or {}), **event["fanout"]["product"]}
         for interest in interests:
             attributes = dict(shared)
             attributes["interest"] = {
@@ -160,16 +181,14 @@ class CatalogFanout:
         position = interests[-1]["_id"]
         if self.decider is None:
             await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its place
-            await self.catalog.save_position(event["_id"], position)
+            await self.catalog.save_position(part["_id"], position)
         else:
             # Copies an earlier run queued (a batch that could not be decided at once) are the inbox's.
             stored = await self.catalog.stored_copies([c["_id"] for c in copies])
 
-            before = fanout.get("after")
-
             async def save(session: AsyncClientSession) -> None:
                 until = self.clock() + self.lease
-                await self.catalog.advance(event["_id"], self.owner, before, position, until, session)
+                await self.catalog.advance(part["_id"], self.owner, part["after"], position, until, session)
 
             fresh = [c for c in copies if c["_id"] not in stored]
             self.decided += await self.decider.decide_given(fresh, save)

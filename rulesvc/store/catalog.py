@@ -1,13 +1,14 @@
 """The catalog (`products`: each product's last price and stock), the interest index (`interests`: one
-document per contact and product), and the fan-out's claim and position on a catalog event (on its queue
-document: rulesvc.store.event_queue)."""
+document per contact and product), and the fan-out's claims and positions: on a catalog event's queue
+document (rulesvc.store.event_queue) until it is cut into parts, then one document per part
+(`fanout_parts`: its range of the interest index, position, holder, and whether it is done)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReplaceOne, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.core.catalog import VIEW_WINDOW
@@ -17,78 +18,153 @@ from rulesvc.store.transactions import in_transaction
 
 
 class Superseded(Exception):
-    """The fan-out's claim on a catalog event was taken over (it ran out while a batch was being decided):
-    that batch's decisions must not be committed, the new holder decides it."""
+    """The fan-out's claim on a part of a catalog event was taken over (it ran out while a batch was being
+    decided): that batch's decisions must not be committed, the new holder decides it."""
+
+
+CANDIDATES = 20  # catalog events looked at per claim: the oldest whose parts are not all held by others
 
 
 class Catalog:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def claim_event(self, owner: str, now: datetime, lease: timedelta) -> Doc | None:
-        """The oldest catalog event nobody else holds, now held by `owner` for `lease`, with its `fanout`."""
-        while True:
-            queued = await self.store.queue.find_one_and_update(
-                {"state": PENDING, "contact_id": None,
-                 "$or": [{"fanout.until": {"$exists": False}}, {"fanout.until": {"$lt": now}},
-                         {"fanout.owner": owner}]},
-                {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
-                sort=[("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)],
-                hint="inbox_pending",  # its `contact_id: null` range
-            )  # fmt: skip
+    async def claim(self, owner: str, now: datetime, lease: timedelta) -> tuple[Doc, Doc | None] | None:
+        """The oldest catalog event with work nobody else holds, with its `fanout`, and what `owner` now
+        holds of it for `lease`: one of its parts (`fanout_parts`, each worker takes its own), or, before
+        it is cut into parts, the whole event (the part None), to record the catalog change and cut it."""
+        mine: list[Doc] = [{"until": None}, {"until": {"$lt": now}}, {"owner": owner}]
+        # An event out of the way for a while after a failure (`fanout.until` later, no owner) is skipped.
+        free = [{f"fanout.{k}": v for k, v in c.items()} for c in mine]
+        due = {"state": PENDING, "contact_id": None, "$or": free}
+        oldest = [("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)]
+        # `inbox_pending`: its `contact_id: null` range.
+        cursor = self.store.queue.find(due, {"fanout.parts": 1}, sort=oldest, hint="inbox_pending")
+        candidates = await cursor.limit(CANDIDATES).to_list()
+        for candidate in candidates:
+            part: Doc | None = None
+            if "parts" in (candidate.get("fanout") or {}):
+                part = await self.store.fanout_parts.find_one_and_update(
+                    {"event_id": candidate["_id"], "done": False, "$or": mine},
+                    {"$set": {"owner": owner, "until": now + lease}},
+                    sort=[("n", ASCENDING)],
+                    return_document=ReturnDocument.AFTER,
+                )
+                if part is None:
+                    continue
+                queued = await self.store.queue.find_one({"_id": candidate["_id"], "state": PENDING})
+            else:
+                queued = await self.store.queue.find_one_and_update(
+                    {**due, "_id": candidate["_id"], "fanout.parts": {"$exists": False}},
+                    {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
+                    return_document=ReturnDocument.AFTER,
+                )
             if queued is None:
-                return None
+                continue
             found = await self.store.events_of([queued])  # an event gone: its queue document goes too
             if found:
-                return found[0]
+                return found[0], part
+        return None
 
     async def save_change(self, event_id: str, change: Doc) -> None:
         """What the copies are to know about the product's change, kept for a resumed run."""
         await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
 
-    async def save_position(
-        self, event_id: str, after: str, session: AsyncClientSession | None = None
-    ) -> None:
-        """The last interest copied or decided: a resumed run goes on after it. With `session`, in the
-        transaction of the decisions it covers."""
-        position = {"$set": {"fanout.after": after}}
-        await self.store.queue.update_one({"_id": event_id}, position, session=session)
+    async def cut(self, event_id: str, owner: str, parts: list[tuple[str | None, str | None]]) -> None:
+        """The event's interested contacts as `parts` (`rulesvc.core.catalog.fanout_parts`), each claimed
+        by one worker from now on, in one transaction with the event's own claim let go: only while `owner`
+        still holds the whole event (else `Superseded`: another run cuts it)."""
+
+        async def write(session: AsyncClientSession) -> None:
+            whole = {"fanout.owner": owner, "fanout.parts": {"$exists": False}}
+            result = await self.store.queue.update_one(
+                {"_id": event_id, "state": PENDING, **whole},
+                {"$set": {"fanout.parts": len(parts), "fanout.done": 0},
+                 "$unset": {"fanout.owner": "", "fanout.until": "", "fanout.after": ""}},
+                session=session,
+            )  # fmt: skip
+            if result.matched_count != 1:
+                raise Superseded(f"catalog event {event_id}: the fan-out's claim was taken over")
+            await self.store.fanout_parts.bulk_write(
+                [ReplaceOne({"_id": f"{event_id}#{n}"},
+                            {"event_id": event_id, "n": n, "after": after, "upto": upto, "done": False},
+                            upsert=True)
+                 for n, (after, upto) in enumerate(parts)],
+                session=session,
+            )  # fmt: skip
+
+        await in_transaction(self.store.client, write)
+
+    async def save_position(self, part_id: str, after: str) -> None:
+        """The last interest copied in the part: a resumed run goes on after it."""
+        await self.store.fanout_parts.update_one({"_id": part_id}, {"$set": {"after": after}})
 
     async def advance(
         self,
-        event_id: str,
+        part_id: str,
         owner: str,
         before: str | None,
         after: str,
         until: datetime,
         session: AsyncClientSession,
     ) -> None:
-        """The position moved from `before` to `after` and the claim extended, in the transaction of the
-        batch it covers, only while `owner` still holds the event at `before`: else `Superseded`, and the
+        """The part's position moved from `before` to `after` and its claim extended, in the transaction of
+        the batch it covers, only while `owner` still holds the part at `before`: else `Superseded`, and the
         transaction with its decisions is not committed (decided copies are not stored, so nothing else
-        would keep a second holder from deciding the same batch again)."""
-        at = {"fanout.after": before} if before is not None else {"fanout.after": {"$exists": False}}
-        result = await self.store.queue.update_one(
-            {"_id": event_id, "state": PENDING, "fanout.owner": owner, **at},
-            {"$set": {"fanout.after": after, "fanout.until": until}},
+        would keep a second holder from deciding the same batch again). Each part is a document of its own,
+        so the workers deciding an event's parts at once never write the same document."""
+        result = await self.store.fanout_parts.update_one(
+            {"_id": part_id, "owner": owner, "after": before, "done": False},
+            {"$set": {"after": after, "until": until}},
             session=session,
         )
         if result.matched_count != 1:
-            raise Superseded(f"catalog event {event_id}: the fan-out's claim was taken over")
+            raise Superseded(f"fan-out part {part_id}: its claim was taken over")
+
+    async def release(self, part_id: str, owner: str) -> None:
+        """A part given up after a failure: any worker may take it once the event is due again."""
+        await self.store.fanout_parts.update_one(
+            {"_id": part_id, "owner": owner}, {"$set": {"owner": None, "until": None}}
+        )
 
     async def stored_copies(self, ids: list[str]) -> set[str]:
         """Which of these copies an earlier run queued (they are the inbox's now, never decided twice)."""
         return {d["_id"] async for d in self.store.events.find({"_id": {"$in": ids}}, {"_id": 1})}
 
-    async def finish_event(self, event_id: str, now: datetime) -> None:
-        """Out of the queue and counted, in one transaction. A repeat finds it gone: nothing to change."""
+    async def finish_part(self, event_id: str, part_id: str, owner: str, now: datetime) -> None:
+        """The part done; with the event's last part, the event out of the queue (its parts with it) and
+        counted, in one transaction. Every part done goes through the event's queue document, so two
+        workers finishing its last two parts at once conflict and one of them, run again, sees both
+        done. A part another run took over is its to finish."""
 
         async def write(session: AsyncClientSession) -> None:
-            result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING}, session=session)
-            if result.deleted_count:  # a catalog event is decided once its copies are all made
-                await self.store.count_decided(now, 1, "fanout", session)
+            result = await self.store.fanout_parts.update_one(
+                {"_id": part_id, "owner": owner, "done": False}, {"$set": {"done": True}}, session=session
+            )
+            if result.modified_count != 1:
+                return
+            queued = await self.store.queue.find_one_and_update(
+                {"_id": event_id, "state": PENDING},
+                {"$inc": {"fanout.done": 1}},
+                projection={"fanout": 1},
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+            if queued is not None and queued["fanout"]["done"] >= queued["fanout"]["parts"]:
+                await self._finish(event_id, now, session)
 
         await in_transaction(self.store.client, write)
+
+    async def finish_event(self, event_id: str, now: datetime) -> None:
+        """Out of the queue and counted, in one transaction (no contact interested). A repeat finds it
+        gone: nothing to change."""
+        await in_transaction(self.store.client, lambda session: self._finish(event_id, now, session))
+
+    async def _finish(self, event_id: str, now: datetime, session: AsyncClientSession) -> None:
+        result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING}, session=session)
+        await self.store.fanout_parts.delete_many({"event_id": event_id}, session=session)
+        if result.deleted_count:  # a catalog event is decided once its copies are all made
+            await self.store.count_decided(now, 1, "fanout", session)
 
     async def product(self, product_id: str) -> Doc:
         """The product's last known fields (`{}` for a product not seen before)."""
@@ -97,9 +173,24 @@ class Catalog:
     async def save_product(self, product_id: str, fields: Doc) -> None:
         await self.store.products.update_one({"_id": product_id}, {"$set": fields}, upsert=True)
 
-    async def interested(self, event: Doc, after: str | None, limit: int) -> list[Doc]:
+    async def interested(self, event: Doc, after: str | None, upto: str | None, limit: int) -> list[Doc]:
         """The interests in the event's product that count for its type (the query form of
-        `rulesvc.core.catalog.interested`), in id order after `after`."""
+        `rulesvc.core.catalog.interested`), in id order after `after` and up to `upto` (a part)."""
+        query = self._interest_query(event)
+        if after is not None or upto is not None:
+            query["_id"] = {**({"$gt": after} if after is not None else {}),
+                            **({"$lte": upto} if upto is not None else {})}  # fmt: skip
+        return await self.store.interests.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+
+    async def interested_ids(self, event: Doc, after: str | None) -> list[str]:
+        """Every interest's id of `interested`, in order: where to cut the fan-out into parts."""
+        query = self._interest_query(event)
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.store.interests.find(query, {"_id": 1}, batch_size=10_000).sort("_id", ASCENDING)
+        return [d["_id"] async for d in cursor]
+
+    def _interest_query(self, event: Doc) -> Doc:
         product = str((event.get("attributes") or {})["product_id"])
         query: Doc
         if event["type"] == "price_changed":
@@ -113,9 +204,7 @@ class Catalog:
                 "product_id": product,
                 "$or": [{"wanted_oos_at": {"$exists": True}}, {"wishlisted_at": {"$exists": True}}],
             }
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        return await self.store.interests.find(query).sort("_id", ASCENDING).limit(limit).to_list()
+        return query
 
     async def insert_copies(self, copies: list[Doc]) -> None:
         """The per-contact copies of a catalog event, queued with them; copies already there (a run that

@@ -130,6 +130,8 @@ class Store:
         self.job_runs: AsyncCollection[Doc] = self.db["job_runs"]
         self.api_keys: AsyncCollection[Doc] = self.db["api_keys"]
         self.interests: AsyncCollection[Doc] = self.db["interests"]
+        # A large catalog fan-out's parts, each claimed and decided by one worker (rulesvc.store.catalog).
+        self.fanout_parts: AsyncCollection[Doc] = self.db["fanout_parts"]
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
         self.products: AsyncCollection[Doc] = self.db["products"]
@@ -183,6 +185,9 @@ class Store:
                 IndexModel([("product_id", ASCENDING), ("_id", ASCENDING)], name="interests_by_product"),
                 IndexModel([("contact_id", ASCENDING)], name="interests_by_contact"),
             ]
+        )
+        await self.fanout_parts.create_indexes(
+            [IndexModel([("event_id", ASCENDING), ("n", ASCENDING)], name="fanout_parts_by_event")]
         )
         # Contact search (`GET /v1/contacts?q=`) by email, case-insensitively: the store keeps an email as
         # the contact gave it, so the index compares with a case-blind collation (`EMAIL_COLLATION`, which
@@ -534,6 +539,7 @@ class Store:
              for d in found],
             session=session,
         )  # fmt: skip
+        await self.fanout_parts.delete_many({"event_id": batch["_id"]}, session=session)  # a dropped fan-out
         return (await self.queue.delete_many(batch, session=session)).deleted_count
 
     # --- contacts -----------------------------------------------------------------------------------

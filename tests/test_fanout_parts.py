@@ -1,0 +1,48 @@
+"""How a catalog fan-out is cut into parts for the workers (`rulesvc.core.catalog.fanout_parts`), without
+mongod: every interest falls in exactly one part, judged by comparing ids in the test."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rulesvc.core.catalog import MOST_PARTS, PART_BATCHES, fanout_parts
+
+ids_strategy = st.lists(st.text("abc|0123", min_size=1, max_size=6), max_size=400, unique=True).map(sorted)
+
+
+def part_of(key: str, parts: list[tuple[str | None, str | None]]) -> list[int]:
+    return [
+        n
+        for n, (after, upto) in enumerate(parts)
+        if (after is None or key > after) and (upto is None or key <= upto)
+    ]
+
+
+@given(ids_strategy, st.integers(1, 40), st.integers(1, 20))
+def test_every_interest_falls_in_exactly_one_part(ids: list[str], batch: int, most: int) -> None:
+    parts = fanout_parts(ids, None, batch, most)
+    assert 1 <= len(parts) <= min(most, max(1, len(ids) // (PART_BATCHES * batch)))
+    assert parts[0][0] is None and parts[-1][1] is None
+    placed = [part_of(key, parts) for key in ids]
+    assert all(len(p) == 1 for p in placed)
+    sizes = [sum(1 for p in placed if p == [n]) for n in range(len(parts))]
+    if len(parts) > 1:  # as even as whole ids allow, the last part taking what is left
+        assert len(set(sizes[:-1])) == 1 and 0 < sizes[-1] <= sizes[0]
+    # An interest added later, anywhere in the index, falls in one part too.
+    assert all(len(part_of(key, parts)) == 1 for key in ["", "a", "zzz", *(i + "0" for i in ids)])
+
+
+@given(ids_strategy)
+def test_a_fanout_cut_after_a_position_starts_there(ids: list[str]) -> None:
+    after = "a"
+    later = [i for i in ids if i > after]
+    parts = fanout_parts(later, after, 1)
+    assert parts[0][0] == after and not part_of(after, parts)
+
+
+def test_a_large_fanout_gets_at_most_the_most_parts_and_a_small_one_one() -> None:
+    ids = [f"c{i:06d}|p" for i in range(100_000)]
+    assert len(fanout_parts(ids, None, 1000)) == MOST_PARTS
+    assert len(fanout_parts(ids[:30_000], None, 1000)) == 7
+    assert fanout_parts(ids[:3999], None, 1000) == [(None, None)]
