@@ -221,9 +221,10 @@ SETTINGS_DOC: tuple[SettingDoc, ...] = (
     SettingDoc(
         "fanout_direct",
         "RULESVC_FANOUT_DIRECT",
-        "a catalog change is decided for each batch of interested contacts by the fan-out itself, under the "
-        "inbox's leases, without a stored copy per contact (fewer writes, one loop); false: a stored, queued "
-        "copy per contact, decided by every worker's inbox (faster on a small machine: BENCHMARKS.md)",
+        "a catalog change is decided for each batch of interested contacts by the fan-out itself (every "
+        "worker takes parts of it), under the inbox's leases, without a stored copy per contact (fewer "
+        "writes); false: a stored, queued copy per contact, decided by every worker's inbox (faster on a "
+        "small machine: BENCHMARKS.md)",
     ),
     SettingDoc(
         "event_loop",
