@@ -260,3 +260,36 @@ async def test_a_fanout_the_release_before_left_halfway_goes_on_after_its_positi
     assert sorted(states) == [f"c{i:04d}" for i in range(600, 1200)]
     assert {count(s, "drops") for s in states.values()} == {1}
     assert await db.inbox.count_documents({}) == 0
+
+
+class Broken:
+    """A worker whose every decision fails (as a ruleset that raises would): its part is set aside."""
+
+    async def decide_given(self, docs: list[Doc], also: Any) -> int:
+        raise ValueError("the ruleset raised")
+
+
+async def test_a_part_finished_while_another_part_set_the_event_aside_counts_after_the_retry(
+    settings: Settings, db: Any
+) -> None:
+    """Worker A is finishing its part while worker B's part fails until the event is quarantined. A's part
+    still counts: once the operator retries the event, B's part is decided and the event leaves the queue
+    (else it would wait for a part already done, for good)."""
+    store, inbox, now = await setup(settings, db, 2000)
+    await price_drop(store, now)
+    a = CatalogFanout(store, batch_size=250, decider=inbox)
+    for _ in range(5):  # the cut, then part 0's four batches
+        assert await a.process_once()
+    claimed = await a.catalog.claim(a.owner, now, a.lease)  # A's last look at part 0: nothing left
+    assert claimed is not None and claimed[1] is not None and claimed[1]["n"] == 0
+    b = CatalogFanout(store, batch_size=250, decider=Broken(), retry_pause=timedelta(0))
+    for _ in range(3):
+        assert await b.process_once()
+    assert (await db.inbox.find_one({"_id": "pc"}))["state"] == "quarantined"
+    await a.catalog.finish_part("pc", claimed[1]["_id"], a.owner, now)
+    assert await store.release_quarantined(["pc"], "retry", datetime.now(UTC)) == 1
+    await drain(CatalogFanout(store, batch_size=250, decider=inbox))
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(2000)}
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+    assert sum([d["decided"] async for d in db.throughput.find({})]) == 2001

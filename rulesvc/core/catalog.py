@@ -250,6 +250,6 @@ def fanout_parts(
     once. The first range starts at `after`, the last has no end: an interest added meanwhile falls in
     one of them, as it would in a fan-out in one piece."""
     count = min(most, max(1, len(ids) // (PART_BATCHES * batch_size)))
-    size = -(-len(ids) // count)
-    bounds = [ids[size * i - 1] for i in range(1, count)]
+    # Part i ends at the (len * i // count)th id: sizes differ by one at most, every bound an id.
+    bounds = [ids[len(ids) * i // count - 1] for i in range(1, count)]
     return list(zip([after, *bounds], [*bounds, None], strict=True))

@@ -138,7 +138,7 @@ class CatalogFanout:
             await self.catalog.save_change(event["_id"], fanout["product"])
         ids = await self.catalog.interested_ids(event, fanout.get("after"))
         if not ids:
-            await self.catalog.finish_event(event["_id"], now)
+            await self.catalog.finish_event(event["_id"], now, self.owner)
             return
         await self.catalog.cut(
             event["_id"], self.owner, fanout_parts(ids, fanout.get("after"), self.batch_size)

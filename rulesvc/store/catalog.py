@@ -22,7 +22,7 @@ class Superseded(Exception):
     decided): that batch's decisions must not be committed, the new holder decides it."""
 
 
-CANDIDATES = 20  # catalog events looked at per claim: the oldest whose parts are not all held by others
+PAGE = 20  # catalog events read at a time while looking for one with work nobody holds
 
 
 class Catalog:
@@ -38,12 +38,18 @@ class Catalog:
         free = [{f"fanout.{k}": v for k, v in c.items()} for c in mine]
         due = {"state": PENDING, "contact_id": None, "$or": free}
         oldest = [("contact_id", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)]
-        # `inbox_pending`: its `contact_id: null` range.
-        cursor = self.store.queue.find(due, {"fanout.parts": 1}, sort=oldest, hint="inbox_pending")
-        candidates = await cursor.limit(CANDIDATES).to_list()
-        for candidate in candidates:
+        # `inbox_pending`: its `contact_id: null` range. Read a page at a time: events whose parts are all
+        # held by other workers are passed over, however many there are, and the newer ones still taken.
+        cursor = self.store.queue.find(
+            due, {"fanout.parts": 1, "fanout.done": 1}, sort=oldest, hint="inbox_pending", batch_size=PAGE
+        )
+        async for candidate in cursor:
             part: Doc | None = None
-            if "parts" in (candidate.get("fanout") or {}):
+            fanout = candidate.get("fanout") or {}
+            if "parts" in fanout:
+                if fanout["done"] >= fanout["parts"]:  # its last part finished while it was set aside
+                    await self.finish_event(candidate["_id"], now)
+                    continue
                 part = await self.store.fanout_parts.find_one_and_update(
                     {"event_id": candidate["_id"], "done": False, "$or": mine},
                     {"$set": {"owner": owner, "until": now + lease}},
@@ -63,6 +69,7 @@ class Catalog:
                 continue
             found = await self.store.events_of([queued])  # an event gone: its queue document goes too
             if found:
+                await cursor.close()
                 return found[0], part
         return None
 
@@ -135,7 +142,8 @@ class Catalog:
         """The part done; with the event's last part, the event out of the queue (its parts with it) and
         counted, in one transaction. Every part done goes through the event's queue document, so two
         workers finishing its last two parts at once conflict and one of them, run again, sees both
-        done. A part another run took over is its to finish."""
+        done. A part is counted even while its event is set aside after another part failed: the retry
+        finishes what is left. A part another run took over is its to finish."""
 
         async def write(session: AsyncClientSession) -> None:
             result = await self.store.fanout_parts.update_one(
@@ -144,26 +152,33 @@ class Catalog:
             if result.modified_count != 1:
                 return
             queued = await self.store.queue.find_one_and_update(
-                {"_id": event_id, "state": PENDING},
+                {"_id": event_id},
                 {"$inc": {"fanout.done": 1}},
-                projection={"fanout": 1},
+                projection={"fanout": 1, "state": 1},
                 return_document=ReturnDocument.AFTER,
                 session=session,
             )
-            if queued is not None and queued["fanout"]["done"] >= queued["fanout"]["parts"]:
+            if queued is None or queued["state"] != PENDING:
+                return
+            if queued["fanout"]["done"] >= queued["fanout"]["parts"]:
                 await self._finish(event_id, now, session)
 
         await in_transaction(self.store.client, write)
 
-    async def finish_event(self, event_id: str, now: datetime) -> None:
-        """Out of the queue and counted, in one transaction (no contact interested). A repeat finds it
-        gone: nothing to change."""
-        await in_transaction(self.store.client, lambda session: self._finish(event_id, now, session))
+    async def finish_event(self, event_id: str, now: datetime, owner: str | None = None) -> None:
+        """Out of the queue and counted, in one transaction: no contact interested (only while `owner`
+        still holds the whole event), or every part done. A repeat finds it gone: nothing to change."""
+        held = {"fanout.owner": owner, "fanout.parts": {"$exists": False}} if owner else {}
+        await in_transaction(self.store.client, lambda session: self._finish(event_id, now, session, held))
 
-    async def _finish(self, event_id: str, now: datetime, session: AsyncClientSession) -> None:
-        result = await self.store.queue.delete_one({"_id": event_id, "state": PENDING}, session=session)
-        await self.store.fanout_parts.delete_many({"event_id": event_id}, session=session)
+    async def _finish(
+        self, event_id: str, now: datetime, session: AsyncClientSession, held: Doc | None = None
+    ) -> None:
+        result = await self.store.queue.delete_one(
+            {"_id": event_id, "state": PENDING, **(held or {})}, session=session
+        )
         if result.deleted_count:  # a catalog event is decided once its copies are all made
+            await self.store.fanout_parts.delete_many({"event_id": event_id}, session=session)
             await self.store.count_decided(now, 1, "fanout", session)
 
     async def product(self, product_id: str) -> Doc:

@@ -429,6 +429,7 @@ class Store:
         gone = [i for i in ids if i not in found]
         if gone:
             await self.queue.delete_many({"_id": {"$in": gone}}, session=session)
+            await self.fanout_parts.delete_many({"event_id": {"$in": gone}}, session=session)
             log.warning("inbox.events_gone", events=len(gone))
         return [
             {**found[q["_id"]], **{k: v for k, v in q.items() if k != "_id"}}
