@@ -280,7 +280,8 @@ async def test_a_part_finished_while_another_part_set_the_event_aside_counts_aft
     a = CatalogFanout(store, batch_size=250, decider=inbox)
     for _ in range(5):  # the cut, then part 0's four batches
         assert await a.process_once()
-    claimed = await a.catalog.claim(a.owner, now, a.lease)  # A's last look at part 0: nothing left
+    # A's last look at part 0 (nothing left), its claim good for a minute from now, whatever the setup took.
+    claimed = await a.catalog.claim(a.owner, datetime.now(UTC), a.lease)
     assert claimed is not None and claimed[1] is not None and claimed[1]["n"] == 0
     b = CatalogFanout(store, batch_size=250, decider=Broken(), retry_pause=timedelta(0))
     for _ in range(3):
@@ -293,3 +294,44 @@ async def test_a_part_finished_while_another_part_set_the_event_aside_counts_aft
     assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(2000)}
     assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
     assert sum([d["decided"] async for d in db.throughput.find({})]) == 2001
+
+
+async def test_an_event_whose_parts_were_all_done_while_set_aside_leaves_the_queue(
+    settings: Settings, db: Any
+) -> None:
+    """Every part finished (the last one by a worker that took it over) while the event was quarantined:
+    after the retry there is nothing to claim, and the next claim lets the event go, counted once."""
+    store, inbox, now = await setup(settings, db, 2000)
+    await price_drop(store, now)
+    assert await CatalogFanout(store, batch_size=250, decider=inbox).process_once()
+    await db.fanout_parts.update_many({"event_id": "pc"}, {"$set": {"done": True}})
+    await db.inbox.update_one({"_id": "pc"}, {"$set": {"fanout.done": 2}})
+    await drain(CatalogFanout(store, batch_size=250, decider=inbox))
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+    assert sum([d["decided"] async for d in db.throughput.find({})]) == 1
+
+
+async def test_parts_of_an_expired_event_are_not_taken_for_a_new_event_of_the_same_id(
+    settings: Settings, db: Any
+) -> None:
+    """A fan-out cut into four parts whose event expired (the retention) before it was decided; the shop
+    sends an event of the same id again, cut into two parts this time, each held by a worker: a third
+    worker finds nothing to take (the old parts would have it decide half the contacts again and count
+    the event done before the new parts are), and each contact is decided once, by the new parts."""
+    store, inbox, now = await setup(settings, db, 4000)
+    await price_drop(store, now)
+    assert await CatalogFanout(store, batch_size=250, decider=inbox).process_once()
+    assert await db.fanout_parts.count_documents({"event_id": "pc"}) == 4
+    await db.events.delete_one({"_id": "pc"})  # as the events' TTL index does
+    await price_drop(store, datetime.now(UTC))
+    workers = [CatalogFanout(store, batch_size=500, decider=Inbox(store, inbox.rulesets)) for _ in range(3)]
+    assert await workers[0].process_once()  # the cut
+    for worker in workers[:2]:
+        claimed = await worker.catalog.claim(worker.owner, datetime.now(UTC), worker.lease)
+        assert claimed is not None and claimed[1] is not None
+    assert not await workers[2].process_once()
+    for worker in workers[:2]:
+        await drain(worker)
+    states = await drops_of(db)
+    assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(4000)}
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0

@@ -43,34 +43,36 @@ class Catalog:
         cursor = self.store.queue.find(
             due, {"fanout.parts": 1, "fanout.done": 1}, sort=oldest, hint="inbox_pending", batch_size=PAGE
         )
-        async for candidate in cursor:
-            part: Doc | None = None
-            fanout = candidate.get("fanout") or {}
-            if "parts" in fanout:
-                if fanout["done"] >= fanout["parts"]:  # its last part finished while it was set aside
-                    await self.finish_event(candidate["_id"], now)
+        try:
+            async for candidate in cursor:
+                part: Doc | None = None
+                fanout = candidate.get("fanout") or {}
+                if "parts" in fanout:
+                    if fanout["done"] >= fanout["parts"]:  # its last part finished while it was set aside
+                        await self.finish_event(candidate["_id"], now)
+                        continue
+                    part = await self.store.fanout_parts.find_one_and_update(
+                        {"event_id": candidate["_id"], "done": False, "$or": mine},
+                        {"$set": {"owner": owner, "until": now + lease}},
+                        sort=[("n", ASCENDING)],
+                        return_document=ReturnDocument.AFTER,
+                    )
+                    if part is None:
+                        continue
+                    queued = await self.store.queue.find_one({"_id": candidate["_id"], "state": PENDING})
+                else:
+                    queued = await self.store.queue.find_one_and_update(
+                        {**due, "_id": candidate["_id"], "fanout.parts": {"$exists": False}},
+                        {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
+                        return_document=ReturnDocument.AFTER,
+                    )
+                if queued is None:
                     continue
-                part = await self.store.fanout_parts.find_one_and_update(
-                    {"event_id": candidate["_id"], "done": False, "$or": mine},
-                    {"$set": {"owner": owner, "until": now + lease}},
-                    sort=[("n", ASCENDING)],
-                    return_document=ReturnDocument.AFTER,
-                )
-                if part is None:
-                    continue
-                queued = await self.store.queue.find_one({"_id": candidate["_id"], "state": PENDING})
-            else:
-                queued = await self.store.queue.find_one_and_update(
-                    {**due, "_id": candidate["_id"], "fanout.parts": {"$exists": False}},
-                    {"$set": {"fanout.owner": owner, "fanout.until": now + lease}},
-                    return_document=ReturnDocument.AFTER,
-                )
-            if queued is None:
-                continue
-            found = await self.store.events_of([queued])  # an event gone: its queue document goes too
-            if found:
-                await cursor.close()
-                return found[0], part
+                found = await self.store.events_of([queued])  # an event gone: its queue document goes too
+                if found:
+                    return found[0], part
+        finally:
+            await cursor.close()
         return None
 
     async def save_change(self, event_id: str, change: Doc) -> None:
@@ -92,6 +94,8 @@ class Catalog:
             )  # fmt: skip
             if result.matched_count != 1:
                 raise Superseded(f"catalog event {event_id}: the fan-out's claim was taken over")
+            # Parts left by an event of the same id that expired before it finished are not this one's.
+            await self.store.fanout_parts.delete_many({"event_id": event_id}, session=session)
             await self.store.fanout_parts.bulk_write(
                 [ReplaceOne({"_id": f"{event_id}#{n}"},
                             {"event_id": event_id, "n": n, "after": after, "upto": upto, "done": False},

@@ -363,6 +363,7 @@ class Store:
                 ]
                 if stale:
                     await self.queue.delete_many({"_id": {"$in": stale}}, session=session)
+                    await self.fanout_parts.delete_many({"event_id": {"$in": stale}}, session=session)
             new: list[Doc] = []
             duplicates: list[int] = []
             for i, doc in enumerate(docs):
