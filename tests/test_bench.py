@@ -59,3 +59,16 @@ def test_the_backtest_benchmark_replays_the_whole_stored_history(tmp_path: Path)
     assert set(r["backtest"]["rss_mb_at_replayed"]) <= {"0.25", "0.50", "0.75", "1.00"}
     assert all(v > 0 for v in r["ratios"].values())
     assert "ratio: per version / engine alone" in run.stdout
+
+
+def test_the_cut_benchmark_finds_the_same_bounds_both_ways(tmp_path: Path) -> None:
+    out = tmp_path / "cut.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cut_bench.py"), "--interests", "20000", "--batch", "100",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]  # it fails when the two ways' bounds differ
+    r = json.loads(out.read_text())
+    assert r["interests"] == 20000 and r["parts"] == 16  # 20000 // (4 batches of 100), at most 16
+    assert r["cut_one_pass_peak_mb"] > 0 and r["baseline_ids_in_a_list_peak_mb"] > 0

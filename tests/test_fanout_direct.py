@@ -335,3 +335,36 @@ async def test_parts_of_an_expired_event_are_not_taken_for_a_new_event_of_the_sa
     states = await drops_of(db)
     assert {c: count(s, "drops") for c, s in states.items()} == {f"c{i:04d}": 1 for i in range(4000)}
     assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+
+
+async def test_the_cut_picks_its_bounds_in_one_pass_and_interests_gone_meanwhile_leave_no_gap(
+    settings: Settings, db: Any
+) -> None:
+    store, _, now = await setup(settings, db, 4000)
+    await store.interests.insert_one(  # another product's interest inside the range: not this fan-out's
+        {"_id": "c0100|vase", "contact_id": "c0100", "product_id": "vase", "viewed_at": now}
+    )
+    await price_drop(store, now)
+    event = {"_id": "pc", "type": "price_changed", "time": now, "attributes": {"product_id": "lamp"}}
+    catalog = CatalogFanout(store, batch_size=100).catalog
+    ids = sorted(f"c{i:04d}|lamp" for i in range(4000))
+    assert await catalog.count_interested(event, None) == 4000
+    assert await catalog.count_interested(event, ids[999]) == 3000
+    assert await catalog.interested_at(event, None, [0, 999, 3999]) == [ids[0], ids[999], ids[3999]]
+    assert await catalog.interested_at(event, ids[999], [0, 1]) == [ids[1000], ids[1001]]
+    # Interests that go between the count and the pass: the positions further on are not reached, so the
+    # cut has fewer parts, and every interest is still in exactly one of them.
+    fanout = CatalogFanout(store, batch_size=100, decider=None)
+    pick = fanout.catalog.interested_at
+
+    async def pick_after_a_deletion(event: Doc, after: str | None, positions: list[int]) -> list[str]:
+        assert positions == [400 * n - 1 for n in range(1, 10)]  # ten parts for 4000 in batches of 100
+        await store.interests.delete_many({"_id": {"$gte": ids[2000]}, "product_id": "lamp"})
+        return await pick(event, after, positions)
+
+    fanout.catalog.interested_at = pick_after_a_deletion  # type: ignore[method-assign]
+    assert await fanout.process_once()  # the cut
+    parts = [(p["after"], p["upto"]) async for p in db.fanout_parts.find({}).sort("n", 1)]
+    assert parts == list(zip([None, *ids[399:2000:400]], [*ids[399:2000:400], None], strict=True))
+    for key in ids:
+        assert sum(1 for a, u in parts if (a is None or key > a) and (u is None or key <= u)) == 1

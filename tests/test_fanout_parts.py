@@ -1,14 +1,24 @@
-"""How a catalog fan-out is cut into parts for the workers (`rulesvc.core.catalog.fanout_parts`), without
-mongod: every interest falls in exactly one part, judged by comparing ids in the test."""
+"""How a catalog fan-out is cut into parts for the workers (`rulesvc.core.catalog.part_ends` and
+`fanout_ranges`), without mongod: every interest falls in exactly one part, judged by comparing ids in the
+test."""
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rulesvc.core.catalog import MOST_PARTS, PART_BATCHES, fanout_parts
+from rulesvc.core.catalog import MOST_PARTS, PART_BATCHES, fanout_ranges, part_ends
 
 ids_strategy = st.lists(st.text("abc|0123", min_size=1, max_size=6), max_size=400, unique=True).map(sorted)
+
+
+def fanout_parts(
+    ids: list[str], after: str | None, batch: int, most: int = MOST_PARTS
+) -> list[tuple[str | None, str | None]]:
+    """The cut the fan-out makes: the ids at `part_ends` picked as the store's one pass picks them."""
+    return fanout_ranges(after, [ids[at] for at in part_ends(len(ids), batch, most)])
 
 
 def part_of(key: str, parts: list[tuple[str | None, str | None]]) -> list[int]:
@@ -54,3 +64,15 @@ def test_small_batches_cut_every_id_into_a_part() -> None:
     parts = fanout_parts(ids, None, 1)
     assert len(parts) == 7
     assert sorted(len([k for k in ids if part_of(k, parts) == [n]]) for n in range(7)) == [4] * 6 + [5]
+
+
+@given(st.integers(0, 5_000_000), st.integers(1, 2000), st.integers(1, 64))
+def test_part_ends_are_increasing_positions_inside_the_interests(
+    interested: int, batch: int, most: int
+) -> None:
+    # The store reads the index once and keeps the ids at these positions: they must come in order, each
+    # once, and each an interest that exists (an end past the last would leave a part out).
+    ends = part_ends(interested, batch, most)
+    assert len(ends) < max(1, most)
+    assert all(0 <= a < b < interested for a, b in pairwise(ends))
+    assert all(0 <= at < interested for at in ends)

@@ -242,14 +242,19 @@ PART_BATCHES = 4  # a part of a fan-out is at least this many batches: each clai
 MOST_PARTS = 16  # enough for every worker of a few machines to take one at a time
 
 
-def fanout_parts(
-    ids: list[str], after: str | None, batch_size: int, most: int = MOST_PARTS
-) -> list[tuple[str | None, str | None]]:
-    """The interested contacts' index ids (in order, all after `after`) cut into contiguous ranges
-    `(after, upto]` that the workers claim one at a time, so a large fan-out is decided by all of them at
-    once. The first range starts at `after`, the last has no end: an interest added meanwhile falls in
-    one of them, as it would in a fan-out in one piece."""
-    count = min(most, max(1, len(ids) // (PART_BATCHES * batch_size)))
-    # Part i ends at the (len * i // count)th id: sizes differ by one at most, every bound an id.
-    bounds = [ids[len(ids) * i // count - 1] for i in range(1, count)]
+def part_ends(interested: int, batch_size: int, most: int = MOST_PARTS) -> list[int]:
+    """Where the interested contacts of a fan-out are cut into parts that the workers claim one at a
+    time, so a large fan-out is decided by all of them at once: the positions (from 0, in the interest
+    index's order) of the last interest of every part but the last. Positions, not ids, so the store can
+    pick the ids while it reads the index once, without holding all of them (a product with a million
+    interests is not a million ids in memory)."""
+    count = min(most, max(1, interested // (PART_BATCHES * batch_size)))
+    # Part i ends at the (interested * i // count)th id: sizes differ by one at most, none empty.
+    return [interested * i // count - 1 for i in range(1, count)]
+
+
+def fanout_ranges(after: str | None, bounds: list[str]) -> list[tuple[str | None, str | None]]:
+    """The parts as ranges `(after, upto]` of the interest index, given the ids at `part_ends`. The first
+    starts at `after` (where a run of the release before stopped), the last has no end: an interest added
+    meanwhile falls in one of them, as it would in a fan-out in one piece."""
     return list(zip([after, *bounds], [*bounds, None], strict=True))

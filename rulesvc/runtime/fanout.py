@@ -23,7 +23,7 @@ import structlog
 from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from rulesvc.core.catalog import catalog_change, fanout_parts, interest_fields
+from rulesvc.core.catalog import catalog_change, fanout_ranges, interest_fields, part_ends
 from rulesvc.core.ids import fanout_copy_id
 from rulesvc.runtime.waiting import work_loop
 from rulesvc.store.catalog import Catalog, Superseded
@@ -136,13 +136,13 @@ class CatalogFanout:
         if "product" not in fanout:
             fanout["product"] = await self._update_catalog(event)
             await self.catalog.save_change(event["_id"], fanout["product"])
-        ids = await self.catalog.interested_ids(event, fanout.get("after"))
-        if not ids:
+        after = fanout.get("after")
+        interested = await self.catalog.count_interested(event, after)
+        if not interested:
             await self.catalog.finish_event(event["_id"], now, self.owner)
             return
-        await self.catalog.cut(
-            event["_id"], self.owner, fanout_parts(ids, fanout.get("after"), self.batch_size)
-        )
+        bounds = await self.catalog.interested_at(event, after, part_ends(interested, self.batch_size))
+        await self.catalog.cut(event["_id"], self.owner, fanout_ranges(after, bounds))
 
     async def _update_catalog(self, event: Doc) -> Doc:
         """Record the new price or stock and return what the copies need to know about the change."""

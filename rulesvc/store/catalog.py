@@ -80,7 +80,7 @@ class Catalog:
         await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
 
     async def cut(self, event_id: str, owner: str, parts: list[tuple[str | None, str | None]]) -> None:
-        """The event's interested contacts as `parts` (`rulesvc.core.catalog.fanout_parts`), each claimed
+        """The event's interested contacts as `parts` (`rulesvc.core.catalog.fanout_ranges`), each claimed
         by one worker from now on, in one transaction with the event's own claim let go: only while `owner`
         still holds the whole event (else `Superseded`: another run cuts it)."""
 
@@ -195,19 +195,39 @@ class Catalog:
     async def interested(self, event: Doc, after: str | None, upto: str | None, limit: int) -> list[Doc]:
         """The interests in the event's product that count for its type (the query form of
         `rulesvc.core.catalog.interested`), in id order after `after` and up to `upto` (a part)."""
-        query = self._interest_query(event)
-        if after is not None or upto is not None:
-            query["_id"] = {**({"$gt": after} if after is not None else {}),
-                            **({"$lte": upto} if upto is not None else {})}  # fmt: skip
+        query = self._range(self._interest_query(event), after, upto)
         return await self.store.interests.find(query).sort("_id", ASCENDING).limit(limit).to_list()
 
-    async def interested_ids(self, event: Doc, after: str | None) -> list[str]:
-        """Every interest's id of `interested`, in order: where to cut the fan-out into parts."""
-        query = self._interest_query(event)
-        if after is not None:
-            query["_id"] = {"$gt": after}
+    async def count_interested(self, event: Doc, after: str | None) -> int:
+        """How many interests `interested` would return after `after`: how many parts to cut."""
+        return await self.store.interests.count_documents(self._range(self._interest_query(event), after))
+
+    async def interested_at(self, event: Doc, after: str | None, positions: list[int]) -> list[str]:
+        """The ids of `interested` at these positions (ascending, from 0, after `after`), read in one pass
+        over the index keeping only those: fewer if interests went meanwhile."""
+        query = self._range(self._interest_query(event), after)
         cursor = self.store.interests.find(query, {"_id": 1}, batch_size=10_000).sort("_id", ASCENDING)
-        return [d["_id"] async for d in cursor]
+        wanted, found = iter(positions), []
+        next_at = next(wanted, None)
+        try:
+            n = 0
+            async for doc in cursor:
+                if next_at is None:
+                    break
+                if n == next_at:
+                    found.append(doc["_id"])
+                    next_at = next(wanted, None)
+                n += 1
+        finally:
+            await cursor.close()
+        return found
+
+    @staticmethod
+    def _range(query: Doc, after: str | None, upto: str | None = None) -> Doc:
+        """The query narrowed to the index ids in `(after, upto]` (either end open when None)."""
+        bounds = {**({"$gt": after} if after is not None else {}),
+                  **({"$lte": upto} if upto is not None else {})}  # fmt: skip
+        return {**query, "_id": bounds} if bounds else query
 
     def _interest_query(self, event: Doc) -> Doc:
         product = str((event.get("attributes") or {})["product_id"])
