@@ -368,3 +368,34 @@ async def test_the_cut_picks_its_bounds_in_one_pass_and_interests_gone_meanwhile
     assert parts == list(zip([None, *ids[399:2000:400]], [*ids[399:2000:400], None], strict=True))
     for key in ids:
         assert sum(1 for a, u in parts if (a is None or key > a) and (u is None or key <= u)) == 1
+
+
+async def test_a_batch_read_before_the_operator_dropped_the_event_queues_no_copy(
+    settings: Settings, db: Any
+) -> None:
+    """Queued copies (the default): the operator drops the quarantined price change while a worker has a
+    batch of its contacts in hand. The batch queues nothing, so no contact is decided for the dropped
+    event, and the worker goes on with other work."""
+    store, inbox, now = await setup(settings, db, 2000)
+    await price_drop(store, now)
+    fanout = CatalogFanout(store, batch_size=250)  # no decider: every copy stored and queued
+    assert await fanout.process_once()  # the cut: two parts
+    read = fanout.catalog.interested
+
+    async def dropped_meanwhile(event: Doc, after: str | None, upto: str | None, limit: int) -> list[Doc]:
+        interests = await read(event, after, upto, limit)
+        for _ in range(3):  # as three failures of another worker's part do
+            await store.event_failed("pc", "boom", "fanout", datetime.now(UTC))
+        assert await store.release_quarantined(["pc"], "drop", datetime.now(UTC)) == 1
+        return interests
+
+    fanout.catalog.interested = dropped_meanwhile  # type: ignore[method-assign]
+    assert await fanout.process_once()  # the batch in hand when the event was dropped
+    fanout.catalog.interested = read  # type: ignore[method-assign]
+    assert await db.events.count_documents({"fanout_of": "pc"}) == 0
+    assert (await db.events.find_one({"_id": "pc"}))["state"] == "dropped"
+    assert await db.inbox.count_documents({}) == 0 and await db.fanout_parts.count_documents({}) == 0
+    assert not await fanout.process_once()
+    while await inbox.process_once():
+        pass
+    assert {c: count(s, "drops") for c, s in (await drops_of(db)).items()} == {}

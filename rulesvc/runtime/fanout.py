@@ -8,7 +8,9 @@ time, each gets a copy of the event with a fixed id, decided by the inbox under 
 without being stored, in one transaction with the part's position: a crash resumes after the last batch
 decided, and ingestion goes on meanwhile (the inbox takes other contacts between the batches). A copy the
 inbox cannot decide at once (its contact is in another batch, or has a backlog) is stored and queued like
-any event, in that same transaction. Without the inbox as `decider`, every copy is stored and queued.
+any event, in that same transaction. Without the inbox as `decider`, every copy is stored and queued, in
+one transaction with the part's position too: a batch read before the part was taken over, or before the
+operator dropped the event, queues nothing.
 """
 
 from __future__ import annotations
@@ -179,18 +181,19 @@ class CatalogFanout:
                  "received_at": now, "fanout_of": event["_id"]}
             )  # fmt: skip
         position = interests[-1]["_id"]
+        # Copies an earlier run queued are the inbox's: a direct batch's for contacts another batch held,
+        # or 0.1.0's, which saved its position after its copies.
+        stored = await self.catalog.stored_copies([c["_id"] for c in copies])
+        fresh = [c for c in copies if c["_id"] not in stored]
         if self.decider is None:
-            await self.catalog.insert_copies(copies)  # some may be there: a run died before saving its place
-            await self.catalog.save_position(part["_id"], position)
+            until = self.clock() + self.lease
+            await self.catalog.queue_copies(fresh, part["_id"], self.owner, part["after"], position, until)
         else:
-            # Copies an earlier run queued (a batch that could not be decided at once) are the inbox's.
-            stored = await self.catalog.stored_copies([c["_id"] for c in copies])
 
             async def save(session: AsyncClientSession) -> None:
                 until = self.clock() + self.lease
                 await self.catalog.advance(part["_id"], self.owner, part["after"], position, until, session)
 
-            fresh = [c for c in copies if c["_id"] not in stored]
             self.decided += await self.decider.decide_given(fresh, save)
         self.copies += len(copies)
         if self.on_copies is not None:

@@ -10,9 +10,10 @@ from typing import Any
 
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from rulesvc.core.catalog import VIEW_WINDOW
-from rulesvc.store.db import Doc, Store
+from rulesvc.store.db import DUPLICATE_KEY, Doc, Store
 from rulesvc.store.event_queue import PENDING
 from rulesvc.store.transactions import in_transaction
 
@@ -105,10 +106,6 @@ class Catalog:
             )  # fmt: skip
 
         await in_transaction(self.store.client, write)
-
-    async def save_position(self, part_id: str, after: str) -> None:
-        """The last interest copied in the part: a resumed run goes on after it."""
-        await self.store.fanout_parts.update_one({"_id": part_id}, {"$set": {"after": after}})
 
     async def advance(
         self,
@@ -245,10 +242,26 @@ class Catalog:
             }
         return query
 
-    async def insert_copies(self, copies: list[Doc]) -> None:
-        """The per-contact copies of a catalog event, queued with them; copies already there (a run that
-        died before saving its position) are left as they are."""
-        await self.store.insert_queued(copies)
+    async def queue_copies(
+        self, copies: list[Doc], part_id: str, owner: str, before: str | None, after: str, until: datetime
+    ) -> None:
+        """A batch's per-contact copies queued for the inbox, in one transaction with the part's position
+        (`advance`): only while `owner` still holds the part at `before`. A batch read before the operator
+        dropped the event (its parts go with it) or before another worker took the part over queues
+        nothing (`Superseded`), so no contact is sent a message for a dropped price change. `copies` are
+        not stored yet (`stored_copies`); one stored meanwhile can only be another holder's."""
+
+        async def write(session: AsyncClientSession) -> None:
+            await self.advance(part_id, owner, before, after, until, session)
+            await self.store.queue_in(copies, session)
+
+        try:
+            await in_transaction(self.store.client, write)
+        except (DuplicateKeyError, BulkWriteError) as exc:
+            errors = exc.details.get("writeErrors", []) if isinstance(exc, BulkWriteError) else [{}]
+            if any(e.get("code", DUPLICATE_KEY) != DUPLICATE_KEY for e in errors):
+                raise
+            raise Superseded(f"fan-out part {part_id}: another holder queued these copies") from exc
 
     async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
         """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""
