@@ -83,7 +83,7 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
     # The fan-out is held after its first batch (a real one, just stopped there), so "during the fan-out"
     # does not depend on how fast this machine is: before its second batch, at its look for stored copies.
     held, go_on = asyncio.Event(), asyncio.Event()
-    stored_copies = fanout.catalog.stored_copies
+    stored_copies, queue_copies = fanout.catalog.stored_copies, fanout.catalog.queue_copies
     batches = 0
 
     async def hold_before_the_second(ids: list[str]) -> set[str]:
@@ -94,7 +94,15 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
             await go_on.wait()
         return await stored_copies(ids)
 
-    fanout.catalog.stored_copies = hold_before_the_second  # type: ignore[method-assign]
+    async def queue_then_hold(copies: list[dict[str, Any]], *part: Any) -> None:
+        await queue_copies(copies, *part)
+        held.set()
+        await go_on.wait()
+
+    if direct:
+        fanout.catalog.stored_copies = hold_before_the_second  # type: ignore[method-assign]
+    else:
+        fanout.catalog.queue_copies = queue_then_hold  # type: ignore[method-assign]
     await client.post("/v1/events", json={"id": "pc", "type": "price_changed",
                                           "attributes": {"product_id": "lamp", "price": 9.5}})  # fmt: skip
     await asyncio.wait_for(held.wait(), WAIT_SECONDS)

@@ -262,6 +262,39 @@ async def test_a_fanout_the_release_before_left_halfway_goes_on_after_its_positi
     assert await db.inbox.count_documents({}) == 0
 
 
+async def test_queued_copies_after_an_upgrade_keep_what_0_1_0_queued_and_replace_a_stale_queue_document(
+    settings: Settings, db: Any
+) -> None:
+    """Queued copies (the default), on a fan-out 0.1.0 took to `c0599|lamp`: it had already queued the
+    copies of c0600-c0609 (it saved its position after its copies), and the queue document of c0700's
+    copy outlived its event (the events' TTL). The batches that meet them still go on: each contact
+    after the position is decided once, and the fan-out finishes."""
+    store, inbox, now = await setup(settings, db, 1200)
+    await price_drop(store, now)
+    change = {"previous_price": 100.0, "drop_percent": 20.0}
+    left = {"product": change, "after": "c0599|lamp", "owner": "gone", "until": now - timedelta(seconds=1)}
+    await db.inbox.update_one({"_id": "pc"}, {"$set": {"fanout": left}})
+
+    def copy(contact: str) -> Doc:
+        return {"_id": fanout_copy_id("pc", contact), "type": "price_changed", "contact_id": contact,
+                "time": now, "attributes": {"product_id": "lamp", "price": 80.0, "marker": "drop"},
+                "received_at": now, "fanout_of": "pc"}  # fmt: skip
+
+    await store.insert_queued([copy(f"c{i:04d}") for i in range(600, 610)] + [copy("c0700")])
+    await db.events.delete_one({"_id": fanout_copy_id("pc", "c0700")})
+    fanout = CatalogFanout(store, batch_size=100)
+    for _ in range(100):  # a batch that fails the same way each time would never end the fan-out
+        if not await fanout.process_once():
+            break
+    assert await db.fanout_parts.count_documents({}) == 0 and await db.inbox.find_one({"_id": "pc"}) is None
+    while await inbox.process_once():
+        pass
+    states = await drops_of(db)
+    assert sorted(states) == [f"c{i:04d}" for i in range(600, 1200)]
+    assert {count(s, "drops") for s in states.values()} == {1}
+    assert await db.inbox.count_documents({}) == 0
+
+
 class Broken:
     """A worker whose every decision fails (as a ruleset that raises would): its part is set aside."""
 

@@ -7,8 +7,8 @@ price and stock, so a `price_changed` knows the price it replaces.
 
 A `price_changed` or `stock_changed` is then copied, once per interested contact, into the inbox as that
 contact's own event (same type, with `previous_price`, `drop_percent`, `back_in_stock` and the contact's
-`interest`), where the rulesets decide as for any other event. The copies are written in batches, the
-position is saved after each, and each copy has a fixed id: a crash resumes the fan-out without a
+`interest`), where the rulesets decide as for any other event. The copies are written in batches, each
+in one transaction with the position, and each copy has a fixed id: a crash resumes the fan-out without a
 duplicate, and ingestion goes on meanwhile because the inbox processes the copies like other events.
 
 What a catalog event must carry (`catalog_problems`, documented in docs/rulesets.md "Catalog events") is

@@ -181,14 +181,14 @@ class CatalogFanout:
                  "received_at": now, "fanout_of": event["_id"]}
             )  # fmt: skip
         position = interests[-1]["_id"]
-        # Copies an earlier run queued are the inbox's: a direct batch's for contacts another batch held,
-        # or 0.1.0's, which saved its position after its copies.
-        stored = await self.catalog.stored_copies([c["_id"] for c in copies])
-        fresh = [c for c in copies if c["_id"] not in stored]
         if self.decider is None:
             until = self.clock() + self.lease
-            await self.catalog.queue_copies(fresh, part["_id"], self.owner, part["after"], position, until)
+            await self.catalog.queue_copies(copies, part["_id"], self.owner, part["after"], position, until)
         else:
+            # Copies an earlier run queued are the inbox's: a direct batch's for contacts another batch
+            # held, or 0.1.0's, which saved its position after its copies.
+            stored = await self.catalog.stored_copies([c["_id"] for c in copies])
+            fresh = [c for c in copies if c["_id"] not in stored]
 
             async def save(session: AsyncClientSession) -> None:
                 until = self.clock() + self.lease

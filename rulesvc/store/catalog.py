@@ -10,10 +10,9 @@ from typing import Any
 
 from pymongo import ASCENDING, ReplaceOne, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from rulesvc.core.catalog import VIEW_WINDOW
-from rulesvc.store.db import DUPLICATE_KEY, Doc, Store
+from rulesvc.store.db import Doc, Store
 from rulesvc.store.event_queue import PENDING
 from rulesvc.store.transactions import in_transaction
 
@@ -202,6 +201,8 @@ class Catalog:
     async def interested_at(self, event: Doc, after: str | None, positions: list[int]) -> list[str]:
         """The ids of `interested` at these positions (ascending, from 0, after `after`), read in one pass
         over the index keeping only those: fewer if interests went meanwhile."""
+        if not positions:  # one part: nothing to read
+            return []
         query = self._range(self._interest_query(event), after)
         cursor = self.store.interests.find(query, {"_id": 1}, batch_size=10_000).sort("_id", ASCENDING)
         wanted, found = iter(positions), []
@@ -248,20 +249,15 @@ class Catalog:
         """A batch's per-contact copies queued for the inbox, in one transaction with the part's position
         (`advance`): only while `owner` still holds the part at `before`. A batch read before the operator
         dropped the event (its parts go with it) or before another worker took the part over queues
-        nothing (`Superseded`), so no contact is sent a message for a dropped price change. `copies` are
-        not stored yet (`stored_copies`); one stored meanwhile can only be another holder's."""
+        nothing (`Superseded`); copies earlier batches queued are ordinary events by then and stay. Copies
+        already stored (0.1.0 saved its position after its copies) are left as they are: the first try
+        reads nothing, a duplicate has the next one read (`Store.retry_duplicates`)."""
 
-        async def write(session: AsyncClientSession) -> None:
+        async def write(session: AsyncClientSession, read: bool) -> None:
             await self.advance(part_id, owner, before, after, until, session)
-            await self.store.queue_in(copies, session)
+            await self.store.queue_new(copies, session, read)
 
-        try:
-            await in_transaction(self.store.client, write)
-        except (DuplicateKeyError, BulkWriteError) as exc:
-            errors = exc.details.get("writeErrors", []) if isinstance(exc, BulkWriteError) else [{}]
-            if any(e.get("code", DUPLICATE_KEY) != DUPLICATE_KEY for e in errors):
-                raise
-            raise Superseded(f"fan-out part {part_id}: another holder queued these copies") from exc
+        await self.store.retry_duplicates(write)
 
     async def update_interests(self, ops: list[Any], session: AsyncClientSession) -> None:
         """Index writes for a batch of contact events (see `rulesvc.runtime.fanout.interest_updates`)."""

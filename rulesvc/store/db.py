@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -31,6 +31,8 @@ from rulesvc.store.keys import InboxTokens, Keys
 from rulesvc.store.privacy_indexes import ensure_privacy_indexes
 from rulesvc.store.retention import MESSAGE_RETENTION, ensure_retention
 from rulesvc.store.transactions import in_transaction
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -344,46 +346,58 @@ class Store:
         among `docs`, are left alone: their positions are returned. A repeat is rare (a client's retry):
         the first try inserts without reading; a duplicate id aborts it, and the next tries read the ids
         stored first (one more read, and another writer may store one in between: tried again)."""
-        read = False
 
-        async def write(session: AsyncClientSession) -> list[int]:
-            ids = list({d["_id"]: None for d in docs})
-            seen: set[Any] = set()
-            if read:
-                seen = {
-                    d["_id"]
-                    async for d in self.events.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
-                }
-                # A queue document whose event expired (the events' TTL) or went is no event any more: an
-                # event under its id is a new one, and the stale document must not refuse it for ever.
-                stale = [
-                    d["_id"]
-                    async for d in self.queue.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
-                    if d["_id"] not in seen
-                ]
-                if stale:
-                    await self.queue.delete_many({"_id": {"$in": stale}}, session=session)
-                    await self.fanout_parts.delete_many({"event_id": {"$in": stale}}, session=session)
-            new: list[Doc] = []
-            duplicates: list[int] = []
-            for i, doc in enumerate(docs):
-                if doc["_id"] in seen:
-                    duplicates.append(i)
-                else:
-                    seen.add(doc["_id"])
-                    new.append(doc)
-            await self.queue_in(new, session)
-            return duplicates
+        async def write(session: AsyncClientSession, read: bool) -> list[int]:
+            return await self.queue_new(docs, session, read)
 
+        return await self.retry_duplicates(write)
+
+    async def retry_duplicates(self, write: Callable[[AsyncClientSession, bool], Awaitable[T]]) -> T:
+        """`write` in a transaction, first without reading (`read` False); if an id was already there, again
+        with `read` True (and once more: another writer may store one in between)."""
         for attempt in range(INSERT_TRIES):
+
+            async def attempt_write(session: AsyncClientSession, read: bool = attempt > 0) -> T:
+                return await write(session, read)
+
             try:
-                return await in_transaction(self.client, write)
+                return await in_transaction(self.client, attempt_write)
             except (DuplicateKeyError, BulkWriteError) as exc:
                 errors = exc.details.get("writeErrors", []) if isinstance(exc, BulkWriteError) else []
                 if any(e.get("code") != DUPLICATE_KEY for e in errors) or attempt == INSERT_TRIES - 1:
                     raise
-                read = True
         raise AssertionError("unreachable")
+
+    async def queue_new(self, docs: list[Doc], session: AsyncClientSession, read: bool) -> list[int]:
+        """`docs` stored and queued in the caller's transaction, except ids already stored or repeated
+        among them (their positions are returned). Without `read` every id is taken to be new (a duplicate
+        aborts the transaction: `retry_duplicates`)."""
+        ids = list({d["_id"]: None for d in docs})
+        seen: set[Any] = set()
+        if read:
+            seen = {
+                d["_id"] async for d in self.events.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
+            }
+            # A queue document whose event expired (the events' TTL) or went is no event any more: an
+            # event under its id is a new one, and the stale document must not refuse it for ever.
+            stale = [
+                d["_id"]
+                async for d in self.queue.find({"_id": {"$in": ids}}, {"_id": 1}, session=session)
+                if d["_id"] not in seen
+            ]
+            if stale:
+                await self.queue.delete_many({"_id": {"$in": stale}}, session=session)
+                await self.fanout_parts.delete_many({"event_id": {"$in": stale}}, session=session)
+        new: list[Doc] = []
+        duplicates: list[int] = []
+        for i, doc in enumerate(docs):
+            if doc["_id"] in seen:
+                duplicates.append(i)
+            else:
+                seen.add(doc["_id"])
+                new.append(doc)
+        await self.queue_in(new, session)
+        return duplicates
 
     async def queue_in(self, docs: list[Doc], session: AsyncClientSession) -> None:
         """New events and their queue documents, inside the caller's transaction (ids not stored yet)."""
