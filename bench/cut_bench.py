@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pymongo import ASCENDING, AsyncMongoClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.engine_bench import report  # noqa: E402
 from rulesvc.core.catalog import part_ends  # noqa: E402
 from rulesvc.store.catalog import Catalog  # noqa: E402
 from rulesvc.store.db import Store  # noqa: E402
@@ -107,12 +107,7 @@ async def main() -> None:
         "cut_vs_baseline_time": cut_s / base_s,
         "cut_vs_baseline_memory": cut_mb / base_mb,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    width = max(map(len, results))
-    for key, value in results.items():
-        shown = f"{value:,.3f}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
+    report(results, args.out, digits=3)
 
 
 if __name__ == "__main__":

@@ -165,12 +165,16 @@ async def main() -> None:
         "insert_many_entries_per_s": entry_insert_rate,
         "drain_vs_insert_many": drain_rate / entry_insert_rate,
     }
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(results, indent=2))
+    report(results, ROOT / "bench" / "results" / "engine.json")
+
+
+def report(results: dict[str, Any], out: Path, digits: int = 2) -> None:
+    """The figures as JSON in `out` and as a two-column table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     width = max(map(len, results))
     for key, value in results.items():
-        shown = f"{value:,.2f}" if isinstance(value, float) else value
+        shown = f"{value:,.{digits}f}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
 
 

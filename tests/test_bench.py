@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,14 +15,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
-    out = tmp_path / "service.json"
+def run_bench(script: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The benchmark script run to the end (it must succeed), with the figures it wrote to `out`."""
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "service_bench.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    run, r = run_bench("service_bench.py", tmp_path / "service.json", "--quick")
     assert r["batch"]["events"] == r["sizes"]["events"] and r["batch"]["errors"] == 0
     assert r["single"]["requests"] == r["sizes"]["singles"] and r["single"]["errors"] == 0
     assert r["latency_ms"]["events"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
@@ -34,14 +39,9 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
 
 
 def test_the_backtest_benchmark_replays_the_whole_stored_history(tmp_path: Path) -> None:
-    out = tmp_path / "backtest.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "backtest_bench.py"), "--events", "20000", "--contacts", "2000",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(out.read_text())
+    run, r = run_bench(
+        "backtest_bench.py", tmp_path / "backtest.json", "--events", "20000", "--contacts", "2000"
+    )
     assert json.loads(run.stdout.strip().splitlines()[-1]) == r  # the JSON line is the file's content
     stored = r["generate"]["stored"]
     assert stored["contact_events"] == 20000 and stored["contacts"] == 2000 and stored["catalog_events"] > 0
@@ -62,13 +62,7 @@ def test_the_backtest_benchmark_replays_the_whole_stored_history(tmp_path: Path)
 
 
 def test_the_cut_benchmark_finds_the_same_bounds_both_ways(tmp_path: Path) -> None:
-    out = tmp_path / "cut.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "cut_bench.py"), "--interests", "20000", "--batch", "100",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]  # it fails when the two ways' bounds differ
-    r = json.loads(out.read_text())
+    # It fails (and run_bench with it) when the two ways' bounds differ.
+    _, r = run_bench("cut_bench.py", tmp_path / "cut.json", "--interests", "20000", "--batch", "100")
     assert r["interests"] == 20000 and r["parts"] == 16  # 20000 // (4 batches of 100), at most 16
     assert r["cut_one_pass_peak_mb"] > 0 and r["baseline_ids_in_a_list_peak_mb"] > 0
