@@ -81,7 +81,8 @@ async def test_interest_index_follows_events_and_ingestion_goes_on_during_a_fano
     fanout = app[FANOUT]
     fanout.batch_size = 200
     # The fan-out is held after its first batch (a real one, just stopped there), so "during the fan-out"
-    # does not depend on how fast this machine is: before its second batch, at its look for stored copies.
+    # does not depend on how fast this machine is: direct, before its second batch, at its look for stored
+    # copies; queued, once its first batch's copies are written.
     held, go_on = asyncio.Event(), asyncio.Event()
     stored_copies, queue_copies = fanout.catalog.stored_copies, fanout.catalog.queue_copies
     batches = 0

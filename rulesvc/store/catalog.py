@@ -205,16 +205,14 @@ class Catalog:
             return []
         query = self._range(self._interest_query(event), after)
         cursor = self.store.interests.find(query, {"_id": 1}, batch_size=10_000).sort("_id", ASCENDING)
-        wanted, found = iter(positions), []
-        next_at = next(wanted, None)
+        wanted, found = set(positions), []
         try:
             n = 0
             async for doc in cursor:
-                if next_at is None:
-                    break
-                if n == next_at:
+                if n in wanted:
                     found.append(doc["_id"])
-                    next_at = next(wanted, None)
+                if n == positions[-1]:
+                    break
                 n += 1
         finally:
             await cursor.close()

@@ -4,6 +4,7 @@ the sibling modules hold the named queries of each collection group (schedule, l
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -346,11 +347,7 @@ class Store:
         among `docs`, are left alone: their positions are returned. A repeat is rare (a client's retry):
         the first try inserts without reading; a duplicate id aborts it, and the next tries read the ids
         stored first (one more read, and another writer may store one in between: tried again)."""
-
-        async def write(session: AsyncClientSession, read: bool) -> list[int]:
-            return await self.queue_new(docs, session, read)
-
-        return await self.retry_duplicates(write)
+        return await self.retry_duplicates(functools.partial(self.queue_new, docs))
 
     async def retry_duplicates(self, write: Callable[[AsyncClientSession, bool], Awaitable[T]]) -> T:
         """`write` in a transaction, first without reading (`read` False); if an id was already there, again
