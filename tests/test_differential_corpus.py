@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -261,13 +262,13 @@ def timed(offset: float, event: dict[str, Any], start: datetime) -> dict[str, An
 
 
 class DuesOf:
-    """The engine, noting the due time of every delayed send and wait it arms, per contact, unless an
-    event cancelled it well before (one cancelled near its due time is a race too; a simulation reports
-    it at its cancellation)."""
+    """The engine, noting the due time of every delayed send and wait it arms, per contact, and the event
+    that armed it, unless an event cancelled it well before (one cancelled near its due time is a race
+    too; a simulation reports it at its cancellation)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.armed: dict[str, tuple[str, datetime]] = {}  # entry id -> contact, due
+        self.armed: dict[str, tuple[str, datetime, str]] = {}  # entry id -> contact, due, event id
         self.cancelled: dict[str, datetime] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -277,41 +278,60 @@ class DuesOf:
         decisions = self.engine.evaluate(event, contact, now)
         for entry in decisions.schedule:
             if entry.due_at > entry.created_at:
-                self.armed[entry.entry_id] = (entry.contact_id, entry.due_at)
+                self.armed[entry.entry_id] = (entry.contact_id, entry.due_at, event.id)
         for cancel in decisions.cancel:
             self.cancelled.setdefault(cancel.entry_id, now)
         return decisions
 
-    def dues(self, start: datetime) -> dict[str, list[float]]:
-        """Per contact, in seconds after `start`, in order."""
-        found: dict[str, list[float]] = {}
-        for entry_id, (contact, due) in self.armed.items():
+    def dues(self, start: datetime) -> dict[str, list[tuple[float, str]]]:
+        """Per contact, in seconds after `start`, in order, each with the event that armed it."""
+        found: dict[str, list[tuple[float, str]]] = {}
+        for entry_id, (contact, due, armed_by) in self.armed.items():
             cancelled = self.cancelled.get(entry_id)
             if cancelled is None or cancelled >= due - timedelta(seconds=POSTED_LATE):
-                found.setdefault(contact, []).append((due - start).total_seconds())
+                found.setdefault(contact, []).append(((due - start).total_seconds(), armed_by))
         return {contact: sorted(dues) for contact, dues in found.items()}
+
+
+def apart(dues: list[tuple[float, str]], order: dict[str, int]) -> dict[str, float]:
+    """How much later each event must come so that no two of a contact's dues armed by different events
+    are within AFTER_END of each other. Live, a wait's `else` sends when the service acts on the wait's
+    end, late by the lag, so a send due just after it goes first there; the simulation sends the `else`
+    at the wait's end. Of two such dues, the event posted later moves: moving the other would move both."""
+    moves: dict[str, float] = {}
+    for (first, by_first), (second, by_second) in pairwise(dues):
+        if by_first == by_second or second - first >= AFTER_END:
+            continue
+        if order[by_second] > order[by_first]:
+            moves[by_second] = max(moves.get(by_second, 0.0), first + AFTER_END - second)
+        else:
+            moves[by_first] = max(moves.get(by_first, 0.0), second + AFTER_END - first)
+    return moves
 
 
 def clear_of_dues(data: Corpus, start: datetime, rulesets: Path) -> Corpus:
     """The corpus with each contact's events moved clear of the moments its sends and waits come due (from
-    POSTED_LATE before one to AFTER_END after it), and its later events with them. Live, an event reaches
-    the service a little after its time and a due send or a wait's end is acted on a little after its
-    time: which comes first there is a race, which a simulation, knowing neither lag, always decides one
-    way. An event moved moves what it arms, so this simulates again until nothing moves."""
+    POSTED_LATE before one to AFTER_END after it), and its later events with them, and its dues apart
+    (`apart`). Live, an event reaches the service a little after its time and a due send or a wait's end
+    is acted on a little after its time: which comes first there is a race, which a simulation, knowing
+    neither lag, always decides one way. An event moved moves what it arms, so this simulates again until
+    nothing moves."""
     engine = load(rulesets).engine()
     events = data.events
-    for _ in range(10):
+    for _ in range(20):
         timed_events = [timed(offset, event, start) for offset, event in events]
         request = msgspec.convert({"events": timed_events, "contacts": data.contacts}, SimulateRequest)
         noted = DuesOf(engine)
         simulate(cast(Engine, noted), request)
         dues = noted.dues(start)
+        order = {event["id"]: i for i, (_, event) in enumerate(events)}
+        moves = {eid: by for contact_dues in dues.values() for eid, by in apart(contact_dues, order).items()}
         shifts: dict[str, float] = {}
         moved: list[tuple[float, dict[str, Any]]] = []
         for offset, event in events:  # in time order
             contact = event["contact_id"]
-            at = offset + shifts.get(contact, 0.0)
-            for due in dues.get(contact, []):
+            at = offset + shifts.get(contact, 0.0) + moves.get(event["id"], 0.0)
+            for due, _ in dues.get(contact, []):
                 if due - POSTED_LATE <= at <= due + AFTER_END:
                     at = due + AFTER_END
             shifts[contact] = at - offset

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from rulesvc.core import jsoncheck, jsontext
-from rulesvc.core.bodies import decoding_problem
+from rulesvc.core.bodies import decoding_problem, utf8_problem
 from rulesvc.core.carts import CartChange, CartOp
 from rulesvc.core.contacts import E164_PATTERN, EMAIL_MAX, EMAIL_PATTERN, IANA_ZONES, ContactPatch, FieldError
 from rulesvc.core.events import (
@@ -301,6 +301,11 @@ def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: dat
     batch whose every message has one)."""
     errors: list[FieldError] = []
     out = Translated()
+    # Checked here, not left to the decoder: browsers post these as text/plain (no UTF-8 check on the way
+    # in), and msgspec 0.23 began reporting bad UTF-8 as its own DecodeError with no byte position.
+    problem = utf8_problem(body)
+    if problem is not None:
+        raise Malformed(problem)
     if kind == "batch":
         if len(body) > MAX_BATCH_BYTES:
             raise TooLarge(f"batch of {len(body)} bytes; the limit is {MAX_BATCH_BYTES} (500 KB)")
