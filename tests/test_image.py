@@ -99,6 +99,7 @@ def test_adding_a_plugin_folder_adds_it_to_both(tmp_path: Path) -> None:
         shutil.copy(ROOT / name, root / name)
     (root / "requirements").mkdir()
     (root / "requirements" / "embedded.txt").write_text("")
+    (root / "requirements" / "constraints.txt").write_text("")
     (root / "rulesvc").mkdir()
     for plugin in ("rulesvc-email", "rulesvc-whatsapp"):
         (root / "plugins" / plugin).mkdir(parents=True)
