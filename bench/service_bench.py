@@ -46,6 +46,9 @@ from rulesvc.store.keys import Keys  # noqa: E402
 from rulesvc.store.mongod import EmbeddedMongod, die_with_parent, free_port, live_children  # noqa: E402
 
 Doc = dict[str, Any]
+# The commands that read or write data, counted per decided event (monitoring and replication are not).
+DATA_COMMANDS = ("insert", "update", "delete", "find", "getMore", "aggregate", "findAndModify", "count",
+                 "distinct", "commitTransaction", "abortTransaction")  # fmt: skip
 CLIENTS = 64  # concurrent single-event clients, as the issue sets
 BATCH = 500  # events per NDJSON request
 BATCH_CLIENTS = 8  # concurrent batch posters (and insert_many tasks in the baseline)
@@ -400,36 +403,36 @@ class Bench:
             pids = {"service": service_pids, "mongod": [self.mongod_pid()], "bench": [os.getpid()]}
             return {k: cpu_seconds(v) for k, v in pids.items()}
 
-        cpu0 = cpu()
-        seconds, accepted, errors = await closed_loop(
-            url, self.headers, bodies, "application/x-ndjson", BATCH_CLIENTS
-        )
-        t0 = time.perf_counter() - seconds
-        await until(lambda: self._none_pending(), 600)
-        decided = time.perf_counter() - t0
-        cpu1 = cpu()
-        self.results["batch"] = {
-            "events": accepted,
-            "errors": errors,
-            "accept_per_s": accepted / seconds,
-            "decide_per_s": accepted / decided,
-            # Where the two cores went, per decided event: the service's processes, mongod, this client.
-            "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
-        }
+        async def posted(bodies: list[bytes], content_type: str, clients: int) -> dict[str, Any]:
+            """Posted and decided; where the two cores went per decided event (the service's processes,
+            mongod, this client), and how many commands mongod ran per decided event (round trips)."""
+            cpu0, commands0 = cpu(), await self.mongod_commands()
+            seconds, accepted, errors = await closed_loop(url, self.headers, bodies, content_type, clients)
+            t0 = time.perf_counter() - seconds
+            await until(lambda: self._none_pending(), 600)
+            decided = time.perf_counter() - t0
+            cpu1, commands1 = cpu(), await self.mongod_commands()
+            return {
+                "accepted": accepted,
+                "errors": errors,
+                "accept_per_s": accepted / seconds,
+                "decide_per_s": accepted / decided,
+                "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
+                "commands_per_event": {
+                    k: (commands1.get(k, 0) - commands0.get(k, 0)) / accepted
+                    for k in sorted(commands1)
+                    if commands1.get(k, 0) > commands0.get(k, 0)
+                },
+            }
+
+        batch = await posted(bodies, "application/x-ndjson", BATCH_CLIENTS)
+        self.results["batch"] = {"events": batch.pop("accepted"), **batch}
         # Single-event requests from 64 clients.
         singles = [json.dumps(e).encode() for e in mix.events(a.singles)]
-        seconds, accepted, errors = await closed_loop(url, self.headers, singles, "application/json", CLIENTS)
-        t0 = time.perf_counter() - seconds
-        await until(lambda: self._none_pending(), 600)
-        decided = time.perf_counter() - t0
-        self.results["single"] = {
-            "requests": accepted,
-            "errors": errors,
-            "accept_per_s": accepted / seconds,
-            "decide_per_s": accepted / decided,
-        }
+        single = await posted(singles, "application/json", CLIENTS)
+        self.results["single"] = {"requests": single.pop("accepted"), **single}
         # Latency at half the highest sustained single-event rate.
-        rate = 0.5 * min(accepted / seconds, accepted / decided)
+        rate = 0.5 * min(single["accept_per_s"], single["decide_per_s"])
         count = max(200, int(rate * a.latency_seconds))
         marked = mix.events(count)
         # Decided when the inbox's transaction deletes the event's queue document: the time of that delete
@@ -450,7 +453,7 @@ class Bench:
         ready = asyncio.Event()
         watcher = asyncio.create_task(watch_decisions(ready))
         await ready.wait()
-        seconds, errors = await paced(url, self.headers, [json.dumps(e).encode() for e in marked], rate)
+        _, errors = await paced(url, self.headers, [json.dumps(e).encode() for e in marked], rate)
         await until(lambda: self._none_pending(), 600)
         await asyncio.wait_for(watcher, 60)
         latencies = [
@@ -702,6 +705,13 @@ class Bench:
     def mongod_pid(self) -> int:
         return int((self.tmp / "mongod" / "mongod.pid").read_text())
 
+    async def mongod_commands(self) -> dict[str, int]:
+        """How many of each data command mongod has run (`serverStatus`): the round trips. This
+        benchmark's own polls for the end of a phase (a `find` every 50 ms) are among them."""
+        status = await self.client.admin.command("serverStatus")
+        commands = status["metrics"]["commands"]
+        return {name: int(commands[name]["total"]) for name in DATA_COMMANDS if name in commands}
+
     def save(self) -> None:
         """After every phase, so that a later failure keeps what was measured."""
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -819,10 +829,15 @@ def table(r: dict[str, Any]) -> str:
             "p50 {p50:.1f} / p95 {p95:.1f} / p99 {p99:.1f} ms".format(**r["latency_ms"]),
             "",
         ),
-        (
-            "CPU per decided event (batches)",
-            "{service:.0f} us service + {mongod:.0f} us mongod".format(**r["batch"]["cpu_us_per_event"]),
-            "+ {bench:.0f} us load generator".format(**r["batch"]["cpu_us_per_event"]),
+        *(
+            (
+                f"CPU per decided event ({what})",
+                "{service:.0f} us service + {mongod:.0f} us mongod".format(**r[kind]["cpu_us_per_event"]),
+                "+ {bench:.0f} us load generator; {n:.2f} mongod commands".format(
+                    n=sum(r[kind]["commands_per_event"].values()), **r[kind]["cpu_us_per_event"]
+                ),
+            )
+            for kind, what in (("batch", "batches"), ("single", "single requests"))
         ),
         ("baseline: minimal aiohttp handler, 64 clients", f"{r['aiohttp_baseline_per_s']:,.0f} req/s", ""),
         ("baseline: insert_many of the same documents", f"{r['insert_many_per_s']:,.0f} docs/s", ""),

@@ -34,7 +34,13 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert r["fanout"]["contacts"] == r["sizes"]["interested"]
     assert set(r["rss_mb"]) == {str(n) for n in r["sizes"]["rss_levels"]}
     assert all(v > 0 for v in r["ratios"].values())
-    assert set(r["batch"]["cpu_us_per_event"]) == {"service", "mongod", "bench"}
+    for kind in ("batch", "single"):  # where the cores went, and the round trips, per decided event
+        assert set(r[kind]["cpu_us_per_event"]) == {"service", "mongod", "bench"}
+        assert (
+            r[kind]["commands_per_event"]["insert"] > 0
+            and r[kind]["commands_per_event"]["commitTransaction"] > 0
+        )
+    assert "mongod commands" in run.stdout
     assert "ratio: batches decided / insert_many" in run.stdout
 
 
