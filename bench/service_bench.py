@@ -419,9 +419,9 @@ class Bench:
                 "decide_per_s": accepted / decided,
                 "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
                 "commands_per_event": {
-                    k: (commands1.get(k, 0) - commands0.get(k, 0)) / accepted
-                    for k in sorted(commands1)
-                    if commands1.get(k, 0) > commands0.get(k, 0)
+                    k: (n - commands0.get(k, 0)) / accepted
+                    for k, n in sorted(commands1.items())
+                    if n > commands0.get(k, 0)
                 },
             }
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from rulesvc.core import jsoncheck, jsontext
-from rulesvc.core.bodies import decoding_problem, utf8_problem
+from rulesvc.core.bodies import TOO_DEEP, utf8_problem
 from rulesvc.core.carts import CartChange, CartOp
 from rulesvc.core.contacts import E164_PATTERN, EMAIL_MAX, EMAIL_PATTERN, IANA_ZONES, ContactPatch, FieldError
 from rulesvc.core.events import (
@@ -315,8 +315,8 @@ def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: dat
             raise Refused([_refusal(exc, "$")]) from exc
         except msgspec.DecodeError as exc:
             raise Malformed(f"malformed JSON: {exc}") from exc
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise Malformed(decoding_problem(exc) or str(exc)) from exc
+        except RecursionError as exc:  # bad UTF-8 was refused above, before any decoder
+            raise Malformed(TOO_DEEP) from exc
         if not batch.batch:
             raise Refused([FieldError("$.batch", "no messages in the batch")])
         items = [(f"$.batch[{i}]", bytes(raw)) for i, raw in enumerate(batch.batch)]
@@ -334,8 +334,8 @@ def translate(body: bytes, kind: Kind, mapping: SegmentMapping, received_at: dat
             continue
         except msgspec.DecodeError as exc:
             raise Malformed(f"malformed JSON: {exc}") from exc
-        except (UnicodeDecodeError, RecursionError) as exc:
-            raise Malformed(decoding_problem(exc) or str(exc)) from exc
+        except RecursionError as exc:  # bad UTF-8 was refused above, before any decoder
+            raise Malformed(TOO_DEEP) from exc
         call = kind if kind != "batch" else message.type
         if call not in MESSAGE_TYPES:
             said = f"`{call}`" if isinstance(call, str) else "missing"
