@@ -27,7 +27,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from rulesvc.core.catalog import catalog_change, fanout_ranges, interest_fields, part_ends
 from rulesvc.core.ids import fanout_copy_id
-from rulesvc.runtime.waiting import work_loop
+from rulesvc.runtime.waiting import renewing, work_loop
 from rulesvc.store.catalog import Catalog, Superseded
 from rulesvc.store.db import Doc, Store, failure_text, transient
 
@@ -133,7 +133,17 @@ class CatalogFanout:
 
     async def _cut(self, event: Doc, now: datetime) -> None:
         """The catalog change recorded, and the interested contacts cut into parts that every worker's
-        fan-out takes one at a time (a run of the release before may have copied some: after `after`)."""
+        fan-out takes one at a time (a run of the release before may have copied some: after `after`).
+        The claim is renewed meanwhile: counting and passing over a million interests takes seconds, and
+        on a slow or paused mongod longer than the lease, after which another worker would cut it again."""
+
+        async def renew() -> None:
+            await self.catalog.renew_event(event["_id"], self.owner, self.clock() + self.lease)
+
+        async with renewing("catalog", renew, self.lease.total_seconds() / 3):
+            await self._cut_now(event, now)
+
+    async def _cut_now(self, event: Doc, now: datetime) -> None:
         fanout = event.get("fanout") or {}
         if "product" not in fanout:
             fanout["product"] = await self._update_catalog(event)

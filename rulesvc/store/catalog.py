@@ -75,6 +75,13 @@ class Catalog:
             await cursor.close()
         return None
 
+    async def renew_event(self, event_id: str, owner: str, until: datetime) -> None:
+        """`owner`'s claim on the whole event (before its cut) lasts until `until`, if it still holds it."""
+        await self.store.queue.update_one(
+            {"_id": event_id, "fanout.owner": owner, "fanout.parts": {"$exists": False}},
+            {"$set": {"fanout.until": until}},
+        )
+
     async def save_change(self, event_id: str, change: Doc) -> None:
         """What the copies are to know about the product's change, kept for a resumed run."""
         await self.store.queue.update_one({"_id": event_id}, {"$set": {"fanout.product": change}})
