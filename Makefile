@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # adding a plugin is adding its folder (tests/test_image.py checks both against plugins/).
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 
-.PHONY: install lock run test lint clean bench bench-engine bench-cut bench-backtest bench-scale docs screenshots browser
+.PHONY: install lock run test lint clean bench bench-engine bench-cut bench-latency bench-backtest bench-scale docs screenshots browser
 
 $(STAMP): pyproject.toml requirements/embedded.txt requirements/constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	@test -n "$(PYTHON)" || { echo "rulesvc needs Python 3.11 or 3.12 (durable-rules does not build on 3.13)"; exit 1; }
@@ -88,6 +88,10 @@ bench-engine: $(STAMP)
 # Cutting a catalog fan-out of 1M interests into parts, against reading every id into a list; a minute.
 bench-cut: $(STAMP)
 	$(BIN)/python bench/cut_bench.py
+
+# Acceptance-to-decision latency at 50, 200 and 400 requests/s against one MongoDB round trip; a minute.
+bench-latency: $(STAMP)
+	$(BIN)/python bench/latency_bench.py
 
 # The backtest over a stored two-week history (1M events, 100k contacts) against the engine alone, with
 # its peak memory; several minutes.

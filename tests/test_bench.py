@@ -67,6 +67,22 @@ def test_the_backtest_benchmark_replays_the_whole_stored_history(tmp_path: Path)
     assert "ratio: per version / engine alone" in run.stdout
 
 
+def test_the_latency_benchmark_reports_each_rate_and_the_round_trip_floor(tmp_path: Path) -> None:
+    _, r = run_bench(
+        "latency_bench.py", tmp_path / "latency.json",
+        "--rates", "20,100", "--seconds", "2", "--warm", "200", "--round-trips", "200",
+    )  # fmt: skip
+    assert r["baseline_find_one_ms"] > 0 and r["baseline_one_update_transaction_ms"] > 0
+    for rate in ("20/s", "100/s"):
+        assert r[f"{rate} errors"] == 0
+        assert 0 < r[f"{rate} p50_ms"] <= r[f"{rate} p99_ms"]
+        assert r[f"{rate} events_per_inbox_transaction"] >= 1
+    # Accepting and deciding one event is several round trips: an ingest transaction and an inbox batch.
+    assert r["20/s commands_per_event"] > 5
+    floor = r["20/s commands_per_event"] * r["baseline_find_one_ms"]
+    assert r["floor_ms (commands per event at the lowest rate x find_one_ms)"] == pytest.approx(floor)
+
+
 def test_the_cut_benchmark_finds_the_same_bounds_both_ways(tmp_path: Path) -> None:
     # It fails (and run_bench with it) when the two ways' bounds differ.
     _, r = run_bench("cut_bench.py", tmp_path / "cut.json", "--interests", "20000", "--batch", "100")
