@@ -24,7 +24,7 @@ import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.engine_bench import report  # noqa: E402
-from bench.service_bench import CLIENTS, Bench, Mix, closed_loop, paced, percentile, until  # noqa: E402
+from bench.service_bench import (  # noqa: E402
+    CLIENTS,
+    Bench,
+    Mix,
+    closed_loop,
+    paced,
+    percentile,
+    until,
+    watch_decisions,
+)
 from rulesvc.store.mongod import EmbeddedMongod  # noqa: E402
 
 CONTACTS = 20_000
@@ -68,20 +77,8 @@ async def at_rate(bench: Bench, url: str, mix: Mix, rate: float, seconds: float)
     wanted = {e["id"] for e in marked}
     decided_at: dict[str, datetime] = {}
     per_txn: collections.Counter[tuple[str, Any]] = collections.Counter()
-
-    async def watch(ready: asyncio.Event) -> None:
-        async with await bench.db().inbox.watch([{"$match": {"operationType": "delete"}}]) as stream:
-            ready.set()
-            async for change in stream:
-                per_txn[str(change.get("lsid")), change.get("txnNumber")] += 1
-                key = change["documentKey"]["_id"]
-                if key in wanted:
-                    decided_at[key] = change["wallTime"].replace(tzinfo=UTC)
-                    if len(decided_at) == len(wanted):
-                        return
-
     ready = asyncio.Event()
-    watcher = asyncio.create_task(watch(ready))
+    watcher = asyncio.create_task(watch_decisions(bench.db(), wanted, decided_at, ready, per_txn))
     await ready.wait()
     before = await bench.mongod_commands()
     _, errors = await paced(url, bench.headers, [json.dumps(e).encode() for e in marked], rate)

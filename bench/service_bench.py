@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -309,6 +310,28 @@ async def paced(
         return time.perf_counter() - t0, errors
 
 
+async def watch_decisions(
+    db: Any,
+    wanted: set[str],
+    decided_at: dict[str, datetime],
+    ready: asyncio.Event,
+    per_transaction: collections.Counter[tuple[str, Any]] | None = None,
+) -> None:
+    """Fills `decided_at` with when each wanted event was decided: the server's time (a change stream's
+    `wallTime`) of the inbox transaction that deleted its queue document. `per_transaction` counts the
+    queue documents each transaction deleted (by session and transaction number)."""
+    async with await db.inbox.watch([{"$match": {"operationType": "delete"}}]) as stream:
+        ready.set()
+        async for change in stream:
+            if per_transaction is not None:
+                per_transaction[str(change.get("lsid")), change.get("txnNumber")] += 1
+            key = change["documentKey"]["_id"]
+            if key in wanted:
+                decided_at[key] = change["wallTime"].replace(tzinfo=UTC)
+                if len(decided_at) == len(wanted):
+                    return
+
+
 async def until(check: Callable[[], Awaitable[bool]], timeout: float, every: float = 0.05) -> float:
     """Seconds until `check` holds."""
     t0 = time.perf_counter()
@@ -439,19 +462,8 @@ class Bench:
         # as the server logged it (a change stream's `wallTime`), less when the event was received.
         wanted = {e["id"] for e in marked}
         decided_at: dict[str, datetime] = {}
-
-        async def watch_decisions(ready: asyncio.Event) -> None:
-            async with await self.db().inbox.watch([{"$match": {"operationType": "delete"}}]) as stream:
-                ready.set()
-                async for change in stream:
-                    key = change["documentKey"]["_id"]
-                    if key in wanted:
-                        decided_at[key] = change["wallTime"].replace(tzinfo=UTC)
-                        if len(decided_at) == len(wanted):
-                            return
-
         ready = asyncio.Event()
-        watcher = asyncio.create_task(watch_decisions(ready))
+        watcher = asyncio.create_task(watch_decisions(self.db(), wanted, decided_at, ready))
         await ready.wait()
         _, errors = await paced(url, self.headers, [json.dumps(e).encode() for e in marked], rate)
         await until(lambda: self._none_pending(), 600)
