@@ -18,13 +18,11 @@ whatever the CPU does. Prints a table and writes its figures to bench/results/la
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import json
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.engine_bench import report  # noqa: E402
-from bench.service_bench import (  # noqa: E402
-    CLIENTS,
-    Bench,
-    Mix,
-    closed_loop,
-    paced,
-    percentile,
-    until,
-    watch_decisions,
-)
+from bench.service_bench import CLIENTS, Bench, Mix, closed_loop, percentile, until  # noqa: E402
 from rulesvc.store.mongod import EmbeddedMongod  # noqa: E402
 
 CONTACTS = 20_000
@@ -73,25 +62,12 @@ async def round_trips(uri: str, n: int) -> dict[str, float]:
 
 
 async def at_rate(bench: Bench, url: str, mix: Mix, rate: float, seconds: float) -> dict[str, Any]:
-    marked = mix.events(max(20, int(rate * seconds)))
-    wanted = {e["id"] for e in marked}
-    decided_at: dict[str, datetime] = {}
     per_txn: collections.Counter[tuple[str, Any]] = collections.Counter()
-    ready = asyncio.Event()
-    watcher = asyncio.create_task(watch_decisions(bench.db(), wanted, decided_at, ready, per_txn))
-    await ready.wait()
     before = await bench.mongod_commands()
-    _, errors = await paced(url, bench.headers, [json.dumps(e).encode() for e in marked], rate)
-    try:
-        await asyncio.wait_for(watcher, 120)
-    except TimeoutError:  # a request that failed is never decided: its error is counted, the rest timed
-        if not errors:
-            raise
+    latencies, errors = await bench.decision_latencies(
+        url, mix.events(max(20, int(rate * seconds))), rate, per_txn
+    )
     after = await bench.mongod_commands()
-    latencies = [
-        (decided_at[d["_id"]] - d["received_at"]).total_seconds() * 1000
-        async for d in bench.db().events.find({"_id": {"$in": list(decided_at)}}, {"received_at": 1})
-    ]
     commands = sum(after.values()) - sum(before.values())
     return {
         "rate_per_s": rate,

@@ -457,27 +457,41 @@ class Bench:
         # Latency at half the highest sustained single-event rate.
         rate = 0.5 * min(single["accept_per_s"], single["decide_per_s"])
         count = max(200, int(rate * a.latency_seconds))
-        marked = mix.events(count)
-        # Decided when the inbox's transaction deletes the event's queue document: the time of that delete
-        # as the server logged it (a change stream's `wallTime`), less when the event was received.
-        wanted = {e["id"] for e in marked}
-        decided_at: dict[str, datetime] = {}
-        ready = asyncio.Event()
-        watcher = asyncio.create_task(watch_decisions(self.db(), wanted, decided_at, ready))
-        await ready.wait()
-        _, errors = await paced(url, self.headers, [json.dumps(e).encode() for e in marked], rate)
-        await until(lambda: self._none_pending(), 600)
-        await asyncio.wait_for(watcher, 60)
-        latencies = [
-            (decided_at[d["_id"]] - d["received_at"]).total_seconds() * 1000
-            async for d in self.db().events.find({"_id": {"$in": list(wanted)}}, {"received_at": 1})
-        ]
+        latencies, errors = await self.decision_latencies(url, mix.events(count), rate)
         self.results["latency_ms"] = {
             "rate_per_s": rate,
             "events": len(latencies),
             "errors": errors,
             **{f"p{p}": percentile(latencies, p) for p in (50, 95, 99)},
         }
+
+    async def decision_latencies(
+        self,
+        url: str,
+        marked: list[Doc],
+        rate: float,
+        per_transaction: collections.Counter[tuple[str, Any]] | None = None,
+    ) -> tuple[list[float], int]:
+        """`marked` posted one per request at `rate` (open loop): the milliseconds from each event's
+        acceptance to its decision, when the inbox's transaction deleted its queue document (the server's
+        time of that delete, `watch_decisions`), and how many requests failed (never decided)."""
+        wanted = {e["id"] for e in marked}
+        decided_at: dict[str, datetime] = {}
+        ready = asyncio.Event()
+        watcher = asyncio.create_task(watch_decisions(self.db(), wanted, decided_at, ready, per_transaction))
+        await ready.wait()
+        _, errors = await paced(url, self.headers, [json.dumps(e).encode() for e in marked], rate)
+        await until(lambda: self._none_pending(), 600)
+        try:
+            await asyncio.wait_for(watcher, 60)
+        except TimeoutError:  # a request that failed is never decided: its error is counted, the rest timed
+            if not errors:
+                raise
+        latencies = [
+            (decided_at[d["_id"]] - d["received_at"]).total_seconds() * 1000
+            async for d in self.db().events.find({"_id": {"$in": list(decided_at)}}, {"received_at": 1})
+        ]
+        return latencies, errors
 
     async def _none_pending(self, database: str = "bench") -> bool:
         """One index probe, so that watching costs the mongod nothing next to the service's work."""
