@@ -10,11 +10,13 @@ checkout's virtualenv; the working tree runs as it is. Results: bench/results/co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,10 @@ def value(results: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return float(node) if isinstance(node, int | float) else None
 
 
-def run(revision: str | None, bench_args: list[str], out: Path) -> dict[str, Any]:
-    """`revision` None: the working tree as it is."""
+@contextlib.contextmanager
+def checkout(revision: str | None, patch: Path | None = None) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A revision's code in a `git worktree` of its own (`revision` None: the working tree as it is), with
+    `patch` applied to it if given, and the environment that runs the service from it."""
     with tempfile.TemporaryDirectory(prefix="rulesvc-bench-") as tmp:
         tree = ROOT
         if revision is not None:
@@ -64,22 +68,25 @@ def run(revision: str | None, bench_args: list[str], out: Path) -> dict[str, Any
                 ["git", "worktree", "add", "--detach", "-q", str(tree), revision], cwd=ROOT, check=True
             )
         try:
+            if patch is not None:
+                if revision is None:
+                    raise ValueError("a patch is applied to a revision, never to the working tree")
+                subprocess.run(["git", "apply", str(patch.resolve())], cwd=tree, check=True)
             plugins = [
                 str(p) for p in sorted((tree / "plugins").glob("*")) if (p / "pyproject.toml").exists()
             ]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *plugins])}
-            command = [
-                sys.executable,
-                str(tree / "bench" / "service_bench.py"),
-                "--out",
-                str(out),
-                *bench_args,
-            ]
-            print(f"== {revision or 'working tree'}: {' '.join(command)}", flush=True)
-            subprocess.run(command, cwd=tree, env=env, check=True)
+            yield tree, {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *plugins])}
         finally:
             if revision is not None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def run(revision: str | None, bench_args: list[str], out: Path) -> dict[str, Any]:
+    """`revision` None: the working tree as it is."""
+    with checkout(revision) as (tree, env):
+        command = [sys.executable, str(tree / "bench" / "service_bench.py"), "--out", str(out), *bench_args]
+        print(f"== {revision or 'working tree'}: {' '.join(command)}", flush=True)
+        subprocess.run(command, cwd=tree, env=env, check=True)
     results: dict[str, Any] = json.loads(out.read_text())
     return results
 
