@@ -1,6 +1,6 @@
 """Small effects on single-event requests, measured: two revisions alternated, round after round.
 
-    .venv/bin/python bench/alternate.py HEAD                         # HEAD, then the working tree, x3
+    .venv/bin/python bench/alternate.py HEAD                         # HEAD and the working tree, 4 rounds
     .venv/bin/python bench/alternate.py b6ea2b0 b6ea2b0 --patch-after bench/patches/step3_ceiling.diff
 
 `compare.py` runs each side once. On this kind of machine the speed drifts by 10-20 % between two runs
@@ -14,8 +14,10 @@ CPU per decided event of the service, of mongod, and of this load generator, whi
 on both sides and so shows the machine's drift (the service's and mongod's CPU are also given relative
 to it); MongoDB commands per event; and what is stored at the end (messages, schedule entries).
 `--patch-after` applies a patch to the second revision first: a build not meant to ship, to measure
-the most a change can save. An A/A run (one revision against itself) shows the noise left.
-Writes bench/results/alternate.json.
+the most a change can save. An A/A run (one revision against itself) shows the noise left. Revisions
+from bb8e3b3 on (each side is driven through its own tree's `bench/service_bench.py`, whose `Bench`
+this probe uses). Results are written after every side (bench/results/alternate.json), with the
+revisions resolved once at the start, the sizes, and which side ran first in each round.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURES = ("accept_per_s", "decide_per_s", "service_us", "mongod_us", "bench_us", "service_vs_bench",
-            "mongod_vs_bench", "commands_per_event", "messages", "schedule")  # fmt: skip
+MEASURES = ("errors", "accept_per_s", "decide_per_s", "service_us", "mongod_us", "bench_us",
+            "service_vs_bench", "mongod_vs_bench", "commands_per_event", "messages", "schedule")  # fmt: skip
 
 
 async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One side of a round, run from the revision's own tree (its `bench` and `rulesvc` on PYTHONPATH)."""
-    from bench.service_bench import (  # the tree's: each revision is driven by its own benchmark code
+    from bench.service_bench import (  # the tree's: its service, its contacts and its event mix
         BATCH_CLIENTS,
         CLIENTS,
         Bench,
@@ -74,7 +76,8 @@ async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             started = time.perf_counter() - seconds
             await until(lambda: bench._none_pending(), 600)
             decided = time.perf_counter() - started
-            cpu = {k: (cpu_seconds(v) - cpu0[k]) / accepted * 1e6 for k, v in pids.items()}
+            cpu = {k: (cpu_seconds(v) - cpu0[k]) / max(1, accepted) * 1e6 for k, v in pids.items()}
+            per_bench = cpu["bench"] or float("nan")  # CPU is counted in ticks: a tiny run may show none
             commands = sum((await bench.mongod_commands()).values()) - sum(commands0.values())
             db = bench.client["bench"]
             return {
@@ -84,9 +87,9 @@ async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "service_us": cpu["service"],
                 "mongod_us": cpu["mongod"],
                 "bench_us": cpu["bench"],
-                "service_vs_bench": cpu["service"] / cpu["bench"],
-                "mongod_vs_bench": cpu["mongod"] / cpu["bench"],
-                "commands_per_event": commands / accepted,
+                "service_vs_bench": cpu["service"] / per_bench,
+                "mongod_vs_bench": cpu["mongod"] / per_bench,
+                "commands_per_event": commands / max(1, accepted),
                 "messages": await db.messages.count_documents({}),
                 "schedule": await db.schedule.count_documents({}),
             }
@@ -98,6 +101,7 @@ async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def one_side(revision: str | None, patch: Path | None, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One side of a round, in a subprocess run from the revision's tree."""
     from bench.compare import checkout
 
     with checkout(revision, patch) as (tree, env):
@@ -129,8 +133,8 @@ def table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]
         "|---|---|---|---|",
     ]
     for m in MEASURES:
-        ratio = after[m]["mean"] / before[m]["mean"] if before[m]["mean"] else float("nan")
-        lines.append(f"| {m} | {shown(before[m])} | {shown(after[m])} | {ratio:.2f} |")
+        ratio = f"{after[m]['mean'] / before[m]['mean']:.2f}" if before[m]["mean"] else "-"
+        lines.append(f"| {m} | {shown(before[m])} | {shown(after[m])} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -141,7 +145,7 @@ def main() -> int:
     parser.add_argument("before", nargs="?", help="the revision measured first in each round")
     parser.add_argument("after", nargs="?", default=None, help="a revision; default: the working tree")
     parser.add_argument("--patch-after", type=Path, help="a patch applied to the `after` revision")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="an even number: each side first as often")
     parser.add_argument("--contacts", type=int, default=20_000)
     parser.add_argument("--warm", type=int, default=20_000, help="events posted in batches first")
     parser.add_argument("--singles", type=int, default=10_000, help="single-event requests measured")
@@ -156,26 +160,55 @@ def main() -> int:
         return 0
     if args.before is None:
         parser.error("name the revision to measure first")
+    if args.patch_after is not None and args.after is None:
+        parser.error("--patch-after needs the `after` revision: a patch is never applied to the working tree")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.rounds % 2:
+        print(f"warning: {args.rounds} rounds: the first revision runs first more often", file=sys.stderr)
     sys.path.insert(0, str(ROOT))
+    # Resolved once: a commit made while the rounds run must not change a side halfway.
+    revisions = [resolve(args.before), None if args.after is None else resolve(args.after)]
     names = [
         args.before,
         (args.after or "working tree") + (f" + {args.patch_after.name}" if args.patch_after else ""),
     ]
-    sides: list[list[dict[str, Any]]] = [[], []]
+    results: dict[str, Any] = {
+        "names": names,
+        "revisions": revisions,
+        "patch_after": None if args.patch_after is None else str(args.patch_after),
+        "sizes": {k: getattr(args, k) for k in ("contacts", "warm", "singles")},
+        "rounds": [[], []],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(args.rounds):
             # A B, B A, A B, ...: whatever runs second in a round (a machine that slows as it works, a
             # disk still writing the first side's files) weighs on both sides alike.
             for i in (0, 1) if n % 2 == 0 else (1, 0):
-                revision, patch = (args.before, None) if i == 0 else (args.after, args.patch_after)
-                found = one_side(revision, patch, args, Path(tmp) / f"{n}-{i}.json")
-                sides[i].append(found)
+                patch = None if i == 0 else args.patch_after
+                found = one_side(revisions[i], patch, args, Path(tmp) / f"{n}-{i}.json")
+                found["first_in_round"] = (i == 0) == (n % 2 == 0)
+                results["rounds"][i].append(found)
+                args.out.write_text(json.dumps(results, indent=2))  # a later failure keeps what was measured
                 print(json.dumps({"round": n + 1, "side": names[i], **found}), flush=True)
-    results = {"names": names, "rounds": sides, "summary": [summary(s) for s in sides]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results["summary"] = [summary(s) for s in results["rounds"]]
     args.out.write_text(json.dumps(results, indent=2))
     print(table(*results["summary"], names))
+    failed = sum(r["errors"] for side in results["rounds"] for r in side)
+    if failed:
+        print(f"{failed} requests failed: the figures are not comparable", file=sys.stderr)
+        return 1
     return 0
+
+
+def resolve(revision: str) -> str:
+    found = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
+    )
+    if found.returncode != 0:
+        sys.exit(f"not a revision: {revision}")
+    return found.stdout.strip()
 
 
 if __name__ == "__main__":

@@ -94,18 +94,29 @@ def test_the_alternating_benchmark_measures_both_sides_each_round_and_patches_on
     tmp_path: Path,
 ) -> None:
     # HEAD against HEAD with the step-3 ceiling patch (bench/patches): the same code but for the patch.
+    # The patch stops applying when the lines it changes are edited: this test then fails on purpose,
+    # and the measurement is brought up to date or retired.
     run, r = run_bench(
         "alternate.py", tmp_path / "alternate.json", "HEAD", "HEAD",
         "--patch-after", str(ROOT / "bench" / "patches" / "step3_ceiling.diff"),
-        "--rounds", "1", "--contacts", "1000", "--warm", "600", "--singles", "300",
+        "--rounds", "2", "--contacts", "1000", "--warm", "600", "--singles", "400",
     )  # fmt: skip
-    (before,), (after,) = r["rounds"]
-    assert before["errors"] == after["errors"] == 0
-    # The same events on both sides, so the same schedule; only the patched side skips the records of
-    # sends due later than a minute (the warm-up's batches arm reminders due hours later).
-    assert before["schedule"] == after["schedule"] > 0
-    assert 0 < after["messages"] < before["messages"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r["revisions"] == [head.stdout.strip()] * 2
+    before, after = r["rounds"]
+    assert [s["first_in_round"] for s in before] == [True, False]  # A B, then B A
+    assert [s["first_in_round"] for s in after] == [False, True]
+    assert all(s["errors"] == 0 for s in [*before, *after])
+    # The same events on both sides; only the patched side skips the records of sends due later than a
+    # minute (the warm-up's batches arm reminders due hours later), while the schedule is the same but
+    # for the order in which concurrent requests of one contact happened to be decided.
+    assert 0 < max(s["messages"] for s in after) < min(s["messages"] for s in before)
+    for b, a in zip(before, after, strict=True):
+        assert b["schedule"] > 0 and abs(a["schedule"] - b["schedule"]) <= 0.05 * b["schedule"]
     for side, summary in zip((before, after), r["summary"], strict=True):
-        assert summary["mongod_us"]["mean"] == side["mongod_us"] > 0
-        assert summary["mongod_vs_bench"]["mean"] == pytest.approx(side["mongod_us"] / side["bench_us"])
+        values = [s["mongod_us"] for s in side]
+        assert summary["mongod_us"] == pytest.approx(
+            {"mean": sum(values) / 2, "min": min(values), "max": max(values)}
+        )
+        assert all(s["mongod_vs_bench"] == pytest.approx(s["mongod_us"] / s["bench_us"]) for s in side)
     assert "| mongod_vs_bench |" in run.stdout
