@@ -1,7 +1,7 @@
 """Small effects on single-event requests, measured: two revisions alternated, round after round.
 
     .venv/bin/python bench/alternate.py HEAD                         # HEAD and the working tree, 4 rounds
-    .venv/bin/python bench/alternate.py b6ea2b0 b6ea2b0 --patch-after bench/patches/step3_ceiling.diff
+    .venv/bin/python bench/alternate.py HEAD HEAD --patch-after bench/patches/step3_ceiling.diff
 
 `compare.py` runs each side once. On this kind of machine the speed drifts by 10-20 % between two runs
 of the same code, so a change worth 5-10 % cannot be told from the drift that way. Here each round
@@ -14,22 +14,22 @@ CPU per decided event of the service, of mongod, and of this load generator, whi
 on both sides and so shows the machine's drift (the service's and mongod's CPU are also given relative
 to it); MongoDB commands per event; and what is stored at the end (messages, schedule entries).
 `--patch-after` applies a patch to the second revision first: a build not meant to ship, to measure
-the most a change can save. An A/A run (one revision against itself) shows the noise left. Revisions
-from bb8e3b3 on (each side is driven through its own tree's `bench/service_bench.py`, whose `Bench`
-this probe uses). Results are written after every side (bench/results/alternate.json), with the
-revisions resolved once at the start, the sizes, and which side ran first in each round.
+the most a change can save. An A/A run (one revision against itself) shows the noise left.
+
+Revisions after 030601b: each side is driven through its own tree's `bench/service_bench.py`, whose
+`Bench.posted` measures the single requests. Results are written after every side
+(bench/results/alternate.json), with the revisions resolved once at the start, the sizes, and which
+side ran first in each round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,8 @@ MEASURES = ("errors", "accept_per_s", "decide_per_s", "service_us", "mongod_us",
 
 async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One side of a round, run from the revision's own tree (its `bench` and `rulesvc` on PYTHONPATH)."""
-    from bench.service_bench import (  # the tree's: its service, its contacts and its event mix
-        BATCH_CLIENTS,
-        CLIENTS,
-        Bench,
-        Mix,
-        closed_loop,
-        cpu_seconds,
-        ndjson,
-        until,
-    )
+    # The tree's: its service, its contacts, its event mix and its measurement of posted requests.
+    from bench.service_bench import BATCH_CLIENTS, CLIENTS, Bench, Mix, ndjson
     from rulesvc.store.mongod import EmbeddedMongod
 
     mongod = EmbeddedMongod(tmp / "mongod", cache_gb=1.0)
@@ -61,35 +53,22 @@ async def probe(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await service.start("/healthz")
         try:
             mix = Mix(args.contacts, "w")
-            url = service.url + "/v1/events"
-            warm = ndjson(mix.events(args.warm))
-            await closed_loop(url, bench.headers, warm, "application/x-ndjson", BATCH_CLIENTS)
-            await until(lambda: bench._none_pending(), 600)
-            pids = {"service": [service.pid(), *service.workers()], "mongod": [bench.mongod_pid()],
-                    "bench": [os.getpid()]}  # fmt: skip
+            await bench.posted(service, ndjson(mix.events(args.warm)), "application/x-ndjson", BATCH_CLIENTS)
             singles = [json.dumps(e).encode() for e in mix.events(args.singles)]
-            cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
-            commands0 = await bench.mongod_commands()
-            seconds, accepted, errors = await closed_loop(
-                url, bench.headers, singles, "application/json", CLIENTS
-            )
-            started = time.perf_counter() - seconds
-            await until(lambda: bench._none_pending(), 600)
-            decided = time.perf_counter() - started
-            cpu = {k: (cpu_seconds(v) - cpu0[k]) / max(1, accepted) * 1e6 for k, v in pids.items()}
+            single = await bench.posted(service, singles, "application/json", CLIENTS)
+            cpu = single["cpu_us_per_event"]
             per_bench = cpu["bench"] or float("nan")  # CPU is counted in ticks: a tiny run may show none
-            commands = sum((await bench.mongod_commands()).values()) - sum(commands0.values())
             db = bench.client["bench"]
             return {
-                "errors": errors,
-                "accept_per_s": accepted / seconds,
-                "decide_per_s": accepted / decided,
+                "errors": single["errors"],
+                "accept_per_s": single["accept_per_s"],
+                "decide_per_s": single["decide_per_s"],
                 "service_us": cpu["service"],
                 "mongod_us": cpu["mongod"],
                 "bench_us": cpu["bench"],
                 "service_vs_bench": cpu["service"] / per_bench,
                 "mongod_vs_bench": cpu["mongod"] / per_bench,
-                "commands_per_event": commands / max(1, accepted),
+                "commands_per_event": sum(single["commands_per_event"].values()),
                 "messages": await db.messages.count_documents({}),
                 "schedule": await db.schedule.count_documents({}),
             }

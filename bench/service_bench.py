@@ -414,45 +414,49 @@ class Bench:
         assert errors == 0
         return accepted / seconds
 
+    async def posted(
+        self, service: Server, bodies: list[bytes], content_type: str, clients: int
+    ) -> dict[str, Any]:
+        """`bodies` posted by `clients` at once and decided; where the two cores went per decided event
+        (the service's processes, mongod, this client), and how many commands mongod ran per decided
+        event (round trips)."""
+        pids = {"service": [service.pid(), *service.workers()], "mongod": [self.mongod_pid()],
+                "bench": [os.getpid()]}  # fmt: skip
+
+        def cpu() -> dict[str, float]:
+            return {k: cpu_seconds(v) for k, v in pids.items()}
+
+        cpu0, commands0 = cpu(), await self.mongod_commands()
+        seconds, accepted, errors = await closed_loop(
+            service.url + "/v1/events", self.headers, bodies, content_type, clients
+        )
+        t0 = time.perf_counter() - seconds
+        await until(lambda: self._none_pending(), 600)
+        decided = time.perf_counter() - t0
+        cpu1, commands1 = cpu(), await self.mongod_commands()
+        return {
+            "accepted": accepted,
+            "errors": errors,
+            "accept_per_s": accepted / seconds,
+            "decide_per_s": accepted / decided,
+            "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
+            "commands_per_event": {
+                k: (n - commands0.get(k, 0)) / accepted
+                for k, n in sorted(commands1.items())
+                if n > commands0.get(k, 0)
+            },
+        }
+
     async def ingest(self, service: Server, mix: Mix) -> None:
         a = self.args
         url = service.url + "/v1/events"
         # Batches: accepted and decided, the decisions counted when the inbox has none left.
-        events = mix.events(a.events)
-        bodies = ndjson(events)
-        service_pids = [service.pid(), *service.workers()]
-
-        def cpu() -> dict[str, float]:
-            pids = {"service": service_pids, "mongod": [self.mongod_pid()], "bench": [os.getpid()]}
-            return {k: cpu_seconds(v) for k, v in pids.items()}
-
-        async def posted(bodies: list[bytes], content_type: str, clients: int) -> dict[str, Any]:
-            """Posted and decided; where the two cores went per decided event (the service's processes,
-            mongod, this client), and how many commands mongod ran per decided event (round trips)."""
-            cpu0, commands0 = cpu(), await self.mongod_commands()
-            seconds, accepted, errors = await closed_loop(url, self.headers, bodies, content_type, clients)
-            t0 = time.perf_counter() - seconds
-            await until(lambda: self._none_pending(), 600)
-            decided = time.perf_counter() - t0
-            cpu1, commands1 = cpu(), await self.mongod_commands()
-            return {
-                "accepted": accepted,
-                "errors": errors,
-                "accept_per_s": accepted / seconds,
-                "decide_per_s": accepted / decided,
-                "cpu_us_per_event": {k: (cpu1[k] - cpu0[k]) / accepted * 1e6 for k in cpu0},
-                "commands_per_event": {
-                    k: (n - commands0.get(k, 0)) / accepted
-                    for k, n in sorted(commands1.items())
-                    if n > commands0.get(k, 0)
-                },
-            }
-
-        batch = await posted(bodies, "application/x-ndjson", BATCH_CLIENTS)
+        bodies = ndjson(mix.events(a.events))
+        batch = await self.posted(service, bodies, "application/x-ndjson", BATCH_CLIENTS)
         self.results["batch"] = {"events": batch.pop("accepted"), **batch}
         # Single-event requests from 64 clients.
         singles = [json.dumps(e).encode() for e in mix.events(a.singles)]
-        single = await posted(singles, "application/json", CLIENTS)
+        single = await self.posted(service, singles, "application/json", CLIENTS)
         self.results["single"] = {"requests": single.pop("accepted"), **single}
         # Latency at half the highest sustained single-event rate.
         rate = 0.5 * min(single["accept_per_s"], single["decide_per_s"])
